@@ -37,22 +37,14 @@ pub enum Error {
     #[error("network namespace {0:?} does not exist")]
     NotFound(String),
     #[error("network namespace {name:?}: {op}: {source}")]
-    Io {
-        name: String,
-        op: &'static str,
-        source: io::Error,
-    },
+    Io { name: String, op: &'static str, source: io::Error },
     #[error("the helper thread for namespace {0:?} panicked")]
     ThreadPanicked(String),
 }
 
 impl Error {
     fn io(name: &str, op: &'static str, source: impl Into<io::Error>) -> Self {
-        Error::Io {
-            name: name.to_owned(),
-            op,
-            source: source.into(),
-        }
+        Error::Io { name: name.to_owned(), op, source: source.into() }
     }
 }
 
@@ -71,14 +63,8 @@ fn validate(name: &str) -> Result<()> {
         && name.len() <= 64
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidName(name.to_owned()))
-    }
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_owned())) }
 }
 
 /// The path of a named namespace.
@@ -134,10 +120,7 @@ impl NetNs {
         if !is_nsfs(&file) {
             return Err(Error::NotFound(name.to_owned()));
         }
-        Ok(NetNs {
-            name: name.to_owned(),
-            fd: file.into(),
-        })
+        Ok(NetNs { name: name.to_owned(), fd: file.into() })
     }
 
     /// Removes a named namespace: unmounts and deletes its file. The namespace itself goes away
@@ -179,9 +162,7 @@ impl NetNs {
 
     /// The inode that identifies this namespace (the number in `/proc/PID/ns/net -> net:[N]`).
     pub fn inode(&self) -> u64 {
-        fs::metadata(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
-            .map(|m| m.ino())
-            .unwrap_or(0)
+        fs::metadata(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).map(|m| m.ino()).unwrap_or(0)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace, and returns its result.
@@ -229,9 +210,8 @@ impl AsFd for NetNs {
 }
 
 fn is_nsfs(file: &File) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
     nix::sys::statfs::fstatfs(file)
-        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -243,9 +223,7 @@ pub fn pids_in_netns(ino: u64) -> Vec<i32> {
     rd.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
         .filter(|pid| {
-            fs::metadata(format!("/proc/{pid}/ns/net"))
-                .map(|m| m.ino() == ino)
-                .unwrap_or(false)
+            fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino() == ino).unwrap_or(false)
         })
         .collect()
 }

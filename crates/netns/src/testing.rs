@@ -26,9 +26,7 @@ pub fn require_root(test: &str) -> bool {
 pub fn unique_prefix(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mix = std::process::id()
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(n.wrapping_mul(40_503));
+    let mix = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(n.wrapping_mul(40_503));
     format!("{tag}{:04x}", (mix ^ (mix >> 16)) & 0xffff)
 }
 
@@ -84,10 +82,7 @@ impl Drop for Cleanup {
 }
 
 fn delete_host_links(names: &[String]) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
         return;
     };
     rt.block_on(async {

@@ -1,13 +1,11 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use shoal_netns::NetNs;
 use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
 
 #[test]
 fn rejects_bad_names() {
     for bad in ["", "a/b", "..", "x y", &"n".repeat(65)] {
-        assert!(
-            matches!(NetNs::create(bad), Err(shoal_netns::Error::InvalidName(_))),
-            "{bad:?}"
-        );
+        assert!(matches!(NetNs::create(bad), Err(shoal_netns::Error::InvalidName(_))), "{bad:?}");
     }
 }
 
@@ -28,10 +26,7 @@ async fn create_run_netlink_delete() {
     {
         let mut guard = Cleanup::new();
         let ns = guard.netns(&name).unwrap();
-        assert!(matches!(
-            NetNs::create(&name),
-            Err(shoal_netns::Error::Exists(_))
-        ));
+        assert!(matches!(NetNs::create(&name), Err(shoal_netns::Error::Exists(_))));
         assert!(NetNs::list().contains(&name));
         // A fresh namespace sees only `lo`, and a different inode than ours.
         let own = std::fs::metadata("/proc/self/ns/net").map(|m| {
@@ -40,10 +35,7 @@ async fn create_run_netlink_delete() {
         });
         assert_ne!(own.unwrap(), ns.inode());
         let h = ns.netlink().unwrap();
-        assert_eq!(
-            shoal_netns::link_names(&h).await.unwrap(),
-            vec!["lo".to_string()]
-        );
+        assert_eq!(shoal_netns::link_names(&h).await.unwrap(), vec!["lo".to_string()]);
         // A socket made in `run` stays in the namespace: bind 127.0.0.11 would fail on an
         // address nobody has, but `lo` owns all of 127/8 once it is up.
         let idx = shoal_netns::link_index(&h, "lo").await.unwrap();
@@ -52,10 +44,7 @@ async fn create_run_netlink_delete() {
             .execute()
             .await
             .unwrap();
-        let sock = ns
-            .run(|| std::net::UdpSocket::bind("127.0.0.11:0"))
-            .unwrap()
-            .unwrap();
+        let sock = ns.run(|| std::net::UdpSocket::bind("127.0.0.11:0")).unwrap().unwrap();
         assert!(sock.local_addr().unwrap().port() > 0);
     }
     assert!(!NetNs::exists(&name), "guard must remove the namespace");

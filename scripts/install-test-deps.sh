@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages shoal's tests and benchmarks use as real peers and tools.
+# Idempotent: does nothing when everything is there. Needs root to install.
+set -euo pipefail
+
+PACKAGES=(
+  iproute2 nftables iputils-ping procps psmisc curl dnsutils
+  redis-server tcpdump tshark iperf3 wrk socat bc
+  haproxy nginx-light libnginx-mod-stream dnsmasq-base unbound dnsperf
+  serf wireguard-go wireguard-tools python3
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-test-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-test-deps: missing ${missing[*]}; run as root to install them (tests that need them will skip or fail)" >&2
+  exit 0
+fi
+echo "install-test-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian starts some of these as system services; the tests run their own instances.
+for svc in redis-server nginx haproxy unbound dnsmasq; do
+  systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
+done
+echo "install-test-deps: done"

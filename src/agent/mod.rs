@@ -1,0 +1,136 @@
+//! `shoal agent`: the host daemon. It owns the data directory (an exclusive lock), serves the API
+//! on its unix socket, and shuts down cleanly on SIGTERM/SIGINT, removing the socket. Later issues
+//! wire gossip, the overlay, DNS, the mesh and the control plane in here.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::api::{self, ApiState};
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+
+/// Name of the lock file inside the data directory.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// Holds the data directory for the life of the agent; the kernel drops the lock if we die.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _lock: Flock<File>,
+}
+
+impl DataDirLock {
+    /// Takes the data directory's lock or says who holds it.
+    pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+        fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let path = data_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "another shoal agent (pid {}) holds the data dir {}; refusing to start",
+                    holder.trim(),
+                    data_dir.display()
+                );
+            }
+            Err((_, e)) => bail!("locking {}: {e}", path.display()),
+        };
+        lock.set_len(0)?;
+        write!(lock, "{}", std::process::id())?;
+        Ok(DataDirLock { _lock: lock })
+    }
+}
+
+/// Binds the API socket with mode 0660, replacing a stale socket file left by a dead agent.
+async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another agent is serving on {}; refusing to start", path.display());
+        }
+        fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
+    let listener = bind_socket(&config.socket).await?;
+    let socket_path = config.socket.clone();
+    let metrics_addr = config.metrics_addr;
+    let state = Arc::new(ApiState {
+        metrics: Metrics::new(&config.node_name),
+        started: Instant::now(),
+        config,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = metrics_addr {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics address {addr}"))?;
+        let mut rx = stop_rx.clone();
+        let app = api::metrics_router(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+    }
+
+    tracing::info!(
+        node = %state.config.node_name,
+        socket = %socket_path.display(),
+        advertise = %state.config.advertise_addr,
+        "shoal agent started"
+    );
+    let mut rx = stop_rx.clone();
+    let server =
+        axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+    let server = tokio::spawn(async move { server.await });
+
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = sig, "shutting down");
+    let _ = stop_tx.send(true);
+    // Connections that never close must not hold the agent up.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    if let Err(e) = fs::remove_file(&socket_path) {
+        tracing::warn!(error = %e, "removing the API socket");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

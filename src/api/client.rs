@@ -1,0 +1,90 @@
+//! The CLI's side of the API: HTTP/1.1 over the agent's unix socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use super::ErrorBody;
+
+/// Where the CLI finds an agent: `unix:///path` (the only scheme for now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub socket: PathBuf,
+}
+
+impl Host {
+    /// Parses `-H`/`SHOAL_HOST`: `unix:///run/shoal/shoal.sock` or a bare absolute path.
+    pub fn parse(s: &str) -> anyhow::Result<Host> {
+        let path = match s.strip_prefix("unix://") {
+            Some(p) => p,
+            None if s.starts_with('/') => s,
+            None => bail!("unsupported host {s:?}: use unix:///path/to/shoal.sock"),
+        };
+        if !path.starts_with('/') {
+            bail!("unsupported host {s:?}: the socket path must be absolute (unix:///path)");
+        }
+        Ok(Host { socket: PathBuf::from(path) })
+    }
+
+    /// The socket as a `unix://` URL.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// GETs `path` and decodes the JSON answer; an error body becomes the error's message.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let body = self.get(path).await?;
+        serde_json::from_slice(&body)
+            .with_context(|| format!("decoding the agent's answer to {path}"))
+    }
+
+    /// GETs `path` and returns the raw body of a 2xx answer.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
+        let stream = connect(&self.socket).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with the agent")?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, "shoal")
+            .body(Empty::<Bytes>::new())
+            .context("building the request")?;
+        let resp = sender.send_request(req).await.context("sending the request to the agent")?;
+        let status = resp.status();
+        let body =
+            resp.into_body().collect().await.context("reading the agent's answer")?.to_bytes();
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(anyhow!("agent answered {status}: {msg}"));
+        }
+        Ok(body)
+    }
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        anyhow!(
+            "cannot connect to the shoal agent at unix://{}: {e}. Is the agent running?",
+            socket.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_parsing() {
+        assert_eq!(Host::parse("unix:///run/x.sock").unwrap().socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(Host::parse("/run/x.sock").unwrap().socket, PathBuf::from("/run/x.sock"));
+        assert!(Host::parse("tcp://1.2.3.4:2375").is_err());
+        assert!(Host::parse("unix://relative").is_err());
+    }
+}

@@ -1,0 +1,148 @@
+//! The agent's HTTP/JSON API, served on a unix socket (and `/metrics` optionally on TCP).
+//! The types here are the wire contract between `shoal` the CLI and `shoal agent`.
+
+pub mod client;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+
+/// The API version this build speaks; bumped on incompatible changes.
+pub const API_VERSION: u32 = 1;
+
+/// `GET /version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    pub api_version: u32,
+    pub os: String,
+    pub arch: String,
+}
+
+impl VersionInfo {
+    /// This build's version.
+    pub fn current() -> Self {
+        VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_version: API_VERSION,
+            os: std::env::consts::OS.to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+        }
+    }
+}
+
+/// The ports a node uses, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ports {
+    pub control: u16,
+    pub gossip: u16,
+    pub data_path: u16,
+    pub wireguard: u16,
+}
+
+/// `GET /info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub advertise_addr: std::net::IpAddr,
+    pub ports: Ports,
+    pub uptime_seconds: f64,
+    pub pid: u32,
+    pub data_dir: String,
+    pub socket: String,
+    pub version: String,
+}
+
+/// An error body, as Docker's API has it: `{"message": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+/// Shared state of the API handlers.
+#[derive(Debug)]
+pub struct ApiState {
+    pub config: AgentConfig,
+    pub started: Instant,
+    pub metrics: Metrics,
+}
+
+/// The full API router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/info", get(info))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+/// Only `/metrics`, for the optional TCP listener.
+pub fn metrics_router(state: Arc<ApiState>) -> Router {
+    Router::new().route("/metrics", get(metrics)).fallback(not_found).with_state(state)
+}
+
+async fn count_requests(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let path = match req.uri().path() {
+        p @ ("/version" | "/info" | "/metrics") => p.to_owned(),
+        _ => "other".to_owned(),
+    };
+    let resp = next.run(req).await;
+    state.metrics.api_request(&path, resp.status().as_u16());
+    resp
+}
+
+async fn version() -> axum::Json<VersionInfo> {
+    axum::Json(VersionInfo::current())
+}
+
+async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
+    let c = &state.config;
+    axum::Json(NodeInfo {
+        node_name: c.node_name.clone(),
+        advertise_addr: c.advertise_addr,
+        ports: Ports {
+            control: c.control_port,
+            gossip: c.gossip_port,
+            data_path: c.data_path_port,
+            wireguard: c.wireguard_port,
+        },
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        pid: std::process::id(),
+        data_dir: c.data_dir.display().to_string(),
+        socket: c.socket.display().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    state.metrics.set_uptime(state.started.elapsed().as_secs_f64());
+    match state.metrics.encode() {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}")),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(ErrorBody { message })).into_response()
+}

@@ -1,0 +1,296 @@
+//! The `shoal` command line: Docker's verbs and flags where Docker has them.
+//! Every verb but `agent` and `lab` talks to an agent over its API socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::api::client::Host;
+use crate::api::{NodeInfo, VersionInfo};
+use crate::config::{AgentArgs, AgentConfig, DEFAULT_SOCKET, FileConfig, LogFormat};
+use crate::lab;
+
+/// Exit code for a configuration error (EX_USAGE), as `shoal agent --check-config` promises.
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Swarm-style overlay networking, service DNS and a routing mesh for Linux hosts"
+)]
+pub struct Cli {
+    /// Agent to talk to, like DOCKER_HOST [default: unix:///run/shoal/shoal.sock].
+    #[arg(short = 'H', long, env = "SHOAL_HOST", global = true)]
+    host: Option<String>,
+    /// Talk to this node of the lab (e.g. node2) instead of the local agent.
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// The lab that `--node` and the `lab` verbs mean.
+    #[arg(long, env = "SHOAL_LAB", global = true, default_value = lab::DEFAULT_LAB)]
+    lab: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the host daemon.
+    Agent(AgentArgs),
+    /// Show the client's and the agent's versions.
+    Version,
+    /// Show what the agent knows about its node.
+    Info {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A whole cluster in network namespaces on this machine (needs root).
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Create the hosts, the bridge, and start one agent per host.
+    Up {
+        /// How many hosts (node1..nodeN).
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        /// Underlay /24 inside 198.18.0.0/15; the host gets .254.
+        #[arg(long, default_value = lab::DEFAULT_SUBNET)]
+        subnet: String,
+    },
+    /// Stop the agents and remove everything the lab made.
+    Down,
+    /// Show the lab's nodes and whether their agents answer.
+    Status,
+    /// Run a command inside a node's network namespace.
+    Exec {
+        /// The node, e.g. node1.
+        node: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A bad flag or SHOAL_* value for the agent is a configuration error: exit 64.
+            let is_agent = std::env::args().nth(1).is_some_and(|a| a == "agent");
+            if is_agent && e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            e.exit();
+        }
+    };
+    if let Cmd::Agent(args) = &cli.cmd {
+        return run_agent(args);
+    }
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("Error: starting the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(args: &AgentArgs) -> ExitCode {
+    let config =
+        FileConfig::load(args.config.as_deref()).and_then(|f| AgentConfig::resolve(args, f));
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_config {
+        match toml::to_string(&config) {
+            Ok(t) => print!("{t}"),
+            Err(e) => eprintln!("Error: printing the config: {e}"),
+        }
+        println!("# configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "starting the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &AgentConfig) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+impl Cli {
+    /// The agent this invocation talks to: `--node` (a lab node), else `-H`/`SHOAL_HOST`, else
+    /// the default socket.
+    fn target(&self) -> anyhow::Result<Host> {
+        if let Some(node) = &self.node {
+            lab::validate_name(&self.lab)?;
+            let socket = lab::node_socket(&self.lab, node);
+            if !socket.exists()
+                && lab::LabState::load(&self.lab).is_ok_and(|s| s.node(node).is_err())
+            {
+                lab::LabState::load(&self.lab)?.node(node)?;
+            }
+            return Ok(Host { socket });
+        }
+        match &self.host {
+            Some(h) => Host::parse(h),
+            None => Ok(Host { socket: PathBuf::from(DEFAULT_SOCKET) }),
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.cmd {
+        Cmd::Agent(_) => unreachable!("handled before the runtime starts"),
+        Cmd::Version => {
+            let me = VersionInfo::current();
+            println!(
+                "Client:\n Version:      {}\n API version:  {}\n OS/Arch:      {}/{}",
+                me.version, me.api_version, me.os, me.arch
+            );
+            let agent: VersionInfo = cli.target()?.get_json("/version").await?;
+            println!(
+                "\nAgent:\n Version:      {}\n API version:  {}\n OS/Arch:      {}/{}",
+                agent.version, agent.api_version, agent.os, agent.arch
+            );
+        }
+        Cmd::Info { json } => {
+            let info: NodeInfo = cli.target()?.get_json("/info").await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_info(&info);
+            }
+        }
+        Cmd::Lab { cmd } => return run_lab(&cli.lab, cmd).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_info(i: &NodeInfo) {
+    println!("Node:            {}", i.node_name);
+    println!("Advertise addr:  {}", i.advertise_addr);
+    println!(
+        "Ports:           control {}/udp, gossip {}/tcp+udp, data path {}/udp, wireguard {}/udp",
+        i.ports.control, i.ports.gossip, i.ports.data_path, i.ports.wireguard
+    );
+    println!("Uptime:          {:.0}s", i.uptime_seconds);
+    println!("Agent pid:       {}", i.pid);
+    println!("Data dir:        {}", i.data_dir);
+    println!("API socket:      unix://{}", i.socket);
+    println!("Version:         {}", i.version);
+}
+
+async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
+    lab::validate_name(name)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
+    }
+    match cmd {
+        LabCmd::Up { nodes, subnet } => {
+            let subnet = lab::parse_subnet(subnet)?;
+            let exe = std::env::current_exe().context("finding the shoal binary")?;
+            let s = lab::up(name, *nodes, subnet, &exe).await?;
+            println!(
+                "lab {} is up: {} nodes on {} (bridge {}, this host is {})",
+                s.name,
+                s.nodes.len(),
+                s.subnet,
+                s.bridge,
+                s.host_addr
+            );
+            println!("{:<8} {:<15} {:<8} SOCKET", "NODE", "ADDRESS", "PID");
+            for n in &s.nodes {
+                println!(
+                    "{:<8} {:<15} {:<8} unix://{}",
+                    n.name,
+                    n.addr,
+                    n.pid.unwrap_or(0),
+                    n.socket.display()
+                );
+            }
+            let lab_flag =
+                if name == lab::DEFAULT_LAB { String::new() } else { format!(" --lab {name}") };
+            println!(
+                "\nTry:\n  shoal{lab_flag} --node node1 info\n  shoal{lab_flag} lab exec node1 -- ip -br addr\n  shoal{lab_flag} lab down"
+            );
+        }
+        LabCmd::Down => {
+            let r = lab::down(name).await?;
+            if r.namespaces.is_empty() && r.links.is_empty() && !r.dir && r.processes == 0 {
+                println!("lab {name}: nothing to remove");
+            } else {
+                println!(
+                    "lab {name} is down: stopped {} processes, removed {} namespaces, {} links{}",
+                    r.processes,
+                    r.namespaces.len(),
+                    r.links.len(),
+                    if r.dir { " and its state directory" } else { "" }
+                );
+            }
+        }
+        LabCmd::Status => {
+            let (s, nodes) = lab::status(name).await?;
+            println!(
+                "lab {} on {} (bridge {}, this host is {})",
+                s.name, s.subnet, s.bridge, s.host_addr
+            );
+            println!("{:<8} {:<15} {:<6} {:<8} AGENT", "NODE", "ADDRESS", "NETNS", "PID");
+            for n in nodes {
+                let pid = n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<8} {:<15} {:<6} {:<8} {}",
+                    n.node,
+                    n.addr,
+                    if n.netns { "yes" } else { "MISSING" },
+                    pid,
+                    n.agent
+                );
+            }
+        }
+        LabCmd::Exec { node, command } => {
+            let code = lab::exec(name, node, command)?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

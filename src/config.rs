@@ -1,0 +1,294 @@
+//! The agent's configuration: one typed struct, merged one way from defaults, then the TOML file,
+//! then `SHOAL_*` environment variables, then flags (the later wins). The file rejects unknown keys;
+//! every error names the field, and `shoal agent` exits 64 on it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default place of the agent's config file; used only when it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/shoal/agent.toml";
+/// Default data directory (lock file, state).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The agent's resolved, validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    /// This node's name (`node ls` HOSTNAME); defaults to the host name.
+    pub node_name: String,
+    /// Where the agent keeps its state and lock file.
+    pub data_dir: PathBuf,
+    /// The unix socket the API listens on.
+    pub socket: PathBuf,
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info` or `shoal=debug`.
+    pub log_level: String,
+    /// The underlay address other nodes reach this node at.
+    pub advertise_addr: IpAddr,
+    /// Control plane, QUIC (udp).
+    pub control_port: u16,
+    /// Gossip, SWIM over udp and bulk sync over tcp.
+    pub gossip_port: u16,
+    /// VXLAN data path (udp).
+    pub data_path_port: u16,
+    /// WireGuard for encrypted overlays (udp).
+    pub wireguard_port: u16,
+    /// Also serve `/metrics` over TCP here, for a Prometheus scraper.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The TOML file: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub advertise_addr: Option<IpAddr>,
+    pub control_port: Option<u16>,
+    pub gossip_port: Option<u16>,
+    pub data_path_port: Option<u16>,
+    pub wireguard_port: Option<u16>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Config file (TOML); default /etc/shoal/agent.toml when it exists.
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the merged configuration, print it, and exit (64 on error).
+    #[arg(long)]
+    pub check_config: bool,
+    /// This node's name [default: host name].
+    #[arg(long, env = "SHOAL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Data directory [default: /var/lib/shoal].
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API socket [default: /run/shoal/shoal.sock].
+    #[arg(long, env = "SHOAL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter [default: info].
+    #[arg(long, env = "SHOAL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Underlay address advertised to other nodes [default: first global IPv4 of this host].
+    #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+    /// Control plane port, udp [default: 2377].
+    #[arg(long, env = "SHOAL_CONTROL_PORT")]
+    pub control_port: Option<u16>,
+    /// Gossip port, udp+tcp [default: 7946].
+    #[arg(long, env = "SHOAL_GOSSIP_PORT")]
+    pub gossip_port: Option<u16>,
+    /// VXLAN data-path port, udp [default: 4789].
+    #[arg(long, env = "SHOAL_DATA_PATH_PORT")]
+    pub data_path_port: Option<u16>,
+    /// WireGuard port for encrypted overlays, udp [default: 51820].
+    #[arg(long, env = "SHOAL_WIREGUARD_PORT")]
+    pub wireguard_port: Option<u16>,
+    /// Also serve /metrics over TCP at this address.
+    #[arg(long, env = "SHOAL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// A configuration error; it names the field (or the file) that is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Field { field: &'static str, message: String },
+}
+
+fn field(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field { field, message: message.into() }
+}
+
+impl FileConfig {
+    /// Parses a TOML document; the error names the offending key or value.
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Reads the file named by `--config`, or the default file when it exists.
+    pub fn load(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => FileConfig::parse(&path, &text),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(FileConfig::default())
+            }
+            Err(e) => Err(ConfigError::File { path, message: e.to_string() }),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Merges flags/environment over the file over defaults, then validates.
+    pub fn resolve(args: &AgentArgs, file: FileConfig) -> Result<AgentConfig, ConfigError> {
+        let node_name = match args.node_name.clone().or(file.node_name) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+        };
+        let advertise_addr = match args.advertise_addr.or(file.advertise_addr) {
+            Some(a) => a,
+            None => default_advertise_addr().ok_or_else(|| {
+                field("advertise_addr", "no global IPv4 address on this host; set it")
+            })?,
+        };
+        let cfg = AgentConfig {
+            node_name,
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(DEFAULT_DATA_DIR.into()),
+            socket: args.socket.clone().or(file.socket).unwrap_or(DEFAULT_SOCKET.into()),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_level: args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            advertise_addr,
+            control_port: args.control_port.or(file.control_port).unwrap_or(2377),
+            gossip_port: args.gossip_port.or(file.gossip_port).unwrap_or(7946),
+            data_path_port: args.data_path_port.or(file.data_path_port).unwrap_or(4789),
+            wireguard_port: args.wireguard_port.or(file.wireguard_port).unwrap_or(51820),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node_name;
+        if n.is_empty()
+            || n.len() > 63
+            || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(field(
+                "node_name",
+                format!("{n:?} is not a valid node name (1-63 of [A-Za-z0-9._-])"),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() || !self.data_dir.is_absolute() {
+            return Err(field("data_dir", "must be an absolute path"));
+        }
+        if self.socket.as_os_str().is_empty() || !self.socket.is_absolute() {
+            return Err(field("socket", "must be an absolute path"));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if self.socket.as_os_str().len() > 107 {
+            return Err(field("socket", "path longer than a unix socket allows (107 bytes)"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(field(
+                "log_level",
+                format!("{:?} is not a valid log filter", self.log_level),
+            ));
+        }
+        let a = self.advertise_addr;
+        if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
+            return Err(field("advertise_addr", format!("{a} cannot be reached by other nodes")));
+        }
+        let ports = [
+            ("control_port", self.control_port),
+            ("gossip_port", self.gossip_port),
+            ("data_path_port", self.data_path_port),
+            ("wireguard_port", self.wireguard_port),
+        ];
+        for (name, p) in ports {
+            if p == 0 {
+                return Err(field(name, "port 0 is not allowed"));
+            }
+        }
+        // Every port here is udp; two of them on one number would fight over the socket.
+        for (i, (a, pa)) in ports.iter().enumerate() {
+            if let Some((b, _)) = ports[i + 1..].iter().find(|(_, pb)| pb == pa) {
+                return Err(field(a, format!("port {pa} is also used by `{b}`")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first global-scope IPv4 address of this host (not loopback, not link-local).
+pub fn default_advertise_addr() -> Option<IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|s| s.ip()))
+        .find(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+        .map(IpAddr::V4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> AgentArgs {
+        AgentArgs { advertise_addr: Some("198.18.0.1".parse().unwrap()), ..Default::default() }
+    }
+
+    #[test]
+    fn good_file_is_merged_under_flags() {
+        let file = FileConfig::parse(
+            Path::new("t.toml"),
+            "node_name = \"alpha\"\ngossip_port = 8000\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.gossip_port = Some(9000);
+        let cfg = AgentConfig::resolve(&a, file).unwrap();
+        assert_eq!(cfg.node_name, "alpha");
+        assert_eq!(cfg.gossip_port, 9000, "the flag wins over the file");
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.data_path_port, 4789);
+        assert_eq!(cfg.socket, PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let err = FileConfig::parse(Path::new("t.toml"), "gosip_port = 1\n").unwrap_err();
+        assert!(err.to_string().contains("gosip_port"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_field() {
+        let err = FileConfig::parse(Path::new("t.toml"), "gossip_port = 70000\n").unwrap_err();
+        assert!(err.to_string().contains("gossip_port"), "{err}");
+        let file = FileConfig { data_path_port: Some(7946), ..Default::default() };
+        let err = AgentConfig::resolve(&args(), file).unwrap_err();
+        assert!(err.to_string().contains("`gossip_port`"), "{err}");
+        let bad = AgentArgs { node_name: Some("no spaces".into()), ..args() };
+        let err = AgentConfig::resolve(&bad, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("`node_name`"), "{err}");
+        let bad = AgentArgs { advertise_addr: Some("127.0.0.1".parse().unwrap()), ..args() };
+        let err = AgentConfig::resolve(&bad, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("`advertise_addr`"), "{err}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_missing_default_is_not() {
+        assert!(FileConfig::load(Some(Path::new("/nonexistent/shoal.toml"))).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! The `shoal` binary's library: configuration, the agent's API (server and client), the agent
+//! daemon that wires the crates together, the CLI, and the lab. `main.rs` only calls [`cli::main`].
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod lab;
+pub mod metrics;

@@ -1,0 +1,200 @@
+//! The agent as a process: configuration errors exit 64 naming the field; the API answers on
+//! its unix socket; a second agent on the same data dir is refused; SIGTERM removes the socket.
+//! None of this needs root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{lossy, run_ok, shoal};
+use shoal::api::client::Host;
+use shoal::api::{NodeInfo, VersionInfo};
+
+const ADDR: &str = "198.18.255.1";
+
+fn check_config(dir: &Path, toml: &str, extra: &[&str]) -> (i32, String, String) {
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, toml).unwrap();
+    let out = shoal()
+        .args(["agent", "--check-config", "--advertise-addr", ADDR, "--config"])
+        .arg(&file)
+        .args(extra)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), lossy(&out.stdout), lossy(&out.stderr))
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, _) =
+        check_config(dir.path(), "node_name = \"alpha\"\ngossip_port = 8946\n", &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("node_name = \"alpha\"") && out.contains("gossip_port = 8946"), "{out}");
+
+    let (code, _, err) = check_config(dir.path(), "node_name = \"a\"\nbogus_key = 1\n", &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("bogus_key"), "{err}");
+
+    let (code, _, err) = check_config(dir.path(), "data_path_port = \"fast\"\n", &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("data_path_port"), "{err}");
+
+    let (code, _, err) = check_config(dir.path(), "wireguard_port = 7946\n", &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("`gossip_port`"), "{err}");
+
+    // Flags win over the file, and a bad flag value is a config error too.
+    let (code, out, _) =
+        check_config(dir.path(), "gossip_port = 8946\n", &["--gossip-port", "9946"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("gossip_port = 9946"), "{out}");
+    let (code, _, err) = check_config(dir.path(), "", &["--gossip-port", "99999"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("gossip-port"), "{err}");
+
+    // Environment sits between the file and the flags.
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, "control_port = 3377\n").unwrap();
+    let out = shoal()
+        .args(["agent", "--check-config", "--advertise-addr", ADDR, "--config"])
+        .arg(&file)
+        .env("SHOAL_CONTROL_PORT", "4377")
+        .output()
+        .unwrap();
+    assert!(lossy(&out.stdout).contains("control_port = 4377"), "{}", lossy(&out.stdout));
+
+    let out = shoal()
+        .args(["agent", "--check-config", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+struct Agent {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, name: &str) -> Agent {
+        let socket = dir.join("api.sock");
+        let child = shoal()
+            .args(["agent", "--node-name", name, "--advertise-addr", ADDR, "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "agent did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent { child, socket }
+    }
+
+    fn host(&self) -> Host {
+        Host { socket: self.socket.clone() }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn api_over_the_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "api-node");
+    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+
+    let v: VersionInfo = agent.host().get_json("/version").await.unwrap();
+    assert_eq!(v, VersionInfo::current());
+    let info: NodeInfo = agent.host().get_json("/info").await.unwrap();
+    assert_eq!(info.node_name, "api-node");
+    assert_eq!(info.advertise_addr.to_string(), ADDR);
+    assert_eq!(
+        (info.ports.control, info.ports.gossip, info.ports.data_path, info.ports.wireguard),
+        (2377, 7946, 4789, 51820)
+    );
+    assert_eq!(info.pid, agent.child.id());
+    let metrics = String::from_utf8(agent.host().get("/metrics").await.unwrap().to_vec()).unwrap();
+    assert!(metrics.contains("shoal_build_info{"), "{metrics}");
+    assert!(
+        metrics.contains("shoal_api_requests_total{path=\"/info\",code=\"200\"} 1"),
+        "{metrics}"
+    );
+    let err = agent.host().get("/nope").await.unwrap_err().to_string();
+    assert!(err.contains("404") && err.contains("no such endpoint"), "{err}");
+}
+
+#[test]
+fn cli_reaches_the_agent_by_host_flag_and_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "cli-node");
+    let url = format!("unix://{}", agent.socket.display());
+    let out = run_ok(shoal().args(["-H", &url, "info"]));
+    assert!(out.contains("Node:            cli-node"), "{out}");
+    assert!(out.contains(&format!("Advertise addr:  {ADDR}")), "{out}");
+    let out = run_ok(shoal().env("SHOAL_HOST", &url).arg("version"));
+    assert_eq!(out.matches("API version:  1").count(), 2, "{out}");
+
+    let out = shoal().args(["-H", "unix:///nonexistent/shoal.sock", "info"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(lossy(&out.stderr).contains("Is the agent running?"), "{}", lossy(&out.stderr));
+    let out = shoal().args(["-H", "tcp://127.0.0.1:2375", "info"]).output().unwrap();
+    assert!(lossy(&out.stderr).contains("unsupported host"), "{}", lossy(&out.stderr));
+}
+
+#[test]
+fn second_agent_on_the_same_data_dir_is_refused_and_sigterm_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Agent::start(dir.path(), "first");
+    let other_sock = dir.path().join("other.sock");
+    let out = shoal()
+        .args(["agent", "--advertise-addr", ADDR])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--socket")
+        .arg(&other_sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = lossy(&out.stderr);
+    assert!(
+        err.contains("holds the data dir") && err.contains(&first.child.id().to_string()),
+        "{err}"
+    );
+    assert!(!other_sock.exists(), "a refused agent must not leave a socket");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = first.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!first.socket.exists(), "socket must be removed on SIGTERM");
+    // The lock went with the process: a new agent starts on the same data dir.
+    let _again = Agent::start(dir.path(), "again");
+}

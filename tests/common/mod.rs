@@ -1,0 +1,110 @@
+//! The multi-node test harness: a [`Lab`] guard builds a lab with a unique name and subnet and
+//! tears it down in `Drop`, also when the test fails; helpers run `shoal` and commands in nodes.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+use std::process::{Command, Output};
+
+#[allow(unused_imports)]
+pub use shoal_netns::testing::require_root;
+
+/// The `shoal` binary under test.
+pub fn shoal() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("SHOAL_")) {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Runs a command and returns its output, with stdout/stderr in the panic message on failure.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawning a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        lossy(&out.stdout),
+        lossy(&out.stderr)
+    );
+    lossy(&out.stdout)
+}
+
+pub fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A lab for one test; `lab down` runs in `Drop`.
+#[derive(Debug)]
+pub struct Lab {
+    pub name: String,
+    pub subnet: ipnet::Ipv4Net,
+}
+
+impl Lab {
+    /// Brings up a lab of `nodes` hosts on a free /24 of 198.18.1.0 - 198.18.250.0.
+    pub fn up(nodes: u8) -> Lab {
+        let name = shoal_netns::testing::unique_prefix("l");
+        let seed: u32 = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        let mut last = String::new();
+        for attempt in 0..8u32 {
+            let third = 1 + (seed.wrapping_add(attempt.wrapping_mul(97)) % 250);
+            let subnet: ipnet::Ipv4Net = format!("198.18.{third}.0/24").parse().expect("subnet");
+            // The guard exists before `up`, so a half-made lab is removed too.
+            let lab = Lab { name: name.clone(), subnet };
+            let out = shoal()
+                .args([
+                    "lab",
+                    "up",
+                    "--lab",
+                    &name,
+                    "--nodes",
+                    &nodes.to_string(),
+                    "--subnet",
+                    &subnet.to_string(),
+                ])
+                .output()
+                .expect("running shoal lab up");
+            if out.status.success() {
+                return lab;
+            }
+            last = lossy(&out.stderr);
+            if !last.contains("already") {
+                break;
+            }
+        }
+        panic!("lab up failed: {last}");
+    }
+
+    /// `shoal --lab NAME ARGS...`
+    pub fn shoal(&self, args: &[&str]) -> Output {
+        shoal().arg("--lab").arg(&self.name).args(args).output().expect("running shoal")
+    }
+
+    /// `shoal --lab NAME --node NODE ARGS...`, which must succeed; returns stdout.
+    pub fn on(&self, node: &str, args: &[&str]) -> String {
+        run_ok(shoal().args(["--lab", &self.name, "--node", node]).args(args))
+    }
+
+    /// Runs a command inside a node; returns its output.
+    pub fn exec(&self, node: &str, argv: &[&str]) -> Output {
+        self.shoal(&[&["lab", "exec", node, "--"], argv].concat())
+    }
+
+    /// The underlay address of nodeI.
+    pub fn addr(&self, i: u8) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(u32::from(self.subnet.network()) + u32::from(i))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = shoal().args(["lab", "down", "--lab", &self.name]).output();
+        if let Ok(o) = out
+            && !o.status.success()
+        {
+            eprintln!("lab down {} failed: {}", self.name, lossy(&o.stderr));
+        }
+    }
+}
