@@ -47,6 +47,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `shoal completion bash > /etc/bash_completion.d/shoal`).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// A whole cluster in network namespaces on this machine (needs root).
     Lab {
         #[command(subcommand)]
@@ -93,8 +98,14 @@ pub fn main() -> ExitCode {
             e.exit();
         }
     };
-    if let Cmd::Agent(args) = &cli.cmd {
-        return run_agent(args);
+    match &cli.cmd {
+        Cmd::Agent(args) => return run_agent(args),
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -180,7 +191,7 @@ impl Cli {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
-        Cmd::Agent(_) => unreachable!("handled before the runtime starts"),
+        Cmd::Agent(_) | Cmd::Completion { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Version => {
             let me = VersionInfo::current();
             println!(

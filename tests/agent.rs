@@ -198,3 +198,28 @@ fn second_agent_on_the_same_data_dir_is_refused_and_sigterm_cleans_up() {
     // The lock went with the process: a new agent starts on the same data dir.
     let _again = Agent::start(dir.path(), "again");
 }
+
+#[test]
+fn the_shipped_example_config_is_valid_and_documents_every_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/agent.toml");
+    let out = shoal().args(["agent", "--check-config", "--config", example]).output().unwrap();
+    assert!(out.status.success(), "{}", lossy(&out.stderr));
+    let text = std::fs::read_to_string(example).unwrap();
+    // Every key the agent prints with --check-config appears, uncommented, in the example.
+    for line in lossy(&out.stdout).lines().filter(|l| l.contains(" = ")) {
+        let key = line.split(" = ").next().unwrap();
+        assert!(text.lines().any(|l| l.starts_with(&format!("{key} = "))), "example lacks {key}");
+    }
+}
+
+#[test]
+fn completion_scripts_name_the_verbs() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(shoal().args(["completion", shell]));
+        for verb in ["agent", "info", "lab", "version"] {
+            assert!(out.contains(verb), "{shell} completion lacks {verb}");
+        }
+    }
+    let out = shoal().args(["completion", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+}
