@@ -52,11 +52,22 @@ enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Built-in demo programs to run as tasks.
+    Demo {
+        #[command(subcommand)]
+        cmd: DemoCmd,
+    },
     /// A whole cluster in network namespaces on this machine (needs root).
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DemoCmd {
+    /// The tutorial's hello-world: `GET /visitor` counts visitors in Redis at myredis:6379.
+    Visitor(crate::demo::VisitorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Lab { cmd } => return run_lab(&cli.lab, cmd).await,
+        Cmd::Demo { cmd: DemoCmd::Visitor(args) } => crate::demo::run_visitor(args.clone()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

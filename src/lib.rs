@@ -5,5 +5,6 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod lab;
 pub mod metrics;

@@ -1,0 +1,114 @@
+//! `shoal demo visitor`: the Swarm tutorial's hello-world, built in so the demo needs nothing
+//! but this binary and `redis-server`. `GET /visitor` counts visitors with INCR in Redis (by
+//! default at `myredis:6379`, which service DNS resolves inside a task) and answers
+//! "Hello World, you are visitor number N", or "Hello World, connection to redis error" when
+//! Redis cannot be reached within the timeout. Every answer names the task that served it in an
+//! `X-Served-By` header, so a reader sees the routing mesh spread requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Mutex;
+
+/// The Redis key the visitor count lives under.
+pub const COUNTER_KEY: &str = "visitors";
+
+/// Flags of `shoal demo visitor`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VisitorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8100")]
+    pub listen: SocketAddr,
+    /// Redis to count in, HOST:PORT; the name is resolved on every connect, so a moved Redis is
+    /// found again.
+    #[arg(long, default_value = "myredis:6379")]
+    pub redis: String,
+    /// How long to wait for Redis before answering with the error, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub redis_timeout_ms: u64,
+}
+
+#[derive(Debug)]
+struct App {
+    redis: String,
+    timeout: Duration,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    served_by: HeaderValue,
+}
+
+impl App {
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        let addr = tokio::net::lookup_host(&self.redis)
+            .await
+            .with_context(|| format!("resolving {}", self.redis))?
+            .next()
+            .with_context(|| format!("{} has no address", self.redis))?;
+        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+
+    async fn incr(&self) -> anyhow::Result<i64> {
+        let mut slot = self.conn.lock().await;
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let n: i64 = redis::cmd("INCR").arg(COUNTER_KEY).query_async(&mut conn).await?;
+        *slot = Some(conn);
+        Ok(n)
+    }
+}
+
+async fn visitor(State(app): State<Arc<App>>) -> Response {
+    let body = match tokio::time::timeout(app.timeout, app.incr()).await {
+        Ok(Ok(n)) => format!("Hello World, you are visitor number {n}\n"),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "redis");
+            "Hello World, connection to redis error\n".to_owned()
+        }
+        Err(_) => "Hello World, connection to redis error\n".to_owned(),
+    };
+    ([("x-served-by", app.served_by.clone())], body).into_response()
+}
+
+async fn hello(State(app): State<Arc<App>>) -> Response {
+    let host = app.served_by.to_str().unwrap_or("?").to_owned();
+    ([("x-served-by", app.served_by.clone())], format!("Hello World from {host}\n")).into_response()
+}
+
+/// Serves the demo until the process is stopped.
+pub async fn run_visitor(args: VisitorArgs) -> anyhow::Result<()> {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    let app = Arc::new(App {
+        redis: args.redis,
+        timeout: Duration::from_millis(args.redis_timeout_ms),
+        conn: Mutex::new(None),
+        served_by: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("unknown")),
+    });
+    let router = Router::new().route("/visitor", get(visitor)).route("/", get(hello)).with_state(app);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("visitor demo listening on {}", args.listen);
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    axum::serve(listener, router).with_graceful_shutdown(stop).await?;
+    Ok(())
+}
