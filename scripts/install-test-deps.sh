@@ -7,7 +7,7 @@ PACKAGES=(
   iproute2 nftables iputils-ping procps psmisc curl dnsutils
   redis-server tcpdump tshark iperf3 wrk socat bc
   haproxy nginx-light libnginx-mod-stream dnsmasq-base unbound dnsperf
-  serf wireguard-go wireguard-tools python3
+  serf wireguard-go wireguard-tools python3 chromium
 )
 
 missing=()

@@ -8,3 +8,4 @@ pub mod config;
 pub mod demo;
 pub mod lab;
 pub mod metrics;
+pub mod ui;
