@@ -1,0 +1,781 @@
+//! The tokio driver: [`Runtime`] owns the tasks of one node, their namespaces, state
+//! directories, processes, log pumps and health probes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use shoal_netns::NetNs;
+use tokio::sync::{broadcast, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::error::{Error, Result};
+use crate::health::{HealthMonitor, ProbeOutcome};
+use crate::logs::{self, Logs, Stream};
+use crate::process::{self, TaskNamespaces};
+use crate::spec::{HealthCheck, TaskSpec, short_id};
+use crate::state::{EventKind, Health, TaskEvent, TaskState, TaskStatus};
+
+/// Longest accepted node prefix.
+pub const MAX_PREFIX: usize = 32;
+/// Kept output of one health probe, in bytes (Docker keeps 4096).
+pub const PROBE_OUTPUT_CAP: usize = 4096;
+/// How long cleanup waits for processes in a task namespace to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait, after SIGKILL, for a process stuck in the kernel.
+const AFTER_KILL_WAIT: Duration = Duration::from_secs(30);
+/// How long the log pumps may take to drain after the task's processes are gone.
+const PUMP_DRAIN: Duration = Duration::from_secs(2);
+
+/// Where and under which names a runtime keeps its tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Per-node prefix of namespace names (`PREFIX-t-<short id>`), so several nodes on one
+    /// machine never collide: 1-32 of `[A-Za-z0-9_-]`, not ending in `-`, without `-t-`.
+    pub prefix: String,
+    /// Directory for per-task files (`<state_dir>/tasks/<id>/{resolv.conf,hosts}`).
+    pub state_dir: PathBuf,
+}
+
+impl RuntimeConfig {
+    fn validate(&self) -> Result<()> {
+        let p = &self.prefix;
+        let ok = !p.is_empty()
+            && p.len() <= MAX_PREFIX
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+            && !p.ends_with('-')
+            && !p.contains("-t-");
+        if !ok {
+            return Err(Error::InvalidConfig {
+                field: "prefix",
+                reason: format!(
+                    "{p:?}: use 1-{MAX_PREFIX} of [A-Za-z0-9_-], no trailing '-', no \"-t-\""
+                ),
+            });
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(Error::InvalidConfig {
+                field: "state_dir",
+                reason: format!("{:?} must be an absolute path", self.state_dir),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The task runner of one node. Cheap to clone; all clones share the tasks.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    prefix: String,
+    tasks_dir: PathBuf,
+    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    events: broadcast::Sender<TaskEvent>,
+}
+
+#[derive(Debug)]
+struct Task {
+    id: String,
+    netns: String,
+    dir: PathBuf,
+    logs: Logs,
+    status: watch::Sender<TaskStatus>,
+    ctl: Mutex<Ctl>,
+}
+
+/// Mutable control state; every state transition happens with this lock held, so a task's
+/// events go out in order.
+#[derive(Debug)]
+struct Ctl {
+    spec: TaskSpec,
+    exe: Option<PathBuf>,
+    pgid: Option<i32>,
+    stop_requested: bool,
+    health: Option<AbortHandle>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Task {
+    fn state(&self) -> TaskState {
+        self.status.borrow().state
+    }
+
+    fn status(&self) -> TaskStatus {
+        self.status.borrow().clone()
+    }
+}
+
+impl Inner {
+    /// Applies `f` to the task's status and broadcasts the result. Call with `ctl` held.
+    fn update(&self, task: &Task, kind: EventKind, f: impl FnOnce(&mut TaskStatus)) {
+        task.status.send_modify(f);
+        let _ = self.events.send(TaskEvent { kind, status: task.status() });
+    }
+
+    fn set_state(&self, task: &Task, state: TaskState, f: impl FnOnce(&mut TaskStatus)) {
+        self.update(task, EventKind::State, |s| {
+            s.state = state;
+            if state.is_terminal() {
+                s.finished_at = Some(SystemTime::now());
+                s.pid = None;
+            }
+            f(s);
+        });
+    }
+
+    fn is_ours(&self, netns: &str) -> bool {
+        netns.strip_prefix(&self.prefix).and_then(|rest| rest.strip_prefix("-t-")).is_some_and(
+            |short| !short.is_empty() && short.bytes().all(|b| b.is_ascii_alphanumeric()),
+        )
+    }
+}
+
+impl Runtime {
+    /// A runtime with no tasks; creates `<state_dir>/tasks`. Call [`Runtime::clean_stale`]
+    /// next when the agent (re)starts.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime> {
+        config.validate()?;
+        let tasks_dir = config.state_dir.join("tasks");
+        std::fs::create_dir_all(&tasks_dir).map_err(|e| Error::io("create", &tasks_dir, e))?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                prefix: config.prefix,
+                tasks_dir,
+                tasks: Mutex::new(HashMap::new()),
+                events,
+            }),
+        })
+    }
+
+    /// The node prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The network namespace name a task with this id gets.
+    pub fn netns_name_for(&self, id: &str) -> String {
+        format!("{}-t-{}", self.inner.prefix, short_id(id))
+    }
+
+    /// Every state and health change of every task, and removals. A receiver that falls more
+    /// than 1024 events behind gets `Lagged` and should re-read [`Runtime::list`].
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Task>> {
+        lock(&self.inner.tasks).get(id).cloned().ok_or_else(|| Error::NotFound(id.to_owned()))
+    }
+
+    /// The status of one task.
+    pub fn inspect(&self, id: &str) -> Result<TaskStatus> {
+        Ok(self.get(id)?.status())
+    }
+
+    /// The status of every task, by id.
+    pub fn list(&self) -> Vec<TaskStatus> {
+        let mut v: Vec<TaskStatus> = lock(&self.inner.tasks).values().map(|t| t.status()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// A watch on one task's status (the current value, then every change).
+    pub fn watch(&self, id: &str) -> Result<watch::Receiver<TaskStatus>> {
+        Ok(self.get(id)?.status.subscribe())
+    }
+
+    /// Waits until the task is complete, shut down or failed, and returns that status.
+    pub async fn wait(&self, id: &str) -> Result<TaskStatus> {
+        let mut rx = self.watch(id)?;
+        wait_terminal(&mut rx).await.ok_or_else(|| Error::NotFound(id.to_owned()))
+    }
+
+    /// The task's log (stdout and stderr lines), readable and followable.
+    pub fn logs(&self, id: &str) -> Result<Logs> {
+        Ok(self.get(id)?.logs.clone())
+    }
+
+    /// Opens the task's network namespace (to attach veths, bind DNS sockets, add routes).
+    pub fn netns(&self, id: &str) -> Result<NetNs> {
+        Ok(NetNs::open(&self.get(id)?.netns)?)
+    }
+
+    /// Sets the addresses `/etc/hosts` gives the task's hostname; only before `start`.
+    pub fn set_addresses(&self, id: &str, addresses: Vec<IpAddr>) -> Result<()> {
+        let task = self.get(id)?;
+        let mut ctl = lock(&task.ctl);
+        let state = task.state();
+        if state > TaskState::Ready {
+            return Err(Error::InvalidState { id: id.to_owned(), state, op: "set addresses" });
+        }
+        ctl.spec.addresses.clone_from(&addresses);
+        task.status.send_modify(|s| s.addresses = addresses);
+        Ok(())
+    }
+
+    /// Registers a task and makes its network namespace (`PREFIX-t-<short id>`, `lo` up) and
+    /// state directory: `new` → `preparing` → `ready`. Between this and [`Runtime::start`] the
+    /// caller attaches networks into [`Runtime::netns`] and binds DNS there.
+    ///
+    /// A program that cannot be executed makes the task `failed` at once, with Docker's
+    /// message, before anything is made ([`Error::Executable`]); any other failure is undone
+    /// and also leaves the task `failed`. A failed task stays listed until [`Runtime::remove`].
+    pub async fn create(&self, spec: TaskSpec) -> Result<TaskStatus> {
+        spec.validate()?;
+        let inner = &self.inner;
+        let netns = self.netns_name_for(&spec.id);
+        let status = TaskStatus {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            netns: netns.clone(),
+            state: TaskState::New,
+            health: None,
+            failing_streak: 0,
+            last_probe_output: None,
+            pid: None,
+            exit_code: None,
+            error: None,
+            addresses: spec.addresses.clone(),
+            created_at: SystemTime::now(),
+            started_at: None,
+            finished_at: None,
+        };
+        let task = Arc::new(Task {
+            id: spec.id.clone(),
+            netns: netns.clone(),
+            dir: inner.tasks_dir.join(&spec.id),
+            logs: Logs::new(spec.log_cap),
+            status: watch::channel(status).0,
+            ctl: Mutex::new(Ctl {
+                spec,
+                exe: None,
+                pgid: None,
+                stop_requested: false,
+                health: None,
+            }),
+        });
+        {
+            let mut tasks = lock(&inner.tasks);
+            if tasks.contains_key(&task.id) {
+                return Err(Error::Exists(task.id.clone()));
+            }
+            if tasks.values().any(|t| t.netns == netns) {
+                return Err(Error::Exists(netns));
+            }
+            tasks.insert(task.id.clone(), task.clone());
+        }
+        {
+            let mut ctl = lock(&task.ctl);
+            inner.update(&task, EventKind::State, |_| {});
+            let resolved = process::resolve_executable(&ctl.spec.argv[0], ctl.spec.path_env());
+            match resolved {
+                Ok(exe) => ctl.exe = Some(exe),
+                Err(reason) => {
+                    inner.set_state(&task, TaskState::Failed, |s| s.error = Some(reason.clone()));
+                    return Err(Error::Executable { id: task.id.clone(), reason });
+                }
+            }
+            inner.set_state(&task, TaskState::Preparing, |_| {});
+        }
+        let prepared = prepare(&task).await;
+        let _ctl = lock(&task.ctl);
+        if let Err(e) = prepared {
+            undo_prepare(&task);
+            inner.set_state(&task, TaskState::Failed, |s| s.error = Some(e.to_string()));
+            return Err(e);
+        }
+        let state = task.state();
+        if state != TaskState::Preparing {
+            // Stopped while preparing: stays shut down; `remove` deletes what was made.
+            return Err(Error::InvalidState { id: task.id.clone(), state, op: "finish creating" });
+        }
+        inner.set_state(&task, TaskState::Ready, |_| {});
+        Ok(task.status())
+    }
+
+    /// Starts a `ready` task's process: `starting` → `running`. Writes its `resolv.conf` and
+    /// `hosts`, spawns it in its namespaces, and starts log capture, supervision and the health
+    /// probes. On failure the task is `failed` with the error.
+    pub fn start(&self, id: &str) -> Result<TaskStatus> {
+        let inner = self.inner.clone();
+        let task = self.get(id)?;
+        let mut ctl = lock(&task.ctl);
+        let state = task.state();
+        if state != TaskState::Ready {
+            return Err(Error::InvalidState { id: id.to_owned(), state, op: "start" });
+        }
+        inner.set_state(&task, TaskState::Starting, |_| {});
+        let exe = ctl.exe.clone().unwrap_or_else(|| PathBuf::from(&ctl.spec.argv[0]));
+        let spawned = write_files(&task.dir, &ctl.spec).and_then(|(resolv, hosts)| {
+            let ns = NetNs::open(&task.netns)?;
+            let fd =
+                ns.as_fd().try_clone_to_owned().map_err(|e| Error::io("dup", &task.netns, e))?;
+            let mut cmd = process::task_command(&ctl.spec, &exe, fd, &resolv, &hosts)
+                .map_err(|e| Error::io("prepare command", &exe, e))?;
+            cmd.spawn().map_err(|source| Error::Spawn {
+                id: id.to_owned(),
+                program: exe.clone(),
+                source,
+            })
+        });
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                inner.set_state(&task, TaskState::Failed, |s| s.error = Some(e.to_string()));
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        let pid = child.id().unwrap_or(0);
+        ctl.pgid = i32::try_from(pid).ok();
+        let pumps: Vec<JoinHandle<()>> = [
+            child
+                .stdout
+                .take()
+                .map(|p| tokio::spawn(logs::pump(p, Stream::Stdout, task.logs.clone()))),
+            child
+                .stderr
+                .take()
+                .map(|p| tokio::spawn(logs::pump(p, Stream::Stderr, task.logs.clone()))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let health = ctl.spec.health.clone();
+        inner.set_state(&task, TaskState::Running, |s| {
+            s.pid = Some(pid);
+            s.started_at = Some(SystemTime::now());
+            s.health = health.as_ref().map(|_| Health::Starting);
+        });
+        if let Some(check) = health {
+            let h = tokio::spawn(health_loop(
+                inner.clone(),
+                task.clone(),
+                ctl.spec.clone(),
+                check,
+                pid,
+                started,
+            ));
+            ctl.health = Some(h.abort_handle());
+        }
+        drop(ctl);
+        tokio::spawn(supervise(inner, task.clone(), child, pumps));
+        Ok(task.status())
+    }
+
+    /// Stops a task: SIGTERM to its process group, SIGKILL after `grace` (the spec's
+    /// `stop_grace` when `None`), then waits until it and everything else in its namespace
+    /// are gone. The task ends `shutdown` with the exit code. A task not started yet becomes
+    /// `shutdown` at once; a finished one is returned as is.
+    pub async fn stop(&self, id: &str, grace: Option<Duration>) -> Result<TaskStatus> {
+        let task = self.get(id)?;
+        let mut rx = task.status.subscribe();
+        let grace = {
+            let mut ctl = lock(&task.ctl);
+            match task.state() {
+                s if s.is_terminal() => return Ok(task.status()),
+                TaskState::New | TaskState::Preparing | TaskState::Ready => {
+                    ctl.stop_requested = true;
+                    self.inner.set_state(&task, TaskState::Shutdown, |_| {});
+                    return Ok(task.status());
+                }
+                _ => {
+                    ctl.stop_requested = true;
+                    grace.unwrap_or(ctl.spec.stop_grace)
+                }
+            }
+        };
+        // The group id is read at each signal: once the main process has exited the
+        // supervisor clears it (and kills the rest), so a recycled id is never signalled.
+        let signal = |sig| {
+            if let Some(pg) = lock(&task.ctl).pgid {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pg), sig);
+            }
+        };
+        signal(Signal::SIGTERM);
+        let exited = tokio::time::timeout(grace, wait_terminal(&mut rx)).await;
+        if let Ok(Some(status)) = exited {
+            return Ok(status);
+        }
+        signal(Signal::SIGKILL);
+        match tokio::time::timeout(AFTER_KILL_WAIT, wait_terminal(&mut rx)).await {
+            Ok(Some(status)) => Ok(status),
+            _ => Err(Error::StopTimeout(id.to_owned())),
+        }
+    }
+
+    /// Removes a task: stops it if needed (with its grace period), kills anything left in its
+    /// namespace, deletes the namespace and its state directory, forgets it, and sends a
+    /// [`EventKind::Removed`] event.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let task = self.get(id)?;
+        if !task.state().is_terminal() {
+            self.stop(id, None).await?;
+        }
+        let (netns, dir) = (task.netns.clone(), task.dir.clone());
+        tokio::task::spawn_blocking(move || delete_task_objects(&netns, &dir))
+            .await
+            .map_err(|e| Error::io("join cleanup", &task.dir, std::io::Error::other(e)))??;
+        lock(&self.inner.tasks).remove(id);
+        let _ctl = lock(&task.ctl);
+        self.inner.update(&task, EventKind::Removed, |_| {});
+        Ok(())
+    }
+
+    /// Stops and removes every task (agent shutdown); returns the first error after trying all.
+    pub async fn remove_all(&self) -> Result<()> {
+        let ids: Vec<String> = lock(&self.inner.tasks).keys().cloned().collect();
+        let mut first = Ok(());
+        for id in ids {
+            if let Err(e) = self.remove(&id).await
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// Deletes what a previous run of an agent with this prefix left behind: namespaces named
+    /// `PREFIX-t-*` that no current task owns (after killing every process in them) and state
+    /// directories of unknown tasks. Returns the namespaces removed.
+    pub async fn clean_stale(&self) -> Result<Vec<String>> {
+        let inner = self.inner.clone();
+        let (known_ns, known_ids): (HashSet<String>, HashSet<String>) = {
+            let tasks = lock(&inner.tasks);
+            (tasks.values().map(|t| t.netns.clone()).collect(), tasks.keys().cloned().collect())
+        };
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut removed = Vec::new();
+            for name in NetNs::list() {
+                if inner.is_ours(&name) && !known_ns.contains(&name) {
+                    delete_task_objects(&name, Path::new(""))?;
+                    removed.push(name);
+                }
+            }
+            let entries = std::fs::read_dir(&inner.tasks_dir)
+                .map_err(|e| Error::io("read", &inner.tasks_dir, e))?;
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !known_ids.contains(&id) {
+                    let path = entry.path();
+                    std::fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| Error::io("join cleanup", PathBuf::new(), std::io::Error::other(e)))?
+    }
+}
+
+async fn wait_terminal(rx: &mut watch::Receiver<TaskStatus>) -> Option<TaskStatus> {
+    rx.wait_for(|s| s.state.is_terminal()).await.ok().map(|s| s.clone())
+}
+
+/// Makes the state directory and the namespace with `lo` up.
+async fn prepare(task: &Task) -> Result<()> {
+    let dir = task.dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let name = task.netns.clone();
+    let ns = tokio::task::spawn_blocking(move || NetNs::create(&name))
+        .await
+        .map_err(|e| Error::io("join", &dir, std::io::Error::other(e)))??;
+    let handle = ns.netlink()?;
+    let lo = shoal_netns::link_index(&handle, "lo").await.ok_or_else(|| {
+        Error::io(
+            "find lo in",
+            shoal_netns::path_of(&task.netns),
+            std::io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    handle
+        .link()
+        .set(rtnetlink::LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await
+        .map_err(|source| Error::Netlink { op: "set lo up", source })
+}
+
+fn undo_prepare(task: &Task) {
+    if let Err(e) = delete_task_objects(&task.netns, &task.dir) {
+        tracing::warn!(task = %task.id, "cleanup after failed create: {e}");
+    }
+}
+
+/// Kills every process in the namespace, deletes it and removes `dir` (if not empty).
+fn delete_task_objects(netns: &str, dir: &Path) -> Result<()> {
+    if let Ok(ns) = NetNs::open(netns) {
+        shoal_netns::kill_all_in(&ns, KILL_WAIT);
+    }
+    NetNs::delete(netns)?;
+    if !dir.as_os_str().is_empty() {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", dir, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the task's `resolv.conf` and `hosts`; returns their paths.
+fn write_files(dir: &Path, spec: &TaskSpec) -> Result<(PathBuf, PathBuf)> {
+    let resolv = dir.join("resolv.conf");
+    let hosts = dir.join("hosts");
+    std::fs::write(&resolv, spec.resolv_conf_text()).map_err(|e| Error::io("write", &resolv, e))?;
+    std::fs::write(&hosts, spec.hosts_text()).map_err(|e| Error::io("write", &hosts, e))?;
+    Ok((resolv, hosts))
+}
+
+/// Waits for the task's process, then tears down what it leaves, like a container whose PID
+/// namespace goes away: nothing of a task outlives its main process.
+async fn supervise(
+    inner: Arc<Inner>,
+    task: Arc<Task>,
+    mut child: tokio::process::Child,
+    pumps: Vec<JoinHandle<()>>,
+) {
+    let exit_code = match child.wait().await {
+        Ok(status) => exit_code_of(status),
+        Err(e) => {
+            tracing::warn!(task = %task.id, "wait failed: {e}");
+            -1
+        }
+    };
+    let pgid = {
+        let mut ctl = lock(&task.ctl);
+        if let Some(h) = ctl.health.take() {
+            h.abort();
+        }
+        ctl.pgid.take()
+    };
+    if let Some(pg) = pgid {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pg), Signal::SIGKILL);
+    }
+    let netns = task.netns.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(ns) = NetNs::open(&netns) {
+            shoal_netns::kill_all_in(&ns, KILL_WAIT);
+        }
+    })
+    .await;
+    for mut pump in pumps {
+        if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
+            pump.abort();
+        }
+    }
+    task.logs.close();
+    let ctl = lock(&task.ctl);
+    let state = if ctl.stop_requested {
+        TaskState::Shutdown
+    } else if exit_code == 0 {
+        TaskState::Complete
+    } else {
+        TaskState::Failed
+    };
+    inner.set_state(&task, state, |s| {
+        s.exit_code = Some(exit_code);
+        if state == TaskState::Failed {
+            s.error = Some(format!("task: non-zero exit ({exit_code})"));
+        }
+    });
+}
+
+/// Runs the health probes of a running task until it stops (the supervisor aborts this).
+async fn health_loop(
+    inner: Arc<Inner>,
+    task: Arc<Task>,
+    spec: TaskSpec,
+    check: HealthCheck,
+    pid: u32,
+    started: Instant,
+) {
+    let mut monitor = HealthMonitor::new(&check, started);
+    while let Some(due) = monitor.poll_timeout() {
+        tokio::time::sleep_until(due.into()).await;
+        let Some(timeout) = monitor.poll_probe(Instant::now()) else { continue };
+        let (outcome, output) = run_probe(&spec, &check.argv, pid, timeout).await;
+        let change = monitor.handle_result(Instant::now(), outcome);
+        let _ctl = lock(&task.ctl);
+        if task.state() != TaskState::Running {
+            return;
+        }
+        let streak = monitor.failing_streak();
+        let apply = |s: &mut TaskStatus| {
+            s.failing_streak = streak;
+            s.last_probe_output = Some(output);
+            if let Some(h) = change {
+                s.health = Some(h);
+            }
+        };
+        if change.is_some() {
+            inner.update(&task, EventKind::Health, apply);
+        } else {
+            task.status.send_modify(apply);
+        }
+    }
+}
+
+/// How a command run inside a task's namespaces ended.
+enum InTask {
+    Done(std::process::Output),
+    TimedOut,
+    Failed(String),
+}
+
+/// Runs `argv` inside the namespaces of process `pid` with the task's environment; kills its
+/// process group after `timeout`.
+async fn run_in_task(spec: &TaskSpec, argv: &[String], pid: u32, timeout: Duration) -> InTask {
+    let ns = match TaskNamespaces::of_pid(pid) {
+        Ok(ns) => ns,
+        Err(e) => return InTask::Failed(format!("entering the task's namespaces: {e}")),
+    };
+    let child = match process::probe_command(spec, argv, ns).spawn() {
+        Ok(child) => child,
+        Err(e) => return InTask::Failed(format!("{:?}: {e}", argv[0])),
+    };
+    let child_pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => InTask::Done(out),
+        Ok(Err(e)) => InTask::Failed(format!("{:?}: {e}", argv[0])),
+        Err(_) => {
+            if let Some(p) = child_pid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            InTask::TimedOut
+        }
+    }
+}
+
+/// Runs one health probe; returns its outcome and (capped) output.
+async fn run_probe(
+    spec: &TaskSpec,
+    argv: &[String],
+    pid: u32,
+    timeout: Duration,
+) -> (ProbeOutcome, String) {
+    match run_in_task(spec, argv, pid, timeout).await {
+        InTask::Done(out) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            if text.len() > PROBE_OUTPUT_CAP {
+                let mut cut = PROBE_OUTPUT_CAP;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            let outcome =
+                if out.status.success() { ProbeOutcome::Passed } else { ProbeOutcome::Failed };
+            (outcome, text)
+        }
+        InTask::Failed(e) => (ProbeOutcome::Failed, format!("health command {e}")),
+        InTask::TimedOut => {
+            (ProbeOutcome::TimedOut, format!("Health check exceeded timeout ({timeout:?})"))
+        }
+    }
+}
+
+/// What [`Runtime::exec`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code (128 + signal when killed by one).
+    pub exit_code: i32,
+    /// Everything it wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+}
+
+fn exit_code_of(status: std::process::ExitStatus) -> i32 {
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+impl Runtime {
+    /// Runs `argv` in a running task's network, mount and UTS namespaces with its environment
+    /// (like `docker exec`, for `lab exec` and diagnostics); its output is kept in memory. The
+    /// command's process group is killed after `timeout`.
+    pub async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput> {
+        if argv.first().is_none_or(|p| p.is_empty()) || argv.iter().any(|a| a.contains('\0')) {
+            return Err(Error::InvalidSpec {
+                field: "argv",
+                reason: "empty or contains NUL".into(),
+            });
+        }
+        let task = self.get(id)?;
+        let (spec, pid) = {
+            let ctl = lock(&task.ctl);
+            let st = task.status.borrow();
+            match (st.state, st.pid) {
+                (TaskState::Running, Some(pid)) => (ctl.spec.clone(), pid),
+                (state, _) => {
+                    return Err(Error::InvalidState { id: id.to_owned(), state, op: "exec" });
+                }
+            }
+        };
+        match run_in_task(&spec, argv, pid, timeout).await {
+            InTask::Done(out) => Ok(ExecOutput {
+                exit_code: exit_code_of(out.status),
+                stdout: out.stdout,
+                stderr: out.stderr,
+            }),
+            InTask::TimedOut => Err(Error::ExecTimeout { id: id.to_owned(), timeout }),
+            InTask::Failed(reason) => Err(Error::Exec { id: id.to_owned(), reason }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(prefix: &str) -> RuntimeConfig {
+        RuntimeConfig { prefix: prefix.into(), state_dir: "/tmp/x".into() }
+    }
+
+    #[test]
+    fn prefix_rules() {
+        for bad in ["", "a-", "a-t-b", "has space", &"p".repeat(33)] {
+            assert!(
+                matches!(config(bad).validate(), Err(Error::InvalidConfig { field: "prefix", .. })),
+                "{bad:?}"
+            );
+        }
+        for good in ["n1", "lab-node1", "x_y"] {
+            config(good).validate().unwrap();
+        }
+        let rel = RuntimeConfig { prefix: "n1".into(), state_dir: "rel".into() };
+        assert!(matches!(rel.validate(), Err(Error::InvalidConfig { field: "state_dir", .. })));
+    }
+
+    #[test]
+    fn owns_only_its_namespaces() {
+        let inner = Inner {
+            prefix: "a".into(),
+            tasks_dir: PathBuf::new(),
+            tasks: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1).0,
+        };
+        assert!(inner.is_ours("a-t-abc123"));
+        assert!(!inner.is_ours("a-t-"));
+        assert!(!inner.is_ours("ab-t-abc"));
+        assert!(!inner.is_ours("a-t-t-abc"), "belongs to a node prefixed a-t");
+        assert!(!inner.is_ours("b-t-abc"));
+    }
+}
