@@ -1,0 +1,352 @@
+//! The orchestrator and scheduler in one pass: from the desired state and the time, what to
+//! create, where, what to stop, and what to forget.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::model::{
+    Availability, ClusterState, DesiredState, Mode, Node, NodeStatus, RestartCondition, Service,
+    Task, TaskState, UpdateOrder,
+};
+
+/// Dead tasks kept per slot for `service ps` (Swarm's task history retention).
+pub const HISTORY_PER_SLOT: usize = 5;
+
+/// One change for the leader to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A new task for the slot (0 for global services), desired running. `node_id` is `None`
+    /// when no node can take it now: the task stays pending until one can.
+    Create {
+        service_id: String,
+        slot: u64,
+        node_id: Option<String>,
+        spec_version: u64,
+        attempt: u64,
+    },
+    /// Put a pending task on a node.
+    Assign { task_id: String, node_id: String },
+    /// Make the task's desired state shutdown; its node stops it.
+    Shutdown { task_id: String, reason: &'static str },
+    /// Forget a dead task: history beyond the limit, or its service is gone.
+    Delete { task_id: String },
+}
+
+/// The result of [`plan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Plan again at this time (a restart delay ends) even if nothing else changes.
+    pub wake_at: Option<u64>,
+}
+
+/// Tasks per node, counted as the plan goes so that each decision sees the ones before it.
+#[derive(Debug, Default)]
+struct Load {
+    total: HashMap<String, u64>,
+    per_service: HashMap<(String, String), u64>,
+}
+
+impl Load {
+    fn add(&mut self, node: &str, service: &str, delta: i64) {
+        let apply = |v: &mut u64| *v = v.saturating_add_signed(delta);
+        apply(self.total.entry(node.to_owned()).or_default());
+        apply(self.per_service.entry((node.to_owned(), service.to_owned())).or_default());
+    }
+
+    fn of(&self, node: &str, service: &str) -> (u64, u64) {
+        (
+            self.per_service.get(&(node.to_owned(), service.to_owned())).copied().unwrap_or(0),
+            self.total.get(node).copied().unwrap_or(0),
+        )
+    }
+}
+
+fn is_live(t: &Task) -> bool {
+    t.desired == DesiredState::Running
+}
+
+/// Whether a task may keep running on its node: the node exists, is Ready, is not draining,
+/// and still satisfies the service's constraints. (A paused node keeps its tasks.)
+fn may_stay(node: Option<&Node>, svc: &Service) -> bool {
+    node.is_some_and(|n| {
+        n.status == NodeStatus::Ready
+            && n.availability != Availability::Drain
+            && svc.spec.constraints.iter().all(|c| c.matches(n))
+    })
+}
+
+/// Whether a node may take a new task of the service.
+fn may_take(n: &Node, svc: &Service) -> bool {
+    n.status == NodeStatus::Ready
+        && n.availability == Availability::Active
+        && svc.spec.constraints.iter().all(|c| c.matches(n))
+}
+
+struct Planner<'a> {
+    now: u64,
+    nodes: BTreeMap<&'a str, &'a Node>,
+    load: Load,
+    out: Plan,
+}
+
+impl<'a> Planner<'a> {
+    fn wake(&mut self, at: u64) {
+        self.out.wake_at = Some(self.out.wake_at.map_or(at, |w| w.min(at)));
+    }
+
+    /// The eligible node with the fewest tasks of this service, then fewest overall, then by
+    /// hostname so that the same state always gives the same answer.
+    fn pick(&self, svc: &Service) -> Option<&'a Node> {
+        self.nodes.values().copied().filter(|n| may_take(n, svc)).min_by_key(|n| {
+            let (mine, total) = self.load.of(&n.id, &svc.id);
+            (mine, total, n.hostname.as_str(), n.id.as_str())
+        })
+    }
+
+    fn create(&mut self, svc: &Service, slot: u64, node: Option<&Node>, attempt: u64) {
+        if let Some(n) = node {
+            self.load.add(&n.id, &svc.id, 1);
+        }
+        self.out.actions.push(Action::Create {
+            service_id: svc.id.clone(),
+            slot,
+            node_id: node.map(|n| n.id.clone()),
+            spec_version: svc.spec.version,
+            attempt,
+        });
+    }
+
+    fn shutdown(&mut self, t: &Task, reason: &'static str) {
+        if let Some(n) = &t.node_id
+            && !t.state.is_terminal()
+        {
+            self.load.add(n, &t.service_id, -1);
+        }
+        self.out.actions.push(Action::Shutdown { task_id: t.id.clone(), reason });
+    }
+
+    /// Whether a dead task's slot gets a new task now (true), later (wake-up set), or never.
+    fn restart_due(&mut self, svc: &Service, t: &Task) -> bool {
+        let p = &svc.spec.restart;
+        let allowed = match p.condition {
+            RestartCondition::Any => true,
+            RestartCondition::OnFailure => t.state != TaskState::Complete,
+            RestartCondition::None => false,
+        } && (p.max_attempts == 0 || t.attempt < p.max_attempts);
+        if !allowed {
+            return false;
+        }
+        let at = t.state_since_ms.saturating_add(p.delay_ms);
+        if self.now >= at {
+            true
+        } else {
+            self.wake(at);
+            false
+        }
+    }
+
+    /// One slot: its live tasks (desired running) oldest first, and its dead history.
+    fn slot(&mut self, svc: &Service, slot: u64, global_node: Option<&Node>, tasks: &[&Task]) {
+        let live: Vec<&Task> = tasks.iter().copied().filter(|t| is_live(t)).collect();
+        let Some(newest) = live.last().copied() else {
+            // Nothing wants to run here: start one. Global slots live on their own node.
+            let attempt = tasks.iter().map(|t| t.attempt + 1).max().unwrap_or(0);
+            let node = match global_node {
+                Some(n) => Some(n),
+                None => self.pick(svc),
+            };
+            self.create(svc, slot, node, attempt);
+            return;
+        };
+
+        // A start-first update that has come up replaces the older tasks of the slot; one that
+        // died leaves them running.
+        if live.len() > 1 {
+            if newest.state == TaskState::Running {
+                for t in &live[..live.len() - 1] {
+                    self.shutdown(t, "replaced by a newer version");
+                }
+            } else if newest.state.is_terminal() {
+                self.shutdown(newest, "update failed; previous version kept");
+            }
+            return;
+        }
+
+        let t = newest;
+        let node = t.node_id.as_deref().and_then(|id| self.nodes.get(id).copied());
+        match &t.node_id {
+            None => {
+                if let Some(n) = global_node.or_else(|| self.pick(svc)) {
+                    self.load.add(&n.id, &svc.id, 1);
+                    self.out
+                        .actions
+                        .push(Action::Assign { task_id: t.id.clone(), node_id: n.id.clone() });
+                }
+            }
+            Some(_) if !may_stay(node, svc) => {
+                self.shutdown(t, "node is down, drained or no longer fits the constraints");
+                if global_node.is_none() {
+                    let n = self.pick(svc);
+                    self.create(svc, slot, n, t.attempt);
+                }
+            }
+            Some(_) if t.state.is_terminal() => {
+                // A global task restarts on its own node, which must take new tasks.
+                let node_takes = global_node.is_none_or(|n| may_take(n, svc));
+                if node_takes && self.restart_due(svc, t) {
+                    self.shutdown(t, "restarting");
+                    let n = match global_node {
+                        Some(n) => Some(n),
+                        None => self.pick(svc),
+                    };
+                    self.create(svc, slot, n, t.attempt + 1);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Rolling update, one task at a time: wait while a task of the new version is not yet
+    /// running, then replace the lowest outdated slot.
+    fn update(&mut self, svc: &Service, slots: &BTreeMap<SlotKey, Vec<&Task>>, touched: usize) {
+        let v = svc.spec.version;
+        let live = || slots.values().flatten().filter(|t| is_live(t));
+        let in_flight = live()
+            .any(|t| t.spec_version == v && !t.state.is_terminal() && t.state < TaskState::Running)
+            || slots.values().any(|ts| ts.iter().filter(|t| is_live(t)).count() > 1);
+        // Anything decided for this service in this pass (a create, a move) also waits its turn.
+        if in_flight || self.out.actions.len() > touched {
+            return;
+        }
+        let Some(old) = live().find(|t| t.spec_version < v && t.state == TaskState::Running) else {
+            return;
+        };
+        let global_node = match svc.spec.mode {
+            Mode::Global => old.node_id.as_deref().and_then(|id| self.nodes.get(id).copied()),
+            Mode::Replicated { .. } => None,
+        };
+        match svc.spec.update_order {
+            UpdateOrder::StopFirst => {
+                self.shutdown(old, "updating to a new version");
+                let n = global_node.or_else(|| self.pick(svc));
+                self.create(svc, old.slot, n, old.attempt);
+            }
+            UpdateOrder::StartFirst => {
+                let n = global_node.or_else(|| self.pick(svc));
+                self.create(svc, old.slot, n, old.attempt);
+            }
+        }
+    }
+
+    fn history(&mut self, tasks: &[&Task]) {
+        let mut dead: Vec<&Task> =
+            tasks.iter().copied().filter(|t| !is_live(t) && t.state.is_terminal()).collect();
+        dead.sort_by_key(|t| std::cmp::Reverse((t.created_ms, t.id.clone())));
+        for t in dead.into_iter().skip(HISTORY_PER_SLOT) {
+            self.out.actions.push(Action::Delete { task_id: t.id.clone() });
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SlotKey {
+    Slot(u64),
+    Node(String),
+}
+
+/// Decides what the cluster should do next. Pure: the same state and time give the same plan.
+/// Applying the plan and planning again converges; an empty plan means nothing to do until the
+/// state changes or [`Plan::wake_at`].
+pub fn plan(now_ms: u64, state: &ClusterState) -> Plan {
+    let mut p = Planner {
+        now: now_ms,
+        nodes: state.nodes.iter().map(|n| (n.id.as_str(), n)).collect(),
+        load: Load::default(),
+        out: Plan::default(),
+    };
+    for t in state.tasks.iter().filter(|t| is_live(t) && !t.state.is_terminal()) {
+        if let Some(n) = &t.node_id {
+            p.load.add(n, &t.service_id, 1);
+        }
+    }
+    let services: BTreeMap<&str, &Service> =
+        state.services.iter().map(|s| (s.id.as_str(), s)).collect();
+    let mut by_service: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    for t in &state.tasks {
+        by_service.entry(t.service_id.as_str()).or_default().push(t);
+    }
+
+    // Tasks of removed services: stop the live ones, forget the dead ones.
+    for (sid, tasks) in &by_service {
+        if services.contains_key(sid) {
+            continue;
+        }
+        for t in tasks {
+            if is_live(t) {
+                p.shutdown(t, "service removed");
+            } else if t.state.is_terminal() {
+                p.out.actions.push(Action::Delete { task_id: t.id.clone() });
+            }
+        }
+    }
+
+    for svc in services.values() {
+        let touched = p.out.actions.len();
+        let mut slots: BTreeMap<SlotKey, Vec<&Task>> = BTreeMap::new();
+        for t in by_service.get(svc.id.as_str()).into_iter().flatten() {
+            let key = match (svc.spec.mode, &t.node_id) {
+                (Mode::Global, Some(n)) => SlotKey::Node(n.clone()),
+                (Mode::Global, None) => SlotKey::Node(String::new()),
+                (Mode::Replicated { .. }, _) => SlotKey::Slot(t.slot),
+            };
+            slots.entry(key).or_default().push(t);
+        }
+        for tasks in slots.values_mut() {
+            tasks.sort_by_key(|t| (t.created_ms, t.id.clone()));
+        }
+        match svc.spec.mode {
+            Mode::Replicated { replicas } => {
+                for (key, tasks) in &slots {
+                    if let SlotKey::Slot(s) = key
+                        && *s > replicas
+                    {
+                        for t in tasks.iter().filter(|t| is_live(t)) {
+                            p.shutdown(t, "scaled down");
+                        }
+                        for t in tasks.iter().filter(|t| !is_live(t) && t.state.is_terminal()) {
+                            p.out.actions.push(Action::Delete { task_id: t.id.clone() });
+                        }
+                    }
+                }
+                for slot in 1..=replicas {
+                    let tasks = slots.get(&SlotKey::Slot(slot)).map(Vec::as_slice).unwrap_or(&[]);
+                    p.slot(svc, slot, None, tasks);
+                    p.history(tasks);
+                }
+            }
+            Mode::Global => {
+                let nodes: Vec<&Node> = p.nodes.values().copied().collect();
+                for n in nodes {
+                    let tasks =
+                        slots.get(&SlotKey::Node(n.id.clone())).map(Vec::as_slice).unwrap_or(&[]);
+                    if may_take(n, svc) || tasks.iter().any(|t| is_live(t)) {
+                        p.slot(svc, 0, Some(n), tasks);
+                    }
+                    p.history(tasks);
+                }
+                // Tasks on nodes that left the cluster.
+                for (key, tasks) in &slots {
+                    if let SlotKey::Node(id) = key
+                        && !p.nodes.contains_key(id.as_str())
+                    {
+                        for t in tasks.iter().filter(|t| is_live(t)) {
+                            p.shutdown(t, "node removed");
+                        }
+                    }
+                }
+            }
+        }
+        p.update(svc, &slots, touched);
+    }
+    p.out
+}
