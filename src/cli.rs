@@ -85,6 +85,14 @@ enum LabCmd {
     Down,
     /// Show the lab's nodes and whether their agents answer.
     Status,
+    /// Stop one node's agent (SIGTERM; `--kill` sends SIGKILL, like a crash).
+    Stop {
+        node: String,
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start one node's agent again, with its data.
+    Start { node: String },
     /// Run a command inside a node's network namespace.
     Exec {
         /// The node, e.g. node1.
@@ -309,6 +317,15 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
                     n.agent
                 );
             }
+        }
+        LabCmd::Stop { node, kill } => {
+            lab::stop_node(name, node, *kill).await?;
+            println!("{node}: agent stopped");
+        }
+        LabCmd::Start { node } => {
+            let exe = std::env::current_exe().context("finding the shoal binary")?;
+            let pid = lab::start_node(name, node, &exe).await?;
+            println!("{node}: agent started (pid {pid})");
         }
         LabCmd::Exec { node, command } => {
             let code = lab::exec(name, node, command)?;

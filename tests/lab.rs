@@ -109,6 +109,28 @@ fn down_cleans_a_lab_whose_agents_crashed() {
 }
 
 #[test]
+fn a_node_agent_stops_and_starts_again() {
+    if !require_root("a_node_agent_stops_and_starts_again") {
+        return;
+    }
+    let lab = Lab::up(2);
+    let before: NodeInfo = serde_json::from_str(&lab.on("node2", &["info", "--json"])).unwrap();
+    assert!(lab.shoal(&["lab", "stop", "node2", "--kill"]).status.success());
+    let out = shoal().args(["--lab", &lab.name, "--node", "node2", "info"]).output().unwrap();
+    assert!(!out.status.success(), "a killed agent must not answer");
+    // A crash leaves the socket file behind; the new agent replaces it.
+    assert!(lab.shoal(&["lab", "start", "node2"]).status.success());
+    let after: NodeInfo = serde_json::from_str(&lab.on("node2", &["info", "--json"])).unwrap();
+    assert_ne!(before.pid, after.pid);
+    assert_eq!(after.node_name, "node2");
+    let again = lab.shoal(&["lab", "start", "node2"]);
+    assert!(lossy(&again.stderr).contains("already running"), "{}", lossy(&again.stderr));
+    assert!(lab.shoal(&["lab", "stop", "node1"]).status.success());
+    let status = lossy(&lab.shoal(&["lab", "status"]).stdout);
+    assert!(status.contains("dead"), "{status}");
+}
+
+#[test]
 fn two_labs_coexist() {
     if !require_root("two_labs_coexist") {
         return;

@@ -440,6 +440,44 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// Stops one node's agent: SIGTERM (or SIGKILL with `kill`, to simulate a crash), then waits
+/// for it to exit. The node's namespace and links stay.
+pub async fn stop_node(lab: &str, node: &str, kill: bool) -> anyhow::Result<()> {
+    let state = LabState::load(lab)?;
+    let n = state.node(node)?;
+    let pid = n
+        .pid
+        .filter(|p| !is_zombie(*p as i32))
+        .with_context(|| format!("the agent of {node} is not running"))?;
+    use nix::sys::signal::{Signal, kill as send};
+    send(
+        nix::unistd::Pid::from_raw(pid as i32),
+        if kill { Signal::SIGKILL } else { Signal::SIGTERM },
+    )?;
+    stop_processes(&[pid as i32], Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Starts one node's agent again (after `stop_node` or a crash), with the same data dir.
+pub async fn start_node(lab: &str, node: &str, agent_exe: &Path) -> anyhow::Result<u32> {
+    let mut state = LabState::load(lab)?;
+    let idx = state
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .with_context(|| format!("lab {lab:?} has no node {node:?}"))?;
+    if let Some(p) = state.nodes[idx].pid
+        && !is_zombie(p as i32)
+    {
+        bail!("the agent of {node} is already running (pid {p})");
+    }
+    let pid = spawn_agent(&state.nodes[idx], agent_exe)?;
+    state.nodes[idx].pid = Some(pid);
+    state.save()?;
+    wait_for_agent(&state.nodes[idx], Duration::from_secs(30)).await?;
+    Ok(pid)
+}
+
 /// Runs a command inside a lab node's namespace with this terminal's stdio; returns its exit code.
 pub fn exec(lab: &str, node: &str, argv: &[String]) -> anyhow::Result<i32> {
     let state = LabState::load(lab)?;
