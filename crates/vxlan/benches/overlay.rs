@@ -1,0 +1,224 @@
+//! Side-by-side overlay throughput, one run, two nodes in namespaces (root only):
+//! underlay, raw kernel VXLAN set up by hand, shoal plain overlay, wireguard-go, shoal encrypted
+//! overlay. iperf3 TCP, `DUR` seconds each (default 5). Prints Gbit/s, the ratios the issue sets
+//! goals for, and user+system CPU seconds per Gbit of the userspace WireGuard implementations
+//! (kernel softirq time is not included for either).
+//!
+//! Run: `cargo bench -p shoal-vxlan --bench overlay`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use shoal_vxlan::keys::encode_key;
+use shoal_vxlan::{
+    EncryptionConfig, EndpointSpec, NetworkSpec, NodeKey, Overlay, PeerRecord, Tables,
+};
+
+fn iperf(client_ns: &str, server_ns: &str, ip: Ipv4Addr, dur: u64) -> f64 {
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", &ip.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = must(&format!("ip netns exec {client_ns} iperf3 -c {ip} -t {dur} -J"));
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 json");
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn self_cpu() -> f64 {
+    let u =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).expect("rusage");
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    t(u.user_time()) + t(u.system_time())
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("overlay bench needs root (network namespaces); skipped");
+        return;
+    }
+    let dur: u64 = std::env::var("DUR").ok().and_then(|d| d.parse().ok()).unwrap_or(5);
+    let lab = Lab::new("vb", 2);
+    let p = lab.p.clone();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let (n1, n2) = (format!("{p}n1"), format!("{p}n2"));
+
+    // Raw kernel VXLAN, static FDB, no learning (the baseline script's setup).
+    must(&format!(
+        "ip -n {n1} link add vx42 type vxlan id 42 dstport 4789 local {a} nolearning && \
+         ip -n {n2} link add vx42 type vxlan id 42 dstport 4789 local {b} nolearning && \
+         bridge -n {n1} fdb append 00:00:00:00:00:00 dev vx42 dst {b} && \
+         bridge -n {n2} fdb append 00:00:00:00:00:00 dev vx42 dst {a} && \
+         ip -n {n1} addr add 10.42.0.1/24 dev vx42 && ip -n {n1} link set vx42 mtu 1450 up && \
+         ip -n {n2} addr add 10.42.0.2/24 dev vx42 && ip -n {n2} link set vx42 mtu 1450 up",
+        a = a.addr,
+        b = b.addr
+    ));
+
+    // wireguard-go between the same two nodes.
+    let (k1, k2) = (NodeKey::generate().expect("key"), NodeKey::generate().expect("key"));
+    let mut wg_pids = Vec::new();
+    for (ns, dev) in [(&n1, "wgb1"), (&n2, "wgb2")] {
+        let c = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", dev])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wireguard-go");
+        wg_pids.push(c.id());
+        std::mem::forget(c); // killed with its namespace by the lab guard
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(sh(&format!("ip -n {n1} link show wgb1")).0
+        && sh(&format!("ip -n {n2} link show wgb2")).0)
+    {
+        assert!(Instant::now() < deadline, "wireguard-go did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (ns, dev, me, peer, peer_addr, my_ip) in [
+        (&n1, "wgb1", &k1, &k2, b.addr, "192.168.250.1"),
+        (&n2, "wgb2", &k2, &k1, a.addr, "192.168.250.2"),
+    ] {
+        must(&format!(
+            "ip netns exec {ns} sh -c 'wg set {dev} private-key /dev/stdin listen-port 51999 peer {} endpoint {peer_addr}:51999 allowed-ips 192.168.250.0/24 <<EOF\n{}\nEOF' && \
+             ip -n {ns} addr add {my_ip}/24 dev {dev} && ip -n {ns} link set {dev} mtu 1420 up",
+            encode_key(&peer.public()),
+            encode_key(&me.to_bytes())
+        ));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let keys = [NodeKey::generate().expect("key"), NodeKey::generate().expect("key")];
+    let plain = NetworkSpec {
+        id: format!("{p}plain"),
+        vni: 4100,
+        subnet: "10.210.0.0/24".parse().expect("subnet"),
+        gateway: Ipv4Addr::new(10, 210, 0, 1),
+        encrypted: false,
+    };
+    let secure = NetworkSpec {
+        id: format!("{p}sec"),
+        vni: 4101,
+        subnet: "10.211.0.0/24".parse().expect("subnet"),
+        gateway: Ipv4Addr::new(10, 211, 0, 1),
+        encrypted: true,
+    };
+    let overlays: Vec<Overlay> = rt.block_on(async {
+        let mut v = Vec::new();
+        for (n, k) in lab.nodes.iter().zip(&keys) {
+            let mut c = n.config(&p);
+            c.encryption = Some(EncryptionConfig::new(k.clone(), n.addr));
+            v.push(Overlay::new(n.node_ns(), c).await.expect("overlay"));
+        }
+        v
+    });
+    let tasks: Vec<_> = (1..=2).map(|i| lab.task(&format!("t{i}"))).collect();
+    rt.block_on(async {
+        for (i, (o, t)) in overlays.iter().zip(&tasks).enumerate() {
+            for (net, third) in [(&plain, 210u8), (&secure, 211u8)] {
+                o.attach(
+                    net,
+                    &EndpointSpec {
+                        id: "e",
+                        task: t,
+                        ip: Ipv4Addr::new(10, third, 0, 11 + i as u8),
+                        ifname: None,
+                    },
+                )
+                .await
+                .expect("attach");
+            }
+        }
+        let mut endpoints = Vec::new();
+        for i in 0..2u8 {
+            let node = format!("n{}", i + 1);
+            endpoints.push(remote(&plain.id, Ipv4Addr::new(10, 210, 0, 11 + i), &node));
+            endpoints.push(remote(&secure.id, Ipv4Addr::new(10, 211, 0, 11 + i), &node));
+        }
+        let peers: Vec<PeerRecord> = lab
+            .nodes
+            .iter()
+            .zip(&keys)
+            .map(|(n, k)| PeerRecord {
+                tunnel: Some(shoal_vxlan::default_tunnel_addr(n.addr)),
+                wg_public: Some(k.public()),
+                ..n.peer()
+            })
+            .collect();
+        for o in &overlays {
+            o.set_tables(Tables { endpoints: endpoints.clone(), peers: peers.clone() })
+                .await
+                .expect("tables");
+        }
+    });
+    let (t1, t2) = (format!("{p}t1"), format!("{p}t2"));
+    assert!(ping_until(&t1, Ipv4Addr::new(10, 211, 0, 12), 10), "encrypted overlay up");
+    assert!(ping_until(&n1, Ipv4Addr::new(192, 168, 250, 2), 10), "wireguard-go up");
+
+    println!("overlay throughput, iperf3 TCP {dur}s each, Gbit/s (2 vCPU box, both ends on it)");
+    for round in 1..=2 {
+        let underlay = iperf(&n1, &n2, b.addr, dur);
+        let vxlan = iperf(&n1, &n2, Ipv4Addr::new(10, 42, 0, 2), dur);
+        let shoal_plain = iperf(&t1, &t2, Ipv4Addr::new(10, 210, 0, 12), dur);
+        let wg_cpu0: f64 = wg_pids.iter().map(|p| proc_cpu(*p)).sum();
+        let wggo = iperf(&n1, &n2, Ipv4Addr::new(192, 168, 250, 2), dur);
+        let wg_cpu = wg_pids.iter().map(|p| proc_cpu(*p)).sum::<f64>() - wg_cpu0;
+        let our0 = self_cpu();
+        let shoal_enc = iperf(&t1, &t2, Ipv4Addr::new(10, 211, 0, 12), dur);
+        let our_cpu = self_cpu() - our0;
+        let gbits = |rate: f64| rate * dur as f64;
+        println!(
+            "round {round}: underlay={underlay:.2} kernel-vxlan={vxlan:.2} shoal-plain={shoal_plain:.2} wireguard-go={wggo:.2} shoal-encrypted={shoal_enc:.2}"
+        );
+        println!(
+            "round {round}: shoal-plain/kernel-vxlan={:.2} (goal >= 0.95)  shoal-encrypted/wireguard-go={:.2} (goal >= 4)  shoal-encrypted/shoal-plain={:.2}",
+            shoal_plain / vxlan.max(1e-9),
+            shoal_enc / wggo.max(1e-9),
+            shoal_enc / shoal_plain.max(1e-9)
+        );
+        println!(
+            "round {round}: userspace CPU s per Gbit: wireguard-go={:.2} shoal-encrypted={:.2}",
+            wg_cpu / gbits(wggo).max(1e-9),
+            our_cpu / gbits(shoal_enc).max(1e-9)
+        );
+    }
+    for (o, ns) in overlays.iter().zip([&n1, &n2]) {
+        println!("{ns}: peers {}", serde_json::to_string(&o.peer_stats()).unwrap_or_default());
+        println!("{ns}: device {:?}", o.device_stats());
+        println!("{}", sh(&format!("ip -n {ns} -s link show shoal-wg")).1);
+        println!(
+            "{}",
+            sh(&format!(
+                "ip netns exec {ns} nstat -az UdpRcvbufErrors UdpSndbufErrors UdpInErrors"
+            ))
+            .1
+        );
+    }
+    rt.block_on(async {
+        for o in overlays {
+            let _ = o.shutdown().await;
+        }
+    });
+}

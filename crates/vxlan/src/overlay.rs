@@ -1,0 +1,823 @@
+//! The overlay driver: per network a sandbox namespace with a bridge and a kernel VXLAN device,
+//! task endpoints as veths into it, FDB/neighbour entries from the reconciler, and (for
+//! encrypted networks) the WireGuard device and the nftables guard.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+
+use rtnetlink::packet_route::link::InfoKind;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
+use shoal_netns::NetNs;
+use tokio::sync::Mutex;
+
+use crate::kernel::{self, nl};
+use crate::model::{Mac, NetworkSpec, Tables, VNI_MIN, VXLAN_OVERHEAD, WG_OVERHEAD};
+use crate::reconcile::{Reconciler, plan};
+use crate::wg::{self, PeerStats};
+use crate::{EncryptionConfig, Error, NodeNs, OverlayConfig, guard};
+
+const BRIDGE: &str = "br0";
+const SANDBOX_TAG: &str = "ov-";
+const NET_ALIAS: &str = "shoal-net";
+const EP_ALIAS: &str = "shoal-ep";
+
+/// A task's attachment to a network.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec<'a> {
+    /// Endpoint id, unique within the network (the task id will do).
+    pub id: &'a str,
+    /// The task's network namespace.
+    pub task: &'a NetNs,
+    /// The task's address on the network (inside the network's subnet).
+    pub ip: Ipv4Addr,
+    /// Interface name inside the task; `None` picks the first free `ethN`.
+    pub ifname: Option<&'a str>,
+}
+
+/// What [`Overlay::attach`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// The interface name inside the task.
+    pub ifname: String,
+    /// Its MAC (`02:42:<ip>`).
+    pub mac: Mac,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Whether a default route via this network's gateway was added.
+    pub default_route: bool,
+}
+
+/// A summary of one local network, for `network inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetworkStatus {
+    /// The network.
+    pub spec: NetworkSpec,
+    /// The sandbox namespace's name.
+    pub sandbox: String,
+    /// Local endpoint ids.
+    pub endpoints: Vec<String>,
+    /// MTU of the VXLAN device and the endpoints.
+    pub mtu: u32,
+}
+
+#[derive(Debug)]
+struct Sandbox {
+    spec: NetworkSpec,
+    ns: NetNs,
+    nl: Handle,
+    vx: u32,
+    mtu: u32,
+    /// endpoint id → sandbox-side veth name
+    endpoints: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct State {
+    reconciler: Reconciler,
+    sandboxes: BTreeMap<String, Sandbox>,
+}
+
+/// The overlay driver of one node. Methods take `&self`; changes are serialised inside.
+/// Dropping it leaves the kernel state in place (a restarted agent adopts it; only the
+/// WireGuard TUN goes with the process, so encrypted traffic pauses until the next
+/// [`Overlay::new`] and TCP rides it out); call [`Overlay::shutdown`] to remove everything.
+#[derive(Debug)]
+pub struct Overlay {
+    cfg: OverlayConfig,
+    node: NodeNs,
+    node_nl: Handle,
+    underlay_mtu: u32,
+    wg: Option<wg::Device>,
+    state: Mutex<State>,
+}
+
+fn fnv32(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+fn vx_name(vni: u32) -> String {
+    format!("vx-{vni:06x}")
+}
+
+fn validate_id(what: &str, id: &str) -> Result<(), Error> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        return Err(Error::Invalid(format!("{what} {id:?}: use 1-64 of [A-Za-z0-9_.-]")));
+    }
+    Ok(())
+}
+
+fn validate_spec(spec: &NetworkSpec) -> Result<(), Error> {
+    validate_id("network id", &spec.id)?;
+    if !(VNI_MIN..=crate::wire::VNI_MAX).contains(&spec.vni) {
+        return Err(Error::Invalid(format!(
+            "network {}: VNI {} outside {VNI_MIN}..=16777215",
+            spec.id, spec.vni
+        )));
+    }
+    if !spec.subnet.contains(&spec.gateway)
+        || spec.gateway == spec.subnet.network()
+        || spec.gateway == spec.subnet.broadcast()
+    {
+        return Err(Error::Invalid(format!(
+            "network {}: gateway {} is not a host address of {}",
+            spec.id, spec.gateway, spec.subnet
+        )));
+    }
+    Ok(())
+}
+
+fn net_alias(spec: &NetworkSpec) -> String {
+    format!(
+        "{NET_ALIAS} {} {} {} {} {}",
+        spec.id,
+        spec.vni,
+        spec.subnet,
+        spec.gateway,
+        u8::from(spec.encrypted)
+    )
+}
+
+fn parse_net_alias(s: &str) -> Option<NetworkSpec> {
+    let mut w = s.split_whitespace();
+    if w.next()? != NET_ALIAS {
+        return None;
+    }
+    let spec = NetworkSpec {
+        id: w.next()?.to_owned(),
+        vni: w.next()?.parse().ok()?,
+        subnet: w.next()?.parse().ok()?,
+        gateway: w.next()?.parse().ok()?,
+        encrypted: w.next()? == "1",
+    };
+    validate_spec(&spec).ok()?;
+    Some(spec)
+}
+
+impl Overlay {
+    /// Starts the driver for a node: detects the underlay MTU, brings up WireGuard if
+    /// configured, adopts the sandboxes a previous agent left (keeping their traffic flowing)
+    /// and deletes those with no endpoint left. Must be called inside a tokio runtime.
+    pub async fn new(node: NodeNs, cfg: OverlayConfig) -> Result<Overlay, Error> {
+        cfg.validate()?;
+        let node_nl = node.netlink()?;
+        let underlay_mtu = match cfg.underlay_mtu {
+            Some(m) => m,
+            None => {
+                kernel::mtu_of_address(&node_nl, cfg.underlay_addr).await?.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "underlay address {} is on no link of the node's namespace",
+                        cfg.underlay_addr
+                    ))
+                })?
+            }
+        };
+        if underlay_mtu < 576 + VXLAN_OVERHEAD + WG_OVERHEAD {
+            return Err(Error::Invalid(format!(
+                "underlay MTU {underlay_mtu} is too small for an overlay"
+            )));
+        }
+        let wg = match &cfg.encryption {
+            Some(enc) => Some(start_wg(&node, &node_nl, enc, &cfg, underlay_mtu).await?),
+            None => None,
+        };
+        let overlay = Overlay {
+            state: Mutex::new(State {
+                reconciler: Reconciler::new(cfg.node_id.clone()),
+                sandboxes: BTreeMap::new(),
+            }),
+            cfg,
+            node,
+            node_nl,
+            underlay_mtu,
+            wg,
+        };
+        overlay.adopt().await?;
+        Ok(overlay)
+    }
+
+    /// The underlay MTU in use (detected or configured).
+    pub fn underlay_mtu(&self) -> u32 {
+        self.underlay_mtu
+    }
+
+    /// The MTU of endpoints on a plain (`encrypted = false`) or encrypted network.
+    pub fn endpoint_mtu(&self, encrypted: bool) -> u32 {
+        if encrypted {
+            self.underlay_mtu - VXLAN_OVERHEAD - WG_OVERHEAD
+        } else {
+            self.underlay_mtu - VXLAN_OVERHEAD
+        }
+    }
+
+    /// This node's WireGuard public key, when encryption is configured.
+    pub fn wg_public_key(&self) -> Option<[u8; 32]> {
+        self.cfg.encryption.as_ref().map(|e| e.key.public())
+    }
+
+    fn sandbox_name(&self, vni: u32) -> String {
+        format!("{}{SANDBOX_TAG}{vni:06x}", self.cfg.name_prefix)
+    }
+
+    async fn adopt(&self) -> Result<(), Error> {
+        let prefix = format!("{}{SANDBOX_TAG}", self.cfg.name_prefix);
+        let mut st = self.state.lock().await;
+        for name in NetNs::list() {
+            let Some(hex) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if hex.len() != 6 || u32::from_str_radix(hex, 16).is_err() {
+                continue;
+            }
+            let Ok(ns) = NetNs::open(&name) else {
+                let _ = NetNs::delete(&name);
+                continue;
+            };
+            let nl = ns.netlink()?;
+            let links = kernel::links(&nl).await?;
+            let spec = links
+                .iter()
+                .find(|l| l.name == BRIDGE)
+                .and_then(|l| l.alias.as_deref())
+                .and_then(parse_net_alias);
+            let vx = spec.as_ref().and_then(|s| links.iter().find(|l| l.name == vx_name(s.vni)));
+            let endpoints: BTreeMap<String, String> = links
+                .iter()
+                .filter(|l| matches!(l.kind, Some(InfoKind::Veth)))
+                .filter_map(|l| {
+                    let id = l.alias.as_deref()?.strip_prefix(EP_ALIAS)?.trim();
+                    Some((id.to_owned(), l.name.clone()))
+                })
+                .collect();
+            match (spec, vx) {
+                (Some(spec), Some(vx))
+                    if !endpoints.is_empty()
+                        && !st.sandboxes.contains_key(&spec.id)
+                        && name == self.sandbox_name(spec.vni) =>
+                {
+                    tracing::info!(sandbox = %name, network = %spec.id, endpoints = endpoints.len(), "adopted sandbox");
+                    st.reconciler.handle_network_up(&spec.id, spec.encrypted);
+                    let sb = Sandbox {
+                        mtu: vx.mtu.unwrap_or(self.endpoint_mtu(spec.encrypted)),
+                        vx: vx.index,
+                        spec,
+                        ns,
+                        nl,
+                        endpoints,
+                    };
+                    st.sandboxes.insert(sb.spec.id.clone(), sb);
+                }
+                _ => {
+                    tracing::info!(sandbox = %name, "removing stale sandbox");
+                    remove_sandbox_links(&nl).await;
+                    drop((nl, ns));
+                    NetNs::delete(&name)?;
+                }
+            }
+        }
+        self.after_networks_changed(&mut st).await
+    }
+
+    /// Attaches a task to a network: creates the network's sandbox if this is its first local
+    /// endpoint, then a veth from the sandbox bridge into the task with the task's address, MAC
+    /// and MTU, and a default route if the task had none. Attaching an endpoint that exists is a
+    /// no-op that returns what it has.
+    pub async fn attach(
+        &self,
+        spec: &NetworkSpec,
+        ep: &EndpointSpec<'_>,
+    ) -> Result<Attached, Error> {
+        validate_spec(spec)?;
+        validate_id("endpoint id", ep.id)?;
+        if !spec.subnet.contains(&ep.ip)
+            || ep.ip == spec.gateway
+            || ep.ip == spec.subnet.network()
+            || ep.ip == spec.subnet.broadcast()
+        {
+            return Err(Error::Invalid(format!(
+                "endpoint {}: {} is not a free host address of {}",
+                ep.id, ep.ip, spec.subnet
+            )));
+        }
+        if let Some(n) = ep.ifname
+            && (n.is_empty() || n.len() > 15 || n.contains('/') || n.contains(' '))
+        {
+            return Err(Error::Invalid(format!("interface name {n:?}")));
+        }
+        if spec.encrypted && self.wg.is_none() {
+            return Err(Error::Invalid(format!(
+                "network {} is encrypted but this node has no encryption configured",
+                spec.id
+            )));
+        }
+        let mut st = self.state.lock().await;
+        if let Some(sb) = st.sandboxes.get(&spec.id) {
+            if sb.spec != *spec {
+                return Err(Error::Invalid(format!(
+                    "network {} is already set up here with different parameters",
+                    spec.id
+                )));
+            }
+        } else if let Some(other) = st.sandboxes.values().find(|s| s.spec.vni == spec.vni) {
+            return Err(Error::Invalid(format!(
+                "VNI {} is already used by network {}",
+                spec.vni, other.spec.id
+            )));
+        }
+        let created = if st.sandboxes.contains_key(&spec.id) {
+            false
+        } else {
+            let sb = self.create_sandbox(spec).await?;
+            st.sandboxes.insert(spec.id.clone(), sb);
+            st.reconciler.handle_network_up(&spec.id, spec.encrypted);
+            true
+        };
+        let result = self.attach_in(&mut st, spec, ep).await;
+        if result.is_err() && created {
+            if let Some(sb) = st.sandboxes.remove(&spec.id) {
+                let _ = self.destroy_sandbox(sb).await;
+            }
+            st.reconciler.handle_network_down(&spec.id);
+        }
+        let attached = result?;
+        if created {
+            self.after_networks_changed(&mut st).await?;
+        }
+        Ok(attached)
+    }
+
+    async fn attach_in(
+        &self,
+        st: &mut State,
+        spec: &NetworkSpec,
+        ep: &EndpointSpec<'_>,
+    ) -> Result<Attached, Error> {
+        let sb = st
+            .sandboxes
+            .get_mut(&spec.id)
+            .ok_or_else(|| Error::Kernel("sandbox vanished".into()))?;
+        let mac = Mac::from_ipv4(ep.ip);
+        let h = fnv32(ep.id);
+        let ve = format!("ve{h:08x}");
+        let vt = format!("vt{h:08x}");
+        let task_nl = ep.task.netlink()?;
+        if let Some(existing) = sb.endpoints.get(ep.id) {
+            // Already attached (agent restart): report what the task has.
+            let links = kernel::links(&task_nl).await?;
+            if let Some(l) = links.iter().find(|l| l.mac == Some(mac)) {
+                return Ok(Attached {
+                    ifname: l.name.clone(),
+                    mac,
+                    mtu: l.mtu.unwrap_or(sb.mtu),
+                    default_route: false,
+                });
+            }
+            // The task side is gone: rebuild the endpoint.
+            if let Some(l) = kernel::link(&sb.nl, existing).await? {
+                kernel::del_link(&sb.nl, l.index).await?;
+            }
+            sb.endpoints.remove(ep.id);
+        }
+        let ifname = match ep.ifname {
+            Some(n) => n.to_owned(),
+            None => {
+                let names: BTreeSet<String> =
+                    kernel::links(&task_nl).await?.into_iter().map(|l| l.name).collect();
+                (0..)
+                    .map(|i| format!("eth{i}"))
+                    .find(|n| !names.contains(n))
+                    .unwrap_or_else(|| "eth0".into())
+            }
+        };
+        if kernel::link(&task_nl, &ifname).await?.is_some() {
+            return Err(Error::Invalid(format!("the task already has an interface {ifname}")));
+        }
+        for stale in [&ve, &vt] {
+            if let Some(l) = kernel::link(&sb.nl, stale).await? {
+                kernel::del_link(&sb.nl, l.index).await?;
+            }
+        }
+        sb.nl
+            .link()
+            .add(LinkVeth::new(&ve, &vt).mtu(sb.mtu).build())
+            .execute()
+            .await
+            .map_err(nl(format!("add veth {ve}")))?;
+        let made = async {
+            let br = kernel::need_link(&sb.nl, BRIDGE).await?;
+            let vel = kernel::need_link(&sb.nl, &ve).await?;
+            sb.nl
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(vel.index)
+                        .controller(br.index)
+                        .alias(format!("{EP_ALIAS} {}", ep.id))
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("attach {ve} to bridge")))?;
+            let vtl = kernel::need_link(&sb.nl, &vt).await?;
+            let task_fd = ep.task.as_fd();
+            sb.nl
+                .link()
+                .set(LinkUnspec::new_with_index(vtl.index).setns_by_fd(task_fd.as_raw_fd()).build())
+                .execute()
+                .await
+                .map_err(nl(format!("move {vt} into the task")))?;
+            let idx = kernel::need_link(&task_nl, &vt).await?.index;
+            task_nl
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .name(ifname.clone())
+                        .address(mac.0.to_vec())
+                        .mtu(sb.mtu)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("configure {ifname} in the task")))?;
+            kernel::ensure_addr(&task_nl, idx, ep.ip, spec.subnet.prefix_len()).await?;
+            kernel::set_up(&task_nl, idx).await?;
+            kernel::lo_up(&task_nl).await?;
+            let default_route = if kernel::has_default_route(&task_nl).await? {
+                false
+            } else {
+                kernel::add_default_route(&task_nl, spec.gateway, idx).await?;
+                true
+            };
+            Ok::<bool, Error>(default_route)
+        }
+        .await;
+        match made {
+            Ok(default_route) => {
+                sb.endpoints.insert(ep.id.to_owned(), ve);
+                Ok(Attached { ifname, mac, mtu: sb.mtu, default_route })
+            }
+            Err(e) => {
+                if let Some(l) = kernel::link(&sb.nl, &ve).await.ok().flatten() {
+                    let _ = kernel::del_link(&sb.nl, l.index).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches an endpoint (its veth pair goes, and with it the task's interface and routes);
+    /// the network's sandbox goes with its last endpoint. Unknown ids are an error.
+    pub async fn detach(&self, network: &str, endpoint: &str) -> Result<(), Error> {
+        let mut st = self.state.lock().await;
+        let sb = st
+            .sandboxes
+            .get_mut(network)
+            .ok_or_else(|| Error::NotFound(format!("network {network} has no local endpoint")))?;
+        let ve =
+            sb.endpoints.get(endpoint).cloned().ok_or_else(|| {
+                Error::NotFound(format!("endpoint {endpoint} on network {network}"))
+            })?;
+        if let Some(l) = kernel::link(&sb.nl, &ve).await? {
+            kernel::del_link(&sb.nl, l.index).await?;
+        }
+        sb.endpoints.remove(endpoint);
+        if sb.endpoints.is_empty() {
+            if let Some(sb) = st.sandboxes.remove(network) {
+                st.reconciler.handle_network_down(network);
+                self.destroy_sandbox(sb).await?;
+            }
+            self.after_networks_changed(&mut st).await?;
+        }
+        Ok(())
+    }
+
+    /// New gossip tables: reprograms FDB/neighbour entries where they changed (only the
+    /// difference is written) and the WireGuard peer set. Returns how many kernel entries were
+    /// written or removed.
+    pub async fn set_tables(&self, tables: Tables) -> Result<usize, Error> {
+        let mut st = self.state.lock().await;
+        st.reconciler.handle_tables(tables);
+        let n = self.reconcile(&mut st).await;
+        self.update_wg(&st);
+        n
+    }
+
+    /// Re-reads every sandbox's entries from the kernel and repairs any drift; returns how many
+    /// entries it had to write or remove.
+    pub async fn resync(&self) -> Result<usize, Error> {
+        let mut st = self.state.lock().await;
+        let ids: Vec<String> = st.sandboxes.keys().cloned().collect();
+        for id in ids {
+            st.reconciler.mark_dirty(&id);
+        }
+        self.reconcile(&mut st).await
+    }
+
+    async fn reconcile(&self, st: &mut State) -> Result<usize, Error> {
+        let mut first_err = None;
+        let mut written = 0;
+        let mut retry = Vec::new();
+        while let Some(id) = st.reconciler.poll_dirty() {
+            let Some(sb) = st.sandboxes.get(&id) else {
+                continue;
+            };
+            let desired = st.reconciler.desired(&id);
+            let res = async {
+                let observed = kernel::read_entries(&sb.nl, sb.vx).await?;
+                let mut n = 0;
+                for change in plan(&desired, &observed) {
+                    tracing::debug!(network = %id, ?change, "fdb/neigh change");
+                    kernel::apply(&sb.nl, sb.vx, change).await?;
+                    n += 1;
+                }
+                Ok::<usize, Error>(n)
+            }
+            .await;
+            match res {
+                Ok(n) => written += n,
+                Err(e) => {
+                    tracing::warn!(network = %id, error = %e, "reconcile failed");
+                    retry.push(id);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for id in retry {
+            st.reconciler.mark_dirty(&id);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    async fn after_networks_changed(&self, st: &mut State) -> Result<(), Error> {
+        let vnis: BTreeSet<u32> =
+            st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
+        if let Some(enc) = &self.cfg.encryption {
+            guard::apply(&self.node, self.cfg.data_port, &enc.tun_name, &vnis)?;
+        }
+        self.update_wg(st);
+        self.reconcile(st).await.map(|_| ())
+    }
+
+    fn update_wg(&self, st: &State) {
+        if let Some(wg) = &self.wg {
+            let vnis: BTreeSet<u32> =
+                st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
+            wg.set_peers(&st.reconciler.wg_peers(), &vnis);
+        }
+    }
+
+    async fn create_sandbox(&self, spec: &NetworkSpec) -> Result<Sandbox, Error> {
+        let name = self.sandbox_name(spec.vni);
+        if NetNs::exists(&name) {
+            let ns = NetNs::open(&name)?;
+            let nl = ns.netlink()?;
+            remove_sandbox_links(&nl).await;
+            drop((nl, ns));
+            NetNs::delete(&name)?;
+        }
+        let ns = NetNs::create(&name)?;
+        let nl = match ns.netlink() {
+            Ok(nl) => nl,
+            Err(e) => {
+                drop(ns);
+                let _ = NetNs::delete(&name);
+                return Err(e.into());
+            }
+        };
+        let mtu = self.endpoint_mtu(spec.encrypted);
+        match self.fill_sandbox(spec, &ns, &nl, mtu).await {
+            Ok(vx) => {
+                Ok(Sandbox { spec: spec.clone(), ns, nl, vx, mtu, endpoints: BTreeMap::new() })
+            }
+            Err(e) => {
+                remove_sandbox_links(&nl).await;
+                if let Ok(Some(l)) = kernel::link(&self.node_nl, &vx_name(spec.vni)).await {
+                    let _ = kernel::del_link(&self.node_nl, l.index).await;
+                }
+                drop((nl, ns));
+                let _ = NetNs::delete(&name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn fill_sandbox(
+        &self,
+        spec: &NetworkSpec,
+        ns: &NetNs,
+        nl: &Handle,
+        mtu: u32,
+    ) -> Result<u32, Error> {
+        kernel::lo_up(nl).await?;
+        nl.link()
+            .add(
+                LinkBridge::new(BRIDGE)
+                    .mtu(mtu)
+                    .address(Mac::from_ipv4(spec.gateway).0.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err("add bridge"))?;
+        let br = kernel::need_link(nl, BRIDGE).await?;
+        nl.link()
+            .set(LinkUnspec::new_with_index(br.index).alias(net_alias(spec)).build())
+            .execute()
+            .await
+            .map_err(nl_err("set bridge alias"))?;
+        kernel::ensure_addr(nl, br.index, spec.gateway, spec.subnet.prefix_len()).await?;
+        kernel::set_up(nl, br.index).await?;
+
+        // Docker's pattern: create the VXLAN device in the node's namespace, so its UDP socket
+        // lives there, then move it into the sandbox.
+        let name = vx_name(spec.vni);
+        if let Some(l) = kernel::link(&self.node_nl, &name).await? {
+            kernel::del_link(&self.node_nl, l.index).await?;
+        }
+        let local = match (&self.cfg.encryption, spec.encrypted) {
+            (Some(enc), true) => enc.tunnel_addr,
+            _ => self.cfg.underlay_addr,
+        };
+        self.node_nl
+            .link()
+            .add(
+                LinkVxlan::new(&name, spec.vni)
+                    .port(self.cfg.data_port)
+                    .local(local)
+                    .learning(false)
+                    .proxy(true)
+                    .mtu(mtu)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err(format!("add vxlan {name} vni {}", spec.vni)))?;
+        let vx = kernel::need_link(&self.node_nl, &name).await?;
+        let moved = self
+            .node_nl
+            .link()
+            .set(LinkUnspec::new_with_index(vx.index).setns_by_fd(ns.as_fd().as_raw_fd()).build())
+            .execute()
+            .await;
+        if let Err(e) = moved {
+            let _ = kernel::del_link(&self.node_nl, vx.index).await;
+            return Err(nl_err(format!("move {name} into the sandbox"))(e));
+        }
+        let vx = kernel::need_link(nl, &name).await?;
+        nl.link()
+            .set(LinkUnspec::new_with_index(vx.index).controller(br.index).up().build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("enslave {name}")))?;
+        Ok(vx.index)
+    }
+
+    async fn destroy_sandbox(&self, sb: Sandbox) -> Result<(), Error> {
+        let name = sb.ns.name().to_owned();
+        remove_sandbox_links(&sb.nl).await;
+        drop(sb);
+        NetNs::delete(&name)?;
+        Ok(())
+    }
+
+    /// The local networks, their sandboxes and endpoints.
+    pub async fn networks(&self) -> Vec<NetworkStatus> {
+        let st = self.state.lock().await;
+        st.sandboxes
+            .values()
+            .map(|s| NetworkStatus {
+                spec: s.spec.clone(),
+                sandbox: s.ns.name().to_owned(),
+                endpoints: s.endpoints.keys().cloned().collect(),
+                mtu: s.mtu,
+            })
+            .collect()
+    }
+
+    /// Per-peer WireGuard state and counters (empty without encryption).
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.wg.as_ref().map(|w| w.stats()).unwrap_or_default()
+    }
+
+    /// Node-wide encrypted data-path counters, including the guard's drops of forged cleartext.
+    pub fn device_stats(&self) -> Option<wg::DeviceStats> {
+        self.wg.as_ref().map(|w| {
+            let mut s = w.device_stats();
+            s.guard_dropped_cleartext = guard::drops(&self.node);
+            s
+        })
+    }
+
+    /// Removes everything this driver made: sandboxes (with their endpoints), the guard table
+    /// and the WireGuard device.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let mut st = self.state.lock().await;
+        let mut first_err = None;
+        let ids: Vec<String> = st.sandboxes.keys().cloned().collect();
+        for id in ids {
+            if let Some(sb) = st.sandboxes.remove(&id) {
+                st.reconciler.handle_network_down(&id);
+                if let Err(e) = self.destroy_sandbox(sb).await {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(enc) = &self.cfg.encryption
+            && let Err(e) =
+                guard::apply(&self.node, self.cfg.data_port, &enc.tun_name, &BTreeSet::new())
+        {
+            first_err.get_or_insert(e);
+        }
+        drop(st);
+        drop(self.wg);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn nl_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    nl(op)
+}
+
+/// Deletes the VXLAN devices, veths and bridge of a sandbox, so that nothing keeps receiving
+/// for its VNI even if something still holds the namespace open.
+async fn remove_sandbox_links(nl: &Handle) {
+    let Ok(links) = kernel::links(nl).await else {
+        return;
+    };
+    for l in links {
+        if matches!(l.kind, Some(InfoKind::Vxlan) | Some(InfoKind::Veth) | Some(InfoKind::Bridge)) {
+            let _ = kernel::del_link(nl, l.index).await;
+        }
+    }
+}
+
+async fn start_wg(
+    node: &NodeNs,
+    node_nl: &Handle,
+    enc: &EncryptionConfig,
+    cfg: &OverlayConfig,
+    underlay_mtu: u32,
+) -> Result<wg::Device, Error> {
+    let tun_mtu = underlay_mtu - WG_OVERHEAD;
+    if let Some(l) = kernel::link(node_nl, &enc.tun_name).await? {
+        // A TUN left by a previous process cannot be re-opened by name unless persistent.
+        kernel::del_link(node_nl, l.index).await?;
+    }
+    let dev = wg::Device::start(node, enc, cfg.data_port, tun_mtu)?;
+    let tun = kernel::need_link(node_nl, &enc.tun_name).await?;
+    node_nl
+        .link()
+        // A longer queue than the default 500 rides out bursts between two reads of the tx thread.
+        .set(LinkUnspec::new_with_index(tun.index).mtu(tun_mtu).txqueuelen(4096).build())
+        .execute()
+        .await
+        .map_err(nl("set TUN mtu"))?;
+    kernel::ensure_addr(node_nl, tun.index, enc.tunnel_addr, enc.tunnel_prefix).await?;
+    kernel::set_up(node_nl, tun.index).await?;
+    Ok(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> NetworkSpec {
+        NetworkSpec {
+            id: "net-1".into(),
+            vni: 4097,
+            subnet: "10.0.1.0/24".parse().expect("subnet"),
+            gateway: Ipv4Addr::new(10, 0, 1, 1),
+            encrypted: true,
+        }
+    }
+
+    #[test]
+    fn alias_round_trips() {
+        assert_eq!(parse_net_alias(&net_alias(&spec())), Some(spec()));
+        assert_eq!(parse_net_alias("something else"), None);
+        assert_eq!(parse_net_alias("shoal-net x 12 10.0.0.0/24 10.0.0.1 0"), None);
+    }
+
+    #[test]
+    fn spec_validation_names_the_problem() {
+        let mut s = spec();
+        s.vni = 100;
+        assert!(validate_spec(&s).unwrap_err().to_string().contains("VNI 100"));
+        let mut s = spec();
+        s.gateway = Ipv4Addr::new(10, 0, 2, 1);
+        assert!(validate_spec(&s).unwrap_err().to_string().contains("gateway"));
+        let mut s = spec();
+        s.id = "a b".into();
+        assert!(validate_spec(&s).is_err());
+        assert!(validate_spec(&spec()).is_ok());
+    }
+}

@@ -1,0 +1,571 @@
+//! The encrypted data path: one TUN device per node, one boringtun `noise::Tunn` per peer, one
+//! UDP socket, two threads.
+//!
+//! - **tx thread**: reads packets the kernel routed into the TUN (the outer IPv4/UDP/VXLAN
+//!   packets of encrypted networks, addressed to a peer's tunnel address), encrypts each with
+//!   that peer's `Tunn` into a fixed batch buffer, and sends the batch with one `sendmmsg`,
+//!   runs of equal-sized datagrams to one peer as a single UDP GSO message.
+//! - **rx thread**: receives a batch with one `recvmmsg` (UDP GRO: each buffer may hold many
+//!   datagrams), finds the peer by source address,
+//!   decrypts, checks the inner source is that peer's tunnel address and that VXLAN inside is
+//!   for an encrypted VNI, and writes the packet to the TUN. It also runs boringtun's timers
+//!   (handshake retries, rekeying, keepalives) every 100 ms.
+//!
+//! The peer set is an immutable snapshot swapped in whole (arc-swap), so the hot path takes no
+//! lock the control path holds, except each peer's own `Tunn` mutex (boringtun needs `&mut`).
+//! No allocation happens per packet: all buffers are made when the threads start. These are
+//! plain threads doing blocking system calls rather than tokio tasks: the data path is a tight
+//! loop over batched syscalls, and a runtime would only add wake-ups.
+
+mod sys;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::PublicKey;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use serde::Serialize;
+
+use crate::reconcile::WgPeer;
+use crate::wire;
+use crate::{EncryptionConfig, Error, NodeNs, keys::NodeKey};
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Decryption or authentication failed (bad tag, bad MAC, wrong key or index).
+    Decrypt,
+    /// A replayed or too-old counter.
+    Replay,
+    /// A handshake message was rejected (bad timestamp, unexpected, under load).
+    Handshake,
+    /// The decrypted packet's source is not the peer's tunnel address.
+    AllowedIps,
+    /// Decrypted VXLAN for a VNI that is not an encrypted network here.
+    VniNotEncrypted,
+    /// Not a valid IPv4 packet.
+    Malformed,
+    /// Writing to the TUN failed.
+    TunWrite,
+    /// The kernel refused to send the datagram.
+    UdpSend,
+    /// The session expired and a new handshake has not completed.
+    Expired,
+}
+
+const REASONS: [DropReason; 9] = [
+    DropReason::Decrypt,
+    DropReason::Replay,
+    DropReason::Handshake,
+    DropReason::AllowedIps,
+    DropReason::VniNotEncrypted,
+    DropReason::Malformed,
+    DropReason::TunWrite,
+    DropReason::UdpSend,
+    DropReason::Expired,
+];
+
+fn reason_of(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+        WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::UnexpectedPacket
+        | WireGuardError::UnderLoad => DropReason::Handshake,
+        WireGuardError::ConnectionExpired | WireGuardError::NoCurrentSession => DropReason::Expired,
+        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+            DropReason::Malformed
+        }
+        _ => DropReason::Decrypt,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    handshakes_sent: AtomicU64,
+    drops: [AtomicU64; REASONS.len()],
+}
+
+impl Counters {
+    fn drop(&self, r: DropReason) {
+        if let Some(i) = REASONS.iter().position(|x| *x == r) {
+            self.drops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Peer {
+    key: WgPeer,
+    endpoint: SocketAddrV4,
+    tunn: Mutex<Tunn>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("node", &self.key.node)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    by_tunnel: HashMap<Ipv4Addr, Arc<Peer>>,
+    by_endpoint: HashMap<Ipv4Addr, Arc<Peer>>,
+    peers: Vec<Arc<Peer>>,
+    vnis: BTreeSet<u32>,
+}
+
+/// One peer's encryption state and counters (for metrics and `network inspect`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerStats {
+    /// Peer node id.
+    pub node: String,
+    /// Its WireGuard endpoint.
+    pub endpoint: SocketAddrV4,
+    /// Its tunnel address.
+    pub tunnel: Ipv4Addr,
+    /// Its public key, base64.
+    pub public_key: String,
+    /// Seconds since the last completed handshake (`None`: never).
+    pub handshake_age_secs: Option<f64>,
+    /// Whether a session is established (a handshake less than 180 s old).
+    pub established: bool,
+    /// Packets encrypted and sent.
+    pub tx_packets: u64,
+    /// Plaintext bytes encrypted and sent.
+    pub tx_bytes: u64,
+    /// Packets received and delivered.
+    pub rx_packets: u64,
+    /// Plaintext bytes received and delivered.
+    pub rx_bytes: u64,
+    /// Handshake initiations and responses sent.
+    pub handshakes_sent: u64,
+    /// Dropped packets by reason (only non-zero reasons).
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+/// Node-wide counters of the encrypted data path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeviceStats {
+    /// Datagrams from an address that is no peer.
+    pub rx_unknown_peer: u64,
+    /// Packets routed into the TUN for an address that is no peer.
+    pub tx_unknown_peer: u64,
+    /// Packets from the TUN that are not IPv4.
+    pub tx_malformed: u64,
+    /// Cleartext VXLAN for encrypted VNIs dropped by the nftables guard.
+    pub guard_dropped_cleartext: u64,
+    /// Whether sends use UDP GSO.
+    pub udp_gso: bool,
+    /// Whether receives use UDP GRO.
+    pub udp_gro: bool,
+}
+
+#[derive(Debug, Default)]
+struct DeviceCounters {
+    rx_unknown_peer: AtomicU64,
+    tx_unknown_peer: AtomicU64,
+    tx_malformed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    key: NodeKey,
+    data_port: u16,
+    wg_port: u16,
+    snapshot: ArcSwap<Snapshot>,
+    stop: AtomicBool,
+    next_index: AtomicU32,
+    counters: DeviceCounters,
+    control: Mutex<()>,
+    /// UDP GSO on sends (probed at start, turned off if the kernel refuses a GSO message).
+    gso: AtomicBool,
+    /// UDP GRO on receives.
+    gro: bool,
+}
+
+/// The node's WireGuard device: TUN, UDP socket, data-path threads. Dropping it stops the
+/// threads and closes the TUN (which removes it from the kernel).
+#[derive(Debug)]
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+impl Device {
+    /// Creates the TUN and the UDP socket in the node's namespace and starts the threads. The
+    /// caller configures the TUN's address, MTU and state over netlink.
+    pub(crate) fn start(
+        node: &NodeNs,
+        enc: &EncryptionConfig,
+        data_port: u16,
+        tun_mtu: u32,
+    ) -> Result<Device, Error> {
+        let name = enc.tun_name.clone();
+        let port = enc.port;
+        let (tun, udp) = node.run(move || -> Result<(OwnedFd, UdpSocket), Error> {
+            let tun = sys::open_tun(&name)
+                .map_err(|e| Error::Io { op: "create TUN device", source: e })?;
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )
+            .map_err(|e| Error::Io { op: "WireGuard UDP socket", source: e })?;
+            // Large buffers absorb bursts the single rx thread has not drained yet. The FORCE
+            // variants (we run as root) go past net.core.rmem_max, whose 208 KiB default
+            // overflowed at a few hundred Mbit/s in the benchmark.
+            use nix::sys::socket::{setsockopt, sockopt};
+            if setsockopt(&sock, sockopt::RcvBufForce, &(8 << 20)).is_err() {
+                let _ = sock.set_recv_buffer_size(8 << 20);
+            }
+            if setsockopt(&sock, sockopt::SndBufForce, &(8 << 20)).is_err() {
+                let _ = sock.set_send_buffer_size(8 << 20);
+            }
+            sock.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+                .map_err(|e| Error::Io { op: "bind the WireGuard port", source: e })?;
+            Ok((tun, sock.into()))
+        })??;
+        let gso = sys::probe_gso(&udp);
+        let gro = sys::enable_gro(&udp);
+        tracing::info!(gso, gro, "WireGuard UDP offloads");
+        let shared = Arc::new(Shared {
+            key: enc.key.clone(),
+            data_port,
+            wg_port: enc.port,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            stop: AtomicBool::new(false),
+            next_index: AtomicU32::new(1),
+            counters: DeviceCounters::default(),
+            control: Mutex::new(()),
+            gso: AtomicBool::new(gso),
+            gro,
+        });
+        let buf_size = (tun_mtu as usize + 64).max(2048);
+        let tun = Arc::new(tun);
+        let udp = Arc::new(udp);
+        let mut threads = Vec::new();
+        for (which, role) in [("shoal-wg-tx", true), ("shoal-wg-rx", false)] {
+            let (s, t, u) = (shared.clone(), tun.clone(), udp.clone());
+            let h = std::thread::Builder::new()
+                .name(which.into())
+                .spawn(move || {
+                    if role { tx_loop(&s, &t, &u, buf_size) } else { rx_loop(&s, &t, &u, buf_size) }
+                })
+                .map_err(|e| Error::Io { op: "spawn data-path thread", source: e })?;
+            threads.push(h);
+        }
+        Ok(Device { shared, threads })
+    }
+
+    /// Replaces the peer set and the encrypted VNIs. Peers whose key, endpoint and tunnel
+    /// address are unchanged keep their session.
+    pub(crate) fn set_peers(&self, peers: &[WgPeer], vnis: &BTreeSet<u32>) {
+        let _g = self.shared.control.lock();
+        let old = self.shared.snapshot.load();
+        let mut snap = Snapshot { vnis: vnis.clone(), ..Snapshot::default() };
+        for p in peers {
+            let endpoint = SocketAddrV4::new(p.vtep, self.shared.wg_port);
+            let peer = match old.peers.iter().find(|o| o.key == *p && o.endpoint == endpoint) {
+                Some(o) => o.clone(),
+                None => {
+                    let idx = self.shared.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+                    Arc::new(Peer {
+                        key: p.clone(),
+                        endpoint,
+                        tunn: Mutex::new(Tunn::new(
+                            self.shared.key.secret(),
+                            PublicKey::from(p.public),
+                            None,
+                            None,
+                            idx,
+                            None,
+                        )),
+                        counters: Counters::default(),
+                    })
+                }
+            };
+            if snap.by_tunnel.contains_key(&p.tunnel) || snap.by_endpoint.contains_key(&p.vtep) {
+                tracing::warn!(node = %p.node, "two peers share a tunnel or underlay address; keeping the first");
+                continue;
+            }
+            snap.by_tunnel.insert(p.tunnel, peer.clone());
+            snap.by_endpoint.insert(p.vtep, peer.clone());
+            snap.peers.push(peer);
+        }
+        self.shared.snapshot.store(Arc::new(snap));
+    }
+
+    /// Per-peer state and counters.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        let snap = self.shared.snapshot.load();
+        snap.peers
+            .iter()
+            .map(|p| {
+                let age = p.tunn.lock().ok().and_then(|t| t.time_since_last_handshake());
+                let c = &p.counters;
+                PeerStats {
+                    node: p.key.node.clone(),
+                    endpoint: p.endpoint,
+                    tunnel: p.key.tunnel,
+                    public_key: crate::keys::encode_key(&p.key.public),
+                    handshake_age_secs: age.map(|d| d.as_secs_f64()),
+                    established: age.is_some_and(|d| d < Duration::from_secs(180)),
+                    tx_packets: c.tx_packets.load(Ordering::Relaxed),
+                    tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+                    rx_packets: c.rx_packets.load(Ordering::Relaxed),
+                    rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
+                    handshakes_sent: c.handshakes_sent.load(Ordering::Relaxed),
+                    drops: REASONS
+                        .iter()
+                        .zip(&c.drops)
+                        .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Node-wide counters (the guard's count is filled in by the driver).
+    pub fn device_stats(&self) -> DeviceStats {
+        let c = &self.shared.counters;
+        DeviceStats {
+            rx_unknown_peer: c.rx_unknown_peer.load(Ordering::Relaxed),
+            tx_unknown_peer: c.tx_unknown_peer.load(Ordering::Relaxed),
+            tx_malformed: c.tx_malformed.load(Ordering::Relaxed),
+            guard_dropped_cleartext: 0,
+            udp_gso: self.shared.gso.load(Ordering::Relaxed),
+            udp_gro: self.shared.gro,
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+}
+
+fn tx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
+    let mut inbuf = vec![0u8; buf_size];
+    let mut out = sys::SendBatch::new(buf_size + 32);
+    while !shared.stop.load(Ordering::Relaxed) {
+        if !wait_readable(tun, TIMER_TICK) {
+            continue;
+        }
+        let snap = shared.snapshot.load();
+        // Drain the TUN into one batch, then send it with one syscall.
+        loop {
+            let n = match nix::unistd::read(tun, &mut inbuf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            let pkt = &inbuf[..n];
+            let Some(dst) = wire::ipv4_destination(pkt) else {
+                shared.counters.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(peer) = snap.by_tunnel.get(&dst) else {
+                shared.counters.tx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let slot = out.count;
+            let Ok(mut tunn) = peer.tunn.lock() else {
+                continue;
+            };
+            match tunn.encapsulate(pkt, &mut out.bufs[slot]) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    // Message type 4 is transport data; anything else is a handshake message.
+                    if b.first() != Some(&4) {
+                        peer.counters.handshakes_sent.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                        peer.counters.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    out.lens[slot] = len;
+                    out.to[slot] = peer.endpoint;
+                    out.count += 1;
+                }
+                TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
+                _ => {}
+            }
+            drop(tunn);
+            if out.is_full() {
+                flush(shared, &mut out, udp);
+            }
+        }
+        flush(shared, &mut out, udp);
+    }
+}
+
+fn flush(shared: &Shared, out: &mut sys::SendBatch, udp: &UdpSocket) {
+    if out.count > 0 {
+        let (refused, gso_failed) = out.flush(udp, shared.gso.load(Ordering::Relaxed));
+        if gso_failed {
+            tracing::warn!("UDP GSO send failed; falling back to one datagram per packet");
+            shared.gso.store(false, Ordering::Relaxed);
+        }
+        // A refused datagram is rare (no route to the peer); counting it per peer would need
+        // the peer per slot, so it is logged instead.
+        if refused > 0 {
+            tracing::debug!(refused, "WireGuard datagrams refused by the kernel");
+        }
+    }
+}
+
+fn rx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
+    let mut batch = sys::RecvBatch::new(if shared.gro { sys::GRO_BUF } else { buf_size + 32 });
+    let mut out = vec![0u8; buf_size + 32];
+    let mut last_tick = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        if last_tick.elapsed() >= TIMER_TICK {
+            last_tick = Instant::now();
+            run_timers(shared, udp, &mut out);
+        }
+        // Receive until the socket is empty; only then sleep in poll (one syscall less per
+        // batch while traffic flows).
+        let n = match batch.recv(udp) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                wait_readable(udp, TIMER_TICK);
+                continue;
+            }
+        };
+        let snap = shared.snapshot.load();
+        for i in 0..n {
+            let Some(from) = batch.from[i] else {
+                continue;
+            };
+            let Some(peer) = snap.by_endpoint.get(from.ip()) else {
+                shared.counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            // A GRO buffer holds several datagrams of `seg` bytes (the last may be shorter).
+            let buf = &batch.bufs[i][..batch.lens[i]];
+            let seg = if batch.seg[i] > 0 { batch.seg[i] } else { buf.len().max(1) };
+            for datagram in buf.chunks(seg) {
+                receive_one(shared, &snap, peer, tun, udp, from, datagram, &mut out);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive_one(
+    shared: &Shared,
+    snap: &Snapshot,
+    peer: &Peer,
+    tun: &OwnedFd,
+    udp: &UdpSocket,
+    from: SocketAddrV4,
+    datagram: &[u8],
+    out: &mut [u8],
+) {
+    // boringtun panics when the output is smaller than the ciphertext; an oversized datagram
+    // (nothing we send is larger than the TUN MTU + 32) is hostile and dropped here.
+    if datagram.len() > out.len() {
+        peer.counters.drop(DropReason::Malformed);
+        return;
+    }
+    let Ok(mut tunn) = peer.tunn.lock() else {
+        return;
+    };
+    match tunn.decapsulate(Some((*from.ip()).into()), datagram, out) {
+        TunnResult::WriteToNetwork(b) => {
+            peer.counters.handshakes_sent.fetch_add(1, Ordering::Relaxed);
+            let _ = udp.send_to(b, peer.endpoint);
+            // Flush what boringtun queued while the handshake was in flight.
+            while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], out) {
+                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                let _ = udp.send_to(b, peer.endpoint);
+            }
+        }
+        TunnResult::WriteToTunnelV4(pkt, src) => {
+            // The packet lives in `out`, not in the session: release the session before the
+            // TUN write, which runs the whole receive path, so the tx thread never waits on it.
+            drop(tunn);
+            deliver(shared, snap, peer, tun, pkt, src);
+        }
+        TunnResult::WriteToTunnelV6(..) => peer.counters.drop(DropReason::AllowedIps),
+        TunnResult::Done => {}
+        TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
+    }
+}
+
+fn deliver(
+    shared: &Shared,
+    snap: &Snapshot,
+    peer: &Peer,
+    tun: &OwnedFd,
+    pkt: &[u8],
+    src: Ipv4Addr,
+) {
+    if src != peer.key.tunnel {
+        peer.counters.drop(DropReason::AllowedIps);
+        return;
+    }
+    // VXLAN inside the tunnel must be for an encrypted network: the guard trusts the TUN, so
+    // a peer must not use it to reach plain networks' VNIs either.
+    if let Ok(v) = wire::parse_vxlan_over_ipv4(pkt)
+        && v.dst_port == shared.data_port
+        && !snap.vnis.contains(&v.vni)
+    {
+        peer.counters.drop(DropReason::VniNotEncrypted);
+        return;
+    }
+    match nix::unistd::write(tun, pkt) {
+        Ok(_) => {
+            peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+            peer.counters.rx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+        }
+        Err(_) => peer.counters.drop(DropReason::TunWrite),
+    }
+}
+
+fn run_timers(shared: &Shared, udp: &UdpSocket, out: &mut [u8]) {
+    let snap = shared.snapshot.load();
+    for peer in &snap.peers {
+        let Ok(mut tunn) = peer.tunn.lock() else {
+            continue;
+        };
+        match tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(b) => {
+                peer.counters.handshakes_sent.fetch_add(1, Ordering::Relaxed);
+                let _ = udp.send_to(b, peer.endpoint);
+            }
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+            TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
+            _ => {}
+        }
+    }
+}

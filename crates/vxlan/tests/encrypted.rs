@@ -1,0 +1,401 @@
+//! Root-only: encrypted overlay networks (VXLAN inside boringtun WireGuard), the cleartext
+//! guard, and interop with wireguard-go.
+
+mod common;
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+use shoal_netns::NetNs;
+use shoal_netns::testing::require_root;
+use shoal_vxlan::keys::{decode_key, encode_key};
+use shoal_vxlan::wire::{VxlanPacket, VxlanRepr};
+use shoal_vxlan::{
+    EncryptionConfig, EndpointSpec, Mac, NetworkSpec, NodeKey, Overlay, OverlayConfig, PeerRecord,
+    Tables,
+};
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn net(p: &str, name: &str, vni: u32, third: u8, encrypted: bool) -> NetworkSpec {
+    NetworkSpec {
+        id: format!("{p}{name}"),
+        vni,
+        subnet: format!("10.{third}.0.0/24").parse().expect("subnet"),
+        gateway: Ipv4Addr::new(10, third, 0, 1),
+        encrypted,
+    }
+}
+
+fn enc_config(node: &Node, p: &str, key: &NodeKey) -> OverlayConfig {
+    let mut c = node.config(p);
+    c.encryption = Some(EncryptionConfig::new(key.clone(), node.addr));
+    c
+}
+
+fn enc_peer(node: &Node, key: &NodeKey) -> PeerRecord {
+    PeerRecord {
+        tunnel: Some(shoal_vxlan::default_tunnel_addr(node.addr)),
+        wg_public: Some(key.public()),
+        ..node.peer()
+    }
+}
+
+/// An Ethernet + IPv4 + UDP frame to `dst_ip:port`, as an attacker on the underlay would forge
+/// it inside VXLAN.
+fn forged_vxlan(vni: u32, dst_mac: Mac, src_ip: Ipv4Addr, dst_ip: Ipv4Addr, port: u16) -> Vec<u8> {
+    let payload = b"forged-cleartext";
+    let mut f = vec![0u8; 8 + 14 + 20 + 8 + payload.len()];
+    let mut vx = VxlanPacket::new_unchecked(&mut f[..8]);
+    VxlanRepr { vni }.emit(&mut vx).expect("vni");
+    let eth = &mut f[8..];
+    eth[..6].copy_from_slice(&dst_mac.0);
+    eth[6..12].copy_from_slice(&Mac::from_ipv4(src_ip).0);
+    eth[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ipv4 = &mut eth[14..];
+    let total = (20 + 8 + payload.len()) as u16;
+    ipv4[0] = 0x45;
+    ipv4[2..4].copy_from_slice(&total.to_be_bytes());
+    ipv4[8] = 64;
+    ipv4[9] = 17;
+    ipv4[12..16].copy_from_slice(&src_ip.octets());
+    ipv4[16..20].copy_from_slice(&dst_ip.octets());
+    let mut sum: u32 = 0;
+    for i in (0..20).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([ipv4[i], ipv4[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ipv4[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let udp = &mut ipv4[20..];
+    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&port.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp[8..].copy_from_slice(payload);
+    f
+}
+
+/// Whether a datagram reaches `ip:port` in `task` while `send` runs.
+fn forged_arrives(task: &NetNs, ip: Ipv4Addr, port: u16, send: impl Fn()) -> bool {
+    let sock = task.run(|| UdpSocket::bind((ip, port))).expect("ns").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(300))).ok();
+    let mut buf = [0u8; 64];
+    for _ in 0..5 {
+        send();
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            return &buf[..n] == b"forged-cleartext";
+        }
+    }
+    false
+}
+
+#[test]
+fn encrypted_network_hides_payload_and_drops_forged_cleartext() {
+    if !require_root("encrypted_network_hides_payload_and_drops_forged_cleartext") {
+        return;
+    }
+    let mut lab = Lab::new("ve", 3);
+    let p = lab.p.clone();
+    let enc = net(&p, "sec", 16384 + u32::from(lab.subnet), 201, true);
+    let plain = net(&p, "pln", 20480 + u32::from(lab.subnet), 202, false);
+    let keys: Vec<NodeKey> = (0..2).map(|_| NodeKey::generate().expect("key")).collect();
+    let rt = rt();
+    rt.block_on(async {
+        let mut overlays = Vec::new();
+        for (n, k) in lab.nodes[..2].iter().zip(&keys) {
+            overlays.push(Overlay::new(n.node_ns(), enc_config(n, &p, k)).await.expect("overlay"));
+        }
+        let t1 = lab.task("t1");
+        let t2 = lab.task("t2");
+        for (i, (o, t)) in overlays.iter().zip([&t1, &t2]).enumerate() {
+            let a = o
+                .attach(
+                    &enc,
+                    &EndpointSpec {
+                        id: "e",
+                        task: t,
+                        ip: Ipv4Addr::new(10, 201, 0, 11 + i as u8),
+                        ifname: None,
+                    },
+                )
+                .await
+                .expect("attach encrypted");
+            assert_eq!(a.mtu, 1500 - 110);
+            o.attach(
+                &plain,
+                &EndpointSpec {
+                    id: "p",
+                    task: t,
+                    ip: Ipv4Addr::new(10, 202, 0, 11 + i as u8),
+                    ifname: None,
+                },
+            )
+            .await
+            .expect("attach plain");
+        }
+        let mut endpoints = Vec::new();
+        for i in 0..2u8 {
+            let node = format!("n{}", i + 1);
+            endpoints.push(remote(&enc.id, Ipv4Addr::new(10, 201, 0, 11 + i), &node));
+            endpoints.push(remote(&plain.id, Ipv4Addr::new(10, 202, 0, 11 + i), &node));
+        }
+        let tables = Tables {
+            endpoints,
+            peers: lab.nodes[..2].iter().zip(&keys).map(|(n, k)| enc_peer(n, k)).collect(),
+        };
+        for o in &overlays {
+            o.set_tables(tables.clone()).await.expect("tables");
+        }
+        let guard = must(&format!("ip netns exec {p}n2 nft list table inet shoal_guard"));
+        // nft prints the set's elements in hex.
+        assert!(
+            guard.contains(&format!("{:#x}", enc.vni))
+                && !guard.contains(&format!("{:#x}", plain.vni)),
+            "{guard}"
+        );
+
+        let cap = lab.file("enc.pcap");
+        lab.capture(&format!("{p}n2"), "udp", &cap);
+        let t2ip = Ipv4Addr::new(10, 201, 0, 12);
+        assert!(ping_until(&format!("{p}t1"), t2ip, 10), "encrypted ping (handshake first)");
+        assert!(ping(&format!("{p}t1"), t2ip, 3));
+        let marker = b"SHOAL-MARKER-7f3a9c ";
+        let got = tcp_transfer(&t2, &t1, t2ip, 5004, marker, 1 << 20);
+        assert_eq!(got.len(), 1 << 20);
+        assert!(got.starts_with(marker));
+        lab.stop_captures();
+        let raw = std::fs::read(&cap).expect("capture file");
+        assert!(raw.len() > 1 << 20, "the capture saw the transfer ({} bytes)", raw.len());
+        assert!(!raw.windows(marker.len()).any(|w| w == marker), "marker visible on the underlay");
+        // The plain network on the same nodes does show cleartext VXLAN (IPv6 autoconf
+        // multicast, flooded); the encrypted VNI must never appear in clear.
+        let vnis = must(&format!("tshark -r {cap} -Y vxlan -T fields -e vxlan.vni"));
+        assert!(
+            !vnis.lines().any(|l| l.trim() == enc.vni.to_string()),
+            "cleartext VXLAN of the encrypted network on the wire"
+        );
+        let wg = must(&format!("tshark -r {cap} -d udp.port==51820,wg -Y wg -T fields -e wg.type"));
+        // (The handshake itself may precede the capture: IPv6 autoconf traffic of the tasks
+        // starts it as soon as the tables are in.)
+        assert!(
+            wg.lines().all(|l| ["1", "2", "3", "4"].contains(&l.trim())),
+            "only WireGuard messages: {wg}"
+        );
+        assert!(wg.lines().filter(|l| l.trim() == "4").count() > 100, "transport data");
+
+        let stats = overlays[0].peer_stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].node, "n2");
+        assert!(stats[0].established && stats[0].handshake_age_secs.is_some());
+        assert!(stats[0].tx_bytes > 1 << 20 && stats[0].rx_packets > 10, "{stats:?}");
+
+        // Forged cleartext VXLAN from a third host on the underlay: reaches a plain network's
+        // task (the forger works), never the encrypted network's task.
+        let attacker = lab.nodes[2].ns.clone();
+        let n2 = lab.nodes[1].addr;
+        let send = |vni: u32, third: u8| {
+            let f = forged_vxlan(
+                vni,
+                Mac::from_ipv4(Ipv4Addr::new(10, third, 0, 12)),
+                Ipv4Addr::new(10, third, 0, 11),
+                Ipv4Addr::new(10, third, 0, 12),
+                7777,
+            );
+            attacker
+                .run(|| {
+                    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+                    s.send_to(&f, (n2, 4789)).expect("send");
+                })
+                .expect("ns");
+        };
+        assert!(
+            forged_arrives(&t2, Ipv4Addr::new(10, 202, 0, 12), 7777, || send(plain.vni, 202)),
+            "control: plain VNI accepts"
+        );
+        assert!(
+            !forged_arrives(&t2, t2ip, 7777, || send(enc.vni, 201)),
+            "forged frame reached the encrypted task"
+        );
+        let dev = overlays[1].device_stats().expect("encryption on");
+        assert!(dev.guard_dropped_cleartext >= 5, "{dev:?}");
+
+        for o in overlays {
+            o.shutdown().await.expect("shutdown");
+        }
+        let left = sh(&format!("ip netns exec {p}n2 nft list table inet shoal_guard")).0;
+        assert!(!left, "guard table removed");
+        assert!(!sh(&format!("ip -n {p}n2 link show shoal-wg")).0, "TUN removed");
+    });
+}
+
+#[test]
+fn wireguard_go_peer_completes_handshake() {
+    if !require_root("wireguard_go_peer_completes_handshake") {
+        return;
+    }
+    let mut lab = Lab::new("vw", 2);
+    let p = lab.p.clone();
+    let keyfile = lab.file("wg.key");
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let key = NodeKey::generate().expect("key");
+    let theirs_text = must("wg genkey").trim().to_owned();
+    let theirs = NodeKey::from_base64(&theirs_text).expect("wg genkey output parses");
+    let their_pub_text = must(&format!("echo {theirs_text} | wg pubkey")).trim().to_owned();
+    assert_eq!(decode_key(&their_pub_text), Ok(theirs.public()), "same X25519 as wg");
+    let our_tunnel = shoal_vxlan::default_tunnel_addr(a.addr);
+    let their_tunnel = shoal_vxlan::default_tunnel_addr(b.addr);
+    std::fs::write(&keyfile, format!("{theirs_text}\n")).expect("key file");
+    let bns = format!("{p}n2");
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &bns, "wireguard-go", "-f", "wgx"])
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wireguard-go");
+    let _wg = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sh(&format!("ip -n {bns} link show wgx")).0 {
+        assert!(Instant::now() < deadline, "wireguard-go did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    must(&format!(
+        "ip netns exec {bns} wg set wgx private-key {keyfile} listen-port 51820 peer {} endpoint {}:51820 allowed-ips 100.64.0.0/10 && \
+         ip -n {bns} addr add {their_tunnel}/10 dev wgx && ip -n {bns} link set wgx mtu 1420 up",
+        encode_key(&key.public()),
+        a.addr
+    ));
+    let vni = 24576 + u32::from(lab.subnet);
+    let enc = net(&p, "wg", vni, 203, true);
+    let rt = rt();
+    rt.block_on(async {
+        let o = Overlay::new(a.node_ns(), enc_config(a, &p, &key)).await.expect("overlay");
+        assert_eq!(o.wg_public_key(), Some(key.public()));
+        let t1 = lab.task("t1");
+        o.attach(
+            &enc,
+            &EndpointSpec { id: "e", task: &t1, ip: Ipv4Addr::new(10, 203, 0, 11), ifname: None },
+        )
+        .await
+        .expect("attach");
+        o.set_tables(Tables {
+            endpoints: vec![remote(&enc.id, Ipv4Addr::new(10, 203, 0, 12), "wgo")],
+            peers: vec![PeerRecord {
+                node: "wgo".into(),
+                vtep: b.addr,
+                tunnel: Some(their_tunnel),
+                wg_public: Some(theirs.public()),
+            }],
+        })
+        .await
+        .expect("tables");
+        assert!(ping_until(&bns, our_tunnel, 10), "wireguard-go pings shoal's tunnel address");
+        assert!(ping(&bns, our_tunnel, 3));
+        let hs = must(&format!("ip netns exec {bns} wg show wgx latest-handshakes"));
+        let ts: u64 = hs.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
+        assert!(ts > 0, "wireguard-go records a handshake: {hs}");
+        let stats = o.peer_stats();
+        assert_eq!(stats.len(), 1);
+        assert!(stats[0].established, "{stats:?}");
+        assert!(stats[0].rx_packets >= 3 && stats[0].tx_packets >= 3, "{stats:?}");
+        o.shutdown().await.expect("shutdown");
+    });
+}
+
+#[test]
+fn encrypted_restart_keeps_tcp_alive() {
+    if !require_root("encrypted_restart_keeps_tcp_alive") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let lab = Lab::new("vx", 2);
+    let p = lab.p.clone();
+    let enc = net(&p, "sec", 28672 + u32::from(lab.subnet), 204, true);
+    let keys: Vec<NodeKey> = (0..2).map(|_| NodeKey::generate().expect("key")).collect();
+    let rt = rt();
+    rt.block_on(async {
+        let mut o1 = Overlay::new(lab.nodes[0].node_ns(), enc_config(&lab.nodes[0], &p, &keys[0]))
+            .await
+            .expect("overlay 1");
+        let o2 = Overlay::new(lab.nodes[1].node_ns(), enc_config(&lab.nodes[1], &p, &keys[1]))
+            .await
+            .expect("overlay 2");
+        let t1 = lab.task("t1");
+        let t2 = lab.task("t2");
+        let ip = |i: u8| Ipv4Addr::new(10, 204, 0, i);
+        for (o, t, i) in [(&o1, &t1, 11), (&o2, &t2, 12)] {
+            o.attach(&enc, &EndpointSpec { id: "e", task: t, ip: ip(i), ifname: None })
+                .await
+                .expect("attach");
+        }
+        let tables = Tables {
+            endpoints: vec![remote(&enc.id, ip(11), "n1"), remote(&enc.id, ip(12), "n2")],
+            peers: lab.nodes.iter().zip(&keys).map(|(n, k)| enc_peer(n, k)).collect(),
+        };
+        o1.set_tables(tables.clone()).await.expect("tables");
+        o2.set_tables(tables.clone()).await.expect("tables");
+        assert!(ping_until(&format!("{p}t1"), ip(12), 10), "encrypted overlay up");
+
+        let listener =
+            t2.run(|| std::net::TcpListener::bind((ip(12), 5005))).expect("ns").expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+            let mut n = 0usize;
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(n),
+                    Ok(k) => n += k,
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let mut c = t1
+            .run(|| {
+                std::net::TcpStream::connect_timeout(
+                    &(ip(12), 5005).into(),
+                    Duration::from_secs(10),
+                )
+            })
+            .expect("ns")
+            .expect("connect");
+        c.write_all(&[1u8; 65536]).expect("before restart");
+
+        // Restart node 1's driver: same key, the sandbox is adopted, the TUN and the WireGuard
+        // session are rebuilt; TCP rides out the gap by retransmitting.
+        drop(o1);
+        o1 = Overlay::new(lab.nodes[0].node_ns(), enc_config(&lab.nodes[0], &p, &keys[0]))
+            .await
+            .expect("overlay 1 again");
+        assert_eq!(o1.networks().await.len(), 1, "encrypted sandbox adopted");
+        assert_eq!(o1.set_tables(tables.clone()).await.expect("tables"), 0, "entries kept");
+        for _ in 0..10 {
+            c.write_all(&[2u8; 65536]).expect("stream survives the restart");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(c);
+        let n = server.join().expect("server").expect("no reset");
+        assert_eq!(n, 11 * 65536);
+        assert!(o1.peer_stats()[0].established, "new session after restart");
+        o1.shutdown().await.expect("shutdown");
+        o2.shutdown().await.expect("shutdown");
+    });
+}
