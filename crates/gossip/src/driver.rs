@@ -1,0 +1,529 @@
+//! The thin tokio driver: one UDP socket and one TCP listener on the gossip port, a task that
+//! owns the [`Core`], feeds it datagrams, sync frames, commands and timer ticks, and publishes
+//! an arc-swapped [`Snapshot`] and a broadcast stream of [`Event`]s.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), shoal_gossip::GossipError> {
+//! use shoal_gossip::{EntryKey, Gossip, GossipConfig, NodeId};
+//! let mut cfg = GossipConfig::new(NodeId::from_name("node1"), "198.18.0.2:7946".parse().unwrap(), [7; 32]);
+//! cfg.seeds = vec!["198.18.0.3:7946".parse().unwrap()];
+//! let gossip = Gossip::start(cfg).await?;
+//! let mut events = gossip.subscribe();
+//! gossip.join_network("blue").await?;
+//! gossip.write(EntryKey::new("endpoint_table", "blue", "web.1"), b"10.0.1.5".to_vec()).await?;
+//! let members = gossip.snapshot().members.clone();
+//! # let _ = (events.recv().await, members); Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{ConfigError, GossipConfig};
+use crate::core::{Core, CoreError, CoreOptions, Event, MemberView, TableError, Transmit};
+use crate::keyring::KeyringError;
+use crate::metrics::{DropReason, Metrics};
+use crate::types::{EntryKey, Identity, NodeId, NodeMeta};
+
+/// How long a TCP sync may take end to end (memberlist `TCPTimeout`).
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most inbound TCP syncs served at once (each may hold up to `max_sync_frame` bytes).
+const MAX_INBOUND_SYNCS: usize = 8;
+/// How often an isolated node retries its seeds.
+const REJOIN_EVERY: Duration = Duration::from_secs(5);
+/// Longest time between two snapshot refreshes (for the metrics in it).
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
+/// Shortest time between two snapshot rebuilds caused by events (a burst of events costs one
+/// rebuild, not one per event; the event stream itself is never delayed).
+const SNAPSHOT_MIN_GAP: Duration = Duration::from_millis(50);
+
+/// What the driver publishes after every change: members, visible entries, metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Our identity (changes generation on restart, bump on a renewed rejoin).
+    pub identity: Option<Identity>,
+    /// All known members, ourselves first.
+    pub members: Vec<MemberView>,
+    /// Visible entries (live, owner alive) with their owner, in key order.
+    pub entries: Vec<(EntryKey, NodeId, Bytes)>,
+    /// Networks we participate in.
+    pub networks: Vec<String>,
+    /// Keyring ids, primary first.
+    pub key_ids: Vec<u32>,
+    /// Counters and members by state.
+    pub metrics: Metrics,
+}
+
+impl Snapshot {
+    /// Visible entries of one table in one network: (key, owner, value).
+    pub fn table(&self, table: &str, network: &str) -> Vec<(String, NodeId, Bytes)> {
+        self.entries
+            .iter()
+            .filter(|(k, _, _)| k.table == table && k.network == network)
+            .map(|(k, o, v)| (k.key.clone(), *o, v.clone()))
+            .collect()
+    }
+}
+
+/// Why a driver operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    /// The configuration is invalid; nothing started.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The core refused its options.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// Binding the UDP socket or TCP listener failed; nothing started.
+    #[error("cannot bind gossip port {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A table operation was refused; nothing changed.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// A keyring operation was refused; nothing changed.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    /// The driver task has stopped.
+    #[error("gossip driver stopped")]
+    Stopped,
+}
+
+enum Command {
+    Write(EntryKey, Bytes, oneshot::Sender<Result<(), TableError>>),
+    Delete(EntryKey, oneshot::Sender<Result<(), TableError>>),
+    JoinNetwork(String, oneshot::Sender<Result<(), TableError>>),
+    LeaveNetwork(String, oneshot::Sender<()>),
+    UpdateMeta(NodeMeta, oneshot::Sender<()>),
+    Join(Vec<SocketAddr>, oneshot::Sender<()>),
+    AddKey([u8; 32], oneshot::Sender<Result<u32, KeyringError>>),
+    MakePrimary(u32, oneshot::Sender<Result<(), KeyringError>>),
+    RemoveKey(u32, oneshot::Sender<Result<(), KeyringError>>),
+    Leave(oneshot::Sender<()>),
+}
+
+enum Inbound {
+    /// A sync request from a peer; the reply goes back on the connection.
+    Request(SocketAddr, Vec<u8>, oneshot::Sender<Option<Vec<u8>>>),
+    /// The reply to our own push.
+    Reply(SocketAddr, Vec<u8>),
+    /// A frame refused before the core saw it.
+    Dropped(DropReason),
+}
+
+/// A running gossip node. Dropping it stops the driver (abruptly; call [`Gossip::leave`]
+/// first for a graceful exit).
+#[derive(Debug)]
+pub struct Gossip {
+    cmd: mpsc::UnboundedSender<Command>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    events: broadcast::Sender<Event>,
+    task: JoinHandle<()>,
+    local: SocketAddr,
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gossip {
+    /// Binds UDP and TCP on `config.bind`, starts the driver task and joins `config.seeds`.
+    pub async fn start(config: GossipConfig) -> Result<Gossip, GossipError> {
+        config.validate()?;
+        let udp = UdpSocket::bind(config.bind)
+            .await
+            .map_err(|source| GossipError::Bind { addr: config.bind, source })?;
+        let local =
+            udp.local_addr().map_err(|source| GossipError::Bind { addr: config.bind, source })?;
+        let tcp = TcpListener::bind(local)
+            .await
+            .map_err(|source| GossipError::Bind { addr: local, source })?;
+        let mut advertise = config.advertise;
+        if advertise.port() == 0 {
+            advertise.set_port(local.port());
+        }
+        let generation =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+        let opts = CoreOptions {
+            addr: advertise,
+            node: config.node,
+            generation,
+            meta: config.meta.clone(),
+            keys: config.keys.clone(),
+            seed: rand::rng().random(),
+            config: config.core.clone(),
+        };
+        let start = Instant::now();
+        let mut core = Core::new(opts, start.into_std())?;
+        for n in &config.networks {
+            core.join_network(start.into_std(), n)?;
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let driver = Driver {
+            core,
+            udp: Arc::new(udp),
+            tcp,
+            cmd: cmd_rx,
+            events: events.clone(),
+            snapshot: snapshot.clone(),
+            seeds: config.seeds.clone(),
+            max_frame: config.core.max_sync_frame,
+            max_datagram: config.core.max_datagram,
+            dirty: true,
+            published: start,
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(Gossip { cmd: cmd_tx, snapshot, events, task, local })
+    }
+
+    /// The bound UDP/TCP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The latest snapshot (cheap; never blocks the driver).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Current metrics (from the latest snapshot, at most 500 ms old).
+    pub fn metrics(&self) -> Metrics {
+        self.snapshot.load().metrics.clone()
+    }
+
+    /// Registers the gossip metrics (members by state, messages and bytes in/out, drops by
+    /// reason, probe RTT, entries) with a Prometheus registry; values are read at scrape time.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(crate::prom::GossipCollector(self.snapshot.clone())));
+    }
+
+    /// A stream of membership and entry changes from now on (lagging receivers lose the
+    /// oldest events and should resynchronise from [`Gossip::snapshot`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, GossipError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(make(tx)).map_err(|_| GossipError::Stopped)?;
+        rx.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Writes an entry owned by this node and gossips it.
+    pub async fn write(&self, key: EntryKey, value: impl Into<Bytes>) -> Result<(), GossipError> {
+        let value = value.into();
+        Ok(self.ask(|tx| Command::Write(key, value, tx)).await??)
+    }
+
+    /// Deletes an entry owned by this node.
+    pub async fn delete(&self, key: EntryKey) -> Result<(), GossipError> {
+        Ok(self.ask(|tx| Command::Delete(key, tx)).await??)
+    }
+
+    /// Starts holding `network`'s tables (and pulls them from a peer).
+    pub async fn join_network(&self, network: &str) -> Result<(), GossipError> {
+        let n = network.to_owned();
+        Ok(self.ask(|tx| Command::JoinNetwork(n, tx)).await??)
+    }
+
+    /// Deletes our entries in `network` and drops its tables.
+    pub async fn leave_network(&self, network: &str) -> Result<(), GossipError> {
+        let n = network.to_owned();
+        self.ask(|tx| Command::LeaveNetwork(n, tx)).await
+    }
+
+    /// Replaces our metadata (role, availability, addresses, WireGuard key) and gossips it.
+    pub async fn update_meta(&self, meta: NodeMeta) -> Result<(), GossipError> {
+        self.ask(|tx| Command::UpdateMeta(meta, tx)).await
+    }
+
+    /// Contacts more seeds (e.g. after `swarm join`).
+    pub async fn join(&self, seeds: Vec<SocketAddr>) -> Result<(), GossipError> {
+        self.ask(|tx| Command::Join(seeds, tx)).await
+    }
+
+    /// Adds a key accepted for opening; returns its id.
+    pub async fn add_key(&self, key: [u8; 32]) -> Result<u32, GossipError> {
+        Ok(self.ask(|tx| Command::AddKey(key, tx)).await??)
+    }
+
+    /// Makes a key the sealing key.
+    pub async fn make_primary(&self, id: u32) -> Result<(), GossipError> {
+        Ok(self.ask(|tx| Command::MakePrimary(id, tx)).await??)
+    }
+
+    /// Removes a non-primary key.
+    pub async fn remove_key(&self, id: u32) -> Result<(), GossipError> {
+        Ok(self.ask(|tx| Command::RemoveKey(id, tx)).await??)
+    }
+
+    /// Leaves the cluster gracefully and stops the driver.
+    pub async fn leave(self) -> Result<(), GossipError> {
+        self.ask(Command::Leave).await
+    }
+}
+
+struct Driver {
+    core: Core,
+    udp: Arc<UdpSocket>,
+    tcp: TcpListener,
+    cmd: mpsc::UnboundedReceiver<Command>,
+    events: broadcast::Sender<Event>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    seeds: Vec<SocketAddr>,
+    max_frame: usize,
+    max_datagram: usize,
+    dirty: bool,
+    published: Instant,
+}
+
+async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, Option<DropReason>> {
+    let len = s.read_u32().await.map_err(|_| None)? as usize;
+    if len > max {
+        return Err(Some(DropReason::TooBig));
+    }
+    // Grow with what actually arrives: a peer announcing a large frame costs nothing until it
+    // sends the bytes (the frame is not authenticated yet).
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    (&mut *s)
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|_| Some(DropReason::Truncated))?;
+    if buf.len() != len {
+        return Err(Some(DropReason::Truncated));
+    }
+    Ok(buf)
+}
+
+async fn write_frame(s: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(frame.len()).map_err(|_| std::io::Error::other("frame too large"))?;
+    let mut out = Vec::with_capacity(frame.len() + 4);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+    s.write_all(&out).await?;
+    s.flush().await
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(256);
+        let mut buf = vec![0u8; self.max_datagram.max(65_536)];
+        let now = Instant::now().into_std();
+        let seeds = self.seeds.clone();
+        self.core.join(now, &seeds);
+        let mut rejoin = tokio::time::interval(REJOIN_EVERY);
+        let mut refresh = tokio::time::interval(SNAPSHOT_EVERY);
+        let mut catch_up = tokio::time::interval(SNAPSHOT_MIN_GAP);
+        let inbound_slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_SYNCS));
+        loop {
+            let deadline = self
+                .core
+                .poll_timeout()
+                .map_or_else(|| Instant::now() + Duration::from_secs(3600), Instant::from_std);
+            tokio::select! {
+                r = self.udp.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.core.handle_udp(Instant::now().into_std(), from, &buf[..n]),
+                    Err(e) => tracing::debug!(error = %e, "gossip udp recv"),
+                },
+                r = self.tcp.accept() => match r {
+                    Ok((stream, from)) => match inbound_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let tx = in_tx.clone();
+                            let max = self.max_frame;
+                            tokio::spawn(async move {
+                                serve_sync(stream, from, max, tx).await;
+                                drop(permit);
+                            });
+                        }
+                        // Too many syncs in flight: refuse this one; the peer retries later.
+                        Err(_) => self.core.count_dropped(DropReason::Rejected),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "gossip tcp accept"),
+                },
+                Some(inb) = in_rx.recv() => {
+                    let now = Instant::now().into_std();
+                    match inb {
+                        Inbound::Request(from, frame, reply) => {
+                            let _ = reply.send(self.core.handle_sync(now, from, &frame));
+                        }
+                        Inbound::Reply(from, frame) => {
+                            let _ = self.core.handle_sync(now, from, &frame);
+                        }
+                        Inbound::Dropped(reason) => self.core.count_dropped(reason),
+                    }
+                }
+                cmd = self.cmd.recv() => match cmd {
+                    Some(Command::Leave(done)) => {
+                        self.core.leave(Instant::now().into_std());
+                        self.flush(&in_tx).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => self.core.handle_timeout(Instant::now().into_std()),
+                _ = rejoin.tick() => {
+                    if self.core.active_members().is_empty() && !self.seeds.is_empty() {
+                        let seeds = self.seeds.clone();
+                        self.core.join(Instant::now().into_std(), &seeds);
+                    }
+                }
+                _ = refresh.tick() => self.publish(),
+                _ = catch_up.tick(), if self.dirty => self.publish(),
+            }
+            self.flush(&in_tx).await;
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        let now = Instant::now().into_std();
+        match c {
+            Command::Write(k, v, tx) => {
+                let _ = tx.send(self.core.write(now, k, v));
+            }
+            Command::Delete(k, tx) => {
+                let _ = tx.send(self.core.delete(now, &k));
+            }
+            Command::JoinNetwork(n, tx) => {
+                let _ = tx.send(self.core.join_network(now, &n));
+            }
+            Command::LeaveNetwork(n, tx) => {
+                self.core.leave_network(now, &n);
+                let _ = tx.send(());
+            }
+            Command::UpdateMeta(m, tx) => {
+                self.core.update_meta(now, m);
+                let _ = tx.send(());
+            }
+            Command::Join(seeds, tx) => {
+                self.core.join(now, &seeds);
+                self.seeds.extend(seeds);
+                let _ = tx.send(());
+            }
+            Command::AddKey(k, tx) => {
+                let _ = tx.send(self.core.keyring_mut().add(&k));
+            }
+            Command::MakePrimary(id, tx) => {
+                let _ = tx.send(self.core.keyring_mut().make_primary(id));
+            }
+            Command::RemoveKey(id, tx) => {
+                let _ = tx.send(self.core.keyring_mut().remove(id));
+            }
+            Command::Leave(_) => {}
+        }
+        self.publish();
+    }
+
+    async fn flush(&mut self, in_tx: &mpsc::Sender<Inbound>) {
+        while let Some(t) = self.core.poll_transmit() {
+            match t {
+                Transmit::Udp { to, data } => {
+                    if let Err(e) = self.udp.send_to(&data, to).await {
+                        tracing::debug!(%to, error = %e, "gossip udp send");
+                    }
+                }
+                Transmit::Sync { to, data } => {
+                    let tx = in_tx.clone();
+                    let max = self.max_frame;
+                    tokio::spawn(push_sync(to, data, max, tx));
+                }
+            }
+        }
+        let mut changed = false;
+        while let Some(e) = self.core.poll_event() {
+            changed = true;
+            let _ = self.events.send(e);
+        }
+        if changed {
+            self.dirty = true;
+        }
+        if self.dirty && self.published.elapsed() >= SNAPSHOT_MIN_GAP {
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        self.dirty = false;
+        self.published = Instant::now();
+        let snap = Snapshot {
+            identity: Some(self.core.identity().clone()),
+            members: self.core.members(),
+            entries: self.core.entries(),
+            networks: self.core.networks(),
+            key_ids: self.core.keyring().key_ids(),
+            metrics: self.core.metrics(),
+        };
+        self.snapshot.store(Arc::new(snap));
+    }
+}
+
+async fn serve_sync(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    max: usize,
+    tx: mpsc::Sender<Inbound>,
+) {
+    let work = async {
+        match read_frame(&mut stream, max).await {
+            Ok(frame) => {
+                let (rtx, rrx) = oneshot::channel();
+                if tx.send(Inbound::Request(from, frame, rtx)).await.is_err() {
+                    return;
+                }
+                if let Ok(Some(reply)) = rrx.await
+                    && let Err(e) = write_frame(&mut stream, &reply).await
+                {
+                    tracing::debug!(%from, error = %e, "sync reply");
+                }
+            }
+            Err(Some(reason)) => {
+                let _ = tx.send(Inbound::Dropped(reason)).await;
+            }
+            Err(None) => {}
+        }
+    };
+    if tokio::time::timeout(TCP_TIMEOUT, work).await.is_err() {
+        tracing::debug!(%from, "sync connection timed out");
+    }
+}
+
+async fn push_sync(to: SocketAddr, frame: Vec<u8>, max: usize, tx: mpsc::Sender<Inbound>) {
+    let work = async {
+        let mut s = TcpStream::connect(to).await.ok()?;
+        write_frame(&mut s, &frame).await.ok()?;
+        match read_frame(&mut s, max).await {
+            Ok(reply) => Some(Inbound::Reply(to, reply)),
+            Err(Some(reason)) => Some(Inbound::Dropped(reason)),
+            Err(None) => None,
+        }
+    };
+    match tokio::time::timeout(TCP_TIMEOUT, work).await {
+        Ok(Some(inb)) => {
+            let _ = tx.send(inb).await;
+        }
+        Ok(None) => tracing::debug!(%to, "sync push failed"),
+        Err(_) => tracing::debug!(%to, "sync push timed out"),
+    }
+}

@@ -1,0 +1,258 @@
+//! The issue's simulations: 1,000-node dissemination and bandwidth, crash detection, false
+//! positives under loss with a slow node versus plain SWIM, partition heal.
+//! Figures are printed (run with `--nocapture`) and asserted with the issue's bounds.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use shoal_gossip::sim::{Link, Sim};
+use shoal_gossip::{CoreConfig, EntryKey, MemberState, NodeId};
+
+const N: usize = 1000;
+
+#[test]
+fn thousand_nodes_entry_spread_bandwidth_and_crash_detection() {
+    let wall = Instant::now();
+    let mut sim = Sim::formed(N, 42, CoreConfig::lan(), &["net"]);
+    // Let the formation traffic (node records) settle.
+    sim.run_for(Duration::from_secs(3));
+    let warm = wall.elapsed();
+
+    let before: Vec<u64> = sim.traffic().iter().map(|t| t.udp_bytes_out).collect();
+    let key = EntryKey::new("endpoint_table", "net", "web.1");
+    sim.with(0, |c, now| c.write(now, key.clone(), &b"10.0.0.7:80"[..]).expect("in network"));
+    let need = ((N as f64) * 0.9999).ceil() as usize;
+    let reached = sim.run_until_pred(Duration::from_millis(20), Duration::from_secs(10), |s| {
+        (0..N).filter(|&i| s.core(i).is_some_and(|c| c.get(&key).is_some())).count() >= need
+    });
+    let window = Duration::from_millis(2200);
+    let t = reached.expect("entry never reached 99.99 % of 1,000 nodes");
+    // Measure bandwidth over the 2.2 s window after the write.
+    if t < window {
+        sim.run_for(window - t);
+    }
+    let max_bps = sim
+        .traffic()
+        .iter()
+        .zip(&before)
+        .map(|(t, b)| (t.udp_bytes_out - b) as f64 * 8.0 / window.as_secs_f64())
+        .fold(0.0, f64::max);
+    let mean_bps =
+        sim.traffic().iter().zip(&before).map(|(t, b)| (t.udp_bytes_out - b) as f64).sum::<f64>()
+            * 8.0
+            / window.as_secs_f64()
+            / N as f64;
+    let spread_wall = wall.elapsed();
+    println!(
+        "1000 nodes: 99.99% reached in {t:?} simulated; max {:.0} kbit/s, mean {:.0} kbit/s per node (IP/UDP headers included); wall: formation+3 s warm-up {warm:?}, +spread {:?}",
+        max_bps / 1000.0,
+        mean_bps / 1000.0,
+        spread_wall - warm
+    );
+    assert!(t <= Duration::from_millis(2200), "99.99 % took {t:?} > 2.2 s");
+    assert!(max_bps <= 330_000.0, "a node sent {max_bps:.0} bit/s > 330 kbit/s");
+
+    // Crash a node: everyone else declares it down, and its entries disappear.
+    let victim = 7;
+    let key7 = EntryKey::new("endpoint_table", "net", "db.1");
+    sim.with(victim, |c, now| c.write(now, key7.clone(), &b"10.0.0.8"[..]).expect("in network"));
+    sim.run_for(Duration::from_secs(3));
+    sim.crash(victim);
+    let crash_at = sim.elapsed();
+    let victim_id = NodeId(victim as u64 + 1);
+    let detected = sim.run_until_pred(Duration::from_millis(500), Duration::from_secs(60), |s| {
+        let observers: std::collections::BTreeSet<usize> =
+            s.downs().iter().filter(|e| e.subject.node == victim_id).map(|e| e.observer).collect();
+        observers.len() == N - 1
+    });
+    let d = detected.expect("crashed node not declared dead by all within 60 s");
+    for i in (0..N).filter(|&i| i != victim) {
+        let c = sim.core(i).expect("running");
+        assert!(c.get(&key7).is_none(), "node {i} still shows the dead node's entry");
+        assert!(
+            !c.active_members().iter().any(|m| m.node == victim_id),
+            "node {i} still lists it active"
+        );
+    }
+    let first = sim
+        .downs()
+        .iter()
+        .filter(|e| e.subject.node == NodeId(victim as u64 + 1))
+        .map(|e| e.at - crash_at)
+        .min();
+    println!(
+        "1000 nodes: crash first declared down after {first:?}, by all 999 within {d:?} (suspicion timeout {:?}); total wall {:?}",
+        CoreConfig::lan().suspicion_timeout(N),
+        wall.elapsed()
+    );
+    let fp = sim.downs().iter().filter(|e| e.subject_running).count();
+    assert_eq!(fp, 0, "false positives in a loss-free 1,000-node run");
+}
+
+/// Counts false deaths over `secs` simulated seconds with 10 % loss and one node whose
+/// processing is delayed 2 s.
+fn false_positives(config: CoreConfig, seed: u64, n: usize, secs: u64) -> (usize, usize) {
+    let mut sim = Sim::formed(n, seed, config, &[]);
+    sim.link =
+        Link { latency: Duration::from_millis(1), jitter: Duration::from_millis(2), loss: 0.10 };
+    sim.set_slow(n - 1, Duration::from_secs(2));
+    sim.run_for(Duration::from_secs(secs));
+    let fp = sim.downs().iter().filter(|e| e.subject_running).count();
+    let of_slow = sim
+        .downs()
+        .iter()
+        .filter(|e| e.subject_running && e.subject.node == NodeId(n as u64))
+        .count();
+    (fp, of_slow)
+}
+
+#[test]
+fn loss_and_a_slow_node_give_no_more_false_deaths_than_plain_swim() {
+    let (n, secs, seed) = (100, 60, 7);
+    let ours = CoreConfig::lan();
+    let plain = CoreConfig { suspicion_mult: 0, ..CoreConfig::lan() };
+    let (fp_ours, slow_ours) = false_positives(ours, seed, n, secs);
+    let (fp_plain, slow_plain) = false_positives(plain, seed, n, secs);
+    println!(
+        "{n} nodes, {secs} s, 10% loss, one node 2 s slow: false MemberDown observations: shoal (SWIM+suspicion, LAN) {fp_ours} ({slow_ours} about the slow node), plain SWIM {fp_plain} ({slow_plain} about the slow node)"
+    );
+    assert!(fp_ours <= fp_plain, "shoal {fp_ours} > plain SWIM {fp_plain}");
+    assert!(fp_plain > 0, "the scenario must stress the detector (plain SWIM saw no false death)");
+}
+
+#[test]
+fn partition_heals_with_no_lost_or_resurrected_entries() {
+    let n = 20;
+    let mut sim = Sim::formed(n, 11, CoreConfig::lan(), &["net"]);
+    let mut expect: BTreeMap<EntryKey, (NodeId, Vec<u8>)> = BTreeMap::new();
+    let write = |sim: &mut Sim,
+                 expect: &mut BTreeMap<EntryKey, (NodeId, Vec<u8>)>,
+                 i: usize,
+                 k: &str,
+                 v: &str| {
+        let key = EntryKey::new("endpoint_table", "net", k);
+        sim.with(i, |c, now| c.write(now, key.clone(), v.as_bytes().to_vec()).expect("in network"));
+        expect.insert(key, (NodeId(i as u64 + 1), v.as_bytes().to_vec()));
+    };
+    for i in 0..n {
+        write(&mut sim, &mut expect, i, &format!("n{i}.a"), "v1");
+        write(&mut sim, &mut expect, i, &format!("n{i}.b"), "v1");
+    }
+    sim.run_for(Duration::from_secs(5));
+
+    sim.partition(|i| u8::from(i >= n / 2));
+    sim.run_for(Duration::from_secs(5));
+    // Both sides change things while cut off: updates, deletes, new keys.
+    for i in [0, 3, 12, 17] {
+        write(&mut sim, &mut expect, i, &format!("n{i}.a"), "v2");
+        write(&mut sim, &mut expect, i, &format!("n{i}.c"), "new");
+        let del = EntryKey::new("endpoint_table", "net", &format!("n{i}.b"));
+        sim.with(i, |c, now| c.delete(now, &del).expect("own entry"));
+        expect.remove(&del);
+    }
+    // Long enough for each side to declare the other down.
+    sim.run_for(Duration::from_secs(40));
+    let cut = sim.core(0).expect("running").member_counts();
+    assert!(cut.down >= n / 2 - 1, "the other side was not declared down: {cut:?}");
+
+    sim.heal();
+    let expected: Vec<(EntryKey, NodeId, Vec<u8>)> =
+        expect.iter().map(|(k, (o, v))| (k.clone(), *o, v.clone())).collect();
+    let healed = sim.run_until_pred(Duration::from_millis(500), Duration::from_secs(120), |s| {
+        (0..n).all(|i| {
+            let c = s.core(i).expect("running");
+            let got: Vec<(EntryKey, NodeId, Vec<u8>)> =
+                c.entries().into_iter().map(|(k, o, v)| (k, o, v.to_vec())).collect();
+            got == expected
+                && c.members().iter().filter(|m| m.state == MemberState::Alive).count() == n
+        })
+    });
+    let t = healed.unwrap_or_else(|| {
+        let c = sim.core(0).expect("running");
+        panic!(
+            "no convergence 120 s after heal: node0 has {} entries (want {}), {:?}",
+            c.entries().len(),
+            expected.len(),
+            c.member_counts()
+        )
+    });
+    println!(
+        "partition of {n} nodes healed: identical tables and membership everywhere {t:?} after heal"
+    );
+}
+
+/// A heavier load than the issue's single entry: 100 nodes publish at once. Slow in a debug
+/// build (foca re-sorts its broadcast queue for every packet), so run it explicitly:
+/// `cargo test --release -p shoal-gossip --test sim_scale -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement; run with --release --ignored"]
+fn thousand_nodes_burst_of_100_entries() {
+    let mut sim = Sim::formed(N, 43, CoreConfig::lan(), &["net"]);
+    sim.run_for(Duration::from_secs(3));
+    let need = ((N as f64) * 0.9999).ceil() as usize;
+    // A burst: 100 nodes each publish an entry at the same moment (a service scaled up).
+    let before: Vec<u64> = sim.traffic().iter().map(|t| t.udp_bytes_out).collect();
+    let burst: Vec<EntryKey> =
+        (0..100).map(|i| EntryKey::new("endpoint_table", "net", &format!("burst.{i}"))).collect();
+    for (i, k) in burst.iter().enumerate() {
+        sim.with(i * 10 + 1, |c, now| {
+            c.write(now, k.clone(), vec![i as u8; 64]).expect("in network")
+        });
+    }
+    let all = sim.run_until_pred(Duration::from_millis(50), Duration::from_secs(20), |s| {
+        (0..N)
+            .filter(|&i| s.core(i).is_some_and(|c| burst.iter().all(|k| c.get(k).is_some())))
+            .count()
+            >= need
+    });
+    let tb = all.expect("burst never reached 99.99 %");
+    let burst_bps = sim
+        .traffic()
+        .iter()
+        .zip(&before)
+        .map(|(t, b)| (t.udp_bytes_out - b) as f64 * 8.0 / tb.as_secs_f64())
+        .fold(0.0, f64::max);
+    println!(
+        "1000 nodes: burst of 100 entries (64 B values) on 99.99% in {tb:?}; max {:.0} kbit/s per node over that time",
+        burst_bps / 1000.0
+    );
+    assert!(burst_bps <= 330_000.0, "burst: a node sent {burst_bps:.0} bit/s");
+}
+
+/// Time until every survivor of an 8-node cluster has declared a crashed node down.
+fn detection_time(config: CoreConfig, seed: u64) -> Duration {
+    let mut sim = Sim::formed(8, seed, config, &[]);
+    sim.run_for(Duration::from_secs(5));
+    sim.crash(3);
+    sim.run_until_pred(Duration::from_millis(50), Duration::from_secs(60), |s| {
+        let seen: std::collections::BTreeSet<usize> =
+            s.downs().iter().filter(|e| e.subject.node == NodeId(4)).map(|e| e.observer).collect();
+        seen.len() == 7
+    })
+    .expect("crash detected")
+}
+
+/// Figures for the serf side-by-side (issue goal: detection in at most half serf's 6.0 s at 8
+/// nodes): LAN defaults versus a faster profile, with the faster profile's false positives
+/// under the lossy scenario.
+#[test]
+fn eight_node_detection_time_lan_versus_fast_profile() {
+    let lan = CoreConfig::lan();
+    let fast = CoreConfig {
+        probe_period: Duration::from_millis(500),
+        probe_timeout: Duration::from_millis(250),
+        suspicion_mult: 3,
+        ..CoreConfig::lan()
+    };
+    let mean = |c: &CoreConfig| {
+        let runs: Vec<Duration> = (0..5).map(|s| detection_time(c.clone(), 100 + s)).collect();
+        runs.iter().sum::<Duration>() / runs.len() as u32
+    };
+    let (t_lan, t_fast) = (mean(&lan), mean(&fast));
+    let (fp_fast, _) = false_positives(fast.clone(), 7, 100, 30);
+    println!(
+        "8 nodes, crash to all-declared-down (mean of 5 seeds): LAN {t_lan:?}, fast (probe 500/250 ms, suspicion x3) {t_fast:?}; fast profile false deaths, 100 nodes, 30 s, 10% loss + a 2 s slow node: {fp_fast}"
+    );
+    assert!(t_fast < t_lan);
+    assert!(t_lan <= Duration::from_secs(10));
+}
