@@ -249,6 +249,18 @@ fn print_info(i: &NodeInfo) {
     println!("Data dir:        {}", i.data_dir);
     println!("API socket:      unix://{}", i.socket);
     println!("Version:         {}", i.version);
+    if let Some(g) = &i.gossip {
+        println!(
+            "Gossip:          {} members, {} entries, keys {:?}",
+            g.members.len(),
+            g.entries,
+            g.key_ids
+        );
+        println!("  {:<12} {:<22} {:<8} GENERATION", "MEMBER", "ADDRESS", "STATE");
+        for m in &g.members {
+            println!("  {:<12} {:<22} {:<8} {}", m.name, m.addr, m.state, m.generation);
+        }
+    }
 }
 
 async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {

@@ -46,6 +46,11 @@ pub struct AgentConfig {
     pub wireguard_port: u16,
     /// Also serve `/metrics` over TCP here, for a Prometheus scraper.
     pub metrics_addr: Option<SocketAddr>,
+    /// The gossip key (64 hex digits in a file). With it the agent joins gossip at start; without
+    /// it gossip waits for the control plane to hand out keys.
+    pub gossip_key_file: Option<PathBuf>,
+    /// Gossip peers to join at start, `IP:PORT`.
+    pub gossip_seeds: Vec<SocketAddr>,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -63,6 +68,8 @@ pub struct FileConfig {
     pub data_path_port: Option<u16>,
     pub wireguard_port: Option<u16>,
     pub metrics_addr: Option<SocketAddr>,
+    pub gossip_key_file: Option<PathBuf>,
+    pub gossip_seeds: Option<Vec<SocketAddr>>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -107,6 +114,12 @@ pub struct AgentArgs {
     /// Also serve /metrics over TCP at this address.
     #[arg(long, env = "SHOAL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// File holding the gossip key (64 hex digits); joins gossip at start.
+    #[arg(long, env = "SHOAL_GOSSIP_KEY_FILE")]
+    pub gossip_key_file: Option<PathBuf>,
+    /// Gossip peer to join at start, IP:PORT (repeat, or comma-separate in SHOAL_GOSSIP_SEEDS).
+    #[arg(long = "gossip-seed", env = "SHOAL_GOSSIP_SEEDS", value_delimiter = ',')]
+    pub gossip_seeds: Vec<SocketAddr>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -175,6 +188,12 @@ impl AgentConfig {
             data_path_port: args.data_path_port.or(file.data_path_port).unwrap_or(4789),
             wireguard_port: args.wireguard_port.or(file.wireguard_port).unwrap_or(51820),
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            gossip_key_file: args.gossip_key_file.clone().or(file.gossip_key_file),
+            gossip_seeds: if args.gossip_seeds.is_empty() {
+                file.gossip_seeds.unwrap_or_default()
+            } else {
+                args.gossip_seeds.clone()
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -222,6 +241,9 @@ impl AgentConfig {
                 return Err(field(name, "port 0 is not allowed"));
             }
         }
+        if let Some(f) = &self.gossip_key_file {
+            load_gossip_key(f).map_err(|e| field("gossip_key_file", e))?;
+        }
         // Every port here is udp; two of them on one number would fight over the socket.
         for (i, (a, pa)) in ports.iter().enumerate() {
             if let Some((b, _)) = ports[i + 1..].iter().find(|(_, pb)| pb == pa) {
@@ -230,6 +252,15 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// Reads a gossip key file: 64 hex digits (32 bytes), surrounding white space ignored.
+pub fn load_gossip_key(path: &Path) -> Result<[u8; 32], String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .map_err(|e| format!("{}: not 64 hex digits ({e})", path.display()))?;
+    Ok(key)
 }
 
 /// The first global-scope IPv4 address of this host (not loopback, not link-local).
@@ -285,6 +316,28 @@ mod tests {
         let bad = AgentArgs { advertise_addr: Some("127.0.0.1".parse().unwrap()), ..args() };
         let err = AgentConfig::resolve(&bad, FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("`advertise_addr`"), "{err}");
+    }
+
+    #[test]
+    fn gossip_key_file_must_hold_64_hex_digits() {
+        let dir = std::env::temp_dir().join(format!("shoal-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.key");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        let bad = dir.join("bad.key");
+        std::fs::write(&bad, "abc").unwrap();
+        let cfg = AgentConfig::resolve(
+            &AgentArgs { gossip_key_file: Some(good), ..args() },
+            FileConfig::default(),
+        );
+        assert!(cfg.is_ok());
+        let err = AgentConfig::resolve(
+            &AgentArgs { gossip_key_file: Some(bad), ..args() },
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`gossip_key_file`"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

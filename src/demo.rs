@@ -96,7 +96,8 @@ pub async fn run_visitor(args: VisitorArgs) -> anyhow::Result<()> {
         conn: Mutex::new(None),
         served_by: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("unknown")),
     });
-    let router = Router::new().route("/visitor", get(visitor)).route("/", get(hello)).with_state(app);
+    let router =
+        Router::new().route("/visitor", get(visitor)).route("/", get(hello)).with_state(app);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -26,31 +26,56 @@ fn free_port() -> u16 {
 fn get(port: u16, path: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = Command::new("curl").args(["-sS", "--max-time", "5"]).arg(format!("http://127.0.0.1:{port}{path}")).output().unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()
+            .unwrap();
         if out.status.success() {
             return String::from_utf8(out.stdout).unwrap();
         }
-        assert!(Instant::now() < deadline, "demo never answered: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            Instant::now() < deadline,
+            "demo never answered: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
 fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
     if !have("redis-server") || !have("curl") {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "redis-server and curl are required under CI");
-        eprintln!("*** SKIPPED visitor demo test: redis-server or curl missing (scripts/install-test-deps.sh) ***");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "redis-server and curl are required under CI"
+        );
+        eprintln!(
+            "*** SKIPPED visitor demo test: redis-server or curl missing (scripts/install-test-deps.sh) ***"
+        );
         return;
     }
     let rport = free_port();
     let dir = tempfile::tempdir().unwrap();
     let redis = Killed(
         Command::new("redis-server")
-            .args(["--port", &rport.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &rport.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -60,7 +85,14 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
     let port = free_port();
     let _demo = Killed(
         shoal()
-            .args(["demo", "visitor", "--listen", &format!("127.0.0.1:{port}"), "--redis", &format!("localhost:{rport}")])
+            .args([
+                "demo",
+                "visitor",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis",
+                &format!("localhost:{rport}"),
+            ])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -81,6 +113,10 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
     drop(redis);
     let t = Instant::now();
     assert_eq!(get(port, "/visitor"), "Hello World, connection to redis error\n");
-    assert!(t.elapsed() < Duration::from_secs(5), "the error must come quickly, took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the error must come quickly, took {:?}",
+        t.elapsed()
+    );
     assert!(get(port, "/").starts_with("Hello World from "));
 }

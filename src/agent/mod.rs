@@ -1,6 +1,8 @@
 //! `shoal agent`: the host daemon. It owns the data directory (an exclusive lock), serves the API
 //! on its unix socket, and shuts down cleanly on SIGTERM/SIGINT, removing the socket. Later issues
-//! wire gossip, the overlay, DNS, the mesh and the control plane in here.
+//! wire the overlay, DNS, the mesh and the control plane in here.
+
+pub mod gossip;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -83,26 +85,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = bind_socket(&config.socket).await?;
     let socket_path = config.socket.clone();
     let metrics_addr = config.metrics_addr;
-    let state = Arc::new(ApiState {
-        metrics: Metrics::new(&config.node_name),
-        started: Instant::now(),
-        config,
-    });
+    let mut metrics = Metrics::new(&config.node_name);
+    let gossip = match &config.gossip_key_file {
+        Some(path) => {
+            let key = crate::config::load_gossip_key(path).map_err(anyhow::Error::msg)?;
+            let g = Arc::new(shoal_gossip::Gossip::start(gossip::config(&config, key)).await?);
+            g.register_metrics(metrics.registry_mut());
+            tracing::info!(addr = %g.local_addr(), seeds = ?config.gossip_seeds, "gossip started");
+            Some(g)
+        }
+        None => None,
+    };
+    let state = Arc::new(ApiState { metrics, started: Instant::now(), config, gossip });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics_server = None;
     if let Some(addr) = metrics_addr {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics address {addr}"))?;
         let mut rx = stop_rx.clone();
         let app = api::metrics_router(state.clone());
-        tokio::spawn(async move {
+        metrics_server = Some(tokio::spawn(async move {
             let _ = axum::serve(tcp, app)
                 .with_graceful_shutdown(async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })
                 .await;
-        });
+        }));
     }
 
     tracing::info!(
@@ -128,6 +138,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     // Connections that never close must not hold the agent up.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    if let Some(m) = metrics_server {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), m).await;
+    }
+    // Say goodbye so the others mark us left at once instead of suspecting us for seconds. The
+    // servers are gone, so this is the last reference to the state.
+    if let Ok(ApiState { gossip: Some(g), metrics, .. }) = Arc::try_unwrap(state) {
+        drop(metrics);
+        if let Some(g) = Arc::into_inner(g) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
+        }
+    }
     if let Err(e) = fs::remove_file(&socket_path) {
         tracing::warn!(error = %e, "removing the API socket");
     }

@@ -61,6 +61,33 @@ pub struct NodeInfo {
     pub data_dir: String,
     pub socket: String,
     pub version: String,
+    /// Gossip membership, when this agent has joined gossip.
+    pub gossip: Option<GossipInfo>,
+}
+
+/// What an agent sees of gossip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GossipInfo {
+    /// Every member known, this node first.
+    pub members: Vec<MemberInfo>,
+    pub networks: Vec<String>,
+    /// Keyring ids, primary first.
+    pub key_ids: Vec<u32>,
+    /// Visible replicated table entries.
+    pub entries: usize,
+}
+
+/// One gossip member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    /// `alive`, `suspect` or `down`.
+    pub state: String,
+    /// SWIM incarnation (goes up when it refutes a suspicion).
+    pub incarnation: u16,
+    /// Process start of that member's agent (goes up when it restarts).
+    pub generation: u64,
 }
 
 /// An error body, as Docker's API has it: `{"message": "..."}`.
@@ -75,6 +102,7 @@ pub struct ApiState {
     pub config: AgentConfig,
     pub started: Instant,
     pub metrics: Metrics,
+    pub gossip: Option<Arc<shoal_gossip::Gossip>>,
 }
 
 /// The full API router.
@@ -123,6 +151,7 @@ async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
         data_dir: c.data_dir.display().to_string(),
         socket: c.socket.display().to_string(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        gossip: state.gossip.as_ref().map(|g| crate::agent::gossip::info(&g.snapshot())),
     })
 }
 

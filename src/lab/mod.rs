@@ -193,6 +193,7 @@ pub async fn up(
         bail!("{host_ip} is already assigned on this host; pick another --subnet");
     }
     state.save()?;
+    write_gossip_key(name)?;
     match build(&mut state, agent_exe).await {
         Ok(()) => Ok(state),
         Err(e) => {
@@ -259,8 +260,9 @@ async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
         }
     }
 
+    let seed = state.nodes[0].addr;
     for i in 0..state.nodes.len() {
-        let pid = spawn_agent(&state.nodes[i], agent_exe)?;
+        let pid = spawn_agent(&state.nodes[i], seed, agent_exe)?;
         state.nodes[i].pid = Some(pid);
         state.save()?;
     }
@@ -270,7 +272,26 @@ async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_agent(node: &LabNode, agent_exe: &Path) -> anyhow::Result<u32> {
+/// The lab's gossip key, shared by its agents (mode 0600).
+pub fn gossip_key_path(lab: &str) -> PathBuf {
+    lab_dir(lab).join("gossip.key")
+}
+
+fn write_gossip_key(lab: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key: [u8; 32] = rand::random();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(gossip_key_path(lab))?;
+    writeln!(f, "{}", hex::encode(key))?;
+    Ok(())
+}
+
+fn spawn_agent(node: &LabNode, seed: Ipv4Addr, agent_exe: &Path) -> anyhow::Result<u32> {
+    let lab_dir = node.socket.parent().context("lab node socket has no directory")?;
     fs::create_dir_all(&node.data_dir)?;
     let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
     let mut cmd = Command::new(agent_exe);
@@ -282,6 +303,9 @@ fn spawn_agent(node: &LabNode, agent_exe: &Path) -> anyhow::Result<u32> {
         .arg(&node.socket)
         .args(["--advertise-addr", &node.addr.to_string()])
         .args(["--log-format", "json"])
+        .arg("--gossip-key-file")
+        .arg(lab_dir.join("gossip.key"))
+        .args(["--gossip-seed", &format!("{seed}:7946")])
         .env_remove("SHOAL_CONFIG")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -471,7 +495,10 @@ pub async fn start_node(lab: &str, node: &str, agent_exe: &Path) -> anyhow::Resu
     {
         bail!("the agent of {node} is already running (pid {p})");
     }
-    let pid = spawn_agent(&state.nodes[idx], agent_exe)?;
+    // Join through node1, or through node2 when node1 itself comes back.
+    let seed =
+        state.nodes.iter().find(|n| n.name != node).map_or(state.nodes[idx].addr, |n| n.addr);
+    let pid = spawn_agent(&state.nodes[idx], seed, agent_exe)?;
     state.nodes[idx].pid = Some(pid);
     state.save()?;
     wait_for_agent(&state.nodes[idx], Duration::from_secs(30)).await?;

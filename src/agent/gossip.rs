@@ -1,0 +1,53 @@
+//! Gossip in the agent: the configuration it starts with and what `/info` shows of it. (Its
+//! Prometheus metrics come from the crate itself, read from the driver's snapshot at scrape time.)
+
+use std::net::SocketAddr;
+
+use shoal_gossip::{GossipConfig, MemberState, NodeId, NodeMeta, Role, Snapshot};
+
+use crate::api::{GossipInfo, MemberInfo};
+use crate::config::AgentConfig;
+
+/// The gossip configuration of this agent, with one key.
+pub fn config(cfg: &AgentConfig, key: [u8; 32]) -> GossipConfig {
+    let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
+    let mut g = GossipConfig::new(NodeId::from_name(&cfg.node_name), advertise, key);
+    g.seeds = cfg.gossip_seeds.iter().copied().filter(|s| *s != advertise).collect();
+    g.meta = NodeMeta {
+        id: cfg.node_name.clone(),
+        name: cfg.node_name.clone(),
+        role: Role::Worker,
+        underlay: Some(cfg.advertise_addr),
+        data_port: cfg.data_path_port,
+        ..NodeMeta::default()
+    };
+    g
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
+/// What `/info` shows of gossip.
+pub fn info(snap: &Snapshot) -> GossipInfo {
+    GossipInfo {
+        members: snap
+            .members
+            .iter()
+            .map(|m| MemberInfo {
+                name: m.meta.as_ref().map(|x| x.name.clone()).unwrap_or_default(),
+                addr: m.id.addr,
+                state: state_name(m.state).to_owned(),
+                incarnation: m.incarnation,
+                generation: m.id.generation,
+            })
+            .collect(),
+        networks: snap.networks.clone(),
+        key_ids: snap.key_ids.clone(),
+        entries: snap.entries.len(),
+    }
+}
