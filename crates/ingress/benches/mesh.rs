@@ -1,0 +1,521 @@
+//! Side-by-side system benchmark of the routing mesh (root only; `cargo bench -p shoal-ingress`).
+//!
+//! Three namespaces on a bridge (underlay 198.19.X.0/24): client, proxy, backend. The backend
+//! runs iperf3 and nginx (1 KiB file). In the proxy namespace, in the same run: HAProxy 2.6
+//! (`option splice-auto`, 1 thread), nginx stream (1 worker), socat (fork) and shoal's mesh
+//! (in this process; listeners and upstream sockets in the proxy namespace). Measured
+//! from the client: direct and through each proxy,
+//! - bulk TCP Gbit/s (iperf3, one stream) and the proxy's CPU seconds per GB forwarded,
+//! - 1 KiB HTTP req/s and p99 latency (wrk, 1 thread, 50 keep-alive connections),
+//! - new connections/s (wrk, 50 connections, `Connection: close`).
+//!
+//! Prints a table per round, the medians, and shoal/HAProxy ratios. shoal runs on one
+//! current-thread runtime (`SHOAL_RT=multi SHOAL_WORKERS=N` for a multi-thread one) with the
+//! Auto forwarding mode (`SHOAL_FORWARD=splice|copy` forces one). `DUR` (seconds per test,
+//! default 5) and `ROUNDS` (default 3; the order rotates per round) tune it; `OVERLAY=1` puts
+//! the backend behind a kernel VXLAN overlay as seen from the proxy (a task on another node). Without root or
+//! a tool it prints SKIPPED and exits 0.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_ingress::{BackendSpec, ForwardMode, Mesh, MeshConfig, PortSpec, ServiceSpec};
+use shoal_netns::NetNs;
+use shoal_netns::testing::{Cleanup, unique_prefix};
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out =
+        Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// utime + stime (+ reaped children) of a process, in seconds.
+fn cpu_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split(' ').collect();
+    // Fields 14-17 of stat are at 11..15 after the state field (index 0 = field 3).
+    let ticks: f64 = f[11..15].iter().filter_map(|x| x.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
+fn cpu_of_all(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_of(*p)).sum()
+}
+
+/// Reads a proxy's CPU seconds so far.
+type CpuFn = Box<dyn Fn() -> f64>;
+/// A system under test: name, (bulk port, HTTP port) on the proxy (None: direct), CPU reader.
+type System = (&'static str, Option<(u16, u16)>, CpuFn);
+
+struct Setup {
+    prefix: String,
+    net: u8,
+    _guard: Cleanup,
+    tmp: std::path::PathBuf,
+    proxy_ns: Arc<NetNs>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+impl Setup {
+    fn ip(&self, h: u8) -> String {
+        format!("198.19.{}.{h}", self.net)
+    }
+    fn ns(&self, h: &str) -> String {
+        format!("{}{h}", self.prefix)
+    }
+    fn exec(&self, h: &str, args: &[&str]) -> Result<String, String> {
+        let ns = self.ns(h);
+        let mut v = vec!["ip", "netns", "exec", ns.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+    fn spawn(&self, h: &str, args: &[&str]) -> Result<std::process::Child, String> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(h)])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn setup() -> Result<Setup, String> {
+    let prefix = unique_prefix("bm");
+    let net = u8::from_str_radix(&prefix[prefix.len() - 2..], 16).unwrap_or(9);
+    let mut guard = Cleanup::new();
+    let sw = format!("{prefix}sw");
+    guard.netns(&sw).map_err(|e| e.to_string())?;
+    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+    let mut proxy_ns = None;
+    for (i, h) in [(1u8, "cl"), (2, "px"), (3, "be")] {
+        let name = format!("{prefix}{h}");
+        let ns = guard.netns(&name).map_err(|e| e.to_string())?;
+        sh(&[
+            "ip", "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &name,
+            "netns", &sw,
+        ])?;
+        sh(&["ip", "-n", &sw, "link", "set", &name, "master", "br0", "up"])?;
+        sh(&["ip", "-n", &name, "addr", "add", &format!("198.19.{net}.{i}/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", &name, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        if h == "px" {
+            proxy_ns = Some(Arc::new(ns));
+        }
+    }
+    let tmp = std::env::temp_dir().join(format!("{prefix}-bench"));
+    std::fs::create_dir_all(tmp.join("www")).map_err(|e| e.to_string())?;
+    std::fs::write(tmp.join("www/1k"), vec![b'x'; 1024]).map_err(|e| e.to_string())?;
+    Ok(Setup { prefix, net, _guard: guard, tmp, proxy_ns: proxy_ns.ok_or("no proxy ns")? })
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    gbit: f64,
+    cpu_per_gb: f64,
+    rps: f64,
+    p99_ms: f64,
+    cps: f64,
+}
+
+fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64) -> (f64, f64) {
+    let before = cpu_pids();
+    let out = s
+        .exec("cl", &["iperf3", "-c", host, "-p", &port.to_string(), "-t", &dur.to_string(), "-J"]);
+    let after = cpu_pids();
+    let Ok(out) = out else { return (f64::NAN, f64::NAN) };
+    let num = |key: &str| -> f64 {
+        // "sum_received": { ... "bytes": N, ... "bits_per_second": X }
+        out.find("\"sum_received\"")
+            .and_then(|i| {
+                let rest = &out[i..];
+                let k = rest.find(&format!("\"{key}\":"))?;
+                let v = &rest[k + key.len() + 3..];
+                let end = v.find([',', '\n', '}'])?;
+                v[..end].trim().parse().ok()
+            })
+            .unwrap_or(f64::NAN)
+    };
+    let bytes = num("bytes");
+    let bps = num("bits_per_second");
+    (bps / 1e9, (after - before) / (bytes / 1e9))
+}
+
+fn wrk(s: &Setup, url: &str, dur: u64, close: bool) -> (f64, f64) {
+    let d = format!("{dur}s");
+    let mut args = vec!["wrk", "-t1", "-c50", "-d", d.as_str(), "--latency"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let Ok(out) = s.exec("cl", &args) else { return (f64::NAN, f64::NAN) };
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    let p99 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| {
+            let v = v.trim();
+            let (num, unit) =
+                v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().unwrap_or(f64::NAN);
+            match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => f64::NAN,
+            }
+        })
+        .unwrap_or(f64::NAN);
+    if out.contains("Socket errors") || out.contains("Non-2xx") {
+        eprintln!(
+            "  note: {url}: {}",
+            out.lines()
+                .filter(|l| l.contains("errors") || l.contains("Non-2xx"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    (rps, p99)
+}
+
+fn pids_named(ns: &NetNs, comm: &str) -> Vec<u32> {
+    ns.pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(|p| p as u32)
+        .collect()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIPPED mesh bench: needs root (network namespaces)");
+        return;
+    }
+    for t in ["iperf3", "wrk", "haproxy", "nginx", "socat"] {
+        if !have(t) {
+            println!("SKIPPED mesh bench: {t} not installed");
+            return;
+        }
+    }
+    let dur: u64 = std::env::var("DUR").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: u32 = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    // ONLY=shoal,haproxy limits the systems, TESTS=bulk,rps,cps the measurements.
+    let only: Option<Vec<String>> =
+        std::env::var("ONLY").ok().map(|v| v.split(',').map(str::to_owned).collect());
+    let tests: Option<Vec<String>> =
+        std::env::var("TESTS").ok().map(|v| v.split(',').map(str::to_owned).collect());
+    let workers: usize =
+        std::env::var("SHOAL_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let s = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("setup failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (px, be_under) = (s.ip(2), s.ip(3));
+    // OVERLAY=1: the proxies reach the backend across a kernel VXLAN overlay (VNI 4242 on
+    // 4789/udp between the proxy and backend namespaces, 10.213.0.0/24), the way the mesh
+    // reaches a task on another node; the client still reaches the proxy on the underlay.
+    let overlay = std::env::var("OVERLAY").is_ok_and(|v| v == "1");
+    if overlay {
+        for (h, me, peer, ip) in
+            [("px", &px, &be_under, "10.213.0.2"), ("be", &be_under, &px, "10.213.0.3")]
+        {
+            let steps: [&[&str]; 3] = [
+                &[
+                    "ip", "link", "add", "vx0", "type", "vxlan", "id", "4242", "local", me,
+                    "remote", peer, "dstport", "4789", "dev", "eth0",
+                ],
+                &["ip", "addr", "add", &format!("{ip}/24"), "dev", "vx0"],
+                &["ip", "link", "set", "vx0", "up"],
+            ];
+            for step in steps {
+                s.exec(h, step).expect("overlay");
+            }
+        }
+    }
+    let be = if overlay { "10.213.0.3".to_owned() } else { be_under.clone() };
+    let t = s.tmp.to_string_lossy().to_string();
+    // Backend: iperf3 + nginx serving 1 KiB.
+    let mut children = Vec::new();
+    children.push(s.spawn("be", &["iperf3", "-s", "-p", "5201"]).expect("iperf3"));
+    std::fs::write(
+        s.tmp.join("nb.conf"),
+        format!("worker_processes 1; pid {t}/nb.pid; error_log {t}/nb.err; daemon on;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 8080; root {t}/www; }} }}\n"),
+    )
+    .expect("write");
+    s.exec("be", &["nginx", "-c", &format!("{t}/nb.conf")]).expect("nginx backend");
+    // Proxies.
+    std::fs::write(
+        s.tmp.join("haproxy.cfg"),
+        format!("global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option splice-auto\nfrontend f1\n  bind {px}:15201\n  default_backend b1\nbackend b1\n  server s1 {be}:5201\nfrontend f2\n  bind {px}:18080\n  default_backend b2\nbackend b2\n  server s2 {be}:8080\n"),
+    )
+    .expect("write");
+    s.exec(
+        "px",
+        &["haproxy", "-D", "-f", &format!("{t}/haproxy.cfg"), "-p", &format!("{t}/ha.pid")],
+    )
+    .expect("haproxy");
+    std::fs::write(
+        s.tmp.join("ns.conf"),
+        format!("load_module /usr/lib/nginx/modules/ngx_stream_module.so; worker_processes 1; pid {t}/ns.pid; error_log {t}/ns.err; daemon on;\nevents {{ worker_connections 20000; }}\nstream {{ server {{ listen {px}:25201; proxy_pass {be}:5201; }} server {{ listen {px}:28080; proxy_pass {be}:8080; }} }}\n"),
+    )
+    .expect("write");
+    let nginx_ok = s.exec("px", &["nginx", "-c", &format!("{t}/ns.conf")]).is_ok();
+    children.push(
+        s.spawn(
+            "px",
+            &[
+                "socat",
+                &format!("TCP-LISTEN:35201,bind={px},fork,reuseaddr"),
+                &format!("TCP:{be}:5201"),
+            ],
+        )
+        .expect("socat"),
+    );
+    children.push(
+        s.spawn(
+            "px",
+            &[
+                "socat",
+                &format!("TCP-LISTEN:38080,bind={px},fork,reuseaddr"),
+                &format!("TCP:{be}:8080"),
+            ],
+        )
+        .expect("socat"),
+    );
+    // shoal: its own runtime with `workers` threads.
+    // SHOAL_RT=multi: a multi-thread runtime with SHOAL_WORKERS workers; default: one
+    // current-thread runtime driven by a dedicated thread (like HAProxy's nbthread 1).
+    let multi = std::env::var("SHOAL_RT").as_deref() == Ok("multi");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (handle, driver, multi_rt) = if multi {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        (rt.handle().clone(), None, Some(rt))
+    } else {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let h = rt.handle().clone();
+        // Only the thread inside `Runtime::block_on` drives a current-thread runtime.
+        let d = std::thread::spawn(move || {
+            let _ = rt.block_on(stop_rx);
+        });
+        (h, Some(d), None)
+    };
+    let rt_name = if multi { format!("multi-thread x{workers}") } else { "current-thread".into() };
+    let mode = match std::env::var("SHOAL_FORWARD").as_deref() {
+        Ok("splice") => ForwardMode::Splice,
+        Ok("copy") => ForwardMode::Copy,
+        _ => ForwardMode::Auto,
+    };
+    let mesh = {
+        let _g = handle.enter();
+        Mesh::new(MeshConfig {
+            ingress_ns: Some(s.proxy_ns.clone()),
+            listen_ns: Some(s.proxy_ns.clone()),
+            forward: mode,
+            ..MeshConfig::default()
+        })
+        .expect("mesh")
+    };
+    let beip: IpAddr = be.parse().expect("backend address");
+    let listen = Some(IpAddr::V4(Ipv4Addr::new(198, 19, s.net, 2)));
+    for (name, port, target) in [("bulk", 45201u16, 5201u16), ("http", 48080, 8080)] {
+        let mut p = PortSpec::tcp(port, target);
+        p.listen = listen;
+        let mut spec = ServiceSpec::new(name, vec![p]);
+        spec.health.interval = Duration::from_secs(2);
+        mesh.set_service(spec, vec![BackendSpec::new("be", beip)]).expect("service");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let ha_pid: u32 = std::fs::read_to_string(s.tmp.join("ha.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(0);
+    let me = std::process::id();
+    let proxy_ns = s.proxy_ns.clone();
+    let systems: Vec<System> = vec![
+        ("direct", None, Box::new(|| 0.0)),
+        ("shoal", Some((45201, 48080)), Box::new(move || cpu_of(me))),
+        ("haproxy", Some((15201, 18080)), Box::new(move || cpu_of(ha_pid))),
+        ("nginx", Some((25201, 28080)), {
+            let ns = proxy_ns.clone();
+            Box::new(move || cpu_of_all(&pids_named(&ns, "nginx")))
+        }),
+        ("socat", Some((35201, 38080)), {
+            let ns = proxy_ns.clone();
+            Box::new(move || cpu_of_all(&pids_named(&ns, "socat")))
+        }),
+    ];
+    println!(
+        "mesh bench: DUR={dur}s ROUNDS={rounds} shoal runtime={rt_name} forward={mode:?} overlay={overlay}; client → proxy → backend in namespaces (198.19.{}.0/24)",
+        s.net
+    );
+    let mut all: Vec<BTreeMap<&str, Figures>> = Vec::new();
+    for round in 1..=rounds {
+        let mut res = BTreeMap::new();
+        println!("\nround {round}");
+        println!(
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
+            "system", "bulk Gb/s", "CPU s/GB", "req/s", "p99 ms", "conn/s"
+        );
+        // Rotate the order each round so no system always runs first or last.
+        let n = systems.len();
+        for k in 0..n {
+            let (name, ports, cpu) = &systems[(k + round as usize - 1) % n];
+            if (*name == "nginx" && !nginx_ok)
+                || only.as_ref().is_some_and(|o| !o.iter().any(|x| x == name))
+            {
+                continue;
+            }
+            let (host, bp, hp) = match ports {
+                None => (be_under.as_str(), 5201, 8080),
+                Some((b, h)) => (px.as_str(), *b, *h),
+            };
+            let want = |t: &str| tests.as_ref().is_none_or(|v| v.iter().any(|x| x == t));
+            let nan = (f64::NAN, f64::NAN);
+            let (gbit, cpu_per_gb) =
+                if want("bulk") { iperf(&s, host, bp, dur, cpu.as_ref()) } else { nan };
+            let url = format!("http://{host}:{hp}/1k");
+            let (rps, p99) = if want("rps") { wrk(&s, &url, dur, false) } else { nan };
+            let (cps, _) = if want("cps") { wrk(&s, &url, dur, true) } else { nan };
+            let f = Figures {
+                gbit,
+                cpu_per_gb: if ports.is_none() { f64::NAN } else { cpu_per_gb },
+                rps,
+                p99_ms: p99,
+                cps,
+            };
+            println!(
+                "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.0}",
+                name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.cps
+            );
+            res.insert(*name, f);
+        }
+        if let (Some(sh), Some(ha)) = (res.get("shoal"), res.get("haproxy")) {
+            println!(
+                "shoal/haproxy: bulk {:.2}x (goal >= 1.15)  req/s {:.2}x (goal >= 1.10)  p99 {:.2}x (goal <= 1)  CPU/GB {:.2}x (goal <= 1)  conn/s {:.2}x",
+                sh.gbit / ha.gbit,
+                sh.rps / ha.rps,
+                sh.p99_ms / ha.p99_ms,
+                sh.cpu_per_gb / ha.cpu_per_gb,
+                sh.cps / ha.cps
+            );
+        }
+        all.push(res);
+    }
+    if all.len() > 1 {
+        let med = |name: &str, get: fn(&Figures) -> f64| -> f64 {
+            let mut v: Vec<f64> =
+                all.iter().filter_map(|r| r.get(name)).map(get).filter(|x| !x.is_nan()).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+        };
+        println!("\nmedian of {} rounds", all.len());
+        println!(
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
+            "system", "bulk Gb/s", "CPU s/GB", "req/s", "p99 ms", "conn/s"
+        );
+        let mut meds = BTreeMap::new();
+        for (name, _, _) in &systems {
+            let f = Figures {
+                gbit: med(name, |f| f.gbit),
+                cpu_per_gb: med(name, |f| f.cpu_per_gb),
+                rps: med(name, |f| f.rps),
+                p99_ms: med(name, |f| f.p99_ms),
+                cps: med(name, |f| f.cps),
+            };
+            println!(
+                "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.0}",
+                name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.cps
+            );
+            meds.insert(*name, f);
+        }
+        if let (Some(sh), Some(ha)) = (meds.get("shoal"), meds.get("haproxy")) {
+            println!(
+                "median shoal/haproxy: bulk {:.2}x (goal >= 1.15)  req/s {:.2}x (goal >= 1.10)  p99 {:.2}x (goal <= 1)  CPU/GB {:.2}x (goal <= 1)  conn/s {:.2}x",
+                sh.gbit / ha.gbit,
+                sh.rps / ha.rps,
+                sh.p99_ms / ha.p99_ms,
+                sh.cpu_per_gb / ha.cpu_per_gb,
+                sh.cps / ha.cps
+            );
+        }
+    }
+    let m = mesh.metrics();
+    for svc in &m {
+        println!(
+            "shoal metrics {}: total {} errors {} bytes in {} out {}",
+            svc.name,
+            svc.total(),
+            svc.backends.iter().map(|b| b.errors).sum::<u64>(),
+            svc.backends.iter().map(|b| b.bytes_in).sum::<u64>(),
+            svc.backends.iter().map(|b| b.bytes_out).sum::<u64>()
+        );
+    }
+    println!("splice pipes created: {}", mesh.pipes_created());
+    drop(mesh);
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    for pidfile in ["ha.pid", "nb.pid", "ns.pid"] {
+        if let Some(pid) = std::fs::read_to_string(s.tmp.join(pidfile))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let _ = stop_tx.send(());
+    if let Some(d) = driver {
+        let _ = d.join();
+    }
+    if let Some(rt) = multi_rt {
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+    drop(s);
+}

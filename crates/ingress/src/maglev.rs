@@ -1,0 +1,205 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016): a lookup table of prime size in which
+//! every backend owns an almost equal share of slots, and removing one backend moves few keys
+//! besides its own. Hashes are fixed (FNV-1a + a SplitMix64 finaliser), never std's
+//! `DefaultHasher`, so a table is the same on every node and every build.
+
+/// Smallest table size per backend; the issue asks for a prime ≥ 100 × backends.
+pub const SLOTS_PER_BACKEND: usize = 100;
+
+/// A built lookup table: slot → index into the backend list it was built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaglevTable {
+    slots: Vec<u32>,
+}
+
+/// Stable 64-bit hash of `bytes` under `seed`.
+pub fn hash64(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // SplitMix64 finaliser: FNV alone has weak low bits.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn is_prime(n: usize) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let mut d = 3;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// Default table size (a prime): enough for 655 backends at 100 slots each.
+pub const DEFAULT_SIZE: usize = 65_537;
+
+/// The table size used for `n` backends: a prime ≥ 100 × n that does not change when a
+/// backend comes or goes (a size change would remap nearly every key). 65 537 up to 655
+/// backends, beyond that the smallest prime ≥ 100 × the next power of two.
+pub fn table_size(n: usize) -> usize {
+    if SLOTS_PER_BACKEND * n <= DEFAULT_SIZE {
+        return DEFAULT_SIZE;
+    }
+    let mut m = SLOTS_PER_BACKEND * n.next_power_of_two();
+    while !is_prime(m) {
+        m += 1;
+    }
+    m
+}
+
+impl MaglevTable {
+    /// Builds the table for backends named by `ids` (their order defines the returned indices;
+    /// placement depends only on the names, so callers should pass them sorted). Empty → empty.
+    pub fn build<S: AsRef<str>>(ids: &[S]) -> MaglevTable {
+        let n = ids.len();
+        if n == 0 {
+            return MaglevTable { slots: Vec::new() };
+        }
+        let m = table_size(n);
+        let perms: Vec<(usize, usize)> = ids
+            .iter()
+            .map(|id| {
+                let b = id.as_ref().as_bytes();
+                let offset = (hash64(0x6d61_676c, b) % m as u64) as usize;
+                let skip = (hash64(0x736b_6970, b) % (m as u64 - 1)) as usize + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0usize; n];
+        let mut slots = vec![u32::MAX; m];
+        let mut filled = 0;
+        'outer: loop {
+            for i in 0..n {
+                let (offset, skip) = perms[i];
+                let mut c = (offset + next[i] * skip) % m;
+                while slots[c] != u32::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                slots[c] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break 'outer;
+                }
+            }
+        }
+        MaglevTable { slots }
+    }
+
+    /// Number of slots (0 for an empty table).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the table has no backend.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The backend index for a key hash.
+    pub fn lookup(&self, key_hash: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        Some(self.slots[(key_hash % self.slots.len() as u64) as usize] as usize)
+    }
+
+    /// The raw slots (backend indices), for tests and diagnostics.
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("task-{i:03}")).collect()
+    }
+
+    #[test]
+    fn sizes_are_prime_and_large_enough() {
+        for n in (1..50).chain([600, 655, 656, 1000, 5000]) {
+            let m = table_size(n);
+            assert!(is_prime(m) && m >= 100 * n, "{n} -> {m}");
+        }
+        assert_eq!(table_size(1), 65_537);
+        assert_eq!(table_size(655), 65_537);
+        assert_eq!(table_size(700), table_size(1000), "stable within a power of two");
+    }
+
+    #[test]
+    fn shares_differ_by_at_most_one_slot() {
+        for n in [1, 2, 3, 7, 20] {
+            let t = MaglevTable::build(&names(n));
+            let mut count = vec![0usize; n];
+            for &s in t.slots() {
+                count[s as usize] += 1;
+            }
+            let (lo, hi) = (count.iter().min().copied(), count.iter().max().copied());
+            assert!(hi.unwrap() - lo.unwrap() <= 1, "{n}: {count:?}");
+        }
+    }
+
+    /// Frozen table: if the hash or the population order ever changes, keys silently move to
+    /// other backends on upgrade (and nodes of mixed versions disagree). This pins the layout.
+    #[test]
+    fn frozen_table_guards_against_silent_remapping() {
+        let t = MaglevTable::build(&["alpha", "bravo", "charlie"]);
+        assert_eq!(t.len(), 65_537);
+        let head: Vec<u32> = t.slots()[..24].to_vec();
+        let digest = hash64(0, &t.slots().iter().map(|&s| s as u8).collect::<Vec<u8>>());
+        assert_eq!(
+            (head, digest),
+            (FROZEN_HEAD.to_vec(), FROZEN_DIGEST),
+            "Maglev placement changed: this remaps client affinity across upgrades"
+        );
+        assert_eq!(hash64(0, &[198, 19, 0, 7]), FROZEN_KEY_HASH);
+    }
+    const FROZEN_HEAD: [u32; 24] =
+        [2, 0, 0, 2, 2, 1, 0, 2, 1, 2, 1, 1, 0, 0, 2, 0, 1, 0, 2, 1, 0, 2, 1, 2];
+    const FROZEN_DIGEST: u64 = 18247852100382509262;
+    const FROZEN_KEY_HASH: u64 = 1037965669502947158;
+
+    #[test]
+    fn removing_one_of_many_moves_little_besides_its_share() {
+        for n in [10usize, 25, 50] {
+            let all = names(n);
+            let before = MaglevTable::build(&all);
+            let gone = n / 3;
+            let rest: Vec<String> = all.iter().filter(|s| **s != all[gone]).cloned().collect();
+            let after = MaglevTable::build(&rest);
+            // Compare by key: 200k client hashes.
+            let keys = 200_000u64;
+            let mut moved = 0u64;
+            for k in 0..keys {
+                let h = hash64(1, &k.to_be_bytes());
+                let b = &all[before.lookup(h).unwrap_or(0)];
+                let a = &rest[after.lookup(h).unwrap_or(0)];
+                if b != a {
+                    moved += 1;
+                }
+            }
+            let frac = moved as f64 / keys as f64;
+            let bound = 0.01 + 1.0 / n as f64;
+            assert!(frac <= bound, "n={n}: moved {frac:.4} > {bound:.4}");
+            assert!(frac >= 1.0 / n as f64 * 0.8, "n={n}: its own share must move ({frac:.4})");
+        }
+    }
+}
