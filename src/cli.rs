@@ -47,6 +47,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create, join and leave a swarm.
+    Swarm {
+        #[command(subcommand)]
+        cmd: SwarmCmd,
+    },
+    /// Manage the swarm's nodes (on a manager).
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Print a shell completion script (e.g. `shoal completion bash > /etc/bash_completion.d/shoal`).
     Completion {
         #[arg(value_enum)]
@@ -61,6 +71,104 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SwarmCmd {
+    /// Make this node the first manager of a new swarm.
+    Init {
+        /// Address other nodes reach this node's control plane at: IP or IP:PORT.
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Where the control plane listens: IP or IP:PORT [default: 0.0.0.0:2377].
+        #[arg(long)]
+        listen_addr: Option<String>,
+        /// VXLAN data-path port for the whole swarm [default: 4789].
+        #[arg(long)]
+        data_path_port: Option<u16>,
+        /// Pool that overlay subnets are cut from [default: 10.0.0.0/8].
+        #[arg(long)]
+        default_addr_pool: Option<ipnet::IpNet>,
+    },
+    /// Join a swarm as a worker or a manager, as the token says.
+    Join {
+        #[arg(long)]
+        token: String,
+        /// Advertise address of this node: IP or IP:PORT.
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Where this node's control plane listens.
+        #[arg(long)]
+        listen_addr: Option<String>,
+        /// A manager, HOST:PORT.
+        remote: String,
+    },
+    /// Show (or rotate) the join token for workers or managers.
+    JoinToken {
+        /// Print the token only.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Replace the token; the old one no longer admits anyone.
+        #[arg(long)]
+        rotate: bool,
+        /// worker or manager.
+        role: String,
+    },
+    /// Leave the swarm.
+    Leave {
+        /// Leave even if this is the last manager or quorum would be lost.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Rotate the swarm's gossip key now (the leader also does it on its own schedule).
+    RotateGossipKey,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// List the swarm's nodes.
+    Ls {
+        /// Print node ids only.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show one node (JSON).
+    Inspect {
+        // Not named `node`: that id is the global `--node` (which lab node to talk to).
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        #[arg(long, value_parser = ["active", "pause", "drain"])]
+        availability: Option<String>,
+        /// Add or change a label, key=value.
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// Remove a label.
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
+    /// Make workers managers.
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make managers workers.
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Remove nodes from the swarm.
+    Rm {
+        /// Remove even a node that is not Down.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        nodes: Vec<String>,
     },
 }
 
@@ -80,6 +188,10 @@ enum LabCmd {
         /// Underlay /24 inside 198.18.0.0/15; the host gets .254.
         #[arg(long, default_value = lab::DEFAULT_SUBNET)]
         subnet: String,
+        /// Run standalone gossip (a shared key, seeded through node1) instead of waiting for
+        /// `shoal swarm init/join`.
+        #[arg(long)]
+        gossip: bool,
     },
     /// Stop the agents and remove everything the lab made.
     Down,
@@ -87,15 +199,20 @@ enum LabCmd {
     Status,
     /// Stop one node's agent (SIGTERM; `--kill` sends SIGKILL, like a crash).
     Stop {
+        #[arg(id = "target", value_name = "NODE")]
         node: String,
         #[arg(long)]
         kill: bool,
     },
     /// Start one node's agent again, with its data.
-    Start { node: String },
+    Start {
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
     /// Run a command inside a node's network namespace.
     Exec {
         /// The node, e.g. node1.
+        #[arg(id = "target", value_name = "NODE")]
         node: String,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
@@ -232,6 +349,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Lab { cmd } => return run_lab(&cli.lab, cmd).await,
+        Cmd::Swarm { cmd } => run_swarm(&cli.target()?, cmd).await?,
+        Cmd::Node { cmd } => run_node(&cli.target()?, cmd).await?,
         Cmd::Demo { cmd: DemoCmd::Visitor(args) } => crate::demo::run_visitor(args.clone()).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -269,10 +388,10 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet } => {
+        LabCmd::Up { nodes, subnet, gossip } => {
             let subnet = lab::parse_subnet(subnet)?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
-            let s = lab::up(name, *nodes, subnet, &exe).await?;
+            let s = lab::up(name, *nodes, subnet, *gossip, &exe).await?;
             println!(
                 "lab {} is up: {} nodes on {} (bridge {}, this host is {})",
                 s.name,
@@ -345,4 +464,166 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn path_segment(s: &str) -> anyhow::Result<&str> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        bail!("invalid node {s:?}: use its id, an id prefix or its host name");
+    }
+    Ok(s)
+}
+
+async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
+    use crate::api::swarm::{
+        InitRequest, JoinRequest, JoinToken, LeaveRequest, SwarmJoined, Warnings,
+    };
+    match cmd {
+        SwarmCmd::Init { advertise_addr, listen_addr, data_path_port, default_addr_pool } => {
+            let req = InitRequest {
+                advertise_addr: advertise_addr.clone(),
+                listen_addr: listen_addr.clone(),
+                data_path_port: *data_path_port,
+                default_addr_pool: *default_addr_pool,
+            };
+            let r: SwarmJoined = host.post_json("/swarm/init", &req).await?;
+            println!("Swarm initialized: current node ({}) is now a manager.\n", r.node_id);
+            if let Some(cmd) = r.worker_command {
+                println!(
+                    "To add a worker to this swarm, run the following command:\n\n    {cmd}\n"
+                );
+            }
+            println!(
+                "To add a manager to this swarm, run 'shoal swarm join-token manager' and follow the instructions."
+            );
+        }
+        SwarmCmd::Join { token, advertise_addr, listen_addr, remote } => {
+            let req = JoinRequest {
+                token: token.clone(),
+                remote_addr: remote.clone(),
+                advertise_addr: advertise_addr.clone(),
+                listen_addr: listen_addr.clone(),
+            };
+            let r: SwarmJoined = host.post_json("/swarm/join", &req).await?;
+            println!("This node joined a swarm as a {}.", r.role);
+        }
+        SwarmCmd::JoinToken { quiet, rotate, role } => {
+            if !matches!(role.as_str(), "worker" | "manager") {
+                bail!("unknown role {role:?}: use worker or manager");
+            }
+            let t: JoinToken =
+                host.get_json(&format!("/swarm/join-token/{role}?rotate={rotate}")).await?;
+            if *quiet {
+                println!("{}", t.token);
+            } else {
+                if *rotate {
+                    println!("Successfully rotated {role} join token.\n");
+                }
+                println!(
+                    "To add a {role} to this swarm, run the following command:\n\n    {}\n",
+                    t.command
+                );
+            }
+        }
+        SwarmCmd::Leave { force } => {
+            let () = host.post_json("/swarm/leave", &LeaveRequest { force: *force }).await?;
+            println!("Node left the swarm.");
+        }
+        SwarmCmd::RotateGossipKey => {
+            let w: Warnings = host.post_json("/swarm/rotate-gossip-key", &()).await?;
+            for warning in w.warnings {
+                eprintln!("WARNING: {warning}");
+            }
+            println!("Gossip key rotated.");
+        }
+    }
+    Ok(())
+}
+
+async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
+    use crate::api::swarm::Warnings;
+    use shoal_cluster::NodeView;
+    match cmd {
+        NodeCmd::Ls { quiet } => {
+            let nodes: Vec<NodeView> = host.get_json("/nodes").await?;
+            let me = host
+                .get_json::<NodeInfo>("/info")
+                .await
+                .ok()
+                .and_then(|i| i.swarm)
+                .map(|s| s.node_id);
+            if *quiet {
+                for n in &nodes {
+                    println!("{}", n.record.id);
+                }
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<16} {:<8} {:<14} {:<16} ENGINE VERSION",
+                "ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"
+            );
+            for n in &nodes {
+                let r = &n.record;
+                let id = r.id.to_string();
+                let mark = if me.as_deref() == Some(id.as_str()) { " *" } else { "" };
+                println!(
+                    "{:<16} {:<16} {:<8} {:<14} {:<16} {}",
+                    format!("{id}{mark}"),
+                    r.hostname,
+                    r.status.to_string(),
+                    r.availability.to_string(),
+                    n.manager_status.map(|m| m.to_string()).unwrap_or_default(),
+                    r.engine_version
+                );
+            }
+        }
+        NodeCmd::Inspect { node } => {
+            let n: serde_json::Value =
+                host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
+            println!("{}", serde_json::to_string_pretty(&n)?);
+        }
+        NodeCmd::Update { availability, label_add, label_rm, node } => {
+            let mut update = shoal_cluster::NodeUpdate {
+                availability: availability
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(|_| anyhow::anyhow!("invalid availability"))?,
+                label_add: Vec::new(),
+                label_rm: label_rm.clone(),
+            };
+            for kv in label_add {
+                let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+                if k.is_empty() {
+                    bail!("invalid label {kv:?}: use key=value");
+                }
+                update.label_add.push((k.to_owned(), v.to_owned()));
+            }
+            let () =
+                host.post_json(&format!("/nodes/{}/update", path_segment(node)?), &update).await?;
+            println!("{node}");
+        }
+        NodeCmd::Promote { nodes } | NodeCmd::Demote { nodes } => {
+            let promote = matches!(cmd, NodeCmd::Promote { .. });
+            for node in nodes {
+                let verb = if promote { "promote" } else { "demote" };
+                let w: Warnings =
+                    host.post_json(&format!("/nodes/{}/{verb}", path_segment(node)?), &()).await?;
+                for warning in w.warnings {
+                    eprintln!("WARNING: {warning}");
+                }
+                if promote {
+                    println!("Node {node} promoted to a manager in the swarm.");
+                } else {
+                    println!("Manager {node} demoted in the swarm.");
+                }
+            }
+        }
+        NodeCmd::Rm { force, nodes } => {
+            for node in nodes {
+                host.delete(&format!("/nodes/{}?force={force}", path_segment(node)?)).await?;
+                println!("{node}");
+            }
+        }
+    }
+    Ok(())
 }

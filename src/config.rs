@@ -22,6 +22,25 @@ pub enum LogFormat {
     Json,
 }
 
+/// Control-plane timings: Swarm's (5 s heartbeats) or fast ones for labs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterTuning {
+    #[default]
+    Default,
+    Fast,
+}
+
+impl ClusterTuning {
+    /// The control plane's timings for this choice.
+    pub fn tuning(self) -> shoal_cluster::Tuning {
+        match self {
+            ClusterTuning::Default => shoal_cluster::Tuning::default(),
+            ClusterTuning::Fast => shoal_cluster::Tuning::fast(),
+        }
+    }
+}
+
 /// The agent's resolved, validated configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentConfig {
@@ -51,6 +70,8 @@ pub struct AgentConfig {
     pub gossip_key_file: Option<PathBuf>,
     /// Gossip peers to join at start, `IP:PORT`.
     pub gossip_seeds: Vec<SocketAddr>,
+    /// Control-plane timings.
+    pub cluster_tuning: ClusterTuning,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -70,6 +91,7 @@ pub struct FileConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub gossip_key_file: Option<PathBuf>,
     pub gossip_seeds: Option<Vec<SocketAddr>>,
+    pub cluster_tuning: Option<ClusterTuning>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -120,6 +142,9 @@ pub struct AgentArgs {
     /// Gossip peer to join at start, IP:PORT (repeat, or comma-separate in SHOAL_GOSSIP_SEEDS).
     #[arg(long = "gossip-seed", env = "SHOAL_GOSSIP_SEEDS", value_delimiter = ',')]
     pub gossip_seeds: Vec<SocketAddr>,
+    /// Control-plane timings: default (Swarm's) or fast (labs, tests) [default: default].
+    #[arg(long, env = "SHOAL_CLUSTER_TUNING", value_enum)]
+    pub cluster_tuning: Option<ClusterTuning>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -194,6 +219,7 @@ impl AgentConfig {
             } else {
                 args.gossip_seeds.clone()
             },
+            cluster_tuning: args.cluster_tuning.or(file.cluster_tuning).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)

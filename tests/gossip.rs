@@ -66,7 +66,7 @@ fn five_agents_converge_detect_a_crash_and_take_it_back() {
     if !require_root("five_agents_converge_detect_a_crash_and_take_it_back") {
         return;
     }
-    let lab = Lab::up(5);
+    let lab = Lab::up_with(5, &["--gossip"]);
     let all = ["node1", "node2", "node3", "node4", "node5"];
     let t = until(&lab, &all, Duration::from_secs(30), "5 alive members everywhere", |m| {
         m.len() == 5 && m.values().all(|(s, _)| s == "alive")
@@ -97,7 +97,7 @@ fn hostile_datagrams_are_dropped_and_counted() {
     if !require_root("hostile_datagrams_are_dropped_and_counted") {
         return;
     }
-    let lab = Lab::up(2);
+    let lab = Lab::up_with(2, &["--gossip"]);
     until(&lab, &["node1", "node2"], Duration::from_secs(30), "2 alive", |m| {
         m.len() == 2 && m.values().all(|(s, _)| s == "alive")
     });

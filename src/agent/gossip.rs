@@ -51,3 +51,20 @@ pub fn info(snap: &Snapshot) -> GossipInfo {
         entries: snap.entries.len(),
     }
 }
+
+/// Forwards a scrape to whichever gossip instance runs now (standalone or the swarm's), so the
+/// registry holds one collector however often the node joins and leaves swarms.
+#[derive(Debug)]
+pub struct CurrentGossip(pub std::sync::Arc<arc_swap::ArcSwapOption<shoal_gossip::Gossip>>);
+
+impl prometheus_client::collector::Collector for CurrentGossip {
+    fn encode(
+        &self,
+        encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        match self.0.load().as_ref() {
+            Some(g) => g.collector().encode(encoder),
+            None => Ok(()),
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! wire the overlay, DNS, the mesh and the control plane in here.
 
 pub mod gossip;
+pub mod swarm;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -86,17 +87,35 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket_path = config.socket.clone();
     let metrics_addr = config.metrics_addr;
     let mut metrics = Metrics::new(&config.node_name);
-    let gossip = match &config.gossip_key_file {
-        Some(path) => {
-            let key = crate::config::load_gossip_key(path).map_err(anyhow::Error::msg)?;
-            let g = Arc::new(shoal_gossip::Gossip::start(gossip::config(&config, key)).await?);
-            g.register_metrics(metrics.registry_mut());
-            tracing::info!(addr = %g.local_addr(), seeds = ?config.gossip_seeds, "gossip started");
-            Some(g)
-        }
-        None => None,
-    };
-    let state = Arc::new(ApiState { metrics, started: Instant::now(), config, gossip });
+    let current_gossip = Arc::new(arc_swap::ArcSwapOption::<shoal_gossip::Gossip>::empty());
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(gossip::CurrentGossip(current_gossip.clone())));
+    if let Some(path) = &config.gossip_key_file {
+        let key = crate::config::load_gossip_key(path).map_err(anyhow::Error::msg)?;
+        let g = shoal_gossip::Gossip::start(gossip::config(&config, key)).await?;
+        tracing::info!(addr = %g.local_addr(), seeds = ?config.gossip_seeds, "standalone gossip started");
+        current_gossip.store(Some(Arc::new(g)));
+    }
+    // A node that was in a swarm when it stopped is in it again.
+    let mut swarm = None;
+    if config.gossip_key_file.is_none()
+        && let Some(c) =
+            shoal_cluster::Cluster::open(&config.data_dir, config.cluster_tuning.tuning()).await?
+    {
+        let s = swarm::Swarm::start(&config, c).await?;
+        tracing::info!(node = %s.cluster.info().node, "rejoined the swarm");
+        current_gossip.store(Some(s.gossip.clone()));
+        swarm = Some(s);
+    }
+    let state = Arc::new(ApiState {
+        metrics,
+        started: Instant::now(),
+        cluster: arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.cluster.clone()))),
+        swarm: tokio::sync::Mutex::new(swarm),
+        gossip: current_gossip,
+        config,
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics_server = None;
@@ -141,13 +160,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(m) = metrics_server {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), m).await;
     }
-    // Say goodbye so the others mark us left at once instead of suspecting us for seconds. The
-    // servers are gone, so this is the last reference to the state.
-    if let Ok(ApiState { gossip: Some(g), metrics, .. }) = Arc::try_unwrap(state) {
-        drop(metrics);
-        if let Some(g) = Arc::into_inner(g) {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
-        }
+    // Say goodbye so the others mark us left at once instead of suspecting us for seconds.
+    if let Some(sw) = state.swarm.lock().await.take() {
+        state.gossip.store(None);
+        sw.stop().await;
+    } else if let Some(g) = state.gossip.swap(None).and_then(Arc::into_inner) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
     }
     if let Err(e) = fs::remove_file(&socket_path) {
         tracing::warn!(error = %e, "removing the API socket");

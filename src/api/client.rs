@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -44,14 +44,45 @@ impl Host {
 
     /// GETs `path` and returns the raw body of a 2xx answer.
     pub async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
+        self.request(hyper::Method::GET, path, None).await
+    }
+
+    /// POSTs `body` as JSON to `path` and decodes the JSON answer (`()` for an empty one).
+    pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let body = serde_json::to_vec(body).context("encoding the request")?;
+        let answer = self.request(hyper::Method::POST, path, Some(body)).await?;
+        let answer: &[u8] = if answer.is_empty() { b"null" } else { &answer };
+        serde_json::from_slice(answer)
+            .with_context(|| format!("decoding the agent's answer to {path}"))
+    }
+
+    /// DELETEs `path`.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.request(hyper::Method::DELETE, path, None).await.map(drop)
+    }
+
+    async fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Bytes> {
         let stream = connect(&self.socket).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake with the agent")?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, "shoal")
-            .body(Empty::<Bytes>::new())
+        let mut req =
+            hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, "shoal");
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .context("building the request")?;
         let resp = sender.send_request(req).await.context("sending the request to the agent")?;
         let status = resp.status();
@@ -61,7 +92,7 @@ impl Host {
             let msg = serde_json::from_slice::<ErrorBody>(&body)
                 .map(|e| e.message)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(anyhow!("agent answered {status}: {msg}"));
+            return Err(anyhow!("{msg}"));
         }
         Ok(body)
     }

@@ -2,6 +2,7 @@
 //! The types here are the wire contract between `shoal` the CLI and `shoal agent`.
 
 pub mod client;
+pub mod swarm;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,6 +64,20 @@ pub struct NodeInfo {
     pub version: String,
     /// Gossip membership, when this agent has joined gossip.
     pub gossip: Option<GossipInfo>,
+    /// The swarm, when this node is in one.
+    pub swarm: Option<SwarmInfo>,
+}
+
+/// This node's place in its swarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmInfo {
+    pub node_id: String,
+    /// `manager` or `worker`.
+    pub role: String,
+    /// The Raft leader's node id, as a manager sees it.
+    pub leader: Option<String>,
+    /// Managers' control addresses.
+    pub managers: Vec<String>,
 }
 
 /// What an agent sees of gossip.
@@ -102,7 +117,12 @@ pub struct ApiState {
     pub config: AgentConfig,
     pub started: Instant,
     pub metrics: Metrics,
-    pub gossip: Option<Arc<shoal_gossip::Gossip>>,
+    /// The gossip instance running now: standalone (key file) or the swarm's.
+    pub gossip: Arc<arc_swap::ArcSwapOption<shoal_gossip::Gossip>>,
+    /// Set while this node is in a swarm.
+    pub swarm: tokio::sync::Mutex<Option<crate::agent::swarm::Swarm>>,
+    /// A copy of the swarm's handle for readers that must not wait on `swarm`'s lock.
+    pub cluster: arc_swap::ArcSwapOption<shoal_cluster::Cluster>,
 }
 
 /// The full API router.
@@ -111,6 +131,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/version", get(version))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
+        .merge(swarm::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
@@ -123,7 +144,9 @@ pub fn metrics_router(state: Arc<ApiState>) -> Router {
 
 async fn count_requests(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let path = match req.uri().path() {
-        p @ ("/version" | "/info" | "/metrics") => p.to_owned(),
+        p @ ("/version" | "/info" | "/metrics" | "/nodes") => p.to_owned(),
+        p if p.starts_with("/swarm/") => p.to_owned(),
+        p if p.starts_with("/nodes/") => "/nodes/{id}".to_owned(),
         _ => "other".to_owned(),
     };
     let resp = next.run(req).await;
@@ -151,7 +174,16 @@ async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
         data_dir: c.data_dir.display().to_string(),
         socket: c.socket.display().to_string(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        gossip: state.gossip.as_ref().map(|g| crate::agent::gossip::info(&g.snapshot())),
+        gossip: state.gossip.load().as_ref().map(|g| crate::agent::gossip::info(&g.snapshot())),
+        swarm: state.cluster.load().as_ref().map(|c| {
+            let i = c.info();
+            SwarmInfo {
+                node_id: i.node.to_string(),
+                role: i.role.to_string(),
+                leader: i.leader.map(|l| l.to_string()),
+                managers: i.managers.iter().map(ToString::to_string).collect(),
+            }
+        }),
     })
 }
 

@@ -46,6 +46,9 @@ pub struct LabState {
     pub bridge: String,
     pub host_addr: Ipv4Addr,
     pub nodes: Vec<LabNode>,
+    /// Agents run standalone gossip from a shared key instead of waiting for a swarm.
+    #[serde(default)]
+    pub standalone_gossip: bool,
 }
 
 /// One host of the lab.
@@ -126,6 +129,7 @@ impl LabState {
             bridge: format!("{name}-br"),
             host_addr: Ipv4Addr::from(base + u32::from(HOST_OCTET)),
             nodes,
+            standalone_gossip: false,
         })
     }
 
@@ -172,9 +176,11 @@ pub async fn up(
     name: &str,
     nodes: u8,
     subnet: Ipv4Net,
+    gossip: bool,
     agent_exe: &Path,
 ) -> anyhow::Result<LabState> {
     let mut state = LabState::plan(name, nodes, subnet)?;
+    state.standalone_gossip = gossip;
     if lab_dir(name).exists() || NetNs::list().iter().any(|n| is_lab_netns(name, n)) {
         bail!("lab {name:?} already exists; run `shoal lab down --lab {name}` first");
     }
@@ -193,7 +199,9 @@ pub async fn up(
         bail!("{host_ip} is already assigned on this host; pick another --subnet");
     }
     state.save()?;
-    write_gossip_key(name)?;
+    if gossip {
+        write_gossip_key(name)?;
+    }
     match build(&mut state, agent_exe).await {
         Ok(()) => Ok(state),
         Err(e) => {
@@ -260,7 +268,7 @@ async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
         }
     }
 
-    let seed = state.nodes[0].addr;
+    let seed = state.standalone_gossip.then_some(state.nodes[0].addr);
     for i in 0..state.nodes.len() {
         let pid = spawn_agent(&state.nodes[i], seed, agent_exe)?;
         state.nodes[i].pid = Some(pid);
@@ -290,7 +298,12 @@ fn write_gossip_key(lab: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_agent(node: &LabNode, seed: Ipv4Addr, agent_exe: &Path) -> anyhow::Result<u32> {
+/// How a lab's agents gossip: standalone through a seed, or as the swarm says (None).
+fn spawn_agent(
+    node: &LabNode,
+    gossip_seed: Option<Ipv4Addr>,
+    agent_exe: &Path,
+) -> anyhow::Result<u32> {
     let lab_dir = node.socket.parent().context("lab node socket has no directory")?;
     fs::create_dir_all(&node.data_dir)?;
     let log = fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
@@ -303,9 +316,8 @@ fn spawn_agent(node: &LabNode, seed: Ipv4Addr, agent_exe: &Path) -> anyhow::Resu
         .arg(&node.socket)
         .args(["--advertise-addr", &node.addr.to_string()])
         .args(["--log-format", "json"])
-        .arg("--gossip-key-file")
-        .arg(lab_dir.join("gossip.key"))
-        .args(["--gossip-seed", &format!("{seed}:7946")])
+        // Labs are for seeing things happen: Raft and heartbeats on short timers.
+        .args(["--cluster-tuning", "fast"])
         .env_remove("SHOAL_CONFIG")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -316,6 +328,11 @@ fn spawn_agent(node: &LabNode, seed: Ipv4Addr, agent_exe: &Path) -> anyhow::Resu
         if k.to_str().is_some_and(|k| k.starts_with("SHOAL_") && k != "SHOAL_LOG_LEVEL") {
             cmd.env_remove(k);
         }
+    }
+    if let Some(seed) = gossip_seed {
+        cmd.arg("--gossip-key-file")
+            .arg(lab_dir.join("gossip.key"))
+            .args(["--gossip-seed", &format!("{seed}:7946")]);
     }
     let ns = NetNs::open(&node.netns)?;
     let child =
@@ -498,7 +515,7 @@ pub async fn start_node(lab: &str, node: &str, agent_exe: &Path) -> anyhow::Resu
     // Join through node1, or through node2 when node1 itself comes back.
     let seed =
         state.nodes.iter().find(|n| n.name != node).map_or(state.nodes[idx].addr, |n| n.addr);
-    let pid = spawn_agent(&state.nodes[idx], seed, agent_exe)?;
+    let pid = spawn_agent(&state.nodes[idx], state.standalone_gossip.then_some(seed), agent_exe)?;
     state.nodes[idx].pid = Some(pid);
     state.save()?;
     wait_for_agent(&state.nodes[idx], Duration::from_secs(30)).await?;

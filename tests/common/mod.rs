@@ -45,6 +45,11 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab of `nodes` hosts on a free /24 of 198.18.1.0 - 198.18.250.0.
     pub fn up(nodes: u8) -> Lab {
+        Lab::up_with(nodes, &[])
+    }
+
+    /// The same with extra `lab up` flags (e.g. `--gossip`).
+    pub fn up_with(nodes: u8, extra: &[&str]) -> Lab {
         let name = shoal_netns::testing::unique_prefix("l");
         let seed: u32 = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
         let mut last = String::new();
@@ -64,6 +69,7 @@ impl Lab {
                     "--subnet",
                     &subnet.to_string(),
                 ])
+                .args(extra)
                 .output()
                 .expect("running shoal lab up");
             if out.status.success() {

@@ -211,7 +211,13 @@ impl Gossip {
     /// Registers the gossip metrics (members by state, messages and bytes in/out, drops by
     /// reason, probe RTT, entries) with a Prometheus registry; values are read at scrape time.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register_collector(Box::new(crate::prom::GossipCollector(self.snapshot.clone())));
+        registry.register_collector(Box::new(self.collector()));
+    }
+
+    /// The same metrics as a collector of its own, for a caller that registers one collector
+    /// and forwards to whichever gossip instance is current.
+    pub fn collector(&self) -> impl prometheus_client::collector::Collector {
+        crate::prom::GossipCollector(self.snapshot.clone())
     }
 
     /// A stream of membership and entry changes from now on (lagging receivers lose the

@@ -76,7 +76,7 @@ impl NetNs {
     /// Creates a new, empty network namespace (only `lo`, down) named `name`.
     pub fn create(name: &str) -> Result<NetNs> {
         validate(name)?;
-        fs::create_dir_all(NETNS_DIR).map_err(|e| Error::io(name, "create /run/netns", e))?;
+        prepare_dir().map_err(|e| Error::io(name, "prepare /run/netns", e))?;
         let path = path_of(name);
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(_) => {}
@@ -207,6 +207,43 @@ impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Makes `/run/netns` a shared mount of its own, as iproute2 does before its first namespace.
+/// Were it a plain directory, the first `ip netns add` run later would bind-mount it onto itself
+/// and bury our namespace mounts underneath, where they can be neither unmounted nor removed.
+fn prepare_dir() -> io::Result<()> {
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if READY.get().is_some() {
+        return Ok(());
+    }
+    fs::create_dir_all(NETNS_DIR)?;
+    let shared = || {
+        nix::mount::mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => {}
+        // Not a mount point yet: make it one, then shared.
+        Err(nix::errno::Errno::EINVAL) => {
+            nix::mount::mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            shared()?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let _ = READY.set(());
+    Ok(())
 }
 
 fn is_nsfs(file: &File) -> bool {

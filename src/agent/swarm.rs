@@ -1,0 +1,157 @@
+//! The swarm in the agent: `swarm init/join/leave` start and stop the control plane, and while
+//! the node is in a swarm its gossip runs with the cluster's keyring (kept in step as the
+//! leader rotates keys) and reports members up and down back to the control plane, which
+//! marks nodes Ready or Down from it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use shoal_cluster::{Cluster, Error as ClusterError, NodeId};
+use shoal_gossip::{Event, Gossip, NodeMeta};
+use tokio::task::JoinHandle;
+
+use crate::config::AgentConfig;
+
+/// A node in a swarm: the control plane, its gossip, and the tasks that tie them together.
+#[derive(Debug)]
+pub struct Swarm {
+    pub cluster: Cluster,
+    pub gossip: Arc<Gossip>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The gossip id and metadata of a swarm node: its cluster node id is its gossip identity.
+fn gossip_config(
+    cfg: &AgentConfig,
+    cluster: &Cluster,
+) -> anyhow::Result<shoal_gossip::GossipConfig> {
+    let info = cluster.info();
+    let keyring = cluster.gossip_keys().borrow().clone();
+    let mut keys: Vec<[u8; 32]> = Vec::new();
+    if let Some(p) = keyring.primary_key() {
+        keys.push(p.key);
+    }
+    keys.extend(keyring.keys.iter().filter(|k| k.id != keyring.primary).map(|k| k.key));
+    anyhow::ensure!(!keys.is_empty(), "the swarm has no gossip key yet");
+    let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
+    let mut g = crate::agent::gossip::config(cfg, keys[0]);
+    g.keys = keys;
+    g.node = shoal_gossip::NodeId::from_name(&info.node.to_string());
+    g.meta = NodeMeta {
+        id: info.node.to_string(),
+        name: info.hostname.clone(),
+        role: match info.role {
+            shoal_cluster::Role::Manager => shoal_gossip::Role::Manager,
+            shoal_cluster::Role::Worker => shoal_gossip::Role::Worker,
+        },
+        underlay: Some(cfg.advertise_addr),
+        data_port: cfg.data_path_port,
+        ..NodeMeta::default()
+    };
+    // Managers are alive whenever the swarm is; join gossip through them.
+    g.seeds = info
+        .managers
+        .iter()
+        .map(|m| SocketAddr::new(m.ip(), cfg.gossip_port))
+        .filter(|s| *s != advertise)
+        .collect();
+    Ok(g)
+}
+
+impl Swarm {
+    /// Starts gossip for a node that is in a swarm and ties it to the control plane.
+    pub async fn start(cfg: &AgentConfig, cluster: Cluster) -> anyhow::Result<Swarm> {
+        let gossip = Arc::new(Gossip::start(gossip_config(cfg, &cluster)?).await?);
+        let mut tasks = Vec::new();
+
+        // Keyring: the leader adds a key, makes it primary, retires the old one; follow it.
+        let (g, mut keys) = (gossip.clone(), cluster.gossip_keys());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let ring = keys.borrow_and_update().clone();
+                if let Err(e) = sync_keyring(&g, &ring).await {
+                    tracing::warn!(error = %e, "applying the swarm's gossip keyring");
+                }
+                if keys.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+
+        // Liveness: gossip's view of members is the control plane's Ready/Down.
+        let (g, c) = (gossip.clone(), cluster.clone());
+        let mut events = g.subscribe();
+        tasks.push(tokio::spawn(async move {
+            for m in &g.snapshot().members {
+                report(&c, m, m.state != shoal_gossip::MemberState::Down).await;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(Event::MemberUp(m)) => report(&c, &m, true).await,
+                    Ok(Event::MemberDown(m)) => report(&c, &m, false).await,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for m in &g.snapshot().members {
+                            report(&c, m, m.state != shoal_gossip::MemberState::Down).await;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }));
+        Ok(Swarm { cluster, gossip, tasks })
+    }
+
+    /// Stops gossip (saying goodbye) and the control plane's tasks.
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(g) = Arc::into_inner(self.gossip) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+async fn report(c: &Cluster, m: &shoal_gossip::MemberView, up: bool) {
+    let Some(id) = m.meta.as_ref().and_then(|meta| meta.id.parse::<NodeId>().ok()) else {
+        return;
+    };
+    match c.member_status(id, up).await {
+        // Workers have no say; only managers record liveness.
+        Ok(()) | Err(ClusterError::NotManager(_)) => {}
+        Err(e) => tracing::debug!(node = %id, up, error = %e, "reporting gossip liveness"),
+    }
+}
+
+/// Makes gossip's keyring equal to the swarm's: add new keys, switch the primary, drop old ones.
+async fn sync_keyring(g: &Gossip, ring: &shoal_cluster::Keyring) -> anyhow::Result<()> {
+    let have = g.snapshot().key_ids.clone();
+    let want: Vec<(u32, [u8; 32])> =
+        ring.keys.iter().map(|k| (shoal_gossip::key_id(&k.key), k.key)).collect();
+    for (id, key) in &want {
+        if !have.contains(id) {
+            g.add_key(*key).await?;
+        }
+    }
+    if let Some(p) = ring.primary_key() {
+        g.make_primary(shoal_gossip::key_id(&p.key)).await?;
+    }
+    for id in have {
+        if !want.iter().any(|(w, _)| *w == id) {
+            g.remove_key(id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `--advertise-addr` as Docker takes it: an IP, or IP:PORT; the port defaults to `default_port`.
+pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("invalid address {s:?}: expected IP or IP:PORT"))
+}
