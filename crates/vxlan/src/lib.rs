@@ -18,7 +18,8 @@
 //!   address; VXLAN devices of encrypted networks use tunnel addresses, so the kernel hands
 //!   whole IPv4/UDP/VXLAN packets to the TUN, and a boringtun `noise::Tunn` per peer carries
 //!   them over UDP 51820 (batched `recvmmsg`/`sendmmsg`, UDP GSO/GRO when the kernel has
-//!   them, fixed buffers, boringtun's timers).
+//!   them, TUN offloads: 64 KB VXLAN GSO reads segmented in userspace and UDP GSO super-packet
+//!   writes, fixed buffers, boringtun's timers).
 //! - [`guard`]: the nftables table that drops cleartext VXLAN for encrypted VNIs.
 //!
 //! # Driving it (the agent)

@@ -177,9 +177,26 @@ fn encrypted_network_hides_payload_and_drops_forged_cleartext() {
         assert!(ping_until(&format!("{p}t1"), t2ip, 10), "encrypted ping (handshake first)");
         assert!(ping(&format!("{p}t1"), t2ip, 3));
         let marker = b"SHOAL-MARKER-7f3a9c ";
-        let got = tcp_transfer(&t2, &t1, t2ip, 5004, marker, 1 << 20);
-        assert_eq!(got.len(), 1 << 20);
-        assert!(got.starts_with(marker));
+        // 64 KB writes, so the sender's kernel builds TCP GSO packets (the TUN offload path);
+        // every byte must arrive intact through segmentation, encryption and coalescing.
+        let chunk: Vec<u8> = marker
+            .iter()
+            .copied()
+            .chain((0..).map(|i: u32| (i % 251) as u8))
+            .take(1 << 16)
+            .collect();
+        let got = tcp_transfer(&t2, &t1, t2ip, 5004, &chunk, 4 << 20);
+        assert_eq!(got.len(), 4 << 20);
+        assert!(got.chunks(chunk.len()).all(|c| c == &chunk[..]), "payload arrived intact");
+        // The receiving node batched decrypted datagrams into UDP GSO writes to its TUN (the
+        // transfer above went through them intact).
+        let dev = overlays[1].device_stats().expect("encryption on");
+        assert!(dev.tun_gso && dev.tun_gso_writes > 0, "{dev:?}");
+        assert!(dev.tun_gso_datagrams >= 2 * dev.tun_gso_writes, "{dev:?}");
+        // On kernels with TUN UDP-tunnel GSO (6.17+) the sending node read whole VXLAN GSO
+        // packets from its TUN and cut them itself.
+        let sender = overlays[0].device_stats().expect("encryption on");
+        assert!(!sender.tun_tso || sender.tun_tso_reads > 0, "{sender:?}");
         lab.stop_captures();
         let raw = std::fs::read(&cap).expect("capture file");
         assert!(raw.len() > 1 << 20, "the capture saw the transfer ({} bytes)", raw.len());

@@ -1,15 +1,20 @@
 //! The encrypted data path: one TUN device per node, one boringtun `noise::Tunn` per peer, one
 //! UDP socket, two threads.
 //!
-//! - **tx thread**: reads packets the kernel routed into the TUN (the outer IPv4/UDP/VXLAN
-//!   packets of encrypted networks, addressed to a peer's tunnel address), encrypts each with
-//!   that peer's `Tunn` into a fixed batch buffer, and sends the batch with one `sendmmsg`,
-//!   runs of equal-sized datagrams to one peer as a single UDP GSO message.
+//! - **tx thread**: reads what the kernel routed into the TUN (the outer IPv4/UDP/VXLAN packets
+//!   of encrypted networks, addressed to a peer's tunnel address). With the TUN's send-side
+//!   offloads (Linux 6.17+: `TUN_F_TSO4` + `TUN_F_UDP_TUNNEL_GSO`) one read returns a whole
+//!   VXLAN-over-TCP GSO packet of up to 64 KB, which [`gro`] cuts into MTU-sized packets
+//!   (checksums included) since boringtun takes one IP packet at a time. Each packet is
+//!   encrypted with that peer's `Tunn` into a fixed batch buffer, and the batch goes out with
+//!   one `sendmmsg`, runs of equal-sized datagrams to one peer as a single UDP GSO message.
 //! - **rx thread**: receives a batch with one `recvmmsg` (UDP GRO: each buffer may hold many
-//!   datagrams), finds the peer by source address,
-//!   decrypts, checks the inner source is that peer's tunnel address and that VXLAN inside is
-//!   for an encrypted VNI, and writes the packet to the TUN. It also runs boringtun's timers
-//!   (handshake retries, rekeying, keepalives) every 100 ms.
+//!   datagrams), finds the peer by source address, decrypts, checks the inner source is that
+//!   peer's tunnel address and that VXLAN inside is for an encrypted VNI, and writes the
+//!   packets to the TUN, consecutive datagrams of one VTEP pair as one UDP GSO super-packet
+//!   (one `writev` and one pass through IP/UDP per up to 64 datagrams; the VXLAN device's GRO
+//!   then coalesces the inner TCP segments before the bridge, veth and TCP receive path). It
+//!   also runs boringtun's timers (handshake retries, rekeying, keepalives) every 100 ms.
 //!
 //! The peer set is an immutable snapshot swapped in whole (arc-swap), so the hot path takes no
 //! lock the control path holds, except each peer's own `Tunn` mutex (boringtun needs `&mut`).
@@ -17,11 +22,14 @@
 //! plain threads doing blocking system calls rather than tokio tasks: the data path is a tight
 //! loop over batched syscalls, and a runtime would only add wake-ups.
 
+mod gro;
 mod sys;
 
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{IoSlice, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,6 +45,42 @@ use serde::Serialize;
 use crate::reconcile::WgPeer;
 use crate::wire;
 use crate::{EncryptionConfig, Error, NodeNs, keys::NodeKey};
+
+/// Fuzzing entry point (not for the agent): runs the TUN offload code over arbitrary bytes,
+/// the first [`gro::VNET_HDR_LEN`] as a virtio-net header and the rest as a packet, both as a
+/// read would hand them to the tx thread and as a decrypted packet joining an rx train. Panics
+/// if an invariant breaks.
+#[doc(hidden)]
+pub fn fuzz_offload(data: &[u8]) {
+    let Some((hdr, pkt)) = data.split_first_chunk::<{ gro::VNET_HDR_LEN }>() else {
+        return;
+    };
+    let mut pkt = pkt.to_vec();
+    let mut out = [0u8; 2048];
+    match gro::tx_plan(hdr, &pkt, out.len()) {
+        Some(gro::TxPlan::Checksum { start, offset }) => {
+            gro::complete_checksum(&mut pkt, start, offset)
+        }
+        Some(gro::TxPlan::Segment(segs)) => {
+            let mut total = 0;
+            for i in 0..segs.count {
+                let len = segs.write(&pkt, i, &mut out);
+                assert!(len <= out.len());
+                total += len;
+            }
+            assert!(total >= pkt.len());
+        }
+        _ => {}
+    }
+    if let Some(seg) = gro::segment(&pkt, DEFAULT_FUZZ_PORT) {
+        let mut train = gro::Train::start(seg);
+        assert!(gro::same_flow(&pkt, &pkt));
+        let _ = train.push(seg);
+        let _ = gro::finish(&mut pkt, &train);
+    }
+}
+
+const DEFAULT_FUZZ_PORT: u16 = crate::DEFAULT_DATA_PORT;
 
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,6 +219,18 @@ pub struct DeviceStats {
     pub udp_gso: bool,
     /// Whether receives use UDP GRO.
     pub udp_gro: bool,
+    /// Whether decrypted datagrams go to the TUN batched as UDP GSO super-packets (turned off
+    /// if the kernel refuses one).
+    pub tun_gso: bool,
+    /// Super-packets written to the TUN.
+    pub tun_gso_writes: u64,
+    /// Datagrams those super-packets carried.
+    pub tun_gso_datagrams: u64,
+    /// Whether the kernel hands the TUN whole TCP and VXLAN-over-TCP GSO packets (segmented by
+    /// the tx thread) instead of segmenting them itself (Linux 6.17+).
+    pub tun_tso: bool,
+    /// GSO packets read from the TUN and segmented.
+    pub tun_tso_reads: u64,
 }
 
 #[derive(Debug, Default)]
@@ -182,6 +238,9 @@ struct DeviceCounters {
     rx_unknown_peer: AtomicU64,
     tx_unknown_peer: AtomicU64,
     tx_malformed: AtomicU64,
+    tun_gso_writes: AtomicU64,
+    tun_gso_datagrams: AtomicU64,
+    tun_tso_reads: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -198,6 +257,10 @@ struct Shared {
     gso: AtomicBool,
     /// UDP GRO on receives.
     gro: bool,
+    /// UDP GSO super-packets on TUN writes (turned off if the kernel refuses one).
+    tun_gso: AtomicBool,
+    /// TCP (and VXLAN-tunnelled TCP) GSO packets on TUN reads.
+    tun_tso: bool,
 }
 
 /// The node's WireGuard device: TUN, UDP socket, data-path threads. Dropping it stops the
@@ -221,9 +284,10 @@ impl Device {
     ) -> Result<Device, Error> {
         let name = enc.tun_name.clone();
         let port = enc.port;
-        let (tun, udp) = node.run(move || -> Result<(OwnedFd, UdpSocket), Error> {
-            let tun = sys::open_tun(&name)
+        let (tun, udp) = node.run(move || -> Result<((File, bool), UdpSocket), Error> {
+            let (tun, tso) = sys::open_tun(&name)
                 .map_err(|e| Error::Io { op: "create TUN device", source: e })?;
+            let tun = (File::from(tun), tso);
             let sock = socket2::Socket::new(
                 socket2::Domain::IPV4,
                 socket2::Type::DGRAM,
@@ -244,9 +308,10 @@ impl Device {
                 .map_err(|e| Error::Io { op: "bind the WireGuard port", source: e })?;
             Ok((tun, sock.into()))
         })??;
+        let (tun, tun_tso) = tun;
         let gso = sys::probe_gso(&udp);
         let gro = sys::enable_gro(&udp);
-        tracing::info!(gso, gro, "WireGuard UDP offloads");
+        tracing::info!(gso, gro, tun_tso, "WireGuard UDP and TUN offloads");
         let shared = Arc::new(Shared {
             key: enc.key.clone(),
             data_port,
@@ -258,6 +323,8 @@ impl Device {
             control: Mutex::new(()),
             gso: AtomicBool::new(gso),
             gro,
+            tun_gso: AtomicBool::new(true),
+            tun_tso,
         });
         let buf_size = (tun_mtu as usize + 64).max(2048);
         let tun = Arc::new(tun);
@@ -355,6 +422,11 @@ impl Device {
             guard_dropped_cleartext: 0,
             udp_gso: self.shared.gso.load(Ordering::Relaxed),
             udp_gro: self.shared.gro,
+            tun_gso: self.shared.tun_gso.load(Ordering::Relaxed),
+            tun_gso_writes: c.tun_gso_writes.load(Ordering::Relaxed),
+            tun_gso_datagrams: c.tun_gso_datagrams.load(Ordering::Relaxed),
+            tun_tso: self.shared.tun_tso,
+            tun_tso_reads: c.tun_tso_reads.load(Ordering::Relaxed),
         }
     }
 }
@@ -374,23 +446,36 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
     matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
 }
 
-fn tx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
-    let mut inbuf = vec![0u8; buf_size];
+/// Largest packet a TUN read returns with the send-side offloads on (a 64 KB GSO packet).
+const TUN_READ_MAX: usize = 65536 + 256;
+
+fn tx_loop(shared: &Shared, tun: &File, udp: &UdpSocket, buf_size: usize) {
+    let mut inbuf = vec![0u8; gro::VNET_HDR_LEN + TUN_READ_MAX.max(buf_size)];
+    // One segment of a GSO packet, finished and waiting for boringtun.
+    let mut segment = vec![0u8; buf_size];
     let mut out = sys::SendBatch::new(buf_size + 32);
     while !shared.stop.load(Ordering::Relaxed) {
         if !wait_readable(tun, TIMER_TICK) {
             continue;
         }
         let snap = shared.snapshot.load();
-        // Drain the TUN into one batch, then send it with one syscall.
+        // Drain the TUN into batches, each sent with one syscall.
         loop {
             let n = match nix::unistd::read(tun, &mut inbuf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(_) => break,
             };
-            let pkt = &inbuf[..n];
-            let Some(dst) = wire::ipv4_destination(pkt) else {
+            if n <= gro::VNET_HDR_LEN {
+                shared.counters.tx_malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let (hdr, pkt) = inbuf[..n].split_at_mut(gro::VNET_HDR_LEN);
+            let hdr: &[u8; gro::VNET_HDR_LEN] =
+                (&*hdr).try_into().unwrap_or(&[0; gro::VNET_HDR_LEN]);
+            let (Some(dst), Some(plan)) =
+                (wire::ipv4_destination(pkt), gro::tx_plan(hdr, pkt, segment.len()))
+            else {
                 shared.counters.tx_malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -398,33 +483,51 @@ fn tx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
                 shared.counters.tx_unknown_peer.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let slot = out.count;
-            let Ok(mut tunn) = peer.tunn.lock() else {
-                continue;
-            };
-            match tunn.encapsulate(pkt, &mut out.bufs[slot]) {
-                TunnResult::WriteToNetwork(b) => {
-                    let len = b.len();
-                    // Message type 4 is transport data; anything else is a handshake message.
-                    if b.first() != Some(&4) {
-                        peer.counters.handshakes_sent.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        peer.counters.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    out.lens[slot] = len;
-                    out.to[slot] = peer.endpoint;
-                    out.count += 1;
+            match plan {
+                gro::TxPlan::Whole => encrypt(shared, peer, pkt, &mut out, udp),
+                gro::TxPlan::Checksum { start, offset } => {
+                    gro::complete_checksum(pkt, start, offset);
+                    encrypt(shared, peer, pkt, &mut out, udp);
                 }
-                TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
-                _ => {}
-            }
-            drop(tunn);
-            if out.is_full() {
-                flush(shared, &mut out, udp);
+                gro::TxPlan::Segment(segs) => {
+                    shared.counters.tun_tso_reads.fetch_add(1, Ordering::Relaxed);
+                    for i in 0..segs.count {
+                        let len = segs.write(pkt, i, &mut segment);
+                        encrypt(shared, peer, &segment[..len], &mut out, udp);
+                    }
+                }
             }
         }
         flush(shared, &mut out, udp);
+    }
+}
+
+/// Encrypts one packet for `peer` into the next slot of the batch (sending the batch first
+/// when it is full).
+fn encrypt(shared: &Shared, peer: &Peer, pkt: &[u8], out: &mut sys::SendBatch, udp: &UdpSocket) {
+    if out.is_full() {
+        flush(shared, out, udp);
+    }
+    let slot = out.count;
+    let Ok(mut tunn) = peer.tunn.lock() else {
+        return;
+    };
+    match tunn.encapsulate(pkt, &mut out.bufs[slot]) {
+        TunnResult::WriteToNetwork(b) => {
+            let len = b.len();
+            // Message type 4 is transport data; anything else is a handshake message.
+            if b.first() != Some(&4) {
+                peer.counters.handshakes_sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.counters.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+            }
+            out.lens[slot] = len;
+            out.to[slot] = peer.endpoint;
+            out.count += 1;
+        }
+        TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
+        _ => {}
     }
 }
 
@@ -443,14 +546,147 @@ fn flush(shared: &Shared, out: &mut sys::SendBatch, udp: &UdpSocket) {
     }
 }
 
-fn rx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
+/// Most datagrams one super-packet written to the TUN carries.
+const MAX_TRAIN: usize = gro::MAX_SEGMENTS;
+
+/// The rx thread's plaintext buffers and the train of segments waiting to be written to the
+/// TUN as one packet. A train holds packets of one peer only and is written before the rx
+/// thread sleeps, so nothing waits in it longer than one receive batch.
+struct RxTrain {
+    /// Decrypted packets; `slots[count]` is where the next one is decrypted to.
+    slots: Vec<Vec<u8>>,
+    lens: [usize; MAX_TRAIN],
+    count: usize,
+    /// The coalescing state; `None` when the train holds one packet that cannot be coalesced.
+    train: Option<gro::Train>,
+    peer: Option<Arc<Peer>>,
+}
+
+impl RxTrain {
+    fn new(buf_size: usize) -> Self {
+        RxTrain {
+            slots: (0..MAX_TRAIN).map(|_| vec![0u8; buf_size]).collect(),
+            lens: [0; MAX_TRAIN],
+            count: 0,
+            train: None,
+            peer: None,
+        }
+    }
+
+    /// Takes the packet just decrypted into `slots[count]` (`len` bytes, already checked),
+    /// appending it to the train or writing the train first and starting a new one.
+    fn push(&mut self, shared: &Shared, tun: &File, peer: &Arc<Peer>, len: usize) {
+        let k = self.count;
+        self.lens[k] = len;
+        let seg = if shared.tun_gso.load(Ordering::Relaxed) {
+            gro::segment(&self.slots[k][..len], shared.data_port)
+        } else {
+            None
+        };
+        if k > 0 {
+            let joined = match (&mut self.train, seg, &self.peer) {
+                (Some(t), Some(s), Some(p)) if Arc::ptr_eq(p, peer) => {
+                    gro::same_flow(&self.slots[0], &self.slots[k][..len]) && t.push(s)
+                }
+                _ => false,
+            };
+            if joined {
+                self.count += 1;
+                if self.count == MAX_TRAIN || self.train.is_some_and(|t| !t.open) {
+                    self.flush(shared, tun);
+                }
+                return;
+            }
+            // The new packet does not continue the train: write the train, then let the new
+            // packet start the next one from slot 0.
+            self.flush(shared, tun);
+            self.slots.swap(0, k);
+            self.lens[0] = len;
+        }
+        self.count = 1;
+        self.peer = Some(peer.clone());
+        self.train = seg.map(gro::Train::start);
+        if self.train.is_none_or(|t| !t.open) {
+            self.flush(shared, tun);
+        }
+    }
+
+    /// Writes what the train holds: one packet as it is, several as one TCP GSO packet.
+    fn flush(&mut self, shared: &Shared, tun: &File) {
+        let n = std::mem::take(&mut self.count);
+        let train = self.train.take();
+        let Some(peer) = self.peer.take() else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let bytes: usize = self.lens[..n].iter().sum();
+        let ok = match train {
+            Some(t) if n > 1 => {
+                let hl = gro::HDR_LEN;
+                let mut saved = [0u8; gro::HDR_LEN];
+                saved.copy_from_slice(&self.slots[0][..hl]);
+                let vnet = gro::finish(&mut self.slots[0][..hl], &t);
+                let mut iov = [IoSlice::new(&[]); MAX_TRAIN + 1];
+                iov[0] = IoSlice::new(&vnet);
+                iov[1] = IoSlice::new(&self.slots[0][..self.lens[0]]);
+                for i in 1..n {
+                    iov[i + 1] = IoSlice::new(&self.slots[i][hl..self.lens[i]]);
+                }
+                match write_all_vectored(tun, &iov[..n + 1], gro::VNET_HDR_LEN + t.total) {
+                    Ok(()) => {
+                        shared.counters.tun_gso_writes.fetch_add(1, Ordering::Relaxed);
+                        shared.counters.tun_gso_datagrams.fetch_add(n as u64, Ordering::Relaxed);
+                        true
+                    }
+                    Err(e) => {
+                        // A kernel that refuses the super-packet gets single packets from now
+                        // on: restore the first packet's headers and write them one by one.
+                        tracing::warn!(error = %e, "TUN refused a TCP GSO packet; coalescing off");
+                        shared.tun_gso.store(false, Ordering::Relaxed);
+                        self.slots[0][..hl].copy_from_slice(&saved);
+                        (0..n).all(|i| write_one(tun, &self.slots[i][..self.lens[i]]))
+                    }
+                }
+            }
+            _ => (0..n).all(|i| write_one(tun, &self.slots[i][..self.lens[i]])),
+        };
+        if ok {
+            peer.counters.rx_packets.fetch_add(n as u64, Ordering::Relaxed);
+            peer.counters.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        } else {
+            peer.counters.drop(DropReason::TunWrite);
+        }
+    }
+}
+
+/// Writes one packet to the TUN behind an all-zero virtio-net header (no offload asked).
+fn write_one(tun: &File, pkt: &[u8]) -> bool {
+    let zero = [0u8; gro::VNET_HDR_LEN];
+    write_all_vectored(tun, &[IoSlice::new(&zero), IoSlice::new(pkt)], zero.len() + pkt.len())
+        .is_ok()
+}
+
+/// One `writev` of a whole packet (the TUN takes a packet per call, never part of one).
+fn write_all_vectored(tun: &File, iov: &[IoSlice<'_>], len: usize) -> std::io::Result<()> {
+    let mut w = tun;
+    match w.write_vectored(iov) {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(std::io::Error::other(format!("short TUN write: {n} of {len}"))),
+        Err(e) => Err(e),
+    }
+}
+
+fn rx_loop(shared: &Shared, tun: &File, udp: &UdpSocket, buf_size: usize) {
     let mut batch = sys::RecvBatch::new(if shared.gro { sys::GRO_BUF } else { buf_size + 32 });
-    let mut out = vec![0u8; buf_size + 32];
+    let mut train = RxTrain::new(buf_size + 32);
+    let mut scratch = vec![0u8; buf_size + 32];
     let mut last_tick = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         if last_tick.elapsed() >= TIMER_TICK {
             last_tick = Instant::now();
-            run_timers(shared, udp, &mut out);
+            run_timers(shared, udp, &mut scratch);
         }
         // Receive until the socket is empty; only then sleep in poll (one syscall less per
         // batch while traffic flows).
@@ -474,9 +710,10 @@ fn rx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
             let buf = &batch.bufs[i][..batch.lens[i]];
             let seg = if batch.seg[i] > 0 { batch.seg[i] } else { buf.len().max(1) };
             for datagram in buf.chunks(seg) {
-                receive_one(shared, &snap, peer, tun, udp, from, datagram, &mut out);
+                receive_one(shared, &snap, peer, tun, udp, from, datagram, &mut train);
             }
         }
+        train.flush(shared, tun);
     }
 }
 
@@ -484,13 +721,14 @@ fn rx_loop(shared: &Shared, tun: &OwnedFd, udp: &UdpSocket, buf_size: usize) {
 fn receive_one(
     shared: &Shared,
     snap: &Snapshot,
-    peer: &Peer,
-    tun: &OwnedFd,
+    peer: &Arc<Peer>,
+    tun: &File,
     udp: &UdpSocket,
     from: SocketAddrV4,
     datagram: &[u8],
-    out: &mut [u8],
+    train: &mut RxTrain,
 ) {
+    let out = &mut train.slots[train.count];
     // boringtun panics when the output is smaller than the ciphertext; an oversized datagram
     // (nothing we send is larger than the TUN MTU + 32) is hostile and dropped here.
     if datagram.len() > out.len() {
@@ -511,10 +749,15 @@ fn receive_one(
             }
         }
         TunnResult::WriteToTunnelV4(pkt, src) => {
-            // The packet lives in `out`, not in the session: release the session before the
-            // TUN write, which runs the whole receive path, so the tx thread never waits on it.
+            // boringtun leaves the packet at the start of the slot.
+            let len = pkt.len();
+            // The packet lives in the slot, not in the session: release the session before
+            // the TUN write, which runs the whole receive path, so the tx thread never waits.
             drop(tunn);
-            deliver(shared, snap, peer, tun, pkt, src);
+            let k = train.count;
+            if admit(shared, snap, peer, &train.slots[k][..len], src) {
+                train.push(shared, tun, peer, len);
+            }
         }
         TunnResult::WriteToTunnelV6(..) => peer.counters.drop(DropReason::AllowedIps),
         TunnResult::Done => {}
@@ -522,17 +765,12 @@ fn receive_one(
     }
 }
 
-fn deliver(
-    shared: &Shared,
-    snap: &Snapshot,
-    peer: &Peer,
-    tun: &OwnedFd,
-    pkt: &[u8],
-    src: Ipv4Addr,
-) {
+/// Whether a decrypted packet may go to the TUN: its source is the peer's tunnel address and
+/// VXLAN inside is for an encrypted network.
+fn admit(shared: &Shared, snap: &Snapshot, peer: &Peer, pkt: &[u8], src: Ipv4Addr) -> bool {
     if src != peer.key.tunnel {
         peer.counters.drop(DropReason::AllowedIps);
-        return;
+        return false;
     }
     // VXLAN inside the tunnel must be for an encrypted network: the guard trusts the TUN, so
     // a peer must not use it to reach plain networks' VNIs either.
@@ -541,15 +779,9 @@ fn deliver(
         && !snap.vnis.contains(&v.vni)
     {
         peer.counters.drop(DropReason::VniNotEncrypted);
-        return;
+        return false;
     }
-    match nix::unistd::write(tun, pkt) {
-        Ok(_) => {
-            peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-            peer.counters.rx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
-        }
-        Err(_) => peer.counters.drop(DropReason::TunWrite),
-    }
+    true
 }
 
 fn run_timers(shared: &Shared, udp: &UdpSocket, out: &mut [u8]) {

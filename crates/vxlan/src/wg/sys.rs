@@ -1,5 +1,6 @@
-//! The few system calls std and nix do not wrap: opening a TUN device (`TUNSETIFF`) and batched
-//! UDP I/O (`recvmmsg`/`sendmmsg`). Everything unsafe in the crate is here.
+//! The few system calls std and nix do not wrap: opening a TUN device (`TUNSETIFF`), its
+//! virtio-net header and offloads (`TUNSETVNETHDRSZ`, `TUNSETOFFLOAD`), and batched UDP I/O
+//! (`recvmmsg`/`sendmmsg`). Everything unsafe in the crate is here.
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -8,8 +9,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-/// Most datagrams one batched call moves.
+/// Most datagrams (or GRO buffers) one `recvmmsg` moves.
 pub(crate) const BATCH: usize = 32;
+/// Most datagrams one `sendmmsg` moves: enough for a full UDP GSO message of 64 KB.
+pub(crate) const SEND_BATCH: usize = 64;
 /// `UDP_SEGMENT` (linux/udp.h): send one buffer as equal-sized datagrams (UDP GSO).
 const UDP_SEGMENT: libc::c_int = 103;
 /// `UDP_GRO` (linux/udp.h): receive coalesced datagrams with their segment size.
@@ -44,8 +47,12 @@ pub(crate) fn enable_gro(fd: &impl AsRawFd) -> bool {
 }
 
 /// Creates (or attaches to) the TUN device `name` in the calling thread's network namespace:
-/// layer 3, no packet-info header, non-blocking.
-pub(crate) fn open_tun(name: &str) -> io::Result<OwnedFd> {
+/// layer 3, no packet-info header, non-blocking, with a 24-byte virtio-net header (the UDP
+/// tunnel variant) before every packet (`IFF_VNET_HDR`, `TUNSETVNETHDRSZ`), so writes can hand
+/// the kernel UDP GSO super-packets. Returns the fd and whether the send-side offloads are on
+/// (`TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UDP_TUNNEL_GSO[_CSUM]`, Linux 6.17+): then reads may return
+/// 64 KB TCP or VXLAN-over-TCP GSO packets with partial checksums, which the caller segments.
+pub(crate) fn open_tun(name: &str) -> io::Result<(OwnedFd, bool)> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad TUN name"));
     }
@@ -54,12 +61,10 @@ pub(crate) fn open_tun(name: &str) -> io::Result<OwnedFd> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
-    // IFF_NAPI makes the kernel take our writes through NAPI and GRO: consecutive VXLAN
-    // packets of one inner flow are coalesced before the VXLAN/bridge/TCP receive path runs,
-    // instead of that path running once per packet inside write(2). Kernels without it get
-    // the plain device.
-    for flags in [libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_NAPI, libc::IFF_TUN | libc::IFF_NO_PI]
-    {
+    // IFF_NAPI hands our writes to the stack through the device's NAPI context (softirq
+    // with GRO) instead of the generic backlog. Kernels without it get the plain device.
+    let base = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    for flags in [base | libc::IFF_NAPI, base] {
         // SAFETY: ifreq is a plain C struct (arrays and a union of integers/pointers); all-zero
         // bytes are a valid value of it.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -71,13 +76,49 @@ pub(crate) fn open_tun(name: &str) -> io::Result<OwnedFd> {
         // `req` is and which lives across the call.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
         if rc == 0 {
-            return Ok(file.into());
+            let fd: OwnedFd = file.into();
+            let offload = set_vnet(&fd)?;
+            return Ok((fd, offload));
         }
         if flags & libc::IFF_NAPI == 0 {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(file.into())
+    let fd: OwnedFd = file.into();
+    let offload = set_vnet(&fd)?;
+    Ok((fd, offload))
+}
+
+/// `TUN_F_UDP_TUNNEL_GSO` (linux/if_tun.h, 6.17+): GSO packets inside a UDP tunnel.
+const TUN_F_UDP_TUNNEL_GSO: libc::c_uint = 0x080;
+/// `TUN_F_UDP_TUNNEL_GSO_CSUM`: the same for tunnels with outer UDP checksums (VXLAN devices
+/// made by iproute2 or rtnetlink default to `udpcsum`).
+const TUN_F_UDP_TUNNEL_GSO_CSUM: libc::c_uint = 0x100;
+
+/// Sets the virtio-net header size and tries to turn the send-side offloads on.
+fn set_vnet(fd: &OwnedFd) -> io::Result<bool> {
+    let size = super::gro::VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which points at `size`
+    // and lives across the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &size) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags =
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    let rc =
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags as libc::c_ulong) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    // Older kernels: no offloads, the kernel segments and checksums before the TUN.
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD as _, 0 as libc::c_ulong) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(false)
 }
 
 fn sockaddr_of(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -185,23 +226,23 @@ fn gro_segment(hdr: &libc::msghdr) -> usize {
 /// Fixed buffers for one `sendmmsg` batch.
 pub(crate) struct SendBatch {
     pub bufs: Vec<Vec<u8>>,
-    pub lens: [usize; BATCH],
-    pub to: [SocketAddrV4; BATCH],
+    pub lens: [usize; SEND_BATCH],
+    pub to: [SocketAddrV4; SEND_BATCH],
     pub count: usize,
 }
 
 impl SendBatch {
     pub fn new(buf_size: usize) -> Self {
         SendBatch {
-            bufs: (0..BATCH).map(|_| vec![0u8; buf_size]).collect(),
-            lens: [0; BATCH],
-            to: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); BATCH],
+            bufs: (0..SEND_BATCH).map(|_| vec![0u8; buf_size]).collect(),
+            lens: [0; SEND_BATCH],
+            to: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); SEND_BATCH],
             count: 0,
         }
     }
 
     pub fn is_full(&self) -> bool {
-        self.count == BATCH
+        self.count == SEND_BATCH
     }
 
     /// Sends the queued datagrams (blocking socket: the kernel applies back-pressure) and
@@ -215,7 +256,7 @@ impl SendBatch {
             return (r, false);
         }
         // Group consecutive slots: same peer, same size (the last of a group may be shorter).
-        let mut groups = [(0usize, 0usize, 0usize); BATCH];
+        let mut groups = [(0usize, 0usize, 0usize); SEND_BATCH];
         let mut ng = 0;
         let mut i = 0;
         while i < self.count {
@@ -239,12 +280,12 @@ impl SendBatch {
         }
         let mut refused = 0;
         let mut gso_failed = false;
-        let mut names = [sockaddr_of(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH];
-        let mut control = [[0u64; 4]; BATCH];
+        let mut names = [sockaddr_of(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); SEND_BATCH];
+        let mut control = [[0u64; 4]; SEND_BATCH];
         // SAFETY: plain C structs; zero is valid and the used fields are set below.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
         for ((iov, buf), len) in
             iovs.iter_mut().zip(self.bufs.iter_mut()).zip(self.lens).take(self.count)
         {
@@ -309,11 +350,11 @@ impl SendBatch {
         let mut refused = 0;
         while sent < to {
             let k = to - sent;
-            let mut names = [sockaddr_of(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH];
+            let mut names = [sockaddr_of(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); SEND_BATCH];
             // SAFETY: plain C structs; zero is valid and the used fields are set below.
-            let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+            let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
             // SAFETY: as above.
-            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+            let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
             for j in 0..k {
                 let i = sent + j;
                 names[j] = sockaddr_of(self.to[i]);
