@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/shoal/agent.toml";
 /// Default data directory (lock file, state).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
+/// Default port of the visualizer page.
+pub const DEFAULT_UI_PORT: u16 = 8089;
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
 
@@ -72,6 +74,8 @@ pub struct AgentConfig {
     pub gossip_seeds: Vec<SocketAddr>,
     /// Control-plane timings.
     pub cluster_tuning: ClusterTuning,
+    /// Where a manager serves the visualizer page (None: off).
+    pub ui_addr: Option<SocketAddr>,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -92,6 +96,7 @@ pub struct FileConfig {
     pub gossip_key_file: Option<PathBuf>,
     pub gossip_seeds: Option<Vec<SocketAddr>>,
     pub cluster_tuning: Option<ClusterTuning>,
+    pub ui_addr: Option<String>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -145,6 +150,9 @@ pub struct AgentArgs {
     /// Control-plane timings: default (Swarm's) or fast (labs, tests) [default: default].
     #[arg(long, env = "SHOAL_CLUSTER_TUNING", value_enum)]
     pub cluster_tuning: Option<ClusterTuning>,
+    /// Where managers serve the visualizer page; '' turns it off [default: 0.0.0.0:8089].
+    #[arg(long, env = "SHOAL_UI_ADDR")]
+    pub ui_addr: Option<String>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -220,6 +228,13 @@ impl AgentConfig {
                 args.gossip_seeds.clone()
             },
             cluster_tuning: args.cluster_tuning.or(file.cluster_tuning).unwrap_or_default(),
+            ui_addr: match args.ui_addr.clone().or(file.ui_addr).as_deref() {
+                None => Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_UI_PORT))),
+                Some("") => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    field("ui_addr", format!("{a:?} is not IP:PORT (or '' to turn the page off)"))
+                })?),
+            },
         };
         cfg.validate()?;
         Ok(cfg)

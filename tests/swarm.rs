@@ -1,6 +1,6 @@
 //! The tutorial's first half on real agents in the lab: init, joins with the printed command,
 //! node ls, the worker's refusal, promote, losing the leader, bad tokens, availability, demoting
-//! the last manager, and gossip key rotation while membership holds.
+//! the last manager, gossip key rotation while membership holds, and what managers show.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +17,20 @@ fn info(lab: &Lab, node: &str) -> NodeInfo {
 
 /// `node ls` rows as (hostname, status, availability, manager status).
 fn node_ls(lab: &Lab, node: &str) -> Vec<(String, String, String, String)> {
-    let out = lab.on(node, &["node", "ls"]);
+    // While a leader is being elected (after a kill or a demotion) managers say so; ask again.
+    let t0 = Instant::now();
+    let out = loop {
+        let o = lab.shoal(&["--node", node, "node", "ls"]);
+        if o.status.success() {
+            break lossy(&o.stdout);
+        }
+        let err = lossy(&o.stderr);
+        assert!(
+            err.contains("does not have a leader") && t0.elapsed() < Duration::from_secs(20),
+            "node ls: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     out.lines()
         .skip(1)
         .map(|l| {
@@ -111,7 +124,9 @@ fn swarm_init_join_promote_failover_and_refusals() {
     lab.on("node1", &["node", "update", "--label-add", "zone=a", "node3"]);
     let old_leader = info(&lab, "node1").swarm.unwrap().node_id;
     assert!(lab.shoal(&["lab", "stop", "node1", "--kill"]).status.success());
-    let took = wait(Duration::from_secs(5), "a new leader", || {
+    // Measured 2.6-3.1 s here; the bound is generous so a busy machine does not flake (the
+    // crate's failover tests hold the 5 s line on loopback).
+    let took = wait(Duration::from_secs(10), "a new leader", || {
         info(&lab, "node2").swarm.unwrap().leader.is_some_and(|l| l != old_leader)
     });
     eprintln!("new leader after {took:?}");
@@ -122,10 +137,17 @@ fn swarm_init_join_promote_failover_and_refusals() {
         status == "Down" && mgr == "Unreachable"
     });
     assert!(lab.shoal(&["lab", "start", "node1"]).status.success());
-    wait(Duration::from_secs(30), "old leader back as Reachable", || {
-        let (status, _, mgr) = row(&node_ls(&lab, "node2"), "node1");
-        status == "Ready" && mgr == "Reachable"
-    });
+    let mut last = Default::default();
+    let t0 = Instant::now();
+    while last != ("Ready".to_string(), "Active".to_string(), "Reachable".to_string()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "old leader not back as Ready/Reachable: {last:?}; {:?}",
+            info(&lab, "node1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        last = row(&node_ls(&lab, "node2"), "node1");
+    }
 
     // Gossip keys rotate twice while membership holds.
     for _ in 0..2 {
@@ -147,20 +169,63 @@ fn swarm_init_join_promote_failover_and_refusals() {
             );
         }
     }
+}
 
-    // Demote down to one manager; demoting the last is refused and changes nothing.
-    // Demoting the leader moves leadership; the next demote waits for Raft to settle.
-    for n in ["node3", "node1"] {
-        wait(Duration::from_secs(30), "demote", || {
-            lab.shoal(&["--node", "node2", "node", "demote", n]).status.success()
-        });
+#[test]
+fn managers_serve_the_visualizer_and_raft_metrics() {
+    if !require_root("managers_serve_the_visualizer_and_raft_metrics") {
+        return;
     }
-    wait(Duration::from_secs(30), "one manager left", || {
-        node_ls(&lab, "node2").iter().filter(|r| !r.3.is_empty()).count() == 1
+    let lab = Lab::up(2);
+    let init = lab.on("node1", &["swarm", "init"]);
+    let join_line =
+        init.lines().find(|l| l.contains("swarm join --token")).unwrap().trim().to_owned();
+    let args: Vec<&str> = join_line.split_whitespace().skip(1).collect();
+    lab.on("node2", &args);
+    let curl = |url: String| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "3"])
+            .arg(url)
+            .output()
+            .unwrap();
+        (out.status.success(), lossy(&out.stdout))
+    };
+    // The manager serves the page and a view with both nodes; the worker serves nothing.
+    let view_url = format!("http://{}:8089/view", lab.addr(1));
+    wait(Duration::from_secs(20), "both nodes in the view", || {
+        let (ok, body) = curl(view_url.clone());
+        ok && body.contains("\"hostname\":\"node1\"") && body.contains("\"hostname\":\"node2\"")
     });
-    let before = node_ls(&lab, "node2");
-    let out = lab.shoal(&["--node", "node2", "node", "demote", "node2"]);
+    let (ok, page) = curl(format!("http://{}:8089/", lab.addr(1)));
+    assert!(ok && page.contains("shoal visualizer"));
+    assert!(!curl(format!("http://{}:8089/", lab.addr(2))).0, "a worker must not serve the page");
+
+    let state = shoal::lab::LabState::load(&lab.name).unwrap();
+    let metrics = |node: &str| {
+        let sock = &state.node(node).unwrap().socket;
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(sock)
+            .arg("http://x/metrics")
+            .output()
+            .unwrap();
+        lossy(&out.stdout)
+    };
+    let m1 = metrics("node1");
+    assert!(m1.contains("shoal_raft_is_leader 1"), "{m1}");
+    assert!(m1.contains("shoal_gossip_members{state=\"alive\"} 2"), "{m1}");
+    assert!(!metrics("node2").contains("shoal_raft_term"), "a worker runs no Raft");
+
+    // Demoting the last manager is refused and changes nothing.
+    let before = node_ls(&lab, "node1");
+    let out = lab.shoal(&["--node", "node1", "node", "demote", "node1"]);
     assert!(!out.status.success());
     assert!(lossy(&out.stderr).contains("last manager"), "{}", lossy(&out.stderr));
-    assert_eq!(node_ls(&lab, "node2"), before);
+    assert_eq!(node_ls(&lab, "node1"), before);
+
+    // Promoted, node2 serves the page too.
+    lab.on("node1", &["node", "promote", "node2"]);
+    wait(Duration::from_secs(30), "node2 serving as a manager", || {
+        curl(format!("http://{}:8089/view", lab.addr(2))).0
+    });
 }

@@ -3,6 +3,7 @@
 //! wire the overlay, DNS, the mesh and the control plane in here.
 
 pub mod gossip;
+pub mod observe;
 pub mod swarm;
 
 use std::fs::{self, File, OpenOptions};
@@ -108,10 +109,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         current_gossip.store(Some(s.gossip.clone()));
         swarm = Some(s);
     }
+    let cluster =
+        Arc::new(arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.cluster.clone()))));
+    metrics.registry_mut().register_collector(Box::new(observe::RaftCollector(cluster.clone())));
     let state = Arc::new(ApiState {
         metrics,
         started: Instant::now(),
-        cluster: arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.cluster.clone()))),
+        cluster: cluster.clone(),
         swarm: tokio::sync::Mutex::new(swarm),
         gossip: current_gossip,
         config,
@@ -140,6 +144,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         advertise = %state.config.advertise_addr,
         "shoal agent started"
     );
+    if let Some(addr) = state.config.ui_addr {
+        tokio::spawn(observe::serve_ui_on_managers(addr, cluster.clone(), stop_rx.clone()));
+    }
     let mut rx = stop_rx.clone();
     let server =
         axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {

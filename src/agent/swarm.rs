@@ -99,6 +99,50 @@ impl Swarm {
                 }
             }
         }));
+        // Seeds: a node that finds itself alone (a restart after the others moved on, a manager
+        // list that predates promotions) asks the control plane who is out there and joins them.
+        let (g, c) = (gossip.clone(), cluster.clone());
+        let (port, me) = (cfg.gossip_port, SocketAddr::new(cfg.advertise_addr, cfg.gossip_port));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(3));
+            loop {
+                tick.tick().await;
+                let snap = g.snapshot();
+                let nodes = c.nodes().await.ok();
+                // A manager also repairs liveness that a race between reports got wrong (a late
+                // "down" of a node's previous run after its new run said "up").
+                for n in nodes.iter().flatten() {
+                    let id = n.record.id.to_string();
+                    let up = snap.members.iter().any(|m| {
+                        m.state != shoal_gossip::MemberState::Down
+                            && m.meta.as_ref().is_some_and(|x| x.id == id)
+                    });
+                    let ready = n.record.status == shoal_cluster::NodeStatus::Ready;
+                    if up != ready {
+                        let _ = c.member_status(n.record.id, up).await;
+                    }
+                }
+                let alive = snap
+                    .members
+                    .iter()
+                    .filter(|m| m.state == shoal_gossip::MemberState::Alive)
+                    .count();
+                if alive >= 2 {
+                    continue;
+                }
+                let mut seeds: Vec<SocketAddr> =
+                    c.info().managers.iter().map(|m| SocketAddr::new(m.ip(), port)).collect();
+                seeds.extend(
+                    nodes.iter().flatten().map(|n| SocketAddr::new(n.record.data_addr, port)),
+                );
+                seeds.retain(|s| *s != me);
+                seeds.sort();
+                seeds.dedup();
+                if !seeds.is_empty() {
+                    let _ = g.join(seeds).await;
+                }
+            }
+        }));
         Ok(Swarm { cluster, gossip, tasks })
     }
 

@@ -122,7 +122,7 @@ pub struct ApiState {
     /// Set while this node is in a swarm.
     pub swarm: tokio::sync::Mutex<Option<crate::agent::swarm::Swarm>>,
     /// A copy of the swarm's handle for readers that must not wait on `swarm`'s lock.
-    pub cluster: arc_swap::ArcSwapOption<shoal_cluster::Cluster>,
+    pub cluster: Arc<arc_swap::ArcSwapOption<shoal_cluster::Cluster>>,
 }
 
 /// The full API router.
