@@ -120,36 +120,68 @@ pub(crate) fn for_each_nsfs_mount(mountinfo: &[u8], scratch: &mut [u8], mut f: i
 /// Lazily unmounts every `nsfs` mount of the calling process's mount namespace, reading
 /// `/proc/self/mountinfo` into `buf` (no allocation: safe in a forked child). Returns false if
 /// the table could not be read whole.
+///
+/// A namespace mount can be buried: when iproute2 bind-mounts `/run/netns` onto itself after a
+/// namespace was mounted there, the older mount sits under the new bind and its path names the
+/// bind, so unmounting the path fails. Then the mount covering its directory is detached (only
+/// in this task's own mount namespace) and the next pass reaches the buried mount.
 fn detach_nsfs_mounts(buf: &mut [u8], scratch: &mut [u8]) -> bool {
-    let Ok(fd) = nix::fcntl::open(
+    let mut parent = [0u8; 4096];
+    for _pass in 0..4 {
+        let Some(len) = read_mountinfo(buf) else { return false };
+        let mut found = false;
+        for_each_nsfs_mount(&buf[..len], scratch, |path| {
+            found = true;
+            // Mounts stacked on one another need more than one unmount.
+            let mut detached = false;
+            for _ in 0..4 {
+                if nix::mount::umount2(path, MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+                detached = true;
+            }
+            if !detached {
+                let bytes = path.to_bytes();
+                if let Some(slash) = bytes.iter().rposition(|&b| b == b'/')
+                    && slash > 0
+                    && slash < parent.len()
+                {
+                    parent[..slash].copy_from_slice(&bytes[..slash]);
+                    parent[slash] = 0;
+                    if let Ok(dir) = CStr::from_bytes_with_nul(&parent[..=slash]) {
+                        let _ = nix::mount::umount2(dir, MntFlags::MNT_DETACH);
+                    }
+                }
+            }
+        });
+        if !found {
+            return true;
+        }
+    }
+    true
+}
+
+/// Reads `/proc/self/mountinfo` whole into `buf` without allocating; `None` if it does not fit
+/// or cannot be read.
+fn read_mountinfo(buf: &mut [u8]) -> Option<usize> {
+    let fd = nix::fcntl::open(
         c"/proc/self/mountinfo",
         nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
-    ) else {
-        return false;
-    };
+    )
+    .ok()?;
     let mut len = 0;
     loop {
         if len == buf.len() {
-            return false;
+            return None;
         }
         match nix::unistd::read(&fd, &mut buf[len..]) {
-            Ok(0) => break,
+            Ok(0) => return Some(len),
             Ok(n) => len += n,
             Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
-    drop(fd);
-    for_each_nsfs_mount(&buf[..len], scratch, |path| {
-        // Mounts stacked on one another need more than one pass; an error means "gone".
-        for _ in 0..4 {
-            if nix::mount::umount2(path, MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
-    });
-    true
 }
 
 /// Size of the buffer the child reads its mount table into (about 10 000 mounts).
