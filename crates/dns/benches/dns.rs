@@ -1,8 +1,20 @@
 //! Side-by-side system benchmark (root only): dnsperf from a client namespace against shoal,
 //! unbound and dnsmasq serving the same 1,000 service A records from one server namespace, each
 //! with one serving thread, in the same run (as shared/bench/dns-baseline.sh does for the two
-//! peers). Prints queries/s per round, the shoal/peer ratios, and p99 latency measured at a
-//! fixed offered load. `cargo bench -p shoal-dns`.
+//! peers). `cargo bench -p shoal-dns`.
+//!
+//! Made to hold up on a shared machine: every server is pinned to the same CPU (`SERVER_CPU`,
+//! default the last) and dnsperf to another (`CLIENT_CPU`, default 0), and so is this process
+//! (it collects dnsperf's output), all in the same scheduling class (`SCHED`: real-time round
+//! robin by default, so other jobs on those CPUs do not delay wake-ups; the kernel caps
+//! real-time tasks at 95% of a CPU, the same for every server). Each of `ROUNDS` rounds runs
+//! every system in a rotated order: once at max load (queries/s; the server's on-CPU and
+//! run-queue-wait share from `schedstat`, which tells a server-bound run from a client- or
+//! neighbour-bound one; CPU per query, the server's cost when busy) and once at each fixed
+//! offered load below saturation (`RATES`: server CPU per query from `schedstat`, at low load
+//! mostly the cost of waking up per query, and p50/p99 latency from dnsperf's per-query
+//! lines). Prints every round, median [min–max] per figure, and the same-round shoal/unbound
+//! ratios. `DUR` sets the seconds per run, `OUTSTANDING` dnsperf's queries in flight at max.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -90,10 +102,10 @@ fn serve_shoal(
         };
         match started.await {
             Ok(dns) => {
-                // This thread serves every query (current-thread runtime): its stat file gives
-                // the CPU time shoal spends.
+                // This thread serves every query (current-thread runtime): its /proc directory
+                // gives the CPU time shoal spends, and its tid is what gets pinned.
                 let me = std::fs::read_link("/proc/thread-self").unwrap_or_default();
-                let _ = ready.send(Ok(Path::new("/proc").join(me).join("stat")));
+                let _ = ready.send(Ok(Path::new("/proc").join(me)));
                 let _ = stop.await;
                 dns.shutdown().await;
             }
@@ -104,94 +116,265 @@ fn serve_shoal(
     });
 }
 
-/// User+system CPU ticks of a process or thread, from its `stat` file.
-fn cpu_ticks(stat: &Path) -> Result<u64> {
-    let s = std::fs::read_to_string(stat)?;
-    let after = s.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+/// On-CPU time and run-queue wait (ns) summed over the threads of a process, or of one thread,
+/// from `schedstat` (nanosecond resolution, unlike the 10 ms ticks of `stat`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Sched {
+    run_ns: u64,
+    wait_ns: u64,
 }
 
-/// Queries dnsperf keeps in flight (its default is 100); `OUTSTANDING` overrides.
-fn outstanding() -> String {
-    std::env::var("OUTSTANDING").unwrap_or_else(|_| "100".to_owned())
+/// What to read: every thread of a process, or one thread (shoal's serving thread).
+enum Target {
+    Process(u32),
+    Thread(std::path::PathBuf),
 }
 
-/// Runs dnsperf; returns (queries/s, queries completed).
-fn dnsperf(client: &str, server: &str, port: u16, qfile: &Path, dur: u32) -> Result<(f64, u64)> {
-    let out = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        client,
+impl Target {
+    fn sched(&self) -> Result<Sched> {
+        let read = |p: &Path, acc: &mut Sched| -> Result<()> {
+            let s = std::fs::read_to_string(p)?;
+            let mut f = s.split_whitespace();
+            acc.run_ns += f.next().context("schedstat")?.parse::<u64>()?;
+            acc.wait_ns += f.next().context("schedstat")?.parse::<u64>()?;
+            Ok(())
+        };
+        let mut acc = Sched::default();
+        match self {
+            Target::Thread(dir) => read(&dir.join("schedstat"), &mut acc)?,
+            Target::Process(pid) => {
+                for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+                    read(&t?.path().join("schedstat"), &mut acc)?;
+                }
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Pins to `cpu` and sets the scheduling class, for every thread of a process or for the
+    /// thread.
+    fn pin(&self, cpu: usize, sched: &SchedClass) -> Result<()> {
+        let (all, id) = match self {
+            Target::Process(pid) => (true, pid.to_string()),
+            Target::Thread(dir) => {
+                (false, dir.file_name().context("tid")?.to_string_lossy().into_owned())
+            }
+        };
+        let cpu = cpu.to_string();
+        let mut args = vec!["taskset", "-p", "-c", &cpu, &id];
+        if all {
+            args.insert(1, "-a");
+        }
+        sh(&args)?;
+        let tids: Vec<String> = if all {
+            std::fs::read_dir(format!("/proc/{id}/task"))?
+                .filter_map(|t| Some(t.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        } else {
+            vec![id]
+        };
+        for t in tids {
+            let mut args: Vec<String> = match sched {
+                SchedClass::Rr(prio) => {
+                    ["chrt", "-r", "-p", &prio.to_string()].map(String::from).to_vec()
+                }
+                SchedClass::Nice(n) => {
+                    ["renice", "-n", &n.to_string(), "-p"].map(String::from).to_vec()
+                }
+            };
+            args.push(t);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sh(&args)?;
+        }
+        Ok(())
+    }
+}
+
+/// How servers and dnsperf are scheduled (`SCHED`): `rr` (the default) puts them in the
+/// real-time round-robin class at priority 10, so a wake-up preempts other jobs on their CPU
+/// at once (the kernel still leaves 5% of each second to those); `nice` gives them nice -10.
+enum SchedClass {
+    Rr(u8),
+    Nice(i32),
+}
+
+impl SchedClass {
+    /// The command prefix that starts dnsperf in this class.
+    fn prefix(&self) -> Vec<String> {
+        match self {
+            SchedClass::Rr(p) => vec!["chrt".into(), "-r".into(), p.to_string()],
+            SchedClass::Nice(n) => vec!["nice".into(), "-n".into(), n.to_string()],
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            SchedClass::Rr(p) => format!("SCHED_RR priority {p}"),
+            SchedClass::Nice(n) => format!("nice {n}"),
+        }
+    }
+}
+
+/// The bench's knobs (environment variables), with their defaults.
+struct Knobs {
+    /// Seconds per dnsperf run (`DUR`, 5).
+    dur: u32,
+    /// Rounds, each running every system at max and at the fixed load (`ROUNDS`, 5).
+    rounds: usize,
+    /// Queries dnsperf keeps in flight at max load (`OUTSTANDING`, 100).
+    outstanding: u32,
+    /// Offered loads of the fixed-load runs, queries/s, below every server's saturation
+    /// (`RATES`, comma-separated, `20000,100000`).
+    rates: Vec<u32>,
+    /// CPU every server is pinned to in turn (`SERVER_CPU`, the last CPU).
+    server_cpu: usize,
+    /// CPU dnsperf is pinned to (`CLIENT_CPU`, CPU 0).
+    client_cpu: usize,
+    /// Scheduling class of the servers and dnsperf (`SCHED`: `rr` or `nice`).
+    sched: SchedClass,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        fn var<T: std::str::FromStr>(k: &str, d: T) -> T {
+            std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Knobs {
+            dur: var("DUR", 5),
+            rounds: var("ROUNDS", 5),
+            outstanding: var("OUTSTANDING", 100),
+            rates: var("RATES", "20000,100000".to_owned())
+                .split(',')
+                .filter_map(|r| r.trim().parse().ok())
+                .collect(),
+            server_cpu: var("SERVER_CPU", cpus - 1),
+            client_cpu: var("CLIENT_CPU", 0),
+            sched: if var("SCHED", "rr".to_owned()) == "nice" {
+                SchedClass::Nice(-10)
+            } else {
+                SchedClass::Rr(10)
+            },
+        }
+    }
+}
+
+/// One dnsperf run's results.
+struct Run {
+    qps: f64,
+    completed: u64,
+    lost: u64,
+    /// Per-query latencies in seconds (only with `verbose`).
+    lat: Vec<f64>,
+}
+
+/// Runs dnsperf pinned to the client CPU: at max load (`rate` None) or at a fixed offered load.
+fn dnsperf(
+    k: &Knobs,
+    client: &str,
+    server: &str,
+    port: u16,
+    qfile: &Path,
+    rate: Option<u32>,
+) -> Result<Run> {
+    let (cpu, port_s, dur) = (k.client_cpu.to_string(), port.to_string(), k.dur.to_string());
+    let prefix = k.sched.prefix();
+    let q = qfile.to_string_lossy();
+    let (limit, outstanding) = match rate {
+        Some(r) => (r.to_string(), "1000".to_owned()),
+        None => ("500000".to_owned(), k.outstanding.to_string()),
+    };
+    let mut args = vec!["ip", "netns", "exec", client];
+    args.extend(prefix.iter().map(String::as_str));
+    args.extend([
+        "taskset",
+        "-c",
+        &cpu,
         "dnsperf",
         "-s",
         server,
         "-p",
-        &port.to_string(),
+        &port_s,
         "-d",
-        &qfile.to_string_lossy(),
+        &q,
         "-l",
-        &dur.to_string(),
+        &dur,
         "-c",
         "10",
         "-Q",
-        "500000",
+        &limit,
         "-q",
-        &outstanding(),
-    ])?;
-    let line = out
-        .lines()
-        .find(|l| l.contains("Queries per second"))
-        .context("no qps line in dnsperf output")?;
-    let qps: f64 = line.split_whitespace().last().context("qps")?.parse()?;
-    let lost = out.lines().find(|l| l.contains("Queries lost")).unwrap_or("").trim().to_owned();
-    let completed: u64 = out
-        .lines()
-        .find(|l| l.contains("Queries completed"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .context("no completed line")?
-        .parse()?;
+        &outstanding,
+    ]);
+    if rate.is_some() {
+        args.push("-v");
+    }
+    let out = sh(&args)?;
+    let field = |key: &str, nth: usize| -> Result<f64> {
+        out.lines()
+            .find(|l| l.contains(key))
+            .and_then(|l| l.split_whitespace().nth(nth))
+            .with_context(|| format!("no {key:?} in dnsperf output"))?
+            .parse::<f64>()
+            .map_err(Into::into)
+    };
+    let qps = field("Queries per second", 3)?;
+    let completed = field("Queries completed", 2)? as u64;
+    let lost = field("Queries lost", 2)? as u64;
     if !out.contains("NOERROR") {
         bail!("no NOERROR answers:\n{out}");
     }
-    eprintln!("    port {port}: {qps:.0} q/s ({lost})");
-    Ok((qps, completed))
-}
-
-/// p50/p99 latency (ms) at a fixed offered load, from dnsperf's per-query lines.
-fn latency(client: &str, server: &str, port: u16, qfile: &Path, rate: u32) -> Result<(f64, f64)> {
-    let out = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        client,
-        "dnsperf",
-        "-s",
-        server,
-        "-p",
-        &port.to_string(),
-        "-d",
-        &qfile.to_string_lossy(),
-        "-l",
-        "3",
-        "-c",
-        "10",
-        "-Q",
-        &rate.to_string(),
-        "-v",
-    ])?;
-    let mut lat: Vec<f64> = out
+    let lat = out
         .lines()
         .filter(|l| l.starts_with("> "))
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
-    if lat.len() < 100 {
-        bail!("too few samples ({})", lat.len());
+    Ok(Run { qps, completed, lost, lat })
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
     }
-    lat.sort_by(f64::total_cmp);
-    let pick = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] * 1e3;
-    Ok((pick(0.50), pick(0.99)))
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+}
+
+/// `median [min–max]` of a series.
+fn spread(v: &[f64], digits: usize) -> String {
+    let mut s = v.to_vec();
+    if s.is_empty() {
+        return "n/a".to_owned();
+    }
+    let med = quantile(&mut s, 0.5);
+    format!("{med:.digits$} [{:.digits$}–{:.digits$}]", s[0], s[s.len() - 1])
+}
+
+/// One fixed-load figure per system, per round.
+#[derive(Default, Clone)]
+struct Fixed {
+    /// Queries/s achieved (the offered load, when nothing is lost).
+    qps: Vec<f64>,
+    /// Server CPU per answered query, microseconds.
+    cpu_us: Vec<f64>,
+    /// p50 and p99 latency, milliseconds.
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+/// Per system, per round.
+#[derive(Default)]
+struct Series {
+    /// Max queries/s.
+    qps: Vec<f64>,
+    /// Share of the wall time the server was on its CPU during the max run.
+    busy: Vec<f64>,
+    /// Share of the wall time the server waited for its CPU during the max run.
+    waited: Vec<f64>,
+    /// Server CPU per answered query during the max run, microseconds.
+    cpu_max: Vec<f64>,
+    /// Per offered load (`Knobs::rates`).
+    fixed: Vec<Fixed>,
 }
 
 fn main() -> Result<()> {
@@ -199,13 +382,17 @@ fn main() -> Result<()> {
         println!("dns bench: SKIPPED (needs root for network namespaces)");
         return Ok(());
     }
-    for tool in ["dnsperf", "unbound", "dnsmasq"] {
+    for tool in ["dnsperf", "unbound", "dnsmasq", "taskset", "renice", "chrt"] {
         if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
             println!("dns bench: SKIPPED ({tool} not installed)");
             return Ok(());
         }
     }
-    let dur: u32 = std::env::var("DUR").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let k = Knobs::from_env();
+    // This process (its main thread collects dnsperf's output, megabytes with -v) stays off the
+    // server CPU: only the server under test runs there. Threads made later inherit this; the
+    // shoal serving thread is moved to the server CPU below.
+    sh(&["taskset", "-a", "-p", "-c", &k.client_cpu.to_string(), &std::process::id().to_string()])?;
     let mut c = Cleanup::new();
     let p = unique_prefix("db");
     let (cl, sv) = (format!("{p}c"), format!("{p}s"));
@@ -295,80 +482,151 @@ fn main() -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let addr = SocketAddr::new(sip.parse()?, SHOAL_PORT);
     let shoal = std::thread::spawn(move || serve_shoal(server_ns, addr, ready_tx, stop_rx));
-    let shoal_stat = ready_rx.recv_timeout(Duration::from_secs(10))??;
-    let pid_stat = |f: &str| -> Result<std::path::PathBuf> {
-        let pid = std::fs::read_to_string(dir.join(f))?;
-        Ok(Path::new("/proc").join(pid.trim()).join("stat"))
-    };
-    let stats = [shoal_stat, pid_stat("ub.pid")?, pid_stat("dm.pid")?];
-    let tick_us = 1e6 / 100.0;
+    let shoal_thread = ready_rx.recv_timeout(Duration::from_secs(10))??;
+    let pid =
+        |f: &str| -> Result<u32> { Ok(std::fs::read_to_string(dir.join(f))?.trim().parse()?) };
+    let targets = [
+        Target::Thread(shoal_thread),
+        Target::Process(pid("ub.pid")?),
+        Target::Process(pid("dm.pid")?),
+    ];
+    for t in &targets {
+        t.pin(k.server_cpu, &k.sched)?;
+    }
     std::thread::sleep(Duration::from_millis(500));
 
     let systems = [("shoal", SHOAL_PORT), ("unbound", UNBOUND_PORT), ("dnsmasq", DNSMASQ_PORT)];
     println!(
-        "dns bench: {NAMES} service names, dnsperf -c 10, {dur} s per run, one serving thread each"
+        "dns bench: {NAMES} service names, dnsperf -c 10, {} s per run, {} rounds in rotating \
+         order, one serving thread each",
+        k.dur, k.rounds
     );
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let mut qps: [Vec<f64>; 3] = Default::default();
-    let mut cpu: [Vec<f64>; 3] = Default::default();
-    for round in 0..rounds {
-        // Rotate the order each round so no system always runs first or last.
-        let mut line = format!("round {} qps:", round + 1);
-        let mut this = [0f64; 3];
-        for k in 0..3 {
-            let i = (k + round) % 3;
-            let (name, port) = systems[i];
-            let t0 = cpu_ticks(&stats[i])?;
-            // A run that fails on this shared machine is reported and left out, not fatal.
-            let (q, completed) = match dnsperf(&cl, &sip, port, &qfile, dur) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("    {name}: dnsperf run failed: {e:#}");
-                    line.push_str(&format!(" {name}=failed"));
-                    continue;
-                }
-            };
-            let t1 = cpu_ticks(&stats[i])?;
-            this[i] = q;
-            cpu[i].push((t1 - t0) as f64 * tick_us / completed.max(1) as f64);
-            qps[i].push(this[i]);
-            line.push_str(&format!(" {name}={:.0}", this[i]));
-        }
-        let ratio = |a: f64, b: f64| {
-            if a > 0.0 && b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".to_owned() }
-        };
-        println!(
-            "{line}  (shoal/unbound {}, shoal/dnsmasq {})",
-            ratio(this[0], this[1]),
-            ratio(this[0], this[2])
-        );
+    println!(
+        "pinning: every server on CPU {} (in turn, all three pinned there), dnsperf on CPU {}, \
+         {} for servers and dnsperf; max runs -q {}, fixed-load runs -Q {:?}",
+        k.server_cpu,
+        k.client_cpu,
+        k.sched.describe(),
+        k.outstanding,
+        k.rates
+    );
+    let mut s: [Series; 3] = Default::default();
+    for x in &mut s {
+        x.fixed = vec![Fixed::default(); k.rates.len()];
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let m: Vec<f64> = qps.iter_mut().map(median).collect();
-    let c: Vec<f64> = cpu.iter_mut().map(median).collect();
-    println!(
-        "median qps: shoal={:.0} unbound={:.0} dnsmasq={:.0}; shoal/unbound = {:.2}x, shoal/dnsmasq = {:.2}x",
-        m[0],
-        m[1],
-        m[2],
-        m[0] / m[1],
-        m[0] / m[2]
-    );
-    println!(
-        "median server CPU per query: shoal={:.2} us unbound={:.2} us dnsmasq={:.2} us",
-        c[0], c[1], c[2]
-    );
-    let rate = 20_000;
-    for (name, port) in systems {
-        match latency(&cl, &sip, port, &qfile, rate) {
-            Ok((p50, p99)) => {
-                println!("latency at {rate} q/s offered: {name}: p50 {p50:.3} ms, p99 {p99:.3} ms")
+    let (mut ratio_qps, mut ratio_cpu) = (Vec::new(), Vec::new());
+    let mut ratio_fixed = vec![Vec::new(); k.rates.len()];
+    for round in 0..k.rounds {
+        let mut max = [f64::NAN; 3];
+        let mut cpu = [f64::NAN; 3];
+        let mut fixed = vec![[f64::NAN; 3]; k.rates.len()];
+        for j in 0..3 {
+            // Rotate the order each round so no system always runs first or last.
+            let i = (j + round) % 3;
+            let (name, port) = systems[i];
+            // A run that fails on this shared machine is reported and left out, not fatal.
+            let t0 = (targets[i].sched()?, std::time::Instant::now());
+            match dnsperf(&k, &cl, &sip, port, &qfile, None) {
+                Ok(run) => {
+                    let t1 = (targets[i].sched()?, std::time::Instant::now());
+                    let wall = (t1.1 - t0.1).as_nanos() as f64;
+                    let ran = (t1.0.run_ns - t0.0.run_ns) as f64;
+                    max[i] = run.qps;
+                    cpu[i] = ran / 1e3 / run.completed.max(1) as f64;
+                    s[i].qps.push(run.qps);
+                    s[i].cpu_max.push(cpu[i]);
+                    s[i].busy.push(ran / wall);
+                    s[i].waited.push((t1.0.wait_ns - t0.0.wait_ns) as f64 / wall);
+                    if run.lost > 0 {
+                        eprintln!("    {name}: {} of {} lost at max load", run.lost, run.completed);
+                    }
+                }
+                Err(e) => eprintln!("    {name}: dnsperf max run failed: {e:#}"),
             }
-            Err(e) => println!("latency at {rate} q/s offered: {name}: failed: {e:#}"),
+            for (r, &rate) in k.rates.iter().enumerate() {
+                let t0 = targets[i].sched()?;
+                let mut run = match dnsperf(&k, &cl, &sip, port, &qfile, Some(rate)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("    {name}: dnsperf run at {rate} q/s failed: {e:#}");
+                        continue;
+                    }
+                };
+                let t1 = targets[i].sched()?;
+                let f = &mut s[i].fixed[r];
+                fixed[r][i] = (t1.run_ns - t0.run_ns) as f64 / 1e3 / run.completed.max(1) as f64;
+                f.cpu_us.push(fixed[r][i]);
+                f.qps.push(run.qps);
+                if run.lat.len() >= 100 {
+                    f.p50.push(quantile(&mut run.lat, 0.50) * 1e3);
+                    f.p99.push(quantile(&mut run.lat, 0.99) * 1e3);
+                }
+            }
         }
+        if max[0] > 0.0 && max[1] > 0.0 {
+            ratio_qps.push(max[0] / max[1]);
+        }
+        if cpu[0] > 0.0 && cpu[1] > 0.0 {
+            ratio_cpu.push(cpu[1] / cpu[0]);
+        }
+        let mut line = format!(
+            "round {}: max qps shoal={:.0} unbound={:.0} dnsmasq={:.0} (shoal/unbound {:.2}x, \
+             shoal/dnsmasq {:.2}x), CPU/query shoal={:.2} unbound={:.2} dnsmasq={:.2} us",
+            round + 1,
+            max[0],
+            max[1],
+            max[2],
+            max[0] / max[1],
+            max[0] / max[2],
+            cpu[0],
+            cpu[1],
+            cpu[2]
+        );
+        for (r, rate) in k.rates.iter().enumerate() {
+            let c = fixed[r];
+            if c[0] > 0.0 && c[1] > 0.0 {
+                ratio_fixed[r].push(c[1] / c[0]);
+            }
+            line.push_str(&format!(
+                "; at {rate} q/s CPU/query shoal={:.2} unbound={:.2} dnsmasq={:.2} us",
+                c[0], c[1], c[2]
+            ));
+        }
+        println!("{line}");
+    }
+    println!("summary (median [min–max] over {} rounds):", k.rounds);
+    for (i, (name, _)) in systems.iter().enumerate() {
+        let pct: Vec<f64> = s[i].busy.iter().map(|b| b * 100.0).collect();
+        let wait: Vec<f64> = s[i].waited.iter().map(|b| b * 100.0).collect();
+        println!(
+            "  {name:8} max: {} q/s, CPU/query {} us, server on-CPU {}%, run-queue wait {}%",
+            spread(&s[i].qps, 0),
+            spread(&s[i].cpu_max, 2),
+            spread(&pct, 0),
+            spread(&wait, 1),
+        );
+        for (r, rate) in k.rates.iter().enumerate() {
+            let f = &s[i].fixed[r];
+            println!(
+                "  {name:8} at {rate} q/s offered: {} q/s answered, CPU/query {} us, p50 {} ms, \
+                 p99 {} ms",
+                spread(&f.qps, 0),
+                spread(&f.cpu_us, 2),
+                spread(&f.p50, 3),
+                spread(&f.p99, 3),
+            );
+        }
+    }
+    println!(
+        "shoal/unbound, same round: max qps {}x; CPU/query at max, unbound/shoal {}x",
+        spread(&ratio_qps, 2),
+        spread(&ratio_cpu, 2)
+    );
+    for (r, rate) in k.rates.iter().enumerate() {
+        println!(
+            "shoal/unbound, same round: CPU/query at {rate} q/s, unbound/shoal {}x",
+            spread(&ratio_fixed[r], 2)
+        );
     }
 
     let _ = stop_tx.send(());

@@ -578,6 +578,23 @@ impl Snapshot {
         Lookup::NotOurs
     }
 
+    /// The addresses (both families, unshuffled) a forward name has in `scope`, borrowed from
+    /// the snapshot: what [`Snapshot::lookup`] answers for A/AAAA before filtering and shuffling,
+    /// without allocating. `None` for every other outcome (reverse names, misses), which
+    /// `lookup` decides.
+    pub(crate) fn addrs_of(&self, scope: &Scope, qname: &str) -> Option<&[IpAddr]> {
+        let mut buf = [0u8; MAX_NAME];
+        let name = normalize_query(qname, &mut buf)?;
+        if is_reverse_tree(name) {
+            return None;
+        }
+        scope
+            .networks()
+            .filter_map(|id| self.nets.get(id))
+            .find_map(|t| t.names.get(name))
+            .map(|e| e.addrs.as_slice())
+    }
+
     fn lookup_reverse(&self, scope: &Scope, name: &str, qtype: RecordType) -> Lookup {
         let Some(addr) = parse_reverse(name) else {
             return Lookup::NotOurs;

@@ -366,3 +366,46 @@ async fn forwards_to_dnsmasq_and_follows_resolv_conf_changes() -> Result<()> {
     dns.shutdown().await;
     Ok(())
 }
+
+/// A burst the UDP loop reads in batches (`recvmmsg`) and answers together (`sendmmsg`), fast
+/// path and hickory path mixed, from several client sockets: every query gets its own answer,
+/// sent back to the socket that asked.
+#[tokio::test]
+async fn a_burst_of_queries_from_many_sockets_is_answered_one_for_one() -> Result<()> {
+    let (dns, addr) = serve(3, 0).await?;
+    let cases: [(&str, RecordType, ResponseCode, usize); 3] = [
+        ("web", RecordType::A, ResponseCode::NoError, 1),
+        ("nothere", RecordType::A, ResponseCode::NXDomain, 0),
+        ("web", RecordType::AAAA, ResponseCode::NoError, 0),
+    ];
+    let mut socks = Vec::new();
+    for _ in 0..4 {
+        socks.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    }
+    // Socket s sends 50 queries with ids s*1000 + i, all before reading anything.
+    for (s, sock) in socks.iter().enumerate() {
+        for i in 0..50u16 {
+            let (name, t, _, _) = cases[usize::from(i) % cases.len()];
+            let mut q = query_bytes(name, t, None);
+            q[..2].copy_from_slice(&(s as u16 * 1000 + i).to_be_bytes());
+            sock.send_to(&q, addr).await?;
+        }
+    }
+    for (s, sock) in socks.iter().enumerate() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 1500];
+        while seen.len() < 50 {
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await??;
+            let m = Message::from_vec(&buf[..n])?;
+            let i = m.metadata.id.checked_sub(s as u16 * 1000).expect("an id this socket sent");
+            assert!(i < 50 && seen.insert(i), "one answer per query, to its socket");
+            let (name, t, code, answers) = cases[usize::from(i) % cases.len()];
+            assert_eq!(m.queries[0].name().to_string(), format!("{name}."));
+            assert_eq!(m.queries[0].query_type(), t);
+            assert_eq!(m.metadata.response_code, code, "{name} {t}");
+            assert_eq!(m.answers.len(), answers, "{name} {t}");
+        }
+    }
+    dns.shutdown().await;
+    Ok(())
+}
