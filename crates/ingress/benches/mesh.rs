@@ -45,6 +45,17 @@ fn have(tool: &str) -> bool {
 
 /// utime + stime (+ reaped children) of a process, in seconds.
 fn cpu_of(pid: u32) -> f64 {
+    cpu_ticks(pid, 4)
+}
+
+/// utime + stime of this process only: its reaped children are the load generators
+/// (wrk, iperf3 run through `ip netns exec`), whose CPU must not count as shoal's.
+fn cpu_self() -> f64 {
+    cpu_ticks(std::process::id(), 2)
+}
+
+/// The first `fields` of utime, stime, cutime, cstime, in seconds.
+fn cpu_ticks(pid: u32, fields: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -53,7 +64,7 @@ fn cpu_of(pid: u32) -> f64 {
     };
     let f: Vec<&str> = rest.split(' ').collect();
     // Fields 14-17 of stat are at 11..15 after the state field (index 0 = field 3).
-    let ticks: f64 = f[11..15].iter().filter_map(|x| x.parse::<f64>().ok()).sum();
+    let ticks: f64 = f[11..11 + fields].iter().filter_map(|x| x.parse::<f64>().ok()).sum();
     ticks / 100.0
 }
 
@@ -72,6 +83,9 @@ struct Setup {
     _guard: Cleanup,
     tmp: std::path::PathBuf,
     proxy_ns: Arc<NetNs>,
+    /// PIN=1: the load generators run on CPU 0 and every proxy on CPU 1 (taskset /
+    /// sched_setaffinity); the backend is not pinned.
+    pin: bool,
 }
 
 impl Drop for Setup {
@@ -86,6 +100,38 @@ impl Setup {
     }
     fn ns(&self, h: &str) -> String {
         format!("{}{h}", self.prefix)
+    }
+    /// `taskset -c 0` for client commands when pinning.
+    fn client_pin(&self) -> Vec<&'static str> {
+        if self.pin { vec!["taskset", "-c", "0"] } else { Vec::new() }
+    }
+    /// `taskset -c 1` for proxy commands when pinning.
+    fn proxy_pin(&self) -> Vec<&'static str> {
+        if self.pin { vec!["taskset", "-c", "1"] } else { Vec::new() }
+    }
+    /// TCP segments sent from the proxy namespace so far (`Tcp: OutSegs` of its /proc/net/snmp).
+    fn tcp_out_segs(&self) -> f64 {
+        let Ok(snmp) = self.exec("px", &["cat", "/proc/net/snmp"]) else { return f64::NAN };
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(vals)) = (tcp.next(), tcp.next()) else { return f64::NAN };
+        names
+            .split_whitespace()
+            .zip(vals.split_whitespace())
+            .find(|(n, _)| *n == "OutSegs")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+    /// `TcpExt: TCPSynRetrans` of a namespace (SYNs sent again after the 1 s initial RTO).
+    fn syn_retrans(&self, h: &str) -> f64 {
+        let Ok(text) = self.exec(h, &["cat", "/proc/net/netstat"]) else { return f64::NAN };
+        let mut ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(vals)) = (ext.next(), ext.next()) else { return f64::NAN };
+        names
+            .split_whitespace()
+            .zip(vals.split_whitespace())
+            .find(|(n, _)| *n == "TCPSynRetrans")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(f64::NAN)
     }
     fn exec(&self, h: &str, args: &[&str]) -> Result<String, String> {
         let ns = self.ns(h);
@@ -132,7 +178,8 @@ fn setup() -> Result<Setup, String> {
     let tmp = std::env::temp_dir().join(format!("{prefix}-bench"));
     std::fs::create_dir_all(tmp.join("www")).map_err(|e| e.to_string())?;
     std::fs::write(tmp.join("www/1k"), vec![b'x'; 1024]).map_err(|e| e.to_string())?;
-    Ok(Setup { prefix, net, _guard: guard, tmp, proxy_ns: proxy_ns.ok_or("no proxy ns")? })
+    let pin = std::env::var("PIN").is_ok_and(|v| v == "1");
+    Ok(Setup { prefix, net, _guard: guard, tmp, proxy_ns: proxy_ns.ok_or("no proxy ns")?, pin })
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -141,13 +188,18 @@ struct Figures {
     cpu_per_gb: f64,
     rps: f64,
     p99_ms: f64,
+    us_per_req: f64,
+    /// TCP segments the proxy namespace sent per request (both of its sockets).
+    segs_per_req: f64,
     cps: f64,
 }
 
 fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64) -> (f64, f64) {
     let before = cpu_pids();
-    let out = s
-        .exec("cl", &["iperf3", "-c", host, "-p", &port.to_string(), "-t", &dur.to_string(), "-J"]);
+    let (port, dur) = (port.to_string(), dur.to_string());
+    let mut args = s.client_pin();
+    args.extend(["iperf3", "-c", host, "-p", &port, "-t", &dur, "-J"]);
+    let out = s.exec("cl", &args);
     let after = cpu_pids();
     let Ok(out) = out else { return (f64::NAN, f64::NAN) };
     let num = |key: &str| -> f64 {
@@ -167,14 +219,37 @@ fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64)
     (bps / 1e9, (after - before) / (bytes / 1e9))
 }
 
-fn wrk(s: &Setup, url: &str, dur: u64, close: bool) -> (f64, f64) {
+fn wrk(
+    s: &Setup,
+    url: &str,
+    dur: u64,
+    close: bool,
+    cpu_pids: &dyn Fn() -> f64,
+) -> (f64, f64, f64, f64) {
     let d = format!("{dur}s");
-    let mut args = vec!["wrk", "-t1", "-c50", "-d", d.as_str(), "--latency"];
+    let mut args = s.client_pin();
+    args.extend(["wrk", "-t1", "-c50", "-d", d.as_str(), "--latency"]);
     if close {
         args.extend(["-H", "Connection: close"]);
     }
     args.push(url);
-    let Ok(out) = s.exec("cl", &args) else { return (f64::NAN, f64::NAN) };
+    let segs0 = s.tcp_out_segs();
+    let syn0 = (s.syn_retrans("cl"), s.syn_retrans("px"));
+    let before = cpu_pids();
+    let out = s.exec("cl", &args);
+    let after = cpu_pids();
+    let segs1 = s.tcp_out_segs();
+    let syn1 = (s.syn_retrans("cl"), s.syn_retrans("px"));
+    if syn1.0 > syn0.0 || syn1.1 > syn0.1 {
+        // Each costs its connection the 1 s initial RTO, which wrk's latency correction
+        // turns into hundreds of slow samples (a p99 near 1 s).
+        eprintln!(
+            "  note: {url}: SYN retransmits: client {} proxy namespace {}",
+            syn1.0 - syn0.0,
+            syn1.1 - syn0.1
+        );
+    }
+    let Ok(out) = out else { return (f64::NAN, f64::NAN, f64::NAN, f64::NAN) };
     let rps = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
@@ -205,7 +280,13 @@ fn wrk(s: &Setup, url: &str, dur: u64, close: bool) -> (f64, f64) {
                 .join("; ")
         );
     }
-    (rps, p99)
+    let reqs = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    (rps, p99, (after - before) * 1e6 / reqs, (segs1 - segs0) / reqs)
 }
 
 fn pids_named(ns: &NetNs, comm: &str) -> Vec<u32> {
@@ -239,8 +320,10 @@ fn main() {
         std::env::var("ONLY").ok().map(|v| v.split(',').map(str::to_owned).collect());
     let tests: Option<Vec<String>> =
         std::env::var("TESTS").ok().map(|v| v.split(',').map(str::to_owned).collect());
+    // THREADS=N: HAProxy nbthread N, nginx stream N workers, shoal N runtime threads.
+    let threads: usize = std::env::var("THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let workers: usize =
-        std::env::var("SHOAL_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        std::env::var("SHOAL_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(threads);
     let s = match setup() {
         Ok(s) => s,
         Err(e) => {
@@ -282,101 +365,143 @@ fn main() {
     .expect("write");
     s.exec("be", &["nginx", "-c", &format!("{t}/nb.conf")]).expect("nginx backend");
     // Proxies.
+    // THREADS > 1: thread i on CPU i, as shoal's per-core runtimes.
+    let cpu_map = if threads > 1 && !s.pin {
+        format!("  cpu-map auto:1/1-{threads} 0-{}\n", threads - 1)
+    } else {
+        String::new()
+    };
     std::fs::write(
         s.tmp.join("haproxy.cfg"),
-        format!("global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option splice-auto\nfrontend f1\n  bind {px}:15201\n  default_backend b1\nbackend b1\n  server s1 {be}:5201\nfrontend f2\n  bind {px}:18080\n  default_backend b2\nbackend b2\n  server s2 {be}:8080\n"),
+        format!("global\n  maxconn 4000\n  nbthread {threads}\n{cpu_map}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option splice-auto\nfrontend f1\n  bind {px}:15201\n  default_backend b1\nbackend b1\n  server s1 {be}:5201\nfrontend f2\n  bind {px}:18080\n  default_backend b2\nbackend b2\n  server s2 {be}:8080\n"),
     )
     .expect("write");
-    s.exec(
-        "px",
-        &["haproxy", "-D", "-f", &format!("{t}/haproxy.cfg"), "-p", &format!("{t}/ha.pid")],
-    )
-    .expect("haproxy");
+    let (hacfg, hapid) = (format!("{t}/haproxy.cfg"), format!("{t}/ha.pid"));
+    let mut args = s.proxy_pin();
+    args.extend(["haproxy", "-D", "-f", &hacfg, "-p", &hapid]);
+    s.exec("px", &args).expect("haproxy");
     std::fs::write(
         s.tmp.join("ns.conf"),
-        format!("load_module /usr/lib/nginx/modules/ngx_stream_module.so; worker_processes 1; pid {t}/ns.pid; error_log {t}/ns.err; daemon on;\nevents {{ worker_connections 20000; }}\nstream {{ server {{ listen {px}:25201; proxy_pass {be}:5201; }} server {{ listen {px}:28080; proxy_pass {be}:8080; }} }}\n"),
+        format!("load_module /usr/lib/nginx/modules/ngx_stream_module.so; worker_processes {threads}; pid {t}/ns.pid; error_log {t}/ns.err; daemon on;\nevents {{ worker_connections 20000; }}\nstream {{ server {{ listen {px}:25201; proxy_pass {be}:5201; }} server {{ listen {px}:28080; proxy_pass {be}:8080; }} }}\n"),
     )
     .expect("write");
-    let nginx_ok = s.exec("px", &["nginx", "-c", &format!("{t}/ns.conf")]).is_ok();
-    children.push(
-        s.spawn(
-            "px",
-            &[
-                "socat",
-                &format!("TCP-LISTEN:35201,bind={px},fork,reuseaddr"),
-                &format!("TCP:{be}:5201"),
-            ],
-        )
-        .expect("socat"),
-    );
-    children.push(
-        s.spawn(
-            "px",
-            &[
-                "socat",
-                &format!("TCP-LISTEN:38080,bind={px},fork,reuseaddr"),
-                &format!("TCP:{be}:8080"),
-            ],
-        )
-        .expect("socat"),
-    );
-    // shoal: its own runtime with `workers` threads.
-    // SHOAL_RT=multi: a multi-thread runtime with SHOAL_WORKERS workers; default: one
-    // current-thread runtime driven by a dedicated thread (like HAProxy's nbthread 1).
-    let multi = std::env::var("SHOAL_RT").as_deref() == Ok("multi");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (handle, driver, multi_rt) = if multi {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        (rt.handle().clone(), None, Some(rt))
-    } else {
-        let rt =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let h = rt.handle().clone();
-        // Only the thread inside `Runtime::block_on` drives a current-thread runtime.
-        let d = std::thread::spawn(move || {
-            let _ = rt.block_on(stop_rx);
-        });
-        (h, Some(d), None)
+    let nscfg = format!("{t}/ns.conf");
+    let mut args = s.proxy_pin();
+    args.extend(["nginx", "-c", &nscfg]);
+    let nginx_ok = s.exec("px", &args).is_ok();
+    {
+        let (l, c) =
+            (format!("TCP-LISTEN:35201,bind={px},fork,reuseaddr"), format!("TCP:{be}:5201"));
+        let mut args = s.proxy_pin();
+        args.extend(["socat", &l, &c]);
+        children.push(s.spawn("px", &args).expect("socat"));
+    }
+    {
+        let (l, c) =
+            (format!("TCP-LISTEN:38080,bind={px},fork,reuseaddr"), format!("TCP:{be}:8080"));
+        let mut args = s.proxy_pin();
+        args.extend(["socat", &l, &c]);
+        children.push(s.spawn("px", &args).expect("socat"));
+    }
+    // shoal: its own runtime. THREADS=1 (default): one current-thread runtime driven by a
+    // dedicated thread (like HAProxy's nbthread 1); THREADS=N>1 or SHOAL_RT=multi: a
+    // multi-thread runtime with N workers (SHOAL_WORKERS overrides N).
+    // SHOAL_RT=percore (default when THREADS > 1): one current-thread runtime per thread,
+    // thread i pinned to CPU i, each with its own Mesh publishing the same ports with
+    // SO_REUSEPORT (HAProxy's threads are pinned the same way with cpu-map).
+    // SHOAL_RT=multi: one multi-thread runtime with `workers` workers, unpinned.
+    let rt_kind = match std::env::var("SHOAL_RT").as_deref() {
+        Ok("multi") => "multi",
+        Ok("percore") => "percore",
+        _ if workers > 1 => "percore",
+        _ => "single",
     };
-    let rt_name = if multi { format!("multi-thread x{workers}") } else { "current-thread".into() };
+    let pin = s.pin;
+    let pin_to = move |cpu: Option<usize>| {
+        let cpu = if pin { Some(1) } else { cpu };
+        if let Some(c) = cpu {
+            let mut set = nix::sched::CpuSet::new();
+            let _ = set.set(c);
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+    };
+    let mut stops = Vec::new();
+    let mut drivers = Vec::new();
+    let mut handles = Vec::new();
+    let mut multi_rt = None;
+    match rt_kind {
+        "multi" => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .on_thread_start(move || pin_to(None))
+                .enable_all()
+                .build()
+                .expect("runtime");
+            handles.push(rt.handle().clone());
+            multi_rt = Some(rt);
+        }
+        _ => {
+            let n = if rt_kind == "percore" { workers } else { 1 };
+            for i in 0..n {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                handles.push(rt.handle().clone());
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                stops.push(tx);
+                // Only the thread inside `Runtime::block_on` drives a current-thread runtime.
+                let cpu = (rt_kind == "percore").then_some(i);
+                drivers.push(std::thread::spawn(move || {
+                    pin_to(cpu);
+                    let _ = rt.block_on(rx);
+                }));
+            }
+        }
+    }
+    let rt_name = match rt_kind {
+        "multi" => format!("multi-thread x{workers}"),
+        "percore" => format!("{workers} current-thread runtimes, one per CPU, SO_REUSEPORT"),
+        _ => "current-thread".into(),
+    };
     let mode = match std::env::var("SHOAL_FORWARD").as_deref() {
         Ok("splice") => ForwardMode::Splice,
         Ok("copy") => ForwardMode::Copy,
         _ => ForwardMode::Auto,
     };
-    let mesh = {
-        let _g = handle.enter();
-        Mesh::new(MeshConfig {
-            ingress_ns: Some(s.proxy_ns.clone()),
-            listen_ns: Some(s.proxy_ns.clone()),
-            forward: mode,
-            ..MeshConfig::default()
-        })
-        .expect("mesh")
-    };
     let beip: IpAddr = be.parse().expect("backend address");
     let listen = Some(IpAddr::V4(Ipv4Addr::new(198, 19, s.net, 2)));
-    for (name, port, target) in [("bulk", 45201u16, 5201u16), ("http", 48080, 8080)] {
-        let mut p = PortSpec::tcp(port, target);
-        p.listen = listen;
-        let mut spec = ServiceSpec::new(name, vec![p]);
-        spec.health.interval = Duration::from_secs(2);
-        mesh.set_service(spec, vec![BackendSpec::new("be", beip)]).expect("service");
-    }
+    let meshes: Vec<Mesh> = handles
+        .iter()
+        .map(|h| {
+            let _g = h.enter();
+            let mesh = Mesh::new(MeshConfig {
+                ingress_ns: Some(s.proxy_ns.clone()),
+                listen_ns: Some(s.proxy_ns.clone()),
+                forward: mode,
+                reuse_port: rt_kind == "percore",
+                ..MeshConfig::default()
+            })
+            .expect("mesh");
+            for (name, port, target) in [("bulk", 45201u16, 5201u16), ("http", 48080, 8080)] {
+                let mut p = PortSpec::tcp(port, target);
+                p.listen = listen;
+                let mut spec = ServiceSpec::new(name, vec![p]);
+                spec.health.interval = Duration::from_secs(2);
+                mesh.set_service(spec, vec![BackendSpec::new("be", beip)]).expect("service");
+            }
+            mesh
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(1500));
     let ha_pid: u32 = std::fs::read_to_string(s.tmp.join("ha.pid"))
         .ok()
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or(0);
-    let me = std::process::id();
     let proxy_ns = s.proxy_ns.clone();
     let systems: Vec<System> = vec![
         ("direct", None, Box::new(|| 0.0)),
-        ("shoal", Some((45201, 48080)), Box::new(move || cpu_of(me))),
+        ("shoal", Some((45201, 48080)), Box::new(cpu_self)),
         ("haproxy", Some((15201, 18080)), Box::new(move || cpu_of(ha_pid))),
         ("nginx", Some((25201, 28080)), {
             let ns = proxy_ns.clone();
@@ -388,17 +513,53 @@ fn main() {
         }),
     ];
     println!(
-        "mesh bench: DUR={dur}s ROUNDS={rounds} shoal runtime={rt_name} forward={mode:?} overlay={overlay}; client → proxy → backend in namespaces (198.19.{}.0/24)",
+        "mesh bench: DUR={dur}s ROUNDS={rounds} THREADS={threads} (HAProxy nbthread {threads}, nginx stream {threads} worker(s)) shoal runtime={rt_name} forward={mode:?} overlay={overlay}; pinning: {}; client → proxy → backend in namespaces (198.19.{}.0/24)",
+        if s.pin { "wrk/iperf3 on CPU 0, proxies on CPU 1, backend unpinned" } else { "none" },
         s.net
     );
+    let head = || {
+        println!(
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>10}",
+            "system",
+            "bulk Gb/s",
+            "CPU s/GB",
+            "req/s",
+            "p99 ms",
+            "CPU us/req",
+            "segs/req",
+            "conn/s"
+        );
+    };
+    let row = |name: &str, f: &Figures| {
+        println!(
+            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.1} {:>8.2} {:>10.0}",
+            name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.us_per_req, f.segs_per_req, f.cps
+        );
+    };
+    let ratios = |sh: &Figures, ha: &Figures| -> [f64; 6] {
+        [
+            sh.gbit / ha.gbit,
+            sh.rps / ha.rps,
+            sh.p99_ms / ha.p99_ms,
+            sh.cpu_per_gb / ha.cpu_per_gb,
+            sh.us_per_req / ha.us_per_req,
+            sh.cps / ha.cps,
+        ]
+    };
+    const RATIO_NAMES: [&str; 6] = [
+        "bulk (goal >= 1.15)",
+        "req/s (goal >= 1.10)",
+        "p99 (goal <= 1)",
+        "CPU/GB (goal <= 1)",
+        "CPU/req",
+        "conn/s",
+    ];
     let mut all: Vec<BTreeMap<&str, Figures>> = Vec::new();
+    let mut per_round: Vec<[f64; 6]> = Vec::new();
     for round in 1..=rounds {
         let mut res = BTreeMap::new();
         println!("\nround {round}");
-        println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
-            "system", "bulk Gb/s", "CPU s/GB", "req/s", "p99 ms", "conn/s"
-        );
+        head();
         // Rotate the order each round so no system always runs first or last.
         let n = systems.len();
         for k in 0..n {
@@ -417,30 +578,30 @@ fn main() {
             let (gbit, cpu_per_gb) =
                 if want("bulk") { iperf(&s, host, bp, dur, cpu.as_ref()) } else { nan };
             let url = format!("http://{host}:{hp}/1k");
-            let (rps, p99) = if want("rps") { wrk(&s, &url, dur, false) } else { nan };
-            let (cps, _) = if want("cps") { wrk(&s, &url, dur, true) } else { nan };
+            let nan4 = (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+            let (rps, p99, us_per_req, segs) =
+                if want("rps") { wrk(&s, &url, dur, false, cpu.as_ref()) } else { nan4 };
+            let (cps, _, _, _) =
+                if want("cps") { wrk(&s, &url, dur, true, cpu.as_ref()) } else { nan4 };
+            let direct = ports.is_none();
             let f = Figures {
                 gbit,
-                cpu_per_gb: if ports.is_none() { f64::NAN } else { cpu_per_gb },
+                cpu_per_gb: if direct { f64::NAN } else { cpu_per_gb },
                 rps,
                 p99_ms: p99,
+                us_per_req: if direct { f64::NAN } else { us_per_req },
+                segs_per_req: if direct { f64::NAN } else { segs },
                 cps,
             };
-            println!(
-                "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.0}",
-                name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.cps
-            );
+            row(name, &f);
             res.insert(*name, f);
         }
         if let (Some(sh), Some(ha)) = (res.get("shoal"), res.get("haproxy")) {
-            println!(
-                "shoal/haproxy: bulk {:.2}x (goal >= 1.15)  req/s {:.2}x (goal >= 1.10)  p99 {:.2}x (goal <= 1)  CPU/GB {:.2}x (goal <= 1)  conn/s {:.2}x",
-                sh.gbit / ha.gbit,
-                sh.rps / ha.rps,
-                sh.p99_ms / ha.p99_ms,
-                sh.cpu_per_gb / ha.cpu_per_gb,
-                sh.cps / ha.cps
-            );
+            let r = ratios(sh, ha);
+            let parts: Vec<String> =
+                RATIO_NAMES.iter().zip(r).map(|(n, x)| format!("{n} {x:.2}x")).collect();
+            println!("shoal/haproxy: {}", parts.join("  "));
+            per_round.push(r);
         }
         all.push(res);
     }
@@ -452,10 +613,7 @@ fn main() {
             if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
         };
         println!("\nmedian of {} rounds", all.len());
-        println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
-            "system", "bulk Gb/s", "CPU s/GB", "req/s", "p99 ms", "conn/s"
-        );
+        head();
         let mut meds = BTreeMap::new();
         for (name, _, _) in &systems {
             let f = Figures {
@@ -463,38 +621,49 @@ fn main() {
                 cpu_per_gb: med(name, |f| f.cpu_per_gb),
                 rps: med(name, |f| f.rps),
                 p99_ms: med(name, |f| f.p99_ms),
+                us_per_req: med(name, |f| f.us_per_req),
+                segs_per_req: med(name, |f| f.segs_per_req),
                 cps: med(name, |f| f.cps),
             };
-            println!(
-                "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.0}",
-                name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.cps
-            );
+            row(name, &f);
             meds.insert(*name, f);
         }
         if let (Some(sh), Some(ha)) = (meds.get("shoal"), meds.get("haproxy")) {
+            let r = ratios(sh, ha);
             println!(
-                "median shoal/haproxy: bulk {:.2}x (goal >= 1.15)  req/s {:.2}x (goal >= 1.10)  p99 {:.2}x (goal <= 1)  CPU/GB {:.2}x (goal <= 1)  conn/s {:.2}x",
-                sh.gbit / ha.gbit,
-                sh.rps / ha.rps,
-                sh.p99_ms / ha.p99_ms,
-                sh.cpu_per_gb / ha.cpu_per_gb,
-                sh.cps / ha.cps
+                "shoal/haproxy, ratio of the medians, then median [min–max] of per-round ratios:"
             );
+            for (i, name) in RATIO_NAMES.iter().enumerate() {
+                let mut v: Vec<f64> =
+                    per_round.iter().map(|x| x[i]).filter(|x| !x.is_nan()).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                if v.is_empty() {
+                    continue;
+                }
+                println!(
+                    "  {name:<22} {:.2}x   per round {:.2}x [{:.2}–{:.2}]",
+                    r[i],
+                    v[v.len() / 2],
+                    v[0],
+                    v[v.len() - 1]
+                );
+            }
         }
     }
-    let m = mesh.metrics();
-    for svc in &m {
-        println!(
-            "shoal metrics {}: total {} errors {} bytes in {} out {}",
-            svc.name,
-            svc.total(),
-            svc.backends.iter().map(|b| b.errors).sum::<u64>(),
-            svc.backends.iter().map(|b| b.bytes_in).sum::<u64>(),
-            svc.backends.iter().map(|b| b.bytes_out).sum::<u64>()
-        );
+    for (i, mesh) in meshes.iter().enumerate() {
+        for svc in &mesh.metrics() {
+            println!(
+                "shoal mesh {i} metrics {}: total {} errors {} bytes in {} out {}",
+                svc.name,
+                svc.total(),
+                svc.backends.iter().map(|b| b.errors).sum::<u64>(),
+                svc.backends.iter().map(|b| b.bytes_in).sum::<u64>(),
+                svc.backends.iter().map(|b| b.bytes_out).sum::<u64>()
+            );
+        }
+        println!("shoal mesh {i} splice pipes created: {}", mesh.pipes_created());
     }
-    println!("splice pipes created: {}", mesh.pipes_created());
-    drop(mesh);
+    drop(meshes);
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -510,8 +679,10 @@ fn main() {
             );
         }
     }
-    let _ = stop_tx.send(());
-    if let Some(d) = driver {
+    for tx in stops {
+        let _ = tx.send(());
+    }
+    for d in drivers {
         let _ = d.join();
     }
     if let Some(rt) = multi_rt {

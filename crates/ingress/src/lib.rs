@@ -22,7 +22,10 @@
 //! (idempotent; missing backends drain), [`Mesh::remove_service`] when it goes, and export
 //! [`Mesh::render_prometheus`] on `/metrics`. The mesh spawns its tasks on the runtime that
 //! was current at [`Mesh::new`]; a dedicated current-thread runtime on its own thread is what
-//! `benches/mesh.rs` measures (BENCH.md).
+//! `benches/mesh.rs` measures (BENCH.md). To use several cores, run one current-thread
+//! runtime per core, each with its own [`Mesh`] built with [`MeshConfig::reuse_port`] and the
+//! same services: the kernel spreads new TCP connections over the listeners (SO_REUSEPORT);
+//! metrics are then per mesh (add them up).
 
 #![warn(missing_docs)]
 

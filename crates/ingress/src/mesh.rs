@@ -48,6 +48,11 @@ pub struct MeshConfig {
     pub forward: ForwardMode,
     /// Connect attempts per client connection (different backends when possible).
     pub connect_attempts: u32,
+    /// Sets SO_REUSEPORT on TCP listeners, so several meshes (one per core, each on its own
+    /// current-thread runtime) can publish the same ports and the kernel spreads new
+    /// connections over them. Off by default (a second bind of a port then fails); when on,
+    /// any other socket of the same user that sets SO_REUSEPORT can share the port too.
+    pub reuse_port: bool,
 }
 
 impl Default for MeshConfig {
@@ -60,6 +65,7 @@ impl Default for MeshConfig {
             max_idle_pipes: 512,
             forward: ForwardMode::Auto,
             connect_attempts: 3,
+            reuse_port: false,
         }
     }
 }
@@ -156,6 +162,7 @@ struct State {
 pub struct Mesh {
     ctx: Arc<Ctx>,
     listen_ns: Option<Arc<NetNs>>,
+    reuse_port: bool,
     seed: AtomicU64,
     state: Mutex<State>,
     rt: tokio::runtime::Handle,
@@ -173,6 +180,7 @@ impl Mesh {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         Ok(Mesh {
             listen_ns: cfg.listen_ns,
+            reuse_port: cfg.reuse_port,
             ctx: Arc::new(Ctx {
                 upstream: Upstream::new(cfg.ingress_ns),
                 pipes: PipePool::new(cfg.pipe_size, cfg.max_idle_pipes),
@@ -249,7 +257,7 @@ impl Mesh {
                 }
             }
             let _guard = self.rt.enter();
-            match bind(*t, p, self.listen_ns.as_deref()) {
+            match bind(*t, p, self.listen_ns.as_deref(), self.reuse_port) {
                 Ok(b) => fresh.push((*port, *t, p.clone(), b)),
                 Err(e) => return Err(e),
             }
@@ -445,7 +453,7 @@ enum Bound {
     Udp(UdpSocket),
 }
 
-fn bind(t: Transport, p: &PortSpec, ns: Option<&NetNs>) -> Result<Bound, Error> {
+fn bind(t: Transport, p: &PortSpec, ns: Option<&NetNs>, reuse_port: bool) -> Result<Bound, Error> {
     let proto = if t == Transport::Tcp { "tcp" } else { "udp" };
     let make = |ip: IpAddr| -> std::io::Result<socket2::Socket> {
         let addr = SocketAddr::new(ip, p.published);
@@ -459,6 +467,9 @@ fn bind(t: Transport, p: &PortSpec, ns: Option<&NetNs>) -> Result<Bound, Error> 
             s.set_only_v6(false)?;
         }
         s.set_reuse_address(true)?;
+        if reuse_port && t == Transport::Tcp {
+            s.set_reuse_port(true)?;
+        }
         s.bind(&addr.into())?;
         match t {
             Transport::Tcp => s.listen(4096)?,

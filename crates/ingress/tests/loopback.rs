@@ -651,3 +651,34 @@ async fn source_hash_keeps_a_client_on_one_backend() -> Result<()> {
     }
     Ok(())
 }
+
+/// With `reuse_port`, two meshes (one per core in production) publish the same TCP port and
+/// both answer; without it a second mesh is refused the port with a bind error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_port_lets_meshes_share_a_published_port() -> Result<()> {
+    let base = lo_block();
+    let (port, target) = (free_port(), free_port());
+    let _srv = name_server(SocketAddr::new(lo(base + 1), target), "R").await?;
+    let cfg = MeshConfig { reuse_port: true, ..MeshConfig::default() };
+    let (m1, m2) = (Mesh::new(cfg.clone())?, Mesh::new(cfg)?);
+    let mut spec = fast_spec("shared", published(lo(base), port, target));
+    spec.health.check = None;
+    let bs = vec![BackendSpec::new("r", lo(base + 1))];
+    m1.set_service(spec.clone(), bs.clone())?;
+    m2.set_service(spec.clone(), bs.clone())?;
+    for m in [&m1, &m2] {
+        wait_until("up", || health(m, "shared", "r") == Some(HealthState::Up)).await?;
+    }
+    // The kernel spreads connections by 4-tuple hash: enough of them reach both meshes.
+    for _ in 0..64 {
+        assert_eq!(ask(SocketAddr::new(lo(base), port)).await?, "R");
+    }
+    let served = |m: &Mesh| m.service_metrics("shared").map_or(0, |s| s.total());
+    wait_until("both served", || served(&m1) > 0 && served(&m2) > 0).await?;
+    assert!(served(&m1) + served(&m2) >= 64);
+    // Without the option the port stays exclusive.
+    let m3 = Mesh::new(MeshConfig::default())?;
+    let err = m3.set_service(spec, bs).expect_err("port in use");
+    assert!(matches!(err, Error::Bind { .. }), "{err}");
+    Ok(())
+}
