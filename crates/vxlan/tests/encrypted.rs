@@ -341,7 +341,7 @@ fn encrypted_restart_keeps_tcp_alive() {
     if !require_root("encrypted_restart_keeps_tcp_alive") {
         return;
     }
-    use std::io::{Read, Write};
+    use std::io::Write;
     let lab = Lab::new("vx", 2);
     let p = lab.p.clone();
     let enc = net(&p, "sec", 28672 + u32::from(lab.subnet), 204, true);
@@ -370,30 +370,7 @@ fn encrypted_restart_keeps_tcp_alive() {
         o2.set_tables(tables.clone()).await.expect("tables");
         assert!(ping_until(&format!("{p}t1"), ip(12), 10), "encrypted overlay up");
 
-        let listener =
-            t2.run(|| std::net::TcpListener::bind((ip(12), 5005))).expect("ns").expect("bind");
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-            let mut n = 0usize;
-            let mut buf = [0u8; 4096];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => return Ok(n),
-                    Ok(k) => n += k,
-                    Err(e) => return Err(e),
-                }
-            }
-        });
-        let mut c = t1
-            .run(|| {
-                std::net::TcpStream::connect_timeout(
-                    &(ip(12), 5005).into(),
-                    Duration::from_secs(10),
-                )
-            })
-            .expect("ns")
-            .expect("connect");
+        let (mut c, server) = counting_stream(&t2, &t1, ip(12), 5005, Duration::from_secs(30));
         c.write_all(&[1u8; 65536]).expect("before restart");
 
         // Restart node 1's driver: same key, the sandbox is adopted, the TUN and the WireGuard

@@ -220,7 +220,7 @@ fn restart_adopts_sandboxes_and_keeps_tcp_alive() {
     if !require_root("restart_adopts_sandboxes_and_keeps_tcp_alive") {
         return;
     }
-    use std::io::{Read, Write};
+    use std::io::Write;
     let lab = Lab::new("vr", 2);
     let p = lab.p.clone();
     let vni = 12288 + u32::from(lab.subnet);
@@ -249,30 +249,7 @@ fn restart_adopts_sandboxes_and_keeps_tcp_alive() {
         o1.set_tables(tables.clone()).await.expect("tables");
         o2.set_tables(tables.clone()).await.expect("tables");
 
-        let listener =
-            t2.run(|| std::net::TcpListener::bind((ip(12), 5003))).expect("ns").expect("bind");
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().expect("accept");
-            s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-            let mut n = 0usize;
-            let mut buf = [0u8; 4096];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => return Ok(n),
-                    Ok(k) => n += k,
-                    Err(e) => return Err(e),
-                }
-            }
-        });
-        let mut c = t1
-            .run(|| {
-                std::net::TcpStream::connect_timeout(
-                    &(ip(12), 5003).into(),
-                    Duration::from_secs(10),
-                )
-            })
-            .expect("ns")
-            .expect("connect");
+        let (mut c, server) = counting_stream(&t2, &t1, ip(12), 5003, Duration::from_secs(20));
         c.write_all(&[1u8; 65536]).expect("before restart");
 
         // Agent restart: the driver goes away without tearing down, a new one adopts.

@@ -214,3 +214,36 @@ pub fn tcp_transfer(
     drop(c);
     srv.join().expect("server thread")
 }
+
+/// A TCP stream from `client` to a server in `server` at `ip:port` that counts what it
+/// receives until the client closes (or `read_timeout` passes): the restart tests keep it open
+/// across a driver restart. Returns the connected client and the server's count.
+pub fn counting_stream(
+    server: &NetNs,
+    client: &NetNs,
+    ip: Ipv4Addr,
+    port: u16,
+    read_timeout: Duration,
+) -> (std::net::TcpStream, std::thread::JoinHandle<std::io::Result<usize>>) {
+    use std::io::Read;
+    let listener =
+        server.run(|| std::net::TcpListener::bind((ip, port))).expect("ns").expect("bind");
+    let counter = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(read_timeout)).ok();
+        let mut n = 0usize;
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k,
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let c = client
+        .run(|| std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(10)))
+        .expect("ns")
+        .expect("connect");
+    (c, counter)
+}
