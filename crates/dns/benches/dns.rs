@@ -378,7 +378,7 @@ struct Series {
 }
 
 fn main() -> Result<()> {
-    if !nix_is_root() {
+    if !nix::unistd::geteuid().is_root() {
         println!("dns bench: SKIPPED (needs root for network namespaces)");
         return Ok(());
     }
@@ -638,15 +638,4 @@ fn main() -> Result<()> {
     }
     drop(c);
     Ok(())
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
