@@ -108,7 +108,9 @@ impl Swarm {
             loop {
                 tick.tick().await;
                 let snap = g.snapshot();
-                let nodes = c.nodes().await.ok();
+                // Only managers hold the node list; a worker asking would cost a refused
+                // round trip to a manager every tick.
+                let nodes = if c.info().raft { c.nodes().await.ok() } else { None };
                 // A manager also repairs liveness that a race between reports got wrong (a late
                 // "down" of a node's previous run after its new run said "up").
                 for n in nodes.iter().flatten() {
