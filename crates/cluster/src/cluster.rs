@@ -25,7 +25,7 @@ use crate::transport::{CallError, RaftNet, Transport, call_pinned};
 use crate::wire::{
     Caller, ErrorKind, FrameError, JoinRequest, JoinResponse, MAX_ANON_FRAME, MAX_FRAME,
     ManageRequest, ManagerStatus, NodeUpdate, NodeView, RaftRequest, RaftResponse, Request,
-    Response, RpcError, SessionInfo, decode_frame, encode_frame,
+    Response, RpcError, SessionInfo, TaskRequest, decode_frame, encode_frame,
 };
 use crate::{Error, NOT_MANAGER, Tuning};
 
@@ -249,6 +249,17 @@ fn write_file(path: &Path, data: &str, private: bool) -> Result<(), Error> {
 
 fn read_file(path: &Path) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))
+}
+
+/// The store without what never leaves the managers: the CA key and the join secrets.
+fn scrubbed(mut s: ClusterState) -> ClusterState {
+    if let Some(c) = s.cluster.as_mut() {
+        c.ca_key_pem.clear();
+        c.worker_secret = [0; 16];
+        c.manager_secret = [0; 16];
+        c.retired_secrets.clear();
+    }
+    s
 }
 
 fn rpc_err(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -653,6 +664,33 @@ impl Cluster {
         }
     }
 
+    /// The store as the leader has it, secrets blanked: any node may read it (the dispatcher).
+    pub async fn task_state(&self) -> Result<ClusterState, Error> {
+        match self.inner.request(Request::Tasks(TaskRequest::State)).await? {
+            Response::State(s) => Ok(*s),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Reports the observed state of tasks this node hosts; each is one store write, and a
+    /// refused one (a task reassigned meanwhile) does not stop the others.
+    pub async fn report_tasks(
+        &self,
+        reports: Vec<(String, serde_json::Map<String, serde_json::Value>)>,
+    ) -> Result<(), Error> {
+        self.done(Request::Tasks(TaskRequest::Report(reports))).await.map(|_| ())
+    }
+
+    /// Creates, replaces or (with `None`) removes a standalone task of this node.
+    pub async fn put_standalone(
+        &self,
+        key: &str,
+        value: Option<serde_json::Value>,
+    ) -> Result<(), Error> {
+        let req = TaskRequest::Standalone { key: key.to_owned(), value };
+        self.done(Request::Tasks(req)).await.map(|_| ())
+    }
+
     async fn done(&self, req: Request) -> Result<Vec<String>, Error> {
         match self.inner.request(req).await? {
             Response::Done { warnings } => Ok(warnings),
@@ -1051,9 +1089,35 @@ impl Inner {
             }
             (Request::Leave, Some(n)) => self.leader_leave(m, n).await,
             (Request::Manage(req), Some(n)) => self.leader_manage(m, n, req).await,
+            (Request::Tasks(req), Some(n)) => self.leader_tasks(m, n, req).await,
             _ => Err(Error::PermissionDenied("this request needs a cluster certificate".into())),
         };
         r.unwrap_or_else(to_rpc)
+    }
+
+    async fn leader_tasks(
+        &self,
+        m: &ManagerParts,
+        node: NodeId,
+        req: TaskRequest,
+    ) -> Result<Response, Error> {
+        match req {
+            TaskRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            TaskRequest::Report(reports) => {
+                let mut refused = Vec::new();
+                for (key, fields) in reports {
+                    let cmd = Command::ReportTask { owner: node, key, fields };
+                    if let Err(e) = self.write(m, cmd).await {
+                        refused.push(e.to_string());
+                    }
+                }
+                Ok(Response::Done { warnings: refused })
+            }
+            TaskRequest::Standalone { key, value } => {
+                self.write(m, Command::PutStandalone { owner: node, key, value }).await?;
+                Ok(Response::Done { warnings: Vec::new() })
+            }
+        }
     }
 
     fn voters(m: &ManagerParts) -> BTreeSet<u64> {
@@ -1435,17 +1499,7 @@ impl Inner {
                 self.write(m, cmd).await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
-            ManageRequest::State => {
-                let mut s = m.sm.state();
-                // The CA key never leaves the managers' store through the API.
-                if let Some(c) = s.cluster.as_mut() {
-                    c.ca_key_pem.clear();
-                    c.worker_secret = [0; 16];
-                    c.manager_secret = [0; 16];
-                    c.retired_secrets.clear();
-                }
-                Ok(Response::State(Box::new(s)))
-            }
+            ManageRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
         }
     }
 

@@ -63,7 +63,7 @@ pub use model::{
     Availability, ClusterEvent, GossipKey, Keyring, NodeId, NodeRecord, NodeStatus, Role,
 };
 pub use token::{JoinToken, TokenError};
-pub use wire::{ManagerStatus, NodeUpdate, NodeView};
+pub use wire::{ManagerStatus, NodeUpdate, NodeView, TaskRequest};
 
 /// Default control-plane port (udp).
 pub const DEFAULT_CONTROL_PORT: u16 = 2377;

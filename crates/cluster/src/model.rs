@@ -380,6 +380,32 @@ pub enum Command {
         /// Key.
         key: String,
     },
+    /// A node reports on a task it hosts: sets some of [`tasks::REPORTED`]'s fields of the
+    /// entry, which must exist and name `owner` as its `node_id`.
+    ReportTask {
+        /// The reporting node.
+        owner: NodeId,
+        /// Task id (key in [`tables::TASKS`]).
+        key: String,
+        /// Fields to set.
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A node creates or removes one of its standalone tasks (`shoal run`): the value (if any)
+    /// must name `owner` as its `node_id` and no service; an existing entry must be `owner`'s.
+    PutStandalone {
+        /// The node that runs it.
+        owner: NodeId,
+        /// Task id.
+        key: String,
+        /// The task, or `None` to remove it.
+        value: Option<serde_json::Value>,
+    },
+}
+
+/// What nodes may say about the tasks they host.
+pub mod tasks {
+    /// Fields a [`super::Command::ReportTask`] may set: the observed state, never the desired one.
+    pub const REPORTED: &[&str] = &["state", "state_since_ms", "message", "exit_code", "healthy"];
 }
 
 /// What the state machine answers for one command.
@@ -442,6 +468,14 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+fn owned_by(v: &serde_json::Value, node: NodeId) -> bool {
+    v.get("node_id").and_then(|n| n.as_str()) == Some(node.to_string().as_str())
+}
+
+fn is_standalone(v: &serde_json::Value) -> bool {
+    v.get("service_id").and_then(|s| s.as_str()).is_some_and(str::is_empty)
 }
 
 impl ClusterState {
@@ -569,6 +603,52 @@ impl ClusterState {
             Command::PutEntry { table, key, value } => {
                 self.entries.entry(table.clone()).or_default().insert(key.clone(), value.clone());
             }
+            Command::ReportTask { owner, key, fields } => {
+                if let Some(bad) = fields.keys().find(|f| !tasks::REPORTED.contains(&f.as_str())) {
+                    return Err(format!("task field {bad:?} is not reported by nodes"));
+                }
+                let entry = self
+                    .entries
+                    .get_mut(tables::TASKS)
+                    .and_then(|t| t.get_mut(key))
+                    .ok_or_else(|| format!("task {key} not found"))?;
+                if !owned_by(entry, *owner) {
+                    return Err(format!("task {key} is not assigned to node {owner}"));
+                }
+                let obj =
+                    entry.as_object_mut().ok_or_else(|| format!("task {key} is malformed"))?;
+                for (k, v) in fields {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+            Command::PutStandalone { owner, key, value } => {
+                if let Some(old) = self.entries.get(tables::TASKS).and_then(|t| t.get(key)) {
+                    if !(owned_by(old, *owner) && is_standalone(old)) {
+                        return Err(format!("task {key} is not a standalone task of node {owner}"));
+                    }
+                } else if value.is_none() {
+                    return Err(format!("task {key} not found"));
+                }
+                if let Some(v) = value
+                    && !(owned_by(v, *owner) && is_standalone(v))
+                {
+                    return Err(format!(
+                        "standalone task {key} must name node {owner} and no service"
+                    ));
+                }
+                let table = self.entries.entry(tables::TASKS.to_owned()).or_default();
+                match value {
+                    Some(v) => {
+                        table.insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        table.remove(key);
+                    }
+                }
+                if table.is_empty() {
+                    self.entries.remove(tables::TASKS);
+                }
+            }
             Command::DeleteEntry { table, key } => {
                 let removed = self.entries.get_mut(table).and_then(|t| t.remove(key));
                 if removed.is_none() {
@@ -580,6 +660,11 @@ impl ClusterState {
             }
         }
         Ok(ev)
+    }
+
+    /// The entries of a table (empty if it has none).
+    pub fn table(&self, table: &str) -> impl Iterator<Item = (&String, &serde_json::Value)> {
+        self.entries.get(table).into_iter().flat_map(|t| t.iter())
     }
 
     fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, String> {
@@ -712,6 +797,45 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn nodes_write_only_their_own_tasks() {
+        let mut s = init_state();
+        let (me, other) = (NodeId(1), NodeId(2));
+        let task = |node: NodeId, service: &str| serde_json::json!({"node_id": node.to_string(), "service_id": service, "state": "new"});
+        let put =
+            |key: &str, value| PutEntry { table: tables::TASKS.into(), key: key.into(), value };
+        use Command::PutEntry;
+        s.apply(&put("svc-task", task(me, "svc1")), 1).expect("leader writes a service task");
+        s.apply(&put("theirs", task(other, "svc1")), 1).expect("leader writes a service task");
+        let before = s.clone();
+        let fields = |k: &str, v: serde_json::Value| {
+            let mut m = serde_json::Map::new();
+            m.insert(k.into(), v);
+            m
+        };
+        let report = |key: &str, fields| Command::ReportTask { owner: me, key: key.into(), fields };
+        // Refused: another node's task, a missing task, a field nodes do not own.
+        assert!(s.apply(&report("theirs", fields("state", "running".into())), 2).is_err());
+        assert!(s.apply(&report("nope", fields("state", "running".into())), 2).is_err());
+        let e = s.apply(&report("svc-task", fields("desired", "shutdown".into())), 2).unwrap_err();
+        assert!(e.contains("desired"), "{e}");
+        // Standalone: only with no service, only for oneself, only over one's own standalone.
+        let standalone =
+            |owner, key: &str, value| Command::PutStandalone { owner, key: key.into(), value };
+        assert!(s.apply(&standalone(me, "x", Some(task(me, "svc1"))), 2).is_err());
+        assert!(s.apply(&standalone(me, "x", Some(task(other, ""))), 2).is_err());
+        assert!(s.apply(&standalone(me, "svc-task", Some(task(me, ""))), 2).is_err());
+        assert!(s.apply(&standalone(me, "absent", None), 2).is_err());
+        assert_eq!(s, before, "refused writes changed the store");
+
+        s.apply(&report("svc-task", fields("state", "running".into())), 3).expect("report");
+        assert_eq!(s.entries[tables::TASKS]["svc-task"]["state"], "running");
+        s.apply(&standalone(me, "run1", Some(task(me, ""))), 3).expect("run");
+        assert!(s.apply(&standalone(other, "run1", None), 3).is_err(), "not theirs to remove");
+        s.apply(&standalone(me, "run1", None), 3).expect("rm");
+        assert!(!s.entries[tables::TASKS].contains_key("run1"));
     }
 
     #[test]

@@ -223,6 +223,24 @@ pub enum ManageRequest {
     State,
 }
 
+/// The dispatcher: every node reads the store (without its secrets) to learn its tasks and the
+/// networks and services around them, reports on the tasks it hosts, and keeps its standalone
+/// (`shoal run`) tasks. Each write is checked against the caller's node id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TaskRequest {
+    /// The store, secrets blanked.
+    State,
+    /// Observed state of tasks the caller hosts (see [`crate::model::tasks::REPORTED`]).
+    Report(Vec<(String, serde_json::Map<String, serde_json::Value>)>),
+    /// Create, replace (`Some`) or remove (`None`) a standalone task on the caller.
+    Standalone {
+        /// Task id.
+        key: String,
+        /// The task record.
+        value: Option<serde_json::Value>,
+    },
+}
+
 /// Raft's own messages between managers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RaftRequest {
@@ -259,6 +277,8 @@ pub enum Request {
     },
     /// The caller leaves the swarm.
     Leave,
+    /// What any node (worker or manager) asks about tasks: the dispatcher's half of the API.
+    Tasks(TaskRequest),
     /// Manager API.
     Manage(ManageRequest),
     /// Raft traffic.
