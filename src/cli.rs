@@ -57,6 +57,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Overlay networks.
+    Network {
+        #[command(subcommand)]
+        cmd: crate::verbs::NetworkCmd,
+    },
+    /// Replicated and global services.
+    Service {
+        #[command(subcommand)]
+        cmd: crate::verbs::ServiceCmd,
+    },
+    /// Run a standalone task on this node, on an attachable network, reachable by its name.
+    Run(crate::verbs::RunArgs),
+    /// List standalone tasks.
+    Ps,
+    /// Stop standalone tasks of this node.
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove standalone tasks of this node.
+    Rm {
+        /// Stop it first if it runs.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Print a standalone task's output.
+    Logs { name: String },
     /// Print a shell completion script (e.g. `shoal completion bash > /etc/bash_completion.d/shoal`).
     Completion {
         #[arg(value_enum)]
@@ -192,6 +221,10 @@ enum LabCmd {
         /// `shoal swarm init/join`.
         #[arg(long)]
         gossip: bool,
+        /// Also run the tutorial: a swarm of all nodes, `myhelloworld` on port 8100, the
+        /// encrypted `my-overlay` and `myredis` on the last node; prints the curl lines to try.
+        #[arg(long, conflicts_with = "gossip")]
+        demo: bool,
     },
     /// Stop the agents and remove everything the lab made.
     Down,
@@ -351,6 +384,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Lab { cmd } => return run_lab(&cli.lab, cmd).await,
         Cmd::Swarm { cmd } => run_swarm(&cli.target()?, cmd).await?,
         Cmd::Node { cmd } => run_node(&cli.target()?, cmd).await?,
+        Cmd::Network { cmd } => crate::verbs::run_network(&cli.target()?, cmd).await?,
+        Cmd::Service { cmd } => crate::verbs::run_service(&cli.target()?, cmd).await?,
+        Cmd::Run(args) => crate::verbs::run_container(&cli.target()?, args).await?,
+        Cmd::Ps => crate::verbs::ps(&cli.target()?).await?,
+        Cmd::Stop { names } => {
+            let host = cli.target()?;
+            for n in names {
+                let () =
+                    host.post_json(&format!("/containers/{}/stop", path_segment(n)?), &()).await?;
+                println!("{n}");
+            }
+        }
+        Cmd::Rm { force, names } => {
+            let host = cli.target()?;
+            for n in names {
+                host.delete(&format!("/containers/{}?force={force}", path_segment(n)?)).await?;
+                println!("{n}");
+            }
+        }
+        Cmd::Logs { name } => {
+            let text =
+                cli.target()?.get(&format!("/containers/{}/logs", path_segment(name)?)).await?;
+            print!("{}", String::from_utf8_lossy(&text));
+        }
         Cmd::Demo { cmd: DemoCmd::Visitor(args) } => crate::demo::run_visitor(args.clone()).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -388,7 +445,7 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet, gossip } => {
+        LabCmd::Up { nodes, subnet, gossip, demo } => {
             let subnet = lab::parse_subnet(subnet)?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
             let s = lab::up(name, *nodes, subnet, *gossip, &exe).await?;
@@ -412,6 +469,40 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
             }
             let lab_flag =
                 if name == lab::DEFAULT_LAB { String::new() } else { format!(" --lab {name}") };
+            if *demo {
+                println!("\nDeploying the tutorial (swarm init, joins, services)...");
+                let d = match lab::demo::deploy(&s, &exe).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!(
+                            "the demo failed: {e:#}\nthe lab stays up; `shoal{lab_flag} lab down` removes it"
+                        );
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
+                let n = |i: usize| s.nodes[i].addr;
+                let last = s.nodes.len() - 1;
+                println!("myhelloworld runs 3 replicas behind port 8100 on every node.");
+                if d.redis {
+                    println!(
+                        "myredis runs on {} on the encrypted overlay my-overlay.\n",
+                        s.nodes[last].name
+                    );
+                } else {
+                    println!(
+                        "redis-server is not installed, so there is no myredis: the page says so.\n"
+                    );
+                }
+                println!("Try:");
+                for i in 0..s.nodes.len().min(3) {
+                    println!("  curl {}:8100/visitor", n(i));
+                }
+                println!(
+                    "  shoal{lab_flag} --node node1 service ps myhelloworld\n  shoal{lab_flag} --node node1 service scale myhelloworld=5\n  shoal{lab_flag} --node node1 node update --availability drain node1\n  shoal{lab_flag} --node node1 network inspect my-overlay\n  open http://{}:8089/ for the visualizer\n  shoal{lab_flag} lab down",
+                    n(0)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "\nTry:\n  shoal{lab_flag} --node node1 info\n  shoal{lab_flag} lab exec node1 -- ip -br addr\n  shoal{lab_flag} lab down"
             );

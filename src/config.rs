@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub cluster_tuning: ClusterTuning,
     /// Where a manager serves the visualizer page (None: off).
     pub ui_addr: Option<SocketAddr>,
+    /// Prefix of the network namespaces this node makes (tasks `PREFIX-t-…`, overlay sandboxes
+    /// `PREFIX-ov-…`, the ingress sandbox `PREFIX-ingress`).
+    pub netns_prefix: String,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -97,6 +100,7 @@ pub struct FileConfig {
     pub gossip_seeds: Option<Vec<SocketAddr>>,
     pub cluster_tuning: Option<ClusterTuning>,
     pub ui_addr: Option<String>,
+    pub netns_prefix: Option<String>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -153,6 +157,9 @@ pub struct AgentArgs {
     /// Where managers serve the visualizer page; '' turns it off [default: 0.0.0.0:8089].
     #[arg(long, env = "SHOAL_UI_ADDR")]
     pub ui_addr: Option<String>,
+    /// Prefix of the network namespaces this node makes [default: shoal].
+    #[arg(long, env = "SHOAL_NETNS_PREFIX")]
+    pub netns_prefix: Option<String>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -235,6 +242,11 @@ impl AgentConfig {
                     field("ui_addr", format!("{a:?} is not IP:PORT (or '' to turn the page off)"))
                 })?),
             },
+            netns_prefix: args
+                .netns_prefix
+                .clone()
+                .or(file.netns_prefix)
+                .unwrap_or_else(|| "shoal".into()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -265,6 +277,18 @@ impl AgentConfig {
             return Err(field(
                 "log_level",
                 format!("{:?} is not a valid log filter", self.log_level),
+            ));
+        }
+        let p = &self.netns_prefix;
+        if p.is_empty()
+            || p.len() > 24
+            || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || p.ends_with('-')
+            || p.contains("-t-")
+        {
+            return Err(field(
+                "netns_prefix",
+                format!("{p:?}: use 1-24 of [A-Za-z0-9_-], no trailing '-', no \"-t-\""),
             ));
         }
         let a = self.advertise_addr;

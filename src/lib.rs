@@ -6,6 +6,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod engine;
 pub mod lab;
 pub mod metrics;
 pub mod ui;
+pub mod verbs;

@@ -112,7 +112,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let cluster =
         Arc::new(arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.cluster.clone()))));
     metrics.registry_mut().register_collector(Box::new(observe::RaftCollector(cluster.clone())));
+    let engine = arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.engine.clone())));
     let state = Arc::new(ApiState {
+        engine,
         metrics,
         started: Instant::now(),
         cluster: cluster.clone(),
@@ -170,6 +172,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Say goodbye so the others mark us left at once instead of suspecting us for seconds.
     if let Some(sw) = state.swarm.lock().await.take() {
         state.gossip.store(None);
+        state.engine.store(None);
         sw.stop().await;
     } else if let Some(g) = state.gossip.swap(None).and_then(Arc::into_inner) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;

@@ -11,12 +11,15 @@ use shoal_gossip::{Event, Gossip, NodeMeta};
 use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
+use crate::engine::{NodeEngine, leader};
 
 /// A node in a swarm: the control plane, its gossip, and the tasks that tie them together.
 #[derive(Debug)]
 pub struct Swarm {
     pub cluster: Cluster,
     pub gossip: Arc<Gossip>,
+    /// Tasks, networks and the data path of this node.
+    pub engine: NodeEngine,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -145,7 +148,11 @@ impl Swarm {
                 }
             }
         }));
-        Ok(Swarm { cluster, gossip, tasks })
+        let engine = NodeEngine::start(cfg, cluster.clone(), gossip.clone()).await?;
+        tasks.extend(engine.spawn());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tasks.push(tokio::spawn(leader::run(cluster.clone(), wake)));
+        Ok(Swarm { cluster, gossip, engine, tasks })
     }
 
     /// Stops gossip (saying goodbye) and the control plane's tasks.
@@ -153,6 +160,10 @@ impl Swarm {
         for t in &self.tasks {
             t.abort();
         }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.engine.shutdown().await;
         if let Some(g) = Arc::into_inner(self.gossip) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
         }

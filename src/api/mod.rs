@@ -2,6 +2,7 @@
 //! The types here are the wire contract between `shoal` the CLI and `shoal agent`.
 
 pub mod client;
+pub mod services;
 pub mod swarm;
 
 use std::sync::Arc;
@@ -123,6 +124,8 @@ pub struct ApiState {
     pub swarm: tokio::sync::Mutex<Option<crate::agent::swarm::Swarm>>,
     /// A copy of the swarm's handle for readers that must not wait on `swarm`'s lock.
     pub cluster: Arc<arc_swap::ArcSwapOption<shoal_cluster::Cluster>>,
+    /// This node's tasks and data path, while in a swarm.
+    pub engine: arc_swap::ArcSwapOption<crate::engine::NodeEngine>,
 }
 
 /// The full API router.
@@ -132,6 +135,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .merge(swarm::routes())
+        .merge(services::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)

@@ -96,7 +96,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/nodes/{id}/demote", post(demote))
 }
 
-fn cluster_error(e: ClusterError) -> Response {
+pub(super) fn cluster_error(e: ClusterError) -> Response {
     let status = match &e {
         ClusterError::NotManager(_) | ClusterError::NoLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
         ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -112,11 +112,11 @@ fn cluster_error(e: ClusterError) -> Response {
     error(status, e.to_string())
 }
 
-fn bad_request(msg: impl Into<String>) -> Response {
+pub(super) fn bad_request(msg: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, msg.into())
 }
 
-fn cluster(state: &ApiState) -> Result<Arc<Cluster>, Response> {
+pub(super) fn cluster(state: &ApiState) -> Result<Arc<Cluster>, Response> {
     state
         .cluster
         .load_full()
@@ -146,6 +146,7 @@ async fn enter(state: &ApiState, slot: &mut Option<Swarm>, c: Cluster) -> Result
         Ok(s) => {
             state.gossip.store(Some(s.gossip.clone()));
             state.cluster.store(Some(Arc::new(c)));
+            state.engine.store(Some(Arc::new(s.engine.clone())));
             *slot = Some(s);
             Ok(())
         }
@@ -268,6 +269,7 @@ async fn leave(
         return cluster_error(e);
     }
     state.cluster.store(None);
+    state.engine.store(None);
     state.gossip.store(None);
     if let Some(s) = slot.take() {
         s.stop().await;

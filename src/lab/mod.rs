@@ -8,6 +8,8 @@
 //! veths `LAB-nI`, and the directory `/run/shoal/lab/LAB/` (lab.json, node sockets, data dirs,
 //! logs). So labs with different names and subnets coexist.
 
+pub mod demo;
+
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd};
@@ -318,6 +320,9 @@ fn spawn_agent(
         .args(["--log-format", "json"])
         // Labs are for seeing things happen: Raft and heartbeats on short timers.
         .args(["--cluster-tuning", "fast"])
+        // The namespaces it makes for tasks and networks carry the node's name, so `lab down`
+        // finds them and two labs never collide.
+        .args(["--netns-prefix", &node.netns])
         .env_remove("SHOAL_CONFIG")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -359,10 +364,12 @@ async fn wait_for_agent(node: &LabNode, timeout: Duration) -> anyhow::Result<()>
     }
 }
 
+/// A node's namespace (`LAB-nodeN`) or one its agent made (`LAB-nodeN-…`: tasks, sandboxes).
 fn is_lab_netns(lab: &str, ns: &str) -> bool {
-    ns.strip_prefix(lab)
-        .and_then(|r| r.strip_prefix("-node"))
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    ns.strip_prefix(lab).and_then(|r| r.strip_prefix("-node")).is_some_and(|r| {
+        let n = r.split_once('-').map_or(r, |(n, _)| n);
+        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 fn is_lab_link(lab: &str, link: &str) -> bool {
@@ -605,6 +612,9 @@ mod tests {
         assert!(is_lab_netns("ab", "ab-node3"));
         assert!(!is_lab_netns("ab", "abc-node3"));
         assert!(!is_lab_netns("a", "ab-node3"));
+        assert!(is_lab_netns("ab", "ab-node3-t-0123456789ab"));
+        assert!(is_lab_netns("ab", "ab-node12-ingress"));
+        assert!(!is_lab_netns("ab", "ab-nodex-ingress"));
         assert!(is_lab_link("ab", "ab-n12") && is_lab_link("ab", "ab-br"));
         assert!(!is_lab_link("ab", "abx-n1"));
         assert!(LabState::plan("ab", 0, s.subnet).is_err());

@@ -1,0 +1,398 @@
+//! The leader's loop: the scheduler's plan turned into store writes, and IP address management.
+//!
+//! Only the Raft leader runs a pass, and passes never overlap, so the allocator it rebuilds from
+//! the store at the start of each pass sees every address handed out before: an address is
+//! never given twice. An address is free again when nothing in the store holds it: a task that
+//! ended, a VIP of a service that is gone, the sandbox of a node that left.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_cluster::model::{ClusterState, Command, now_ms, tables};
+use shoal_cluster::{Cluster, NodeId};
+use shoal_scheduler::{self as sched, Action, DesiredState, Ipam, TaskState};
+
+use super::records::{self, ServiceRecord, TaskRecord};
+
+/// A new task or service id: 25 base-36 characters, like Docker's.
+pub fn new_id() -> String {
+    let mut s = format!("{}{}", NodeId::random(), NodeId::random());
+    s.truncate(25);
+    s
+}
+
+/// Runs passes while this node leads: on every store change it hears of, when a restart delay
+/// ends, and once a second regardless.
+pub async fn run(cluster: Cluster, wake: std::sync::Arc<tokio::sync::Notify>) {
+    let mut events = cluster.events();
+    let mut wake_at: Option<u64> = None;
+    loop {
+        let until = wake_at
+            .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(until) => {}
+            _ = events.recv() => {}
+            _ = wake.notified() => {}
+        }
+        let info = cluster.info();
+        if !info.raft || info.leader != Some(info.node) {
+            continue;
+        }
+        match cluster.store().await {
+            Ok(state) => match pass(&cluster, &state).await {
+                Ok(w) => wake_at = w,
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "scheduling pass"),
+            },
+            Err(e) => tracing::debug!(error = %e, "reading the store for a scheduling pass"),
+        }
+    }
+}
+
+/// The allocator as the store has it: every network's subnet and every held address.
+pub fn ipam_of(state: &ClusterState) -> anyhow::Result<Ipam> {
+    let (pool, mask) = state
+        .cluster
+        .as_ref()
+        .and_then(|c| match c.default_addr_pool.first() {
+            Some(ipnet::IpNet::V4(p)) => Some((*p, c.subnet_size)),
+            _ => None,
+        })
+        .unwrap_or(("10.0.0.0/8".parse().expect("literal"), 24));
+    let mut ipam = Ipam::new(pool, mask)?;
+    for n in state.networks.values() {
+        if let ipnet::IpNet::V4(s) = n.subnet {
+            ipam.add_network(&n.id, Some(s))?;
+        }
+    }
+    let mut hold = |net: &str, ip: Ipv4Addr, owner: &str| {
+        if let Err(e) = ipam.allocate_exact(net, ip, owner) {
+            tracing::warn!(network = net, %ip, owner, error = %e, "an address in the store is not valid");
+        }
+    };
+    for t in records::tasks(state).values().filter(|t| t.holds_addresses()) {
+        for (net, ip) in &t.addresses {
+            hold(net, *ip, &t.task.id);
+        }
+    }
+    for (key, ip) in records::held(state) {
+        // `vip/<service>/<network>` and `sbox/<node>` (network: the ingress network).
+        let net = match key.split('/').collect::<Vec<_>>()[..] {
+            ["vip", _, net] => net.to_owned(),
+            ["sbox", _] => match records::ingress(state) {
+                Some(n) => n.id.clone(),
+                None => continue,
+            },
+            _ => continue,
+        };
+        hold(&net, ip, &key);
+    }
+    Ok(ipam)
+}
+
+/// One scheduling pass; returns when to plan again at the latest.
+async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<u64>> {
+    let now = now_ms();
+    let services = records::services(state);
+    let tasks = records::tasks(state);
+    let held = records::held(state);
+    let mut ipam = ipam_of(state)?;
+    let mut writes: Vec<Command> = Vec::new();
+    let put = |table: &str, key: &str, value: serde_json::Value| Command::PutEntry {
+        table: table.into(),
+        key: key.into(),
+        value,
+    };
+    let del =
+        |table: &str, key: &str| Command::DeleteEntry { table: table.into(), key: key.into() };
+
+    // Addresses that belong to no task: each node's ingress sandbox, each service's VIPs.
+    let mut wanted: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(ing) = records::ingress(state) {
+        for n in state.nodes.values() {
+            wanted.insert(records::sandbox_key(&n.id.to_string()), ing.id.clone());
+        }
+    }
+    for svc in services.values() {
+        for net in svc.vip_networks() {
+            wanted.insert(records::vip_key(&svc.id, &net), net);
+        }
+    }
+    for key in held.keys().filter(|k| !wanted.contains_key(*k)) {
+        writes.push(del(tables::IPAM, key));
+    }
+    for (key, net) in wanted.iter().filter(|(k, _)| !held.contains_key(*k)) {
+        let ip = ipam.allocate(net, key).with_context(|| format!("allocating {key}"))?;
+        writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
+    }
+
+    let plan = sched::plan(now, &records::sched_state(state));
+    for action in plan.actions {
+        match action {
+            Action::Create { service_id, slot, node_id, spec_version, attempt } => {
+                let Some(svc) = services.get(&service_id) else { continue };
+                let id = new_id();
+                let networks = svc.task_networks(state);
+                let mut addresses = BTreeMap::new();
+                for net in &networks {
+                    let ip = ipam
+                        .allocate(net, &id)
+                        .with_context(|| format!("an address for a task of {}", svc.name))?;
+                    addresses.insert(net.clone(), ip);
+                }
+                let state =
+                    if node_id.is_some() { TaskState::Assigned } else { TaskState::Pending };
+                let rec = TaskRecord {
+                    task: sched::Task {
+                        id: id.clone(),
+                        service_id,
+                        slot,
+                        node_id,
+                        spec_version,
+                        desired: DesiredState::Running,
+                        state,
+                        state_since_ms: now,
+                        created_ms: now,
+                        attempt,
+                    },
+                    addresses,
+                    networks,
+                    message: if state == TaskState::Pending {
+                        "no suitable node".into()
+                    } else {
+                        String::new()
+                    },
+                    exit_code: None,
+                    standalone: None,
+                };
+                writes.push(put(tables::TASKS, &id, records::to_value(&rec)));
+            }
+            Action::Assign { task_id, node_id } => {
+                let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
+                t.task.node_id = Some(node_id);
+                t.task.state = TaskState::Assigned;
+                t.task.state_since_ms = now;
+                t.message.clear();
+                writes.push(put(tables::TASKS, &task_id, records::to_value(&t)));
+            }
+            Action::Shutdown { task_id, reason } => {
+                let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
+                t.task.desired = DesiredState::Shutdown;
+                if t.task.state < TaskState::Assigned || t.task.node_id.is_none() {
+                    // Never reached a node: nothing to stop.
+                    t.task.state = TaskState::Shutdown;
+                    t.task.state_since_ms = now;
+                }
+                t.message = reason.to_owned();
+                writes.push(put(tables::TASKS, &task_id, records::to_value(&t)));
+            }
+            Action::Delete { task_id } => writes.push(del(tables::TASKS, &task_id)),
+        }
+    }
+
+    // Standalone tasks: addresses for new ones; forget ended `--rm` ones and those of nodes
+    // that are gone.
+    for t in tasks.values().filter(|t| t.standalone.is_some()) {
+        let gone = t
+            .task
+            .node_id
+            .as_ref()
+            .is_none_or(|n| !state.nodes.keys().any(|id| id.to_string() == *n));
+        let ended =
+            t.task.state.is_terminal() && t.standalone.as_ref().is_some_and(|s| s.auto_remove);
+        if gone || ended {
+            writes.push(del(tables::TASKS, &t.task.id));
+        } else if !t.addressed() && t.task.desired == DesiredState::Running {
+            let mut t = t.clone();
+            for net in t.networks.clone() {
+                if !t.addresses.contains_key(&net) {
+                    let ip = ipam.allocate(&net, &t.task.id)?;
+                    t.addresses.insert(net, ip);
+                }
+            }
+            writes.push(put(tables::TASKS, &t.task.id, records::to_value(&t)));
+        }
+    }
+
+    for w in writes {
+        cluster.write(w).await?;
+    }
+    Ok(plan.wake_at)
+}
+
+/// Checks a new service against the store: the names, networks and ports it refers to.
+pub fn check_service(state: &ClusterState, svc: &ServiceRecord) -> Result<(), String> {
+    let services = records::services(state);
+    if services.values().any(|s| s.name == svc.name && s.id != svc.id) {
+        return Err(format!("service {} already exists", svc.name));
+    }
+    for n in &svc.networks {
+        let Some(net) = state.networks.get(n) else {
+            return Err(format!("network {n} not found"));
+        };
+        if net.ingress {
+            return Err(format!(
+                "network {} is the routing mesh's; publish a port instead of attaching to it",
+                net.name
+            ));
+        }
+    }
+    if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {
+        return Err("port published with ingress mode can't be used with dnsrr mode".into());
+    }
+    let mut seen = BTreeSet::new();
+    for p in &svc.ports {
+        if !seen.insert((p.published, p.protocol)) {
+            return Err(format!("port {} is published twice", p.published));
+        }
+        for other in services.values().filter(|s| s.id != svc.id) {
+            if other.ports.iter().any(|q| q.published == p.published && q.protocol == p.protocol) {
+                return Err(format!(
+                    "port '{}' is already in use by service '{}' ({})",
+                    p.published, other.name, other.id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next free VXLAN id (Swarm's start at 4096, the ingress network's).
+pub fn next_vni(state: &ClusterState) -> u32 {
+    state.networks.values().map(|n| n.vni).max().map_or(4097, |v| v + 1)
+}
+
+/// The gateway (first host) of a subnet.
+pub fn gateway_of(subnet: ipnet::Ipv4Net) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(u32::from(subnet.network()) + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::records::{PortRecord, Protocol};
+    use shoal_cluster::model::NetworkRecord;
+
+    fn state_with_ingress() -> ClusterState {
+        let mut s = ClusterState::default();
+        let ingress = NetworkRecord {
+            id: "ing".into(),
+            name: "ingress".into(),
+            driver: "overlay".into(),
+            subnet: "10.0.0.0/24".parse().unwrap(),
+            gateway: "10.0.0.1".parse().unwrap(),
+            vni: 4096,
+            ingress: true,
+            attachable: false,
+            encrypted: false,
+            labels: Default::default(),
+        };
+        s.networks.insert("ing".into(), ingress);
+        s
+    }
+
+    fn service(id: &str, name: &str, ports: Vec<PortRecord>) -> ServiceRecord {
+        ServiceRecord {
+            id: id.into(),
+            name: name.into(),
+            version: 1,
+            mode: sched::Mode::Replicated { replicas: 1 },
+            argv: vec!["true".into()],
+            env: vec![],
+            workdir: None,
+            networks: vec![],
+            ports,
+            dnsrr: false,
+            constraints: vec![],
+            restart: Default::default(),
+            update_order: Default::default(),
+            health: None,
+            stop_grace_ms: 10_000,
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    fn tcp(p: u16) -> PortRecord {
+        PortRecord { published: p, target: p, protocol: Protocol::Tcp, host_mode: false }
+    }
+
+    #[test]
+    fn services_are_checked_against_the_store() {
+        let mut s = state_with_ingress();
+        let web = service("s1", "web", vec![tcp(8100)]);
+        s.entries
+            .entry(tables::SERVICES.into())
+            .or_default()
+            .insert("s1".into(), records::to_value(&web));
+        assert!(check_service(&s, &web).is_ok(), "a service does not conflict with itself");
+        let e = check_service(&s, &service("s2", "web", vec![])).unwrap_err();
+        assert!(e.contains("already exists"), "{e}");
+        let e = check_service(&s, &service("s2", "api", vec![tcp(8100)])).unwrap_err();
+        assert!(e.contains("already in use by service 'web'"), "{e}");
+        let mut udp = service("s2", "dns", vec![tcp(8100)]);
+        udp.ports[0].protocol = Protocol::Udp;
+        assert!(check_service(&s, &udp).is_ok(), "udp 8100 is another port");
+        let mut rr = service("s3", "rr", vec![tcp(9000)]);
+        rr.dnsrr = true;
+        assert!(check_service(&s, &rr).unwrap_err().contains("dnsrr"));
+        let mut on_ingress = service("s4", "x", vec![]);
+        on_ingress.networks = vec!["ing".into()];
+        assert!(check_service(&s, &on_ingress).unwrap_err().contains("routing mesh"));
+        let mut unknown = service("s5", "y", vec![]);
+        unknown.networks = vec!["nope".into()];
+        assert!(check_service(&s, &unknown).unwrap_err().contains("not found"));
+    }
+
+    #[test]
+    fn the_allocator_sees_every_held_address() {
+        let mut s = state_with_ingress();
+        let task = |id: &str, ip: &str, state: TaskState, desired: DesiredState| TaskRecord {
+            task: sched::Task {
+                id: id.into(),
+                service_id: "s1".into(),
+                slot: 1,
+                node_id: Some("n".into()),
+                spec_version: 1,
+                desired,
+                state,
+                state_since_ms: 0,
+                created_ms: 0,
+                attempt: 0,
+            },
+            addresses: [("ing".to_owned(), ip.parse().unwrap())].into(),
+            networks: vec!["ing".into()],
+            message: String::new(),
+            exit_code: None,
+            standalone: None,
+        };
+        let t = s.entries.entry(tables::TASKS.into()).or_default();
+        t.insert(
+            "a".into(),
+            records::to_value(&task("a", "10.0.0.2", TaskState::Running, DesiredState::Running)),
+        );
+        // Stopping, not yet stopped: still holds its address.
+        t.insert(
+            "b".into(),
+            records::to_value(&task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown)),
+        );
+        // Ended: its address is free again.
+        t.insert(
+            "c".into(),
+            records::to_value(&task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown)),
+        );
+        s.entries
+            .entry(tables::IPAM.into())
+            .or_default()
+            .insert(records::sandbox_key("n"), serde_json::json!({ "ip": "10.0.0.5" }));
+        let mut ipam = ipam_of(&s).unwrap();
+        let got: Vec<Ipv4Addr> =
+            (0..3).map(|i| ipam.allocate("ing", &format!("new{i}")).unwrap()).collect();
+        let want: Vec<Ipv4Addr> =
+            ["10.0.0.4", "10.0.0.6", "10.0.0.7"].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(got, want);
+    }
+}

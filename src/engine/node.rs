@@ -1,0 +1,741 @@
+//! Every node's half of the engine: run the tasks the store assigns here, tell the leader how
+//! they are doing, publish them to gossip, and program the data path from what gossip says.
+//!
+//! One reconcile pass is a function of three views — the store (polled from the leader), the
+//! gossip snapshot and the local runtime — and is re-run whenever any of them changes and once a
+//! second. It is level-triggered: a report or a gossip write that was lost is made again by the
+//! next pass, and a restart of the agent converges from whatever it finds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_cluster::Cluster;
+use shoal_cluster::model::{ClusterState, NetworkRecord, now_ms};
+use shoal_dns as dns;
+use shoal_gossip::{EntryKey, Gossip, MemberState};
+use shoal_ingress as ing;
+use shoal_netns::NetNs;
+use shoal_runtime::{self as rt, Runtime};
+use shoal_scheduler::{DesiredState, TaskState};
+use shoal_vip::VipRule;
+use shoal_vxlan::{self as vx, Overlay};
+use tokio::sync::{Notify, watch};
+
+use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
+use crate::config::AgentConfig;
+
+/// The node engine's parts; cheap to clone.
+#[derive(Clone)]
+pub struct NodeEngine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeEngine").field("node", &self.inner.me).finish()
+    }
+}
+
+struct Inner {
+    me: String,
+    cluster: Cluster,
+    gossip: Arc<Gossip>,
+    runtime: Runtime,
+    overlay: Overlay,
+    dns: dns::DnsService,
+    mesh: ing::Mesh,
+    sandbox: Arc<NetNs>,
+    store: watch::Sender<Option<Arc<ClusterState>>>,
+    kick: Notify,
+    local: Mutex<Local>,
+    /// Serialises passes.
+    pass: tokio::sync::Mutex<()>,
+}
+
+/// What this node has done, so a pass changes only what differs.
+#[derive(Default)]
+struct Local {
+    /// Tasks with a start or stop in flight.
+    busy: BTreeSet<String>,
+    /// Networks each task is attached to.
+    attached: BTreeMap<String, Vec<String>>,
+    /// Why a task could not be started.
+    errors: BTreeMap<String, String>,
+    /// Our entries in the gossip endpoint tables.
+    published: BTreeMap<EntryKey, EndpointRecord>,
+    /// VIP rules installed per task.
+    vips: BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>>,
+    mesh: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
+    dns: Option<dns::ClusterRecords>,
+    tables: Option<vx::Tables>,
+    sandbox_ip: Option<Ipv4Addr>,
+    networks: BTreeSet<String>,
+}
+
+fn lock(m: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The node's WireGuard key, made once and kept in the data directory.
+fn node_key(data_dir: &Path) -> anyhow::Result<vx::NodeKey> {
+    let path = data_dir.join("overlay.key");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let bytes: [u8; 32] = hex::decode(s.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+            Ok(vx::NodeKey::from_bytes(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = vx::NodeKey::generate()?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            writeln!(f, "{}", hex::encode(key.to_bytes()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+impl NodeEngine {
+    /// Starts the runtime, the overlay, DNS and the mesh of this node and the loops that drive
+    /// them. Leftovers of an earlier run (task namespaces, sandboxes) are cleaned first.
+    pub async fn start(
+        cfg: &AgentConfig,
+        cluster: Cluster,
+        gossip: Arc<Gossip>,
+    ) -> anyhow::Result<NodeEngine> {
+        let me = cluster.info().node.to_string();
+        let prefix = cfg.netns_prefix.clone();
+        let runtime = Runtime::new(rt::RuntimeConfig {
+            prefix: prefix.clone(),
+            state_dir: cfg.data_dir.join("runtime"),
+        })?;
+        let stale = runtime.clean_stale().await?;
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "removed tasks left by an earlier run");
+        }
+        let IpAddr::V4(underlay) = cfg.advertise_addr else {
+            anyhow::bail!("the overlay needs an IPv4 advertise address");
+        };
+        let mut ocfg = vx::OverlayConfig::new(me.clone(), underlay);
+        ocfg.name_prefix = format!("{prefix}-");
+        ocfg.data_port = cfg.data_path_port;
+        let mut enc = vx::EncryptionConfig::new(node_key(&cfg.data_dir)?, underlay);
+        enc.port = cfg.wireguard_port;
+        ocfg.encryption = Some(enc);
+        let overlay =
+            Overlay::new(vx::NodeNs::Current, ocfg).await.context("starting the overlay")?;
+        let sandbox_name = format!("{prefix}-ingress");
+        if NetNs::exists(&sandbox_name) {
+            NetNs::delete(&sandbox_name)?;
+        }
+        let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
+        let dns = dns::DnsService::start(dns::DnsConfig::default(), dns::Metrics::new())?;
+        let mesh = ing::Mesh::new(ing::MeshConfig {
+            ingress_ns: Some(sandbox.clone()),
+            ..ing::MeshConfig::default()
+        })?;
+        if let Some(public) = overlay.wg_public_key() {
+            let mut meta = gossip.snapshot().members.first().and_then(|m| m.meta.clone());
+            if let Some(meta) = meta.as_mut() {
+                meta.wg_public_key = Some(public);
+                gossip.update_meta(meta.clone()).await?;
+            }
+        }
+        let inner = Arc::new(Inner {
+            me,
+            cluster,
+            gossip,
+            runtime,
+            overlay,
+            dns,
+            mesh,
+            sandbox,
+            store: watch::channel(None).0,
+            kick: Notify::new(),
+            local: Mutex::new(Local::default()),
+            pass: tokio::sync::Mutex::new(()),
+        });
+        Ok(NodeEngine { inner })
+    }
+
+    /// The loops; they end when the returned handles are aborted.
+    pub fn spawn(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut out = Vec::new();
+        let inner = self.inner.clone();
+        out.push(tokio::spawn(async move {
+            loop {
+                match inner.cluster.task_state().await {
+                    Ok(s) => {
+                        let changed = inner.store.send_if_modified(|old| {
+                            if old.as_deref() == Some(&s) {
+                                false
+                            } else {
+                                *old = Some(Arc::new(s));
+                                true
+                            }
+                        });
+                        if changed {
+                            inner.kick.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reading tasks from the managers"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+        let inner = self.inner.clone();
+        out.push(tokio::spawn(async move {
+            let mut rt_events = inner.runtime.subscribe();
+            let mut g_events = inner.gossip.subscribe();
+            loop {
+                tokio::select! {
+                    _ = inner.kick.notified() => {}
+                    _ = rt_events.recv() => {}
+                    _ = g_events.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Let a burst of changes settle into one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Err(e) = pass(&inner).await {
+                    tracing::warn!(error = %format!("{e:#}"), "node reconcile pass");
+                }
+            }
+        }));
+        out
+    }
+
+    /// Wakes the reconcile loop (after a local change such as `shoal run`).
+    pub fn kick(&self) {
+        self.inner.kick.notify_one();
+    }
+
+    /// The store as this node last saw it.
+    pub fn store(&self) -> Option<Arc<ClusterState>> {
+        self.inner.store.borrow().clone()
+    }
+
+    /// The local runtime (logs, inspect).
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
+    }
+
+    /// The local overlay (network inspect).
+    pub fn overlay(&self) -> &Overlay {
+        &self.inner.overlay
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// Stops every task, withdraws our gossip entries and takes the data path down.
+    pub async fn shutdown(self) {
+        let inner = &self.inner;
+        let published: Vec<EntryKey> = lock(&inner.local).published.keys().cloned().collect();
+        for k in published {
+            let _ = inner.gossip.delete(k).await;
+        }
+        if let Err(e) = inner.runtime.remove_all().await {
+            tracing::warn!(error = %e, "stopping tasks");
+        }
+        inner.dns.shutdown().await;
+        for s in inner.mesh.services() {
+            let _ = inner.mesh.remove_service(&s);
+        }
+        let _ = NetNs::delete(inner.sandbox.name());
+        if let Some(inner) = Arc::into_inner(self.inner)
+            && let Err(e) = inner.overlay.shutdown().await
+        {
+            tracing::warn!(error = %e, "taking the overlay down");
+        }
+    }
+}
+
+fn runtime_state(s: rt::TaskState) -> TaskState {
+    match s {
+        rt::TaskState::New | rt::TaskState::Preparing | rt::TaskState::Ready => {
+            TaskState::Preparing
+        }
+        rt::TaskState::Starting => TaskState::Starting,
+        rt::TaskState::Running => TaskState::Running,
+        rt::TaskState::Complete => TaskState::Complete,
+        rt::TaskState::Shutdown => TaskState::Shutdown,
+        rt::TaskState::Failed => TaskState::Failed,
+    }
+}
+
+async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let _one = inner.pass.lock().await;
+    let Some(state) = inner.store.borrow().clone() else { return Ok(()) };
+    let services = records::services(&state);
+    let tasks = records::tasks(&state);
+    let mine: BTreeMap<&String, &TaskRecord> = tasks
+        .iter()
+        .filter(|(_, t)| t.task.node_id.as_deref() == Some(inner.me.as_str()))
+        .collect();
+
+    // Gossip networks: every node takes part in every network (the mesh needs ingress
+    // everywhere; DNS and VIPs need the networks of local tasks).
+    let want: BTreeSet<String> = state.networks.keys().cloned().collect();
+    let have = lock(&inner.local).networks.clone();
+    for n in want.difference(&have) {
+        inner.gossip.join_network(n).await?;
+    }
+    for n in have.difference(&want) {
+        let _ = inner.gossip.leave_network(n).await;
+    }
+    lock(&inner.local).networks = want;
+
+    sandbox(inner, &state).await?;
+
+    // Tasks: start what should run, stop what should not, forget what the store forgot.
+    let statuses: BTreeMap<String, rt::TaskStatus> =
+        inner.runtime.list().into_iter().map(|s| (s.id.clone(), s)).collect();
+    for (id, t) in &mine {
+        let busy = lock(&inner.local).busy.contains(*id);
+        if busy {
+            continue;
+        }
+        let status = statuses.get(*id);
+        let want_run = t.task.desired == DesiredState::Running;
+        if want_run && status.is_none() && !t.task.state.is_terminal() && t.addressed() {
+            let svc = services.get(&t.task.service_id).cloned();
+            if svc.is_none() && t.standalone.is_none() {
+                continue;
+            }
+            let nets: Vec<NetworkRecord> =
+                t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
+            lock(&inner.local).busy.insert((*id).clone());
+            let (inner, t) = (inner.clone(), (*t).clone());
+            tokio::spawn(async move {
+                let id = t.task.id.clone();
+                if let Err(e) = start_task(&inner, &t, svc.as_ref(), &nets).await {
+                    tracing::warn!(task = %id, error = %format!("{e:#}"), "starting a task");
+                    lock(&inner.local).errors.insert(id.clone(), format!("{e:#}"));
+                    if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
+                        let _ = inner.runtime.stop(&id, Some(Duration::ZERO)).await;
+                    }
+                }
+                lock(&inner.local).busy.remove(&id);
+                inner.kick.notify_one();
+            });
+        } else if !want_run && status.is_some_and(|s| !s.state.is_terminal()) {
+            let grace = services
+                .get(&t.task.service_id)
+                .map_or(rt::DEFAULT_STOP_GRACE, |s| Duration::from_millis(s.stop_grace_ms));
+            stop_task(inner, id, grace, false);
+        }
+    }
+    for (id, s) in &statuses {
+        let known = mine.contains_key(id);
+        let busy = lock(&inner.local).busy.contains(id);
+        if busy {
+            continue;
+        }
+        if !known {
+            stop_task(inner, id, rt::DEFAULT_STOP_GRACE, true);
+        } else if s.state.is_terminal() && lock(&inner.local).attached.contains_key(id) {
+            detach(inner, id).await;
+        }
+    }
+
+    // Reports: what the runtime says, where the store says otherwise.
+    let mut reports = Vec::new();
+    for (id, t) in &mine {
+        let (observed, message, exit) = match statuses.get(*id) {
+            Some(s) => (
+                runtime_state(s.state),
+                s.error.clone().or_else(|| lock(&inner.local).errors.get(*id).cloned()),
+                s.exit_code,
+            ),
+            None => match lock(&inner.local).errors.get(*id) {
+                Some(e) => (TaskState::Failed, Some(e.clone()), None),
+                None => continue,
+            },
+        };
+        // A task the store already calls finished is never reported alive again.
+        let regress = t.task.state.is_terminal() && !observed.is_terminal();
+        if observed != t.task.state && !regress {
+            let mut f = serde_json::Map::new();
+            f.insert("state".into(), records::to_value(&observed));
+            f.insert("state_since_ms".into(), now_ms().into());
+            f.insert("exit_code".into(), records::to_value(&exit));
+            if let Some(m) = message {
+                f.insert("message".into(), m.into());
+            } else if observed == TaskState::Running {
+                f.insert("message".into(), "started".into());
+            }
+            reports.push(((*id).clone(), f));
+        }
+    }
+    if !reports.is_empty()
+        && let Err(e) = inner.cluster.report_tasks(reports).await
+    {
+        tracing::debug!(error = %e, "reporting task states");
+    }
+
+    publish(inner, &state, &mine, &statuses).await;
+    dataplane(inner, &state, &services, &statuses).await;
+    Ok(())
+}
+
+/// The ingress sandbox: attached to the ingress network with the address the leader gave it.
+async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()> {
+    let Some(ingress) = records::ingress(state) else { return Ok(()) };
+    let Some(ip) = records::held(state).get(&records::sandbox_key(&inner.me)).copied() else {
+        return Ok(());
+    };
+    if lock(&inner.local).sandbox_ip == Some(ip) {
+        return Ok(());
+    }
+    let spec = records::overlay_spec(ingress).context("the ingress network is not IPv4")?;
+    let old = lock(&inner.local).sandbox_ip;
+    if old.is_some() {
+        let _ = inner.overlay.detach(&ingress.id, "sbox").await;
+    }
+    let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname: Some("eth0") };
+    inner.overlay.attach(&spec, &ep).await.context("attaching the ingress sandbox")?;
+    lock(&inner.local).sandbox_ip = Some(ip);
+    Ok(())
+}
+
+fn runtime_spec(t: &TaskRecord, svc: Option<&ServiceRecord>) -> rt::TaskSpec {
+    let (argv, env, workdir) = match (&t.standalone, svc) {
+        (Some(s), _) => (s.argv.clone(), s.env.clone(), None),
+        (None, Some(s)) => (s.argv.clone(), s.env.clone(), s.workdir.clone()),
+        (None, None) => (Vec::new(), Vec::new(), None),
+    };
+    let mut spec = rt::TaskSpec::new(t.task.id.clone(), argv);
+    spec.name = t.display_name(svc);
+    spec.env = env;
+    spec.workdir = workdir.map(Into::into);
+    spec.addresses = t.addresses.values().map(|ip| IpAddr::V4(*ip)).collect();
+    if let Some(s) = svc {
+        spec.stop_grace = Duration::from_millis(s.stop_grace_ms);
+        if let Some(h) = &s.health {
+            let mut hc = rt::HealthCheck::shell(&h.cmd);
+            hc.interval = Duration::from_millis(h.interval_ms);
+            hc.timeout = Duration::from_millis(h.timeout_ms);
+            hc.retries = h.retries;
+            spec.health = Some(hc);
+        }
+    }
+    spec
+}
+
+async fn start_task(
+    inner: &Arc<Inner>,
+    t: &TaskRecord,
+    svc: Option<&ServiceRecord>,
+    nets: &[NetworkRecord],
+) -> anyhow::Result<()> {
+    let id = &t.task.id;
+    inner.runtime.create(runtime_spec(t, svc)).await?;
+    let ns = inner.runtime.netns(id)?;
+    let mut attached = Vec::new();
+    for n in nets {
+        let spec = records::overlay_spec(n).context("an IPv6 network")?;
+        let ip = t.addresses[&n.id];
+        let ep = vx::EndpointSpec { id, task: &ns, ip, ifname: None };
+        inner
+            .overlay
+            .attach(&spec, &ep)
+            .await
+            .with_context(|| format!("attaching to {}", n.name))?;
+        attached.push(n.id.clone());
+        lock(&inner.local).attached.insert(id.clone(), attached.clone());
+    }
+    let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
+    inner.dns.attach_netns(id, &ns, scope).await?;
+    inner.runtime.start(id)?;
+    Ok(())
+}
+
+async fn detach(inner: &Arc<Inner>, id: &str) {
+    let nets = lock(&inner.local).attached.remove(id).unwrap_or_default();
+    for n in nets {
+        if let Err(e) = inner.overlay.detach(&n, id).await {
+            tracing::debug!(task = id, network = %n, error = %e, "detaching");
+        }
+    }
+    let _ = inner.dns.detach(id).await;
+    lock(&inner.local).vips.remove(id);
+}
+
+fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
+    lock(&inner.local).busy.insert(id.to_owned());
+    let (inner, id) = (inner.clone(), id.to_owned());
+    tokio::spawn(async move {
+        if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal())
+            && let Err(e) = inner.runtime.stop(&id, Some(grace)).await
+        {
+            tracing::warn!(task = %id, error = %e, "stopping a task");
+        }
+        detach(&inner, &id).await;
+        if remove {
+            if let Err(e) = inner.runtime.remove(&id).await {
+                tracing::warn!(task = %id, error = %e, "removing a task");
+            }
+            lock(&inner.local).errors.remove(&id);
+        }
+        lock(&inner.local).busy.remove(&id);
+        inner.kick.notify_one();
+    });
+}
+
+/// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
+async fn publish(
+    inner: &Arc<Inner>,
+    state: &ClusterState,
+    mine: &BTreeMap<&String, &TaskRecord>,
+    statuses: &BTreeMap<String, rt::TaskStatus>,
+) {
+    let mut want: BTreeMap<EntryKey, EndpointRecord> = BTreeMap::new();
+    if let (Some(ing), Some(ip)) = (records::ingress(state), lock(&inner.local).sandbox_ip) {
+        let rec = EndpointRecord {
+            node: inner.me.clone(),
+            ip,
+            service: String::new(),
+            task: String::new(),
+            slot: String::new(),
+            name: String::new(),
+            serving: false,
+        };
+        want.insert(EntryKey::new(ENDPOINT_TABLE, &ing.id, &format!("sbox-{}", inner.me)), rec);
+    }
+    for (id, t) in mine {
+        let Some(s) = statuses.get(*id) else { continue };
+        if s.state != rt::TaskState::Running || t.task.desired != DesiredState::Running {
+            continue;
+        }
+        for (net, ip) in &t.addresses {
+            let rec = EndpointRecord {
+                node: inner.me.clone(),
+                ip: *ip,
+                service: t.task.service_id.clone(),
+                task: t.task.id.clone(),
+                slot: t.slot_label(),
+                name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                serving: s.is_serving(),
+            };
+            want.insert(EntryKey::new(ENDPOINT_TABLE, net, id), rec);
+        }
+    }
+    let have = lock(&inner.local).published.clone();
+    for (k, v) in &want {
+        if have.get(k) != Some(v) {
+            match serde_json::to_vec(v) {
+                Ok(b) => {
+                    if let Err(e) = inner.gossip.write(k.clone(), b).await {
+                        tracing::debug!(key = ?k, error = %e, "publishing an endpoint");
+                        continue;
+                    }
+                }
+                Err(_) => continue,
+            }
+            lock(&inner.local).published.insert(k.clone(), v.clone());
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        let _ = inner.gossip.delete(k.clone()).await;
+        lock(&inner.local).published.remove(k);
+    }
+}
+
+/// The data path from the store and gossip: VXLAN forwarding, DNS, the mesh, VIP rules.
+async fn dataplane(
+    inner: &Arc<Inner>,
+    state: &ClusterState,
+    services: &BTreeMap<String, ServiceRecord>,
+    statuses: &BTreeMap<String, rt::TaskStatus>,
+) {
+    let snap = inner.gossip.snapshot();
+    let eps = records::endpoints(&snap);
+
+    // Overlay: remote endpoints and peers.
+    let mut tables = vx::Tables::default();
+    for (net, e) in &eps {
+        tables.endpoints.push(vx::RemoteEndpoint {
+            network: net.clone(),
+            ip: e.ip,
+            mac: vx::Mac::from_ipv4(e.ip),
+            node: e.node.clone(),
+        });
+    }
+    for m in snap.members.iter().filter(|m| m.state != MemberState::Down) {
+        let Some(meta) = &m.meta else { continue };
+        let Some(IpAddr::V4(vtep)) = meta.underlay else { continue };
+        tables.peers.push(vx::PeerRecord {
+            node: meta.id.clone(),
+            vtep,
+            tunnel: Some(vx::model::default_tunnel_addr(vtep)),
+            wg_public: meta.wg_public_key,
+        });
+    }
+    tables.endpoints.sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
+    tables.peers.sort_by(|a, b| a.node.cmp(&b.node));
+    let changed = lock(&inner.local).tables.as_ref() != Some(&tables);
+    if changed {
+        match inner.overlay.set_tables(tables.clone()).await {
+            Ok(_) => lock(&inner.local).tables = Some(tables),
+            Err(e) => tracing::warn!(error = %e, "programming the overlay"),
+        }
+    }
+
+    // DNS: services with their VIPs and serving tasks, standalone tasks by name.
+    let held = records::held(state);
+    let mut input = dns::ClusterRecords::default();
+    for n in state.networks.values().filter(|n| !n.ingress) {
+        input.networks.push(dns::NetworkSpec {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            subnets: vec![n.subnet],
+        });
+    }
+    for svc in services.values() {
+        let mut by_task: BTreeMap<&str, dns::TaskSpec> = BTreeMap::new();
+        let on_ingress = |net: &str| records::ingress(state).is_some_and(|i| i.id == net);
+        for (net, e) in eps
+            .iter()
+            .filter(|(net, e)| e.service == svc.id && !e.task.is_empty() && !on_ingress(net))
+        {
+            let t = by_task.entry(&e.task).or_insert_with(|| dns::TaskSpec {
+                slot: e.slot.clone(),
+                id: e.task.clone(),
+                healthy: e.serving,
+                attachments: Vec::new(),
+            });
+            t.attachments.push(dns::Attachment {
+                network: net.clone(),
+                addr: IpAddr::V4(e.ip),
+                aliases: Vec::new(),
+            });
+        }
+        input.services.push(dns::ServiceSpec {
+            name: svc.name.clone(),
+            mode: if svc.dnsrr { dns::EndpointMode::Dnsrr } else { dns::EndpointMode::Vip },
+            networks: svc
+                .networks
+                .iter()
+                .cloned()
+                .map(|net| dns::ServiceNetwork {
+                    vip: records::vip_of(&held, &svc.id, &net).map(IpAddr::V4),
+                    network: net,
+                    aliases: Vec::new(),
+                })
+                .collect(),
+            tasks: by_task.into_values().collect(),
+        });
+    }
+    let mut standalone: BTreeMap<&str, dns::StandaloneSpec> = BTreeMap::new();
+    for (net, e) in eps.iter().filter(|(_, e)| !e.name.is_empty() && e.serving) {
+        standalone
+            .entry(&e.task)
+            .or_insert_with(|| dns::StandaloneSpec {
+                name: e.name.clone(),
+                id: e.task.clone(),
+                attachments: Vec::new(),
+            })
+            .attachments
+            .push(dns::Attachment {
+                network: net.clone(),
+                addr: IpAddr::V4(e.ip),
+                aliases: vec![],
+            });
+    }
+    input.standalone = standalone.into_values().collect();
+    if lock(&inner.local).dns.as_ref() != Some(&input) {
+        inner.dns.update(dns::Snapshot::build(&input, dns::RecordsConfig::default()));
+        lock(&inner.local).dns = Some(input);
+    }
+
+    // The mesh: one entry per service that publishes ports, backends from the ingress table.
+    let ingress_id = records::ingress(state).map(|n| n.id.clone()).unwrap_or_default();
+    let mut want: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)> = BTreeMap::new();
+    for svc in services.values().filter(|s| !s.ports.is_empty()) {
+        let ports = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let mut ps = match p.protocol {
+                    records::Protocol::Tcp => ing::PortSpec::tcp(p.published, p.target),
+                    records::Protocol::Udp => ing::PortSpec::udp(p.published, p.target),
+                };
+                if p.host_mode {
+                    ps.mode = ing::PublishMode::Host;
+                }
+                ps
+            })
+            .collect();
+        let spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        let mut backends: Vec<ing::BackendSpec> = eps
+            .iter()
+            .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
+            .map(|(_, e)| ing::BackendSpec {
+                id: e.task.clone(),
+                addr: IpAddr::V4(e.ip),
+                state: if e.serving { ing::TaskState::Healthy } else { ing::TaskState::Starting },
+                local: e.node == inner.me,
+            })
+            .collect();
+        backends.sort_by(|a, b| a.id.cmp(&b.id));
+        want.insert(svc.name.clone(), (spec, backends));
+    }
+    let have = lock(&inner.local).mesh.clone();
+    for (name, (spec, backends)) in &want {
+        if have.get(name) != Some(&(spec.clone(), backends.clone())) {
+            match inner.mesh.set_service(spec.clone(), backends.clone()) {
+                Ok(()) => {
+                    lock(&inner.local).mesh.insert(name.clone(), (spec.clone(), backends.clone()));
+                }
+                Err(e) => tracing::warn!(service = %name, error = %e, "publishing ports"),
+            }
+        }
+    }
+    for name in have.keys().filter(|n| !want.contains_key(*n)) {
+        let _ = inner.mesh.remove_service(name);
+        lock(&inner.local).mesh.remove(name);
+    }
+
+    // East-west VIPs inside each local running task.
+    for (id, s) in statuses.iter().filter(|(_, s)| s.state == rt::TaskState::Running) {
+        let nets = lock(&inner.local).attached.get(id).cloned().unwrap_or_default();
+        let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> = Vec::new();
+        for svc in services.values() {
+            for net in nets.iter().filter(|n| svc.vip_networks().contains(n)) {
+                let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
+                let mut backends: Vec<Ipv4Addr> = eps
+                    .iter()
+                    .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
+                    .map(|(_, e)| e.ip)
+                    .collect();
+                backends.sort();
+                rules.push((vip, backends));
+            }
+        }
+        rules.sort();
+        if lock(&inner.local).vips.get(id) == Some(&rules) {
+            continue;
+        }
+        let Ok(ns) = inner.runtime.netns(&s.id) else { continue };
+        let vip_rules: Vec<VipRule> =
+            rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
+        match tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await {
+            Ok(Ok(())) => {
+                lock(&inner.local).vips.insert(id.clone(), rules);
+            }
+            Ok(Err(e)) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
+            Err(e) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! What services, tasks and endpoints look like in the store and in the gossip tables, and how
+//! they turn into the inputs of the scheduler, the overlay, DNS, the mesh and the VIP rules.
+//!
+//! The store (Raft) holds the desired state: services (`services` table), tasks (`tasks`) with
+//! their assigned node and addresses, and the addresses that belong to no task (`ipam`: service
+//! VIPs and each node's ingress sandbox). The gossip `endpoint_table` of each network holds what
+//! runs where right now: every node publishes its own running tasks there, so DNS, the mesh and
+//! VXLAN forwarding follow tasks within a gossip round, not a store round trip.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use shoal_cluster::model::{ClusterState, NetworkRecord, tables};
+use shoal_scheduler as sched;
+
+/// The gossip table every node publishes its local endpoints to (one per network).
+pub const ENDPOINT_TABLE: &str = "endpoint_table";
+
+/// A published port of a service (`-p 8100:8100[/udp]`, `mode=host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub published: u16,
+    pub target: u16,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// Routing mesh (`ingress`, every node answers) or `host` (only nodes running a task).
+    #[serde(default)]
+    pub host_mode: bool,
+}
+
+/// Transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A health command run inside each task (Docker's HEALTHCHECK).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    /// Shell command; exit 0 is healthy.
+    pub cmd: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub retries: u32,
+}
+
+/// A service as the store holds it (table [`tables::SERVICES`], key = id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub id: String,
+    pub name: String,
+    /// Bumped on every change that needs new tasks (command, env, networks, …).
+    pub version: u64,
+    pub mode: sched::Mode,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Network ids (not including ingress, which ports imply).
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortRecord>,
+    /// DNS round robin instead of a virtual IP.
+    #[serde(default)]
+    pub dnsrr: bool,
+    #[serde(default)]
+    pub constraints: Vec<sched::Constraint>,
+    pub restart: sched::RestartPolicy,
+    #[serde(default)]
+    pub update_order: sched::UpdateOrder,
+    #[serde(default)]
+    pub health: Option<HealthRecord>,
+    pub stop_grace_ms: u64,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+impl ServiceRecord {
+    /// The networks its tasks attach to: ingress first when it publishes mesh ports.
+    pub fn task_networks(&self, state: &ClusterState) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.ports.iter().any(|p| !p.host_mode)
+            && let Some(ing) = ingress(state)
+        {
+            out.push(ing.id.clone());
+        }
+        for n in &self.networks {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+
+    /// The networks that get a VIP: every task network but ingress, in vip mode. (The routing
+    /// mesh balances ingress itself, and ingress takes no part in service discovery, as in
+    /// Swarm: a name resolves on the networks a task shares with the service.)
+    pub fn vip_networks(&self) -> Vec<String> {
+        if self.dnsrr { Vec::new() } else { self.networks.clone() }
+    }
+
+    fn to_sched(&self) -> sched::Service {
+        sched::Service {
+            id: self.id.clone(),
+            spec: sched::ServiceSpec {
+                name: self.name.clone(),
+                mode: self.mode,
+                constraints: self.constraints.clone(),
+                restart: self.restart,
+                update_order: self.update_order,
+                version: self.version,
+            },
+        }
+    }
+}
+
+/// A task as the store holds it (table [`tables::TASKS`], key = id): the scheduler's task plus
+/// what the node needs to run it. Standalone tasks (`shoal run`) have an empty `service_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    #[serde(flatten)]
+    pub task: sched::Task,
+    /// Address per network id; the leader fills them before the node starts the task.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// Networks the task needs addresses on.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// What the node last said (an error, an exit).
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Standalone tasks: name and command (service tasks take theirs from the service).
+    #[serde(default)]
+    pub standalone: Option<Standalone>,
+}
+
+/// What `shoal run` asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standalone {
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Remove the record once the task ends (`--rm`).
+    #[serde(default)]
+    pub auto_remove: bool,
+}
+
+impl TaskRecord {
+    /// Whether every network has its address.
+    pub fn addressed(&self) -> bool {
+        self.networks.iter().all(|n| self.addresses.contains_key(n))
+    }
+
+    /// Docker's task name: `service.slot.id` (global: `service.node.id`), or the container name.
+    pub fn display_name(&self, service: Option<&ServiceRecord>) -> String {
+        match (&self.standalone, service) {
+            (Some(s), _) => s.name.clone(),
+            (None, Some(svc)) => format!("{}.{}", svc.name, self.slot_label()),
+            (None, None) => self.task.id.clone(),
+        }
+    }
+
+    /// The middle label of the task's DNS name: the slot, or the node for global services.
+    pub fn slot_label(&self) -> String {
+        if self.task.slot == 0 {
+            self.task.node_id.clone().unwrap_or_default()
+        } else {
+            self.task.slot.to_string()
+        }
+    }
+
+    /// Whether the task's addresses are still held (it may yet run or is running).
+    pub fn holds_addresses(&self) -> bool {
+        !self.task.state.is_terminal() || self.task.desired == sched::DesiredState::Running
+    }
+}
+
+/// One endpoint in a network's gossip `endpoint_table` (key: task id, or `sbox-<node>` for a
+/// node's ingress sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Node id of its host.
+    pub node: String,
+    pub ip: Ipv4Addr,
+    /// Service id (empty for standalone tasks and sandboxes).
+    #[serde(default)]
+    pub service: String,
+    /// Task id (empty for sandboxes).
+    #[serde(default)]
+    pub task: String,
+    /// Slot label (`1`, or the node id of a global task).
+    #[serde(default)]
+    pub slot: String,
+    /// Container name of a standalone task.
+    #[serde(default)]
+    pub name: String,
+    /// Running and, if it has a health check, healthy: only then does it take traffic.
+    #[serde(default)]
+    pub serving: bool,
+}
+
+/// Every endpoint record of a gossip snapshot, by network id, with the key it was found under.
+pub fn endpoints(snapshot: &shoal_gossip::Snapshot) -> Vec<(String, EndpointRecord)> {
+    snapshot
+        .entries
+        .iter()
+        .filter(|(k, _, _)| k.table == ENDPOINT_TABLE)
+        .filter_map(|(k, _, v)| {
+            serde_json::from_slice::<EndpointRecord>(v).ok().map(|e| (k.network.clone(), e))
+        })
+        .collect()
+}
+
+/// The ingress network.
+pub fn ingress(state: &ClusterState) -> Option<&NetworkRecord> {
+    state.networks.values().find(|n| n.ingress)
+}
+
+/// The services in the store (malformed entries are skipped).
+pub fn services(state: &ClusterState) -> BTreeMap<String, ServiceRecord> {
+    state
+        .table(tables::SERVICES)
+        .filter_map(|(k, v)| serde_json::from_value(v.clone()).ok().map(|s| (k.clone(), s)))
+        .collect()
+}
+
+/// The tasks in the store (malformed entries are skipped).
+pub fn tasks(state: &ClusterState) -> BTreeMap<String, TaskRecord> {
+    state
+        .table(tables::TASKS)
+        .filter_map(|(k, v)| serde_json::from_value(v.clone()).ok().map(|t| (k.clone(), t)))
+        .collect()
+}
+
+/// Key in the `ipam` table of a service's VIP on a network.
+pub fn vip_key(service: &str, network: &str) -> String {
+    format!("vip/{service}/{network}")
+}
+
+/// Key in the `ipam` table of a node's ingress sandbox address.
+pub fn sandbox_key(node: &str) -> String {
+    format!("sbox/{node}")
+}
+
+/// The `ipam` table: key → address.
+pub fn held(state: &ClusterState) -> BTreeMap<String, Ipv4Addr> {
+    state
+        .table(tables::IPAM)
+        .filter_map(|(k, v)| {
+            v.get("ip")
+                .and_then(|ip| ip.as_str())
+                .and_then(|ip| ip.parse().ok())
+                .map(|ip| (k.clone(), ip))
+        })
+        .collect()
+}
+
+/// A service's VIP on a network, if allocated.
+pub fn vip_of(held: &BTreeMap<String, Ipv4Addr>, service: &str, network: &str) -> Option<Ipv4Addr> {
+    held.get(&vip_key(service, network)).copied()
+}
+
+/// The scheduler's view of the store: nodes, services and the service tasks.
+pub fn sched_state(state: &ClusterState) -> sched::ClusterState {
+    use shoal_cluster::model::{Availability as A, NodeStatus as S, Role as R};
+    let nodes = state
+        .nodes
+        .values()
+        .map(|n| sched::Node {
+            id: n.id.to_string(),
+            hostname: n.hostname.clone(),
+            role: match n.role {
+                R::Manager => sched::Role::Manager,
+                R::Worker => sched::Role::Worker,
+            },
+            availability: match n.availability {
+                A::Active => sched::Availability::Active,
+                A::Pause => sched::Availability::Pause,
+                A::Drain => sched::Availability::Drain,
+            },
+            status: match n.status {
+                S::Ready => sched::NodeStatus::Ready,
+                S::Down | S::Unknown => sched::NodeStatus::Down,
+            },
+            labels: n.labels.clone(),
+        })
+        .collect();
+    sched::ClusterState {
+        nodes,
+        services: services(state).values().map(ServiceRecord::to_sched).collect(),
+        tasks: tasks(state)
+            .into_values()
+            .filter(|t| t.standalone.is_none())
+            .map(|t| t.task)
+            .collect(),
+    }
+}
+
+/// The overlay's view of a network.
+pub fn overlay_spec(n: &NetworkRecord) -> Option<shoal_vxlan::NetworkSpec> {
+    let (ipnet::IpNet::V4(subnet), std::net::IpAddr::V4(gateway)) = (n.subnet, n.gateway) else {
+        return None;
+    };
+    Some(shoal_vxlan::NetworkSpec {
+        id: n.id.clone(),
+        vni: n.vni,
+        subnet,
+        gateway,
+        encrypted: n.encrypted,
+    })
+}
+
+/// Serializes a record for the store.
+pub fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    // Our records are plain data: serializing them cannot fail.
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,145 @@
+//! `shoal lab up --demo`: the tutorial, deployed on a fresh lab. node1 initialises the swarm,
+//! the others join as workers; `myhelloworld` (3 replicas, port 8100) is created, the encrypted
+//! attachable `my-overlay` is added to it, and `myredis` runs on the last node as a standalone
+//! task on that network (a real `redis-server`, when it is installed).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::LabState;
+use crate::api::client::Host;
+use crate::api::services::{NetworkCreate, RunRequest, ServiceCreate, ServiceUpdate, ServiceView};
+use crate::api::swarm::{InitRequest, JoinRequest, JoinToken, SwarmJoined};
+
+/// What the demo made, for the lines it prints.
+#[derive(Debug)]
+pub struct Deployed {
+    /// Whether `myredis` runs (redis-server was found).
+    pub redis: bool,
+}
+
+fn host(state: &LabState, i: usize) -> Host {
+    Host { socket: state.nodes[i].socket.clone() }
+}
+
+/// Finds `redis-server` on the PATH.
+fn redis_server() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join("redis-server"))
+        .find(|p| p.is_file())
+}
+
+async fn converge(h: &Host, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let v: ServiceView = h.get_json(&format!("/services/{id}")).await?;
+        if v.running == v.desired {
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "{}: {} of {} tasks running after {timeout:?}",
+                v.service.name,
+                v.running,
+                v.desired
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Builds the swarm and deploys the tutorial's services on a lab that is up.
+pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<Deployed> {
+    anyhow::ensure!(!state.nodes.is_empty(), "the lab has no nodes");
+    let first = host(state, 0);
+    let _: SwarmJoined =
+        first.post_json("/swarm/init", &InitRequest::default()).await.context("swarm init")?;
+    let token: JoinToken = first.get_json("/swarm/join-token/worker").await?;
+    for i in 1..state.nodes.len() {
+        let req = JoinRequest {
+            token: token.token.clone(),
+            remote_addr: format!("{}:2377", state.nodes[0].addr),
+            advertise_addr: None,
+            listen_addr: None,
+        };
+        let _: SwarmJoined = host(state, i)
+            .post_json("/swarm/join", &req)
+            .await
+            .with_context(|| format!("{} joining", state.nodes[i].name))?;
+    }
+    let svc = ServiceCreate {
+        name: "myhelloworld".into(),
+        argv: vec![exe.display().to_string(), "demo".into(), "visitor".into()],
+        replicas: Some(state.nodes.len().min(3) as u64),
+        publish: vec!["8100:8100".into()],
+        ..ServiceCreate::default()
+    };
+    let r: serde_json::Value =
+        first.post_json("/services", &svc).await.context("service create")?;
+    let id = r["id"].as_str().unwrap_or_default().to_owned();
+    converge(&first, &id, Duration::from_secs(60)).await?;
+    let net = NetworkCreate {
+        name: "my-overlay".into(),
+        attachable: true,
+        encrypted: true,
+        ..NetworkCreate::default()
+    };
+    let _: serde_json::Value =
+        first.post_json("/networks", &net).await.context("network create")?;
+    let up = ServiceUpdate { network_add: vec!["my-overlay".into()], ..ServiceUpdate::default() };
+    let _: ServiceView = first.post_json(&format!("/services/{id}/update"), &up).await?;
+    converge(&first, &id, Duration::from_secs(90)).await?;
+    let Some(redis) = redis_server() else { return Ok(Deployed { redis: false }) };
+    let last = host(state, state.nodes.len() - 1);
+    let run = RunRequest {
+        name: "myredis".into(),
+        network: "my-overlay".into(),
+        argv: vec![
+            redis.display().to_string(),
+            "--protected-mode".into(),
+            "no".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+        ],
+        ..RunRequest::default()
+    };
+    let _: serde_json::Value = last.post_json("/containers", &run).await.context("run myredis")?;
+    // Ready when the page counts on every node: redis runs, its name resolves in the tasks and
+    // the encrypted tunnels have their first handshakes behind them.
+    let t0 = Instant::now();
+    for node in state.nodes.iter().take(3) {
+        let url = std::net::SocketAddr::from((node.addr, 8100));
+        loop {
+            let page = visitor_page(url).await.unwrap_or_default();
+            if page.contains("visitor number") {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "myredis is not reachable through {} after 30 s (last page: {page:?})",
+                    node.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    Ok(Deployed { redis: true })
+}
+
+/// `GET /visitor` over plain HTTP/1.0, the body as text.
+async fn visitor_page(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /visitor HTTP/1.0\r\nHost: demo\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(3), io).await?
+}

@@ -1,0 +1,583 @@
+//! `shoal network`, `shoal service`, `shoal run` / `ps` / `stop` / `rm` / `logs`: Docker's verbs,
+//! flags and columns, over the agent's API.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Subcommand;
+
+use crate::api::client::Host;
+use crate::api::services::{
+    NetworkCreate, NetworkView, RunRequest, ServiceCreate, ServiceUpdate, ServiceView, TaskView,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// Create an overlay network.
+    Create {
+        /// Driver (only `overlay`).
+        #[arg(short, long, default_value = "overlay")]
+        driver: String,
+        /// Driver options: `encrypted` turns on WireGuard between nodes.
+        #[arg(short, long = "opt")]
+        opt: Vec<String>,
+        /// Standalone tasks (`shoal run`) may attach.
+        #[arg(long)]
+        attachable: bool,
+        /// Subnet in CIDR form [default: the next free /24 of the pool].
+        #[arg(long)]
+        subnet: Option<ipnet::Ipv4Net>,
+        /// Label key=value.
+        #[arg(long)]
+        label: Vec<String>,
+        name: String,
+    },
+    /// List networks.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show a network: subnet, VNI, VIPs, tasks per node, this node's peers (JSON).
+    Inspect { network: String },
+    /// Remove networks (refused while in use).
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+}
+
+/// Flags of `service create` and the command after `--`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    /// Number of tasks [default: 1].
+    #[arg(long)]
+    replicas: Option<u64>,
+    /// `replicated` or `global`.
+    #[arg(long, default_value = "replicated", value_parser = ["replicated", "global"])]
+    mode: String,
+    /// Publish a port: `8100:8100`, `53:53/udp`, or `published=8100,target=80,mode=host`.
+    #[arg(short, long)]
+    publish: Vec<String>,
+    /// Attach to a network.
+    #[arg(long)]
+    network: Vec<String>,
+    /// Environment KEY=VALUE.
+    #[arg(short, long)]
+    env: Vec<String>,
+    /// Working directory.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// `node.role==manager`, `node.hostname!=node1`, `node.labels.zone==a`.
+    #[arg(long)]
+    constraint: Vec<String>,
+    /// `vip` or `dnsrr`.
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    endpoint_mode: Option<String>,
+    /// `any`, `on-failure` or `none`.
+    #[arg(long, value_parser = ["any", "on-failure", "none"])]
+    restart_condition: Option<String>,
+    /// Delay between restarts, e.g. `5s`, `500ms`.
+    #[arg(long, value_parser = parse_duration)]
+    restart_delay: Option<Duration>,
+    /// Give up restarting a slot after this many attempts (0: never).
+    #[arg(long)]
+    restart_max_attempts: Option<u64>,
+    /// `stop-first` or `start-first`.
+    #[arg(long, value_parser = ["stop-first", "start-first"])]
+    update_order: Option<String>,
+    /// Health command run inside each task (exit 0 = healthy).
+    #[arg(long)]
+    health_cmd: Option<String>,
+    #[arg(long, value_parser = parse_duration)]
+    health_interval: Option<Duration>,
+    #[arg(long, value_parser = parse_duration)]
+    health_timeout: Option<Duration>,
+    #[arg(long)]
+    health_retries: Option<u32>,
+    /// Time between SIGTERM and SIGKILL.
+    #[arg(long, value_parser = parse_duration)]
+    stop_grace_period: Option<Duration>,
+    /// Return at once instead of showing progress.
+    #[arg(short, long)]
+    detach: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service.
+    Create(CreateArgs),
+    /// List services.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List a service's tasks, with history.
+    Ps { service: String },
+    /// Show a service (JSON).
+    Inspect { service: String },
+    /// Change a service: replicas, networks, environment, command, ports, constraints.
+    Update {
+        #[arg(long)]
+        replicas: Option<u64>,
+        #[arg(long)]
+        network_add: Vec<String>,
+        #[arg(long)]
+        network_rm: Vec<String>,
+        #[arg(long)]
+        env_add: Vec<String>,
+        #[arg(long)]
+        env_rm: Vec<String>,
+        #[arg(long)]
+        publish_add: Vec<String>,
+        #[arg(long)]
+        publish_rm: Vec<u16>,
+        #[arg(long)]
+        constraint_add: Vec<String>,
+        #[arg(long)]
+        constraint_rm: Vec<String>,
+        #[arg(long, value_parser = ["stop-first", "start-first"])]
+        update_order: Option<String>,
+        /// Replace the tasks even if nothing changed.
+        #[arg(long)]
+        force: bool,
+        #[arg(short, long)]
+        detach: bool,
+        service: String,
+        /// A new command, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Set replica counts: `shoal service scale web=5 api=2`.
+    Scale {
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(required = true)]
+        scales: Vec<String>,
+    },
+    /// Remove services.
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+/// `shoal run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Return at once (the only way shoal runs tasks: the agent keeps them).
+    #[arg(short, long)]
+    detach: bool,
+    /// Remove the task when it exits.
+    #[arg(long)]
+    rm: bool,
+    #[arg(long)]
+    name: String,
+    /// An attachable overlay network.
+    #[arg(long)]
+    network: String,
+    #[arg(short, long)]
+    env: Vec<String>,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `5s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) =
+        s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
+    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: e.g. 5s, 500ms, 2m"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: ms, s, m or h")),
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn segment(what: &str, s: &str) -> anyhow::Result<String> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        bail!("invalid {what} {s:?}");
+    }
+    Ok(s.to_owned())
+}
+
+pub async fn run_network(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create { driver, opt, attachable, subnet, label, name } => {
+            let mut req = NetworkCreate {
+                name: name.clone(),
+                driver: Some(driver.clone()),
+                subnet: *subnet,
+                attachable: *attachable,
+                ..NetworkCreate::default()
+            };
+            for o in opt {
+                match o.as_str() {
+                    "encrypted" | "encrypted=true" | "encrypted=" => req.encrypted = true,
+                    _ => bail!("unknown network option {o:?}: shoal overlays take 'encrypted'"),
+                }
+            }
+            for l in label {
+                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+                req.labels.insert(k.to_owned(), v.to_owned());
+            }
+            let r: serde_json::Value = host.post_json("/networks", &req).await?;
+            println!("{}", r["id"].as_str().unwrap_or_default());
+        }
+        NetworkCmd::Ls { quiet } => {
+            let nets: Vec<NetworkView> = host.get_json("/networks").await?;
+            if !quiet {
+                println!(
+                    "{:<26} {:<16} {:<8} {:<8} {:<18} {:<6} FLAGS",
+                    "NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"
+                );
+            }
+            for v in nets {
+                let n = &v.network;
+                if *quiet {
+                    println!("{}", n.id);
+                    continue;
+                }
+                let mut flags = Vec::new();
+                if n.ingress {
+                    flags.push("ingress");
+                }
+                if n.attachable {
+                    flags.push("attachable");
+                }
+                if n.encrypted {
+                    flags.push("encrypted");
+                }
+                println!(
+                    "{:<26} {:<16} {:<8} {:<8} {:<18} {:<6} {}",
+                    n.id,
+                    n.name,
+                    n.driver,
+                    "swarm",
+                    n.subnet.to_string(),
+                    n.vni,
+                    flags.join(",")
+                );
+            }
+        }
+        NetworkCmd::Inspect { network } => {
+            let v: serde_json::Value =
+                host.get_json(&format!("/networks/{}", segment("network", network)?)).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        NetworkCmd::Rm { networks } => {
+            for n in networks {
+                host.delete(&format!("/networks/{}", segment("network", n)?)).await?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ms(d: Option<Duration>) -> Option<u64> {
+    d.map(|d| d.as_millis() as u64)
+}
+
+fn ago(ms: u64) -> String {
+    let now = shoal_cluster::model::now_ms();
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=1 => "Less than a second".into(),
+        2..=59 => format!("{s} seconds"),
+        60..=3599 => format!("{} minutes", s / 60),
+        _ => format!("{} hours", s / 3600),
+    }
+}
+
+pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Create(a) => {
+            let req = ServiceCreate {
+                name: a.name.clone(),
+                argv: a.command.clone(),
+                env: a.env.clone(),
+                workdir: a.workdir.clone(),
+                replicas: a.replicas,
+                global: a.mode == "global",
+                networks: a.network.clone(),
+                publish: a.publish.clone(),
+                endpoint_mode: a.endpoint_mode.clone(),
+                constraints: a.constraint.clone(),
+                restart_condition: a.restart_condition.clone(),
+                restart_delay_ms: ms(a.restart_delay),
+                restart_max_attempts: a.restart_max_attempts,
+                update_order: a.update_order.clone(),
+                health_cmd: a.health_cmd.clone(),
+                health_interval_ms: ms(a.health_interval),
+                health_timeout_ms: ms(a.health_timeout),
+                health_retries: a.health_retries,
+                stop_grace_ms: ms(a.stop_grace_period),
+            };
+            let r: serde_json::Value = host.post_json("/services", &req).await?;
+            let id = r["id"].as_str().unwrap_or_default().to_owned();
+            println!("{id}");
+            if !a.detach {
+                converge(host, &id).await?;
+            }
+        }
+        ServiceCmd::Ls { quiet } => {
+            let svcs: Vec<ServiceView> = host.get_json("/services").await?;
+            if !quiet {
+                println!("{:<26} {:<20} {:<11} {:<9} PORTS", "ID", "NAME", "MODE", "REPLICAS");
+            }
+            for v in svcs {
+                let s = &v.service;
+                if *quiet {
+                    println!("{}", s.id);
+                    continue;
+                }
+                let mode = match s.mode {
+                    shoal_scheduler::Mode::Replicated { .. } => "replicated",
+                    shoal_scheduler::Mode::Global => "global",
+                };
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let proto = match p.protocol {
+                            crate::engine::records::Protocol::Tcp => "tcp",
+                            crate::engine::records::Protocol::Udp => "udp",
+                        };
+                        format!("*:{}->{}/{proto}", p.published, p.target)
+                    })
+                    .collect();
+                println!(
+                    "{:<26} {:<20} {:<11} {:<9} {}",
+                    s.id,
+                    s.name,
+                    mode,
+                    format!("{}/{}", v.running, v.desired),
+                    ports.join(", ")
+                );
+            }
+        }
+        ServiceCmd::Ps { service } => {
+            let tasks: Vec<TaskView> =
+                host.get_json(&format!("/services/{}/tasks", segment("service", service)?)).await?;
+            print_tasks(&tasks);
+        }
+        ServiceCmd::Inspect { service } => {
+            let v: serde_json::Value =
+                host.get_json(&format!("/services/{}", segment("service", service)?)).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ServiceCmd::Update {
+            replicas,
+            network_add,
+            network_rm,
+            env_add,
+            env_rm,
+            publish_add,
+            publish_rm,
+            constraint_add,
+            constraint_rm,
+            update_order,
+            force,
+            detach,
+            service,
+            command,
+        } => {
+            let req = ServiceUpdate {
+                replicas: *replicas,
+                argv: (!command.is_empty()).then(|| command.clone()),
+                env_add: env_add.clone(),
+                env_rm: env_rm.clone(),
+                network_add: network_add.clone(),
+                network_rm: network_rm.clone(),
+                publish_add: publish_add.clone(),
+                publish_rm: publish_rm.clone(),
+                constraint_add: constraint_add.clone(),
+                constraint_rm: constraint_rm.clone(),
+                update_order: update_order.clone(),
+                force: *force,
+            };
+            let v: ServiceView = host
+                .post_json(&format!("/services/{}/update", segment("service", service)?), &req)
+                .await?;
+            println!("{service}");
+            if !detach {
+                converge(host, &v.service.id).await?;
+            }
+        }
+        ServiceCmd::Scale { detach, scales } => {
+            let mut parsed = Vec::new();
+            for s in scales {
+                let Some((name, n)) = s.split_once('=') else {
+                    bail!("invalid scale specifier {s:?}: want SERVICE=REPLICAS");
+                };
+                let n: u64 = n.parse().map_err(|_| {
+                    anyhow::anyhow!("invalid replicas value for service {name}: {n:?}")
+                })?;
+                parsed.push((segment("service", name)?, n));
+            }
+            for (name, n) in parsed {
+                let req = ServiceUpdate { replicas: Some(n), ..ServiceUpdate::default() };
+                let v: ServiceView =
+                    host.post_json(&format!("/services/{name}/update"), &req).await?;
+                println!("{name} scaled to {n}");
+                if !detach {
+                    converge(host, &v.service.id).await?;
+                }
+            }
+        }
+        ServiceCmd::Rm { services } => {
+            for s in services {
+                host.delete(&format!("/services/{}", segment("service", s)?)).await?;
+                println!("{s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_tasks(tasks: &[TaskView]) {
+    println!(
+        "{:<26} {:<24} {:<10} {:<10} {:<28} {:<28} ERROR",
+        "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ADDRESSES"
+    );
+    let mut last_slot = None;
+    for t in tasks {
+        let slot = (t.task.task.service_id.clone(), t.task.task.slot, t.task.task.node_id.clone());
+        let history = last_slot.as_ref() == Some(&slot);
+        last_slot = Some(slot);
+        let name = if history { format!(" \\_ {}", t.name) } else { t.name.clone() };
+        let desired = match t.task.task.desired {
+            shoal_scheduler::DesiredState::Running => "Running",
+            shoal_scheduler::DesiredState::Shutdown => "Shutdown",
+        };
+        let state = t.task.task.state.as_str();
+        let current = format!(
+            "{}{} {} ago",
+            state[..1].to_uppercase(),
+            &state[1..],
+            ago(t.task.task.state_since_ms)
+        );
+        let addrs: Vec<String> = t.addresses.iter().map(|(n, ip)| format!("{n}={ip}")).collect();
+        let err = if matches!(
+            t.task.task.state,
+            shoal_scheduler::TaskState::Failed | shoal_scheduler::TaskState::Rejected
+        ) {
+            t.task.message.as_str()
+        } else {
+            ""
+        };
+        println!(
+            "{:<26} {:<24} {:<10} {:<10} {:<28} {:<28} {}",
+            t.task.task.id,
+            name,
+            t.node,
+            desired,
+            current,
+            addrs.join(","),
+            err
+        );
+    }
+}
+
+/// Docker's progress display: waits until the service's current tasks all run, drawing one bar
+/// per slot; gives up (exit 1) after 120 s without progress.
+async fn converge(host: &Host, id: &str) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let overall = multi.add(ProgressBar::new_spinner());
+    overall.set_style(
+        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let mut last_change = Instant::now();
+    let mut last = (u64::MAX, u64::MAX);
+    let mut stable = 0;
+    loop {
+        let v: ServiceView = host.get_json(&format!("/services/{id}")).await?;
+        overall.set_message(format!("overall progress: {} out of {} tasks", v.running, v.desired));
+        if (v.running, v.desired) != last {
+            last = (v.running, v.desired);
+            last_change = Instant::now();
+        }
+        if v.running == v.desired {
+            // Docker waits for the tasks to stay up a moment: "verify: Service converged".
+            stable += 1;
+            if stable >= 3 {
+                let done = format!(
+                    "overall progress: {} out of {} tasks\nverify: Service {} converged",
+                    v.running, v.desired, v.service.name
+                );
+                if overall.is_hidden() {
+                    // Not a terminal: no bars, just the outcome.
+                    println!("{done}");
+                } else {
+                    overall.finish_with_message(done);
+                }
+                return Ok(());
+            }
+        } else {
+            stable = 0;
+        }
+        if last_change.elapsed() > Duration::from_secs(120) {
+            overall.abandon();
+            bail!(
+                "service {} did not converge: {} of {} tasks running (see `shoal service ps {}`)",
+                v.service.name,
+                v.running,
+                v.desired,
+                v.service.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<()> {
+    let req = RunRequest {
+        name: args.name.clone(),
+        network: args.network.clone(),
+        argv: args.command.clone(),
+        env: args.env.clone(),
+        auto_remove: args.rm,
+    };
+    let r: serde_json::Value = host.post_json("/containers", &req).await?;
+    let id = r["id"].as_str().unwrap_or_default().to_owned();
+    println!("{id}");
+    if args.detach {
+        return Ok(());
+    }
+    // Without -d: wait for it to run (or fail) and say so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Result<TaskView, _> = host.get_json(&format!("/containers/{}", args.name)).await;
+        if let Ok(v) = v {
+            let s = v.task.task.state;
+            if s == shoal_scheduler::TaskState::Running {
+                return Ok(());
+            }
+            if s.is_terminal() {
+                bail!("{} {}: {}", args.name, s.as_str(), v.task.message);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not start within 60 s", args.name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn ps(host: &Host) -> anyhow::Result<()> {
+    let tasks: Vec<TaskView> = host.get_json("/containers").await?;
+    print_tasks(&tasks);
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! The Swarm tutorial end to end on real agents in the lab, with a real redis-server and curl:
+//! a replicated service behind the routing mesh, an encrypted attachable overlay, a standalone
+//! task reached by name, scaling, draining, a task restarted by policy, redis moved into a
+//! service, a promotion, and `service rm` withdrawing everything it published.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Lab, lossy, require_root};
+
+/// `curl -s ADDR:8100/visitor` from this host (the lab bridge reaches every node); "" on failure.
+fn visit(lab: &Lab, node: u8) -> String {
+    let url = format!("http://{}:8100/visitor", lab.addr(node));
+    let out = Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl");
+    lossy(&out.stdout)
+}
+
+fn count(page: &str) -> Option<u64> {
+    page.trim().rsplit(' ').next()?.parse().ok()
+}
+
+/// Polls until `f` returns Some, or fails with `what` after `limit`.
+fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `service ps` rows that are current (not history): (name, node, desired, state).
+fn ps(lab: &Lab, service: &str) -> Vec<(String, String, String, String)> {
+    lab.on("node1", &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("\\_"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].to_owned(), f[2].to_owned(), f[3].to_owned(), f[4].to_owned())
+        })
+        .collect()
+}
+
+fn running_per_node(lab: &Lab, service: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, node, desired, state) in ps(lab, service) {
+        if desired == "Running" && state == "Running" {
+            *m.entry(node).or_default() += 1;
+        }
+    }
+    m
+}
+
+/// `dig +short NAME` against the task DNS inside a task's namespace.
+fn dig(netns: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name])
+        .output()
+        .expect("dig");
+    lossy(&out.stdout).trim().to_owned()
+}
+
+/// The namespace of a task: `<lab>-<node>-t-<first 12 of its id>`.
+fn task_netns(lab: &Lab, node: &str, id: &str) -> String {
+    format!("{}-{node}-t-{}", lab.name, &id[..12])
+}
+
+#[test]
+fn the_tutorial_runs_end_to_end() {
+    if !require_root("the_tutorial_runs_end_to_end") {
+        return;
+    }
+    let redis = which("redis-server");
+    let (Some(redis), true, true) = (redis, which("curl").is_some(), which("dig").is_some()) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server, curl and dig are needed in CI (scripts/install-test-deps.sh)"
+        );
+        eprintln!("*** SKIPPED tutorial: redis-server, curl or dig missing ***");
+        return;
+    };
+    let lab = Lab::up(3);
+    let shoal = env!("CARGO_BIN_EXE_shoal");
+
+    // init + 2 joins.
+    lab.on("node1", &["swarm", "init"]);
+    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
+    let manager = format!("{}:2377", lab.addr(1));
+    for n in ["node2", "node3"] {
+        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
+    }
+
+    // A replicated service on 8100: three running tasks on three nodes.
+    let out = lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--replicas",
+            "3",
+            "--name",
+            "myhelloworld",
+            "-p",
+            "8100:8100",
+            "--",
+            shoal,
+            "demo",
+            "visitor",
+        ],
+    );
+    assert!(out.contains("converged"), "service create did not wait for its tasks: {out}");
+    let per_node = running_per_node(&lab, "myhelloworld");
+    assert_eq!(per_node.len(), 3, "three tasks on three nodes: {per_node:?}");
+    assert!(per_node.values().all(|n| *n == 1), "{per_node:?}");
+    let ls = lab.on("node1", &["service", "ls"]);
+    assert!(ls.contains("3/3") && ls.contains("*:8100->8100/tcp"), "{ls}");
+
+    // Every node answers on 8100; no redis yet.
+    for n in 1..=3 {
+        let page = eventually("the mesh on every node", Duration::from_secs(30), || {
+            Some(visit(&lab, n)).filter(|p| p.contains("Hello World"))
+        });
+        assert!(page.contains("connection to redis error"), "node{n}: {page}");
+    }
+
+    // Errors name what is wrong and change nothing.
+    let bad = lab.shoal(&[
+        "--node", "node1", "service", "create", "--name", "other", "-p", "8100:80", "--", "true",
+    ]);
+    assert!(!bad.status.success());
+    assert!(lossy(&bad.stderr).contains("already in use by service 'myhelloworld'"), "{bad:?}");
+    let bad = lab.shoal(&[
+        "--node",
+        "node1",
+        "service",
+        "create",
+        "--name",
+        "x",
+        "--network",
+        "nope",
+        "--",
+        "true",
+    ]);
+    assert!(lossy(&bad.stderr).contains("network nope not found"), "{bad:?}");
+
+    // The encrypted attachable overlay, the service on it, redis on node3 by name.
+    lab.on(
+        "node1",
+        &["network", "create", "-d", "overlay", "--opt", "encrypted", "--attachable", "my-overlay"],
+    );
+    lab.on("node1", &["service", "update", "--network-add", "my-overlay", "myhelloworld"]);
+    let bad = lab.shoal(&[
+        "--node",
+        "node3",
+        "run",
+        "-d",
+        "--name",
+        "r2",
+        "--network",
+        "ingress",
+        "--",
+        "true",
+    ]);
+    assert!(lossy(&bad.stderr).contains("not manually attachable"), "{bad:?}");
+    let redis = redis.display().to_string();
+    lab.on(
+        "node3",
+        &[
+            "run",
+            "--name",
+            "myredis",
+            "--network",
+            "my-overlay",
+            "--",
+            &redis,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    let first = eventually("a visitor count on every node", Duration::from_secs(60), || {
+        let counts: Vec<Option<u64>> = (1..=3).map(|n| count(&visit(&lab, n))).collect();
+        counts.iter().all(Option::is_some).then(|| counts[2].unwrap())
+    });
+    // Then every request counts once, whichever node takes it.
+    let mut expect = first;
+    for round in 0..2 {
+        for n in 1..=3 {
+            expect += 1;
+            let page = visit(&lab, n);
+            assert_eq!(count(&page), Some(expect), "round {round}, node{n}: {page}");
+        }
+    }
+    // By name from any task: `myredis` on node1 is the standalone task on node3, and
+    // `tasks.myhelloworld` lists the three replicas' addresses on the shared network.
+    let ps3 = lab.on("node3", &["ps"]);
+    let redis_ip = ps3
+        .lines()
+        .find(|l| l.contains("myredis"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("my-overlay=")))
+        .unwrap_or_else(|| panic!("myredis's address in `ps`: {ps3}"))
+        .to_owned();
+    let web1 = task_netns(&lab, "node1", &task_on(&lab, "myhelloworld", "node1"));
+    assert_eq!(dig(&web1, "myredis"), redis_ip);
+    assert_eq!(dig(&web1, "tasks.myhelloworld").lines().count(), 3);
+    // The overlay really is encrypted between the nodes: WireGuard sessions are up.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lab.on("node1", &["network", "inspect", "my-overlay"])).unwrap();
+    assert_eq!(inspect["network"]["encrypted"], true);
+    let peers = inspect["local"]["encrypted_peers"].as_array().expect("peers");
+    assert!(peers.iter().any(|p| p["established"] == true), "{inspect}");
+
+    // Scale to 5: spread 2/2/1.
+    lab.on("node1", &["service", "scale", "myhelloworld=5"]);
+    let mut spread: Vec<usize> = running_per_node(&lab, "myhelloworld").into_values().collect();
+    spread.sort();
+    assert_eq!(spread, vec![1, 2, 2]);
+
+    // Drain node1: its tasks move, five still run, node1:8100 still answers.
+    lab.on("node1", &["node", "update", "--availability", "drain", "node1"]);
+    let moved = eventually("tasks off node1", Duration::from_secs(60), || {
+        let m = running_per_node(&lab, "myhelloworld");
+        (!m.contains_key("node1") && m.values().sum::<usize>() == 5).then_some(m)
+    });
+    assert_eq!(moved.values().sum::<usize>(), 5);
+    let page = eventually("node1:8100 after the drain", Duration::from_secs(30), || {
+        Some(visit(&lab, 1)).filter(|p| count(p).is_some())
+    });
+    assert!(page.contains("visitor number"), "{page}");
+    lab.on("node1", &["node", "update", "--availability", "active", "node1"]);
+
+    // A task that exits is restarted by policy (after the 5 s delay), its slot kept.
+    let victim = task_on(&lab, "myhelloworld", "node2");
+    let ns = task_netns(&lab, "node2", &victim);
+    let pids = lossy(&Command::new("ip").args(["netns", "pids", &ns]).output().unwrap().stdout);
+    for pid in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    eventually("the killed task replaced", Duration::from_secs(60), || {
+        let out = lab.on("node1", &["service", "ps", "myhelloworld"]);
+        let failed = out.lines().any(|l| l.contains(&victim) && l.contains("Failed"));
+        let running = running_per_node(&lab, "myhelloworld").values().sum::<usize>();
+        (failed && running == 5).then_some(())
+    });
+
+    // Stop the standalone redis and run it as a service instead: counting resumes.
+    lab.on("node3", &["stop", "myredis"]);
+    eventually("the page to lose redis", Duration::from_secs(30), || {
+        Some(()).filter(|_| visit(&lab, 1).contains("connection to redis error"))
+    });
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "myredis",
+            "--network",
+            "my-overlay",
+            "--",
+            &redis,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    let c1 = eventually("counting again", Duration::from_secs(60), || count(&visit(&lab, 2)));
+    assert_eq!(count(&visit(&lab, 3)), Some(c1 + 1));
+
+    // Promote node2: Reachable.
+    lab.on("node1", &["node", "promote", "node2"]);
+    eventually("node2 Reachable", Duration::from_secs(60), || {
+        lab.on("node1", &["node", "ls"])
+            .lines()
+            .any(|l| l.contains("node2") && l.contains("Reachable"))
+            .then_some(())
+    });
+
+    // service rm withdraws its VIP, DNS names, FDB entries and mesh backends everywhere.
+    let redis_task = task_on_any(&lab, "myredis");
+    let redis_ns = task_netns(&lab, &redis_task.1, &redis_task.0);
+    let before = dig(&redis_ns, "tasks.myhelloworld");
+    assert_eq!(before.lines().count(), 5, "tasks.myhelloworld: {before}");
+    let vip = dig(&redis_ns, "myhelloworld");
+    assert!(!vip.is_empty());
+    let macs: Vec<String> = before.lines().map(mac_of).collect();
+    let t0 = Instant::now();
+    lab.on("node1", &["service", "rm", "myhelloworld"]);
+    let mut last = String::new();
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(10) {
+        let dns = (dig(&redis_ns, "myhelloworld"), dig(&redis_ns, "tasks.myhelloworld"));
+        let mesh: Vec<String> = (1..=3).map(|n| visit(&lab, n)).collect();
+        let fdb: Vec<String> = (1..=3)
+            .flat_map(|n| {
+                let fdb = fdb_of(&lab, &format!("node{n}"));
+                macs.iter()
+                    .filter(|m| fdb.contains(m.as_str()))
+                    .map(move |m| format!("node{n}:{m}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if dns.0.is_empty()
+            && dns.1.is_empty()
+            && mesh.iter().all(String::is_empty)
+            && fdb.is_empty()
+        {
+            last.clear();
+            break;
+        }
+        last = format!("dns {dns:?}, mesh {mesh:?}, fdb {fdb:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(last.is_empty(), "service rm not withdrawn after 10 s: {last}");
+    eprintln!("service rm withdrawn everywhere in {:?}", t0.elapsed());
+}
+
+fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|p| p.is_file()))
+}
+
+/// The id of a running task of `service` on `node`.
+fn task_on(lab: &Lab, service: &str, node: &str) -> String {
+    let out = lab.on("node1", &["service", "ps", service]);
+    out.lines()
+        .find(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 4 && f[2] == node && f[3] == "Running" && f[4] == "Running"
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no running {service} task on {node}: {out}"))
+        .to_owned()
+}
+
+/// (task id, node) of a running task of `service`.
+fn task_on_any(lab: &Lab, service: &str) -> (String, String) {
+    eventually("a running task", Duration::from_secs(30), || {
+        lab.on("node1", &["service", "ps", service]).lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 4 && f[3] == "Running" && f[4] == "Running")
+                .then(|| (f[0].to_owned(), f[2].to_owned()))
+        })
+    })
+}
+
+/// The overlay MAC of an address (02:42 + the IPv4 bytes).
+fn mac_of(ip: &str) -> String {
+    let ip: std::net::Ipv4Addr = ip.trim().parse().expect("an IPv4 address");
+    let o = ip.octets();
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// The VXLAN forwarding entries (MAC → remote VTEP) the agent programmed in a node's overlay
+/// sandboxes. (Entries the bridge learnt from traffic age out by themselves.)
+fn fdb_of(lab: &Lab, node: &str) -> String {
+    let list = lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout);
+    let prefix = format!("{}-{node}-ov-", lab.name);
+    let mut all = String::new();
+    for ns in
+        list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix))
+    {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "bridge", "fdb", "show"])
+            .output()
+            .unwrap();
+        for line in lossy(&out.stdout).lines().filter(|l| l.contains(" dst ")) {
+            all.push_str(line);
+            all.push('\n');
+        }
+    }
+    all
+}
