@@ -24,8 +24,8 @@ use crate::token::{JoinToken, new_secret, role_of_secret};
 use crate::transport::{CallError, RaftNet, Transport, call_pinned};
 use crate::wire::{
     Caller, ErrorKind, FrameError, JoinRequest, JoinResponse, MAX_ANON_FRAME, MAX_FRAME,
-    ManageRequest, ManagerStatus, NodeUpdate, NodeView, RaftRequest, RaftResponse, Request,
-    Response, RpcError, SessionInfo, TaskRequest, decode_frame, encode_frame,
+    ManageRequest, ManagerStatus, NodeRequest, NodeUpdate, NodeView, RaftRequest, RaftResponse,
+    Request, Response, RpcError, SessionInfo, TaskRequest, decode_frame, encode_frame,
 };
 use crate::{Error, NOT_MANAGER, Tuning};
 
@@ -201,8 +201,28 @@ impl std::fmt::Debug for ManagerParts {
     }
 }
 
+/// Answers [`NodeRequest`]s for the agent (e.g. a task's logs from its runtime).
+pub type NodeHandler = Arc<
+    dyn Fn(
+            NodeRequest,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+#[derive(Clone, Default)]
+struct HandlerSlot(Option<NodeHandler>);
+
+impl std::fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "NodeHandler" } else { "NoNodeHandler" })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
+    node_handler: RwLock<HandlerSlot>,
     dir: PathBuf,
     tuning: Tuning,
     local: Mutex<LocalState>,
@@ -312,6 +332,7 @@ fn unexpected(r: &Response) -> Error {
             Response::Done { .. } => "Done",
             Response::State(_) => "State",
             Response::Raft(_) => "Raft",
+            Response::Value(_) => "Value",
             Response::Error(_) => "Error",
         }
     ))
@@ -538,6 +559,7 @@ impl Cluster {
             membership_lock: tokio::sync::Mutex::new(()),
             rotation_lock: tokio::sync::Mutex::new(()),
             reconcile_lock: tokio::sync::Mutex::new(()),
+            node_handler: RwLock::new(HandlerSlot::default()),
             tasks: Mutex::new(Vec::new()),
         });
         inner.save_local()?;
@@ -661,6 +683,32 @@ impl Cluster {
         match self.inner.request(Request::Manage(ManageRequest::State)).await? {
             Response::State(s) => Ok(*s),
             r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Registers what answers [`NodeRequest`]s from managers on this node.
+    pub fn set_node_handler(&self, handler: Option<NodeHandler>) {
+        *self.inner.node_handler.write().unwrap_or_else(|e| e.into_inner()) = HandlerSlot(handler);
+    }
+
+    /// Asks the node at control address `addr` (this node too) a [`NodeRequest`]; managers only.
+    pub async fn ask_node(
+        &self,
+        addr: SocketAddr,
+        req: NodeRequest,
+    ) -> Result<serde_json::Value, Error> {
+        if addr == self.inner.local().advertise_addr {
+            return match self.inner.node_request(req).await? {
+                Response::Value(v) => Ok(v),
+                r => Err(unexpected(&r)),
+            };
+        }
+        let timeout = self.inner.tuning.rpc_timeout;
+        match self.inner.transport.call(addr, &Request::Node(req), timeout).await {
+            Ok(Response::Value(v)) => Ok(v),
+            Ok(Response::Error(e)) => Err(from_rpc(e)),
+            Ok(r) => Err(unexpected(&r)),
+            Err(e) => Err(Error::NoLeader(format!("cannot reach the node at {addr}: {e}"))),
         }
     }
 
@@ -1004,6 +1052,12 @@ impl Inner {
                     ),
                 }
             }
+            (Caller::Member { role: Role::Manager, .. }, Request::Node(r)) => {
+                self.node_request(r).await.unwrap_or_else(to_rpc)
+            }
+            (Caller::Member { .. }, Request::Node(_)) => {
+                rpc_err(ErrorKind::PermissionDenied, "only managers ask nodes directly")
+            }
             (Caller::Member { .. }, Request::Forwarded { .. }) => {
                 rpc_err(ErrorKind::PermissionDenied, "only managers forward requests")
             }
@@ -1037,6 +1091,14 @@ impl Inner {
             }
             _ => rpc_err(ErrorKind::NoLeader, NO_LEADER),
         }
+    }
+
+    async fn node_request(&self, r: NodeRequest) -> Result<Response, Error> {
+        let handler = self.node_handler.read().unwrap_or_else(|e| e.into_inner()).0.clone();
+        let Some(h) = handler else {
+            return Err(Error::BadRequest("this node answers no node requests".into()));
+        };
+        h(r).await.map(Response::Value).map_err(Error::BadRequest)
     }
 
     async fn handle_raft(&self, r: RaftRequest) -> Response {

@@ -58,12 +58,12 @@ pub mod wire;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use cluster::{Cluster, InitOptions, JoinOptions, LocalInfo, RaftStatus};
+pub use cluster::{Cluster, InitOptions, JoinOptions, LocalInfo, NodeHandler, RaftStatus};
 pub use model::{
     Availability, ClusterEvent, GossipKey, Keyring, NodeId, NodeRecord, NodeStatus, Role,
 };
 pub use token::{JoinToken, TokenError};
-pub use wire::{ManagerStatus, NodeUpdate, NodeView, TaskRequest};
+pub use wire::{ManagerStatus, NodeRequest, NodeUpdate, NodeView, TaskRequest};
 
 /// Default control-plane port (udp).
 pub const DEFAULT_CONTROL_PORT: u16 = 2377;

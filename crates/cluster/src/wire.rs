@@ -241,6 +241,18 @@ pub enum TaskRequest {
     },
 }
 
+/// Questions for one node, answered by the handler its agent registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeRequest {
+    /// The output of a task this node runs, from position `since` on.
+    TaskLogs {
+        /// Task id.
+        task: String,
+        /// First position wanted (0: from the start of what is kept).
+        since: u64,
+    },
+}
+
 /// Raft's own messages between managers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RaftRequest {
@@ -279,6 +291,8 @@ pub enum Request {
     Leave,
     /// What any node (worker or manager) asks about tasks: the dispatcher's half of the API.
     Tasks(TaskRequest),
+    /// What a manager asks one node directly (not the leader): things only that node has.
+    Node(NodeRequest),
     /// Manager API.
     Manage(ManageRequest),
     /// Raft traffic.
@@ -367,6 +381,8 @@ pub enum Response {
     State(Box<crate::model::ClusterState>),
     /// Raft.
     Raft(RaftResponse),
+    /// To `Node`: whatever the node's handler answered.
+    Value(serde_json::Value),
     /// Refused or failed.
     Error(RpcError),
 }
