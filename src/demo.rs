@@ -76,6 +76,8 @@ async fn visitor(State(app): State<Arc<App>>) -> Response {
         }
         Err(_) => "Hello World, connection to redis error\n".to_owned(),
     };
+    // One line per visit, for `shoal service logs`.
+    println!("GET /visitor: {}", body.trim_end());
     ([("x-served-by", app.served_by.clone())], body).into_response()
 }
 

@@ -164,6 +164,16 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Print a service's output, from every node that runs its tasks.
+    Logs {
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print lines without the task prefix.
+        #[arg(long)]
+        no_task_ids: bool,
+        service: String,
+    },
 }
 
 /// `shoal run`.
@@ -434,6 +444,32 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
                 if !detach {
                     converge(host, &v.service.id).await?;
                 }
+            }
+        }
+        ServiceCmd::Logs { follow, no_task_ids, service } => {
+            use crate::api::services::{LogsRequest, LogsResponse};
+            let path = format!("/services/{}/logs", segment("service", service)?);
+            let mut req = LogsRequest::default();
+            let mut warned = std::collections::BTreeSet::new();
+            loop {
+                let r: LogsResponse = host.post_json(&path, &req).await?;
+                for e in &r.entries {
+                    if *no_task_ids {
+                        println!("{}", e.line);
+                    } else {
+                        println!("{}    | {}", e.source, e.line);
+                    }
+                }
+                for n in r.unreachable {
+                    if warned.insert(n.clone()) {
+                        eprintln!("WARNING: node {n} did not answer; its tasks' lines are missing");
+                    }
+                }
+                req.cursors.extend(r.cursors);
+                if !follow {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         ServiceCmd::Rm { services } => {

@@ -131,6 +131,17 @@ fn the_tutorial_runs_end_to_end() {
         assert!(page.contains("connection to redis error"), "node{n}: {page}");
     }
 
+    // The service's output, gathered from all three nodes by the manager.
+    let logs = lab.on("node1", &["service", "logs", "myhelloworld"]);
+    for n in 1..=3 {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains(&format!("@node{n}")) && l.contains("visitor demo listening")),
+            "no start line from node{n} in `service logs`:\n{logs}"
+        );
+    }
+    assert!(logs.contains("GET /visitor: Hello World, connection to redis error"), "{logs}");
+
     // Errors name what is wrong and change nothing.
     let bad = lab.shoal(&[
         "--node", "node1", "service", "create", "--name", "other", "-p", "8100:80", "--", "true",

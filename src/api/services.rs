@@ -33,6 +33,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/services/{id}", get(service_inspect).delete(service_rm))
         .route("/services/{id}/update", post(service_update))
         .route("/services/{id}/tasks", get(service_ps))
+        .route("/services/{id}/logs", post(service_logs))
         .route("/containers", get(container_ls).post(container_run))
         .route("/containers/{name}", get(container_inspect).delete(container_rm))
         .route("/containers/{name}/stop", post(container_stop))
@@ -169,6 +170,33 @@ pub struct TaskView {
     pub node: String,
     /// Address per network name.
     pub addresses: BTreeMap<String, std::net::Ipv4Addr>,
+}
+
+/// `POST /services/{id}/logs`: where each task's output was read up to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsRequest {
+    /// Task id → next position to read.
+    #[serde(default)]
+    pub cursors: BTreeMap<String, u64>,
+}
+
+/// One line of a service's output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// `myhelloworld.1.<id prefix>@node1`, as Docker prefixes lines.
+    pub source: String,
+    pub stream: String,
+    pub time_ms: u64,
+    pub line: String,
+}
+
+/// The answer: new lines and the cursors to ask with next time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogsResponse {
+    pub entries: Vec<LogEntry>,
+    pub cursors: BTreeMap<String, u64>,
+    /// Nodes that did not answer.
+    pub unreachable: Vec<String>,
 }
 
 /// `POST /containers`: `shoal run`.
@@ -684,6 +712,72 @@ async fn service_ps(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> 
         Ok(axum::Json(task_views(&state, |t| t.task.service_id == svc.id)).into_response())
     };
     run.await.unwrap_or_else(|r: Response| r)
+}
+
+/// Collects the service's output from every node that runs (or ran) its tasks, through this
+/// manager: each node is asked directly over the control plane.
+async fn service_logs(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    axum::Json(req): axum::Json<LogsRequest>,
+) -> Response {
+    let run = async {
+        let c = cluster(&st)?;
+        let state = store(&c).await?;
+        let svc = find_service(&state, &id)?;
+        let mut out = LogsResponse::default();
+        let mut per_time: Vec<(u64, LogEntry)> = Vec::new();
+        for t in records::tasks(&state).into_values().filter(|t| t.task.service_id == svc.id) {
+            let Some(node) = t
+                .task
+                .node_id
+                .as_ref()
+                .and_then(|n| state.nodes.values().find(|x| x.id.to_string() == *n))
+            else {
+                continue;
+            };
+            let since = req.cursors.get(&t.task.id).copied().unwrap_or(0);
+            let ask = shoal_cluster::NodeRequest::TaskLogs { task: t.task.id.clone(), since };
+            let v = match c.ask_node(node.addr, ask).await {
+                Ok(v) => v,
+                Err(shoal_cluster::Error::BadRequest(_)) => continue, // no longer on that node
+                Err(_) => {
+                    if !out.unreachable.contains(&node.hostname) {
+                        out.unreachable.push(node.hostname.clone());
+                    }
+                    continue;
+                }
+            };
+            let source = format!(
+                "{}.{}@{}",
+                t.display_name(Some(&svc)),
+                &t.task.id[..t.task.id.len().min(12)],
+                node.hostname
+            );
+            let lines: Vec<shoal_runtime::LogLine> =
+                serde_json::from_value(v["lines"].clone()).unwrap_or_default();
+            for l in lines {
+                let time_ms = l
+                    .time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default();
+                let stream = serde_json::to_value(l.stream)
+                    .ok()
+                    .and_then(|s| s.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                per_time.push((
+                    time_ms,
+                    LogEntry { source: source.clone(), stream, time_ms, line: l.line },
+                ));
+            }
+            out.cursors.insert(t.task.id.clone(), v["next"].as_u64().unwrap_or(since));
+        }
+        per_time.sort_by_key(|(t, _)| *t);
+        out.entries = per_time.into_iter().map(|(_, e)| e).collect();
+        Ok(axum::Json(out).into_response())
+    };
+    run.await.unwrap_or_else(|r| r)
 }
 
 async fn service_update(

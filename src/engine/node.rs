@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use shoal_cluster::Cluster;
 use shoal_cluster::model::{ClusterState, NetworkRecord, now_ms};
+use shoal_cluster::{Cluster, NodeRequest};
 use shoal_dns as dns;
 use shoal_gossip::{EntryKey, Gossip, MemberState};
 use shoal_ingress as ing;
@@ -150,6 +150,11 @@ impl NodeEngine {
                 gossip.update_meta(meta.clone()).await?;
             }
         }
+        let rt = runtime.clone();
+        cluster.set_node_handler(Some(Arc::new(move |req| {
+            let rt = rt.clone();
+            Box::pin(async move { answer(&rt, req) })
+        })));
         let inner = Arc::new(Inner {
             me,
             cluster,
@@ -241,6 +246,7 @@ impl NodeEngine {
     /// Stops every task, withdraws our gossip entries and takes the data path down.
     pub async fn shutdown(self) {
         let inner = &self.inner;
+        inner.cluster.set_node_handler(None);
         let published: Vec<EntryKey> = lock(&inner.local).published.keys().cloned().collect();
         for k in published {
             let _ = inner.gossip.delete(k).await;
@@ -257,6 +263,20 @@ impl NodeEngine {
             && let Err(e) = inner.overlay.shutdown().await
         {
             tracing::warn!(error = %e, "taking the overlay down");
+        }
+    }
+}
+
+/// What this node tells a manager that asks it directly.
+fn answer(rt: &Runtime, req: NodeRequest) -> Result<serde_json::Value, String> {
+    match req {
+        NodeRequest::TaskLogs { task, since } => {
+            let logs = rt.logs(&task).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({
+                "lines": logs.since(since),
+                "next": logs.next_seq(),
+                "closed": logs.is_closed(),
+            }))
         }
     }
 }
