@@ -232,6 +232,46 @@ fn the_tutorial_runs_end_to_end() {
     let peers = inspect["local"]["encrypted_peers"].as_array().expect("peers");
     assert!(peers.iter().any(|p| p["established"] == true), "{inspect}");
 
+    // What an operator sees: /metrics of node1 has the WireGuard peers, the mesh's backends,
+    // the tasks and the DNS answers; the visualizer on the manager shows a task on every node.
+    let sock = format!("/run/shoal/lab/{}/node1.sock", lab.name);
+    let metrics = lossy(
+        &Command::new("curl")
+            .args(["-s", "--unix-socket", &sock, "http://agent/metrics"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(value("shoal_overlay_peer_established{") >= 1.0, "{metrics}");
+    assert!(
+        value("shoal_mesh_backend_connections_total{service=\"myhelloworld\"") >= 1.0,
+        "{metrics}"
+    );
+    assert!(value("shoal_tasks{state=\"running\"}") >= 1.0, "{metrics}");
+    assert!(metrics.contains("shoal_dns_"), "{metrics}");
+    let ui = format!("http://{}:8089/view", lab.addr(1));
+    // The page refreshes its view once a second.
+    let view = eventually("3 replicas and myredis in the view", Duration::from_secs(20), || {
+        let out = Command::new("curl").args(["-s", "-m", "5", &ui]).output().unwrap();
+        let view: serde_json::Value = serde_json::from_str(&lossy(&out.stdout)).ok()?;
+        let cards = view["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n["tasks"].as_array())
+            .flatten()
+            .filter(|t| t["state"] == "running")
+            .count();
+        (cards == 4).then_some(view)
+    });
+    assert_eq!(view["services"][0]["published"][0], "8100:8100/tcp", "{view}");
+
     // Scale to 5: spread 2/2/1.
     lab.on("node1", &["service", "scale", "myhelloworld=5"]);
     let mut spread: Vec<usize> = running_per_node(&lab, "myhelloworld").into_values().collect();

@@ -112,7 +112,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let cluster =
         Arc::new(arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.cluster.clone()))));
     metrics.registry_mut().register_collector(Box::new(observe::RaftCollector(cluster.clone())));
-    let engine = arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.engine.clone())));
+    let engine =
+        Arc::new(arc_swap::ArcSwapOption::new(swarm.as_ref().map(|s| Arc::new(s.engine.clone()))));
+    metrics.registry_mut().register_collector(Box::new(observe::EngineCollector(engine.clone())));
+    crate::engine::node::dns_metrics().register(metrics.registry_mut());
     let state = Arc::new(ApiState {
         engine,
         metrics,
@@ -147,7 +150,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "shoal agent started"
     );
     if let Some(addr) = state.config.ui_addr {
-        tokio::spawn(observe::serve_ui_on_managers(addr, cluster.clone(), stop_rx.clone()));
+        tokio::spawn(observe::serve_ui_on_managers(
+            addr,
+            cluster.clone(),
+            state.engine.clone(),
+            stop_rx.clone(),
+        ));
     }
     let mut rx = stop_rx.clone();
     let server =

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use shoal_cluster::Cluster;
 use tokio::sync::watch;
 
-use crate::ui::{ClusterView, NodeView};
+use crate::ui::{ClusterView, MeshView, NodeView, ServiceView, TaskView};
 
 /// Raft figures of this manager, read at scrape time (nothing on workers or outside a swarm).
 #[derive(Debug)]
@@ -54,10 +54,17 @@ impl Collector for RaftCollector {
     }
 }
 
-/// The visualizer's view from a manager's store: one column per node. (Tasks and services join
-/// it when the control plane schedules them.)
-pub async fn cluster_view(c: &Cluster) -> Option<ClusterView> {
+/// The visualizer's view from a manager's store: one column per node with its current tasks,
+/// and one row per service with this manager's routing-mesh figures for it.
+pub async fn cluster_view(
+    c: &Cluster,
+    engine: Option<&crate::engine::NodeEngine>,
+) -> Option<ClusterView> {
+    use crate::engine::records;
     let nodes = c.nodes().await.ok()?;
+    let state = c.store().await.ok()?;
+    let services = records::services(&state);
+    let net_name = |id: &str| state.networks.get(id).map_or(id.to_owned(), |n| n.name.clone());
     let mut view = ClusterView {
         nodes: nodes
             .into_iter()
@@ -74,18 +81,119 @@ pub async fn cluster_view(c: &Cluster) -> Option<ClusterView> {
             .collect(),
         services: Vec::new(),
     };
+    let tasks = records::tasks(&state);
+    for t in tasks.values() {
+        // Current tasks only: wanted running, or still stopping.
+        let current =
+            t.task.desired == shoal_scheduler::DesiredState::Running || !t.task.state.is_terminal();
+        let Some(node) = t.task.node_id.as_ref() else { continue };
+        let Some(col) = view.nodes.iter_mut().find(|n| n.id == *node) else { continue };
+        if !current {
+            continue;
+        }
+        let svc = services.get(&t.task.service_id);
+        col.tasks.push(TaskView {
+            name: t.display_name(svc),
+            service: svc.map_or_else(String::new, |s| s.name.clone()),
+            slot: t.task.slot,
+            state: t.task.state.as_str().to_owned(),
+            health: None,
+            ips: t.addresses.iter().map(|(n, ip)| format!("{}={ip}", net_name(n))).collect(),
+        });
+    }
+    for n in &mut view.nodes {
+        n.tasks.sort_by(|a, b| (&a.service, a.slot, &a.name).cmp(&(&b.service, b.slot, &b.name)));
+    }
+    let mesh = engine.map(|e| e.mesh().metrics()).unwrap_or_default();
+    for svc in services.values() {
+        let running = tasks
+            .values()
+            .filter(|t| {
+                t.task.service_id == svc.id
+                    && t.task.desired == shoal_scheduler::DesiredState::Running
+                    && t.task.state == shoal_scheduler::TaskState::Running
+            })
+            .count() as u64;
+        let (mode, desired) = match svc.mode {
+            shoal_scheduler::Mode::Replicated { replicas } => ("replicated", replicas),
+            shoal_scheduler::Mode::Global => ("global", running),
+        };
+        let m = mesh.iter().find(|m| m.name == svc.name).map(|m| MeshView {
+            active_connections: m.backends.iter().map(|b| b.active).sum(),
+            requests_per_second: None,
+            bytes_per_second: 0.0,
+            healthy_backends: m
+                .backends
+                .iter()
+                .filter(|b| b.health == shoal_ingress::HealthState::Up)
+                .count() as u64,
+            backends: m.backends.len() as u64,
+        });
+        view.services.push(ServiceView {
+            name: svc.name.clone(),
+            mode: mode.into(),
+            desired,
+            running,
+            published: svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let proto = match p.protocol {
+                        records::Protocol::Tcp => "tcp",
+                        records::Protocol::Udp => "udp",
+                    };
+                    format!("{}:{}/{proto}", p.published, p.target)
+                })
+                .collect(),
+            mesh: m,
+        });
+    }
     view.nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
     Some(view)
 }
 
+/// Bytes through the mesh per service at the last look, for a rate.
+type MeshBytes = std::collections::BTreeMap<String, (std::time::Instant, u64)>;
+
+fn mesh_rates(
+    view: &mut ClusterView,
+    engine: Option<&crate::engine::NodeEngine>,
+    last: &mut MeshBytes,
+) {
+    let Some(e) = engine else { return };
+    let now = std::time::Instant::now();
+    for m in e.mesh().metrics() {
+        let total: u64 = m.backends.iter().map(|b| b.bytes_in + b.bytes_out).sum();
+        if let Some((t, before)) = last.insert(m.name.clone(), (now, total)) {
+            let secs = now.duration_since(t).as_secs_f64();
+            if let Some(mv) =
+                view.services.iter_mut().find(|s| s.name == m.name).and_then(|s| s.mesh.as_mut())
+                && secs > 0.0
+            {
+                mv.bytes_per_second = total.saturating_sub(before) as f64 / secs;
+            }
+        }
+    }
+}
+
 /// Keeps `tx` up to date with the cluster, once a second; an empty view outside a swarm or on a
 /// worker (whose store is not the cluster's).
-pub async fn follow_cluster(cluster: Arc<ArcSwapOption<Cluster>>, tx: watch::Sender<ClusterView>) {
+pub async fn follow_cluster(
+    cluster: Arc<ArcSwapOption<Cluster>>,
+    engine: Arc<ArcSwapOption<crate::engine::NodeEngine>>,
+    tx: watch::Sender<ClusterView>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut bytes = MeshBytes::new();
     loop {
         tick.tick().await;
+        let engine = engine.load_full();
         let view = match cluster.load_full() {
-            Some(c) => cluster_view(&c).await.unwrap_or_default(),
+            Some(c) => {
+                let mut v = cluster_view(&c, engine.as_deref()).await.unwrap_or_default();
+                mesh_rates(&mut v, engine.as_deref(), &mut bytes);
+                v
+            }
             None => ClusterView::default(),
         };
         tx.send_if_modified(|v| {
@@ -107,10 +215,11 @@ pub async fn follow_cluster(cluster: Arc<ArcSwapOption<Cluster>>, tx: watch::Sen
 pub async fn serve_ui_on_managers(
     addr: std::net::SocketAddr,
     cluster: Arc<ArcSwapOption<Cluster>>,
+    engine: Arc<ArcSwapOption<crate::engine::NodeEngine>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, rx) = watch::channel(ClusterView::default());
-    tokio::spawn(follow_cluster(cluster.clone(), tx));
+    tokio::spawn(follow_cluster(cluster.clone(), engine, tx));
     let mut serving: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -154,5 +263,125 @@ async fn stop_serving(off: watch::Sender<bool>, mut task: tokio::task::JoinHandl
     let _ = off.send(true);
     if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
         task.abort();
+    }
+}
+
+/// The node's data path and tasks, read at scrape time: tasks by state, WireGuard peers of the
+/// encrypted overlays, the routing mesh's backends (nothing outside a swarm). Service DNS has
+/// its own families, registered once at start ([`crate::engine::node::dns_metrics`]).
+#[derive(Debug)]
+pub struct EngineCollector(pub Arc<ArcSwapOption<crate::engine::NodeEngine>>);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> std::fmt::Result {
+    let mut rows = rows.into_iter().peekable();
+    let Some((_, first)) = rows.peek() else { return Ok(()) };
+    let mut me = e.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, m) in rows {
+        m.encode(me.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use prometheus_client::metrics::counter::ConstCounter;
+        let Some(engine) = self.0.load_full() else { return Ok(()) };
+        let mut by_state = std::collections::BTreeMap::<&'static str, i64>::new();
+        for t in engine.runtime().list() {
+            *by_state.entry(t.state.as_str()).or_default() += 1;
+        }
+        family(
+            &mut e,
+            "tasks",
+            "Tasks this node's runtime holds, by state",
+            by_state.into_iter().map(|(s, n)| (vec![("state", s.to_owned())], ConstGauge::new(n))),
+        )?;
+        let peers = engine.overlay().peer_stats();
+        let peer = |p: &shoal_vxlan::PeerStats| vec![("peer", p.node.clone())];
+        family(
+            &mut e,
+            "overlay_peer_established",
+            "1 while a WireGuard session with the peer is up",
+            peers.iter().map(|p| (peer(p), ConstGauge::new(i64::from(p.established)))),
+        )?;
+        family(
+            &mut e,
+            "overlay_peer_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake with the peer",
+            peers
+                .iter()
+                .filter_map(|p| p.handshake_age_secs.map(|a| (peer(p), ConstGauge::new(a)))),
+        )?;
+        for (name, help, get) in [
+            (
+                "overlay_peer_tx_bytes",
+                "Plaintext bytes encrypted to the peer",
+                (|p| p.tx_bytes) as fn(&shoal_vxlan::PeerStats) -> u64,
+            ),
+            ("overlay_peer_rx_bytes", "Plaintext bytes received from the peer", |p| p.rx_bytes),
+            ("overlay_peer_tx_packets", "Packets encrypted to the peer", |p| p.tx_packets),
+            ("overlay_peer_rx_packets", "Packets received from the peer", |p| p.rx_packets),
+        ] {
+            family(&mut e, name, help, peers.iter().map(|p| (peer(p), ConstCounter::new(get(p)))))?;
+        }
+        let mesh = engine.mesh().metrics();
+        let backend = |s: &shoal_ingress::ServiceMetrics, b: &shoal_ingress::BackendMetrics| {
+            vec![
+                ("service", s.name.clone()),
+                ("backend", b.id.clone()),
+                ("addr", b.addr.to_string()),
+            ]
+        };
+        let rows = |get: fn(&shoal_ingress::BackendMetrics) -> u64| {
+            mesh.iter()
+                .flat_map(move |s| s.backends.iter().map(move |b| (backend(s, b), get(b))))
+                .collect::<Vec<_>>()
+        };
+        family(
+            &mut e,
+            "mesh_backend_active",
+            "Open connections through the routing mesh to the backend",
+            rows(|b| b.active).into_iter().map(|(l, v)| (l, ConstGauge::new(v as i64))),
+        )?;
+        family(
+            &mut e,
+            "mesh_backend_up",
+            "1 while the mesh's health checks pass for the backend",
+            rows(|b| u64::from(b.health == shoal_ingress::HealthState::Up))
+                .into_iter()
+                .map(|(l, v)| (l, ConstGauge::new(v as i64))),
+        )?;
+        for (name, help, get) in [
+            (
+                "mesh_backend_connections",
+                "Connections forwarded to the backend",
+                (|b| b.total) as fn(&shoal_ingress::BackendMetrics) -> u64,
+            ),
+            ("mesh_backend_bytes_in", "Bytes from clients to the backend", |b| b.bytes_in),
+            ("mesh_backend_bytes_out", "Bytes from the backend to clients", |b| b.bytes_out),
+            ("mesh_backend_errors", "Failed connects to the backend", |b| b.errors),
+        ] {
+            family(
+                &mut e,
+                name,
+                help,
+                rows(get).into_iter().map(|(l, v)| (l, ConstCounter::new(v))),
+            )?;
+        }
+        family(
+            &mut e,
+            "mesh_no_backend",
+            "Connections refused because the service had no healthy backend",
+            mesh.iter()
+                .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.no_backend))),
+        )?;
+        Ok(())
     }
 }

@@ -125,7 +125,7 @@ pub struct ApiState {
     /// A copy of the swarm's handle for readers that must not wait on `swarm`'s lock.
     pub cluster: Arc<arc_swap::ArcSwapOption<shoal_cluster::Cluster>>,
     /// This node's tasks and data path, while in a swarm.
-    pub engine: arc_swap::ArcSwapOption<crate::engine::NodeEngine>,
+    pub engine: Arc<arc_swap::ArcSwapOption<crate::engine::NodeEngine>>,
 }
 
 /// The full API router.

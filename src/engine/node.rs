@@ -138,7 +138,7 @@ impl NodeEngine {
             NetNs::delete(&sandbox_name)?;
         }
         let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
-        let dns = dns::DnsService::start(dns::DnsConfig::default(), dns::Metrics::new())?;
+        let dns = dns::DnsService::start(dns::DnsConfig::default(), dns_metrics().clone())?;
         let mesh = ing::Mesh::new(ing::MeshConfig {
             ingress_ns: Some(sandbox.clone()),
             ..ing::MeshConfig::default()
@@ -233,6 +233,11 @@ impl NodeEngine {
         &self.inner.runtime
     }
 
+    /// The local routing mesh (metrics, the visualizer).
+    pub fn mesh(&self) -> &ing::Mesh {
+        &self.inner.mesh
+    }
+
     /// The local overlay (network inspect).
     pub fn overlay(&self) -> &Overlay {
         &self.inner.overlay
@@ -265,6 +270,13 @@ impl NodeEngine {
             tracing::warn!(error = %e, "taking the overlay down");
         }
     }
+}
+
+/// The service DNS counters of this agent: one set for its life, so they survive leaving and
+/// joining swarms; registered on `/metrics` at start.
+pub fn dns_metrics() -> &'static dns::Metrics {
+    static METRICS: std::sync::OnceLock<dns::Metrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(dns::Metrics::new)
 }
 
 /// What this node tells a manager that asks it directly.
