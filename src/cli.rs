@@ -225,6 +225,10 @@ enum LabCmd {
         /// encrypted `my-overlay` and `myredis` on the last node; prints the curl lines to try.
         #[arg(long, conflicts_with = "gossip")]
         demo: bool,
+        /// The agents' upstream resolvers for names outside the cluster (a resolv.conf file)
+        /// [default: this host's /etc/resolv.conf].
+        #[arg(long)]
+        dns_resolv_conf: Option<PathBuf>,
     },
     /// Stop the agents and remove everything the lab made.
     Down,
@@ -445,10 +449,14 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet, gossip, demo } => {
+        LabCmd::Up { nodes, subnet, gossip, demo, dns_resolv_conf } => {
             let subnet = lab::parse_subnet(subnet)?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
-            let s = lab::up(name, *nodes, subnet, *gossip, &exe).await?;
+            let resolv = match dns_resolv_conf {
+                Some(p) => Some(std::path::absolute(p)?),
+                None => None,
+            };
+            let s = lab::up(name, *nodes, subnet, *gossip, resolv, &exe).await?;
             println!(
                 "lab {} is up: {} nodes on {} (bridge {}, this host is {})",
                 s.name,

@@ -79,6 +79,9 @@ pub struct AgentConfig {
     /// Prefix of the network namespaces this node makes (tasks `PREFIX-t-…`, overlay sandboxes
     /// `PREFIX-ov-…`, the ingress sandbox `PREFIX-ingress`).
     pub netns_prefix: String,
+    /// Where the tasks' resolver reads the upstream servers for names that are not the
+    /// cluster's (re-read when it changes).
+    pub dns_resolv_conf: PathBuf,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -101,6 +104,7 @@ pub struct FileConfig {
     pub cluster_tuning: Option<ClusterTuning>,
     pub ui_addr: Option<String>,
     pub netns_prefix: Option<String>,
+    pub dns_resolv_conf: Option<PathBuf>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -160,6 +164,9 @@ pub struct AgentArgs {
     /// Prefix of the network namespaces this node makes [default: shoal].
     #[arg(long, env = "SHOAL_NETNS_PREFIX")]
     pub netns_prefix: Option<String>,
+    /// Upstream resolvers of the tasks' DNS, for names outside the cluster [default: /etc/resolv.conf].
+    #[arg(long, env = "SHOAL_DNS_RESOLV_CONF")]
+    pub dns_resolv_conf: Option<PathBuf>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -247,6 +254,11 @@ impl AgentConfig {
                 .clone()
                 .or(file.netns_prefix)
                 .unwrap_or_else(|| "shoal".into()),
+            dns_resolv_conf: args
+                .dns_resolv_conf
+                .clone()
+                .or(file.dns_resolv_conf)
+                .unwrap_or_else(|| "/etc/resolv.conf".into()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -290,6 +302,9 @@ impl AgentConfig {
                 "netns_prefix",
                 format!("{p:?}: use 1-24 of [A-Za-z0-9_-], no trailing '-', no \"-t-\""),
             ));
+        }
+        if !self.dns_resolv_conf.is_absolute() {
+            return Err(field("dns_resolv_conf", "must be an absolute path"));
         }
         let a = self.advertise_addr;
         if a.is_unspecified() || a.is_loopback() || a.is_multicast() {

@@ -627,9 +627,15 @@ fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
         .count() as u64;
     let desired = match svc.mode {
         sched::Mode::Replicated { replicas } => replicas,
-        sched::Mode::Global => tasks
-            .values()
-            .filter(|t| t.task.service_id == svc.id && t.task.desired == DesiredState::Running)
+        // One per node that may run it: Ready, not draining, meeting the constraints.
+        sched::Mode::Global => records::sched_state(state)
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.status == sched::NodeStatus::Ready
+                    && n.availability != sched::Availability::Drain
+                    && svc.constraints.iter().all(|c| c.matches(n))
+            })
             .count() as u64,
     };
     let name_of = |id: &str| state.networks.get(id).map_or(id.to_owned(), |n| n.name.clone());

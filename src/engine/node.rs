@@ -138,7 +138,9 @@ impl NodeEngine {
             NetNs::delete(&sandbox_name)?;
         }
         let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
-        let dns = dns::DnsService::start(dns::DnsConfig::default(), dns_metrics().clone())?;
+        let mut dcfg = dns::DnsConfig::default();
+        dcfg.forward.resolv_conf = cfg.dns_resolv_conf.clone();
+        let dns = dns::DnsService::start(dcfg, dns_metrics().clone())?;
         let mesh = ing::Mesh::new(ing::MeshConfig {
             ingress_ns: Some(sandbox.clone()),
             ..ing::MeshConfig::default()

@@ -51,6 +51,9 @@ pub struct LabState {
     /// Agents run standalone gossip from a shared key instead of waiting for a swarm.
     #[serde(default)]
     pub standalone_gossip: bool,
+    /// The agents' `--dns-resolv-conf` (upstreams of the tasks' DNS), when set.
+    #[serde(default)]
+    pub dns_resolv_conf: Option<PathBuf>,
 }
 
 /// One host of the lab.
@@ -132,6 +135,7 @@ impl LabState {
             host_addr: Ipv4Addr::from(base + u32::from(HOST_OCTET)),
             nodes,
             standalone_gossip: false,
+            dns_resolv_conf: None,
         })
     }
 
@@ -179,10 +183,12 @@ pub async fn up(
     nodes: u8,
     subnet: Ipv4Net,
     gossip: bool,
+    dns_resolv_conf: Option<PathBuf>,
     agent_exe: &Path,
 ) -> anyhow::Result<LabState> {
     let mut state = LabState::plan(name, nodes, subnet)?;
     state.standalone_gossip = gossip;
+    state.dns_resolv_conf = dns_resolv_conf;
     if lab_dir(name).exists() || NetNs::list().iter().any(|n| is_lab_netns(name, n)) {
         bail!("lab {name:?} already exists; run `shoal lab down --lab {name}` first");
     }
@@ -272,7 +278,7 @@ async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
 
     let seed = state.standalone_gossip.then_some(state.nodes[0].addr);
     for i in 0..state.nodes.len() {
-        let pid = spawn_agent(&state.nodes[i], seed, agent_exe)?;
+        let pid = spawn_agent(&state.nodes[i], seed, state.dns_resolv_conf.as_deref(), agent_exe)?;
         state.nodes[i].pid = Some(pid);
         state.save()?;
     }
@@ -304,6 +310,7 @@ fn write_gossip_key(lab: &str) -> anyhow::Result<()> {
 fn spawn_agent(
     node: &LabNode,
     gossip_seed: Option<Ipv4Addr>,
+    dns_resolv_conf: Option<&Path>,
     agent_exe: &Path,
 ) -> anyhow::Result<u32> {
     let lab_dir = node.socket.parent().context("lab node socket has no directory")?;
@@ -333,6 +340,9 @@ fn spawn_agent(
         if k.to_str().is_some_and(|k| k.starts_with("SHOAL_") && k != "SHOAL_LOG_LEVEL") {
             cmd.env_remove(k);
         }
+    }
+    if let Some(path) = dns_resolv_conf {
+        cmd.arg("--dns-resolv-conf").arg(path);
     }
     if let Some(seed) = gossip_seed {
         cmd.arg("--gossip-key-file")
@@ -522,7 +532,12 @@ pub async fn start_node(lab: &str, node: &str, agent_exe: &Path) -> anyhow::Resu
     // Join through node1, or through node2 when node1 itself comes back.
     let seed =
         state.nodes.iter().find(|n| n.name != node).map_or(state.nodes[idx].addr, |n| n.addr);
-    let pid = spawn_agent(&state.nodes[idx], state.standalone_gossip.then_some(seed), agent_exe)?;
+    let pid = spawn_agent(
+        &state.nodes[idx],
+        state.standalone_gossip.then_some(seed),
+        state.dns_resolv_conf.as_deref(),
+        agent_exe,
+    )?;
     state.nodes[idx].pid = Some(pid);
     state.save()?;
     wait_for_agent(&state.nodes[idx], Duration::from_secs(30)).await?;

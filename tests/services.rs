@@ -1,0 +1,283 @@
+//! Services beyond the tutorial, on real agents in the lab: global mode, constraints, pending
+//! tasks, restart policy `none`, health checks gating the routing mesh, names outside the cluster
+//! forwarded to a real resolver (dnsmasq in a lab node), and a removed task leaving DNS quickly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Lab, lossy, require_root};
+
+fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Current (not history) tasks of a service: (id, node, desired, state).
+fn ps(lab: &Lab, service: &str) -> Vec<(String, String, String, String)> {
+    lab.on("node1", &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("\\_"))
+        .map(|l| {
+            let mut f: Vec<&str> = l.split_whitespace().collect();
+            // A pending task has no node: its column is blank.
+            if matches!(f[2], "Running" | "Shutdown") {
+                f.insert(2, "");
+            }
+            (f[0].to_owned(), f[2].to_owned(), f[3].to_owned(), f[4].to_owned())
+        })
+        .collect()
+}
+
+fn running_per_node(lab: &Lab, service: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, node, desired, state) in ps(lab, service) {
+        if desired == "Running" && state == "Running" {
+            *m.entry(node).or_default() += 1;
+        }
+    }
+    m
+}
+
+fn dig(netns: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name])
+        .output()
+        .expect("dig");
+    lossy(&out.stdout).trim().to_owned()
+}
+
+fn visit(lab: &Lab, node: u8, port: u16) -> String {
+    let url = format!("http://{}:{port}/visitor", lab.addr(node));
+    lossy(&Command::new("curl").args(["-s", "-m", "5", &url]).output().expect("curl").stdout)
+}
+
+/// A process killed when the test ends, however it ends.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn services_beyond_the_tutorial() {
+    if !require_root("services_beyond_the_tutorial") {
+        return;
+    }
+    for bin in ["dig", "curl", "dnsmasq"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            assert!(std::env::var_os("CI").is_none(), "{bin} is needed in CI");
+            eprintln!("*** SKIPPED services test: {bin} missing ***");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+    let lab = Lab::up_with(3, &["--dns-resolv-conf", resolv.to_str().unwrap()]);
+    let shoal = env!("CARGO_BIN_EXE_shoal");
+    lab.on("node1", &["swarm", "init"]);
+    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
+    let manager = format!("{}:2377", lab.addr(1));
+    for n in ["node2", "node3"] {
+        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
+    }
+
+    // Global: one task on every node.
+    lab.on(
+        "node1",
+        &["service", "create", "--mode", "global", "--name", "g", "--", "sleep", "100000"],
+    );
+    let g = running_per_node(&lab, "g");
+    assert_eq!(g.len(), 3, "{g:?}");
+    assert!(g.values().all(|n| *n == 1), "{g:?}");
+
+    // Constraints: only node2 qualifies; a constraint no node meets leaves the task pending.
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "c",
+            "--replicas",
+            "2",
+            "--constraint",
+            "node.hostname==node2",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    assert_eq!(running_per_node(&lab, "c"), BTreeMap::from([("node2".to_owned(), 2)]));
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "nowhere",
+            "--constraint",
+            "node.labels.zone==mars",
+            "--",
+            "sleep",
+            "1",
+        ],
+    );
+    eventually("a pending task", Duration::from_secs(20), || {
+        ps(&lab, "nowhere").iter().any(|t| t.3 == "Pending").then_some(())
+    });
+    // ... which runs once a node gets the label.
+    lab.on("node1", &["node", "update", "--label-add", "zone=mars", "node3"]);
+    eventually("the pending task placed on node3", Duration::from_secs(20), || {
+        ps(&lab, "nowhere").iter().any(|t| t.1 == "node3").then_some(())
+    });
+
+    // Restart policy none: a task that completes stays complete and is not replaced.
+    lab.on(
+        "node1",
+        &["service", "create", "-d", "--name", "once", "--restart-condition", "none", "--", "true"],
+    );
+    eventually("the task complete", Duration::from_secs(20), || {
+        ps(&lab, "once").iter().any(|t| t.3 == "Complete").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let all = lab.on("node1", &["service", "ps", "once"]);
+    assert_eq!(all.lines().count(), 2, "one task, never restarted: {all}");
+
+    // Health gating: running but not yet healthy tasks take no traffic through the mesh.
+    let ok = dir.path().join("healthy");
+    let health = format!("test -e {}", ok.display());
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "-p",
+            "8200:8200",
+            "--health-cmd",
+            &health,
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "1",
+            "--",
+            shoal,
+            "demo",
+            "visitor",
+            "--listen",
+            "0.0.0.0:8200",
+        ],
+    );
+    eventually("web's tasks running", Duration::from_secs(30), || {
+        (running_per_node(&lab, "web").values().sum::<usize>() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for n in 1..=3 {
+        let page = visit(&lab, n, 8200);
+        assert!(!page.contains("Hello World"), "node{n} sent traffic to an unhealthy task: {page}");
+    }
+    std::fs::write(&ok, "").unwrap();
+    for n in 1..=3 {
+        eventually("web healthy behind the mesh", Duration::from_secs(30), || {
+            visit(&lab, n, 8200).contains("Hello World").then_some(())
+        });
+    }
+
+    // Names outside the cluster go to the configured resolver: dnsmasq on node3.
+    let addr3 = lab.addr(3).to_string();
+    let dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-node3", lab.name),
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .args([format!("--listen-address={addr3}"), "--bind-interfaces".into(), "--port=53".into()])
+        .args(["--address=/outside.example/198.18.99.99", "--pid-file=", "--user=root"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq");
+    let _dnsmasq = Reaper(dnsmasq);
+    std::fs::write(&resolv, format!("nameserver {addr3}\n")).unwrap();
+    lab.on("node1", &["network", "create", "backend"]);
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "d",
+            "--network",
+            "backend",
+            "--constraint",
+            "node.hostname==node1",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    let (id, _, _, _) = ps(&lab, "d").into_iter().next().unwrap();
+    let d_ns = format!("{}-node1-t-{}", lab.name, &id[..12]);
+    eventually("outside.example forwarded to dnsmasq", Duration::from_secs(30), || {
+        (dig(&d_ns, "outside.example") == "198.18.99.99").then_some(())
+    });
+
+    // A removed task leaves the answers at once (gossip carries the withdrawal).
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "d2",
+            "--replicas",
+            "3",
+            "--network",
+            "backend",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    eventually("three tasks.d2", Duration::from_secs(20), || {
+        (dig(&d_ns, "tasks.d2").lines().count() == 3).then_some(())
+    });
+    let t0 = Instant::now();
+    lab.on("node1", &["service", "scale", "-d", "d2=2"]);
+    eventually("two tasks.d2", Duration::from_secs(10), || {
+        (dig(&d_ns, "tasks.d2").lines().count() == 2).then_some(())
+    });
+    let took = t0.elapsed();
+    eprintln!("a removed task left the DNS answers in {took:?}");
+    assert!(took < Duration::from_secs(2), "a removed task stayed in DNS for {took:?}");
+}
