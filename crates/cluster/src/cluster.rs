@@ -331,6 +331,7 @@ fn unexpected(r: &Response) -> Error {
             Response::Token(_) => "Token",
             Response::Done { .. } => "Done",
             Response::State(_) => "State",
+            Response::StateAt { .. } => "StateAt",
             Response::Raft(_) => "Raft",
             Response::Value(_) => "Value",
             Response::Error(_) => "Error",
@@ -720,6 +721,15 @@ impl Cluster {
         }
     }
 
+    /// The store once the leader has applied more than `index`, with the index it reflects: a
+    /// long poll (it may also come back unchanged after a while).
+    pub async fn task_state_after(&self, index: u64) -> Result<(u64, ClusterState), Error> {
+        match self.inner.request(Request::Tasks(TaskRequest::StateAfter { index })).await? {
+            Response::StateAt { index, state } => Ok((index, *state)),
+            r => Err(unexpected(&r)),
+        }
+    }
+
     /// Reports the observed state of tasks this node hosts; each is one store write, and a
     /// refused one (a task reassigned meanwhile) does not stop the others.
     pub async fn report_tasks(
@@ -779,6 +789,27 @@ impl Cluster {
             data_addr: local.data_addr,
             data_path_port: local.data_path_port,
         }
+    }
+
+    /// Waits (at most `timeout`) until this manager's store has applied past log index `after`;
+    /// returns the applied index then. On a worker it just waits and returns `after`.
+    pub async fn applied_after(&self, after: u64, timeout: Duration) -> u64 {
+        let Some(m) = self.inner.manager() else {
+            tokio::time::sleep(timeout).await;
+            return after;
+        };
+        let mut metrics = m.raft.metrics();
+        let applied =
+            |m: &openraft::RaftMetrics<u64, BasicNode>| m.last_applied.map_or(0, |l| l.index);
+        let _ = tokio::time::timeout(timeout, async {
+            while applied(&metrics.borrow_and_update()) <= after {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        applied(&metrics.borrow())
     }
 
     /// Raft's view on this node (`None` on a worker): for metrics and tests.
@@ -1165,6 +1196,25 @@ impl Inner {
     ) -> Result<Response, Error> {
         match req {
             TaskRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            TaskRequest::StateAfter { index } => {
+                // Half the RPC timeout, so the answer always beats the caller's deadline.
+                let wait = self.tuning.rpc_timeout / 2;
+                let mut metrics = m.raft.metrics();
+                let applied = |m: &openraft::RaftMetrics<u64, BasicNode>| {
+                    m.last_applied.map_or(0, |l| l.index)
+                };
+                let _ = tokio::time::timeout(wait, async {
+                    while applied(&metrics.borrow_and_update()) <= index {
+                        if metrics.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                })
+                .await;
+                // The state after the index read, so it is at least as new as the index says.
+                let index = applied(&metrics.borrow());
+                Ok(Response::StateAt { index, state: Box::new(scrubbed(m.sm.state())) })
+            }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
                 for (key, fields) in reports {

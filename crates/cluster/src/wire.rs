@@ -230,6 +230,12 @@ pub enum ManageRequest {
 pub enum TaskRequest {
     /// The store, secrets blanked.
     State,
+    /// The store once it has applied more than `index` (a long poll: answered at once if it
+    /// already has, else as soon as it does or after a while with what it has).
+    StateAfter {
+        /// The applied log index the caller has seen.
+        index: u64,
+    },
     /// Observed state of tasks the caller hosts (see [`crate::model::tasks::REPORTED`]).
     Report(Vec<(String, serde_json::Map<String, serde_json::Value>)>),
     /// Create, replace (`Some`) or remove (`None`) a standalone task on the caller.
@@ -379,6 +385,13 @@ pub enum Response {
     },
     /// To `State`.
     State(Box<crate::model::ClusterState>),
+    /// To `StateAfter`: the store and the log index it reflects.
+    StateAt {
+        /// Last applied log index.
+        index: u64,
+        /// The store, secrets blanked.
+        state: Box<crate::model::ClusterState>,
+    },
     /// Raft.
     Raft(RaftResponse),
     /// To `Node`: whatever the node's handler answered.
