@@ -23,19 +23,19 @@ pub fn new_id() -> String {
     s
 }
 
-/// Runs passes while this node leads: on every store change it hears of, when a restart delay
-/// ends, and once a second regardless.
+/// Runs passes while this node leads: on every store change, when a restart delay ends, and once
+/// a second regardless.
 pub async fn run(cluster: Cluster, wake: std::sync::Arc<tokio::sync::Notify>) {
-    let mut events = cluster.events();
     let mut wake_at: Option<u64> = None;
+    let mut seen = 0;
     loop {
         let until = wake_at
             .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
             .unwrap_or(Duration::from_secs(1))
             .min(Duration::from_secs(1));
+        // Any store change (a service created, a task reported, a node down) wakes the pass.
         tokio::select! {
-            _ = tokio::time::sleep(until) => {}
-            _ = events.recv() => {}
+            index = cluster.applied_after(seen, until) => seen = index,
             _ = wake.notified() => {}
         }
         let info = cluster.info();

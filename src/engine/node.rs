@@ -179,9 +179,12 @@ impl NodeEngine {
         let mut out = Vec::new();
         let inner = self.inner.clone();
         out.push(tokio::spawn(async move {
+            // A long poll: the leader answers as soon as the store moves past what we saw.
+            let mut seen = 0;
             loop {
-                match inner.cluster.task_state().await {
-                    Ok(s) => {
+                match inner.cluster.task_state_after(seen).await {
+                    Ok((index, s)) => {
+                        seen = index;
                         let changed = inner.store.send_if_modified(|old| {
                             if old.as_deref() == Some(&s) {
                                 false
@@ -194,9 +197,11 @@ impl NodeEngine {
                             inner.kick.notify_one();
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "reading tasks from the managers"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading tasks from the managers");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }));
         let inner = self.inner.clone();
