@@ -405,7 +405,7 @@ pub enum Command {
 /// What nodes may say about the tasks they host.
 pub mod tasks {
     /// Fields a [`super::Command::ReportTask`] may set: the observed state, never the desired one.
-    pub const REPORTED: &[&str] = &["state", "state_since_ms", "message", "exit_code", "healthy"];
+    pub const REPORTED: &[&str] = &["state", "state_since_ms", "message", "exit_code", "health"];
 }
 
 /// What the state machine answers for one command.
