@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -148,6 +150,27 @@ impl Browser {
         }
     }
 
+    /// A PNG of the page as it is now.
+    fn screenshot(&mut self) -> Vec<u8> {
+        use base64::Engine as _;
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = serde_json::json!({"id": id, "method": "Page.captureScreenshot",
+            "params": {"format": "png"}});
+        self.ws.send(tungstenite::Message::text(msg.to_string())).unwrap();
+        loop {
+            let reply = self.ws.read().unwrap();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(reply.to_text().unwrap_or(""))
+            else {
+                continue;
+            };
+            if v["id"] == id {
+                let data = v["result"]["data"].as_str().unwrap_or_default();
+                return base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default();
+            }
+        }
+    }
+
     /// The page's DOM once `ready` (a JS boolean expression) holds, or whatever it is after 30 s.
     fn dom_when(&mut self, ready: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -250,4 +273,65 @@ async fn chromium_renders_filters_and_follows_live_changes() {
     .await
     .unwrap();
     assert!(after.contains("data-task=\"moved\""), "live update not rendered:\n{after}");
+}
+
+/// The visualizer of a real 3-node lab running the demo: a column per node, a card per task, and
+/// after `node update --availability drain node1` the cards leave node1's column while the page
+/// stays open. A screenshot of the drained cluster is kept in target/test-artifacts/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_follows_a_drain_in_a_real_cluster() {
+    if !common::require_root("chromium_follows_a_drain_in_a_real_cluster") {
+        return;
+    }
+    if Command::new("chromium").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "chromium is required under CI");
+        eprintln!("*** SKIPPED chromium lab test: chromium not installed ***");
+        return;
+    }
+    let lab = tokio::task::spawn_blocking(|| common::Lab::up_with(3, &["--demo"])).await.unwrap();
+    let url = format!("http://{}:8089/", lab.addr(1));
+    let cards = |node: u8| {
+        format!("document.querySelectorAll('[data-node=\"node{node}\"] [data-task]').length")
+    };
+    let (mut browser, dom) = tokio::task::spawn_blocking({
+        let ready = format!(
+            "document.querySelectorAll('[data-node]').length === 3 && {} === 1 && {} === 1 && {} === 2",
+            cards(1),
+            cards(2),
+            cards(3)
+        );
+        move || {
+            let mut b = Browser::open(&url);
+            let dom = b.dom_when(&ready);
+            (b, dom)
+        }
+    })
+    .await
+    .unwrap();
+    for i in 1..=3 {
+        assert!(dom.contains(&format!("data-node=\"node{i}\"")), "node{i} column missing:\n{dom}");
+    }
+    assert_eq!(dom.matches("data-task=").count(), 4, "3 replicas and myredis:\n{dom}");
+
+    let out = lab.shoal(&["--node", "node1", "node", "update", "--availability", "drain", "node1"]);
+    assert!(out.status.success(), "{out:?}");
+    let ready = format!(
+        "{} === 0 && document.querySelectorAll('[data-service=\"myhelloworld\"][data-task]').length === 3",
+        cards(1)
+    );
+    let (after, png) = tokio::task::spawn_blocking(move || {
+        let dom = browser.dom_when(&ready);
+        (dom, browser.screenshot())
+    })
+    .await
+    .unwrap();
+    let node1 = after.split("data-node=\"node1\"").nth(1).unwrap_or("");
+    let node1 = node1.split("data-node=").next().unwrap_or("");
+    assert!(!node1.contains("data-task="), "node1 still shows tasks after the drain:\n{after}");
+    assert!(after.contains("Drain"), "{after}");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("visualizer-drain.png"), &png).unwrap();
+    drop(lab);
 }

@@ -94,10 +94,11 @@ pub async fn cluster_view(
         let svc = services.get(&t.task.service_id);
         col.tasks.push(TaskView {
             name: t.display_name(svc),
-            service: svc.map_or_else(String::new, |s| s.name.clone()),
+            // A standalone task is coloured and filtered by its own name.
+            service: svc.map_or_else(|| t.display_name(None), |s| s.name.clone()),
             slot: t.task.slot,
             state: t.task.state.as_str().to_owned(),
-            health: None,
+            health: t.health.clone(),
             ips: t.addresses.iter().map(|(n, ip)| format!("{}={ip}", net_name(n))).collect(),
         });
     }

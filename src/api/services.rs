@@ -944,6 +944,7 @@ async fn container_run(
             networks: vec![net.id.clone()],
             message: String::new(),
             exit_code: None,
+            health: None,
             standalone: Some(Standalone {
                 name: req.name.clone(),
                 argv: req.argv.clone(),

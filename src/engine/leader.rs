@@ -166,6 +166,7 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
                         String::new()
                     },
                     exit_code: None,
+                    health: None,
                     standalone: None,
                 };
                 writes.push(put(tables::TASKS, &id, records::to_value(&rec)));
@@ -367,6 +368,7 @@ mod tests {
             networks: vec!["ing".into()],
             message: String::new(),
             exit_code: None,
+            health: None,
             standalone: None,
         };
         let t = s.entries.entry(tables::TASKS.into()).or_default();

@@ -391,27 +391,32 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     // Reports: what the runtime says, where the store says otherwise.
     let mut reports = Vec::new();
     for (id, t) in &mine {
-        let (observed, message, exit) = match statuses.get(*id) {
+        let (observed, message, exit, health) = match statuses.get(*id) {
             Some(s) => (
                 runtime_state(s.state),
                 s.error.clone().or_else(|| lock(&inner.local).errors.get(*id).cloned()),
                 s.exit_code,
+                s.health.map(|h| h.as_str().to_owned()),
             ),
             None => match lock(&inner.local).errors.get(*id) {
-                Some(e) => (TaskState::Failed, Some(e.clone()), None),
+                Some(e) => (TaskState::Failed, Some(e.clone()), None, None),
                 None => continue,
             },
         };
         // A task the store already calls finished is never reported alive again.
         let regress = t.task.state.is_terminal() && !observed.is_terminal();
-        if observed != t.task.state && !regress {
+        let state_changed = observed != t.task.state && !regress;
+        if state_changed || (health != t.health && !regress) {
             let mut f = serde_json::Map::new();
             f.insert("state".into(), records::to_value(&observed));
-            f.insert("state_since_ms".into(), now_ms().into());
+            if state_changed {
+                f.insert("state_since_ms".into(), now_ms().into());
+            }
             f.insert("exit_code".into(), records::to_value(&exit));
+            f.insert("health".into(), records::to_value(&health));
             if let Some(m) = message {
                 f.insert("message".into(), m.into());
-            } else if observed == TaskState::Running {
+            } else if observed == TaskState::Running && state_changed {
                 f.insert("message".into(), "started".into());
             }
             reports.push(((*id).clone(), f));

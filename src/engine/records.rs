@@ -136,6 +136,9 @@ pub struct TaskRecord {
     pub message: String,
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// `starting`, `healthy` or `unhealthy` when the task has a health check.
+    #[serde(default)]
+    pub health: Option<String>,
     /// Standalone tasks: name and command (service tasks take theirs from the service).
     #[serde(default)]
     pub standalone: Option<Standalone>,

@@ -53,7 +53,7 @@ function render() {
       const health = t.health ? ` · ${t.health}` : "";
       tasks.append(
         el("div", { class: `task ${t.state} ${t.health || ""}`, style: `background: hsl(${hue(t.service)} 55% 42%)`, service: t.service, task: t.name },
-          el("div", { class: "svc" }, `${t.service}.${t.slot}`),
+          el("div", { class: "svc" }, t.name),
           el("div", {}, `${t.state}${health}`),
           el("div", {}, t.ips.join(", "))));
     }
