@@ -169,6 +169,8 @@ pub struct RaftStatus {
     pub voters: Vec<NodeId>,
     /// Last applied log index.
     pub last_applied: Option<u64>,
+    /// Last log index appended on this manager (applied lags it while entries commit).
+    pub last_log: Option<u64>,
     /// Last snapshot's log index.
     pub snapshot: Option<u64>,
     /// Last purged log index (compaction).
@@ -821,6 +823,7 @@ impl Cluster {
             term: metrics.current_term,
             voters: metrics.membership_config.membership().voter_ids().map(NodeId).collect(),
             last_applied: metrics.last_applied.map(|l| l.index),
+            last_log: metrics.last_log_index,
             snapshot: metrics.snapshot.map(|l| l.index),
             purged: metrics.purged.map(|l| l.index),
         })

@@ -257,6 +257,9 @@ pub enum NodeRequest {
         /// First position wanted (0: from the start of what is kept).
         since: u64,
     },
+    /// What the node's data path looks like from inside: gossip view, WireGuard peers, the
+    /// forwarding entries it programmed, mesh backends, DNS names (`node inspect --pretty`).
+    Diagnostics,
 }
 
 /// Raft's own messages between managers.

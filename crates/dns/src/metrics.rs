@@ -132,9 +132,10 @@ impl Metrics {
         Self::default()
     }
 
-    /// Registers every metric under `shoal_dns_*` in `registry`.
+    /// Registers every metric under `dns_*` in `registry`: `shoal_dns_*` in the agent's
+    /// registry, whose prefix is `shoal`.
     pub fn register(&self, registry: &mut Registry) {
-        let sub = registry.sub_registry_with_prefix("shoal_dns");
+        let sub = registry.sub_registry_with_prefix("dns");
         sub.register("queries", "DNS queries by type and outcome", self.queries.clone());
         sub.register(
             "forwarded",

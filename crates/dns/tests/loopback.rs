@@ -243,7 +243,7 @@ async fn no_upstream_is_servfail_at_once_and_counted() -> Result<()> {
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
 
-    let mut reg = prometheus_client::registry::Registry::default();
+    let mut reg = prometheus_client::registry::Registry::with_prefix("shoal");
     dns.metrics().register(&mut reg);
     udp(addr, "web", RecordType::A).await?;
     let mut text = String::new();
