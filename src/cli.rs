@@ -162,8 +162,12 @@ enum NodeCmd {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Show one node (JSON).
+    /// Show one node (JSON), or with --pretty what an operator needs when something is wrong:
+    /// its gossip view, WireGuard peers, forwarding entries, mesh backends and DNS names.
     Inspect {
+        /// Readable text, with the node's data path asked of the node itself.
+        #[arg(long)]
+        pretty: bool,
         // Not named `node`: that id is the global `--node` (which lab node to talk to).
         #[arg(id = "target", value_name = "NODE")]
         node: String,
@@ -675,10 +679,16 @@ async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        NodeCmd::Inspect { node } => {
+        NodeCmd::Inspect { node, pretty: false } => {
             let n: serde_json::Value =
                 host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
             println!("{}", serde_json::to_string_pretty(&n)?);
+        }
+        NodeCmd::Inspect { node, pretty: true } => {
+            let n: NodeView = host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
+            let d: serde_json::Value =
+                host.get_json(&format!("/nodes/{}/diagnostics", path_segment(node)?)).await?;
+            crate::verbs::print_node_pretty(&n, &d);
         }
         NodeCmd::Update { availability, label_add, label_rm, node } => {
             let mut update = shoal_cluster::NodeUpdate {

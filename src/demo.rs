@@ -31,8 +31,9 @@ pub struct VisitorArgs {
     /// found again.
     #[arg(long, default_value = "myredis:6379")]
     pub redis: String,
-    /// How long to wait for Redis before answering with the error, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    /// How long to wait for Redis before answering with the error, in milliseconds (the
+    /// tutorial's app uses 2 s socket timeouts).
+    #[arg(long, default_value_t = 2000)]
     pub redis_timeout_ms: u64,
 }
 

@@ -657,3 +657,101 @@ pub async fn ps(host: &Host) -> anyhow::Result<()> {
     print_tasks(&tasks);
     Ok(())
 }
+
+/// `node inspect --pretty`: the node record, then its data path as the node sees it.
+pub fn print_node_pretty(n: &shoal_cluster::NodeView, d: &serde_json::Value) {
+    let r = &n.record;
+    println!("ID:                 {}", r.id);
+    println!("Hostname:           {}", r.hostname);
+    println!("Status:             {} {}", r.status, r.status_message);
+    println!("Availability:       {}", r.availability);
+    println!("Role:               {}", r.role);
+    if let Some(m) = &n.manager_status {
+        println!("Manager Status:     {m}");
+    }
+    println!("Address:            {} (control {})", r.data_addr, r.addr);
+    if !r.labels.is_empty() {
+        let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("Labels:             {}", labels.join(", "));
+    }
+    println!("Engine Version:     {}", r.engine_version);
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let members = d["gossip"]["members"].as_array().cloned().unwrap_or_default();
+    println!("\nGossip ({} members, {} entries):", members.len(), s(&d["gossip"]["entries"]));
+    for m in &members {
+        println!(
+            "  {:<14} {:<22} {:<8} incarnation {}",
+            s(&m["name"]),
+            s(&m["addr"]),
+            s(&m["state"]),
+            s(&m["incarnation"])
+        );
+    }
+    let peers = d["peers"].as_array().cloned().unwrap_or_default();
+    println!("\nWireGuard peers ({}):", peers.len());
+    for p in &peers {
+        let age =
+            p["handshake_age_secs"].as_f64().map_or("never".into(), |a| format!("{a:.0}s ago"));
+        println!(
+            "  {:<14} {:<22} {:<12} handshake {:<10} tx {} B rx {} B",
+            s(&p["node"]),
+            s(&p["endpoint"]),
+            if p["established"] == true { "established" } else { "down" },
+            age,
+            s(&p["tx_bytes"]),
+            s(&p["rx_bytes"])
+        );
+    }
+    println!("\nNetworks and forwarding entries:");
+    if let Some(nets) = d["networks"].as_object() {
+        for (name, n) in nets {
+            println!(
+                "  {name} (VNI {}, {}{}): {} local endpoint(s)",
+                s(&n["vni"]),
+                s(&n["subnet"]),
+                if n["encrypted"] == true { ", encrypted" } else { "" },
+                n["local_endpoints"].as_array().map_or(0, Vec::len)
+            );
+            for e in n["remote"].as_array().into_iter().flatten() {
+                println!("    {:<16} {}  -> {}", s(&e["ip"]), s(&e["mac"]), s(&e["node"]));
+            }
+        }
+    }
+    println!("\nRouting mesh:");
+    for svc in d["mesh"].as_array().into_iter().flatten() {
+        println!(
+            "  {} (refused for want of a backend: {})",
+            s(&svc["service"]),
+            s(&svc["no_backend"])
+        );
+        for b in svc["backends"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<16} {:<6} active {} total {} errors {}",
+                s(&b["addr"]),
+                s(&b["health"]),
+                s(&b["active"]),
+                s(&b["connections"]),
+                s(&b["errors"])
+            );
+        }
+    }
+    println!("\nDNS names by network:");
+    if let Some(nets) = d["dns"].as_object() {
+        for (net, names) in nets {
+            println!("  {net}:");
+            for (name, addrs) in names.as_object().into_iter().flatten() {
+                let a: Vec<String> = addrs.as_array().into_iter().flatten().map(&s).collect();
+                println!("    {name:<28} {}", a.join(" "));
+            }
+        }
+    }
+    let tasks = d["tasks"].as_array().cloned().unwrap_or_default();
+    println!("\nTasks on this node ({}):", tasks.len());
+    for t in &tasks {
+        println!("  {:<28} {:<10} pid {}", s(&t["name"]), s(&t["state"]), s(&t["pid"]));
+    }
+}

@@ -210,7 +210,13 @@ fn the_tutorial_runs_end_to_end() {
         for n in 1..=3 {
             expect += 1;
             let page = visit(&lab, n);
-            assert_eq!(count(&page), Some(expect), "round {round}, node{n}: {page}");
+            assert_eq!(
+                count(&page),
+                Some(expect),
+                "round {round}, node{n}: {page}\n{}\n{}",
+                lab.on("node1", &["service", "logs", "myhelloworld"]),
+                agent_warnings(&lab)
+            );
         }
     }
     // By name from any task: `myredis` on node1 is the standalone task on node3, and
@@ -256,6 +262,27 @@ fn the_tutorial_runs_end_to_end() {
     );
     assert!(value("shoal_tasks{state=\"running\"}") >= 1.0, "{metrics}");
     assert!(metrics.contains("shoal_dns_"), "{metrics}");
+    // It is valid OpenMetrics text, and has every family an operator needs.
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&metrics)
+        .unwrap_or_else(|e| panic!("/metrics does not parse as OpenMetrics: {e:?}\n{metrics}"));
+    for family in [
+        "shoal_gossip_members",
+        "shoal_overlay_peer_established",
+        "shoal_overlay_peer_tx_bytes",
+        "shoal_dns_queries",
+        "shoal_mesh_backend_connections",
+        "shoal_mesh_backend_up",
+        "shoal_raft_term",
+        "shoal_raft_apply_lag",
+        "shoal_tasks",
+        "shoal_task_starts",
+    ] {
+        assert!(
+            parsed.families.contains_key(family),
+            "family {family} missing; have {:?}",
+            parsed.families.keys().collect::<Vec<_>>()
+        );
+    }
     let ui = format!("http://{}:8089/view", lab.addr(1));
     // The page refreshes its view once a second.
     let view = eventually("3 replicas and myredis in the view", Duration::from_secs(20), || {
@@ -271,6 +298,23 @@ fn the_tutorial_runs_end_to_end() {
         (cards == 4).then_some(view)
     });
     assert_eq!(view["services"][0]["published"][0], "8100:8100/tcp", "{view}");
+
+    // Diagnostics, asked of node3 itself through the manager: its gossip view, WireGuard peers,
+    // the forwarding entries it programmed and the names its tasks resolve.
+    let pretty = lab.on("node1", &["node", "inspect", "--pretty", "node3"]);
+    for want in [
+        "Gossip (3 members",
+        "WireGuard peers (2)",
+        "established",
+        "my-overlay (VNI",
+        "encrypted",
+        "02:42:0a:00:01:",
+        "myhelloworld",
+        "myredis",
+        "Tasks on this node",
+    ] {
+        assert!(pretty.contains(want), "node inspect --pretty lacks {want:?}:\n{pretty}");
+    }
 
     // Scale to 5: spread 2/2/1.
     lab.on("node1", &["service", "scale", "myhelloworld=5"]);
@@ -378,6 +422,22 @@ fn the_tutorial_runs_end_to_end() {
     }
     assert!(last.is_empty(), "service rm not withdrawn after 10 s: {last}");
     eprintln!("service rm withdrawn everywhere in {:?}", t0.elapsed());
+}
+
+/// The warnings and errors the lab's agents logged, for a failure message.
+fn agent_warnings(lab: &Lab) -> String {
+    (1..=3)
+        .map(|n| {
+            let log = format!("/run/shoal/lab/{}/node{n}/agent.log", lab.name);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let bad: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("\"WARN\"") || l.contains("\"ERROR\""))
+                .collect();
+            format!("node{n}: {}", bad.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn which(bin: &str) -> Option<std::path::PathBuf> {

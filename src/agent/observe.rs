@@ -48,6 +48,13 @@ impl Collector for RaftCollector {
             "Last log index applied to the store",
             idx(r.last_applied),
         )?;
+        gauge(&mut e, "raft_last_log_index", "Last log index appended here", idx(r.last_log))?;
+        gauge(
+            &mut e,
+            "raft_apply_lag",
+            "Log entries appended here but not yet applied to the store",
+            idx(r.last_log).saturating_sub(idx(r.last_applied)).max(0),
+        )?;
         gauge(&mut e, "raft_snapshot_index", "Log index of the last snapshot", idx(r.snapshot))?;
         gauge(&mut e, "raft_purged_index", "Last log index removed by compaction", idx(r.purged))?;
         Ok(())
@@ -303,6 +310,19 @@ impl Collector for EngineCollector {
             "tasks",
             "Tasks this node's runtime holds, by state",
             by_state.into_iter().map(|(s, n)| (vec![("state", s.to_owned())], ConstGauge::new(n))),
+        )?;
+        let (starts, failures) = engine.task_counters();
+        family(
+            &mut e,
+            "task_starts",
+            "Tasks this node started (restarts included)",
+            [(Vec::new(), ConstCounter::new(starts))],
+        )?;
+        family(
+            &mut e,
+            "task_failures",
+            "Tasks on this node that failed (a non-zero exit, or could not start)",
+            [(Vec::new(), ConstCounter::new(failures))],
         )?;
         let peers = engine.overlay().peer_stats();
         let peer = |p: &shoal_vxlan::PeerStats| vec![("peer", p.node.clone())];

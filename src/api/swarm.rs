@@ -92,6 +92,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/nodes", get(nodes))
         .route("/nodes/{id}", get(node).delete(node_rm))
         .route("/nodes/{id}/update", post(node_update))
+        .route("/nodes/{id}/diagnostics", get(node_diagnostics))
         .route("/nodes/{id}/promote", post(promote))
         .route("/nodes/{id}/demote", post(demote))
 }
@@ -326,6 +327,23 @@ async fn node(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
             Ok(n) => axum::Json(n).into_response(),
             Err(e) => cluster_error(e),
         },
+        Err(r) => r,
+    }
+}
+
+/// The node's data path from inside, asked of the node itself over the control plane.
+async fn node_diagnostics(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match cluster(&state) {
+        Ok(c) => {
+            let n = match c.node(&id).await {
+                Ok(n) => n,
+                Err(e) => return cluster_error(e),
+            };
+            match c.ask_node(n.record.addr, shoal_cluster::NodeRequest::Diagnostics).await {
+                Ok(v) => axum::Json(v).into_response(),
+                Err(e) => cluster_error(e),
+            }
+        }
         Err(r) => r,
     }
 }

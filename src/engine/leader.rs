@@ -54,6 +54,41 @@ pub async fn run(cluster: Cluster, wake: std::sync::Arc<tokio::sync::Notify>) {
 
 /// The allocator as the store has it: every network's subnet and every held address.
 pub fn ipam_of(state: &ClusterState) -> anyhow::Result<Ipam> {
+    ipam_with(state, false)
+}
+
+/// Hands out addresses that nothing holds, preferring ones no remembered task (the history
+/// `service ps` shows) had either: a task's address is not given to its successor while the
+/// old one's connections may still be draining, unless the subnet has nothing else.
+#[derive(Debug)]
+pub struct Allocator {
+    strict: Ipam,
+    fresh: Ipam,
+}
+
+impl Allocator {
+    /// Both views of the store.
+    pub fn of(state: &ClusterState) -> anyhow::Result<Allocator> {
+        Ok(Allocator { strict: ipam_with(state, false)?, fresh: ipam_with(state, true)? })
+    }
+
+    /// An address on `net` for `owner`.
+    pub fn allocate(&mut self, net: &str, owner: &str) -> anyhow::Result<Ipv4Addr> {
+        match self.fresh.allocate(net, owner) {
+            Ok(ip) => {
+                self.strict.allocate_exact(net, ip, owner)?;
+                Ok(ip)
+            }
+            Err(_) => {
+                let ip = self.strict.allocate(net, owner)?;
+                let _ = self.fresh.allocate_exact(net, ip, owner);
+                Ok(ip)
+            }
+        }
+    }
+}
+
+fn ipam_with(state: &ClusterState, history: bool) -> anyhow::Result<Ipam> {
     let (pool, mask) = state
         .cluster
         .as_ref()
@@ -73,7 +108,7 @@ pub fn ipam_of(state: &ClusterState) -> anyhow::Result<Ipam> {
             tracing::warn!(network = net, %ip, owner, error = %e, "an address in the store is not valid");
         }
     };
-    for t in records::tasks(state).values().filter(|t| t.holds_addresses()) {
+    for t in records::tasks(state).values().filter(|t| history || t.holds_addresses()) {
         for (net, ip) in &t.addresses {
             hold(net, *ip, &t.task.id);
         }
@@ -99,7 +134,7 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
     let services = records::services(state);
     let tasks = records::tasks(state);
     let held = records::held(state);
-    let mut ipam = ipam_of(state)?;
+    let mut ipam = Allocator::of(state)?;
     let mut writes: Vec<Command> = Vec::new();
     let put = |table: &str, key: &str, value: serde_json::Value| Command::PutEntry {
         table: table.into(),
@@ -393,6 +428,17 @@ mod tests {
         let mut ipam = ipam_of(&s).unwrap();
         let got: Vec<Ipv4Addr> =
             (0..3).map(|i| ipam.allocate("ing", &format!("new{i}")).unwrap()).collect();
+        // The pass's allocator keeps the ended task's address for last.
+        let mut alloc = Allocator::of(&s).unwrap();
+        assert_eq!(alloc.allocate("ing", "x").unwrap(), "10.0.0.6".parse::<Ipv4Addr>().unwrap());
+        for i in 7..=254 {
+            assert_eq!(
+                alloc.allocate("ing", &format!("y{i}")).unwrap(),
+                Ipv4Addr::new(10, 0, 0, i)
+            );
+        }
+        assert_eq!(alloc.allocate("ing", "z").unwrap(), "10.0.0.4".parse::<Ipv4Addr>().unwrap());
+        assert!(alloc.allocate("ing", "full").is_err());
         let want: Vec<Ipv4Addr> =
             ["10.0.0.4", "10.0.0.6", "10.0.0.7"].iter().map(|a| a.parse().unwrap()).collect();
         assert_eq!(got, want);

@@ -54,6 +54,9 @@ struct Inner {
     local: Mutex<Local>,
     /// Serialises passes.
     pass: tokio::sync::Mutex<()>,
+    /// Tasks started and tasks failed on this node, for `/metrics`.
+    starts: std::sync::atomic::AtomicU64,
+    failures: std::sync::atomic::AtomicU64,
 }
 
 /// What this node has done, so a pass changes only what differs.
@@ -152,11 +155,6 @@ impl NodeEngine {
                 gossip.update_meta(meta.clone()).await?;
             }
         }
-        let rt = runtime.clone();
-        cluster.set_node_handler(Some(Arc::new(move |req| {
-            let rt = rt.clone();
-            Box::pin(async move { answer(&rt, req) })
-        })));
         let inner = Arc::new(Inner {
             me,
             cluster,
@@ -170,7 +168,19 @@ impl NodeEngine {
             kick: Notify::new(),
             local: Mutex::new(Local::default()),
             pass: tokio::sync::Mutex::new(()),
+            starts: Default::default(),
+            failures: Default::default(),
         });
+        let weak = Arc::downgrade(&inner);
+        inner.cluster.set_node_handler(Some(Arc::new(move |req| {
+            let inner = weak.upgrade();
+            Box::pin(async move {
+                match inner {
+                    Some(inner) => answer(&inner, req).await,
+                    None => Err("this node is leaving the swarm".into()),
+                }
+            })
+        })));
         Ok(NodeEngine { inner })
     }
 
@@ -240,6 +250,12 @@ impl NodeEngine {
         &self.inner.runtime
     }
 
+    /// Tasks started and failed on this node since the agent started.
+    pub fn task_counters(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.starts.load(Relaxed), self.inner.failures.load(Relaxed))
+    }
+
     /// The local routing mesh (metrics, the visualizer).
     pub fn mesh(&self) -> &ing::Mesh {
         &self.inner.mesh
@@ -287,17 +303,125 @@ pub fn dns_metrics() -> &'static dns::Metrics {
 }
 
 /// What this node tells a manager that asks it directly.
-fn answer(rt: &Runtime, req: NodeRequest) -> Result<serde_json::Value, String> {
+async fn answer(inner: &Inner, req: NodeRequest) -> Result<serde_json::Value, String> {
     match req {
         NodeRequest::TaskLogs { task, since } => {
-            let logs = rt.logs(&task).map_err(|e| e.to_string())?;
+            let logs = inner.runtime.logs(&task).map_err(|e| e.to_string())?;
             Ok(serde_json::json!({
                 "lines": logs.since(since),
                 "next": logs.next_seq(),
                 "closed": logs.is_closed(),
             }))
         }
+        NodeRequest::Diagnostics => Ok(diagnostics(inner).await),
     }
+}
+
+/// The node's data path as it is now, for `node inspect --pretty`.
+async fn diagnostics(inner: &Inner) -> serde_json::Value {
+    let snap = inner.gossip.snapshot();
+    let members: Vec<serde_json::Value> = snap
+        .members
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "name": m.meta.as_ref().map(|x| x.name.clone()).unwrap_or_default(),
+                "addr": m.id.addr.to_string(),
+                "state": format!("{:?}", m.state),
+                "incarnation": m.incarnation,
+            })
+        })
+        .collect();
+    let (tables, dns_input) = {
+        let l = lock(&inner.local);
+        (l.tables.clone().unwrap_or_default(), l.dns.clone().unwrap_or_default())
+    };
+    let networks = inner.overlay.networks().await;
+    let store = inner.store.borrow().clone();
+    let name_of = |id: &str| {
+        store.as_ref().and_then(|s| s.networks.get(id)).map_or(id.to_owned(), |n| n.name.clone())
+    };
+    let fdb: serde_json::Value = networks
+        .iter()
+        .map(|n| {
+            let remote: Vec<serde_json::Value> = tables
+                .endpoints
+                .iter()
+                .filter(|e| e.network == n.spec.id && e.node != inner.me)
+                .map(|e| serde_json::json!({"ip": e.ip, "mac": e.mac.to_string(), "node": e.node}))
+                .collect();
+            (
+                name_of(&n.spec.id),
+                serde_json::json!({
+                    "vni": n.spec.vni,
+                    "subnet": n.spec.subnet,
+                    "encrypted": n.spec.encrypted,
+                    "local_endpoints": n.endpoints,
+                    "remote": remote,
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let mut names: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for svc in &dns_input.services {
+        for sn in &svc.networks {
+            let per = names.entry(name_of(&sn.network)).or_default();
+            let tasks: Vec<String> = svc
+                .tasks
+                .iter()
+                .filter(|t| t.healthy)
+                .flat_map(|t| t.attachments.iter().filter(|a| a.network == sn.network))
+                .map(|a| a.addr.to_string())
+                .collect();
+            let own = match sn.vip {
+                Some(vip) => vec![vip.to_string()],
+                None => tasks.clone(),
+            };
+            per.insert(svc.name.clone(), own);
+            per.insert(format!("tasks.{}", svc.name), tasks);
+        }
+    }
+    for s in &dns_input.standalone {
+        for a in &s.attachments {
+            names
+                .entry(name_of(&a.network))
+                .or_default()
+                .insert(s.name.clone(), vec![a.addr.to_string()]);
+        }
+    }
+    let mesh: Vec<serde_json::Value> = inner
+        .mesh
+        .metrics()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "service": s.name,
+                "no_backend": s.no_backend,
+                "backends": s.backends.iter().map(|b| serde_json::json!({
+                    "id": b.id, "addr": b.addr, "health": b.health.as_str(),
+                    "active": b.active, "connections": b.total, "errors": b.errors,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let tasks: Vec<serde_json::Value> = inner
+        .runtime
+        .list()
+        .iter()
+        .map(|t| {
+            serde_json::json!({"id": t.id, "name": t.name, "state": t.state.as_str(),
+            "health": t.health.map(|h| h.as_str()), "pid": t.pid, "addresses": t.addresses})
+        })
+        .collect();
+    serde_json::json!({
+        "gossip": { "members": members, "entries": snap.entries.len(), "networks": snap.networks },
+        "peers": inner.overlay.peer_stats(),
+        "networks": fdb,
+        "mesh": mesh,
+        "dns": names,
+        "tasks": tasks,
+    })
 }
 
 fn runtime_state(s: rt::TaskState) -> TaskState {
@@ -406,6 +530,9 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         // A task the store already calls finished is never reported alive again.
         let regress = t.task.state.is_terminal() && !observed.is_terminal();
         let state_changed = observed != t.task.state && !regress;
+        if state_changed && observed == TaskState::Failed {
+            inner.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if state_changed || (health != t.health && !regress) {
             let mut f = serde_json::Map::new();
             f.insert("state".into(), records::to_value(&observed));
@@ -502,6 +629,7 @@ async fn start_task(
     let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
     inner.dns.attach_netns(id, &ns, scope).await?;
     inner.runtime.start(id)?;
+    inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
