@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  iproute2 nftables iputils-ping procps psmisc curl dnsutils
+  iproute2 nftables iputils-ping procps psmisc curl dnsutils systemd
   redis-server tcpdump tshark iperf3 wrk socat bc
   haproxy nginx-light libnginx-mod-stream dnsmasq-base unbound dnsperf
   serf wireguard-go wireguard-tools python3 chromium

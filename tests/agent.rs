@@ -219,10 +219,34 @@ fn the_shipped_example_config_is_valid_and_documents_every_key() {
 }
 
 #[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "systemd-analyze is needed in CI");
+        eprintln!("*** SKIPPED unit check: systemd-analyze missing ***");
+        return;
+    }
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/shoal.service");
+    let text = std::fs::read_to_string(unit).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/shoal agent"), "{text}");
+    // verify checks that the binary exists: point it at the one under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("shoal.service");
+    std::fs::write(&copy, text.replace("/usr/local/bin/shoal", env!("CARGO_BIN_EXE_shoal")))
+        .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stderr).trim().is_empty(), "warnings: {}", lossy(&out.stderr));
+}
+
+#[test]
 fn completion_scripts_name_the_verbs() {
     for shell in ["bash", "zsh", "fish"] {
         let out = run_ok(shoal().args(["completion", shell]));
-        for verb in ["agent", "info", "lab", "version"] {
+        for verb in ["agent", "info", "lab", "version", "service", "network", "run"] {
             assert!(out.contains(verb), "{shell} completion lacks {verb}");
         }
     }
