@@ -352,6 +352,24 @@ impl Collector for EngineCollector {
         ] {
             family(&mut e, name, help, peers.iter().map(|p| (peer(p), ConstCounter::new(get(p)))))?;
         }
+        family(
+            &mut e,
+            "overlay_peer_handshakes_sent",
+            "WireGuard handshake messages sent to the peer",
+            peers.iter().map(|p| (peer(p), ConstCounter::new(p.handshakes_sent))),
+        )?;
+        family(
+            &mut e,
+            "overlay_peer_drops",
+            "Packets from or for the peer dropped, by reason",
+            peers.iter().flat_map(|p| {
+                p.drops.iter().map(move |(reason, n)| {
+                    let mut l = peer(p);
+                    l.push(("reason", format!("{reason:?}").to_lowercase()));
+                    (l, ConstCounter::new(*n))
+                })
+            }),
+        )?;
         let mesh = engine.mesh().metrics();
         let backend = |s: &shoal_ingress::ServiceMetrics, b: &shoal_ingress::BackendMetrics| {
             vec![
