@@ -1,6 +1,7 @@
 //! Gossip between real agents in the lab: five nodes converge, a crashed node is seen dead by
 //! all others within 10 s and comes back with a new generation, and hostile datagrams are
-//! dropped and counted while membership carries on.
+//! dropped and counted while membership carries on. In a swarm, a crashed node's endpoint entries
+//! leave every other node's tables (and DNS) with it, and come back when it does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,4 +136,65 @@ fn hostile_datagrams_are_dropped_and_counted() {
     let m = members(&lab, "node2");
     assert_eq!(m.len(), 2);
     assert!(m.values().all(|(s, _)| s == "alive"), "{m:?}");
+}
+
+/// Visible gossip entries on `node` (its own included).
+fn entries(lab: &Lab, node: &str) -> usize {
+    let info: NodeInfo = serde_json::from_str(&lab.on(node, &["info", "--json"])).unwrap();
+    info.gossip.expect("a swarm node runs gossip").entries
+}
+
+#[test]
+fn a_crashed_nodes_entries_disappear_and_come_back() {
+    if !require_root("a_crashed_nodes_entries_disappear_and_come_back") {
+        return;
+    }
+    let lab = Lab::up(3);
+    lab.on("node1", &["swarm", "init"]);
+    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
+    let manager = format!("{}:2377", lab.addr(1));
+    for n in ["node2", "node3"] {
+        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
+    }
+    // Each node publishes its ingress sandbox and one task of a global service: 6 entries.
+    lab.on("node1", &["network", "create", "net"]);
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--mode",
+            "global",
+            "--name",
+            "g",
+            "--network",
+            "net",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    let wait = |what: &str, limit: Duration, ok: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !ok() {
+            assert!(t0.elapsed() < limit, "{what} not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t0.elapsed()
+    };
+    wait("6 entries on every node", Duration::from_secs(30), &|| {
+        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 6)
+    });
+
+    let killed = Instant::now();
+    assert!(lab.shoal(&["lab", "stop", "node3", "--kill"]).status.success());
+    wait("node3's entries gone from node1 and node2", Duration::from_secs(10), &|| {
+        ["node1", "node2"].iter().all(|n| entries(&lab, n) == 4)
+    });
+    eprintln!("a crashed node's entries were withdrawn after {:?}", killed.elapsed());
+
+    assert!(lab.shoal(&["lab", "start", "node3"]).status.success());
+    wait("node3's entries back everywhere", Duration::from_secs(60), &|| {
+        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 6)
+    });
 }
