@@ -150,12 +150,7 @@ fn a_crashed_nodes_entries_disappear_and_come_back() {
         return;
     }
     let lab = Lab::up(3);
-    lab.on("node1", &["swarm", "init"]);
-    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
-    let manager = format!("{}:2377", lab.addr(1));
-    for n in ["node2", "node3"] {
-        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
-    }
+    lab.swarm(3);
     // Each node publishes its ingress sandbox and one task of a global service: 6 entries.
     lab.on("node1", &["network", "create", "net"]);
     lab.on(

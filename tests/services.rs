@@ -10,58 +10,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, lossy, require_root};
-
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Current (not history) tasks of a service: (id, node, desired, state).
-fn ps(lab: &Lab, service: &str) -> Vec<(String, String, String, String)> {
-    lab.on("node1", &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter(|l| !l.contains("\\_"))
-        .map(|l| {
-            let mut f: Vec<&str> = l.split_whitespace().collect();
-            // A pending task has no node: its column is blank.
-            if matches!(f[2], "Running" | "Shutdown") {
-                f.insert(2, "");
-            }
-            (f[0].to_owned(), f[2].to_owned(), f[3].to_owned(), f[4].to_owned())
-        })
-        .collect()
-}
-
-fn running_per_node(lab: &Lab, service: &str) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for (_, node, desired, state) in ps(lab, service) {
-        if desired == "Running" && state == "Running" {
-            *m.entry(node).or_default() += 1;
-        }
-    }
-    m
-}
-
-fn dig(netns: &str, name: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name])
-        .output()
-        .expect("dig");
-    lossy(&out.stdout).trim().to_owned()
-}
-
-fn visit(lab: &Lab, node: u8, port: u16) -> String {
-    let url = format!("http://{}:{port}/visitor", lab.addr(node));
-    lossy(&Command::new("curl").args(["-s", "-m", "5", &url]).output().expect("curl").stdout)
-}
+use common::{Lab, dig, eventually, ps, require_root, running_per_node, task_netns, visit};
 
 /// A process killed when the test ends, however it ends.
 struct Reaper(Child);
@@ -95,12 +44,7 @@ fn services_beyond_the_tutorial() {
     std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
     let lab = Lab::up_with(3, &["--dns-resolv-conf", resolv.to_str().unwrap()]);
     let shoal = env!("CARGO_BIN_EXE_shoal");
-    lab.on("node1", &["swarm", "init"]);
-    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
-    let manager = format!("{}:2377", lab.addr(1));
-    for n in ["node2", "node3"] {
-        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
-    }
+    lab.swarm(3);
 
     // Global: one task on every node.
     lab.on(
@@ -145,12 +89,12 @@ fn services_beyond_the_tutorial() {
         ],
     );
     eventually("a pending task", Duration::from_secs(20), || {
-        ps(&lab, "nowhere").iter().any(|t| t.3 == "Pending").then_some(())
+        ps(&lab, "nowhere").iter().any(|t| t.state == "Pending").then_some(())
     });
     // ... which runs once a node gets the label.
     lab.on("node1", &["node", "update", "--label-add", "zone=mars", "node3"]);
     eventually("the pending task placed on node3", Duration::from_secs(20), || {
-        ps(&lab, "nowhere").iter().any(|t| t.1 == "node3").then_some(())
+        ps(&lab, "nowhere").iter().any(|t| t.node == "node3").then_some(())
     });
 
     // Restart policy none: a task that completes stays complete and is not replaced.
@@ -159,7 +103,7 @@ fn services_beyond_the_tutorial() {
         &["service", "create", "-d", "--name", "once", "--restart-condition", "none", "--", "true"],
     );
     eventually("the task complete", Duration::from_secs(20), || {
-        ps(&lab, "once").iter().any(|t| t.3 == "Complete").then_some(())
+        ps(&lab, "once").iter().any(|t| t.state == "Complete").then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
     let all = lab.on("node1", &["service", "ps", "once"]);
@@ -246,8 +190,8 @@ fn services_beyond_the_tutorial() {
             "100000",
         ],
     );
-    let (id, _, _, _) = ps(&lab, "d").into_iter().next().unwrap();
-    let d_ns = format!("{}-node1-t-{}", lab.name, &id[..12]);
+    let id = ps(&lab, "d").into_iter().next().unwrap().id;
+    let d_ns = task_netns(&lab, "node1", &id);
     eventually("outside.example forwarded to dnsmasq", Duration::from_secs(30), || {
         (dig(&d_ns, "outside.example") == "198.18.99.99").then_some(())
     });

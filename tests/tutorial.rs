@@ -7,71 +7,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, lossy, require_root};
-
-/// `curl -s ADDR:8100/visitor` from this host (the lab bridge reaches every node); "" on failure.
-fn visit(lab: &Lab, node: u8) -> String {
-    let url = format!("http://{}:8100/visitor", lab.addr(node));
-    let out = Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl");
-    lossy(&out.stdout)
-}
+use common::{
+    Lab, dig, eventually, lossy, ps, require_root, running_per_node, task_netns, visit as visit_on,
+};
 
 fn count(page: &str) -> Option<u64> {
     page.trim().rsplit(' ').next()?.parse().ok()
 }
 
-/// Polls until `f` returns Some, or fails with `what` after `limit`.
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// `service ps` rows that are current (not history): (name, node, desired, state).
-fn ps(lab: &Lab, service: &str) -> Vec<(String, String, String, String)> {
-    lab.on("node1", &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter(|l| !l.contains("\\_"))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[1].to_owned(), f[2].to_owned(), f[3].to_owned(), f[4].to_owned())
-        })
-        .collect()
-}
-
-fn running_per_node(lab: &Lab, service: &str) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for (_, node, desired, state) in ps(lab, service) {
-        if desired == "Running" && state == "Running" {
-            *m.entry(node).or_default() += 1;
-        }
-    }
-    m
-}
-
-/// `dig +short NAME` against the task DNS inside a task's namespace.
-fn dig(netns: &str, name: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name])
-        .output()
-        .expect("dig");
-    lossy(&out.stdout).trim().to_owned()
-}
-
-/// The namespace of a task: `<lab>-<node>-t-<first 12 of its id>`.
-fn task_netns(lab: &Lab, node: &str, id: &str) -> String {
-    format!("{}-{node}-t-{}", lab.name, &id[..12])
-}
+/// The redis-server flags of the tutorial: no persistence, reachable from other tasks.
+const REDIS_FLAGS: [&str; 6] = ["--save", "", "--appendonly", "no", "--protected-mode", "no"];
 
 #[test]
 fn the_tutorial_runs_end_to_end() {
@@ -88,15 +36,11 @@ fn the_tutorial_runs_end_to_end() {
         return;
     };
     let lab = Lab::up(3);
+    let visit = |lab: &Lab, node: u8| visit_on(lab, node, 8100);
     let shoal = env!("CARGO_BIN_EXE_shoal");
 
     // init + 2 joins.
-    lab.on("node1", &["swarm", "init"]);
-    let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
-    let manager = format!("{}:2377", lab.addr(1));
-    for n in ["node2", "node3"] {
-        lab.on(n, &["swarm", "join", "--token", token.trim(), &manager]);
-    }
+    lab.swarm(3);
 
     // A replicated service on 8100: three running tasks on three nodes.
     let out = lab.on(
@@ -182,24 +126,8 @@ fn the_tutorial_runs_end_to_end() {
     ]);
     assert!(lossy(&bad.stderr).contains("not manually attachable"), "{bad:?}");
     let redis = redis.display().to_string();
-    lab.on(
-        "node3",
-        &[
-            "run",
-            "--name",
-            "myredis",
-            "--network",
-            "my-overlay",
-            "--",
-            &redis,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    );
+    let run = ["run", "--name", "myredis", "--network", "my-overlay", "--", &redis];
+    lab.on("node3", &[&run[..], &REDIS_FLAGS[..]].concat());
     let first = eventually("a visitor count on every node", Duration::from_secs(60), || {
         let counts: Vec<Option<u64>> = (1..=3).map(|n| count(&visit(&lab, n))).collect();
         counts.iter().all(Option::is_some).then(|| counts[2].unwrap())
@@ -354,25 +282,9 @@ fn the_tutorial_runs_end_to_end() {
     eventually("the page to lose redis", Duration::from_secs(30), || {
         Some(()).filter(|_| visit(&lab, 1).contains("connection to redis error"))
     });
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "myredis",
-            "--network",
-            "my-overlay",
-            "--",
-            &redis,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    );
+    let create =
+        ["service", "create", "--name", "myredis", "--network", "my-overlay", "--", &redis];
+    lab.on("node1", &[&create[..], &REDIS_FLAGS[..]].concat());
     let c1 = eventually("counting again", Duration::from_secs(60), || count(&visit(&lab, 2)));
     assert_eq!(count(&visit(&lab, 3)), Some(c1 + 1));
 
@@ -447,25 +359,20 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
 
 /// The id of a running task of `service` on `node`.
 fn task_on(lab: &Lab, service: &str, node: &str) -> String {
-    let out = lab.on("node1", &["service", "ps", service]);
-    out.lines()
-        .find(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 4 && f[2] == node && f[3] == "Running" && f[4] == "Running"
-        })
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no running {service} task on {node}: {out}"))
-        .to_owned()
+    let rows = ps(lab, service);
+    rows.iter()
+        .find(|t| t.node == node && t.desired == "Running" && t.state == "Running")
+        .map(|t| t.id.clone())
+        .unwrap_or_else(|| panic!("no running {service} task on {node}: {rows:?}"))
 }
 
 /// (task id, node) of a running task of `service`.
 fn task_on_any(lab: &Lab, service: &str) -> (String, String) {
     eventually("a running task", Duration::from_secs(30), || {
-        lab.on("node1", &["service", "ps", service]).lines().skip(1).find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 4 && f[3] == "Running" && f[4] == "Running")
-                .then(|| (f[0].to_owned(), f[2].to_owned()))
-        })
+        ps(lab, service)
+            .into_iter()
+            .find(|t| t.desired == "Running" && t.state == "Running")
+            .map(|t| (t.id, t.node))
     })
 }
 

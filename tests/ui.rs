@@ -130,12 +130,11 @@ impl Browser {
         Browser { child, _dir: dir, ws, next_id: 0 }
     }
 
-    /// Evaluates `expr` in the page and returns its value as a string.
-    fn eval(&mut self, expr: &str) -> String {
+    /// Sends one DevTools command and returns its `result`.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
         self.next_id += 1;
         let id = self.next_id;
-        let msg = serde_json::json!({"id": id, "method": "Runtime.evaluate",
-            "params": {"expression": expr, "returnByValue": true}});
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
         self.ws.send(tungstenite::Message::text(msg.to_string())).unwrap();
         loop {
             let reply = self.ws.read().unwrap();
@@ -144,31 +143,27 @@ impl Browser {
                 continue;
             };
             if v["id"] == id {
-                let value = &v["result"]["result"]["value"];
-                return value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+                return v["result"].clone();
             }
         }
+    }
+
+    /// Evaluates `expr` in the page and returns its value as a string.
+    fn eval(&mut self, expr: &str) -> String {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expr, "returnByValue": true}),
+        );
+        let value = &r["result"]["value"];
+        value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string())
     }
 
     /// A PNG of the page as it is now.
     fn screenshot(&mut self) -> Vec<u8> {
         use base64::Engine as _;
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = serde_json::json!({"id": id, "method": "Page.captureScreenshot",
-            "params": {"format": "png"}});
-        self.ws.send(tungstenite::Message::text(msg.to_string())).unwrap();
-        loop {
-            let reply = self.ws.read().unwrap();
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(reply.to_text().unwrap_or(""))
-            else {
-                continue;
-            };
-            if v["id"] == id {
-                let data = v["result"]["data"].as_str().unwrap_or_default();
-                return base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default();
-            }
-        }
+        let r = self.call("Page.captureScreenshot", serde_json::json!({"format": "png"}));
+        let data = r["data"].as_str().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD.decode(data).unwrap_or_default()
     }
 
     /// The page's DOM once `ready` (a JS boolean expression) holds, or whatever it is after 30 s.

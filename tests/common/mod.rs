@@ -114,3 +114,100 @@ impl Drop for Lab {
         }
     }
 }
+
+impl Lab {
+    /// `swarm init` on node1 and `swarm join` as workers on the other `nodes - 1`.
+    pub fn swarm(&self, nodes: u8) {
+        self.on("node1", &["swarm", "init"]);
+        let token = self.on("node1", &["swarm", "join-token", "-q", "worker"]);
+        let manager = format!("{}:2377", self.addr(1));
+        for i in 2..=nodes {
+            self.on(&format!("node{i}"), &["swarm", "join", "--token", token.trim(), &manager]);
+        }
+    }
+}
+
+/// Polls until `f` returns Some, or fails naming `what` after `limit`.
+pub fn eventually<T>(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// One row of `service ps`.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub id: String,
+    pub name: String,
+    /// Empty while pending.
+    pub node: String,
+    pub desired: String,
+    pub state: String,
+    /// A row of the slot's history (` \_ name`).
+    pub history: bool,
+}
+
+/// `service ps SERVICE` asked of node1.
+pub fn ps(lab: &Lab, service: &str) -> Vec<TaskRow> {
+    lab.on("node1", &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let history = l.contains("\\_");
+            let mut f: Vec<&str> = l.split_whitespace().filter(|w| *w != "\\_").collect();
+            // A pending task has no node: its column is blank.
+            if matches!(f[2], "Running" | "Shutdown") {
+                f.insert(2, "");
+            }
+            TaskRow {
+                id: f[0].to_owned(),
+                name: f[1].to_owned(),
+                node: f[2].to_owned(),
+                desired: f[3].to_owned(),
+                state: f[4].to_owned(),
+                history,
+            }
+        })
+        .collect()
+}
+
+/// Running tasks of the service's current spec per node.
+pub fn running_per_node(lab: &Lab, service: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for t in ps(lab, service) {
+        if !t.history && t.desired == "Running" && t.state == "Running" {
+            *m.entry(t.node).or_default() += 1;
+        }
+    }
+    m
+}
+
+/// `dig +short NAME` against the task DNS (127.0.0.11) inside a task's namespace.
+pub fn dig(netns: &str, name: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name])
+        .output()
+        .expect("dig");
+    lossy(&out.stdout).trim().to_owned()
+}
+
+/// `curl http://nodeN:PORT/visitor` from this host (the lab bridge reaches every node); "" when
+/// nothing answers.
+pub fn visit(lab: &Lab, node: u8, port: u16) -> String {
+    let url = format!("http://{}:{port}/visitor", lab.addr(node));
+    lossy(&Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl").stdout)
+}
+
+/// The namespace of a task: `<lab>-<node>-t-<first 12 of its id>`.
+pub fn task_netns(lab: &Lab, node: &str, id: &str) -> String {
+    format!("{}-{node}-t-{}", lab.name, &id[..12])
+}
