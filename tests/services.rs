@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, dig, eventually, ps, require_root, running_per_node, task_netns, visit};
+use common::{Lab, dig, eventually, lossy, ps, require_root, running_per_node, task_netns, visit};
 
 /// A process killed when the test ends, however it ends.
 struct Reaper(Child);
@@ -224,4 +224,22 @@ fn services_beyond_the_tutorial() {
     let took = t0.elapsed();
     eprintln!("a removed task left the DNS answers in {took:?}");
     assert!(took < Duration::from_secs(2), "a removed task stayed in DNS for {took:?}");
+
+    // The service's VIP on the network is what its name answers; inspect shows it.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&lab.on("node1", &["service", "inspect", "d2"])).unwrap();
+    let vip = inspect["vips"]["backend"].as_str().expect("a VIP on backend").to_owned();
+    assert_eq!(dig(&d_ns, "d2"), vip);
+    let ls = lab.on("node1", &["network", "ls"]);
+    assert!(ls.lines().any(|l| l.contains("backend") && l.contains("overlay")), "{ls}");
+
+    // A network in use is not removed; once its services are gone it is.
+    let busy = lab.shoal(&["--node", "node1", "network", "rm", "backend"]);
+    assert!(!busy.status.success());
+    assert!(lossy(&busy.stderr).contains("in use"), "{busy:?}");
+    lab.on("node1", &["service", "rm", "d", "d2"]);
+    eventually("backend removable", Duration::from_secs(30), || {
+        lab.shoal(&["--node", "node1", "network", "rm", "backend"]).status.success().then_some(())
+    });
+    assert!(!lab.on("node1", &["network", "ls"]).contains("backend"));
 }
