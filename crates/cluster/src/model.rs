@@ -406,6 +406,30 @@ pub enum Command {
 pub mod tasks {
     /// Fields a [`super::Command::ReportTask`] may set: the observed state, never the desired one.
     pub const REPORTED: &[&str] = &["state", "state_since_ms", "message", "exit_code", "health"];
+
+    /// Largest standalone task record a node may write (its command line and environment).
+    pub const MAX_STANDALONE: usize = 64 * 1024;
+
+    /// The shape each reported field must have: a state or health is a short lower-case word,
+    /// a time a number, an exit code a number or null, a message at most 4 KiB of text.
+    pub fn check_reported(field: &str, v: &serde_json::Value) -> Result<(), String> {
+        let word = |v: &serde_json::Value| {
+            v.as_str().is_some_and(|s| {
+                !s.is_empty()
+                    && s.len() <= 32
+                    && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            })
+        };
+        let ok = match field {
+            "state" => word(v),
+            "health" => v.is_null() || word(v),
+            "state_since_ms" => v.is_u64(),
+            "exit_code" => v.is_null() || v.is_i64(),
+            "message" => v.as_str().is_some_and(|s| s.len() <= 4096),
+            _ => false,
+        };
+        if ok { Ok(()) } else { Err(format!("task field {field:?} has a malformed value {v}")) }
+    }
 }
 
 /// What the state machine answers for one command.
@@ -607,6 +631,9 @@ impl ClusterState {
                 if let Some(bad) = fields.keys().find(|f| !tasks::REPORTED.contains(&f.as_str())) {
                     return Err(format!("task field {bad:?} is not reported by nodes"));
                 }
+                for (k, v) in fields {
+                    tasks::check_reported(k, v)?;
+                }
                 let entry = self
                     .entries
                     .get_mut(tables::TASKS)
@@ -628,6 +655,14 @@ impl ClusterState {
                     }
                 } else if value.is_none() {
                     return Err(format!("task {key} not found"));
+                }
+                if let Some(v) = value
+                    && v.to_string().len() > tasks::MAX_STANDALONE
+                {
+                    return Err(format!(
+                        "standalone task {key} is larger than {} bytes",
+                        tasks::MAX_STANDALONE
+                    ));
                 }
                 if let Some(v) = value
                     && !(owned_by(v, *owner) && is_standalone(v))
@@ -821,6 +856,16 @@ mod tests {
         assert!(s.apply(&report("nope", fields("state", "running".into())), 2).is_err());
         let e = s.apply(&report("svc-task", fields("desired", "shutdown".into())), 2).unwrap_err();
         assert!(e.contains("desired"), "{e}");
+        for (k, v) in [
+            ("state", serde_json::json!("RUNNING; drop")),
+            ("state", serde_json::json!(7)),
+            ("state_since_ms", serde_json::json!("soon")),
+            ("exit_code", serde_json::json!("x")),
+            ("message", serde_json::json!("x".repeat(5000))),
+        ] {
+            let e = s.apply(&report("svc-task", fields(k, v)), 2).unwrap_err();
+            assert!(e.contains("malformed"), "{k}: {e}");
+        }
         // Standalone: only with no service, only for oneself, only over one's own standalone.
         let standalone =
             |owner, key: &str, value| Command::PutStandalone { owner, key: key.into(), value };
@@ -828,6 +873,9 @@ mod tests {
         assert!(s.apply(&standalone(me, "x", Some(task(other, ""))), 2).is_err());
         assert!(s.apply(&standalone(me, "svc-task", Some(task(me, ""))), 2).is_err());
         assert!(s.apply(&standalone(me, "absent", None), 2).is_err());
+        let mut huge = task(me, "");
+        huge["argv"] = serde_json::json!(["x".repeat(70_000)]);
+        assert!(s.apply(&standalone(me, "big", Some(huge)), 2).unwrap_err().contains("larger"));
         assert_eq!(s, before, "refused writes changed the store");
 
         s.apply(&report("svc-task", fields("state", "running".into())), 3).expect("report");
