@@ -196,22 +196,10 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-/// `5s`, `500ms`, `2m`, or plain seconds.
+/// A duration as Docker's flags take it: `5s`, `500ms`, `1m30s` (humantime's syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) =
-        s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
-    let v: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: e.g. 5s, 500ms, 2m"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: ms, s, m or h")),
-    };
-    if !(0.0..=1e9).contains(&secs) {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 5s, 500ms, 1m30s)"))
 }
 
 fn segment(what: &str, s: &str) -> anyhow::Result<String> {
