@@ -10,14 +10,15 @@ use crate::wire::OVERHEAD;
 pub const DEFAULT_PORT: u16 = 7946;
 
 /// Everything the core needs. The default ([`GossipConfig::new`], `Default`) is
-/// [`CoreConfig::lan`], memberlist's LAN profile; [`CoreConfig::fast_detect`] detects failures
-/// in about half the time at less bandwidth than serf, at the price of many more false deaths
-/// under heavy loss.
+/// [`CoreConfig::lan`]: memberlist's LAN figures with Lifeguard's suspicion and local health.
+/// [`CoreConfig::lan_fixed_suspicion`] and [`CoreConfig::plain_swim`] are the references it
+/// is measured against.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
     /// Time between two probes of a random member (memberlist `ProbeInterval`).
     pub probe_period: Duration,
-    /// How long to wait for a direct ack before asking others (memberlist `ProbeTimeout`).
+    /// How long to wait for a direct ack before asking others (memberlist `ProbeTimeout`);
+    /// also how long a suspicion check waits for the suspect's answer.
     pub probe_timeout: Duration,
     /// Members asked to probe indirectly (memberlist `IndirectChecks`); also the gossip fanout
     /// of on-demand gossip.
@@ -26,9 +27,24 @@ pub struct CoreConfig {
     pub gossip_interval: Duration,
     /// Members gossiped to per round (memberlist `GossipNodes`).
     pub gossip_fanout: usize,
-    /// Suspicion timeout = `suspicion_mult` × max(1, log10 N) × probe period (memberlist
-    /// `SuspicionMult`); 0 turns suspicion off (plain SWIM: a failed probe cycle is death).
+    /// Timeout of a suspicion nobody confirms = `suspicion_mult` × max(1, log10 N) × probe
+    /// period (memberlist `SuspicionMult`); 0 turns suspicion off (plain SWIM: a failed probe
+    /// cycle is death).
     pub suspicion_mult: u32,
+    /// Lifeguard: independent suspicions of the same member (beyond the first) after which its
+    /// suspicion timeout has shrunk to [`Self::suspicion_min`] (memberlist's `k`); 0 keeps the
+    /// timeout fixed (foca's own suspicion).
+    pub suspicion_confirmations: u32,
+    /// Lifeguard: the suspicion timeout once fully confirmed, per max(1, log10 N).
+    pub suspicion_min: Duration,
+    /// How many members (in expectation) verify a new suspicion themselves at once, by asking
+    /// the suspect directly, instead of waiting for their next regular probe of it. The ask
+    /// also tells the suspect it is suspected, so a live one refutes at once (Lifeguard's
+    /// buddy system). 0: only regular probes confirm.
+    pub suspicion_checkers: usize,
+    /// Lifeguard's local health: the most a node's probe period and timeouts stretch when it
+    /// sees signs that it, not its peers, is slow (memberlist `AwarenessMaxMultiplier`); 1 is off.
+    pub awareness_max: u32,
     /// Retransmissions per update = `retransmit_mult` × ceil(log10(N + 1)) (memberlist
     /// `RetransmitMult`).
     pub retransmit_mult: u32,
@@ -55,37 +71,31 @@ pub struct CoreConfig {
 }
 
 impl CoreConfig {
-    /// A faster-detecting profile: memberlist's LAN figures ([`CoreConfig::lan`]) with a suspicion
-    /// timeout of one probe period per log10 N (`suspicion_mult` 1 instead of 4), and the
-    /// periodic full-state sync and self-announce every 60 s instead of 30 s.
+    /// The default: memberlist's `DefaultLANConfig` figures (probe 1 s / 500 ms, 3 indirect
+    /// probes, gossip 200 ms to 3, retransmit ×4) and NetworkDB's timers, with Lifeguard's
+    /// refinements on top of foca's SWIM:
     ///
-    /// Why: a crash is seen by everyone after about (1.58 + `suspicion_mult` · max(1, log10 N))
-    /// probe periods plus a few gossip rounds, while the traffic at rest is mostly probes, so
-    /// it scales with 1 / `probe_period`. Keeping memberlist's 1 s probe keeps that traffic
-    /// and shortening the suspicion cuts the detection time (simulation, 8 nodes: 2.25 s
-    /// against 5.25 s for LAN; in the lab against serf 0.8 `-profile lan`, 8 nodes: about
-    /// 0.6x serf's time, short of issue 3's 0.5x). The sync and announce traffic grows with
-    /// the cluster (full state, member feeds): at 16 nodes it brought the LAN profile to
-    /// 414 B/s sent per node against serf's 400-469, so they run half as often; lost
-    /// broadcasts are still repaired by the next sync (and on join).
-    /// Figures: `cargo bench -p shoal --bench gossip`.
+    /// - suspicion that shrinks with independent confirmations: a lone suspicion waits
+    ///   4 × max(1, log10 N) probe periods (4 s up to 10 members) for the suspect to refute;
+    ///   each member that independently finds it unresponsive shortens that, logarithmically,
+    ///   down to 0.5 s × max(1, log10 N) after 3 confirmations (memberlist `suspicion.go`);
+    /// - up to 8 members verify a new suspicion at once (3 asks within the probe timeout)
+    ///   rather than at their next regular probe, and their ask tells the suspect so that a
+    ///   live one refutes within a round trip;
+    /// - local health: a node whose accusations are refuted, or that must refute suspicions
+    ///   of itself, stretches its probe period and timeouts up to 8× and decays back with each
+    ///   successful probe, so a slow node stops accusing healthy ones;
+    /// - a probe whose indirect probes go unanswered for a few round trips fails then, not at
+    ///   the end of the probe period (the next period is longer by as much, so the probe rate
+    ///   is unchanged), and a death is passed on at once rather than at the next gossip round.
     ///
-    /// The price: a member that answers nothing for longer than the suspicion timeout (1 s up
-    /// to 10 members, 2 s at 100, 3 s at 1,000) is declared down, and its entries are
-    /// withdrawn until it refutes. In the simulation (100 nodes, 60 s) that is 0 false deaths
-    /// at 3 % loss (as LAN), and under 10 % loss with a node 2 s slow 1,248 false
-    /// deaths (891 of them about the slow node) against 1 for LAN and 3,356 for plain SWIM.
-    /// Clusters on lossy or overloaded links should use [`CoreConfig::lan`].
-    pub fn fast_detect() -> Self {
-        Self {
-            suspicion_mult: 1,
-            sync_interval: Duration::from_secs(60),
-            announce_interval: Duration::from_secs(60),
-            ..Self::lan()
-        }
-    }
-
-    /// memberlist's `DefaultLANConfig` figures and NetworkDB's timers.
+    /// A crash is then seen by everyone about one probe period (the first probe of it, on
+    /// average) plus one probe timeout (the probe's) plus one probe timeout (the checks) after
+    /// it happens: about a third of memberlist's and serf's time at 8 and 16 members, while a
+    /// false suspicion (loss, a pause) is refuted long before its 4 s. Nothing is added at
+    /// rest: checks run only while someone is suspected. The periodic announce runs every
+    /// 60 s: the 30 s full-state sync already exchanges the membership.
+    /// Figures: `tests/sim_scale.rs` and `cargo bench -p shoal --bench gossip`.
     pub fn lan() -> Self {
         Self {
             probe_period: Duration::from_secs(1),
@@ -94,18 +104,47 @@ impl CoreConfig {
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
             suspicion_mult: 4,
+            suspicion_confirmations: 3,
+            suspicion_min: Duration::from_millis(500),
+            suspicion_checkers: 8,
+            awareness_max: 8,
             retransmit_mult: 4,
             max_datagram: 1400,
             sync_interval: Duration::from_secs(30),
             tombstone_reap: Duration::from_secs(30 * 60),
             reap_interval: Duration::from_secs(5),
             announce_to_down_interval: Duration::from_secs(10),
-            announce_interval: Duration::from_secs(30),
+            announce_interval: Duration::from_secs(60),
             remove_down_after: Duration::from_secs(24 * 3600),
             max_value_len: 900,
             max_name_len: 64,
             max_sync_frame: 32 << 20,
         }
+    }
+
+    /// The previous default, for comparison: [`CoreConfig::lan`] without Lifeguard (foca's
+    /// fixed suspicion timeout of 4 × max(1, log10 N) probe periods, no checks, no local
+    /// health) and the periodic announce every 30 s. It detects a crash in about serf's time.
+    pub fn lan_fixed_suspicion() -> Self {
+        Self {
+            suspicion_confirmations: 0,
+            suspicion_checkers: 0,
+            awareness_max: 1,
+            announce_interval: Duration::from_secs(30),
+            ..Self::lan()
+        }
+    }
+
+    /// Plain SWIM, the reference for false positives: no suspicion (a member that fails one
+    /// probe cycle is declared down at once), no Lifeguard; the rest as [`CoreConfig::lan`].
+    pub fn plain_swim() -> Self {
+        Self { suspicion_mult: 0, ..Self::lan_fixed_suspicion() }
+    }
+
+    /// Whether suspicion timeouts follow Lifeguard (shrink with confirmations) rather than
+    /// foca's fixed timer.
+    pub fn lifeguard(&self) -> bool {
+        self.suspicion_mult > 0 && self.suspicion_confirmations > 0
     }
 
     /// Checks the figures; the error names the field.
@@ -134,6 +173,24 @@ impl CoreConfig {
         if self.gossip_fanout == 0 {
             return Err(ConfigError::new("gossip_fanout", "must be at least 1"));
         }
+        if self.lifeguard()
+            && (self.suspicion_min.is_zero()
+                || self.suspicion_min > self.probe_period * self.suspicion_mult)
+        {
+            return Err(ConfigError::new(
+                "suspicion_min",
+                "must be greater than zero and at most suspicion_mult probe periods",
+            ));
+        }
+        if self.suspicion_confirmations > 64 {
+            return Err(ConfigError::new("suspicion_confirmations", "must be at most 64"));
+        }
+        if self.suspicion_checkers > 64 {
+            return Err(ConfigError::new("suspicion_checkers", "must be at most 64"));
+        }
+        if self.awareness_max == 0 || self.awareness_max > 64 {
+            return Err(ConfigError::new("awareness_max", "must be within 1..=64"));
+        }
         if self.retransmit_mult == 0 {
             return Err(ConfigError::new("retransmit_mult", "must be at least 1"));
         }
@@ -155,14 +212,56 @@ impl CoreConfig {
         Ok(())
     }
 
-    /// Suspicion timeout for a cluster of `n` members (memberlist `suspicionTimeout`).
+    /// Timeout of an unconfirmed suspicion in a cluster of `n` members (memberlist
+    /// `suspicionTimeout`; with Lifeguard, the longest a suspicion waits).
     pub fn suspicion_timeout(&self, n: usize) -> Duration {
         if self.suspicion_mult == 0 {
             // foca needs a non-zero timer; one millisecond is "at once" next to any RTT.
             return Duration::from_millis(1);
         }
-        let scale = (n.max(1) as f64).log10().max(1.0);
-        self.probe_period.mul_f64(f64::from(self.suspicion_mult) * scale)
+        self.probe_period.mul_f64(f64::from(self.suspicion_mult) * log_scale(n))
+    }
+
+    /// Lifeguard: the shortest suspicion timeout in a cluster of `n` members, reached with
+    /// [`Self::suspicion_confirmations`] confirmations.
+    pub fn suspicion_min_timeout(&self, n: usize) -> Duration {
+        if !self.lifeguard() {
+            return self.suspicion_timeout(n);
+        }
+        self.suspicion_min.mul_f64(log_scale(n)).min(self.suspicion_timeout(n))
+    }
+
+    /// Confirmations that bring a suspicion down to its shortest timeout in a cluster of `n`:
+    /// [`Self::suspicion_confirmations`], but no more than the `n - 2` members that can
+    /// confirm (neither the suspect nor the first accuser); 0 when nobody can.
+    pub fn expected_confirmations(&self, n: usize) -> u32 {
+        let others = u32::try_from(n.saturating_sub(2)).unwrap_or(u32::MAX);
+        self.suspicion_confirmations.min(others)
+    }
+
+    /// Lifeguard's suspicion timeout (memberlist `suspicion.go`) after `confirmations`
+    /// independent confirmations in a cluster of `n`: max − (max − min) · log(C + 1) / log(K + 1),
+    /// never below min. Without Lifeguard, or when nobody can confirm, the fixed timeout.
+    pub fn suspicion_timeout_confirmed(&self, n: usize, confirmations: u32) -> Duration {
+        let max = self.suspicion_timeout(n);
+        let k = self.expected_confirmations(n);
+        if !self.lifeguard() || k == 0 {
+            return max;
+        }
+        let min = self.suspicion_min_timeout(n);
+        let c = confirmations.min(k);
+        let frac = f64::from(c + 1).ln() / f64::from(k + 1).ln();
+        let span = max.saturating_sub(min);
+        max.saturating_sub(span.mul_f64(frac)).max(min)
+    }
+
+    /// Probability that a member verifies a new suspicion itself, with `candidates` members
+    /// able to (neither the suspect nor ourselves).
+    pub(crate) fn check_probability(&self, candidates: usize) -> f64 {
+        if !self.lifeguard() || self.suspicion_checkers == 0 || candidates == 0 {
+            return 0.0;
+        }
+        (self.suspicion_checkers as f64 / candidates as f64).min(1.0)
     }
 
     /// Retransmissions of each update for a cluster of `n` members (memberlist `retransmitLimit`).
@@ -199,6 +298,11 @@ impl CoreConfig {
         });
         c
     }
+}
+
+/// max(1, log10 n): how memberlist scales timeouts with the cluster.
+fn log_scale(n: usize) -> f64 {
+    (n.max(1) as f64).log10().max(1.0)
 }
 
 impl Default for CoreConfig {
@@ -301,27 +405,51 @@ mod tests {
     }
 
     #[test]
-    fn fast_detect_is_lan_with_short_suspicion() {
-        let c = CoreConfig::fast_detect();
-        c.validate().expect("defaults are valid");
-        let lan = CoreConfig::lan();
-        assert_eq!((c.probe_period, c.probe_timeout), (lan.probe_period, lan.probe_timeout));
-        assert_eq!((c.gossip_interval, c.gossip_fanout), (lan.gossip_interval, lan.gossip_fanout));
-        assert_eq!(c.suspicion_timeout(8), Duration::from_secs(1));
-        assert_eq!(c.suspicion_timeout(100), Duration::from_secs(2));
-        assert_eq!(c.suspicion_timeout(1000), Duration::from_secs(3));
-        assert_eq!(c.retransmits(10), lan.retransmits(10));
-        assert_eq!(
-            (c.sync_interval, c.announce_interval),
-            (Duration::from_secs(60), Duration::from_secs(60))
-        );
+    fn lifeguard_suspicion_shrinks_logarithmically_with_confirmations() {
+        let c = CoreConfig::lan();
+        assert!(c.lifeguard());
+        let ms = |d: Duration| d.as_millis();
+        // 8 members: 4 s alone, 0.5 s with 3 confirmations, in between on memberlist's curve.
+        assert_eq!(ms(c.suspicion_timeout_confirmed(8, 0)), 4000);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(8, 1)), 4000 - 3500 / 2);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(8, 2)), 1226);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(8, 3)), 500);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(8, 30)), 500);
+        // Scaled by log10 N like memberlist: 100 members wait 8 s alone, 1 s confirmed.
+        assert_eq!(ms(c.suspicion_timeout_confirmed(100, 0)), 8000);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(100, 3)), 1000);
+        // Too few members to confirm: the fixed timeout, never the short one.
+        assert_eq!(c.expected_confirmations(2), 0);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(2, 5)), 4000);
+        assert_eq!(c.expected_confirmations(4), 2);
+        assert_eq!(ms(c.suspicion_timeout_confirmed(4, 2)), 500);
+        // Without Lifeguard the timeout ignores confirmations.
+        let f = CoreConfig::lan_fixed_suspicion();
+        assert!(!f.lifeguard());
+        assert_eq!(ms(f.suspicion_timeout_confirmed(8, 3)), 4000);
+        assert!(!CoreConfig::plain_swim().lifeguard());
+        assert_eq!(CoreConfig::plain_swim().suspicion_timeout(8), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn checkers_are_a_bounded_expected_number() {
+        let c = CoreConfig::lan();
+        assert_eq!(c.check_probability(6), 1.0);
+        assert!((c.check_probability(98) - 8.0 / 98.0).abs() < 1e-12);
+        assert_eq!(c.check_probability(0), 0.0);
+        assert_eq!(CoreConfig::lan_fixed_suspicion().check_probability(6), 0.0);
+    }
+
+    #[test]
+    fn the_agent_gets_the_lifeguard_profile() {
         let g =
             GossipConfig::new(crate::NodeId(1), "198.18.0.1:7946".parse().expect("addr"), [7; 32]);
-        assert_eq!(
-            g.core.suspicion_mult,
-            CoreConfig::lan().suspicion_mult,
-            "the agent gets the LAN profile"
-        );
+        assert!(g.core.lifeguard());
+        assert_eq!(g.core.suspicion_confirmations, 3);
+        assert_eq!(g.core.awareness_max, 8);
+        for c in [CoreConfig::lan_fixed_suspicion(), CoreConfig::plain_swim()] {
+            c.validate().expect("reference profiles are valid");
+        }
     }
 
     #[test]
@@ -332,5 +460,11 @@ mod tests {
         let mut c = CoreConfig::lan();
         c.max_value_len = 5000;
         assert_eq!(c.validate().unwrap_err().field, "max_value_len");
+        let mut c = CoreConfig::lan();
+        c.suspicion_min = Duration::from_secs(5);
+        assert_eq!(c.validate().unwrap_err().field, "suspicion_min");
+        let mut c = CoreConfig::lan();
+        c.awareness_max = 0;
+        assert_eq!(c.validate().unwrap_err().field, "awareness_max");
     }
 }

@@ -17,7 +17,7 @@ use rand::{RngExt, SeedableRng};
 use crate::config::CoreConfig;
 use crate::keyring::{Keyring, KeyringError};
 use crate::metrics::{Counters, DropReason, MemberCounts, Metrics};
-use crate::msg::{self, Item, NodeRecord, WireEntry};
+use crate::msg::{self, Check, Item, NodeRecord, Suspect, WireEntry};
 use crate::table::{Merge, Store};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 use crate::wire::Kind;
@@ -26,6 +26,8 @@ use crate::wire::Kind;
 const RELAY_MEMORY: Duration = Duration::from_secs(300);
 /// Most members accepted in one sync message.
 const MAX_SYNC_MEMBERS: usize = 100_000;
+/// Asks per suspicion check, spread over the probe timeout (a lost datagram is not a death).
+const CHECK_TRIES: u32 = 3;
 
 /// Who this core is and how it starts.
 #[derive(Clone, Debug)]
@@ -164,6 +166,7 @@ pub enum TableError {
 enum BKey {
     Entry(EntryKey, Version),
     Node(NodeId, (u64, u64)),
+    Suspect(Identity, u16, NodeId),
 }
 
 impl foca::Invalidates for BKey {
@@ -171,6 +174,7 @@ impl foca::Invalidates for BKey {
         match (self, other) {
             (BKey::Entry(k, v), BKey::Entry(ok, ov)) => k == ok && v >= ov,
             (BKey::Node(n, v), BKey::Node(on, ov)) => n == on && v >= ov,
+            (BKey::Suspect(s, i, a), BKey::Suspect(os, oi, oa)) => s == os && a == oa && i >= oi,
             _ => false,
         }
     }
@@ -193,6 +197,37 @@ struct State {
     was_down: BTreeSet<NodeId>,
     events: VecDeque<Event>,
     counters: Counters,
+    /// Lifeguard suspicions in progress, by suspect.
+    suspicions: BTreeMap<Identity, Suspicion>,
+    /// Suspicions that ended (refuted at that incarnation, or `u16::MAX`: down): accusations
+    /// at or below it are stale.
+    settled: BTreeMap<Identity, (u16, Instant)>,
+    /// Suspects with new accusations, for the core to act on after the current foca call.
+    suspect_news: Vec<Identity>,
+    /// The highest incarnation at which someone accused us (we refute it).
+    self_suspected: Option<u16>,
+    /// Timers of replaced suspicions, for the core to cancel.
+    stale_timers: Vec<(Instant, u64)>,
+}
+
+/// What this node knows of one suspicion: its incarnation, since when, who accuses.
+#[derive(Debug)]
+struct Suspicion {
+    incarnation: u16,
+    started: Instant,
+    accusers: BTreeSet<NodeId>,
+    /// The key of its timeout in the core's timers.
+    timer: Option<(Instant, u64)>,
+    /// Whether this node already decided to check it (or not).
+    reviewed: bool,
+}
+
+/// A suspicion check in flight.
+#[derive(Debug)]
+struct PendingCheck {
+    subject: Identity,
+    incarnation: u16,
+    tries: u32,
 }
 
 impl State {
@@ -364,7 +399,58 @@ impl State {
         match item {
             Item::Entry(e) => self.apply_entry(e, true),
             Item::Node(r) => self.apply_record(r, local),
+            Item::Suspect(s) => self.apply_suspect(s),
         }
+    }
+
+    /// Records an accusation; `Some` when it is new and should be relayed.
+    fn apply_suspect(&mut self, s: Suspect) -> Option<BKey> {
+        if !self.cfg.lifeguard() {
+            return None;
+        }
+        if s.subject == self.me {
+            // Someone suspects us: refute (foca also does when its own update arrives).
+            self.self_suspected =
+                Some(self.self_suspected.map_or(s.incarnation, |i| i.max(s.incarnation)));
+            return None;
+        }
+        // Late copies of accusations about settled suspicions are normal in epidemic
+        // dissemination: counted as duplicates, not dropped.
+        if self.settled.get(&s.subject).is_some_and(|(i, _)| *i >= s.incarnation) {
+            self.counters.duplicates += 1;
+            return None;
+        }
+        let key = BKey::Suspect(s.subject.clone(), s.incarnation, s.accuser);
+        let now = self.now;
+        match self.suspicions.get_mut(&s.subject) {
+            Some(r) if r.incarnation > s.incarnation => {
+                self.counters.duplicates += 1;
+                return None;
+            }
+            Some(r) if r.incarnation == s.incarnation => {
+                if !r.accusers.insert(s.accuser) {
+                    self.counters.duplicates += 1;
+                    return None;
+                }
+            }
+            _ => {
+                // A newer incarnation replaces an older suspicion; the core cancels its timer.
+                let r = Suspicion {
+                    incarnation: s.incarnation,
+                    started: now,
+                    accusers: BTreeSet::from([s.accuser]),
+                    timer: None,
+                    reviewed: false,
+                };
+                if let Some(old) = self.suspicions.insert(s.subject.clone(), r)
+                    && let Some(k) = old.timer
+                {
+                    self.stale_timers.push(k);
+                }
+            }
+        }
+        self.suspect_news.push(s.subject);
+        Some(key)
     }
 
     fn member_view(&self, id: &Identity, state: MemberState, incarnation: u16) -> MemberView {
@@ -467,6 +553,23 @@ enum Tick {
     Foca(Timer<Identity>),
     Sync,
     Reap,
+    /// A suspicion's (Lifeguard) timeout: the suspect at that incarnation goes down.
+    Suspicion(Identity, u16),
+    /// The next ask (or the end) of a suspicion check.
+    Check(u32),
+    /// Looks for refuted or settled suspicions while any is in progress.
+    Scan,
+    /// The indirect probes of our probe with that number should have been answered by now.
+    ProbeOverdue(u8),
+}
+
+/// Our probe in progress, as seen in what foca sends and receives.
+#[derive(Debug)]
+struct ProbeWatch {
+    number: u8,
+    target: Identity,
+    answered: bool,
+    overdue_armed: bool,
 }
 
 /// The gossip state machine of one node.
@@ -483,6 +586,18 @@ pub struct Core {
     outbox: VecDeque<Transmit>,
     sized_for: (u8, Duration),
     pings: HashMap<(SocketAddr, u8), Instant>,
+    checks: BTreeMap<u32, PendingCheck>,
+    /// Lifeguard's local health score: 0 healthy, up to `awareness_max - 1`.
+    health: u32,
+    /// Our identity and incarnation as last sent (a rise is a refutation).
+    incarnation: (Identity, u16),
+    scan_armed: bool,
+    /// The health multiplier rose: re-arm the open suspicions' timeouts.
+    rearm: bool,
+    probe: Option<ProbeWatch>,
+    /// How much earlier than planned the last probe cycle ended: added to the next one, so
+    /// the probe rate stays one per probe period.
+    probe_debt: Duration,
 }
 
 impl std::fmt::Debug for Core {
@@ -524,9 +639,14 @@ impl Core {
             was_down: BTreeSet::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
+            suspicions: BTreeMap::new(),
+            settled: BTreeMap::new(),
+            suspect_news: Vec::new(),
+            self_suspected: None,
+            stale_timers: Vec::new(),
         }));
         let foca = Foca::with_custom_broadcast(
-            me,
+            me.clone(),
             opts.config.foca(1),
             SmallRng::seed_from_u64(rng.random()),
             PostcardCodec,
@@ -546,6 +666,13 @@ impl Core {
             outbox: VecDeque::new(),
             sized_for,
             pings: HashMap::new(),
+            checks: BTreeMap::new(),
+            health: 0,
+            incarnation: (me, 0),
+            scan_armed: false,
+            rearm: false,
+            probe: None,
+            probe_debt: Duration::ZERO,
             cfg,
         };
         let first_sync = core.cfg.sync_interval.mul_f64(0.5 + core.rng.random::<f64>() * 0.5);
@@ -629,6 +756,7 @@ impl Core {
         }
         let plain = match self.keyring.open(data) {
             Ok((Kind::Swim, plain)) => plain,
+            Ok((Kind::Check, plain)) => return self.handle_check(now, from, &plain),
             Ok(_) => return self.count_drop(DropReason::WrongKind),
             Err(e) => {
                 tracing::trace!(%from, error = %e, "dropped datagram");
@@ -751,6 +879,10 @@ impl Core {
                     self.reap(now);
                     self.schedule(now + self.cfg.reap_interval, Tick::Reap);
                 }
+                Tick::Suspicion(subject, incarnation) => self.expire(now, &subject, incarnation),
+                Tick::Check(nonce) => self.check_step(now, nonce),
+                Tick::Scan => self.scan(now),
+                Tick::ProbeOverdue(number) => self.probe_overdue(now, number),
             }
             self.flush(now);
         }
@@ -938,7 +1070,12 @@ impl Core {
     pub fn metrics(&self) -> Metrics {
         let st = lock(&self.state);
         let entries = st.store.iter().filter(|(k, _)| st.view(k).is_some()).count();
-        Metrics { members: self.member_counts(), counters: st.counters.clone(), entries }
+        Metrics {
+            members: self.member_counts(),
+            counters: st.counters.clone(),
+            entries,
+            health_multiplier: self.health + 1,
+        }
     }
 
     /// The traffic and drop counters alone (cheap).
@@ -1104,17 +1241,55 @@ impl Core {
         let age = st.cfg.tombstone_reap;
         st.store.reap(now, age);
         st.relay.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
+        st.settled.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
         self.pings.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(10));
     }
 
-    /// Turns what foca asked for into transmits, timers and state changes.
+    /// Turns what foca asked for into transmits, timers and state changes, and acts on new
+    /// accusations, until neither leaves more to do.
     fn flush(&mut self, now: Instant) {
-        let rt = std::mem::take(&mut self.rt);
+        loop {
+            let rt = std::mem::take(&mut self.rt);
+            let news = self.rearm || {
+                let st = lock(&self.state);
+                !st.suspect_news.is_empty()
+                    || st.self_suspected.is_some()
+                    || !st.stale_timers.is_empty()
+            };
+            if rt.send.is_empty() && rt.timers.is_empty() && rt.notes.is_empty() && !news {
+                return;
+            }
+            self.absorb(now, rt);
+            self.process_suspicions(now);
+        }
+    }
+
+    fn absorb(&mut self, now: Instant, rt: Rt) {
+        let mut accusations = Vec::new();
         for (after, t) in rt.timers {
-            self.schedule(now + after, Tick::Foca(t));
+            match t {
+                // With Lifeguard the core owns the suspicion timeout: foca's fixed one becomes
+                // our accusation, and its timeout shrinks as others confirm.
+                Timer::ChangeSuspectToDown { member_id, incarnation, .. }
+                    if self.cfg.lifeguard() =>
+                {
+                    accusations.push((member_id, incarnation));
+                }
+                // Local health: a node that is slow itself probes less often and waits longer.
+                t @ Timer::ProbeRandomMember(_) => {
+                    let at =
+                        now + after * self.health_mult() + std::mem::take(&mut self.probe_debt);
+                    self.schedule(at, Tick::Foca(t));
+                }
+                t @ Timer::SendIndirectProbe { .. } => {
+                    self.schedule(now + after * self.health_mult(), Tick::Foca(t));
+                }
+                t => self.schedule(now + after, Tick::Foca(t)),
+            }
         }
         let mut membership_changed = false;
         let mut republish = false;
+        let mut spread = false;
         for n in rt.notes {
             match n {
                 OwnedNotification::MemberUp(id) => {
@@ -1134,6 +1309,9 @@ impl Core {
                 OwnedNotification::MemberDown(id) => {
                     membership_changed = true;
                     lock(&self.state).member_down(&id);
+                    // Pass a death on at once instead of at the next gossip round: the cluster
+                    // then learns it in a few round trips (one datagram per member and death).
+                    spread = self.cfg.lifeguard();
                 }
                 OwnedNotification::Rename(old, new) => {
                     membership_changed = true;
@@ -1150,25 +1328,62 @@ impl Core {
                     );
                     lock(&self.state).me = new;
                     republish = true;
+                    // Declared dead: the strongest sign that we are the slow one. As foca voids
+                    // its timers on a new identity, our suspicions go too: the peers ignored
+                    // what we said while they held us dead, so our lone accusations were never
+                    // checked, and our view of who refuted is stale.
+                    self.health_up();
+                    self.forget_suspicions();
                 }
+                OwnedNotification::Idle | OwnedNotification::Defunct => self.forget_suspicions(),
                 // Joined: now that foca knows the cluster's size, spread our record again with
                 // a retransmit count sized for it.
                 OwnedNotification::Active => republish = true,
                 OwnedNotification::DataSent(h) => {
-                    if let Message::Ping(n) = h.message {
-                        self.pings.insert((h.dst.addr, n), now);
+                    match h.message {
+                        Message::Ping(n) => {
+                            self.pings.insert((h.dst.addr, n), now);
+                            self.probe = Some(ProbeWatch {
+                                number: n,
+                                target: h.dst.clone(),
+                                answered: false,
+                                overdue_armed: false,
+                            });
+                        }
+                        // The direct probe went unanswered: foca asks others to probe.
+                        Message::PingReq { probe_number, .. } => {
+                            self.indirect_started(now, probe_number);
+                        }
+                        _ => {}
                     }
+                    self.track_incarnation(&h.src, h.src_incarnation);
                 }
                 OwnedNotification::DataReceived(h) => {
+                    if let Some(p) = self.probe.as_mut() {
+                        match &h.message {
+                            Message::Ack(n) if *n == p.number && h.src == p.target => {
+                                p.answered = true;
+                            }
+                            Message::ForwardedAck { probe_number, .. }
+                                if *probe_number == p.number =>
+                            {
+                                p.answered = true;
+                            }
+                            _ => {}
+                        }
+                    }
                     if let Message::Ack(n) = h.message
                         && let Some(sent) = self.pings.remove(&(h.src.addr, n))
                     {
-                        lock(&self.state).counters.rtt(now.saturating_duration_since(sent));
+                        let rtt = now.saturating_duration_since(sent);
+                        lock(&self.state).counters.rtt(rtt);
+                        // A timely answer to our own probe: evidence that we are healthy.
+                        if rtt <= self.cfg.probe_timeout * self.health_mult() {
+                            self.health = self.health.saturating_sub(1);
+                        }
                     }
                 }
-                OwnedNotification::Idle
-                | OwnedNotification::Defunct
-                | OwnedNotification::ProbeFailed(..) => {}
+                OwnedNotification::ProbeFailed(..) => {}
             }
         }
         if membership_changed {
@@ -1178,19 +1393,396 @@ impl Core {
             let (meta, nets) = self.own_record();
             self.publish_record(now, meta, nets);
         }
-        let rt_left = std::mem::take(&mut self.rt);
-        let mut sends = rt.send;
-        sends.extend(rt_left.send);
-        for (after, t) in rt_left.timers {
-            self.schedule(now + after, Tick::Foca(t));
+        if spread
+            && !self.quiet
+            && let Err(e) = self.foca.gossip(&mut self.rt)
+        {
+            tracing::debug!(error = %e, "gossip of a death failed");
         }
+        {
+            let mut st = lock(&self.state);
+            for (to, data) in rt.send {
+                let sealed = self.keyring.seal(Kind::Swim, &data);
+                st.counters.udp_out += 1;
+                st.counters.udp_bytes_out += sealed.len() as u64;
+                self.outbox.push_back(Transmit::Udp { to: to.addr, data: sealed });
+            }
+        }
+        for (subject, incarnation) in accusations {
+            self.accuse(subject, incarnation);
+        }
+    }
+
+    /// The indirect stage of probe `number` began: if nobody answers within a few round
+    /// trips, the probe has failed, and waiting out the rest of the probe period (as foca
+    /// does) only delays the suspicion.
+    fn indirect_started(&mut self, now: Instant, number: u8) {
+        if !self.cfg.lifeguard() {
+            return;
+        }
+        let Some(p) = self.probe.as_mut() else { return };
+        if p.number != number || p.overdue_armed {
+            return;
+        }
+        p.overdue_armed = true;
+        // Four one-way trips (to a helper, to the target and back twice), with room for
+        // scheduling: four mean round trips, at least a tenth of the probe timeout and at most
+        // half of it; stretched by the local health multiplier like every timeout.
+        let rtt = lock(&self.state).counters.probe_rtt_mean().unwrap_or(self.cfg.probe_timeout);
+        let wait = (rtt * 4).clamp(self.cfg.probe_timeout / 10, self.cfg.probe_timeout / 2)
+            * self.health_mult();
+        self.schedule(now + wait, Tick::ProbeOverdue(number));
+    }
+
+    /// Nobody answered probe `number`, directly or indirectly, in time: end the probe cycle
+    /// now (foca then suspects the target and starts the next probe); the next cycle is made
+    /// longer by as much, so the probe rate does not change.
+    fn probe_overdue(&mut self, now: Instant, number: u8) {
+        if !self.probe.as_ref().is_some_and(|p| p.number == number && !p.answered) {
+            return;
+        }
+        let pending = self
+            .timers
+            .iter()
+            .find(|(_, t)| matches!(t, Tick::Foca(Timer::ProbeRandomMember(_))))
+            .map(|(k, _)| *k);
+        let Some(key) = pending else { return };
+        if key.0 <= now {
+            return;
+        }
+        if let Some(tick) = self.timers.remove(&key) {
+            self.probe_debt = key.0 - now;
+            self.schedule(now, tick);
+        }
+    }
+
+    /// Lifeguard's local health multiplier of probe period and timeouts.
+    fn health_mult(&self) -> u32 {
+        self.health + 1
+    }
+
+    /// One more sign that we are slow: stretch our probing, and our open suspicions' timeouts
+    /// at the next occasion (Lifeguard scales local timeouts by the multiplier).
+    fn health_up(&mut self) {
+        let before = self.health;
+        self.health = (self.health + 1).min(self.cfg.awareness_max.saturating_sub(1));
+        self.rearm |= self.health != before;
+    }
+
+    /// Drops every suspicion in progress and every check (foca voided our timers).
+    fn forget_suspicions(&mut self) {
+        let open = std::mem::take(&mut lock(&self.state).suspicions);
+        for r in open.into_values() {
+            if let Some(k) = r.timer {
+                self.timers.remove(&k);
+            }
+        }
+        self.checks.clear();
+    }
+
+    /// Follows our incarnation in what foca sends: a rise means we refuted a suspicion of
+    /// ourselves, a sign that we may be the slow one.
+    fn track_incarnation(&mut self, id: &Identity, incarnation: u16) {
+        if *id != self.incarnation.0 {
+            self.incarnation = (id.clone(), incarnation);
+        } else if incarnation > self.incarnation.1 {
+            self.incarnation.1 = incarnation;
+            lock(&self.state).counters.refutations += 1;
+            self.health_up();
+        }
+    }
+
+    /// This node accuses `subject`: the accusation is gossiped (to a few members at once) and
+    /// counted like anyone else's.
+    fn accuse(&mut self, subject: Identity, incarnation: u16) {
+        let accuser = lock(&self.state).me.node;
+        let item = Item::Suspect(Suspect { subject, incarnation, accuser });
+        if let Ok(true) = self.foca.add_broadcast(&msg::encode(&item)) {
+            lock(&self.state).counters.suspicions_raised += 1;
+            if let Err(e) = self.foca.gossip(&mut self.rt) {
+                tracing::debug!(error = %e, "gossip of an accusation failed");
+            }
+        }
+    }
+
+    /// foca's view of a member: its incarnation and state.
+    fn view_of(&self, id: &Identity) -> Option<(u16, SwimState)> {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id() == id)
+            .map(|m| (m.incarnation(), m.state()))
+    }
+
+    /// Acts on accusations that arrived during the last foca call.
+    fn process_suspicions(&mut self, now: Instant) {
+        let (mut news, me, stale) = {
+            let mut st = lock(&self.state);
+            (
+                std::mem::take(&mut st.suspect_news),
+                st.self_suspected.take(),
+                std::mem::take(&mut st.stale_timers),
+            )
+        };
+        for k in stale {
+            self.timers.remove(&k);
+        }
+        if let Some(incarnation) = me {
+            self.refute(incarnation);
+        }
+        if std::mem::take(&mut self.rearm) {
+            news.extend(lock(&self.state).suspicions.keys().cloned());
+        }
+        news.sort();
+        news.dedup();
+        for subject in news {
+            self.review(now, &subject);
+        }
+    }
+
+    /// Someone says we are suspect at `incarnation`: let foca refute it (it raises our
+    /// incarnation and gossips).
+    fn refute(&mut self, incarnation: u16) {
+        let me = self.foca.identity().clone();
+        if me != self.incarnation.0 || incarnation < self.incarnation.1 {
+            return;
+        }
+        let update = Member::new(me, incarnation, SwimState::Suspect);
+        if let Err(e) = self.foca.apply_many(std::iter::once(update), true, &mut self.rt) {
+            tracing::debug!(error = %e, "refutation failed");
+        }
+    }
+
+    /// Brings a suspicion in line with foca's view and its accusers: drops it if settled,
+    /// marks the suspect in foca, re-arms its timeout, and maybe checks the suspect.
+    fn review(&mut self, now: Instant, subject: &Identity) {
+        let Some((incarnation, accused, reviewed)) = ({
+            let st = lock(&self.state);
+            st.suspicions
+                .get(subject)
+                .map(|r| (r.incarnation, r.accusers.contains(&st.me.node), r.reviewed))
+        }) else {
+            return;
+        };
+        match self.view_of(subject) {
+            None => {
+                // Not a member we know: nothing to suspect.
+                if let Some(r) = lock(&self.state).suspicions.remove(subject)
+                    && let Some(k) = r.timer
+                {
+                    self.timers.remove(&k);
+                }
+                return;
+            }
+            Some((_, SwimState::Down)) => return self.settle(now, subject, u16::MAX, false),
+            Some((known, _)) if known > incarnation => {
+                return self.settle(now, subject, incarnation, true);
+            }
+            Some((known, state)) => {
+                if known < incarnation || state == SwimState::Alive {
+                    let update = Member::new(subject.clone(), incarnation, SwimState::Suspect);
+                    if let Err(e) =
+                        self.foca.apply_many(std::iter::once(update), true, &mut self.rt)
+                    {
+                        tracing::debug!(error = %e, "marking a suspect failed");
+                    }
+                }
+            }
+        }
+        self.arm(now, subject);
+        if !reviewed {
+            if let Some(r) = lock(&self.state).suspicions.get_mut(subject) {
+                r.reviewed = true;
+            }
+            // Candidates: every active member but the suspect and ourselves.
+            let candidates = self.foca.num_members().saturating_sub(1);
+            let p = self.cfg.check_probability(candidates);
+            if !accused && p > 0.0 && self.rng.random::<f64>() < p {
+                self.start_check(now, subject.clone(), incarnation);
+            }
+        }
+        if !self.scan_armed {
+            self.scan_armed = true;
+            self.schedule(now + self.cfg.gossip_interval, Tick::Scan);
+        }
+    }
+
+    /// (Re)schedules a suspicion's timeout from its start and its confirmations so far.
+    fn arm(&mut self, now: Instant, subject: &Identity) {
+        let n = self.foca.num_members() + 1;
+        let mult = self.health_mult();
         let mut st = lock(&self.state);
-        for (to, data) in sends {
-            let sealed = self.keyring.seal(Kind::Swim, &data);
-            st.counters.udp_out += 1;
-            st.counters.udp_bytes_out += sealed.len() as u64;
-            self.outbox.push_back(Transmit::Udp { to: to.addr, data: sealed });
+        let Some(r) = st.suspicions.get_mut(subject) else { return };
+        let confirmations = u32::try_from(r.accusers.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        let timeout = self.cfg.suspicion_timeout_confirmed(n, confirmations) * mult;
+        let at = (r.started + timeout).max(now);
+        if r.timer.is_some_and(|(t, _)| t == at) {
+            return;
         }
+        if let Some(k) = r.timer.take() {
+            self.timers.remove(&k);
+        }
+        self.timer_seq += 1;
+        let key = (at, self.timer_seq);
+        r.timer = Some(key);
+        let incarnation = r.incarnation;
+        drop(st);
+        self.timers.insert(key, Tick::Suspicion(subject.clone(), incarnation));
+    }
+
+    /// Ends a suspicion: refuted at `incarnation` (`refuted`), or moot (`u16::MAX`: down).
+    fn settle(&mut self, now: Instant, subject: &Identity, incarnation: u16, refuted: bool) {
+        let wrong = {
+            let mut st = lock(&self.state);
+            st.settled.insert(subject.clone(), (incarnation, now));
+            let me = st.me.node;
+            match st.suspicions.remove(subject) {
+                Some(r) => {
+                    if let Some(k) = r.timer {
+                        self.timers.remove(&k);
+                    }
+                    refuted && r.accusers.contains(&me)
+                }
+                None => false,
+            }
+        };
+        self.checks.retain(|_, c| c.subject != *subject);
+        // Our accusation was refuted: we may be the slow one.
+        if wrong {
+            self.health_up();
+        }
+    }
+
+    /// A suspicion timed out: declare the suspect down unless it refuted meanwhile.
+    fn expire(&mut self, now: Instant, subject: &Identity, incarnation: u16) {
+        let current = lock(&self.state).suspicions.get(subject).map(|r| r.incarnation);
+        if current != Some(incarnation) {
+            return;
+        }
+        match self.view_of(subject) {
+            Some((known, state)) if known == incarnation && state != SwimState::Down => {
+                let down = Member::new(subject.clone(), incarnation, SwimState::Down);
+                if let Err(e) = self.foca.apply_many(std::iter::once(down), true, &mut self.rt) {
+                    tracing::debug!(error = %e, "declaring a suspect down failed");
+                }
+                self.settle(now, subject, u16::MAX, false);
+            }
+            Some((known, state)) if known > incarnation && state != SwimState::Down => {
+                self.settle(now, subject, incarnation, true);
+            }
+            _ => self.settle(now, subject, u16::MAX, false),
+        }
+    }
+
+    /// Periodically ends suspicions that foca's view shows refuted or down.
+    fn scan(&mut self, now: Instant) {
+        let open: Vec<(Identity, u16)> =
+            lock(&self.state).suspicions.iter().map(|(k, r)| (k.clone(), r.incarnation)).collect();
+        if open.is_empty() {
+            self.scan_armed = false;
+            return;
+        }
+        let wanted: BTreeSet<&Identity> = open.iter().map(|(k, _)| k).collect();
+        let views: BTreeMap<Identity, (u16, SwimState)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| wanted.contains(m.id()))
+            .map(|m| (m.id().clone(), (m.incarnation(), m.state())))
+            .collect();
+        for (subject, incarnation) in open {
+            match views.get(&subject) {
+                Some((_, SwimState::Down)) | None => self.settle(now, &subject, u16::MAX, false),
+                Some((known, _)) if *known > incarnation => {
+                    self.settle(now, &subject, incarnation, true);
+                }
+                Some(_) => {}
+            }
+        }
+        self.schedule(now + self.cfg.gossip_interval, Tick::Scan);
+    }
+
+    /// Time between two asks of a suspicion check.
+    fn check_interval(&self) -> Duration {
+        self.cfg.probe_timeout * self.health_mult() / CHECK_TRIES
+    }
+
+    /// Asks the suspect directly whether it is there (and tells it it is suspected).
+    fn start_check(&mut self, now: Instant, subject: Identity, incarnation: u16) {
+        let nonce: u32 = self.rng.random();
+        let ping = Check::Ping { nonce, target: subject.clone(), incarnation };
+        self.send_check(subject.addr, &ping);
+        self.checks.insert(nonce, PendingCheck { subject, incarnation, tries: 1 });
+        lock(&self.state).counters.checks_sent += 1;
+        self.schedule(now + self.check_interval(), Tick::Check(nonce));
+    }
+
+    fn send_check(&mut self, to: SocketAddr, check: &Check) {
+        let sealed = self.keyring.seal(Kind::Check, &msg::encode(check));
+        let mut st = lock(&self.state);
+        st.counters.udp_out += 1;
+        st.counters.udp_bytes_out += sealed.len() as u64;
+        self.outbox.push_back(Transmit::Udp { to, data: sealed });
+    }
+
+    /// The next ask of a check, or, after the last one went unanswered, our own accusation.
+    fn check_step(&mut self, now: Instant, nonce: u32) {
+        let Some(c) = self.checks.get_mut(&nonce) else { return };
+        if c.tries < CHECK_TRIES {
+            c.tries += 1;
+            let ping = Check::Ping { nonce, target: c.subject.clone(), incarnation: c.incarnation };
+            let to = c.subject.addr;
+            self.send_check(to, &ping);
+            self.schedule(now + self.check_interval(), Tick::Check(nonce));
+            return;
+        }
+        let Some(c) = self.checks.remove(&nonce) else { return };
+        let open = lock(&self.state)
+            .suspicions
+            .get(&c.subject)
+            .is_some_and(|r| r.incarnation == c.incarnation);
+        if open {
+            self.accuse(c.subject, c.incarnation);
+        }
+    }
+
+    /// A suspicion check (or its answer) arrived.
+    fn handle_check(&mut self, now: Instant, from: SocketAddr, plain: &[u8]) {
+        let check = match msg::decode_check(plain, self.cfg.max_datagram) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::trace!(%from, error = %e, "malformed check");
+                return self.count_drop(DropReason::Malformed);
+            }
+        };
+        match check {
+            Check::Ping { nonce, target, incarnation } => {
+                if target != *self.foca.identity() {
+                    // About a previous identity of ours (or not us at all): that one is gone.
+                    return self.count_drop(DropReason::Rejected);
+                }
+                self.refute(incarnation);
+                self.flush(now);
+                let (me, incarnation) = self.incarnation.clone();
+                self.send_check(from, &Check::Ack { nonce, from: me, incarnation });
+            }
+            Check::Ack { nonce, from: who, incarnation } => {
+                if self.checks.get(&nonce).is_none_or(|c| c.subject != who) {
+                    // Late (after the check ended) or unknown.
+                    lock(&self.state).counters.duplicates += 1;
+                    return;
+                }
+                let Some(c) = self.checks.remove(&nonce) else { return };
+                if incarnation > c.incarnation {
+                    // The suspect itself says it refuted: apply (and spread) it now.
+                    let alive = Member::new(who.clone(), incarnation, SwimState::Alive);
+                    if let Err(e) = self.foca.apply_many(std::iter::once(alive), true, &mut self.rt)
+                    {
+                        tracing::debug!(error = %e, "applying a refutation failed");
+                    }
+                    self.settle(now, &who, c.incarnation, true);
+                }
+            }
+        }
+        self.flush(now);
     }
 
     /// Scales retransmissions and the suspicion timeout with the cluster, as memberlist does.

@@ -13,6 +13,17 @@
 //!   random peer over TCP (on join, on network join, every `sync_interval`). Entries of a node
 //!   that is down are withdrawn from consumers and come back with it; a restarted node (larger
 //!   generation) replaces its previous run's entries.
+//!   Lifeguard's refinements are added around foca, not inside it: the core takes over foca's
+//!   suspicion timer (delivering timers is the runtime's job) and gossips each accusation as a
+//!   [`msg::Suspect`] item naming its accuser; a suspicion's timeout starts long
+//!   ([`CoreConfig::suspicion_timeout`]) and shrinks logarithmically with each independent
+//!   accuser ([`CoreConfig::suspicion_timeout_confirmed`]), after which the core declares the
+//!   suspect down through `Foca::apply_many`. A few members verify each new suspicion at once
+//!   with a sealed [`msg::Check`] datagram that also tells the suspect to refute, and a node
+//!   whose accusations are refuted or that must refute suspicions of itself stretches its
+//!   probe period and timeouts (local health), so a slow node stops accusing healthy ones.
+//!   The core also ends a probe cycle early once its indirect probes are overdue (it delivers
+//!   foca's next probe timer sooner and the one after later) and passes deaths on at once.
 //! - [`sim`]: N cores on virtual time with per-link latency, loss, partitions, seeded.
 //! - [`driver`]: the thin tokio driver, [`Gossip::start`], one UDP socket and one TCP listener.
 //!
@@ -28,7 +39,7 @@
 //! # Using the driver (what the agent does)
 //!
 //! Build a [`GossipConfig`] (node id, advertise address, keys, seeds, metadata, networks;
-//! [`CoreConfig::lan`] figures), call [`Gossip::start`], then:
+//! [`CoreConfig::lan`] figures, the default), call [`Gossip::start`], then:
 //! [`Gossip::snapshot`] for members, entries and metrics without blocking the driver;
 //! [`Gossip::subscribe`] for a stream of [`Event`]s; [`Gossip::write`] / [`Gossip::delete`]
 //! for this node's entries; [`Gossip::join_network`] / [`Gossip::leave_network`];

@@ -104,6 +104,12 @@ pub struct Counters {
     pub probe_rtt_max_us: u64,
     /// Last probe round trip, microseconds.
     pub probe_rtt_last_us: u64,
+    /// Accusations this node made (failed probes and failed suspicion checks).
+    pub suspicions_raised: u64,
+    /// Suspicion checks this node started (each up to three asks of the suspect).
+    pub checks_sent: u64,
+    /// Times this node refuted a suspicion of itself.
+    pub refutations: u64,
 }
 
 impl Counters {
@@ -157,4 +163,6 @@ pub struct Metrics {
     pub counters: Counters,
     /// Visible table entries.
     pub entries: usize,
+    /// Lifeguard's local health multiplier (1 healthy, up to `awareness_max`).
+    pub health_multiplier: u32,
 }

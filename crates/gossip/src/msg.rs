@@ -39,6 +39,19 @@ impl NodeRecord {
     }
 }
 
+/// One member's accusation that another did not answer its probe or check (Lifeguard's
+/// suspect message with its `From`): independent accusations of the same suspect at the same
+/// incarnation shorten the suspicion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspect {
+    /// Who is suspected.
+    pub subject: Identity,
+    /// Its incarnation when suspected; a refutation raises it and ends the suspicion.
+    pub incarnation: u16,
+    /// Who accuses it.
+    pub accuser: NodeId,
+}
+
 /// A custom broadcast item (foca carries these on its packets).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Item {
@@ -46,6 +59,32 @@ pub enum Item {
     Entry(WireEntry),
     /// A node's metadata.
     Node(NodeRecord),
+    /// An accusation.
+    Suspect(Suspect),
+}
+
+/// A suspicion check, sealed as [`crate::wire::Kind::Check`] datagrams: a member that hears
+/// of a suspicion asks the suspect directly; the ask also tells the suspect so it can refute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Check {
+    /// "Are you there? You are suspected at `incarnation`."
+    Ping {
+        /// Matches the answer to the ask.
+        nonce: u32,
+        /// The suspect as the asker knows it.
+        target: Identity,
+        /// The suspected incarnation.
+        incarnation: u16,
+    },
+    /// "I am": the suspect's identity and its incarnation after refuting.
+    Ack {
+        /// The ask's nonce.
+        nonce: u32,
+        /// The answering member.
+        from: Identity,
+        /// Its current incarnation.
+        incarnation: u16,
+    },
 }
 
 /// A full-state sync (push, or the reply to one).
@@ -96,6 +135,11 @@ pub fn decode_item(bytes: &[u8], max: usize) -> Result<Item, DecodeError> {
     decode(bytes, max)
 }
 
+/// Decodes a suspicion check of at most `max` bytes.
+pub fn decode_check(bytes: &[u8], max: usize) -> Result<Check, DecodeError> {
+    decode(bytes, max)
+}
+
 /// Decodes a sync message of at most `max` bytes.
 pub fn decode_sync(bytes: &[u8], max: usize) -> Result<Sync, DecodeError> {
     decode(bytes, max)
@@ -125,11 +169,46 @@ mod tests {
         assert!(matches!(decode_item(&b, 3), Err(DecodeError::TooBig { .. })));
     }
 
+    #[test]
+    fn suspect_and_check_round_trip() {
+        let subject = Identity {
+            addr: "10.0.0.9:7946".parse().expect("literal"),
+            node: NodeId(9),
+            generation: 4,
+            bump: 1,
+        };
+        let item =
+            Item::Suspect(Suspect { subject: subject.clone(), incarnation: 7, accuser: NodeId(2) });
+        assert_eq!(decode_item(&encode(&item), 1400), Ok(item));
+        let ping = Check::Ping { nonce: 0xdead_beef, target: subject.clone(), incarnation: 7 };
+        assert_eq!(decode_check(&encode(&ping), 256), Ok(ping));
+        let ack = Check::Ack { nonce: 1, from: subject, incarnation: 8 };
+        let mut b = encode(&ack);
+        assert_eq!(decode_check(&b, 256), Ok(ack));
+        b.push(0);
+        assert!(matches!(decode_check(&b, 256), Err(DecodeError::Malformed(_))));
+        // Hand-written bytes: variant 1 (Ack), nonce 5, 127.0.0.1:1 (V4 = 0), node 3,
+        // generation 2, bump 0, incarnation 300 (varint ac 02).
+        let hand = [1, 5, 0, 127, 0, 0, 1, 1, 3, 2, 0, 0xac, 0x02];
+        let want = Check::Ack {
+            nonce: 5,
+            from: Identity {
+                addr: "127.0.0.1:1".parse().expect("literal"),
+                node: NodeId(3),
+                generation: 2,
+                bump: 0,
+            },
+            incarnation: 300,
+        };
+        assert_eq!(decode_check(&hand, 256), Ok(want));
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_item(&bytes, 1400);
             let _ = decode_sync(&bytes, 1 << 20);
+            let _ = decode_check(&bytes, 1400);
         }
     }
 }

@@ -97,6 +97,22 @@ impl Collector for GossipCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        counters(
+            &mut enc,
+            "gossip_suspicions",
+            "Lifeguard suspicion events by kind: accusations made, checks started, refutations of ourselves",
+            &[
+                (&[("kind", "raised")], c.suspicions_raised),
+                (&[("kind", "checked")], c.checks_sent),
+                (&[("kind", "refuted")], c.refutations),
+            ],
+        )?;
+        ConstGauge::new(i64::from(m.health_multiplier)).encode(enc.encode_descriptor(
+            "gossip_health_multiplier",
+            "Lifeguard local health multiplier of probe period and timeouts (1 = healthy)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         ConstGauge::new(m.entries as i64).encode(enc.encode_descriptor(
             "gossip_table_entries",
             "Visible replicated table entries",

@@ -29,7 +29,7 @@ impl fmt::Display for NodeId {
 
 /// What SWIM knows a member by: where it is, which node, which process start (`generation`)
 /// and how often it renewed itself after being declared down (`bump`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Identity {
     /// UDP/TCP gossip address.
     pub addr: SocketAddr,

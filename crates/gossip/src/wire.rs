@@ -8,7 +8,7 @@
 //! ```
 //!
 //! `v` is the format version (1), `kd` the kind of the sealed message (SWIM datagram, sync
-//! request, sync reply), `key id` the first four bytes of SHA-256 of the AES-256 key that sealed
+//! request, sync reply, suspicion check), `key id` the first four bytes of SHA-256 of the AES-256 key that sealed
 //! it. The 20 header bytes are the AEAD's additional data, so none of them can be altered.
 //! Over TCP every frame is preceded by its length as a big-endian `u32`.
 
@@ -43,6 +43,8 @@ pub enum Kind {
     SyncRequest,
     /// The answer to a full-state push.
     SyncReply,
+    /// A suspicion check or its answer (UDP).
+    Check,
 }
 
 impl Kind {
@@ -52,6 +54,7 @@ impl Kind {
             Kind::Swim => 1,
             Kind::SyncRequest => 2,
             Kind::SyncReply => 3,
+            Kind::Check => 4,
         }
     }
 
@@ -61,6 +64,7 @@ impl Kind {
             1 => Some(Kind::Swim),
             2 => Some(Kind::SyncRequest),
             3 => Some(Kind::SyncReply),
+            4 => Some(Kind::Check),
             _ => None,
         }
     }

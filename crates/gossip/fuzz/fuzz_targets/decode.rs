@@ -1,5 +1,5 @@
 //! Hostile bytes into every decoder of the gossip core: the frame view, the keyring, the
-//! postcard messages, and the whole receive path (raw, and sealed with the cluster key so the
+//! postcard messages (items, syncs, suspicion checks), and the whole receive path (raw, and sealed with the cluster key so the
 //! bytes reach foca's and our decoders behind the AEAD). Nothing may panic.
 #![no_main]
 
@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = msg::decode_item(rest, 1400);
     let _ = msg::decode_sync(rest, 1 << 20);
+    let _ = msg::decode_check(rest, 1400);
 
     let now = Instant::now();
     let from: SocketAddr = "10.0.0.2:7946".parse().expect("literal");
@@ -34,12 +35,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut core) = Core::new(opts, now) else { return };
     let _ = core.join_network(now, "net");
     let mut ring = Keyring::new(&[KEY], 2).expect("valid key");
-    match mode % 4 {
+    match mode % 5 {
         0 => core.handle_udp(now, from, rest),
         1 => core.handle_udp(now, from, &ring.seal(Kind::Swim, rest)),
         2 => {
             let _ = core.handle_sync(now, from, &ring.seal(Kind::SyncRequest, rest));
         }
+        3 => core.handle_udp(now, from, &ring.seal(Kind::Check, rest)),
         _ => {
             let _ = core.handle_sync(now, from, rest);
         }
