@@ -235,7 +235,8 @@ impl LabGuard {
         let name = format!("gb{tag}{}", pid % 10_000);
         let mut last = String::new();
         for attempt in 0..8u32 {
-            let third = 150 + (pid.wrapping_add(attempt * 13) % 90);
+            // 198.18.200-249.0/24, the suite's labs' range (retried when another lab holds it).
+            let third = 200 + (pid.wrapping_add(attempt * 13) % 50);
             let subnet = format!("198.18.{third}.0/24");
             let guard = LabGuard { name: name.clone() };
             let out = Command::new(shoal_bin())

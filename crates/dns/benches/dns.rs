@@ -15,6 +15,15 @@
 //! mostly the cost of waking up per query, and p50/p99 latency from dnsperf's per-query
 //! lines). Prints every round, median [min–max] per figure, and the same-round shoal/unbound
 //! ratios. `DUR` sets the seconds per run, `OUTSTANDING` dnsperf's queries in flight at max.
+//!
+//! For the suite (`cargo bench -p shoal --bench system`): `-- --quick` (2 s per run, one round,
+//! one fixed load, unless the variables say otherwise), `--rounds N`, and `--out PATH`, which
+//! writes the medians as shoal-vs-peer rows (benches/common's JSON report). A peer that is not
+//! installed (unbound, dnsmasq) gives rows that say so. Every system answers one 1 s run at max
+//! load before the recorded rounds (warm-up; `WARMUP=0` skips it).
+
+#[path = "../../../benches/common/mod.rs"]
+mod suite;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -235,16 +244,17 @@ struct Knobs {
 }
 
 impl Knobs {
-    fn from_env() -> Knobs {
+    fn from_env(opts: &suite::Options) -> Knobs {
         fn var<T: std::str::FromStr>(k: &str, d: T) -> T {
             std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rates = if opts.quick { "20000" } else { "20000,100000" };
         Knobs {
-            dur: var("DUR", 5),
-            rounds: var("ROUNDS", 5),
+            dur: var("DUR", if opts.quick { 2 } else { 5 }),
+            rounds: opts.rounds_or_env(),
             outstanding: var("OUTSTANDING", 100),
-            rates: var("RATES", "20000,100000".to_owned())
+            rates: var("RATES", rates.to_owned())
                 .split(',')
                 .filter_map(|r| r.trim().parse().ok())
                 .collect(),
@@ -377,18 +387,31 @@ struct Series {
     fixed: Vec<Fixed>,
 }
 
-fn main() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        println!("dns bench: SKIPPED (needs root for network namespaces)");
-        return Ok(());
+/// Says why the bench cannot run and, when `--out` asks for a report, writes one that holds a
+/// failed row saying so.
+fn skipped(opts: &suite::Options, why: &str) -> Result<()> {
+    println!("dns bench: SKIPPED ({why})");
+    if opts.out_given {
+        let rows = vec![suite::Row::failed("DNS benchmark", "-", "unbound", why)];
+        suite::Report::new("dns", opts.quick, 0, suite::Conditions::detect(), rows)
+            .write_json(&opts.out)?;
     }
-    for tool in ["dnsperf", "unbound", "dnsmasq", "taskset", "renice", "chrt"] {
-        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
-            println!("dns bench: SKIPPED ({tool} not installed)");
-            return Ok(());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let opts = suite::Options::from_args("dns", 5, 1);
+    if !nix::unistd::geteuid().is_root() {
+        return skipped(&opts, "needs root for network namespaces");
+    }
+    for tool in ["dnsperf", "taskset", "renice", "chrt"] {
+        if !suite::have(tool) {
+            return skipped(&opts, &format!("{tool} is not installed"));
         }
     }
-    let k = Knobs::from_env();
+    let installed = [true, suite::have("unbound"), suite::have("dnsmasq")];
+    let k = Knobs::from_env(&opts);
+    let warmup: usize = suite::env_or("WARMUP", 1);
     // This process (its main thread collects dnsperf's output, megabytes with -v) stays off the
     // server CPU: only the server under test runs there. Threads made later inherit this; the
     // shoal serving thread is moved to the server CPU below.
@@ -451,32 +474,36 @@ fn main() -> Result<()> {
             d = dir.display()
         ),
     )?;
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &sv,
-        "dnsmasq",
-        "--no-resolv",
-        "--no-hosts",
-        &format!("--addn-hosts={}", dir.join("hosts").display()),
-        &format!("--port={DNSMASQ_PORT}"),
-        &format!("--listen-address={sip}"),
-        "--bind-interfaces",
-        "--cache-size=10000",
-        "--dns-forward-max=5000",
-        &format!("--pid-file={}", dir.join("dm.pid").display()),
-        "--user=root",
-    ])?;
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &sv,
-        "unbound",
-        "-c",
-        &dir.join("unbound.conf").to_string_lossy(),
-    ])?;
+    if installed[2] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &sv,
+            "dnsmasq",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--addn-hosts={}", dir.join("hosts").display()),
+            &format!("--port={DNSMASQ_PORT}"),
+            &format!("--listen-address={sip}"),
+            "--bind-interfaces",
+            "--cache-size=10000",
+            "--dns-forward-max=5000",
+            &format!("--pid-file={}", dir.join("dm.pid").display()),
+            "--user=root",
+        ])?;
+    }
+    if installed[1] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &sv,
+            "unbound",
+            "-c",
+            &dir.join("unbound.conf").to_string_lossy(),
+        ])?;
+    }
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -486,11 +513,11 @@ fn main() -> Result<()> {
     let pid =
         |f: &str| -> Result<u32> { Ok(std::fs::read_to_string(dir.join(f))?.trim().parse()?) };
     let targets = [
-        Target::Thread(shoal_thread),
-        Target::Process(pid("ub.pid")?),
-        Target::Process(pid("dm.pid")?),
+        Some(Target::Thread(shoal_thread)),
+        if installed[1] { Some(Target::Process(pid("ub.pid")?)) } else { None },
+        if installed[2] { Some(Target::Process(pid("dm.pid")?)) } else { None },
     ];
-    for t in &targets {
+    for t in targets.iter().flatten() {
         t.pin(k.server_cpu, &k.sched)?;
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -501,15 +528,29 @@ fn main() -> Result<()> {
          order, one serving thread each",
         k.dur, k.rounds
     );
-    println!(
-        "pinning: every server on CPU {} (in turn, all three pinned there), dnsperf on CPU {}, \
-         {} for servers and dnsperf; max runs -q {}, fixed-load runs -Q {:?}",
+    let pinning = format!(
+        "every server on CPU {} (in turn, all three pinned there), dnsperf and the bench on CPU {}, \
+         {} for servers and dnsperf",
         k.server_cpu,
         k.client_cpu,
-        k.sched.describe(),
-        k.outstanding,
-        k.rates
+        k.sched.describe()
     );
+    println!("pinning: {pinning}; max runs -q {}, fixed-load runs -Q {:?}", k.outstanding, k.rates);
+    if warmup > 0 {
+        println!(
+            "warm-up: each server answers a 1 s run at max load ({warmup} time(s), not recorded)"
+        );
+        let short = Knobs { dur: 1, ..Knobs::from_env(&opts) };
+        for _ in 0..warmup {
+            for (i, (name, port)) in systems.iter().enumerate() {
+                if installed[i]
+                    && let Err(e) = dnsperf(&short, &cl, &sip, *port, &qfile, None)
+                {
+                    eprintln!("    {name}: warm-up run failed: {e:#}");
+                }
+            }
+        }
+    }
     let mut s: [Series; 3] = Default::default();
     for x in &mut s {
         x.fixed = vec![Fixed::default(); k.rates.len()];
@@ -524,11 +565,12 @@ fn main() -> Result<()> {
             // Rotate the order each round so no system always runs first or last.
             let i = (j + round) % 3;
             let (name, port) = systems[i];
+            let Some(target) = &targets[i] else { continue };
             // A run that fails on this shared machine is reported and left out, not fatal.
-            let t0 = (targets[i].sched()?, std::time::Instant::now());
+            let t0 = (target.sched()?, std::time::Instant::now());
             match dnsperf(&k, &cl, &sip, port, &qfile, None) {
                 Ok(run) => {
-                    let t1 = (targets[i].sched()?, std::time::Instant::now());
+                    let t1 = (target.sched()?, std::time::Instant::now());
                     let wall = (t1.1 - t0.1).as_nanos() as f64;
                     let ran = (t1.0.run_ns - t0.0.run_ns) as f64;
                     max[i] = run.qps;
@@ -544,7 +586,7 @@ fn main() -> Result<()> {
                 Err(e) => eprintln!("    {name}: dnsperf max run failed: {e:#}"),
             }
             for (r, &rate) in k.rates.iter().enumerate() {
-                let t0 = targets[i].sched()?;
+                let t0 = target.sched()?;
                 let mut run = match dnsperf(&k, &cl, &sip, port, &qfile, Some(rate)) {
                     Ok(r) => r,
                     Err(e) => {
@@ -552,7 +594,7 @@ fn main() -> Result<()> {
                         continue;
                     }
                 };
-                let t1 = targets[i].sched()?;
+                let t1 = target.sched()?;
                 let f = &mut s[i].fixed[r];
                 fixed[r][i] = (t1.run_ns - t0.run_ns) as f64 / 1e3 / run.completed.max(1) as f64;
                 f.cpu_us.push(fixed[r][i]);
@@ -627,6 +669,72 @@ fn main() -> Result<()> {
             "shoal/unbound, same round: CPU/query at {rate} q/s, unbound/shoal {}x",
             spread(&ratio_fixed[r], 2)
         );
+    }
+    if opts.out_given {
+        let mut cond = suite::Conditions::detect();
+        cond.peer("unbound", "unbound", &["-V"]);
+        cond.peer("dnsmasq", "dnsmasq", &["--version"]);
+        cond.tool("dnsperf", "dnsperf", &["-h"]);
+        cond.pinning = pinning.clone();
+        cond.notes.push(format!(
+            "{NAMES} service A records served by each system from a server namespace, dnsperf -c 10 from a client namespace over a veth; {} s per run, {} rounds in rotating order after {warmup} warm-up run(s)",
+            k.dur, k.rounds
+        ));
+        cond.notes.push(
+            "one serving thread each: shoal's DNS service on a current-thread runtime, unbound num-threads 1, dnsmasq".to_owned(),
+        );
+        let max_how = format!("dnsperf at max load, {} queries in flight", k.outstanding);
+        let mut rows = Vec::new();
+        let peers = [(1, "unbound"), (2, "dnsmasq")];
+        for (i, name) in peers {
+            let theirs = installed[i].then_some(s[i].qps.as_slice());
+            rows.push(suite::Row::new(
+                "queries/s at max load",
+                "q/s",
+                false,
+                &s[0].qps,
+                name,
+                theirs,
+                &max_how,
+            ));
+        }
+        for (i, name) in peers {
+            let theirs = installed[i].then_some(s[i].cpu_max.as_slice());
+            rows.push(suite::Row::new(
+                "server CPU per query at max load",
+                "CPU µs/query",
+                true,
+                &s[0].cpu_max,
+                name,
+                theirs,
+                &max_how,
+            ));
+        }
+        for (r, rate) in k.rates.iter().enumerate() {
+            let how = format!("dnsperf at a fixed {rate} q/s offered");
+            for (metric, unit, get) in [
+                ("p50 latency", "ms", (|f: &Fixed| f.p50.clone()) as fn(&Fixed) -> Vec<f64>),
+                ("p99 latency", "ms", |f: &Fixed| f.p99.clone()),
+                ("server CPU per query", "CPU µs/query", |f: &Fixed| f.cpu_us.clone()),
+            ] {
+                let ours = get(&s[0].fixed[r]);
+                for (i, name) in peers {
+                    let theirs = get(&s[i].fixed[r]);
+                    rows.push(suite::Row::new(
+                        format!("{metric} at {rate} q/s"),
+                        unit,
+                        true,
+                        &ours,
+                        name,
+                        installed[i].then_some(theirs.as_slice()),
+                        &how,
+                    ));
+                }
+            }
+        }
+        let report = suite::Report::new("dns", opts.quick, k.rounds, cond, rows);
+        report.print();
+        report.write_json(&opts.out)?;
     }
 
     let _ = stop_tx.send(());

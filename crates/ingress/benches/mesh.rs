@@ -15,6 +15,17 @@
 //! default 5) and `ROUNDS` (default 3; the order rotates per round) tune it; `OVERLAY=1` puts
 //! the backend behind a kernel VXLAN overlay as seen from the proxy (a task on another node). Without root or
 //! a tool it prints SKIPPED and exits 0.
+//!
+//! For the suite (`cargo bench -p shoal --bench system`): `-- --quick` (2 s per test, one
+//! round, unless `DUR`/`ROUNDS` say otherwise), `--rounds N`, and `--out PATH`, which writes
+//! the medians as shoal-vs-peer rows (benches/common's JSON report). A peer that is not
+//! installed (HAProxy, nginx with the stream module, socat) gives rows that say so; without
+//! iperf3 or wrk (the load generators) or root, the report holds one failed row saying why.
+//! Every system runs once for 1 s per test before the recorded rounds (warm-up; `WARMUP=0`
+//! skips it).
+
+#[path = "../../../benches/common/mod.rs"]
+mod suite;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -187,6 +198,7 @@ struct Figures {
     gbit: f64,
     cpu_per_gb: f64,
     rps: f64,
+    p50_ms: f64,
     p99_ms: f64,
     us_per_req: f64,
     /// TCP segments the proxy namespace sent per request (both of its sockets).
@@ -219,13 +231,42 @@ fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64)
     (bps / 1e9, (after - before) / (bytes / 1e9))
 }
 
-fn wrk(
-    s: &Setup,
-    url: &str,
-    dur: u64,
-    close: bool,
-    cpu_pids: &dyn Fn() -> f64,
-) -> (f64, f64, f64, f64) {
+/// What one wrk run gives: req/s, p50 and p99 (ms), proxy CPU µs per request, proxy TCP
+/// segments per request.
+#[derive(Debug, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    us_per_req: f64,
+    segs: f64,
+}
+
+impl Wrk {
+    const NAN: Wrk =
+        Wrk { rps: f64::NAN, p50: f64::NAN, p99: f64::NAN, us_per_req: f64::NAN, segs: f64::NAN };
+}
+
+/// A latency line of `wrk --latency` ("99%  1.23ms") in milliseconds.
+fn wrk_latency(out: &str, pct: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(pct))
+        .map(|v| {
+            let v = v.trim();
+            let (num, unit) =
+                v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().unwrap_or(f64::NAN);
+            match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => f64::NAN,
+            }
+        })
+        .unwrap_or(f64::NAN)
+}
+
+fn wrk(s: &Setup, url: &str, dur: u64, close: bool, cpu_pids: &dyn Fn() -> f64) -> Wrk {
     let d = format!("{dur}s");
     let mut args = s.client_pin();
     args.extend(["wrk", "-t1", "-c50", "-d", d.as_str(), "--latency"]);
@@ -249,28 +290,14 @@ fn wrk(
             syn1.1 - syn0.1
         );
     }
-    let Ok(out) = out else { return (f64::NAN, f64::NAN, f64::NAN, f64::NAN) };
+    let Ok(out) = out else { return Wrk::NAN };
     let rps = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(f64::NAN);
-    let p99 = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(|v| {
-            let v = v.trim();
-            let (num, unit) =
-                v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-            let n: f64 = num.parse().unwrap_or(f64::NAN);
-            match unit {
-                "us" => n / 1000.0,
-                "ms" => n,
-                "s" => n * 1000.0,
-                _ => f64::NAN,
-            }
-        })
-        .unwrap_or(f64::NAN);
+    let p50 = wrk_latency(&out, "50%");
+    let p99 = wrk_latency(&out, "99%");
     if out.contains("Socket errors") || out.contains("Non-2xx") {
         eprintln!(
             "  note: {url}: {}",
@@ -286,7 +313,7 @@ fn wrk(
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(f64::NAN);
-    (rps, p99, (after - before) * 1e6 / reqs, (segs1 - segs0) / reqs)
+    Wrk { rps, p50, p99, us_per_req: (after - before) * 1e6 / reqs, segs: (segs1 - segs0) / reqs }
 }
 
 fn pids_named(ns: &NetNs, comm: &str) -> Vec<u32> {
@@ -299,22 +326,49 @@ fn pids_named(ns: &NetNs, comm: &str) -> Vec<u32> {
         .collect()
 }
 
+/// A reported figure: metric, unit, lower is better, how to read it from a round's figures,
+/// how it was measured, whether it is also compared with no proxy at all.
+type Metric = (&'static str, &'static str, bool, fn(&Figures) -> f64, &'static str, bool);
+
+/// The load generators and proxies, with whether each can run here.
+struct Tools {
+    haproxy: bool,
+    nginx: bool,
+    socat: bool,
+}
+
+/// Writes a report that holds one failed row (the bench could not run), when `--out` asks for
+/// one, and says so.
+fn skipped(opts: &suite::Options, why: &str) {
+    println!("SKIPPED mesh bench: {why}");
+    if opts.out_given {
+        let rows = vec![suite::Row::failed("routing mesh benchmark", "-", "HAProxy", why)];
+        let report = suite::Report::new("mesh", opts.quick, 0, suite::Conditions::detect(), rows);
+        if let Err(e) = report.write_json(&opts.out) {
+            eprintln!("writing {}: {e:#}", opts.out.display());
+        }
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let opts = suite::Options::from_args("mesh", 3, 1);
     if !nix::unistd::geteuid().is_root() {
-        println!("SKIPPED mesh bench: needs root (network namespaces)");
+        skipped(&opts, "needs root (network namespaces)");
         return;
     }
-    for t in ["iperf3", "wrk", "haproxy", "nginx", "socat"] {
+    for t in ["iperf3", "wrk"] {
         if !have(t) {
-            println!("SKIPPED mesh bench: {t} not installed");
+            skipped(&opts, &format!("the load generator {t} is not installed"));
             return;
         }
     }
-    let dur: u64 = std::env::var("DUR").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let rounds: u32 = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let tools = Tools { haproxy: have("haproxy"), nginx: have("nginx"), socat: have("socat") };
+    let dur: u64 = suite::env_or("DUR", if opts.quick { 2 } else { 5 });
+    let rounds = opts.rounds_or_env() as u32;
+    let warmup: u32 = suite::env_or("WARMUP", 1);
     // ONLY=shoal,haproxy limits the systems, TESTS=bulk,rps,cps the measurements.
     let only: Option<Vec<String>> =
         std::env::var("ONLY").ok().map(|v| v.split(',').map(str::to_owned).collect());
@@ -328,6 +382,7 @@ fn main() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("setup failed: {e}");
+            skipped(&opts, &format!("setup failed: {e}"));
             std::process::exit(1);
         }
     };
@@ -363,7 +418,10 @@ fn main() {
         format!("worker_processes 1; pid {t}/nb.pid; error_log {t}/nb.err; daemon on;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 8080; root {t}/www; }} }}\n"),
     )
     .expect("write");
-    s.exec("be", &["nginx", "-c", &format!("{t}/nb.conf")]).expect("nginx backend");
+    if let Err(e) = s.exec("be", &["nginx", "-c", &format!("{t}/nb.conf")]) {
+        // The HTTP backend is nginx; without it there is no request-rate figure for anyone.
+        eprintln!("nginx backend: {e}");
+    }
     // Proxies.
     // THREADS > 1: thread i on CPU i, as shoal's per-core runtimes.
     let cpu_map = if threads > 1 && !s.pin {
@@ -377,32 +435,33 @@ fn main() {
     )
     .expect("write");
     let (hacfg, hapid) = (format!("{t}/haproxy.cfg"), format!("{t}/ha.pid"));
-    let mut args = s.proxy_pin();
-    args.extend(["haproxy", "-D", "-f", &hacfg, "-p", &hapid]);
-    s.exec("px", &args).expect("haproxy");
+    let haproxy_ok = tools.haproxy && {
+        let mut args = s.proxy_pin();
+        args.extend(["haproxy", "-D", "-f", &hacfg, "-p", &hapid]);
+        s.exec("px", &args).map_err(|e| eprintln!("haproxy: {e}")).is_ok()
+    };
     std::fs::write(
         s.tmp.join("ns.conf"),
         format!("load_module /usr/lib/nginx/modules/ngx_stream_module.so; worker_processes {threads}; pid {t}/ns.pid; error_log {t}/ns.err; daemon on;\nevents {{ worker_connections 20000; }}\nstream {{ server {{ listen {px}:25201; proxy_pass {be}:5201; }} server {{ listen {px}:28080; proxy_pass {be}:8080; }} }}\n"),
     )
     .expect("write");
     let nscfg = format!("{t}/ns.conf");
-    let mut args = s.proxy_pin();
-    args.extend(["nginx", "-c", &nscfg]);
-    let nginx_ok = s.exec("px", &args).is_ok();
-    {
-        let (l, c) =
-            (format!("TCP-LISTEN:35201,bind={px},fork,reuseaddr"), format!("TCP:{be}:5201"));
+    let nginx_ok = tools.nginx && {
         let mut args = s.proxy_pin();
-        args.extend(["socat", &l, &c]);
-        children.push(s.spawn("px", &args).expect("socat"));
+        args.extend(["nginx", "-c", &nscfg]);
+        s.exec("px", &args).map_err(|e| eprintln!("nginx stream: {e}")).is_ok()
+    };
+    if tools.socat {
+        for (l, c) in [
+            (format!("TCP-LISTEN:35201,bind={px},fork,reuseaddr"), format!("TCP:{be}:5201")),
+            (format!("TCP-LISTEN:38080,bind={px},fork,reuseaddr"), format!("TCP:{be}:8080")),
+        ] {
+            let mut args = s.proxy_pin();
+            args.extend(["socat", &l, &c]);
+            children.push(s.spawn("px", &args).expect("socat"));
+        }
     }
-    {
-        let (l, c) =
-            (format!("TCP-LISTEN:38080,bind={px},fork,reuseaddr"), format!("TCP:{be}:8080"));
-        let mut args = s.proxy_pin();
-        args.extend(["socat", &l, &c]);
-        children.push(s.spawn("px", &args).expect("socat"));
-    }
+    let socat_ok = tools.socat;
     // shoal: its own runtime. THREADS=1 (default): one current-thread runtime driven by a
     // dedicated thread (like HAProxy's nbthread 1); THREADS=N>1 or SHOAL_RT=multi: a
     // multi-thread runtime with N workers (SHOAL_WORKERS overrides N).
@@ -512,18 +571,29 @@ fn main() {
             Box::new(move || cpu_of_all(&pids_named(&ns, "socat")))
         }),
     ];
+    let runs = |name: &str| match name {
+        "haproxy" => haproxy_ok,
+        "nginx" => nginx_ok,
+        "socat" => socat_ok,
+        _ => true,
+    };
+    let pinning = if s.pin {
+        "wrk/iperf3 on CPU 0, every proxy (shoal's runtime thread, HAProxy, nginx, socat) on CPU 1, backend unpinned"
+    } else {
+        "none"
+    };
     println!(
-        "mesh bench: DUR={dur}s ROUNDS={rounds} THREADS={threads} (HAProxy nbthread {threads}, nginx stream {threads} worker(s)) shoal runtime={rt_name} forward={mode:?} overlay={overlay}; pinning: {}; client → proxy → backend in namespaces (198.19.{}.0/24)",
-        if s.pin { "wrk/iperf3 on CPU 0, proxies on CPU 1, backend unpinned" } else { "none" },
+        "mesh bench: DUR={dur}s ROUNDS={rounds} THREADS={threads} (HAProxy nbthread {threads}, nginx stream {threads} worker(s)) shoal runtime={rt_name} forward={mode:?} overlay={overlay}; pinning: {pinning}; client → proxy → backend in namespaces (198.19.{}.0/24)",
         s.net
     );
     let head = || {
         println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>10}",
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10}",
             "system",
             "bulk Gb/s",
             "CPU s/GB",
             "req/s",
+            "p50 ms",
             "p99 ms",
             "CPU us/req",
             "segs/req",
@@ -532,8 +602,16 @@ fn main() {
     };
     let row = |name: &str, f: &Figures| {
         println!(
-            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>10.1} {:>8.2} {:>10.0}",
-            name, f.gbit, f.cpu_per_gb, f.rps, f.p99_ms, f.us_per_req, f.segs_per_req, f.cps
+            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>8.2} {:>10.0}",
+            name,
+            f.gbit,
+            f.cpu_per_gb,
+            f.rps,
+            f.p50_ms,
+            f.p99_ms,
+            f.us_per_req,
+            f.segs_per_req,
+            f.cps
         );
     };
     let ratios = |sh: &Figures, ha: &Figures| -> [f64; 6] {
@@ -554,6 +632,42 @@ fn main() {
         "CPU/req",
         "conn/s",
     ];
+    // One pass over every system and test, `dur` 1 s, not recorded: connections, caches,
+    // the backend's and the proxies' first allocations.
+    let measure = |ports: &Option<(u16, u16)>, cpu: &CpuFn, dur: u64| -> Figures {
+        let (host, bp, hp) = match ports {
+            None => (be_under.as_str(), 5201, 8080),
+            Some((b, h)) => (px.as_str(), *b, *h),
+        };
+        let want = |t: &str| tests.as_ref().is_none_or(|v| v.iter().any(|x| x == t));
+        let nan = (f64::NAN, f64::NAN);
+        let (gbit, cpu_per_gb) =
+            if want("bulk") { iperf(&s, host, bp, dur, cpu.as_ref()) } else { nan };
+        let url = format!("http://{host}:{hp}/1k");
+        let w = if want("rps") { wrk(&s, &url, dur, false, cpu.as_ref()) } else { Wrk::NAN };
+        let c = if want("cps") { wrk(&s, &url, dur, true, cpu.as_ref()) } else { Wrk::NAN };
+        let direct = ports.is_none();
+        Figures {
+            gbit,
+            cpu_per_gb: if direct { f64::NAN } else { cpu_per_gb },
+            rps: w.rps,
+            p50_ms: w.p50,
+            p99_ms: w.p99,
+            us_per_req: if direct { f64::NAN } else { w.us_per_req },
+            segs_per_req: if direct { f64::NAN } else { w.segs },
+            cps: c.rps,
+        }
+    };
+    let selected =
+        |name: &str| runs(name) && only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    for w in 0..warmup {
+        println!("warm-up pass {} (1 s per test, not recorded)", w + 1);
+        for (name, ports, cpu) in &systems {
+            if selected(name) {
+                let _ = measure(ports, cpu, 1);
+            }
+        }
+    }
     let mut all: Vec<BTreeMap<&str, Figures>> = Vec::new();
     let mut per_round: Vec<[f64; 6]> = Vec::new();
     for round in 1..=rounds {
@@ -564,35 +678,10 @@ fn main() {
         let n = systems.len();
         for k in 0..n {
             let (name, ports, cpu) = &systems[(k + round as usize - 1) % n];
-            if (*name == "nginx" && !nginx_ok)
-                || only.as_ref().is_some_and(|o| !o.iter().any(|x| x == name))
-            {
+            if !selected(name) {
                 continue;
             }
-            let (host, bp, hp) = match ports {
-                None => (be_under.as_str(), 5201, 8080),
-                Some((b, h)) => (px.as_str(), *b, *h),
-            };
-            let want = |t: &str| tests.as_ref().is_none_or(|v| v.iter().any(|x| x == t));
-            let nan = (f64::NAN, f64::NAN);
-            let (gbit, cpu_per_gb) =
-                if want("bulk") { iperf(&s, host, bp, dur, cpu.as_ref()) } else { nan };
-            let url = format!("http://{host}:{hp}/1k");
-            let nan4 = (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
-            let (rps, p99, us_per_req, segs) =
-                if want("rps") { wrk(&s, &url, dur, false, cpu.as_ref()) } else { nan4 };
-            let (cps, _, _, _) =
-                if want("cps") { wrk(&s, &url, dur, true, cpu.as_ref()) } else { nan4 };
-            let direct = ports.is_none();
-            let f = Figures {
-                gbit,
-                cpu_per_gb: if direct { f64::NAN } else { cpu_per_gb },
-                rps,
-                p99_ms: p99,
-                us_per_req: if direct { f64::NAN } else { us_per_req },
-                segs_per_req: if direct { f64::NAN } else { segs },
-                cps,
-            };
+            let f = measure(ports, cpu, dur);
             row(name, &f);
             res.insert(*name, f);
         }
@@ -620,6 +709,7 @@ fn main() {
                 gbit: med(name, |f| f.gbit),
                 cpu_per_gb: med(name, |f| f.cpu_per_gb),
                 rps: med(name, |f| f.rps),
+                p50_ms: med(name, |f| f.p50_ms),
                 p99_ms: med(name, |f| f.p99_ms),
                 us_per_req: med(name, |f| f.us_per_req),
                 segs_per_req: med(name, |f| f.segs_per_req),
@@ -662,6 +752,67 @@ fn main() {
             );
         }
         println!("shoal mesh {i} splice pipes created: {}", mesh.pipes_created());
+    }
+    if opts.out_given {
+        let placement = if overlay {
+            "backend on another node: the proxy reaches it across kernel VXLAN"
+        } else {
+            "backend on the same node's bridge: the proxy reaches it over a veth"
+        };
+        let mut cond = suite::Conditions::detect();
+        cond.pinning = pinning.to_owned();
+        cond.peer("HAProxy", "haproxy", &["-v"]);
+        cond.peer("nginx stream", "nginx", &["-v"]);
+        cond.peer("socat", "socat", &["-V"]);
+        cond.tool("iperf3", "iperf3", &["--version"]);
+        cond.tool("wrk", "wrk", &["-v"]);
+        cond.notes.push(format!(
+            "client → proxy → backend, three namespaces on a bridge; {placement}; {dur} s per test, {rounds} rounds in rotating order after {warmup} warm-up pass(es)"
+        ));
+        cond.notes.push(format!(
+            "one thread each: shoal {rt_name} (forward {mode:?}), HAProxy nbthread {threads} with splice-auto, nginx stream {threads} worker(s), socat fork"
+        ));
+        if !nginx_ok && tools.nginx {
+            cond.notes.push("nginx is installed but its stream module would not load".into());
+        }
+        let samples = |name: &str, get: fn(&Figures) -> f64| -> Vec<f64> {
+            all.iter().filter_map(|r| r.get(name)).map(get).collect()
+        };
+        let bulk = "iperf3, one TCP stream";
+        let http = "wrk -t1 -c50, keep-alive, 1 KiB body";
+        let close = "wrk -t1 -c50, Connection: close";
+        let metrics: [Metric; 7] = [
+            ("bulk TCP throughput", "Gbit/s", false, |f| f.gbit, bulk, true),
+            ("proxy CPU per GB forwarded", "CPU s/GB", true, |f| f.cpu_per_gb, bulk, false),
+            ("1 KiB HTTP requests/s", "req/s", false, |f| f.rps, http, true),
+            ("1 KiB HTTP p50 latency", "ms", true, |f| f.p50_ms, http, true),
+            ("1 KiB HTTP p99 latency", "ms", true, |f| f.p99_ms, http, true),
+            ("proxy CPU per request", "CPU µs/req", true, |f| f.us_per_req, http, false),
+            ("new connections/s", "conn/s", false, |f| f.cps, close, true),
+        ];
+        let mut rows = Vec::new();
+        for (metric, unit, lower, get, how, vs_direct) in metrics {
+            let shoal = samples("shoal", get);
+            for (peer, label) in [
+                ("haproxy", "HAProxy"),
+                ("nginx", "nginx stream"),
+                ("socat", "socat"),
+                ("direct", "direct (no proxy)"),
+            ] {
+                if peer == "direct" && !vs_direct {
+                    continue;
+                }
+                let theirs = samples(peer, get);
+                let installed = runs(peer);
+                let peer_samples = installed.then_some(theirs.as_slice());
+                rows.push(suite::Row::new(metric, unit, lower, &shoal, label, peer_samples, how));
+            }
+        }
+        let report = suite::Report::new("mesh", opts.quick, rounds as usize, cond, rows);
+        report.print();
+        if let Err(e) = report.write_json(&opts.out) {
+            eprintln!("writing {}: {e:#}", opts.out.display());
+        }
     }
     drop(meshes);
     for mut c in children {
