@@ -294,6 +294,8 @@ fn now_unix() -> u64 {
 fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
     let t0 = Instant::now();
     let started = now_unix();
+    // The tree measured is the one built now, whatever is committed while the suite runs.
+    let commit = commit();
     let out = args.out.clone().unwrap_or_else(|| {
         if args.quick || !args.only.is_empty() { target_dir().join("bench") } else { root() }
     });
@@ -415,7 +417,7 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
         started_unix: started,
         seconds: t0.elapsed().as_secs_f64(),
         build_seconds,
-        commit: commit(),
+        commit,
         machine,
         notes: machine_notes(),
         sections,

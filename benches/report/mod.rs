@@ -549,7 +549,8 @@ fn overview_chart(suite: &Suite, file: &Path) -> anyhow::Result<bool> {
         return Ok(false);
     }
     let (lo, hi) = items.iter().fold((1.0f64, 1.0f64), |(lo, hi), (_, a)| (lo.min(*a), hi.max(*a)));
-    let (lo, hi) = (lo / 1.5, hi * 1.5);
+    // Room on the right for the largest bar's label.
+    let (lo, hi) = (lo / 1.5, hi * 4.0);
     let row_h = 20u32;
     let height = 70 + row_h * items.len() as u32;
     let label_w = 470u32;
