@@ -273,6 +273,22 @@ fn read_file(path: &Path) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))
 }
 
+/// Waits (at most `timeout`) until the manager's store has applied past log index `after`;
+/// returns the applied index then.
+async fn wait_applied(m: &ManagerParts, after: u64, timeout: Duration) -> u64 {
+    let mut metrics = m.raft.metrics();
+    let applied = |m: &openraft::RaftMetrics<u64, BasicNode>| m.last_applied.map_or(0, |l| l.index);
+    let _ = tokio::time::timeout(timeout, async {
+        while applied(&metrics.borrow_and_update()) <= after {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    applied(&metrics.borrow())
+}
+
 /// The store without what never leaves the managers: the CA key and the join secrets.
 fn scrubbed(mut s: ClusterState) -> ClusterState {
     if let Some(c) = s.cluster.as_mut() {
@@ -800,18 +816,7 @@ impl Cluster {
             tokio::time::sleep(timeout).await;
             return after;
         };
-        let mut metrics = m.raft.metrics();
-        let applied =
-            |m: &openraft::RaftMetrics<u64, BasicNode>| m.last_applied.map_or(0, |l| l.index);
-        let _ = tokio::time::timeout(timeout, async {
-            while applied(&metrics.borrow_and_update()) <= after {
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
-        applied(&metrics.borrow())
+        wait_applied(&m, after, timeout).await
     }
 
     /// Raft's view on this node (`None` on a worker): for metrics and tests.
@@ -1200,22 +1205,9 @@ impl Inner {
         match req {
             TaskRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
             TaskRequest::StateAfter { index } => {
-                // Half the RPC timeout, so the answer always beats the caller's deadline.
-                let wait = self.tuning.rpc_timeout / 2;
-                let mut metrics = m.raft.metrics();
-                let applied = |m: &openraft::RaftMetrics<u64, BasicNode>| {
-                    m.last_applied.map_or(0, |l| l.index)
-                };
-                let _ = tokio::time::timeout(wait, async {
-                    while applied(&metrics.borrow_and_update()) <= index {
-                        if metrics.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                })
-                .await;
-                // The state after the index read, so it is at least as new as the index says.
-                let index = applied(&metrics.borrow());
+                // Half the RPC timeout, so the answer always beats the caller's deadline; the
+                // state is read after the index, so it is at least as new as the index says.
+                let index = wait_applied(m, index, self.tuning.rpc_timeout / 2).await;
                 Ok(Response::StateAt { index, state: Box::new(scrubbed(m.sm.state())) })
             }
             TaskRequest::Report(reports) => {
