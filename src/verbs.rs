@@ -347,13 +347,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
                 let ports: Vec<String> = s
                     .ports
                     .iter()
-                    .map(|p| {
-                        let proto = match p.protocol {
-                            crate::engine::records::Protocol::Tcp => "tcp",
-                            crate::engine::records::Protocol::Udp => "udp",
-                        };
-                        format!("*:{}->{}/{proto}", p.published, p.target)
-                    })
+                    .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
                     .collect();
                 println!(
                     "{:<26} {:<20} {:<11} {:<9} {}",

@@ -145,13 +145,7 @@ pub async fn cluster_view(
             published: svc
                 .ports
                 .iter()
-                .map(|p| {
-                    let proto = match p.protocol {
-                        records::Protocol::Tcp => "tcp",
-                        records::Protocol::Udp => "udp",
-                    };
-                    format!("{}:{}/{proto}", p.published, p.target)
-                })
+                .map(|p| format!("{}:{}/{}", p.published, p.target, p.protocol.as_str()))
                 .collect(),
             mesh: m,
         });

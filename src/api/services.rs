@@ -244,36 +244,35 @@ fn check_name(what: &str, name: &str) -> Result<(), Response> {
     }
 }
 
-fn find_network<'a>(state: &'a ClusterState, what: &str) -> Result<&'a NetworkRecord, Response> {
-    if let Some(n) = state.networks.get(what) {
-        return Ok(n);
+/// Docker's lookup: the exact id, else the one item whose name is `what` or whose id starts
+/// with it (3 characters at least); none or several is an error naming `kind`.
+fn find_one<'a, T>(
+    kind: &str,
+    what: &str,
+    items: &'a BTreeMap<String, T>,
+    name_of: impl Fn(&T) -> &str,
+) -> Result<&'a T, Response> {
+    if let Some(x) = items.get(what) {
+        return Ok(x);
     }
-    let matches: Vec<&NetworkRecord> = state
-        .networks
-        .values()
-        .filter(|n| n.name == what || (what.len() >= 3 && n.id.starts_with(what)))
+    let matches: Vec<&T> = items
+        .iter()
+        .filter(|(id, x)| name_of(x) == what || (what.len() >= 3 && id.starts_with(what)))
+        .map(|(_, x)| x)
         .collect();
     match matches[..] {
-        [n] => Ok(n),
-        [] => Err(not_found("network", what)),
-        _ => Err(bad_request(format!("network {what} is ambiguous ({} matches)", matches.len()))),
+        [x] => Ok(x),
+        [] => Err(not_found(kind, what)),
+        _ => Err(bad_request(format!("{kind} {what} is ambiguous ({} matches)", matches.len()))),
     }
 }
 
+fn find_network<'a>(state: &'a ClusterState, what: &str) -> Result<&'a NetworkRecord, Response> {
+    find_one("network", what, &state.networks, |n| &n.name)
+}
+
 fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Response> {
-    let all = records::services(state);
-    if let Some(s) = all.get(what) {
-        return Ok(s.clone());
-    }
-    let matches: Vec<&ServiceRecord> = all
-        .values()
-        .filter(|s| s.name == what || (what.len() >= 3 && s.id.starts_with(what)))
-        .collect();
-    match matches[..] {
-        [s] => Ok(s.clone()),
-        [] => Err(not_found("service", what)),
-        _ => Err(bad_request(format!("service {what} is ambiguous ({} matches)", matches.len()))),
-    }
+    find_one("service", what, &records::services(state), |s| &s.name).cloned()
 }
 
 // ---- networks ----
@@ -694,19 +693,14 @@ fn task_views(state: &ClusterState, filter: impl Fn(&TaskRecord) -> bool) -> Vec
         })
         .collect();
     // Docker's order: by slot, the current task first, then newest history first.
-    out.sort_by(|a, b| {
+    out.sort_by_cached_key(|v| {
+        let t = &v.task.task;
         (
-            a.task.task.slot,
-            a.task.task.node_id.clone(),
-            a.task.task.desired != DesiredState::Running,
-            std::cmp::Reverse(a.task.task.created_ms),
+            t.slot,
+            t.node_id.clone(),
+            t.desired != DesiredState::Running,
+            std::cmp::Reverse(t.created_ms),
         )
-            .cmp(&(
-                b.task.task.slot,
-                b.task.task.node_id.clone(),
-                b.task.task.desired != DesiredState::Running,
-                std::cmp::Reverse(b.task.task.created_ms),
-            ))
     });
     out
 }

@@ -774,12 +774,12 @@ async fn dataplane(
             subnets: vec![n.subnet],
         });
     }
+    let ingress_id = records::ingress(state).map(|n| n.id.clone()).unwrap_or_default();
     for svc in services.values() {
         let mut by_task: BTreeMap<&str, dns::TaskSpec> = BTreeMap::new();
-        let on_ingress = |net: &str| records::ingress(state).is_some_and(|i| i.id == net);
         for (net, e) in eps
             .iter()
-            .filter(|(net, e)| e.service == svc.id && !e.task.is_empty() && !on_ingress(net))
+            .filter(|(net, e)| e.service == svc.id && !e.task.is_empty() && *net != ingress_id)
         {
             let t = by_task.entry(&e.task).or_insert_with(|| dns::TaskSpec {
                 slot: e.slot.clone(),
@@ -832,7 +832,6 @@ async fn dataplane(
     }
 
     // The mesh: one entry per service that publishes ports, backends from the ingress table.
-    let ingress_id = records::ingress(state).map(|n| n.id.clone()).unwrap_or_default();
     let mut want: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)> = BTreeMap::new();
     for svc in services.values().filter(|s| !s.ports.is_empty()) {
         let ports = svc
@@ -879,22 +878,25 @@ async fn dataplane(
         lock(&inner.local).mesh.remove(name);
     }
 
-    // East-west VIPs inside each local running task.
+    // East-west VIPs inside each local running task: every VIP of the task's networks, with the
+    // serving tasks behind it (worked out once per pass, then picked per task).
+    let mut vips: BTreeMap<&str, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> = BTreeMap::new();
+    for svc in services.values() {
+        for net in &svc.networks {
+            let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
+            let mut backends: Vec<Ipv4Addr> = eps
+                .iter()
+                .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
+                .map(|(_, e)| e.ip)
+                .collect();
+            backends.sort();
+            vips.entry(net.as_str()).or_default().push((vip, backends));
+        }
+    }
     for (id, s) in statuses.iter().filter(|(_, s)| s.state == rt::TaskState::Running) {
         let nets = lock(&inner.local).attached.get(id).cloned().unwrap_or_default();
-        let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> = Vec::new();
-        for svc in services.values() {
-            for net in nets.iter().filter(|n| svc.vip_networks().contains(n)) {
-                let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
-                let mut backends: Vec<Ipv4Addr> = eps
-                    .iter()
-                    .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
-                    .map(|(_, e)| e.ip)
-                    .collect();
-                backends.sort();
-                rules.push((vip, backends));
-            }
-        }
+        let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
+            nets.iter().filter_map(|n| vips.get(n.as_str())).flatten().cloned().collect();
         rules.sort();
         if lock(&inner.local).vips.get(id) == Some(&rules) {
             continue;

@@ -37,6 +37,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// `tcp` or `udp`, as Docker prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// A health command run inside each task (Docker's HEALTHCHECK).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthRecord {
