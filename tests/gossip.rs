@@ -46,15 +46,7 @@ fn until(
 }
 
 fn metric(lab: &Lab, node: &str, line_prefix: &str) -> u64 {
-    let state = shoal::lab::LabState::load(&lab.name).unwrap();
-    let sock = &state.node(node).unwrap().socket;
-    let out = std::process::Command::new("curl")
-        .args(["-s", "--unix-socket"])
-        .arg(sock)
-        .arg("http://x/metrics")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = lab.metrics(node);
     text.lines()
         .find(|l| l.starts_with(line_prefix))
         .and_then(|l| l.rsplit(' ').next())

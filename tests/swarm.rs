@@ -200,17 +200,7 @@ fn managers_serve_the_visualizer_and_raft_metrics() {
     assert!(ok && page.contains("shoal visualizer"));
     assert!(!curl(format!("http://{}:8089/", lab.addr(2))).0, "a worker must not serve the page");
 
-    let state = shoal::lab::LabState::load(&lab.name).unwrap();
-    let metrics = |node: &str| {
-        let sock = &state.node(node).unwrap().socket;
-        let out = std::process::Command::new("curl")
-            .args(["-s", "--unix-socket"])
-            .arg(sock)
-            .arg("http://x/metrics")
-            .output()
-            .unwrap();
-        lossy(&out.stdout)
-    };
+    let metrics = |node: &str| lab.metrics(node);
     let m1 = metrics("node1");
     assert!(m1.contains("shoal_raft_is_leader 1"), "{m1}");
     assert!(m1.contains("shoal_gossip_members{state=\"alive\"} 2"), "{m1}");

@@ -168,14 +168,7 @@ fn the_tutorial_runs_end_to_end() {
 
     // What an operator sees: /metrics of node1 has the WireGuard peers, the mesh's backends,
     // the tasks and the DNS answers; the visualizer on the manager shows a task on every node.
-    let sock = format!("/run/shoal/lab/{}/node1.sock", lab.name);
-    let metrics = lossy(
-        &Command::new("curl")
-            .args(["-s", "--unix-socket", &sock, "http://agent/metrics"])
-            .output()
-            .unwrap()
-            .stdout,
-    );
+    let metrics = lab.metrics("node1");
     let value = |prefix: &str| -> f64 {
         metrics
             .lines()

@@ -98,6 +98,19 @@ impl Lab {
         self.shoal(&[&["lab", "exec", node, "--"], argv].concat())
     }
 
+    /// A node agent's `/metrics` text, fetched with curl over its API socket.
+    pub fn metrics(&self, node: &str) -> String {
+        let state = shoal::lab::LabState::load(&self.name).expect("lab state");
+        let sock = &state.node(node).expect("lab node").socket;
+        let out = Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(sock)
+            .arg("http://agent/metrics")
+            .output()
+            .expect("curl");
+        lossy(&out.stdout)
+    }
+
     /// The underlay address of nodeI.
     pub fn addr(&self, i: u8) -> std::net::Ipv4Addr {
         std::net::Ipv4Addr::from(u32::from(self.subnet.network()) + u32::from(i))
