@@ -525,6 +525,36 @@ const PEER_COLORS: [RGBColor; 4] = [
 const BETTER: RGBColor = RGBColor(44, 160, 44);
 const WORSE: RGBColor = RGBColor(214, 39, 40);
 
+type Bars<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One bar: the median from 0, a min-max whisker when there are several samples, and the
+/// median's value above it.
+fn bar(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    chart: &mut Bars<'_, '_>,
+    (x0, x1): (f64, f64),
+    st: &Stats,
+    color: RGBColor,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x1, st.median)], color.filled())))
+        .map_err(chart_err)?;
+    if st.samples.len() > 1 {
+        let xm = (x0 + x1) / 2.0;
+        chart
+            .draw_series(std::iter::once(PathElement::new(vec![(xm, st.min), (xm, st.max)], BLACK)))
+            .map_err(chart_err)?;
+    }
+    let (vx, vy) = chart.backend_coord(&(x0, st.median.max(st.max)));
+    root.draw(&Text::new(num(st.median), (vx, vy - 13), ("sans-serif", 10).into_font()))
+        .map_err(chart_err)?;
+    Ok(())
+}
+
 fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {e:?}")
 }
@@ -712,30 +742,7 @@ fn section_chart(s: &Section, file: &Path) -> anyhow::Result<bool> {
             root.draw(&Text::new(clip(label, 11), (lx, ly + 4), ("sans-serif", 10).into_font()))
                 .map_err(chart_err)?;
             match st {
-                Some(st) => {
-                    chart
-                        .draw_series(std::iter::once(Rectangle::new(
-                            [(x0, 0.0), (x1, st.median)],
-                            color.filled(),
-                        )))
-                        .map_err(chart_err)?;
-                    if st.samples.len() > 1 {
-                        let xm = (x0 + x1) / 2.0;
-                        chart
-                            .draw_series(std::iter::once(PathElement::new(
-                                vec![(xm, st.min), (xm, st.max)],
-                                BLACK,
-                            )))
-                            .map_err(chart_err)?;
-                    }
-                    let (vx, vy) = chart.backend_coord(&(x0, st.median.max(st.max)));
-                    root.draw(&Text::new(
-                        num(st.median),
-                        (vx, vy - 13),
-                        ("sans-serif", 10).into_font(),
-                    ))
-                    .map_err(chart_err)?;
-                }
+                Some(st) => bar(&root, &mut chart, (x0, x1), st, *color)?,
                 None => {
                     let (vx, vy) = chart.backend_coord(&(x0, top * 0.1));
                     root.draw(&Text::new(
@@ -845,24 +852,7 @@ fn shoal_only_chart(s: &Section, file: &Path) -> anyhow::Result<bool> {
         for (i, r) in rows.iter().enumerate() {
             let Some(st) = r.shoal_stats.as_ref() else { continue };
             let (x0, x1) = (i as f64 + 0.2, i as f64 + 0.8);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(x0, 0.0), (x1, st.median)],
-                    SHOAL_COLOR.filled(),
-                )))
-                .map_err(chart_err)?;
-            if st.samples.len() > 1 {
-                let xm = (x0 + x1) / 2.0;
-                chart
-                    .draw_series(std::iter::once(PathElement::new(
-                        vec![(xm, st.min), (xm, st.max)],
-                        BLACK,
-                    )))
-                    .map_err(chart_err)?;
-            }
-            let (vx, vy) = chart.backend_coord(&(x0, st.median.max(st.max)));
-            root.draw(&Text::new(num(st.median), (vx, vy - 13), ("sans-serif", 10).into_font()))
-                .map_err(chart_err)?;
+            bar(&root, &mut chart, (x0, x1), st, SHOAL_COLOR)?;
             let label: Vec<&str> = r.metric.split_whitespace().skip(common.len()).collect();
             let (lx, ly) = chart.backend_coord(&(i as f64 + 0.05, 0.0));
             for (k, line) in wrap(&label.join(" "), chars).iter().take(3).enumerate() {
