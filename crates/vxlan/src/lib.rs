@@ -10,10 +10,12 @@
 //!   static FDB entries (remote MAC → remote VTEP), the neighbour entries (remote IP → MAC) and the
 //!   all-zeros flood entries, and [`reconcile::plan`] diffs them against what the kernel holds.
 //! - [`Overlay`] (the driver): per network per node a sandbox namespace
-//!   `<prefix>ov-<vni:06x>` holding a bridge `br0` (the gateway address, MAC `02:42:<gw>`) and a
-//!   kernel VXLAN device `vx-<vni:06x>` (learning off, proxy ARP on, dstport = data-path port)
-//!   that was created in the node's namespace and moved in, so its UDP socket stays on the
-//!   node. Endpoints are veths from the bridge into task namespaces. Everything is rtnetlink.
+//!   `<prefix>ov-<vni:06x>` holding a kernel VXLAN device `vx-<vni:06x>` (learning off, proxy
+//!   ARP on, dstport = data-path port) that was created in the node's namespace and moved in,
+//!   so its UDP socket stays on the node, and a macvlan `gw0` on it with the gateway address
+//!   (MAC `02:42:<gw>`). Endpoints are macvlans (bridge mode) on the VXLAN device, moved into
+//!   the task namespaces: one device hop fewer than Docker's bridge + veth, which is what lets
+//!   the plain overlay run at kernel VXLAN speed. Everything is rtnetlink.
 //! - [`wg`]: the encrypted data path. One TUN (`shoal-wg`) per node holding the node's tunnel
 //!   address; VXLAN devices of encrypted networks use tunnel addresses, so the kernel hands
 //!   whole IPv4/UDP/VXLAN packets to the TUN, and a boringtun `noise::Tunn` per peer carries

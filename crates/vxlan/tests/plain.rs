@@ -93,8 +93,14 @@ fn plain_network_across_three_nodes() {
         assert!(d.contains("dstport 4789"), "{d}");
         assert!(d.contains("nolearning"), "{d}");
         assert!(d.contains("mtu 1450"), "{d}");
-        let t = must(&format!("ip -n {p}t1 link show eth0"));
+        let t = must(&format!("ip -n {p}t1 -d link show eth0"));
         assert!(t.contains("02:42:0a:c8:00:0b") && t.contains("mtu 1450"), "{t}");
+        // The endpoint is a macvlan straight on the VXLAN device (no bridge, no veth), and the
+        // sandbox's gateway interface holds the gateway address.
+        assert!(t.contains("macvlan mode bridge"), "{t}");
+        assert!(t.contains(&format!("alias shoal-ep {sb} ep0")), "{t}");
+        let gw = must(&format!("ip -n {sb} -d addr show gw0"));
+        assert!(gw.contains("10.200.0.1/24") && gw.contains("macvlan"), "{gw}");
         let fdb = must(&format!("bridge -n {sb} fdb show dev vx-{vni:06x}"));
         assert!(fdb.contains(&format!("02:42:0a:c8:00:0c dst {}", lab.nodes[1].addr)), "{fdb}");
         assert!(fdb.contains(&format!("00:00:00:00:00:00 dst {}", lab.nodes[2].addr)), "{fdb}");
