@@ -94,8 +94,8 @@ struct Setup {
     _guard: Cleanup,
     tmp: std::path::PathBuf,
     proxy_ns: Arc<NetNs>,
-    /// PIN=1: the load generators run on CPU 0 and every proxy on CPU 1 (taskset /
-    /// sched_setaffinity); the backend is not pinned.
+    /// PIN=1: the load generators and the backend run on CPU 0 and every proxy on CPU 1
+    /// (taskset / sched_setaffinity).
     pin: bool,
 }
 
@@ -412,13 +412,23 @@ fn main() {
     let t = s.tmp.to_string_lossy().to_string();
     // Backend: iperf3 + nginx serving 1 KiB.
     let mut children = Vec::new();
-    children.push(s.spawn("be", &["iperf3", "-s", "-p", "5201"]).expect("iperf3"));
+    // Pinned with the load generators: the proxy under test has CPU 1 to itself. Left to the
+    // scheduler, the backend lands beside the proxy in some runs and not in others, which
+    // swung the req/s ratio between 0.78 and 1.15 from one round to the next.
+    let be_pin = s.client_pin();
+    let with_pin = |cmd: &[&'static str]| -> Vec<&'static str> {
+        be_pin.iter().copied().chain(cmd.iter().copied()).collect()
+    };
+    children.push(s.spawn("be", &with_pin(&["iperf3", "-s", "-p", "5201"])).expect("iperf3"));
     std::fs::write(
         s.tmp.join("nb.conf"),
         format!("worker_processes 1; pid {t}/nb.pid; error_log {t}/nb.err; daemon on;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 8080; root {t}/www; }} }}\n"),
     )
     .expect("write");
-    if let Err(e) = s.exec("be", &["nginx", "-c", &format!("{t}/nb.conf")]) {
+    let nb_conf = format!("{t}/nb.conf");
+    let mut nginx_be = with_pin(&["nginx", "-c"]);
+    nginx_be.push(&nb_conf);
+    if let Err(e) = s.exec("be", &nginx_be) {
         // The HTTP backend is nginx; without it there is no request-rate figure for anyone.
         eprintln!("nginx backend: {e}");
     }
@@ -578,7 +588,7 @@ fn main() {
         _ => true,
     };
     let pinning = if s.pin {
-        "wrk/iperf3 on CPU 0, every proxy (shoal's runtime thread, HAProxy, nginx, socat) on CPU 1, backend unpinned"
+        "wrk/iperf3 and the backend (iperf3 -s, nginx) on CPU 0, every proxy (shoal's runtime thread, HAProxy, nginx, socat) alone on CPU 1"
     } else {
         "none"
     };
