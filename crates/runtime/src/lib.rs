@@ -32,7 +32,7 @@
 //! spec.hostname = "web.1".into();
 //! spec.health = Some(HealthCheck::shell("curl -fs localhost:8000/"));
 //! rt.create(spec).await?;                        // new → preparing → ready
-//! let ns = rt.netns("x7b2k9q0w1e2r3")?;           // hook: attach overlay veths into `ns`,
+//! let ns = rt.netns("x7b2k9q0w1e2r3")?;           // hook: attach overlay endpoints into `ns`,
 //! // dns.attach_netns(id, ns, scope).await?;      // bind 127.0.0.11 in it, …
 //! rt.set_addresses("x7b2k9q0w1e2r3", vec!["10.0.1.5".parse().unwrap()])?;
 //! rt.start("x7b2k9q0w1e2r3")?;                   // starting → running (health: starting)

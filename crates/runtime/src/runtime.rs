@@ -209,7 +209,7 @@ impl Runtime {
         Ok(self.get(id)?.logs.clone())
     }
 
-    /// Opens the task's network namespace (to attach veths, bind DNS sockets, add routes).
+    /// Opens the task's network namespace (to attach overlay endpoints, bind DNS sockets, add routes).
     pub fn netns(&self, id: &str) -> Result<NetNs> {
         Ok(NetNs::open(&self.get(id)?.netns)?)
     }
