@@ -204,6 +204,8 @@ struct Figures {
     /// TCP segments the proxy namespace sent per request (both of its sockets).
     segs_per_req: f64,
     cps: f64,
+    /// Idle percent of CPU 0 (load generator, backend) and CPU 1 (proxy) in the req/s test.
+    idle_rps: [f64; 2],
 }
 
 fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64) -> (f64, f64) {
@@ -240,11 +242,40 @@ struct Wrk {
     p99: f64,
     us_per_req: f64,
     segs: f64,
+    /// Idle share of CPU 0 and CPU 1 during the run, in percent.
+    idle: [f64; 2],
 }
 
 impl Wrk {
-    const NAN: Wrk =
-        Wrk { rps: f64::NAN, p50: f64::NAN, p99: f64::NAN, us_per_req: f64::NAN, segs: f64::NAN };
+    const NAN: Wrk = Wrk {
+        rps: f64::NAN,
+        p50: f64::NAN,
+        p99: f64::NAN,
+        us_per_req: f64::NAN,
+        segs: f64::NAN,
+        idle: [f64::NAN; 2],
+    };
+}
+
+/// (idle, total) jiffies of CPU 0 and CPU 1 from /proc/stat (idle includes iowait).
+fn cpu_jiffies() -> [(f64, f64); 2] {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut out = [(f64::NAN, f64::NAN); 2];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let tag = format!("cpu{i} ");
+        if let Some(l) = stat.lines().find(|l| l.starts_with(&tag)) {
+            let v: Vec<f64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            if v.len() >= 5 {
+                *slot = (v[3] + v[4], v.iter().take(8).sum());
+            }
+        }
+    }
+    out
+}
+
+/// Idle percent per CPU between two [`cpu_jiffies`] samples.
+fn idle_between(a: [(f64, f64); 2], b: [(f64, f64); 2]) -> [f64; 2] {
+    [0, 1].map(|i| 100.0 * (b[i].0 - a[i].0) / (b[i].1 - a[i].1))
 }
 
 /// A latency line of `wrk --latency` ("99%  1.23ms") in milliseconds.
@@ -277,7 +308,9 @@ fn wrk(s: &Setup, url: &str, dur: u64, close: bool, cpu_pids: &dyn Fn() -> f64) 
     let segs0 = s.tcp_out_segs();
     let syn0 = (s.syn_retrans("cl"), s.syn_retrans("px"));
     let before = cpu_pids();
+    let j0 = cpu_jiffies();
     let out = s.exec("cl", &args);
+    let j1 = cpu_jiffies();
     let after = cpu_pids();
     let segs1 = s.tcp_out_segs();
     let syn1 = (s.syn_retrans("cl"), s.syn_retrans("px"));
@@ -313,7 +346,14 @@ fn wrk(s: &Setup, url: &str, dur: u64, close: bool, cpu_pids: &dyn Fn() -> f64) 
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(f64::NAN);
-    Wrk { rps, p50, p99, us_per_req: (after - before) * 1e6 / reqs, segs: (segs1 - segs0) / reqs }
+    Wrk {
+        rps,
+        p50,
+        p99,
+        us_per_req: (after - before) * 1e6 / reqs,
+        segs: (segs1 - segs0) / reqs,
+        idle: idle_between(j0, j1),
+    }
 }
 
 fn pids_named(ns: &NetNs, comm: &str) -> Vec<u32> {
@@ -598,7 +638,7 @@ fn main() {
     );
     let head = || {
         println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10}",
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>11}",
             "system",
             "bulk Gb/s",
             "CPU s/GB",
@@ -607,12 +647,13 @@ fn main() {
             "p99 ms",
             "CPU us/req",
             "segs/req",
-            "conn/s"
+            "conn/s",
+            "idle 0/1 %"
         );
     };
     let row = |name: &str, f: &Figures| {
         println!(
-            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>8.2} {:>10.0}",
+            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>8.2} {:>10.0} {:>5.0}/{:<5.0}",
             name,
             f.gbit,
             f.cpu_per_gb,
@@ -621,7 +662,9 @@ fn main() {
             f.p99_ms,
             f.us_per_req,
             f.segs_per_req,
-            f.cps
+            f.cps,
+            f.idle_rps[0],
+            f.idle_rps[1]
         );
     };
     let ratios = |sh: &Figures, ha: &Figures| -> [f64; 6] {
@@ -666,6 +709,7 @@ fn main() {
             us_per_req: if direct { f64::NAN } else { w.us_per_req },
             segs_per_req: if direct { f64::NAN } else { w.segs },
             cps: c.rps,
+            idle_rps: w.idle,
         }
     };
     let selected =
@@ -724,6 +768,7 @@ fn main() {
                 us_per_req: med(name, |f| f.us_per_req),
                 segs_per_req: med(name, |f| f.segs_per_req),
                 cps: med(name, |f| f.cps),
+                idle_rps: [med(name, |f| f.idle_rps[0]), med(name, |f| f.idle_rps[1])],
             };
             row(name, &f);
             meds.insert(*name, f);
@@ -784,6 +829,30 @@ fn main() {
         ));
         if !nginx_ok && tools.nginx {
             cond.notes.push("nginx is installed but its stream module would not load".into());
+        }
+        // Which CPU was the limit: req/s compares the proxies only while the proxy's CPU is.
+        let idle_of = |name: &str| -> Option<[f64; 2]> {
+            let mut v: Vec<[f64; 2]> = all
+                .iter()
+                .filter_map(|r| r.get(name))
+                .map(|f| f.idle_rps)
+                .filter(|i| !i[0].is_nan())
+                .collect();
+            if v.is_empty() {
+                return None;
+            }
+            let mid = v.len() / 2;
+            let pick = |k: usize, v: &mut Vec<[f64; 2]>| {
+                v.sort_by(|a, b| a[k].total_cmp(&b[k]));
+                v[mid][k]
+            };
+            Some([pick(0, &mut v), pick(1, &mut v)])
+        };
+        if let (Some(sh), Some(ha)) = (idle_of("shoal"), idle_of("haproxy")) {
+            cond.notes.push(format!(
+                "idle during the keep-alive 1 KiB test (median): CPU 0 (wrk and the backend) {:.0} % with shoal, {:.0} % with HAProxy; CPU 1 (the proxy) {:.0} % with shoal, {:.0} % with HAProxy. Where CPU 0 has no idle time left, it sets the request rate for every proxy that keeps up, and the req/s ratio says little about the proxies; CPU per request does",
+                sh[0], ha[0], sh[1], ha[1]
+            ));
         }
         let samples = |name: &str, get: fn(&Figures) -> f64| -> Vec<f64> {
             all.iter().filter_map(|r| r.get(name)).map(get).collect()
