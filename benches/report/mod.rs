@@ -555,6 +555,20 @@ fn bar(
     Ok(())
 }
 
+/// The value axis of a bar panel: no vertical grid, five labelled ticks in `unit`.
+fn value_axis(chart: &mut Bars<'_, '_>, unit: &str) -> anyhow::Result<()> {
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_labels(5)
+        .y_desc(unit)
+        .y_label_formatter(&|v| num(*v))
+        .label_style(("sans-serif", 10))
+        .draw()
+        .map_err(chart_err)
+}
+
 fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {e:?}")
 }
@@ -726,16 +740,7 @@ fn section_chart(s: &Section, file: &Path) -> anyhow::Result<bool> {
             .y_label_area_size(52)
             .build_cartesian_2d(0f64..nb, 0f64..top)
             .map_err(chart_err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(5)
-            .y_desc(*unit)
-            .y_label_formatter(&|v| num(*v))
-            .label_style(("sans-serif", 10))
-            .draw()
-            .map_err(chart_err)?;
+        value_axis(&mut chart, unit)?;
         for (i, (label, st, color, missing)) in bars.iter().enumerate() {
             let (x0, x1) = (i as f64 + 0.15, i as f64 + 0.85);
             let (lx, ly) = chart.backend_coord(&(x0, 0.0));
@@ -838,16 +843,7 @@ fn shoal_only_chart(s: &Section, file: &Path) -> anyhow::Result<bool> {
             .y_label_area_size(52)
             .build_cartesian_2d(0f64..nb, 0f64..top)
             .map_err(chart_err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(5)
-            .y_desc(*unit)
-            .y_label_formatter(&|v| num(*v))
-            .label_style(("sans-serif", 10))
-            .draw()
-            .map_err(chart_err)?;
+        value_axis(&mut chart, unit)?;
         let chars = ((f64::from(w) - 80.0) / nb / 6.0).max(8.0) as usize;
         for (i, r) in rows.iter().enumerate() {
             let Some(st) = r.shoal_stats.as_ref() else { continue };

@@ -46,14 +46,6 @@ fn sh(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// utime + stime (+ reaped children) of a process, in seconds.
 fn cpu_of(pid: u32) -> f64 {
     cpu_ticks(pid, 4)
@@ -400,12 +392,16 @@ fn main() {
         return;
     }
     for t in ["iperf3", "wrk"] {
-        if !have(t) {
+        if !suite::have(t) {
             skipped(&opts, &format!("the load generator {t} is not installed"));
             return;
         }
     }
-    let tools = Tools { haproxy: have("haproxy"), nginx: have("nginx"), socat: have("socat") };
+    let tools = Tools {
+        haproxy: suite::have("haproxy"),
+        nginx: suite::have("nginx"),
+        socat: suite::have("socat"),
+    };
     let dur: u64 = suite::env_or("DUR", if opts.quick { 2 } else { 5 });
     let rounds = opts.rounds_or_env() as u32;
     let warmup: u32 = suite::env_or("WARMUP", 1);
@@ -830,23 +826,13 @@ fn main() {
         if !nginx_ok && tools.nginx {
             cond.notes.push("nginx is installed but its stream module would not load".into());
         }
+        let samples = |name: &str, get: fn(&Figures) -> f64| -> Vec<f64> {
+            all.iter().filter_map(|r| r.get(name)).map(get).collect()
+        };
         // Which CPU was the limit: req/s compares the proxies only while the proxy's CPU is.
         let idle_of = |name: &str| -> Option<[f64; 2]> {
-            let mut v: Vec<[f64; 2]> = all
-                .iter()
-                .filter_map(|r| r.get(name))
-                .map(|f| f.idle_rps)
-                .filter(|i| !i[0].is_nan())
-                .collect();
-            if v.is_empty() {
-                return None;
-            }
-            let mid = v.len() / 2;
-            let pick = |k: usize, v: &mut Vec<[f64; 2]>| {
-                v.sort_by(|a, b| a[k].total_cmp(&b[k]));
-                v[mid][k]
-            };
-            Some([pick(0, &mut v), pick(1, &mut v)])
+            let median = |get: fn(&Figures) -> f64| suite::Stats::of(&samples(name, get));
+            Some([median(|f| f.idle_rps[0])?.median, median(|f| f.idle_rps[1])?.median])
         };
         if let (Some(sh), Some(ha)) = (idle_of("shoal"), idle_of("haproxy")) {
             cond.notes.push(format!(
@@ -854,9 +840,6 @@ fn main() {
                 sh[0], ha[0], sh[1], ha[1]
             ));
         }
-        let samples = |name: &str, get: fn(&Figures) -> f64| -> Vec<f64> {
-            all.iter().filter_map(|r| r.get(name)).map(get).collect()
-        };
         let bulk = "iperf3, one TCP stream";
         let http = "wrk -t1 -c50, keep-alive, 1 KiB body";
         let close = "wrk -t1 -c50, Connection: close";
