@@ -241,13 +241,11 @@ impl Overlay {
                     .is_some_and(|hex| hex.len() == 6 && u32::from_str_radix(hex, 16).is_ok())
             })
             .collect();
-        if candidates.is_empty() {
-            let mut st = self.state.lock().await;
-            return self.after_networks_changed(&mut st).await;
-        }
-        // Endpoints live in the task namespaces: find them by the alias their macvlan carries.
+        // Endpoints live in the task namespaces: find them by the alias their macvlan carries
+        // (only when there is a sandbox to adopt).
         let mut found: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for name in all.iter().filter(|n| !n.starts_with(&prefix)) {
+        let others = all.iter().filter(|n| !candidates.is_empty() && !n.starts_with(&prefix));
+        for name in others {
             for (sandbox, id) in endpoint_aliases(name).await {
                 found.entry(sandbox).or_default().insert(id, name.clone());
             }
@@ -801,9 +799,6 @@ async fn endpoint_aliases(ns_name: &str) -> Vec<(String, String)> {
 /// Deletes an endpoint's macvlan from the task namespace holding it; a namespace or interface
 /// that is already gone (the task ended) is not an error.
 async fn remove_endpoint_link(ns_name: &str, alias: &str) -> Result<(), Error> {
-    if !NetNs::exists(ns_name) {
-        return Ok(());
-    }
     let Ok(ns) = NetNs::open(ns_name) else {
         return Ok(());
     };
