@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Lab, dig, eventually, lossy, ps, require_root, running_per_node, task_netns, visit as visit_on,
+    Lab, TaskRow, dig, eventually, lossy, ps, require_root, running_per_node, task_netns,
+    visit as visit_on,
 };
 
 fn count(page: &str) -> Option<u64> {
@@ -128,6 +129,9 @@ fn the_tutorial_runs_end_to_end() {
     let redis = redis.display().to_string();
     let run = ["run", "--name", "myredis", "--network", "my-overlay", "--", &redis];
     lab.on("node3", &[&run[..], &REDIS_FLAGS[..]].concat());
+    // The name reaches the other nodes by gossip a moment after `run` returns; once every
+    // replica has counted, none of them can answer the error again.
+    every_task_counts(&lab, "myhelloworld");
     let first = eventually("a visitor count on every node", Duration::from_secs(60), || {
         let counts: Vec<Option<u64>> = (1..=3).map(|n| count(&visit(&lab, n))).collect();
         counts.iter().all(Option::is_some).then(|| counts[2].unwrap())
@@ -278,6 +282,7 @@ fn the_tutorial_runs_end_to_end() {
     let create =
         ["service", "create", "--name", "myredis", "--network", "my-overlay", "--", &redis];
     lab.on("node1", &[&create[..], &REDIS_FLAGS[..]].concat());
+    every_task_counts(&lab, "myhelloworld");
     let c1 = eventually("counting again", Duration::from_secs(60), || count(&visit(&lab, 2)));
     assert_eq!(count(&visit(&lab, 3)), Some(c1 + 1));
 
@@ -357,6 +362,27 @@ fn task_on(lab: &Lab, service: &str, node: &str) -> String {
         .find(|t| t.node == node && t.desired == "Running" && t.state == "Running")
         .map(|t| t.id.clone())
         .unwrap_or_else(|| panic!("no running {service} task on {node}: {rows:?}"))
+}
+
+/// Waits until every running task of `service` counts a visit of its own (asked inside the
+/// task's namespace, not through the mesh, which may pick the same task every time).
+fn every_task_counts(lab: &Lab, service: &str) {
+    let tasks: Vec<TaskRow> = ps(lab, service)
+        .into_iter()
+        .filter(|t| !t.history && t.desired == "Running" && t.state == "Running")
+        .collect();
+    assert!(!tasks.is_empty(), "no running {service} task");
+    for t in tasks {
+        let ns = task_netns(lab, &t.node, &t.id);
+        eventually(&format!("{} on {} to count", t.name, t.node), Duration::from_secs(60), || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "curl", "-s", "-m", "5"])
+                .arg("http://127.0.0.1:8100/visitor")
+                .output()
+                .expect("curl");
+            count(&lossy(&out.stdout))
+        });
+    }
 }
 
 /// (task id, node) of a running task of `service`.
