@@ -109,26 +109,47 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
         ..RunRequest::default()
     };
     let _: serde_json::Value = last.post_json("/containers", &run).await.context("run myredis")?;
-    // Ready when the page counts on every node: redis runs, its name resolves in the tasks and
-    // the encrypted tunnels have their first handshakes behind them.
+    // Ready when every replica counts and every node's port answers with a count: redis runs,
+    // its name has reached every task by gossip and the encrypted tunnels have their first
+    // handshakes behind them. The mesh picks a replica per connection (at first perhaps the
+    // same one every time), so visits go round the nodes until each replica (told apart by
+    // `x-served-by`) has counted once.
+    let replicas = state.nodes.len().min(3);
+    let nodes = &state.nodes[..replicas];
+    let mut counted = std::collections::BTreeSet::new();
+    let mut answered = vec![false; nodes.len()];
     let t0 = Instant::now();
-    for node in state.nodes.iter().take(3) {
-        let url = std::net::SocketAddr::from((node.addr, 8100));
-        loop {
-            let page = visitor_page(url).await.unwrap_or_default();
-            if page.contains("visitor number") {
+    for (i, node) in nodes.iter().enumerate().cycle() {
+        let page = visitor_page((node.addr, 8100).into()).await.unwrap_or_default();
+        let counts = page.contains("visitor number");
+        if counts {
+            answered[i] = true;
+            counted.extend(served_by(&page).map(str::to_owned));
+            if counted.len() >= replicas && answered.iter().all(|a| *a) {
                 break;
             }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!(
-                    "myredis is not reachable through {} after 30 s (last page: {page:?})",
-                    node.name
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "myredis is not reachable from every replica after 30 s: {} of {replicas} \
+                 counted; {} last answered {page:?}",
+                counted.len(),
+                node.name
+            );
+        }
+        let pause = if counts { 50 } else { 300 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     Ok(Deployed { redis: true })
+}
+
+/// The `x-served-by` header of a raw HTTP response: the replica's hostname.
+fn served_by(response: &str) -> Option<&str> {
+    let head = response.split("\r\n\r\n").next()?;
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("x-served-by").then(|| value.trim())
+    })
 }
 
 /// `GET /visitor` over plain HTTP/1.0, the body as text.
@@ -142,4 +163,18 @@ async fn visitor_page(addr: std::net::SocketAddr) -> anyhow::Result<String> {
         anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
     };
     tokio::time::timeout(Duration::from_secs(3), io).await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::served_by;
+
+    #[test]
+    fn served_by_reads_the_header_not_the_body() {
+        let r =
+            "HTTP/1.0 200 OK\r\nX-Served-By:  0abc12 \r\ncontent-length: 5\r\n\r\nx-served-by: no";
+        assert_eq!(served_by(r), Some("0abc12"));
+        assert_eq!(served_by("HTTP/1.0 200 OK\r\n\r\nx-served-by: body"), None);
+        assert_eq!(served_by(""), None);
+    }
 }
