@@ -273,6 +273,10 @@ fn the_tutorial_runs_end_to_end() {
         let running = running_per_node(&lab, "myhelloworld").values().sum::<usize>();
         (failed && running == 5).then_some(())
     });
+    // The ended task's namespace went with it; `service ps` still lists it as Failed.
+    eventually("the killed task's namespace deleted", Duration::from_secs(30), || {
+        (!std::path::Path::new("/run/netns").join(&ns).exists()).then_some(())
+    });
 
     // Stop the standalone redis and run it as a service instead: counting resumes.
     lab.on("node3", &["stop", "myredis"]);

@@ -64,7 +64,7 @@ struct Inner {
 struct Local {
     /// Tasks with a start or stop in flight.
     busy: BTreeSet<String>,
-    /// Networks each task is attached to.
+    /// Tasks with things of ours in their namespace (DNS, endpoints): the networks they are on.
     attached: BTreeMap<String, Vec<String>>,
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
@@ -613,6 +613,8 @@ async fn start_task(
     let id = &t.task.id;
     inner.runtime.create(runtime_spec(t, svc)).await?;
     let ns = inner.runtime.netns(id)?;
+    // From here on the task has things of ours in its namespace: `detach` takes them out.
+    lock(&inner.local).attached.insert(id.clone(), Vec::new());
     let mut attached = Vec::new();
     for n in nets {
         let spec = records::overlay_spec(n).context("an IPv6 network")?;
@@ -642,6 +644,12 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
     let _ = inner.dns.detach(id).await;
     lock(&inner.local).vips.remove(id);
+    // Nothing of ours is left in an ended task's namespace: it goes (its logs stay).
+    if inner.runtime.inspect(id).is_ok_and(|s| s.state.is_terminal())
+        && let Err(e) = inner.runtime.release_netns(id).await
+    {
+        tracing::warn!(task = id, error = %e, "deleting the namespace of an ended task");
+    }
 }
 
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {

@@ -5,7 +5,9 @@
 //! nothing leaks back) and its own UTS namespace (its hostname). Its stdout and stderr are kept
 //! line by line in a size-capped log, an optional health command runs inside its namespaces
 //! with Docker's semantics, and stop is SIGTERM to its process group, then SIGKILL after the
-//! grace period.
+//! grace period. When the task ends, whatever is left in its namespace is killed; once the
+//! agent has taken its endpoints out, `release_netns` deletes the namespace (as a container's
+//! sandbox goes), while the task's status and logs stay until it is removed.
 //!
 //! # Layers
 //!
@@ -38,7 +40,9 @@
 //! rt.start("x7b2k9q0w1e2r3")?;                   // starting → running (health: starting)
 //! let _lines = rt.logs("x7b2k9q0w1e2r3")?.follow(); // service logs -f
 //! rt.stop("x7b2k9q0w1e2r3", None).await?;        // SIGTERM, SIGKILL after stop_grace → shutdown
-//! rt.remove("x7b2k9q0w1e2r3").await?;            // namespace and files gone
+//! // hook: detach the endpoints and the DNS listener, then
+//! rt.release_netns("x7b2k9q0w1e2r3").await?;     // namespace gone, status and logs kept
+//! rt.remove("x7b2k9q0w1e2r3").await?;            // files gone, task forgotten
 //! # let _ = events.recv().await; Ok(()) }
 //! ```
 //!

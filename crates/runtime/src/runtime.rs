@@ -102,6 +102,8 @@ struct Ctl {
     pgid: Option<i32>,
     stop_requested: bool,
     health: Option<AbortHandle>,
+    /// The namespace of the ended task was deleted ([`Runtime::release_netns`]).
+    released: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -266,6 +268,7 @@ impl Runtime {
                 pgid: None,
                 stop_requested: false,
                 health: None,
+                released: false,
             }),
         });
         {
@@ -416,6 +419,27 @@ impl Runtime {
             Ok(Some(status)) => Ok(status),
             _ => Err(Error::StopTimeout(id.to_owned())),
         }
+    }
+
+    /// Deletes the namespace of an ended task, as a container's sandbox goes when it stops:
+    /// the task keeps its status and logs until [`Runtime::remove`], not an empty namespace
+    /// per entry of the task history. The caller first takes out what it put in (overlay
+    /// endpoints, the DNS listener), so nothing outlives the name. Whatever processes were left
+    /// in it were killed when the task ended. Doing it again does nothing.
+    pub async fn release_netns(&self, id: &str) -> Result<()> {
+        let task = self.get(id)?;
+        let state = task.state();
+        if !state.is_terminal() {
+            return Err(Error::InvalidState { id: id.to_owned(), state, op: "release namespace" });
+        }
+        if std::mem::replace(&mut lock(&task.ctl).released, true) {
+            return Ok(());
+        }
+        let netns = task.netns.clone();
+        tokio::task::spawn_blocking(move || NetNs::delete(&netns))
+            .await
+            .map_err(|e| Error::io("join release", &task.dir, std::io::Error::other(e)))??;
+        Ok(())
     }
 
     /// Removes a task: stops it if needed (with its grace period), kills anything left in its

@@ -360,6 +360,9 @@ async fn stop_sends_sigterm_then_sigkill_after_grace() {
     spec.stop_grace = Duration::from_secs(20);
     let term = lab.run(spec).await;
     wait_line(&lab.rt, &term, "ready").await;
+    // A running task's namespace is not released.
+    assert!(matches!(lab.rt.release_netns(&term).await, Err(Error::InvalidState { .. })));
+    assert!(lab.rt.netns(&term).is_ok());
     let t0 = Instant::now();
     let st = lab.rt.stop(&term, None).await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
@@ -404,6 +407,17 @@ async fn exit_codes_map_to_complete_and_failed() {
     assert_state(&st, TaskState::Failed, Some(3));
     assert_eq!(st.error.as_deref(), Some("task: non-zero exit (3)"));
     assert_state(&wait_done(&lab.rt, &killed).await, TaskState::Failed, Some(137));
+    // An ended task's namespace is released (nothing is left of it in `ip netns`), twice
+    // is no error, and its status and logs stay until it is removed.
+    for id in [&ok, &three, &killed] {
+        let netns = lab.rt.netns_name_for(id);
+        assert!(NetNs::exists(&netns));
+        lab.rt.release_netns(id).await.unwrap();
+        lab.rt.release_netns(id).await.unwrap();
+        assert!(!NetNs::exists(&netns), "{netns} outlived its release");
+        assert!(lab.rt.netns(id).is_err());
+        assert!(lab.rt.logs(id).is_ok() && lab.rt.inspect(id).is_ok());
+    }
     // Docker's sequence of states, in order, for one task.
     let mut states = Vec::new();
     while let Ok(ev) = events.try_recv() {
