@@ -120,11 +120,11 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
     let mut answered = vec![false; nodes.len()];
     let t0 = Instant::now();
     for (i, node) in nodes.iter().enumerate().cycle() {
-        let page = visitor_page((node.addr, 8100).into()).await.unwrap_or_default();
+        let (by, page) = visit((node.addr, 8100).into()).await.unwrap_or_default();
         let counts = page.contains("visitor number");
         if counts {
             answered[i] = true;
-            counted.extend(served_by(&page).map(str::to_owned));
+            counted.extend(by);
             if counted.len() >= replicas && answered.iter().all(|a| *a) {
                 break;
             }
@@ -143,38 +143,21 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
     Ok(Deployed { redis: true })
 }
 
-/// The `x-served-by` header of a raw HTTP response: the replica's hostname.
-fn served_by(response: &str) -> Option<&str> {
-    let head = response.split("\r\n\r\n").next()?;
-    head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("x-served-by").then(|| value.trim())
-    })
-}
-
-/// `GET /visitor` over plain HTTP/1.0, the body as text.
-async fn visitor_page(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// One `GET /visitor`: the replica that answered (its `x-served-by`) and the page.
+async fn visit(addr: std::net::SocketAddr) -> anyhow::Result<(Option<String>, String)> {
+    use http_body_util::{BodyExt, Empty};
     let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /visitor HTTP/1.0\r\nHost: demo\r\n\r\n").await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/visitor")
+            .header(hyper::header::HOST, "demo")
+            .body(Empty::<hyper::body::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let by = resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let page = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((by, String::from_utf8_lossy(&page).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(3), io).await?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::served_by;
-
-    #[test]
-    fn served_by_reads_the_header_not_the_body() {
-        let r =
-            "HTTP/1.0 200 OK\r\nX-Served-By:  0abc12 \r\ncontent-length: 5\r\n\r\nx-served-by: no";
-        assert_eq!(served_by(r), Some("0abc12"));
-        assert_eq!(served_by("HTTP/1.0 200 OK\r\n\r\nx-served-by: body"), None);
-        assert_eq!(served_by(""), None);
-    }
 }
