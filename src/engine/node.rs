@@ -644,11 +644,11 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
     let _ = inner.dns.detach(id).await;
     lock(&inner.local).vips.remove(id);
-    // Nothing of ours is left in an ended task's namespace: it goes (its logs stay).
-    if inner.runtime.inspect(id).is_ok_and(|s| s.state.is_terminal())
-        && let Err(e) = inner.runtime.release_netns(id).await
-    {
-        tracing::warn!(task = id, error = %e, "deleting the namespace of an ended task");
+    // Nothing of ours is left in an ended task's namespace: it goes (its logs stay). One
+    // still running (its stop failed) keeps it until it is removed; one gone has none.
+    match inner.runtime.release_netns(id).await {
+        Ok(()) | Err(rt::Error::InvalidState { .. } | rt::Error::NotFound(_)) => {}
+        Err(e) => tracing::warn!(task = id, error = %e, "deleting the namespace of an ended task"),
     }
 }
 
