@@ -1,9 +1,25 @@
 //! The cluster keyring: AES-256-GCM (ring) keys, one primary for sealing, all accepted for
 //! opening, changed at runtime without a gap (add the new key everywhere, make it primary,
 //! then remove the old one).
+//!
+//! # Nonces
+//!
+//! A frame's 96-bit nonce is a sender stream's 64-bit epoch followed by the stream's 32-bit
+//! counter. A keyring seals on two streams, one for datagrams (SWIM, suspicion checks) and one
+//! for the TCP sync frames, so that a slow sync exchange does not fall behind the datagram
+//! counter in a receiver's [`ReplayWindow`]. Each stream's epoch is drawn at random when the
+//! keyring is made and again whenever its counter would wrap, so a nonce never repeats within a
+//! process, and across processes (restarts, other nodes) two epochs collide with probability
+//! 2^-64 per pair. Nothing depends on a clock or on state kept across restarts.
+//!
+//! Opening checks the frame against the replay window after it authenticates: a frame opened
+//! before is refused with [`OpenError::Replayed`].
 
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
+use crate::replay::ReplayWindow;
 use crate::wire::{Frame, FrameRepr, HEADER_LEN, Kind, TAG_LEN, WireError};
 
 /// Most keys a keyring holds (Swarm keeps 3 per subsystem).
@@ -21,12 +37,21 @@ struct Entry {
     key: LessSafeKey,
 }
 
+/// One sealing stream: its epoch and the counter of the next frame.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    epoch: u64,
+    next: u32,
+}
+
 /// Keys accepted for opening, the first being the primary used for sealing.
 pub struct Keyring {
     keys: Vec<Entry>,
-    /// Per-process random nonce prefix; with the counter it never repeats for a key.
-    salt: u32,
-    counter: u64,
+    /// Draws the streams' epochs.
+    rng: SmallRng,
+    datagrams: Stream,
+    syncs: Stream,
+    window: ReplayWindow,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -65,15 +90,23 @@ pub enum OpenError {
     /// The tag did not verify: tampered, or a key-id collision.
     #[error("authentication failed")]
     AuthFailed,
+    /// Authentic, but opened before (or too old for the replay window).
+    #[error("replayed frame")]
+    Replayed,
 }
 
 impl Keyring {
-    /// A keyring whose primary is `keys[0]`; `salt` should come from a random source.
-    pub fn new(keys: &[[u8; 32]], salt: u32) -> Result<Self, KeyringError> {
+    /// A keyring whose primary is `keys[0]`; `seed` must come from a random source, since the
+    /// nonces' epochs are drawn from it.
+    pub fn new(keys: &[[u8; 32]], seed: u64) -> Result<Self, KeyringError> {
         if keys.is_empty() {
             return Err(KeyringError::Empty);
         }
-        let mut ring = Self { keys: Vec::new(), salt, counter: 0 };
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let datagrams = Stream { epoch: rng.random(), next: 0 };
+        let syncs = Stream { epoch: rng.random(), next: 0 };
+        let mut ring =
+            Self { keys: Vec::new(), rng, datagrams, syncs, window: ReplayWindow::default() };
         for k in keys {
             ring.add(k)?;
         }
@@ -109,6 +142,7 @@ impl Keyring {
             return Err(KeyringError::RemovePrimary(id));
         }
         self.keys.remove(pos);
+        self.window.forget_key(id);
         Ok(())
     }
 
@@ -122,12 +156,25 @@ impl Keyring {
         self.keys.first().map_or(0, |e| e.id)
     }
 
+    /// The next nonce of the stream that carries `kind`.
+    fn next_nonce(&mut self, kind: Kind) -> [u8; 12] {
+        let stream = match kind {
+            Kind::Swim | Kind::Check => &mut self.datagrams,
+            Kind::SyncRequest | Kind::SyncReply => &mut self.syncs,
+        };
+        if stream.next == u32::MAX {
+            *stream = Stream { epoch: self.rng.random(), next: 0 };
+        }
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&stream.epoch.to_be_bytes());
+        nonce[8..].copy_from_slice(&stream.next.to_be_bytes());
+        stream.next += 1;
+        nonce
+    }
+
     /// Seals `plaintext` as a frame of `kind` with the primary key.
     pub fn seal(&mut self, kind: Kind, plaintext: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        nonce[..4].copy_from_slice(&self.salt.to_be_bytes());
-        nonce[4..].copy_from_slice(&self.counter.to_be_bytes());
-        self.counter = self.counter.wrapping_add(1);
+        let nonce = self.next_nonce(kind);
         let Some(primary) = self.keys.first() else {
             return Vec::new();
         };
@@ -150,8 +197,9 @@ impl Keyring {
         out
     }
 
-    /// Opens a frame: checks the header, finds the key by id, verifies and decrypts.
-    pub fn open(&self, frame: &[u8]) -> Result<(Kind, Vec<u8>), OpenError> {
+    /// Opens a frame: checks the header, finds the key by id, verifies and decrypts, then
+    /// refuses it if the replay window has seen it.
+    pub fn open(&mut self, frame: &[u8]) -> Result<(Kind, Vec<u8>), OpenError> {
         let view = Frame::new_checked(frame)?;
         let repr = FrameRepr::parse(&view)?;
         let entry = self
@@ -169,6 +217,12 @@ impl Keyring {
             )
             .map_err(|_| OpenError::AuthFailed)?
             .len();
+        let (epoch, counter) = repr.nonce.split_at(8);
+        let epoch = u64::from_be_bytes(epoch.try_into().map_err(|_| OpenError::AuthFailed)?);
+        let counter = u32::from_be_bytes(counter.try_into().map_err(|_| OpenError::AuthFailed)?);
+        if !self.window.accept(repr.key_id, epoch, counter) {
+            return Err(OpenError::Replayed);
+        }
         body.truncate(plain_len);
         Ok((repr.kind, body))
     }
@@ -219,5 +273,51 @@ mod tests {
         let b = k.seal(Kind::Swim, b"same");
         assert_ne!(a[8..20], b[8..20]);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_frame_opens_once() {
+        let mut tx = Keyring::new(&[[4u8; 32]], 11).expect("one key");
+        let mut rx = Keyring::new(&[[4u8; 32]], 12).expect("one key");
+        let first = tx.seal(Kind::Swim, b"a");
+        let second = tx.seal(Kind::Swim, b"b");
+        let sync = tx.seal(Kind::SyncReply, b"c");
+        assert!(rx.open(&second).is_ok());
+        assert!(rx.open(&first).is_ok(), "reordered, inside the window");
+        assert!(rx.open(&sync).is_ok(), "the sync stream has its own counter");
+        for f in [&first, &second, &sync] {
+            assert_eq!(rx.open(f), Err(OpenError::Replayed));
+        }
+        // A receiver that restarted (a new keyring) has no memory of them.
+        let mut fresh = Keyring::new(&[[4u8; 32]], 13).expect("one key");
+        assert!(fresh.open(&first).is_ok());
+    }
+
+    #[test]
+    fn a_wrapping_counter_draws_a_new_epoch() {
+        let mut k = Keyring::new(&[[6u8; 32]], 5).expect("one key");
+        let before = k.seal(Kind::Swim, b"x");
+        k.datagrams.next = u32::MAX;
+        let after = k.seal(Kind::Swim, b"x");
+        assert_ne!(before[8..16], after[8..16], "epoch changed");
+        assert_eq!(after[16..20], [0, 0, 0, 0], "counter restarted");
+    }
+
+    proptest::proptest! {
+        /// Restarts are new keyrings from new random seeds (as the driver seeds them): no nonce
+        /// repeats across any of them or within one, on either stream.
+        #[test]
+        fn nonces_are_unique_across_restarts(seeds in proptest::collection::hash_set(proptest::prelude::any::<u64>(), 1..40)) {
+            let mut seen = std::collections::HashSet::new();
+            for seed in seeds {
+                let mut k = Keyring::new(&[[8u8; 32]], seed).expect("one key");
+                for i in 0..50u32 {
+                    let kind = if i % 3 == 0 { Kind::SyncRequest } else { Kind::Swim };
+                    let f = k.seal(kind, b"n");
+                    let nonce: [u8; 12] = f[8..20].try_into().expect("12 bytes");
+                    proptest::prop_assert!(seen.insert(nonce), "nonce repeated: {:?}", nonce);
+                }
+            }
+        }
     }
 }

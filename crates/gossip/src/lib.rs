@@ -58,10 +58,12 @@
 pub mod config;
 mod core;
 pub mod driver;
+pub mod generation;
 pub mod keyring;
 pub mod metrics;
 pub mod msg;
 mod prom;
+pub mod replay;
 pub mod sim;
 pub mod table;
 mod types;

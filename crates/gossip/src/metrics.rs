@@ -24,13 +24,15 @@ pub enum DropReason {
     WrongKind,
     /// Older than what we hold (a replay or a late copy).
     Stale,
+    /// A sealed frame opened before (see `replay`).
+    Replayed,
     /// Refused by the SWIM layer (not addressed to us, from ourselves, ...).
     Rejected,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Truncated,
         DropReason::BadHeader,
         DropReason::UnknownKey,
@@ -39,6 +41,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::WrongKind,
         DropReason::Stale,
+        DropReason::Replayed,
         DropReason::Rejected,
     ];
 
@@ -53,6 +56,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::WrongKind => "wrong_kind",
             DropReason::Stale => "stale",
+            DropReason::Replayed => "replayed",
             DropReason::Rejected => "rejected",
         }
     }
@@ -69,6 +73,7 @@ impl From<OpenError> for DropReason {
             OpenError::Wire(_) => DropReason::BadHeader,
             OpenError::UnknownKey(_) => DropReason::UnknownKey,
             OpenError::AuthFailed => DropReason::AuthFailed,
+            OpenError::Replayed => DropReason::Replayed,
         }
     }
 }
@@ -93,7 +98,7 @@ pub struct Counters {
     /// Sync bytes sent.
     pub sync_bytes_out: u64,
     /// Drops by [`DropReason`] (index = position in [`DropReason::ALL`]).
-    pub dropped: [u64; 9],
+    pub dropped: [u64; DropReason::ALL.len()],
     /// Broadcast items we already had (normal in epidemic dissemination).
     pub duplicates: u64,
     /// Probe round trips measured.

@@ -7,9 +7,11 @@
 //!  +------+---+----+----------+-----------------+------------------+----------+
 //! ```
 //!
-//! `v` is the format version (1), `kd` the kind of the sealed message (SWIM datagram, sync
+//! `v` is the format version (2), `kd` the kind of the sealed message (SWIM datagram, sync
 //! request, sync reply, suspicion check), `key id` the first four bytes of SHA-256 of the AES-256 key that sealed
-//! it. The 20 header bytes are the AEAD's additional data, so none of them can be altered.
+//! it. The nonce is the sender stream's 64-bit epoch and 32-bit counter (version 1 had a 32-bit
+//! salt and a 64-bit counter, with no replay window; see `keyring`). The 20 header bytes are the
+//! AEAD's additional data, so none of them can be altered.
 //! Over TCP every frame is preceded by its length as a big-endian `u32`.
 
 use std::fmt;
@@ -17,7 +19,7 @@ use std::fmt;
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"SG";
 /// Frame format version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes before the ciphertext.
 pub const HEADER_LEN: usize = 20;
 /// AES-GCM tag length.
@@ -208,7 +210,7 @@ mod tests {
     use super::*;
 
     const SAMPLE: [u8; 38] = [
-        b'S', b'G', 1, 2, // magic, version, kind = sync request
+        b'S', b'G', 2, 2, // magic, version, kind = sync request
         0xde, 0xad, 0xbe, 0xef, // key id
         1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, // nonce
         0xaa, 0xbb, // ciphertext
