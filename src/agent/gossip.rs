@@ -8,11 +8,15 @@ use shoal_gossip::{GossipConfig, MemberState, NodeId, NodeMeta, Role, Snapshot};
 use crate::api::{GossipInfo, MemberInfo};
 use crate::config::AgentConfig;
 
+/// The file in the data dir holding this node's last gossip generation.
+pub const GENERATION_FILE: &str = "gossip-generation";
+
 /// The gossip configuration of this agent, with one key.
 pub fn config(cfg: &AgentConfig, key: [u8; 32]) -> GossipConfig {
     let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
     let mut g = GossipConfig::new(NodeId::from_name(&cfg.node_name), advertise, key);
     g.seeds = cfg.gossip_seeds.iter().copied().filter(|s| *s != advertise).collect();
+    g.generation_file = Some(cfg.data_dir.join(GENERATION_FILE));
     g.meta = NodeMeta {
         id: cfg.node_name.clone(),
         name: cfg.node_name.clone(),

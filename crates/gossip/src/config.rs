@@ -332,6 +332,9 @@ pub struct GossipConfig {
     pub networks: Vec<String>,
     /// Protocol figures.
     pub core: CoreConfig,
+    /// Where this node keeps its last process generation (see `generation`); `None` only for
+    /// tests and simulations, which then count within the process.
+    pub generation_file: Option<std::path::PathBuf>,
 }
 
 impl GossipConfig {
@@ -347,6 +350,7 @@ impl GossipConfig {
             keys: vec![key],
             networks: Vec::new(),
             core: CoreConfig::lan(),
+            generation_file: None,
         }
     }
 

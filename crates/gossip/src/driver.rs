@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -97,6 +97,14 @@ pub enum GossipError {
     /// A keyring operation was refused; nothing changed.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// The node's generation file could not be read or written; nothing started.
+    #[error("gossip generation file {}: {source}", file.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()))]
+    Generation {
+        /// The file.
+        file: Option<std::path::PathBuf>,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The driver task has stopped.
     #[error("gossip driver stopped")]
     Stopped,
@@ -158,7 +166,9 @@ impl Gossip {
             advertise.set_port(local.port());
         }
         let generation =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+            crate::generation::next(config.generation_file.as_deref()).map_err(|source| {
+                GossipError::Generation { file: config.generation_file.clone(), source }
+            })?;
         let opts = CoreOptions {
             addr: advertise,
             node: config.node,
