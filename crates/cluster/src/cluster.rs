@@ -896,6 +896,22 @@ fn caller_of(conn: &quinn::Connection) -> Caller {
     }
 }
 
+/// The caller as the store knows it now: a node of the swarm, with the role the store gives it.
+/// The certificate names the node, but its role is only what the node was when the certificate
+/// was issued, and it outlives a removal or a demotion.
+fn authorize(m: &ManagerParts, caller: Caller) -> Result<(NodeId, Role), Error> {
+    let Caller::Member { node, .. } = caller else {
+        return Err(Error::PermissionDenied("this request needs a cluster certificate".into()));
+    };
+    m.sm.with_state(|s| s.nodes.get(&node).map(|n| n.role)).map(|role| (node, role)).ok_or_else(
+        || {
+            Error::PermissionDenied(format!(
+                "node {node} is not a member of this swarm (it was removed); join again"
+            ))
+        },
+    )
+}
+
 async fn handle_stream(
     inner: Arc<Inner>,
     caller: Caller,
@@ -1083,6 +1099,17 @@ impl Inner {
                 }
                 match self.manager() {
                     Some(m) if Inner::leader_of(&m).map(|l| l.0) == Some(self.me().0) => {
+                        // The origin is the forwarder's word: only a current manager's counts.
+                        match authorize(&m, caller) {
+                            Ok((_, Role::Manager)) => {}
+                            Ok(_) => {
+                                return rpc_err(
+                                    ErrorKind::PermissionDenied,
+                                    "only managers forward requests",
+                                );
+                            }
+                            Err(e) => return to_rpc(e),
+                        }
                         self.handle_leader(&m, origin, *request).await
                     }
                     _ => rpc_err(
@@ -1175,23 +1202,29 @@ impl Inner {
         caller: Caller,
         req: Request,
     ) -> Response {
-        let node = match caller {
-            Caller::Member { node, .. } => Some(node),
-            Caller::Anonymous => None,
+        if let Request::Join(j) = req {
+            return self.leader_join(m, j).await.unwrap_or_else(to_rpc);
+        }
+        let (n, role) = match authorize(m, caller) {
+            Ok(who) => who,
+            Err(e) => return to_rpc(e),
         };
-        let r = match (req, node) {
-            (Request::Join(j), _) => self.leader_join(m, j).await,
-            (Request::Heartbeat { keyring_version }, Some(n)) => {
+        let r = match req {
+            Request::Heartbeat { keyring_version } => {
                 self.leader_heartbeat(m, n, keyring_version).await
             }
-            (Request::RenewCert { csr_pem }, Some(n)) => self.leader_renew(m, n, &csr_pem),
-            (Request::MemberStatus { node, up }, Some(_)) => {
-                self.leader_member_status(m, node, up).await
+            Request::RenewCert { csr_pem } => self.leader_renew(m, n, &csr_pem),
+            // Liveness moves tasks, so only managers (whose gossip sees every member) report it.
+            Request::MemberStatus { .. } | Request::Manage(_) if role != Role::Manager => {
+                Err(Error::NotManager(NOT_MANAGER.into()))
             }
-            (Request::Leave, Some(n)) => self.leader_leave(m, n).await,
-            (Request::Manage(req), Some(n)) => self.leader_manage(m, n, req).await,
-            (Request::Tasks(req), Some(n)) => self.leader_tasks(m, n, req).await,
-            _ => Err(Error::PermissionDenied("this request needs a cluster certificate".into())),
+            Request::MemberStatus { node, up } => self.leader_member_status(m, node, up).await,
+            Request::Leave => self.leader_leave(m, n).await,
+            Request::Manage(req) => self.leader_manage(m, n, req).await,
+            Request::Tasks(req) => self.leader_tasks(m, n, req).await,
+            Request::Join(_) | Request::Node(_) | Request::Raft(_) | Request::Forwarded { .. } => {
+                Err(Error::BadRequest("this request is not for the leader".into()))
+            }
         };
         r.unwrap_or_else(to_rpc)
     }

@@ -473,10 +473,16 @@ async fn gossip_keys_rotate_twice_and_liveness_input() -> anyhow::Result<()> {
         assert!(nodes.iter().all(|n| n.record.status == NodeStatus::Ready), "{}", summary(&nodes));
     }
 
-    // Liveness from gossip: down, then up again, each with an event.
+    // Liveness from gossip: down, then up again, each with an event. Only managers report it;
+    // a worker's word would move another node's tasks.
     let mut events = n1.cluster.events();
     let id2 = n2.cluster.info().node;
-    n3.cluster.member_status(id2, false).await?;
+    match n3.cluster.member_status(id2, false).await {
+        Err(Error::NotManager(_)) => {}
+        other => bail!("a worker marked another node down: {other:?}"),
+    }
+    assert_eq!(n1.cluster.node("node2").await?.record.status, NodeStatus::Ready);
+    n1.cluster.member_status(id2, false).await?;
     assert_eq!(n1.cluster.node("node2").await?.record.status, NodeStatus::Down);
     let ev = tokio::time::timeout(PATIENCE, events.recv()).await??;
     assert!(
@@ -494,6 +500,71 @@ async fn gossip_keys_rotate_twice_and_liveness_input() -> anyhow::Result<()> {
     assert_eq!(n1.cluster.nodes().await?.len(), 2);
     assert!(!n3.dir.path().join("swarm").exists(), "leave removed the swarm state");
     shutdown_all(&[&n1, &n2]).await;
+    Ok(())
+}
+
+/// The identity a node holds on disk, as a client that keeps its certificate would use it.
+fn identity_of(n: &Node) -> anyhow::Result<NodeIdentity> {
+    let d = n.dir.path().join("swarm");
+    Ok(NodeIdentity::from_pem(
+        std::fs::read_to_string(d.join("node-key.pem"))?,
+        std::fs::read_to_string(d.join("node-cert.pem"))?,
+        std::fs::read_to_string(d.join("ca.pem"))?,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_and_demoted_nodes_lose_their_rights_at_once() -> anyhow::Result<()> {
+    let n1 = init("node1").await?;
+    let token = n1.cluster.join_token(Role::Manager, false).await?;
+    let n2 = join("node2", &token, n1.addr).await?;
+    n2.cluster.wait_voter(PATIENCE).await?;
+    let worker_token = n1.cluster.join_token(Role::Worker, false).await?;
+    let n3 = join("node3", &worker_token, n1.addr).await?;
+    let timeout = Duration::from_secs(5);
+    // Both keep the certificates they hold now, as a node that never renews would.
+    let old_manager = Transport::bind("127.0.0.1:0".parse()?, &identity_of(&n2)?)?;
+    let removed = Transport::bind("127.0.0.1:0".parse()?, &identity_of(&n3)?)?;
+    match old_manager.call(n1.addr, &Request::Manage(ManageRequest::NodeList), timeout).await? {
+        Response::Nodes(n) => assert_eq!(n.len(), 3),
+        other => bail!("a manager's certificate while it is a manager: {other:?}"),
+    }
+
+    // Demoted: its manager certificate no longer opens the manager API, nor forwarding.
+    n1.cluster.demote("node2").await?;
+    match old_manager.call(n1.addr, &Request::Manage(ManageRequest::NodeList), timeout).await? {
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::NotManager, "{}", e.message),
+        other => bail!("a demoted manager still lists nodes: {other:?}"),
+    }
+    let fwd = Request::Forwarded {
+        origin: shoal_cluster::wire::Caller::Member {
+            node: n1.cluster.info().node,
+            role: Role::Manager,
+        },
+        request: Box::new(Request::Manage(ManageRequest::NodeList)),
+    };
+    match old_manager.call(n1.addr, &fwd, timeout).await? {
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::PermissionDenied, "{}", e.message),
+        other => bail!("a demoted manager forwarded as node1: {other:?}"),
+    }
+
+    // Removed: its next call is refused, reads included (the store holds the gossip keyring).
+    let state = Request::Tasks(shoal_cluster::wire::TaskRequest::State);
+    match removed.call(n1.addr, &state, timeout).await? {
+        Response::State(_) => {}
+        other => bail!("a member reading its state: {other:?}"),
+    }
+    n1.cluster.node_rm("node3", true).await?;
+    match removed.call(n1.addr, &state, timeout).await? {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::PermissionDenied);
+            assert!(e.message.contains("removed"), "{}", e.message);
+        }
+        other => bail!("a removed node read the store: {other:?}"),
+    }
+    old_manager.close().await;
+    removed.close().await;
+    shutdown_all(&[&n1, &n2, &n3]).await;
     Ok(())
 }
 
