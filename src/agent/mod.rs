@@ -36,6 +36,9 @@ impl DataDirLock {
     pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
         fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        // It holds the node's keys and the swarm's secrets: root alone may look inside.
+        fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", data_dir.display()))?;
         let path = data_dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)

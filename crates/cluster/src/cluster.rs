@@ -251,7 +251,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn write_file(path: &Path, data: &str, private: bool) -> Result<(), Error> {
+/// Writes a file of the swarm directory atomically. Every one of them is the node's own
+/// (keys, certificates, the keyring in the node file), so all are 0600, in a 0700 directory.
+fn write_file(path: &Path, data: &str) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -260,13 +262,26 @@ fn write_file(path: &Path, data: &str, private: bool) -> Result<(), Error> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(if private { 0o600 } else { 0o644 })
+            .mode(0o600)
             .open(&tmp)
             .map_err(io_err(format!("writing {}", tmp.display())))?;
         f.write_all(data.as_bytes()).map_err(io_err(format!("writing {}", tmp.display())))?;
         f.sync_all().map_err(io_err(format!("syncing {}", tmp.display())))?;
     }
     std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
+}
+
+/// Creates the swarm directory (and the data dir above it) readable by root alone, and makes
+/// an existing one so.
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("chmod 0700 {}", dir.display())))
 }
 
 fn read_file(path: &Path) -> Result<String, Error> {
@@ -377,7 +392,7 @@ impl Cluster {
         if dir.join(NODE_FILE).exists() {
             return Err(Error::AlreadyInSwarm(dir));
         }
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        create_private_dir(&dir)?;
         let pool = opts
             .default_addr_pool
             .first()
@@ -504,7 +519,7 @@ impl Cluster {
         if identity.ca_digest()? != token.ca_digest {
             return Err(Error::CaMismatch);
         }
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        create_private_dir(&dir)?;
         let local = LocalState {
             node: jr.node,
             hostname: opts.hostname,
@@ -559,9 +574,9 @@ impl Cluster {
         identity: NodeIdentity,
         tuning: Tuning,
     ) -> Result<Cluster, Error> {
-        write_file(&dir.join(KEY_FILE), &identity.key_pem, true)?;
-        write_file(&dir.join(CERT_FILE), &identity.cert_pem, false)?;
-        write_file(&dir.join(CA_FILE), &identity.ca_pem, false)?;
+        write_file(&dir.join(KEY_FILE), &identity.key_pem)?;
+        write_file(&dir.join(CERT_FILE), &identity.cert_pem)?;
+        write_file(&dir.join(CA_FILE), &identity.ca_pem)?;
         let transport = Arc::new(Transport::bind(local.listen_addr, &identity)?);
         let (events, _) = broadcast::channel(256);
         let (keyring, _) = watch::channel(Keyring::default());
@@ -954,7 +969,7 @@ impl Inner {
     fn save_local(&self) -> Result<(), Error> {
         let l = self.local();
         let text = serde_json::to_string_pretty(&l).map_err(|e| Error::Store(e.to_string()))?;
-        write_file(&self.dir.join(NODE_FILE), &text, true)
+        write_file(&self.dir.join(NODE_FILE), &text)
     }
 
     fn manager(&self) -> Option<Arc<ManagerParts>> {
@@ -1789,8 +1804,8 @@ impl Inner {
                 id.info.node, id.info.role
             )));
         }
-        write_file(&self.dir.join(KEY_FILE), &id.key_pem, true)?;
-        write_file(&self.dir.join(CERT_FILE), &id.cert_pem, false)?;
+        write_file(&self.dir.join(KEY_FILE), &id.key_pem)?;
+        write_file(&self.dir.join(CERT_FILE), &id.cert_pem)?;
         self.transport.set_identity(&id)?;
         if let Ok(mut i) = self.identity.write() {
             *i = id;

@@ -71,8 +71,18 @@ fn wr(e: impl std::fmt::Display) -> SErr {
     io(ErrorSubject::Store, ErrorVerb::Write, e)
 }
 
-/// Opens (or creates) a node's Raft database.
+/// Opens (or creates) a node's Raft database, readable by root alone: it holds the CA key, the
+/// join secrets and the gossip keyring. (redb initialises an empty file as a new database.)
 pub fn open_db(path: &Path) -> Result<Arc<Database>, redb::DatabaseError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)))
+        .map_err(redb::StorageError::Io)?;
     let db = Database::create(path)?;
     Ok(Arc::new(db))
 }

@@ -503,6 +503,27 @@ async fn gossip_keys_rotate_twice_and_liveness_input() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_directory_is_readable_by_root_alone() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let n1 = init("node1").await?;
+    let dir = n1.dir.path().join("swarm");
+    let mode = |p: &std::path::Path| -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(p).with_context(|| p.display().to_string())?.permissions().mode()
+            & 0o777)
+    };
+    assert_eq!(mode(&dir)?, 0o700);
+    let mut files = 0;
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        assert_eq!(mode(&p)?, 0o600, "{}", p.display());
+        files += 1;
+    }
+    assert!(dir.join("raft.redb").exists() && files >= 5, "{files} files");
+    shutdown_all(&[&n1]).await;
+    Ok(())
+}
+
 /// The identity a node holds on disk, as a client that keeps its certificate would use it.
 fn identity_of(n: &Node) -> anyhow::Result<NodeIdentity> {
     let d = n.dir.path().join("swarm");
