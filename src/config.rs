@@ -158,7 +158,7 @@ pub struct AgentArgs {
     /// Control-plane timings: default (Swarm's) or fast (labs, tests) [default: default].
     #[arg(long, env = "SHOAL_CLUSTER_TUNING", value_enum)]
     pub cluster_tuning: Option<ClusterTuning>,
-    /// Where managers serve the visualizer page; '' turns it off [default: 0.0.0.0:8089].
+    /// Where managers serve the visualizer page; '' turns it off [default: 127.0.0.1:8089].
     #[arg(long, env = "SHOAL_UI_ADDR")]
     pub ui_addr: Option<String>,
     /// Prefix of the network namespaces this node makes [default: shoal].
@@ -243,7 +243,9 @@ impl AgentConfig {
             },
             cluster_tuning: args.cluster_tuning.or(file.cluster_tuning).unwrap_or_default(),
             ui_addr: match args.ui_addr.clone().or(file.ui_addr).as_deref() {
-                None => Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_UI_PORT))),
+                // The page shows nodes, addresses and tasks without asking who looks: local
+                // only, unless the operator says where else.
+                None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_UI_PORT))),
                 Some("") => None,
                 Some(a) => Some(a.parse().map_err(|_| {
                     field("ui_addr", format!("{a:?} is not IP:PORT (or '' to turn the page off)"))
@@ -375,6 +377,11 @@ mod tests {
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert_eq!(cfg.data_path_port, 4789);
         assert_eq!(cfg.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(
+            cfg.ui_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_UI_PORT))),
+            "the visualizer is local unless the operator opens it"
+        );
     }
 
     #[test]

@@ -324,6 +324,8 @@ fn spawn_agent(
         .arg("--socket")
         .arg(&node.socket)
         .args(["--advertise-addr", &node.addr.to_string()])
+        // Each manager's page at its lab address, where the host can open it.
+        .args(["--ui-addr", &format!("{}:{}", node.addr, crate::config::DEFAULT_UI_PORT)])
         .args(["--log-format", "json"])
         // Labs are for seeing things happen: Raft and heartbeats on short timers.
         .args(["--cluster-tuning", "fast"])
