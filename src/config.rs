@@ -82,6 +82,9 @@ pub struct AgentConfig {
     /// Where the tasks' resolver reads the upstream servers for names that are not the
     /// cluster's (re-read when it changes).
     pub dns_resolv_conf: PathBuf,
+    /// A group whose members may use the API socket besides root (None: root alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_group: Option<String>,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -105,6 +108,7 @@ pub struct FileConfig {
     pub ui_addr: Option<String>,
     pub netns_prefix: Option<String>,
     pub dns_resolv_conf: Option<PathBuf>,
+    pub api_group: Option<String>,
 }
 
 /// Flags and environment: clap fills these (each flag also reads `SHOAL_<NAME>`).
@@ -167,6 +171,9 @@ pub struct AgentArgs {
     /// Upstream resolvers of the tasks' DNS, for names outside the cluster [default: /etc/resolv.conf].
     #[arg(long, env = "SHOAL_DNS_RESOLV_CONF")]
     pub dns_resolv_conf: Option<PathBuf>,
+    /// A group whose members may use the API socket besides root [default: root alone].
+    #[arg(long, env = "SHOAL_API_GROUP")]
+    pub api_group: Option<String>,
 }
 
 /// A configuration error; it names the field (or the file) that is wrong.
@@ -261,6 +268,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.dns_resolv_conf)
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
+            api_group: args.api_group.clone().or(file.api_group),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -304,6 +312,13 @@ impl AgentConfig {
                 "netns_prefix",
                 format!("{p:?}: use 1-24 of [A-Za-z0-9_-], no trailing '-', no \"-t-\""),
             ));
+        }
+        if let Some(g) = &self.api_group {
+            match nix::unistd::Group::from_name(g) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(field("api_group", format!("no group named {g:?}"))),
+                Err(e) => return Err(field("api_group", format!("looking up {g:?}: {e}"))),
+            }
         }
         if !self.dns_resolv_conf.is_absolute() {
             return Err(field("dns_resolv_conf", "must be an absolute path"));

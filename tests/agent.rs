@@ -119,7 +119,7 @@ async fn api_over_the_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path(), "api-node");
     let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o660);
+    assert_eq!(mode, 0o600, "root alone unless api_group is set");
 
     let v: VersionInfo = agent.host().get_json("/version").await.unwrap();
     assert_eq!(v, VersionInfo::current());
@@ -139,6 +139,82 @@ async fn api_over_the_unix_socket() {
     );
     let err = agent.host().get("/nope").await.unwrap_err().to_string();
     assert!(err.contains("no such endpoint: GET /nope"), "{err}");
+}
+
+/// `curl` against the socket as another user (uid/gid 65534 with the given extra groups):
+/// the HTTP status, or 0 when it could not connect at all.
+fn curl_as_nobody(socket: &Path, groups: &str) -> (u32, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534"])
+        .arg(if groups.is_empty() {
+            "--clear-groups".to_owned()
+        } else {
+            format!("--groups={groups}")
+        })
+        .args(["curl", "-s", "-o", "-", "-w", "\\n%{http_code}", "--unix-socket"])
+        .arg(socket)
+        .arg("http://agent/version")
+        .output()
+        .unwrap();
+    let text = lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn the_api_socket_is_for_root_and_the_configured_group() {
+    if !shoal_netns::testing::require_root("the_api_socket_is_for_root_and_the_configured_group") {
+        return;
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // Root alone: 0600, and a data dir only root can enter.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "sock-root");
+    assert_eq!(mode(&agent.socket), 0o600);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+    assert_eq!(curl_as_nobody(&agent.socket, "").0, 0, "the file mode keeps others out");
+    // Loosened by hand, the socket still refuses them: the kernel says who connects.
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, body) = curl_as_nobody(&agent.socket, "");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("permission denied") && body.contains("uid 65534"), "{body}");
+    drop(agent);
+
+    // With api_group: 0660 owned by the group; its members get in, others do not.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let mut child = shoal()
+        .args(["agent", "--node-name", "sock-group", "--advertise-addr", ADDR])
+        .args(["--api-group", "adm", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let meta = std::fs::metadata(&socket).unwrap();
+    let adm = nix::unistd::Group::from_name("adm").unwrap().unwrap().gid.as_raw();
+    assert_eq!((mode(&socket), std::os::unix::fs::MetadataExt::gid(&meta)), (0o660, adm));
+    let (code, body) = curl_as_nobody(&socket, "adm");
+    assert_eq!(code, 200, "a member of the group: {body}");
+    assert_eq!(curl_as_nobody(&socket, "").0, 0, "not a member");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(curl_as_nobody(&socket, "").0, 403, "not a member, socket loosened by hand");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A group that does not exist is a configuration error naming the field.
+    let out = shoal()
+        .args(["agent", "--check-config", "--advertise-addr", ADDR, "--api-group", "no-such-grp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(lossy(&out.stderr).contains("api_group"), "{}", lossy(&out.stderr));
 }
 
 #[test]

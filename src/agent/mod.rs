@@ -2,6 +2,7 @@
 //! on its unix socket, and shuts down cleanly on SIGTERM/SIGINT, removing the socket. Later issues
 //! wire the overlay, DNS, the mesh and the control plane in here.
 
+pub mod access;
 pub mod gossip;
 pub mod observe;
 pub mod swarm;
@@ -65,8 +66,9 @@ impl DataDirLock {
     }
 }
 
-/// Binds the API socket with mode 0660, replacing a stale socket file left by a dead agent.
-async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds the API socket (its mode as `access` says), replacing a stale socket file left by a
+/// dead agent.
+async fn bind_socket(path: &Path, access: &access::Access) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -79,15 +81,15 @@ async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding API socket {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    access.restrict(path)?;
     Ok(listener)
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
-    let listener = bind_socket(&config.socket).await?;
+    let access = Arc::new(access::Access::new(config.api_group.as_deref())?);
+    let listener = bind_socket(&config.socket, &access).await?;
     let socket_path = config.socket.clone();
     let metrics_addr = config.metrics_addr;
     let mut metrics = Metrics::new(&config.node_name);
@@ -161,10 +163,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ));
     }
     let mut rx = stop_rx.clone();
-    let server =
-        axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        });
+    let app = api::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(access, access::check))
+        .into_make_service_with_connect_info::<access::Peer>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    });
     let server = tokio::spawn(async move { server.await });
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
