@@ -1,5 +1,7 @@
 //! `shoal lab up --demo`: the tutorial, deployed on a fresh lab. node1 initialises the swarm,
-//! the others join as workers; `myhelloworld` (3 replicas, port 8100) is created, the encrypted
+//! the others join as workers; the `myhelloworld` volume is created on node1 and the
+//! `myhelloworld` service (3 replicas, port 8100, that volume mounted where the app writes
+//! `info.log`; nodes without the volume make it) is created, the encrypted
 //! attachable `my-overlay` is added to it, and `myredis` runs on the last node as a standalone
 //! task on that network (a real `redis-server`, when it is installed).
 
@@ -11,6 +13,19 @@ use super::LabState;
 use crate::api::client::Host;
 use crate::api::services::{NetworkCreate, RunRequest, ServiceCreate, ServiceUpdate, ServiceView};
 use crate::api::swarm::{InitRequest, JoinRequest, JoinToken, SwarmJoined};
+use crate::api::volumes::VolumeCreate;
+use crate::mounts::MountSpec;
+use crate::volumes::Volume;
+
+/// The tutorial's volume, mounted where the app writes its log.
+pub const VOLUME: &str = "myhelloworld";
+
+/// Where node `i`'s copy of the app's log is: in its volume, under its agent's data dir.
+pub fn info_log(state: &LabState, i: usize) -> std::path::PathBuf {
+    crate::volumes::Volumes::new(&state.nodes[i].data_dir, &state.nodes[i].name)
+        .mountpoint(VOLUME)
+        .join(crate::demo::LOG_FILE)
+}
 
 /// What the demo made, for the lines it prints.
 #[derive(Debug)]
@@ -70,11 +85,15 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
             .await
             .with_context(|| format!("{} joining", state.nodes[i].name))?;
     }
+    let vol = VolumeCreate { name: VOLUME.into(), ..VolumeCreate::default() };
+    let _: Volume = first.post_json("/volumes", &vol).await.context("volume create")?;
+    let mount = format!("type=volume,src={VOLUME},dst={}", crate::demo::DEFAULT_LOG_DIR);
     let svc = ServiceCreate {
         name: "myhelloworld".into(),
         argv: vec![exe.display().to_string(), "demo".into(), "visitor".into()],
         replicas: Some(state.nodes.len().min(3) as u64),
         publish: vec!["8100:8100".into()],
+        mounts: vec![mount.parse::<MountSpec>().map_err(anyhow::Error::msg)?],
         ..ServiceCreate::default()
     };
     let r: serde_json::Value =
