@@ -88,9 +88,17 @@ pub async fn run_volume(host: &Host, cmd: &VolumeCmd) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         VolumeCmd::Rm { force, volumes } => {
+            // As Docker does: every volume is tried, the errors are reported together.
+            let mut errors = Vec::new();
             for v in volumes {
-                host.delete(&format!("/volumes/{}?force={force}", name(v)?)).await?;
-                println!("{v}");
+                let path = name(v).map(|n| format!("/volumes/{n}?force={force}"));
+                match async { host.delete(&path?).await }.await {
+                    Ok(()) => println!("{v}"),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            if !errors.is_empty() {
+                bail!("{}", errors.join("\n"));
             }
         }
     }

@@ -127,6 +127,8 @@ fn volumes_and_mounts() {
     assert!(ls.lines().any(|l| l.split_whitespace().eq(["local", "myhelloworld"])), "{ls}");
     assert_eq!(lab.on("node1", &["volume", "ls", "-q"]), "myhelloworld\n");
     assert_eq!(lab.on("node2", &["volume", "ls", "-q"]), "", "volumes are per node");
+    let note = lossy(&lab.shoal(&["--node", "node1", "volume", "ls"]).stderr);
+    assert!(note.contains("volumes of node node1: volumes are per node"), "{note}");
     let v: serde_json::Value =
         serde_json::from_str(&lab.on("node1", &["volume", "inspect", "myhelloworld"])).unwrap();
     let mountpoint = state.nodes[0].data_dir.join("volumes/myhelloworld/_data");
@@ -252,6 +254,8 @@ fn volumes_and_mounts() {
     let e = refused(&lab, "node1", &["volume", "rm", "myhelloworld"]);
     assert!(e.contains("get myhelloworld: no such volume"), "{e}");
     lab.on("node1", &["volume", "rm", "-f", "myhelloworld"]);
+    let e = refused(&lab, "node1", &["volume", "rm", "nosuch1", "nosuch2"]);
+    assert!(e.contains("get nosuch1: no such volume") && e.contains("get nosuch2"), "{e}");
 
     // Bind mounts on `run`: read-only (a write fails inside) and read-write.
     lab.on("node1", &["network", "create", "--attachable", "nb"]);
