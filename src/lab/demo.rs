@@ -27,6 +27,51 @@ pub fn info_log(state: &LabState, i: usize) -> std::path::PathBuf {
         .join(crate::demo::LOG_FILE)
 }
 
+/// The file in the lab's directory naming the host directories the demo made for its mount
+/// target, deepest first, so that `lab down` takes them away again.
+const MADE_DIRS: &str = "demo-made-dirs";
+
+/// Makes the app's log directory (the volume's mount target) on the host before the tasks
+/// would, noting which directories were not there.
+fn make_log_dir(state: &LabState) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(crate::demo::DEFAULT_LOG_DIR);
+    let missing: Vec<String> =
+        dir.ancestors().take_while(|a| !a.exists()).map(|a| a.display().to_string()).collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let record = super::lab_dir(&state.name).join(MADE_DIRS);
+    let mut text = missing.join("\n");
+    text.push('\n');
+    std::fs::write(&record, text).with_context(|| format!("writing {}", record.display()))
+}
+
+/// Whether any process on this machine has a mount at or under `dir`.
+fn mounted_anywhere(dir: &str) -> bool {
+    let (at, under) = (format!(" {dir} "), format!(" {dir}/"));
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    procs.flatten().any(|p| {
+        std::fs::read_to_string(p.path().join("mountinfo"))
+            .is_ok_and(|m| m.contains(&at) || m.contains(&under))
+    })
+}
+
+/// Removes the directories [`make_log_dir`] made, once no task anywhere (another lab's, or
+/// this lab's still dying) mounts anything there and they are empty; otherwise leaves them.
+pub(super) async fn remove_made_dirs(lab: &str) {
+    let Ok(text) = std::fs::read_to_string(super::lab_dir(lab).join(MADE_DIRS)) else { return };
+    for dir in text.lines().filter(|d| d.starts_with('/')) {
+        let t0 = Instant::now();
+        while mounted_anywhere(dir) {
+            if t0.elapsed() > Duration::from_secs(3) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if std::fs::remove_dir(dir).is_err() {
+            return;
+        }
+    }
+}
+
 /// What the demo made, for the lines it prints.
 #[derive(Debug)]
 pub struct Deployed {
@@ -85,6 +130,7 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
             .await
             .with_context(|| format!("{} joining", state.nodes[i].name))?;
     }
+    make_log_dir(state)?;
     let vol = VolumeCreate { name: VOLUME.into(), ..VolumeCreate::default() };
     let _: Volume = first.post_json("/volumes", &vol).await.context("volume create")?;
     let mount = format!("type=volume,src={VOLUME},dst={}", crate::demo::DEFAULT_LOG_DIR);
