@@ -67,6 +67,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crate::verbs::ServiceCmd,
     },
+    /// Named volumes of this node (tasks mount them with `--mount type=volume,src=NAME,...`).
+    Volume {
+        #[command(subcommand)]
+        cmd: crate::volume_verbs::VolumeCmd,
+    },
     /// Run a standalone task on this node, on an attachable network, reachable by its name.
     Run(crate::verbs::RunArgs),
     /// List standalone tasks.
@@ -395,6 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Network { cmd } => crate::verbs::run_network(&cli.target()?, cmd).await?,
         Cmd::Service { cmd } => crate::verbs::run_service(&cli.target()?, cmd).await?,
         Cmd::Run(args) => crate::verbs::run_container(&cli.target()?, args).await?,
+        Cmd::Volume { cmd } => crate::volume_verbs::run_volume(&cli.target()?, cmd).await?,
         Cmd::Ps => crate::verbs::ps(&cli.target()?).await?,
         Cmd::Stop { names } => {
             let host = cli.target()?;
@@ -494,7 +500,11 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
                 };
                 let n = |i: usize| s.nodes[i].addr;
                 let last = s.nodes.len() - 1;
-                println!("myhelloworld runs 3 replicas behind port 8100 on every node.");
+                println!(
+                    "myhelloworld runs 3 replicas behind port 8100 on every node; each writes \
+                     {}/info.log,\nwhere the volume myhelloworld of its node is mounted.",
+                    crate::demo::DEFAULT_LOG_DIR
+                );
                 if d.redis {
                     println!(
                         "myredis runs on {} on the encrypted overlay my-overlay.\n",
@@ -509,6 +519,10 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
                 for i in 0..s.nodes.len().min(3) {
                     println!("  curl {}:8100/visitor", n(i));
                 }
+                println!(
+                    "  shoal{lab_flag} --node node1 volume ls\n  less {}",
+                    lab::demo::info_log(&s, 0).display()
+                );
                 println!(
                     "  shoal{lab_flag} --node node1 service ps myhelloworld\n  shoal{lab_flag} --node node1 service scale myhelloworld=5\n  shoal{lab_flag} --node node1 node update --availability drain node1\n  shoal{lab_flag} --node node1 network inspect my-overlay\n  open http://{}:8089/ for the visualizer\n  shoal{lab_flag} lab down",
                     n(0)

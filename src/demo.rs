@@ -3,9 +3,13 @@
 //! default at `myredis:6379`, which service DNS resolves inside a task) and answers
 //! "Hello World, you are visitor number N", or "Hello World, connection to redis error" when
 //! Redis cannot be reached within the timeout. Every answer names the task that served it in an
-//! `X-Served-By` header, so a reader sees the routing mesh spread requests.
+//! `X-Served-By` header, so a reader sees the routing mesh spread requests. Every request is
+//! also one line of `info.log` in `--log-dir`, where the tutorial mounts a volume, so the log
+//! outlives the task on the node that ran it.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +39,15 @@ pub struct VisitorArgs {
     /// tutorial's app uses 2 s socket timeouts).
     #[arg(long, default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+    /// Directory of `info.log`, one line per request (made if missing).
+    #[arg(long, default_value = DEFAULT_LOG_DIR)]
+    pub log_dir: PathBuf,
 }
+
+/// Where the tutorial's app writes its log, and where the tutorial mounts its volume.
+pub const DEFAULT_LOG_DIR: &str = "/opt/applications/helloworld/logs";
+/// The log file in `--log-dir`.
+pub const LOG_FILE: &str = "info.log";
 
 #[derive(Debug)]
 struct App {
@@ -43,6 +55,8 @@ struct App {
     timeout: Duration,
     conn: Mutex<Option<MultiplexedConnection>>,
     served_by: HeaderValue,
+    /// `info.log`, opened for appending.
+    log: std::sync::Mutex<std::fs::File>,
 }
 
 impl App {
@@ -66,6 +80,17 @@ impl App {
         *slot = Some(conn);
         Ok(n)
     }
+
+    /// Appends one line for a request: time, serving task, path and answer.
+    fn log(&self, path: &str, answer: &str) {
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let by = self.served_by.to_str().unwrap_or("?");
+        let line = format!("{now} {by} GET {path}: {}\n", answer.trim_end());
+        let mut f = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::warn!(error = %e, "writing {LOG_FILE}");
+        }
+    }
 }
 
 async fn visitor(State(app): State<Arc<App>>) -> Response {
@@ -79,12 +104,15 @@ async fn visitor(State(app): State<Arc<App>>) -> Response {
     };
     // One line per visit, for `shoal service logs`.
     println!("GET /visitor: {}", body.trim_end());
+    app.log("/visitor", &body);
     ([("x-served-by", app.served_by.clone())], body).into_response()
 }
 
 async fn hello(State(app): State<Arc<App>>) -> Response {
     let host = app.served_by.to_str().unwrap_or("?").to_owned();
-    ([("x-served-by", app.served_by.clone())], format!("Hello World from {host}\n")).into_response()
+    let body = format!("Hello World from {host}\n");
+    app.log("/", &body);
+    ([("x-served-by", app.served_by.clone())], body).into_response()
 }
 
 /// Serves the demo until the process is stopped.
@@ -93,11 +121,20 @@ pub async fn run_visitor(args: VisitorArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "unknown".into());
+    std::fs::create_dir_all(&args.log_dir)
+        .with_context(|| format!("creating {}", args.log_dir.display()))?;
+    let log_path = args.log_dir.join(LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let app = Arc::new(App {
         redis: args.redis,
         timeout: Duration::from_millis(args.redis_timeout_ms),
         conn: Mutex::new(None),
         served_by: HeaderValue::from_str(&host).unwrap_or(HeaderValue::from_static("unknown")),
+        log: std::sync::Mutex::new(log),
     });
     let router =
         Router::new().route("/visitor", get(visitor)).route("/", get(hello)).with_state(app);

@@ -9,5 +9,8 @@ pub mod demo;
 pub mod engine;
 pub mod lab;
 pub mod metrics;
+pub mod mounts;
 pub mod ui;
 pub mod verbs;
+pub mod volume_verbs;
+pub mod volumes;

@@ -10,6 +10,7 @@ use crate::api::client::Host;
 use crate::api::services::{
     NetworkCreate, NetworkView, RunRequest, ServiceCreate, ServiceUpdate, ServiceView, TaskView,
 };
+use crate::mounts::MountSpec;
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
@@ -102,6 +103,9 @@ pub struct CreateArgs {
     /// Return at once instead of showing progress.
     #[arg(short, long)]
     detach: bool,
+    /// `type=volume,src=NAME,dst=PATH[,readonly]` or `type=bind,src=HOSTPATH,dst=PATH`.
+    #[arg(long)]
+    mount: Vec<MountSpec>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -145,6 +149,12 @@ pub enum ServiceCmd {
         /// Replace the tasks even if nothing changed.
         #[arg(long)]
         force: bool,
+        /// Add or replace (by target) a mount: `type=volume,src=NAME,dst=PATH`.
+        #[arg(long)]
+        mount_add: Vec<MountSpec>,
+        /// Remove the mount at this target path.
+        #[arg(long)]
+        mount_rm: Vec<String>,
         #[arg(short, long)]
         detach: bool,
         service: String,
@@ -192,6 +202,9 @@ pub struct RunArgs {
     network: String,
     #[arg(short, long)]
     env: Vec<String>,
+    /// `type=volume,src=NAME,dst=PATH[,readonly]` or `type=bind,src=HOSTPATH,dst=PATH`.
+    #[arg(long)]
+    mount: Vec<MountSpec>,
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -321,6 +334,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
                 health_timeout_ms: ms(a.health_timeout),
                 health_retries: a.health_retries,
                 stop_grace_ms: ms(a.stop_grace_period),
+                mounts: a.mount.clone(),
             };
             let r: serde_json::Value = host.post_json("/services", &req).await?;
             let id = r["id"].as_str().unwrap_or_default().to_owned();
@@ -381,6 +395,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
             constraint_rm,
             update_order,
             force,
+            mount_add,
+            mount_rm,
             detach,
             service,
             command,
@@ -398,6 +414,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
                 constraint_rm: constraint_rm.clone(),
                 update_order: update_order.clone(),
                 force: *force,
+                mount_add: mount_add.clone(),
+                mount_rm: mount_rm.clone(),
             };
             let v: ServiceView = host
                 .post_json(&format!("/services/{}/update", segment("service", service)?), &req)
@@ -607,6 +625,7 @@ pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<()> {
         argv: args.command.clone(),
         env: args.env.clone(),
         auto_remove: args.rm,
+        mounts: args.mount.clone(),
     };
     let r: serde_json::Value = host.post_json("/containers", &req).await?;
     let id = r["id"].as_str().unwrap_or_default().to_owned();

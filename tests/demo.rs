@@ -83,6 +83,8 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
             .unwrap(),
     );
     let port = free_port();
+    let logs = tempfile::tempdir().unwrap();
+    let log_dir = logs.path().join("made/by/the/demo");
     let _demo = Killed(
         shoal()
             .args([
@@ -92,6 +94,8 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
                 &format!("127.0.0.1:{port}"),
                 "--redis",
                 &format!("localhost:{rport}"),
+                "--log-dir",
+                log_dir.to_str().unwrap(),
             ])
             .stdout(Stdio::null())
             .spawn()
@@ -119,4 +123,12 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
         t.elapsed()
     );
     assert!(get(port, "/").starts_with("Hello World from "));
+
+    // One line of info.log per request answered, in the directory it was given (made).
+    let log = std::fs::read_to_string(log_dir.join("info.log")).unwrap();
+    assert!(log.lines().count() >= 5, "{log}");
+    let last: Vec<&str> = log.lines().rev().take(3).collect();
+    assert!(last[0].contains(" GET /: Hello World from "), "{log}");
+    assert!(last[1].ends_with("GET /visitor: Hello World, connection to redis error"), "{log}");
+    assert!(last[2].ends_with(&format!("visitor number {}", n + 2)), "{log}");
 }

@@ -136,6 +136,8 @@ fn services_beyond_the_tutorial() {
             "visitor",
             "--listen",
             "0.0.0.0:8200",
+            "--log-dir",
+            dir.path().to_str().unwrap(),
         ],
     );
     eventually("web's tasks running", Duration::from_secs(30), || {

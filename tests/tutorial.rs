@@ -43,7 +43,13 @@ fn the_tutorial_runs_end_to_end() {
     // init + 2 joins.
     lab.swarm(3);
 
-    // A replicated service on 8100: three running tasks on three nodes.
+    // A replicated service on 8100: three running tasks on three nodes, each writing its log
+    // into its node's `myhelloworld` volume (mounted on a scratch path, not the seed's /opt, so
+    // the test leaves no mountpoint behind).
+    let scratch = tempfile::tempdir().unwrap();
+    let log_dir = scratch.path().display().to_string();
+    assert_eq!(lab.on("node1", &["volume", "create", "myhelloworld"]), "myhelloworld\n");
+    let mount = format!("type=volume,src=myhelloworld,dst={log_dir}");
     let out = lab.on(
         "node1",
         &[
@@ -53,12 +59,16 @@ fn the_tutorial_runs_end_to_end() {
             "3",
             "--name",
             "myhelloworld",
+            "--mount",
+            &mount,
             "-p",
             "8100:8100",
             "--",
             shoal,
             "demo",
             "visitor",
+            "--log-dir",
+            &log_dir,
         ],
     );
     assert!(out.contains("converged"), "service create did not wait for its tasks: {out}");
@@ -86,6 +96,14 @@ fn the_tutorial_runs_end_to_end() {
         );
     }
     assert!(logs.contains("GET /visitor: Hello World, connection to redis error"), "{logs}");
+    // ... and in the app's info.log, in the volume of the node that served each visit.
+    let state = shoal::lab::LabState::load(&lab.name).unwrap();
+    let mut app_logs = String::new();
+    for i in 0..3 {
+        app_logs += &std::fs::read_to_string(shoal::lab::demo::info_log(&state, i)).unwrap();
+    }
+    let lines = app_logs.lines();
+    assert_eq!(lines.filter(|l| l.contains("GET /visitor: Hello World")).count(), 3, "{app_logs}");
 
     // Errors name what is wrong and change nothing.
     let bad = lab.shoal(&[

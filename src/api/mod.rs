@@ -4,6 +4,7 @@
 pub mod client;
 pub mod services;
 pub mod swarm;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -136,6 +137,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(swarm::routes())
         .merge(services::routes())
+        .merge(volumes::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)

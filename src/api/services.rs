@@ -24,6 +24,7 @@ use crate::engine::leader::{self, check_service, new_id};
 use crate::engine::records::{
     self, HealthRecord, PortRecord, Protocol, ServiceRecord, Standalone, TaskRecord,
 };
+use crate::mounts::{self, MountSpec};
 
 pub(super) fn routes() -> Router<Arc<ApiState>> {
     Router::new()
@@ -115,6 +116,9 @@ pub struct ServiceCreate {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub stop_grace_ms: Option<u64>,
+    /// `--mount`, parsed by the client; checked again here.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
 }
 
 /// `POST /services/{id}/update`: Docker's `service update` / `scale` flags.
@@ -146,6 +150,11 @@ pub struct ServiceUpdate {
     /// Replace every task even if nothing changed.
     #[serde(default)]
     pub force: bool,
+    #[serde(default)]
+    pub mount_add: Vec<MountSpec>,
+    /// Targets of mounts to remove (`--mount-rm PATH`).
+    #[serde(default)]
+    pub mount_rm: Vec<String>,
 }
 
 /// A service as `service ls` / `inspect` show it.
@@ -209,6 +218,8 @@ pub struct RunRequest {
     pub env: Vec<String>,
     #[serde(default)]
     pub auto_remove: bool,
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -566,6 +577,7 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         restart,
         update_order: parse_order(req.update_order.as_deref())?,
         health,
+        mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
         stop_grace_ms: req.stop_grace_ms.unwrap_or(10_000),
         created_ms: now,
         updated_ms: now,
@@ -858,6 +870,8 @@ async fn service_update(
         if let Some(o) = req.update_order.as_deref() {
             svc.update_order = parse_order(Some(o))?;
         }
+        svc.mounts =
+            mounts::updated(&svc.mounts, &req.mount_rm, &req.mount_add).map_err(bad_request)?;
         if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {
             return Err(bad_request(
                 "port published with ingress mode can't be used with dnsrr mode",
@@ -944,6 +958,7 @@ async fn container_run(
                 argv: req.argv.clone(),
                 env: parse_env(&req.env)?,
                 auto_remove: req.auto_remove,
+                mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
             }),
         };
         c.put_standalone(&id, Some(records::to_value(&rec))).await.map_err(cluster_error)?;

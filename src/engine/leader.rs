@@ -346,6 +346,7 @@ mod tests {
             restart: Default::default(),
             update_order: Default::default(),
             health: None,
+            mounts: vec![],
             stop_grace_ms: 10_000,
             created_ms: 0,
             updated_ms: 0,

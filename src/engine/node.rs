@@ -27,6 +27,7 @@ use tokio::sync::{Notify, watch};
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
 use crate::config::AgentConfig;
+use crate::volumes::Volumes;
 
 /// The node engine's parts; cheap to clone.
 #[derive(Clone)]
@@ -49,6 +50,8 @@ struct Inner {
     dns: dns::DnsService,
     mesh: ing::Mesh,
     sandbox: Arc<NetNs>,
+    /// This node's named volumes, which tasks' `--mount type=volume` name.
+    volumes: Volumes,
     store: watch::Sender<Option<Arc<ClusterState>>>,
     kick: Notify,
     local: Mutex<Local>,
@@ -164,6 +167,7 @@ impl NodeEngine {
             dns,
             mesh,
             sandbox,
+            volumes: Volumes::new(&cfg.data_dir, &cfg.node_name),
             store: watch::channel(None).0,
             kick: Notify::new(),
             local: Mutex::new(Local::default()),
@@ -611,7 +615,12 @@ async fn start_task(
     nets: &[NetworkRecord],
 ) -> anyhow::Result<()> {
     let id = &t.task.id;
-    inner.runtime.create(runtime_spec(t, svc)).await?;
+    let mut spec = runtime_spec(t, svc);
+    let mounts = t.standalone.as_ref().map(|s| &s.mounts).or(svc.map(|s| &s.mounts));
+    for m in mounts.into_iter().flatten() {
+        spec.mounts.push(m.resolve(&inner.volumes).map_err(anyhow::Error::msg)?);
+    }
+    inner.runtime.create(spec).await?;
     let ns = inner.runtime.netns(id)?;
     // From here on the task has things of ours in its namespace: `detach` takes them out.
     lock(&inner.local).attached.insert(id.clone(), Vec::new());

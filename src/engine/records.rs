@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use shoal_cluster::model::{ClusterState, NetworkRecord, tables};
 use shoal_scheduler as sched;
 
+use crate::mounts::MountSpec;
+
 /// The gossip table every node publishes its local endpoints to (one per network).
 pub const ENDPOINT_TABLE: &str = "endpoint_table";
 
@@ -85,6 +87,9 @@ pub struct ServiceRecord {
     pub update_order: sched::UpdateOrder,
     #[serde(default)]
     pub health: Option<HealthRecord>,
+    /// Volumes and bind mounts of each task (`--mount`), checked when the request came in.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
     pub stop_grace_ms: u64,
     pub created_ms: u64,
     pub updated_ms: u64,
@@ -164,6 +169,8 @@ pub struct Standalone {
     /// Remove the record once the task ends (`--rm`).
     #[serde(default)]
     pub auto_remove: bool,
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
 }
 
 impl TaskRecord {

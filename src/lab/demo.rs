@@ -1,5 +1,7 @@
 //! `shoal lab up --demo`: the tutorial, deployed on a fresh lab. node1 initialises the swarm,
-//! the others join as workers; `myhelloworld` (3 replicas, port 8100) is created, the encrypted
+//! the others join as workers; the `myhelloworld` volume is created on node1 and the
+//! `myhelloworld` service (3 replicas, port 8100, that volume mounted where the app writes
+//! `info.log`; nodes without the volume make it) is created, the encrypted
 //! attachable `my-overlay` is added to it, and `myredis` runs on the last node as a standalone
 //! task on that network (a real `redis-server`, when it is installed).
 
@@ -11,6 +13,64 @@ use super::LabState;
 use crate::api::client::Host;
 use crate::api::services::{NetworkCreate, RunRequest, ServiceCreate, ServiceUpdate, ServiceView};
 use crate::api::swarm::{InitRequest, JoinRequest, JoinToken, SwarmJoined};
+use crate::api::volumes::VolumeCreate;
+use crate::mounts::MountSpec;
+use crate::volumes::Volume;
+
+/// The tutorial's volume, mounted where the app writes its log.
+pub const VOLUME: &str = "myhelloworld";
+
+/// Where node `i`'s copy of the app's log is: in its volume, under its agent's data dir.
+pub fn info_log(state: &LabState, i: usize) -> std::path::PathBuf {
+    crate::volumes::Volumes::new(&state.nodes[i].data_dir, &state.nodes[i].name)
+        .mountpoint(VOLUME)
+        .join(crate::demo::LOG_FILE)
+}
+
+/// The file in the lab's directory naming the host directories the demo made for its mount
+/// target, deepest first, so that `lab down` takes them away again.
+const MADE_DIRS: &str = "demo-made-dirs";
+
+/// Makes the app's log directory (the volume's mount target) on the host before the tasks
+/// would, noting which directories were not there.
+fn make_log_dir(state: &LabState) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(crate::demo::DEFAULT_LOG_DIR);
+    let missing: Vec<String> =
+        dir.ancestors().take_while(|a| !a.exists()).map(|a| a.display().to_string()).collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let record = super::lab_dir(&state.name).join(MADE_DIRS);
+    let mut text = missing.join("\n");
+    text.push('\n');
+    std::fs::write(&record, text).with_context(|| format!("writing {}", record.display()))
+}
+
+/// Whether any process on this machine has a mount at or under `dir`.
+fn mounted_anywhere(dir: &str) -> bool {
+    let (at, under) = (format!(" {dir} "), format!(" {dir}/"));
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    procs.flatten().any(|p| {
+        std::fs::read_to_string(p.path().join("mountinfo"))
+            .is_ok_and(|m| m.contains(&at) || m.contains(&under))
+    })
+}
+
+/// Removes the directories [`make_log_dir`] made, once no task anywhere (another lab's, or
+/// this lab's still dying) mounts anything there and they are empty; otherwise leaves them.
+pub(super) async fn remove_made_dirs(lab: &str) {
+    let Ok(text) = std::fs::read_to_string(super::lab_dir(lab).join(MADE_DIRS)) else { return };
+    for dir in text.lines().filter(|d| d.starts_with('/')) {
+        let t0 = Instant::now();
+        while mounted_anywhere(dir) {
+            if t0.elapsed() > Duration::from_secs(3) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if std::fs::remove_dir(dir).is_err() {
+            return;
+        }
+    }
+}
 
 /// What the demo made, for the lines it prints.
 #[derive(Debug)]
@@ -70,11 +130,16 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
             .await
             .with_context(|| format!("{} joining", state.nodes[i].name))?;
     }
+    make_log_dir(state)?;
+    let vol = VolumeCreate { name: VOLUME.into(), ..VolumeCreate::default() };
+    let _: Volume = first.post_json("/volumes", &vol).await.context("volume create")?;
+    let mount = format!("type=volume,src={VOLUME},dst={}", crate::demo::DEFAULT_LOG_DIR);
     let svc = ServiceCreate {
         name: "myhelloworld".into(),
         argv: vec![exe.display().to_string(), "demo".into(), "visitor".into()],
         replicas: Some(state.nodes.len().min(3) as u64),
         publish: vec!["8100:8100".into()],
+        mounts: vec![mount.parse::<MountSpec>().map_err(anyhow::Error::msg)?],
         ..ServiceCreate::default()
     };
     let r: serde_json::Value =

@@ -465,6 +465,7 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
         }
     }
 
+    demo::remove_made_dirs(name).await;
     let dir = lab_dir(name);
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;

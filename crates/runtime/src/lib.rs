@@ -17,6 +17,7 @@
 //!   complete, shutdown, failed), [`Health`], the [`TaskStatus`] snapshot and [`TaskEvent`].
 //! - [`health`]: the sans-I/O [`HealthMonitor`] (start period, retries, interval; time passed in).
 //! - [`logs`]: the sans-I/O [`LogRing`] and the shared, followable [`Logs`].
+//! - [`mounts`]: the task's [`Mount`]s (volumes and bind mounts), made in its mount namespace.
 //! - `process` (private): the only `unsafe` code, `pre_exec` setup of the child (why not a
 //!   re-exec helper, and exactly what the child does, is documented there).
 //! - [`Runtime`]: the tokio driver that owns the tasks of one node.
@@ -56,6 +57,7 @@
 pub mod error;
 pub mod health;
 pub mod logs;
+pub mod mounts;
 mod process;
 mod runtime;
 pub mod spec;
@@ -64,6 +66,7 @@ pub mod state;
 pub use error::{Error, Result};
 pub use health::{HealthMonitor, ProbeOutcome};
 pub use logs::{LogFollower, LogLine, LogRing, Logs, Stream};
+pub use mounts::Mount;
 pub use runtime::{ExecOutput, MAX_PREFIX, PROBE_OUTPUT_CAP, Runtime, RuntimeConfig};
 pub use spec::{DEFAULT_RESOLV_CONF, DEFAULT_STOP_GRACE, HealthCheck, TaskSpec, short_id};
 pub use state::{EventKind, Health, TaskEvent, TaskState, TaskStatus};

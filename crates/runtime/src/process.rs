@@ -27,7 +27,7 @@
 //!    child reads its own `/proc/self/mountinfo` after step 3 into a preallocated buffer, so a
 //!    namespace created while the task was being forked is not missed;
 //! 5. bind-mount the task's own `resolv.conf` and `hosts` (files in the task's state directory)
-//!    over `/etc/resolv.conf` and `/etc/hosts`;
+//!    over `/etc/resolv.conf` and `/etc/hosts`, then the task's own mounts (`mounts`);
 //! 6. `sethostname`; std then sets the process group (the task leads its own), and execs.
 //!
 //! A health probe enters the running task's net, mount and UTS namespaces through
@@ -44,6 +44,7 @@ use std::process::Stdio;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
+use crate::mounts::Binds;
 use crate::spec::TaskSpec;
 
 const ETC_RESOLV: &std::ffi::CStr = c"/etc/resolv.conf";
@@ -206,6 +207,7 @@ pub(crate) fn task_command(
     let mut scratch = vec![0u8; libc::PATH_MAX as usize + 1];
     for_each_nsfs_mount(&mountinfo, &mut scratch, |p| fallback.push(p.to_owned()));
     let mut buf = vec![0u8; MOUNTINFO_BUF];
+    let binds = Binds::prepare(&spec.mounts)?;
 
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg0(&spec.argv[0])
@@ -248,6 +250,7 @@ pub(crate) fn task_command(
                 None::<&std::ffi::CStr>,
             )?;
         }
+        binds.apply()?;
         nix::unistd::sethostname(&hostname)?;
         Ok(())
     };

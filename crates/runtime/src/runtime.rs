@@ -211,6 +211,11 @@ impl Runtime {
         Ok(self.get(id)?.logs.clone())
     }
 
+    /// The spec a task was created with (its addresses as last set).
+    pub fn spec(&self, id: &str) -> Result<TaskSpec> {
+        Ok(lock(&self.get(id)?.ctl).spec.clone())
+    }
+
     /// Opens the task's network namespace (to attach overlay endpoints, bind DNS sockets, add routes).
     pub fn netns(&self, id: &str) -> Result<NetNs> {
         Ok(NetNs::open(&self.get(id)?.netns)?)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::mounts::Mount;
 
 /// The resolv.conf a task gets unless its spec says otherwise: the per-task DNS at 127.0.0.11.
 pub const DEFAULT_RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
@@ -50,6 +51,9 @@ pub struct TaskSpec {
     pub addresses: Vec<IpAddr>,
     /// Further `/etc/hosts` lines: an address and the names it carries.
     pub extra_hosts: Vec<(IpAddr, Vec<String>)>,
+    /// Host paths bind-mounted into the task's mount namespace at start.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
 }
 
 impl TaskSpec {
@@ -70,6 +74,7 @@ impl TaskSpec {
             resolv_conf: None,
             addresses: Vec::new(),
             extra_hosts: Vec::new(),
+            mounts: Vec::new(),
         }
     }
 
@@ -142,6 +147,9 @@ impl TaskSpec {
         }
         if let Some(h) = &self.health {
             h.validate()?;
+        }
+        for m in &self.mounts {
+            m.validate()?;
         }
         Ok(())
     }
