@@ -4,6 +4,7 @@
 
 pub mod gossip;
 pub mod observe;
+pub mod preflight;
 pub mod swarm;
 
 use std::fs::{self, File, OpenOptions};
@@ -84,6 +85,7 @@ async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
+    preflight::at_start().await?;
     let listener = bind_socket(&config.socket).await?;
     let socket_path = config.socket.clone();
     let metrics_addr = config.metrics_addr;
