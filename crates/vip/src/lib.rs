@@ -185,8 +185,8 @@ fn delete_table() -> Batch {
     b
 }
 
-/// The transaction that replaces the namespace's table `ip shoal-vip` with `rules`. In `nft`
-/// syntax (which is how `nft list table ip shoal-vip` shows it):
+/// The transaction that replaces the namespace's table `ip shoal-vip` with `rules`; in `nft`
+/// syntax:
 ///
 /// ```text
 /// table ip shoal-vip {
@@ -395,6 +395,8 @@ mod tests {
         assert!(text.contains("add rule to chain output (immediate)"), "{text}");
         assert!(text.contains("nothing was changed"), "{text}");
         assert_eq!(listed(), ["output", "v10_0_1_2"], "old rules gone");
+        apply(&ns, &[]).expect("apply no VIPs");
+        assert_eq!(listed(), ["output"]);
         clear(&ns).expect("clear");
         assert!(listed().is_empty());
         clear(&ns).expect("clear of an absent table");
