@@ -238,4 +238,26 @@ mod tests {
         assert_eq!(error_code(msgs[0].payload), Some(17));
         assert_eq!(messages(&[0; 15]).count(), 0);
     }
+
+    #[test]
+    fn arbitrary_replies_never_panic() {
+        // A fixed-seed xorshift stream: many lengths, many shapes of garbage.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 96) as usize;
+            let buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            for m in messages(&buf) {
+                let _ = error_code(m.payload);
+                for (_, v) in attrs(m.payload.get(4..).unwrap_or(&[])) {
+                    let _ = (string(v), be64(v), attrs(v).count());
+                }
+            }
+        }
+    }
 }
