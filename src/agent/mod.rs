@@ -1,10 +1,11 @@
 //! `shoal agent`: the host daemon. It owns the data directory (an exclusive lock), serves the API
-//! on its unix socket, and shuts down cleanly on SIGTERM/SIGINT, removing the socket. Later issues
-//! wire the overlay, DNS, the mesh and the control plane in here.
+//! on its unix socket, and shuts down cleanly on SIGTERM/SIGINT, removing the socket. It also
+//! runs the overlay, DNS, the mesh and the control plane.
 
 pub mod access;
 pub mod gossip;
 pub mod observe;
+pub mod preflight;
 pub mod swarm;
 
 use std::fs::{self, File, OpenOptions};
@@ -88,6 +89,7 @@ async fn bind_socket(path: &Path, access: &access::Access) -> anyhow::Result<Uni
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
+    preflight::at_start().await?;
     let access = Arc::new(access::Access::new(config.api_group.as_deref())?);
     let listener = bind_socket(&config.socket, &access).await?;
     let socket_path = config.socket.clone();

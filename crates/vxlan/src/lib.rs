@@ -91,9 +91,10 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Applying the nftables guard failed (nft's message).
-    #[error("nft: {0}")]
-    Nft(String),
+    /// Applying the nftables guard failed; the kernel kept the old guard (see
+    /// [`shoal_nft::Error`] for when that is certain).
+    #[error("nftables guard: {0}")]
+    Nft(#[source] shoal_nft::Error),
 }
 
 /// The namespace that plays "the node": where the underlay address, the VXLAN UDP sockets, the

@@ -46,6 +46,12 @@ use crate::reconcile::WgPeer;
 use crate::wire;
 use crate::{EncryptionConfig, Error, NodeNs, keys::NodeKey};
 
+/// Whether this kernel can make the data path's TUN device: creates `name` in the calling
+/// thread's namespace as the data path would and removes it again (closing it does).
+pub fn check_tun(name: &str) -> std::io::Result<()> {
+    sys::open_tun(name).map(drop)
+}
+
 /// Fuzzing entry point (not for the agent): runs the TUN offload code over arbitrary bytes,
 /// the first [`gro::VNET_HDR_LEN`] as a virtio-net header and the rest as a packet, both as a
 /// read would hand them to the tx thread and as a decrypted packet joining an rx train. Panics
