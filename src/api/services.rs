@@ -226,7 +226,7 @@ async fn write(c: &Cluster, cmd: Command) -> Result<(), Response> {
 }
 
 fn not_found(what: &str, name: &str) -> Response {
-    error(StatusCode::NOT_FOUND, format!("{what} {name} not found"))
+    error(StatusCode::NOT_FOUND, format!("No such {what}: {name}"))
 }
 
 /// A DNS label: services and containers are reached by name.
@@ -953,7 +953,11 @@ async fn container_run(
     run.await.unwrap_or_else(|r| r)
 }
 
-async fn own_container(st: &ApiState, name: &str) -> Result<(Arc<Cluster>, TaskRecord), Response> {
+/// This node's standalone task called `name`.
+pub(super) async fn own_container(
+    st: &ApiState,
+    name: &str,
+) -> Result<(Arc<Cluster>, TaskRecord), Response> {
     let c = cluster(st)?;
     let engine = st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
     let state = c.task_state().await.map_err(cluster_error)?;
