@@ -511,8 +511,11 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             }
             for (name, n) in parsed {
                 let req = ServiceUpdate { replicas: Some(n), ..ServiceUpdate::default() };
-                let v: ServiceView =
-                    host.post_json(&format!("/services/{name}/update"), &req).await?;
+                let path = format!("/services/{name}/update");
+                let Some(v) = each.check(host.post_json::<_, ServiceView>(&path, &req).await)
+                else {
+                    continue;
+                };
                 println!("{name} scaled to {n}");
                 if !detach {
                     converge(host, &v.service.id).await?;

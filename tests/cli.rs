@@ -206,6 +206,14 @@ fn docker_verbs_behave_as_in_docker() {
     let all = ids(&lab.on("node1", &["ps", "-a", "-q"]));
     assert_eq!(all.len(), 7, "t1 quick many missing long bg count: {all:?}");
 
+    // ps is per node, as `docker ps` is per engine: node2's task is listed on node2 only.
+    lab.on("node2", &["run", "-d", "--name", "there", "--network", "n", "--", "sleep", "100000"]);
+    let there = ids(&lab.on("node2", &["ps", "-q"]));
+    assert_eq!(there.len(), 1, "{there:?}");
+    assert!(!lab.on("node1", &["ps", "-a", "-q"]).contains(&there[0]));
+    let o = lab.shoal(&["--node", "node1", "stop", "there"]);
+    assert_eq!(lossy(&o.stderr), "Error: No such container: there\n");
+
     // Several names: each acted on, each failure on stderr, exit 1 if any failed.
     lab.on("node1", &["service", "create", "-d", "--name", "a", "--", "sleep", "100000"]);
     lab.on("node1", &["service", "create", "-d", "--name", "b", "--", "sleep", "100000"]);
@@ -224,6 +232,11 @@ fn docker_verbs_behave_as_in_docker() {
     let found: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let names: Vec<&str> = found.iter().map(|s| s["service"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["a", "b"]);
+    let o = on1(&lab, &["service", "scale", "-d", "a=2", "nope=2", "b=0"]);
+    assert_eq!(
+        parts(&o),
+        (Some(1), "a scaled to 2\nb scaled to 0\n".into(), "Error: No such service: nope\n".into())
+    );
     let o = on1(&lab, &["service", "rm", "a", "nope", "b"]);
     assert_eq!(parts(&o), (Some(1), "a\nb\n".into(), "Error: No such service: nope\n".into()));
     let ls = lab.on("node1", &["service", "ls"]);

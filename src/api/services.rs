@@ -971,11 +971,17 @@ pub(super) async fn own_container(
     Ok((c, t))
 }
 
+/// This node's standalone tasks, as `docker ps` lists one engine's containers: the ones that
+/// `stop`, `rm` and `logs` here can reach.
 async fn container_ls(State(st): State<Arc<ApiState>>) -> Response {
     let run = async {
         let c = cluster(&st)?;
         let state = c.task_state().await.map_err(cluster_error)?;
-        Ok(axum::Json(task_views(&state, |t| t.standalone.is_some())).into_response())
+        let me = st.engine.load_full().map(|e| e.node_id().to_owned());
+        let mine = |t: &TaskRecord| {
+            t.standalone.is_some() && t.task.node_id.is_some() && t.task.node_id == me
+        };
+        Ok(axum::Json(task_views(&state, mine)).into_response())
     };
     run.await.unwrap_or_else(|r: Response| r)
 }
