@@ -698,6 +698,9 @@ async fn converge(host: &Host, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `run`'s exit code when the agent refused to make the task (Docker's 125).
+pub const EXIT_NOT_RUN: u8 = 125;
+
 pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let req = RunRequest {
         name: args.name.clone(),
@@ -707,7 +710,15 @@ pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<ExitCo
         // Attached, `run` removes the task itself once it has its exit code and output.
         auto_remove: args.rm && args.detach,
     };
-    let r: serde_json::Value = host.post_json("/containers", &req).await?;
+    // As `docker run`: 125 when the task could not even be made, so scripts can tell that
+    // from the task's own exit code.
+    let r: serde_json::Value = match host.post_json("/containers", &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", describe(&e));
+            return Ok(ExitCode::from(EXIT_NOT_RUN));
+        }
+    };
     if args.detach {
         println!("{}", r["id"].as_str().unwrap_or_default());
         return Ok(ExitCode::SUCCESS);

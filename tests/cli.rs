@@ -301,11 +301,12 @@ fn docker_verbs_behave_as_in_docker() {
             "Error response from daemon: network with name n already exists\n".into()
         )
     );
+    // `run` exits 125 when the task could not be made, as `docker run` does.
     let o = on1(&lab, &["run", "--name", "web", "--network", "n", "--", "true"]);
     let (code, _, err) = parts(&o);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(125));
     assert!(err.starts_with("Error response from daemon: Conflict."), "{err}");
     let o = on1(&lab, &["run", "--name", "x", "--network", "nope", "--", "true"]);
-    assert_eq!(parts(&o), (Some(1), String::new(), "Error: No such network: nope\n".into()));
+    assert_eq!(parts(&o), (Some(125), String::new(), "Error: No such network: nope\n".into()));
     assert_eq!(ps_row(&lab, &["-a"], "x"), None);
 }
