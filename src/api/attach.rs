@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -17,19 +17,22 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
-use shoal_runtime::{LogLine, Stream};
+use shoal_runtime::{LogFollower, LogLine, Logs, Stream, TaskStatus};
 use shoal_scheduler::TaskState;
+use tokio::sync::watch;
 
 use super::ApiState;
 use super::services::own_container;
 use super::swarm::bad_request;
+use crate::engine::records::TaskRecord;
 
 /// Docker's content type for an attach stream of a task without a terminal.
 pub const MULTIPLEXED: &str = "application/vnd.docker.multiplexed-stream";
 
-/// How often the handlers look again while a task has not reached the runtime yet (its
-/// addresses are still being given out) or has just left it.
-const RECHECK: Duration = Duration::from_millis(100);
+/// How often the handlers look again while a task has not reached this node's runtime yet.
+const RUNTIME_RECHECK: Duration = Duration::from_millis(50);
+/// How often they ask the store meanwhile.
+const STORE_RECHECK: Duration = Duration::from_secs(1);
 
 pub(super) fn routes() -> Router<Arc<ApiState>> {
     Router::new()
@@ -115,66 +118,98 @@ fn line_frame(l: &LogLine) -> Bytes {
     frame(l.stream, &payload)
 }
 
+/// This node's task called `name` once the runtime has it (`Ok(id)`), or its record if it
+/// ended before it got there (`Err`). The runtime is asked often, the store (the leader's, over
+/// the network on a worker) once a second: a task waits there only until its addresses are given.
+async fn local_task(st: &ApiState, name: &str) -> Result<Result<String, TaskRecord>, Response> {
+    let mut t = own_container(st, name).await?.1;
+    let mut asked = Instant::now();
+    loop {
+        let engine = st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
+        if engine.runtime().inspect(&t.task.id).is_ok() {
+            return Ok(Ok(t.task.id));
+        }
+        if t.task.state.is_terminal() {
+            return Ok(Err(t));
+        }
+        tokio::time::sleep(RUNTIME_RECHECK).await;
+        if asked.elapsed() >= STORE_RECHECK {
+            t = own_container(st, name).await?.1;
+            asked = Instant::now();
+        }
+    }
+}
+
+/// The output of a task as a stream of frames, ending when the task has ended.
+struct Output {
+    follower: LogFollower,
+    logs: Logs,
+    status: watch::Receiver<TaskStatus>,
+    /// Sequence number of the next line to send.
+    next: u64,
+    /// Once the task has ended: the lines left to send.
+    rest: Option<std::vec::IntoIter<LogLine>>,
+}
+
+impl Output {
+    /// The next frame, `None` at the end. The log closes when the process's pipes are drained;
+    /// a task stopped before it started never opened them, so its ending also ends the stream.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(rest) = self.rest.as_mut() {
+                return rest.next().map(|l| line_frame(&l));
+            }
+            let line = tokio::select! {
+                l = self.follower.next() => Some(l),
+                _ = self.status.wait_for(|s| s.state.is_terminal()) => None,
+            };
+            match line {
+                Some(l) => {
+                    let l = l?;
+                    self.next = l.seq + 1;
+                    return Some(line_frame(&l));
+                }
+                None => self.rest = Some(self.logs.since(self.next).into_iter()),
+            }
+        }
+    }
+}
+
 async fn container_attach(State(st): State<Arc<ApiState>>, Path(name): Path<String>) -> Response {
     let run = async {
-        // The task reaches the runtime once its addresses are given out; one that ended before
-        // (it could not be started) has no output.
-        let (logs, status) = loop {
-            let (_, t) = own_container(&st, &name).await?;
-            let engine =
-                st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
-            let rt = engine.runtime();
-            if let (Ok(logs), Ok(status)) = (rt.logs(&t.task.id), rt.watch(&t.task.id)) {
-                break (logs, status);
-            }
-            if t.task.state.is_terminal() {
-                return Ok(([(header::CONTENT_TYPE, MULTIPLEXED)], Body::empty()).into_response());
-            }
-            tokio::time::sleep(RECHECK).await;
-        };
-        let follower = logs.follow();
-        // The log closes when the process's pipes are drained; a task stopped before it started
-        // never opened them, so its ending also ends the stream.
-        let state = (follower, status, logs, 0u64, None::<std::vec::IntoIter<LogLine>>);
-        let stream = futures::stream::unfold(state, |mut s| async move {
-            loop {
-                if let Some(rest) = s.4.as_mut() {
-                    let l = rest.next()?;
-                    return Some((Ok::<_, Infallible>(line_frame(&l)), s));
-                }
-                let line = tokio::select! {
-                    l = s.0.next() => Some(l),
-                    _ = s.1.wait_for(|x| x.state.is_terminal()) => None,
-                };
-                match line {
-                    Some(l) => {
-                        let l = l?;
-                        s.3 = l.seq + 1;
-                        return Some((Ok(line_frame(&l)), s));
-                    }
-                    None => s.4 = Some(s.2.since(s.3).into_iter()),
-                }
-            }
+        let empty = || ([(header::CONTENT_TYPE, MULTIPLEXED)], Body::empty()).into_response();
+        let Ok(id) = local_task(&st, &name).await? else { return Ok(empty()) };
+        let engine = st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
+        let rt = engine.runtime();
+        // Removed just now: nothing more to show.
+        let (Ok(logs), Ok(status)) = (rt.logs(&id), rt.watch(&id)) else { return Ok(empty()) };
+        let output = Output { follower: logs.follow(), logs, status, next: 0, rest: None };
+        let frames = futures::stream::unfold(output, |mut o| async move {
+            o.next_frame().await.map(|f| (Ok::<_, Infallible>(f), o))
         });
-        Ok(([(header::CONTENT_TYPE, MULTIPLEXED)], Body::from_stream(stream)).into_response())
+        Ok(([(header::CONTENT_TYPE, MULTIPLEXED)], Body::from_stream(frames)).into_response())
     };
     run.await.unwrap_or_else(|r: Response| r)
+}
+
+fn ended(t: TaskRecord) -> Response {
+    let error = (t.exit_code.is_none() && !t.message.is_empty()).then_some(t.message);
+    let status_code = exit_status(t.task.state, t.exit_code, error.as_deref());
+    axum::Json(WaitResponse { status_code, error }).into_response()
 }
 
 async fn container_wait(State(st): State<Arc<ApiState>>, Path(name): Path<String>) -> Response {
     let run = async {
         loop {
-            // Looked up again each round: a task removed meanwhile is "No such container".
-            let (_, t) = own_container(&st, &name).await?;
-            let engine =
-                st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
-            if let Ok(mut rx) = engine.runtime().watch(&t.task.id) {
-                let ended = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    rx.wait_for(|s| s.state.is_terminal()),
-                )
-                .await;
-                if let Ok(Ok(s)) = ended
+            let id = match local_task(&st, &name).await? {
+                Ok(id) => id,
+                Err(t) => return Ok(ended(t)),
+            };
+            // The engine is not held while waiting: an agent leaving the swarm drops it.
+            let watched = st.engine.load_full().map(|e| e.runtime().watch(&id));
+            if let Some(Ok(mut rx)) = watched {
+                // Err: removed meanwhile; the next lookup says so.
+                if let Ok(s) = rx.wait_for(|s| s.state.is_terminal()).await
                     && (s.exit_code.is_some() || s.error.is_some())
                 {
                     let resp = WaitResponse {
@@ -187,17 +222,13 @@ async fn container_wait(State(st): State<Arc<ApiState>>, Path(name): Path<String
                     };
                     return Ok(axum::Json(resp).into_response());
                 }
-                // Stopped before it ran: the reason reaches the store's record.
             }
+            // Stopped before it ran, or removed: the record has the reason, or is gone.
+            let (_, t) = own_container(&st, &name).await?;
             if t.task.state.is_terminal() {
-                let error = (t.exit_code.is_none() && !t.message.is_empty()).then_some(t.message);
-                let resp = WaitResponse {
-                    status_code: exit_status(t.task.state, t.exit_code, error.as_deref()),
-                    error,
-                };
-                return Ok(axum::Json(resp).into_response());
+                return Ok(ended(t));
             }
-            tokio::time::sleep(RECHECK).await;
+            tokio::time::sleep(STORE_RECHECK).await;
         }
     };
     run.await.unwrap_or_else(|r: Response| r)
