@@ -92,5 +92,8 @@ async fn copy_output(host: Host, path: String) -> anyhow::Result<()> {
             out.flush()?;
         }
     }
+    if demux.is_partial() {
+        anyhow::bail!("the task's output was cut short");
+    }
     Ok(())
 }
