@@ -74,8 +74,15 @@ enum Cmd {
     },
     /// Run a standalone task on this node, on an attachable network, reachable by its name.
     Run(crate::verbs::RunArgs),
-    /// List standalone tasks.
-    Ps,
+    /// List standalone tasks that run (`-a`: ended ones too).
+    Ps {
+        /// Show all tasks, also those that ended.
+        #[arg(short, long)]
+        all: bool,
+        /// Print task ids only.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Stop standalone tasks of this node.
     Stop {
         #[arg(required = true)]
@@ -90,7 +97,12 @@ enum Cmd {
         names: Vec<String>,
     },
     /// Print a standalone task's output.
-    Logs { name: String },
+    Logs {
+        /// Keep printing new output until the task ends.
+        #[arg(short, long)]
+        follow: bool,
+        name: String,
+    },
     /// Print a shell completion script (e.g. `shoal completion bash > /etc/bash_completion.d/shoal`).
     Completion {
         #[arg(value_enum)]
@@ -167,15 +179,15 @@ enum NodeCmd {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Show one node (JSON), or with --pretty what an operator needs when something is wrong:
-    /// its gossip view, WireGuard peers, forwarding entries, mesh backends and DNS names.
+    /// Show nodes (JSON), or with --pretty what an operator needs when something is wrong:
+    /// each one's gossip view, WireGuard peers, forwarding entries, mesh backends and DNS names.
     Inspect {
         /// Readable text, with the node's data path asked of the node itself.
         #[arg(long)]
         pretty: bool,
         // Not named `node`: that id is the global `--node` (which lab node to talk to).
-        #[arg(id = "target", value_name = "NODE")]
-        node: String,
+        #[arg(id = "target", value_name = "NODE", required = true)]
+        nodes: Vec<String>,
     },
     /// Change a node's availability or labels.
     Update {
@@ -300,7 +312,7 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("{}", crate::verbs::describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -396,30 +408,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Lab { cmd } => return run_lab(&cli.lab, cmd).await,
         Cmd::Swarm { cmd } => run_swarm(&cli.target()?, cmd).await?,
-        Cmd::Node { cmd } => run_node(&cli.target()?, cmd).await?,
-        Cmd::Network { cmd } => crate::verbs::run_network(&cli.target()?, cmd).await?,
-        Cmd::Service { cmd } => crate::verbs::run_service(&cli.target()?, cmd).await?,
-        Cmd::Run(args) => crate::verbs::run_container(&cli.target()?, args).await?,
+        Cmd::Node { cmd } => return run_node(&cli.target()?, cmd).await,
+        Cmd::Network { cmd } => return crate::verbs::run_network(&cli.target()?, cmd).await,
+        Cmd::Service { cmd } => return crate::verbs::run_service(&cli.target()?, cmd).await,
+        Cmd::Run(args) => return crate::verbs::run_container(&cli.target()?, args).await,
         Cmd::Volume { cmd } => crate::volume_verbs::run_volume(&cli.target()?, cmd).await?,
-        Cmd::Ps => crate::verbs::ps(&cli.target()?).await?,
+        Cmd::Ps { all, quiet } => crate::verbs::ps(&cli.target()?, *all, *quiet).await?,
         Cmd::Stop { names } => {
             let host = cli.target()?;
+            let mut each = crate::verbs::EachName::default();
             for n in names {
-                let () =
-                    host.post_json(&format!("/containers/{}/stop", path_segment(n)?), &()).await?;
-                println!("{n}");
+                let r = async {
+                    host.post_json::<_, ()>(
+                        &format!("/containers/{}/stop", container_segment(n)?),
+                        &(),
+                    )
+                    .await
+                };
+                if each.check(r.await).is_some() {
+                    println!("{n}");
+                }
             }
+            return Ok(each.exit_code());
         }
         Cmd::Rm { force, names } => {
             let host = cli.target()?;
+            let mut each = crate::verbs::EachName::default();
             for n in names {
-                host.delete(&format!("/containers/{}?force={force}", path_segment(n)?)).await?;
-                println!("{n}");
+                let r = async {
+                    host.delete(&format!("/containers/{}?force={force}", container_segment(n)?))
+                        .await
+                };
+                if each.check(r.await).is_some() {
+                    println!("{n}");
+                }
             }
+            return Ok(each.exit_code());
         }
-        Cmd::Logs { name } => {
-            let text =
-                cli.target()?.get(&format!("/containers/{}/logs", path_segment(name)?)).await?;
+        Cmd::Logs { follow: true, name } => {
+            crate::attach::follow_logs(&cli.target()?, container_segment(name)?).await?;
+        }
+        Cmd::Logs { follow: false, name } => {
+            let text = cli
+                .target()?
+                .get(&format!("/containers/{}/logs", container_segment(name)?))
+                .await?;
             print!("{}", String::from_utf8_lossy(&text));
         }
         Cmd::Demo { cmd: DemoCmd::Visitor(args) } => crate::demo::run_visitor(args.clone()).await?,
@@ -583,6 +616,13 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn container_segment(s: &str) -> anyhow::Result<&str> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        bail!("invalid container name {s:?}");
+    }
+    Ok(s)
+}
+
 fn path_segment(s: &str) -> anyhow::Result<&str> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         bail!("invalid node {s:?}: use its id, an id prefix or its host name");
@@ -656,9 +696,10 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
+async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<ExitCode> {
     use crate::api::swarm::Warnings;
     use shoal_cluster::NodeView;
+    let mut each = crate::verbs::EachName::default();
     match cmd {
         NodeCmd::Ls { quiet } => {
             let nodes: Vec<NodeView> = host.get_json("/nodes").await?;
@@ -672,7 +713,7 @@ async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
                 for n in &nodes {
                     println!("{}", n.record.id);
                 }
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             println!(
                 "{:<16} {:<16} {:<8} {:<14} {:<16} ENGINE VERSION",
@@ -693,16 +734,34 @@ async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        NodeCmd::Inspect { node, pretty: false } => {
-            let n: serde_json::Value =
-                host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
-            println!("{}", serde_json::to_string_pretty(&n)?);
+        NodeCmd::Inspect { nodes, pretty: false } => {
+            let mut found = Vec::new();
+            for node in nodes {
+                let n = async {
+                    host.get_json::<serde_json::Value>(&format!("/nodes/{}", path_segment(node)?))
+                        .await
+                };
+                found.extend(each.check(n.await));
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
         }
-        NodeCmd::Inspect { node, pretty: true } => {
-            let n: NodeView = host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
-            let d: serde_json::Value =
-                host.get_json(&format!("/nodes/{}/diagnostics", path_segment(node)?)).await?;
-            crate::verbs::print_node_pretty(&n, &d);
+        NodeCmd::Inspect { nodes, pretty: true } => {
+            for (i, node) in nodes.iter().enumerate() {
+                let nd = async {
+                    let n: NodeView =
+                        host.get_json(&format!("/nodes/{}", path_segment(node)?)).await?;
+                    let d: serde_json::Value = host
+                        .get_json(&format!("/nodes/{}/diagnostics", path_segment(node)?))
+                        .await?;
+                    anyhow::Ok((n, d))
+                };
+                if let Some((n, d)) = each.check(nd.await) {
+                    if i > 0 {
+                        println!();
+                    }
+                    crate::verbs::print_node_pretty(&n, &d);
+                }
+            }
         }
         NodeCmd::Update { availability, label_add, label_rm, node } => {
             let mut update = shoal_cluster::NodeUpdate {
@@ -729,8 +788,14 @@ async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
             let promote = matches!(cmd, NodeCmd::Promote { .. });
             for node in nodes {
                 let verb = if promote { "promote" } else { "demote" };
-                let w: Warnings =
-                    host.post_json(&format!("/nodes/{}/{verb}", path_segment(node)?), &()).await?;
+                let w = async {
+                    host.post_json::<_, Warnings>(
+                        &format!("/nodes/{}/{verb}", path_segment(node)?),
+                        &(),
+                    )
+                    .await
+                };
+                let Some(w) = each.check(w.await) else { continue };
                 for warning in w.warnings {
                     eprintln!("WARNING: {warning}");
                 }
@@ -743,10 +808,14 @@ async fn run_node(host: &Host, cmd: &NodeCmd) -> anyhow::Result<()> {
         }
         NodeCmd::Rm { force, nodes } => {
             for node in nodes {
-                host.delete(&format!("/nodes/{}?force={force}", path_segment(node)?)).await?;
-                println!("{node}");
+                let r = async {
+                    host.delete(&format!("/nodes/{}?force={force}", path_segment(node)?)).await
+                };
+                if each.check(r.await).is_some() {
+                    println!("{node}");
+                }
             }
         }
     }
-    Ok(())
+    Ok(each.exit_code())
 }

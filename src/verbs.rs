@@ -1,12 +1,13 @@
 //! `shoal network`, `shoal service`, `shoal run` / `ps` / `stop` / `rm` / `logs`: Docker's verbs,
 //! flags and columns, over the agent's API.
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Subcommand;
 
-use crate::api::client::Host;
+use crate::api::client::{ApiError, Host};
 use crate::api::services::{
     NetworkCreate, NetworkView, RunRequest, ServiceCreate, ServiceUpdate, ServiceView, TaskView,
 };
@@ -38,8 +39,11 @@ pub enum NetworkCmd {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Show a network: subnet, VNI, VIPs, tasks per node, this node's peers (JSON).
-    Inspect { network: String },
+    /// Show networks: subnet, VNI, VIPs, tasks per node, this node's peers (JSON).
+    Inspect {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
     /// Remove networks (refused while in use).
     Rm {
         #[arg(required = true)]
@@ -120,10 +124,19 @@ pub enum ServiceCmd {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// List a service's tasks, with history.
-    Ps { service: String },
-    /// Show a service (JSON).
-    Inspect { service: String },
+    /// List services' tasks, with history.
+    Ps {
+        /// Print task ids only.
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Show services (JSON).
+    Inspect {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
     /// Change a service: replicas, networks, environment, command, ports, constraints.
     Update {
         #[arg(long)]
@@ -189,7 +202,8 @@ pub enum ServiceCmd {
 /// `shoal run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Return at once (the only way shoal runs tasks: the agent keeps them).
+    /// Print the task's id and return at once; without it the task's output is shown until it
+    /// ends, Ctrl-C stops it, and `run` exits with the task's exit code.
     #[arg(short, long)]
     detach: bool,
     /// Remove the task when it exits.
@@ -215,6 +229,46 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 5s, 500ms, 1m30s)"))
 }
 
+/// How an error reads on stderr, in Docker's words: `Error: No such service: x` for a name the
+/// agent does not know, `Error response from daemon: ...` for any other refusal.
+pub fn describe(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<ApiError>() {
+        Some(a)
+            if e.chain().count() == 1 && a.is_not_found() && a.message.starts_with("No such ") =>
+        {
+            format!("Error: {}", a.message)
+        }
+        Some(a) if e.chain().count() == 1 => format!("Error response from daemon: {}", a.message),
+        _ => format!("Error: {e:#}"),
+    }
+}
+
+/// Docker's way with several names: act on each, report each failure on stderr and go on;
+/// the command fails (exit 1) if any did.
+#[derive(Debug, Default)]
+pub struct EachName {
+    failed: bool,
+}
+
+impl EachName {
+    /// The value of a success; a failure is reported and remembered.
+    pub fn check<T>(&mut self, r: anyhow::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("{}", describe(&e));
+                self.failed = true;
+                None
+            }
+        }
+    }
+
+    /// Exit 1 if any name failed.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    }
+}
+
 fn segment(what: &str, s: &str) -> anyhow::Result<String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         bail!("invalid {what} {s:?}");
@@ -222,7 +276,8 @@ fn segment(what: &str, s: &str) -> anyhow::Result<String> {
     Ok(s.to_owned())
 }
 
-pub async fn run_network(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<()> {
+pub async fn run_network(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<ExitCode> {
+    let mut each = EachName::default();
     match cmd {
         NetworkCmd::Create { driver, opt, attachable, subnet, label, name } => {
             let mut req = NetworkCreate {
@@ -281,19 +336,31 @@ pub async fn run_network(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        NetworkCmd::Inspect { network } => {
-            let v: serde_json::Value =
-                host.get_json(&format!("/networks/{}", segment("network", network)?)).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        NetworkCmd::Inspect { networks } => {
+            let mut found = Vec::new();
+            for n in networks {
+                let v = async {
+                    host.get_json::<serde_json::Value>(&format!(
+                        "/networks/{}",
+                        segment("network", n)?
+                    ))
+                    .await
+                };
+                found.extend(each.check(v.await));
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
         }
         NetworkCmd::Rm { networks } => {
             for n in networks {
-                host.delete(&format!("/networks/{}", segment("network", n)?)).await?;
-                println!("{n}");
+                let r =
+                    async { host.delete(&format!("/networks/{}", segment("network", n)?)).await };
+                if each.check(r.await).is_some() {
+                    println!("{n}");
+                }
             }
         }
     }
-    Ok(())
+    Ok(each.exit_code())
 }
 
 fn ms(d: Option<Duration>) -> Option<u64> {
@@ -311,7 +378,8 @@ fn ago(ms: u64) -> String {
     }
 }
 
-pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
+pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCode> {
+    let mut each = EachName::default();
     match cmd {
         ServiceCmd::Create(a) => {
             let req = ServiceCreate {
@@ -373,15 +441,38 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        ServiceCmd::Ps { service } => {
-            let tasks: Vec<TaskView> =
-                host.get_json(&format!("/services/{}/tasks", segment("service", service)?)).await?;
-            print_tasks(&tasks);
+        ServiceCmd::Ps { quiet, services } => {
+            let mut tasks = Vec::new();
+            for s in services {
+                let t = async {
+                    host.get_json::<Vec<TaskView>>(&format!(
+                        "/services/{}/tasks",
+                        segment("service", s)?
+                    ))
+                    .await
+                };
+                tasks.extend(each.check(t.await).into_iter().flatten());
+            }
+            // Docker prints no table when no service was found.
+            if *quiet {
+                tasks.iter().for_each(|t| println!("{}", t.task.task.id));
+            } else if !tasks.is_empty() || !each.failed {
+                print_tasks(&tasks);
+            }
         }
-        ServiceCmd::Inspect { service } => {
-            let v: serde_json::Value =
-                host.get_json(&format!("/services/{}", segment("service", service)?)).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+        ServiceCmd::Inspect { services } => {
+            let mut found = Vec::new();
+            for s in services {
+                let v = async {
+                    host.get_json::<serde_json::Value>(&format!(
+                        "/services/{}",
+                        segment("service", s)?
+                    ))
+                    .await
+                };
+                found.extend(each.check(v.await));
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
         }
         ServiceCmd::Update {
             replicas,
@@ -438,8 +529,11 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
             }
             for (name, n) in parsed {
                 let req = ServiceUpdate { replicas: Some(n), ..ServiceUpdate::default() };
-                let v: ServiceView =
-                    host.post_json(&format!("/services/{name}/update"), &req).await?;
+                let path = format!("/services/{name}/update");
+                let Some(v) = each.check(host.post_json::<_, ServiceView>(&path, &req).await)
+                else {
+                    continue;
+                };
                 println!("{name} scaled to {n}");
                 if !detach {
                     converge(host, &v.service.id).await?;
@@ -474,12 +568,15 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<()> {
         }
         ServiceCmd::Rm { services } => {
             for s in services {
-                host.delete(&format!("/services/{}", segment("service", s)?)).await?;
-                println!("{s}");
+                let r =
+                    async { host.delete(&format!("/services/{}", segment("service", s)?)).await };
+                if each.check(r.await).is_some() {
+                    println!("{s}");
+                }
             }
         }
     }
-    Ok(())
+    Ok(each.exit_code())
 }
 
 fn print_tasks(tasks: &[TaskView]) {
@@ -490,7 +587,8 @@ fn print_tasks(tasks: &[TaskView]) {
     let mut last_slot = None;
     for t in tasks {
         let slot = (t.task.task.service_id.clone(), t.task.task.slot, t.task.task.node_id.clone());
-        let history = last_slot.as_ref() == Some(&slot);
+        // Standalone tasks have no service and no slot: each is its own row.
+        let history = !slot.0.is_empty() && last_slot.as_ref() == Some(&slot);
         last_slot = Some(slot);
         let name = if history { format!(" \\_ {}", t.name) } else { t.name.clone() };
         let desired = match t.task.task.desired {
@@ -618,44 +716,46 @@ async fn converge(host: &Host, id: &str) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<()> {
+/// `run`'s exit code when the agent refused to make the task (Docker's 125).
+pub const EXIT_NOT_RUN: u8 = 125;
+
+pub async fn run_container(host: &Host, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let req = RunRequest {
         name: args.name.clone(),
         network: args.network.clone(),
         argv: args.command.clone(),
         env: args.env.clone(),
-        auto_remove: args.rm,
+        // Attached, `run` removes the task itself once it has its exit code and output.
+        auto_remove: args.rm && args.detach,
         mounts: args.mount.clone(),
     };
-    let r: serde_json::Value = host.post_json("/containers", &req).await?;
-    let id = r["id"].as_str().unwrap_or_default().to_owned();
-    println!("{id}");
+    // As `docker run`: 125 when the task could not even be made, so scripts can tell that
+    // from the task's own exit code.
+    let r: serde_json::Value = match host.post_json("/containers", &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}", describe(&e));
+            return Ok(ExitCode::from(EXIT_NOT_RUN));
+        }
+    };
     if args.detach {
-        return Ok(());
+        println!("{}", r["id"].as_str().unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
     }
-    // Without -d: wait for it to run (or fail) and say so.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v: Result<TaskView, _> = host.get_json(&format!("/containers/{}", args.name)).await;
-        if let Ok(v) = v {
-            let s = v.task.task.state;
-            if s == shoal_scheduler::TaskState::Running {
-                return Ok(());
-            }
-            if s.is_terminal() {
-                bail!("{} {}: {}", args.name, s.as_str(), v.task.message);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{} did not start within 60 s", args.name);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::attach::run_attached(host, &args.name, args.rm).await
 }
 
-pub async fn ps(host: &Host) -> anyhow::Result<()> {
-    let tasks: Vec<TaskView> = host.get_json("/containers").await?;
-    print_tasks(&tasks);
+/// `shoal ps`: standalone tasks that run (or are being started); with `all`, ended ones too.
+pub async fn ps(host: &Host, all: bool, quiet: bool) -> anyhow::Result<()> {
+    let mut tasks: Vec<TaskView> = host.get_json("/containers").await?;
+    if !all {
+        tasks.retain(|t| !t.task.task.state.is_terminal());
+    }
+    if quiet {
+        tasks.iter().for_each(|t| println!("{}", t.task.task.id));
+    } else {
+        print_tasks(&tasks);
+    }
     Ok(())
 }
 
@@ -754,5 +854,32 @@ pub fn print_node_pretty(n: &shoal_cluster::NodeView, d: &serde_json::Value) {
     println!("\nTasks on this node ({}):", tasks.len());
     for t in &tasks {
         println!("  {:<28} {:<10} pid {}", s(&t["name"]), s(&t["state"]), s(&t["pid"]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_read_as_dockers() {
+        let api = |status, message: &str| {
+            anyhow::Error::new(ApiError { status, message: message.to_owned() })
+        };
+        assert_eq!(describe(&api(404, "No such service: x")), "Error: No such service: x");
+        assert_eq!(
+            describe(&api(409, "network with name n already exists")),
+            "Error response from daemon: network with name n already exists"
+        );
+        assert_eq!(
+            describe(&api(404, "no such endpoint: GET /x")),
+            "Error response from daemon: no such endpoint: GET /x"
+        );
+        assert_eq!(
+            describe(&anyhow::anyhow!("invalid service \"a/b\"")),
+            "Error: invalid service \"a/b\""
+        );
+        let wrapped = api(404, "No such service: x").context("asking");
+        assert_eq!(describe(&wrapped), "Error: asking: No such service: x");
     }
 }

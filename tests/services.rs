@@ -230,7 +230,7 @@ fn services_beyond_the_tutorial() {
     // The service's VIP on the network is what its name answers; inspect shows it.
     let inspect: serde_json::Value =
         serde_json::from_str(&lab.on("node1", &["service", "inspect", "d2"])).unwrap();
-    let vip = inspect["vips"]["backend"].as_str().expect("a VIP on backend").to_owned();
+    let vip = inspect[0]["vips"]["backend"].as_str().expect("a VIP on backend").to_owned();
     assert_eq!(dig(&d_ns, "d2"), vip);
     let ls = lab.on("node1", &["network", "ls"]);
     assert!(ls.lines().any(|l| l.contains("backend") && l.contains("overlay")), "{ls}");

@@ -123,7 +123,7 @@ fn the_tutorial_runs_end_to_end() {
         "--",
         "true",
     ]);
-    assert!(lossy(&bad.stderr).contains("network nope not found"), "{bad:?}");
+    assert!(lossy(&bad.stderr).contains("Error: No such network: nope"), "{bad:?}");
 
     // The encrypted attachable overlay, the service on it, redis on node3 by name.
     lab.on(
@@ -145,7 +145,7 @@ fn the_tutorial_runs_end_to_end() {
     ]);
     assert!(lossy(&bad.stderr).contains("not manually attachable"), "{bad:?}");
     let redis = redis.display().to_string();
-    let run = ["run", "--name", "myredis", "--network", "my-overlay", "--", &redis];
+    let run = ["run", "-d", "--name", "myredis", "--network", "my-overlay", "--", &redis];
     lab.on("node3", &[&run[..], &REDIS_FLAGS[..]].concat());
     // The name reaches the other nodes by gossip a moment after `run` returns; once every
     // replica has counted, none of them can answer the error again.
@@ -184,6 +184,7 @@ fn the_tutorial_runs_end_to_end() {
     // The overlay really is encrypted between the nodes: WireGuard sessions are up.
     let inspect: serde_json::Value =
         serde_json::from_str(&lab.on("node1", &["network", "inspect", "my-overlay"])).unwrap();
+    let inspect = &inspect[0];
     assert_eq!(inspect["network"]["encrypted"], true);
     let peers = inspect["local"]["encrypted_peers"].as_array().expect("peers");
     assert!(peers.iter().any(|p| p["established"] == true), "{inspect}");

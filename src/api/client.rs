@@ -10,6 +10,21 @@ use serde::de::DeserializeOwned;
 
 use super::ErrorBody;
 
+/// A refusal from the agent: the HTTP status and the message of its error body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    /// Whether the agent found nothing by the name asked for (Docker's `No such ...`).
+    pub fn is_not_found(&self) -> bool {
+        self.status == 404
+    }
+}
+
 /// Where the CLI finds an agent: `unix:///path` (the only scheme for now).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
@@ -65,12 +80,41 @@ impl Host {
         self.request(hyper::Method::DELETE, path, None).await.map(drop)
     }
 
+    /// POSTs an empty body to `path` and returns the answer's body as it arrives, for
+    /// answers that stream until something ends (a task's output).
+    pub async fn post_stream(&self, path: &str) -> anyhow::Result<hyper::body::Incoming> {
+        let resp = self.send(hyper::Method::POST, path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body =
+                resp.into_body().collect().await.context("reading the agent's answer")?.to_bytes();
+            return Err(api_error(status, &body).into());
+        }
+        Ok(resp.into_body())
+    }
+
     async fn request(
         &self,
         method: hyper::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<Bytes> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body =
+            resp.into_body().collect().await.context("reading the agent's answer")?.to_bytes();
+        if !status.is_success() {
+            return Err(api_error(status, &body).into());
+        }
+        Ok(body)
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
         let stream = connect(&self.socket).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -84,18 +128,15 @@ impl Host {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .context("building the request")?;
-        let resp = sender.send_request(req).await.context("sending the request to the agent")?;
-        let status = resp.status();
-        let body =
-            resp.into_body().collect().await.context("reading the agent's answer")?.to_bytes();
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(anyhow!("{msg}"));
-        }
-        Ok(body)
+        sender.send_request(req).await.context("sending the request to the agent")
     }
+}
+
+fn api_error(status: hyper::StatusCode, body: &[u8]) -> ApiError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+    ApiError { status: status.as_u16(), message }
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<tokio::net::UnixStream> {

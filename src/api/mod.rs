@@ -1,6 +1,7 @@
 //! The agent's HTTP/JSON API, served on a unix socket (and `/metrics` optionally on TCP).
 //! The types here are the wire contract between `shoal` the CLI and `shoal agent`.
 
+pub mod attach;
 pub mod client;
 pub mod services;
 pub mod swarm;
@@ -138,6 +139,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(swarm::routes())
         .merge(services::routes())
         .merge(volumes::routes())
+        .merge(attach::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)

@@ -237,7 +237,7 @@ async fn write(c: &Cluster, cmd: Command) -> Result<(), Response> {
 }
 
 fn not_found(what: &str, name: &str) -> Response {
-    error(StatusCode::NOT_FOUND, format!("{what} {name} not found"))
+    error(StatusCode::NOT_FOUND, format!("No such {what}: {name}"))
 }
 
 /// A DNS label: services and containers are reached by name.
@@ -968,7 +968,11 @@ async fn container_run(
     run.await.unwrap_or_else(|r| r)
 }
 
-async fn own_container(st: &ApiState, name: &str) -> Result<(Arc<Cluster>, TaskRecord), Response> {
+/// This node's standalone task called `name`.
+pub(super) async fn own_container(
+    st: &ApiState,
+    name: &str,
+) -> Result<(Arc<Cluster>, TaskRecord), Response> {
     let c = cluster(st)?;
     let engine = st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
     let state = c.task_state().await.map_err(cluster_error)?;
@@ -982,11 +986,17 @@ async fn own_container(st: &ApiState, name: &str) -> Result<(Arc<Cluster>, TaskR
     Ok((c, t))
 }
 
+/// This node's standalone tasks, as `docker ps` lists one engine's containers: the ones that
+/// `stop`, `rm` and `logs` here can reach.
 async fn container_ls(State(st): State<Arc<ApiState>>) -> Response {
     let run = async {
         let c = cluster(&st)?;
         let state = c.task_state().await.map_err(cluster_error)?;
-        Ok(axum::Json(task_views(&state, |t| t.standalone.is_some())).into_response())
+        let me = st.engine.load_full().map(|e| e.node_id().to_owned());
+        let mine = |t: &TaskRecord| {
+            t.standalone.is_some() && t.task.node_id.is_some() && t.task.node_id == me
+        };
+        Ok(axum::Json(task_views(&state, mine)).into_response())
     };
     run.await.unwrap_or_else(|r: Response| r)
 }

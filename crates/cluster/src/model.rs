@@ -728,7 +728,7 @@ impl ClusterState {
             .collect();
         match by_prefix.len() {
             1 => Ok(by_prefix[0]),
-            0 => Err(format!("node {what} not found")),
+            0 => Err(format!("No such node: {what}")),
             k => Err(format!("node {what} is ambiguous ({k} matches)")),
         }
     }
@@ -939,7 +939,7 @@ mod tests {
         s.apply(&Command::AddNode(node(2, "node2", Role::Worker)), 1).expect("add");
         assert_eq!(s.find_node("node2").expect("name").id, NodeId(2));
         assert_eq!(s.find_node(&NodeId(1).to_string()).expect("id").id, NodeId(1));
-        assert!(s.find_node("nope").unwrap_err().contains("not found"));
+        assert_eq!(s.find_node("nope").unwrap_err(), "No such node: nope");
         // Both ids start with zeros: a short prefix is ambiguous.
         assert!(s.find_node("0").unwrap_err().contains("ambiguous"));
     }
