@@ -1,7 +1,7 @@
 //! A `swarm init` or `swarm join` that fails changes nothing, through the CLI on real lab agents:
-//! whatever the cause (a listen address that cannot be bound, an IPv6 address under an IPv4 data
-//! path, a bad token, an unreachable manager, a data path that cannot start once the control
-//! plane was made), the error says why, the agent keeps answering outside any swarm, no swarm
+//! whatever the cause (a listen address that cannot be bound, an advertise address the IPv4 data
+//! path cannot use (IPv6, or on no link of the host), a bad token, an unreachable manager, the
+//! WireGuard port taken once the control plane was made), the error says why, the agent keeps answering outside any swarm, no swarm
 //! state is on disk and nothing of it runs (ports free, no ingress sandbox, no WireGuard TUN),
 //! the agent restarts fine, and the corrected command then works.
 
@@ -116,36 +116,22 @@ fn a_failed_init_or_join_changes_nothing() {
     assert!(!ls.lines().any(|l| l.contains("node2") && l.contains("Ready")), "{ls}");
     drop(held);
 
-    // An agent whose advertise address is IPv6 (on its link): the overlay is IPv4, so init fails
-    // once the control plane is made, and is undone.
+    // Agents whose advertise address the IPv4 overlay cannot use: an IPv6 one (on its link), and
+    // one on no link of the host (a NAT or cloud elastic address). Init fails once the control
+    // plane is made, and is undone.
     run_ok(shoal().args(["--lab", &lab.name, "lab", "stop", "node2"]));
     run_ok(&mut lab_exec(
         &lab,
         "node2",
         &["ip", "-6", "addr", "add", "fd00:5:6::2/64", "dev", "eth0", "nodad"],
     ));
-    let state = shoal::lab::LabState::load(&lab.name).unwrap();
-    let n2 = state.node("node2").unwrap();
-    let mut agent = Command::new("ip");
-    agent
-        .args(["netns", "exec", &n2.netns, env!("CARGO_BIN_EXE_shoal"), "agent"])
-        .args(["--node-name", "node2", "--advertise-addr", "fd00:5:6::2"])
-        .arg("--data-dir")
-        .arg(&n2.data_dir)
-        .arg("--socket")
-        .arg(&n2.socket)
-        .args(["--cluster-tuning", "fast", "--netns-prefix", &n2.netns])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let hand = HandAgent(agent.spawn().unwrap());
-    eventually("the hand-started agent answers", Duration::from_secs(30), || {
-        lab.shoal(&["--node", "node2", "info"]).status.success().then_some(())
-    });
-    let err = fails(&lab, "node2", &["swarm", "init"]);
-    assert!(err.contains("IPv4") && err.contains("still outside any swarm"), "{err}");
-    assert_outside(&lab, "node2");
-    drop(hand);
+    for (advertise, why) in [("fd00:5:6::2".to_owned(), "IPv4"), (nowhere.to_string(), "no link")] {
+        let agent = hand_agent(&lab, "node2", &advertise);
+        let err = fails(&lab, "node2", &["swarm", "init"]);
+        assert!(err.contains(why) && err.contains("still outside any swarm"), "{err}");
+        assert_outside(&lab, "node2");
+        drop(agent);
+    }
 
     // Restarted as the lab starts it (IPv4), the corrected join works.
     run_ok(shoal().args(["--lab", &lab.name, "lab", "start", "node2"]));
@@ -156,6 +142,30 @@ fn a_failed_init_or_join_changes_nothing() {
         let ls = lab.on("node1", &["node", "ls"]);
         ls.lines().any(|l| l.contains("node2") && l.contains("Ready")).then_some(())
     });
+}
+
+/// Starts a node's agent as the lab does but advertising `advertise`; the lab's agent of that
+/// node must be stopped.
+fn hand_agent(lab: &Lab, node: &str, advertise: &str) -> HandAgent {
+    let state = shoal::lab::LabState::load(&lab.name).unwrap();
+    let n = state.node(node).unwrap();
+    let mut agent = Command::new("ip");
+    agent
+        .args(["netns", "exec", &n.netns, env!("CARGO_BIN_EXE_shoal"), "agent"])
+        .args(["--node-name", node, "--advertise-addr", advertise])
+        .arg("--data-dir")
+        .arg(&n.data_dir)
+        .arg("--socket")
+        .arg(&n.socket)
+        .args(["--cluster-tuning", "fast", "--netns-prefix", &n.netns])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let agent = HandAgent(agent.spawn().unwrap());
+    eventually("the hand-started agent answers", Duration::from_secs(30), || {
+        lab.shoal(&["--node", node, "info"]).status.success().then_some(())
+    });
+    agent
 }
 
 fn lab_exec(lab: &Lab, node: &str, argv: &[&str]) -> Command {
