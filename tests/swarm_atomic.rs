@@ -112,8 +112,13 @@ fn a_failed_init_or_join_changes_nothing() {
     let err = fails(&lab, "node2", &["swarm", "join", "--token", token, &manager]);
     assert!(err.contains("WireGuard") && err.contains("still outside any swarm"), "{err}");
     assert_outside(&lab, "node2");
-    let ls = lab.on("node1", &["node", "ls"]);
-    assert!(!ls.lines().any(|l| l.contains("node2") && l.contains("Ready")), "{ls}");
+    // The managers saw it leave, as after `swarm leave`: Down, and `node rm` removes it.
+    eventually("node2 Down on the manager", Duration::from_secs(30), || {
+        let ls = lab.on("node1", &["node", "ls"]);
+        ls.lines().any(|l| l.contains("node2") && l.contains("Down")).then_some(())
+    });
+    lab.on("node1", &["node", "rm", "node2"]);
+    assert!(!lab.on("node1", &["node", "ls"]).contains("node2"));
     drop(held);
 
     // Agents whose advertise address the IPv4 overlay cannot use: an IPv6 one (on its link), and
