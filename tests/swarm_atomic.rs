@@ -98,6 +98,19 @@ fn a_failed_init_or_join_changes_nothing() {
     let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
     let token = token.trim();
 
+    // A node in a swarm whose data path cannot start at a restart: the agent exits (a supervisor
+    // retries) saying what to do, and starts once the cause is gone, still in its swarm.
+    run_ok(shoal().args(["--lab", &lab.name, "lab", "stop", "node1"]));
+    let held = hold_udp(&lab, "node1", 51820);
+    let out = shoal().args(["--lab", &lab.name, "lab", "start", "node1"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = lossy(&out.stderr);
+    assert!(err.contains("cannot start its part of it") && err.contains("WireGuard"), "{err}");
+    drop(held);
+    run_ok(shoal().args(["--lab", &lab.name, "lab", "start", "node1"]));
+    let info: NodeInfo = serde_json::from_str(&lab.on("node1", &["info", "--json"])).unwrap();
+    assert!(info.swarm.is_some(), "{info:?}");
+
     // Joins that never get in: a token that is not one, a manager that is not there.
     let err = fails(&lab, "node2", &["swarm", "join", "--token", "SWMTKN-1-nonsense", &manager]);
     assert!(err.to_lowercase().contains("token"), "{err}");
