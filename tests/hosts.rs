@@ -3,7 +3,8 @@
 //! /etc, /var/lib, /usr/local (copy-on-write over the real ones), /run/shoal and /run/netns,
 //! so nothing touches this machine's paths and the agents cannot see each other's files. The
 //! install block's shell lines run verbatim in each node; `systemctl` cannot run there, so the
-//! installed unit's `ExecStartPre`/`ExecStart` lines run instead, with systemd's PATH. Then the
+//! installed unit's `ExecStartPre`/`ExecStart` lines run instead, with systemd's PATH; node3 also
+//! takes the README's optional step, the example config installed unedited. Then the
 //! swarm block (init with the node's address, the printed join command) and the tutorial's core
 //! through the installed `shoal`: a service published on 8100 answering on every node, an
 //! encrypted attachable overlay, `redis-server` run on it and reached by name.
@@ -159,6 +160,17 @@ impl Host {
     }
 }
 
+/// The inline code spans of README.md's section `title` that contain `needle`.
+fn readme_inline(title: &str, needle: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme.split("\n## ").find(|s| s.starts_with(title)).expect("README section");
+    // Outside code blocks, every other piece between backticks is a span.
+    let prose: Vec<&str> = section.split("```").step_by(2).collect();
+    let text = prose.join(" ").replace('\n', " ");
+    text.split('`').skip(1).step_by(2).filter(|c| c.contains(needle)).map(str::to_owned).collect()
+}
+
 /// The shell lines of the `sh` code blocks of README.md's section `title`, comments dropped.
 fn readme_blocks(title: &str) -> Vec<Vec<String>> {
     let readme =
@@ -217,9 +229,18 @@ fn the_readme_install_runs_on_three_separate_hosts() {
     let mut hosts: Vec<Host> =
         (1..=3).map(|i| Host::start(&lab, &format!("node{i}"), dir.path(), &checkout)).collect();
 
-    for host in &mut hosts {
+    // The README's optional step, the example config installed unedited, on the last host: as
+    // shipped it must leave the node ready for the swarm like the others.
+    let config_line = readme_inline("Run it on your hosts", "/etc/shoal/agent.toml")
+        .into_iter()
+        .find(|c| c.starts_with("install "))
+        .expect("the README's line installing packaging/agent.toml");
+    for (i, host) in hosts.iter_mut().enumerate() {
         // Nothing of shoal is on the host before the install.
         assert!(!host.run(&["test", "-e", "/usr/local/bin/shoal"]).status.success());
+        if i == 2 {
+            host.ok(&["sh", "-c", &config_line]);
+        }
         for line in install {
             if line.starts_with("systemctl") {
                 assert!(line.contains("enable --now shoal"), "{line}");
@@ -230,7 +251,8 @@ fn the_readme_install_runs_on_three_separate_hosts() {
         }
         let info = host.ok(&["shoal", "info"]);
         assert!(info.contains(&format!("Node:            {}", host.name)), "{info}");
-        assert!(!host.run(&["test", "-e", "/etc/shoal/agent.toml"]).status.success());
+        let config = host.run(&["test", "-e", "/etc/shoal/agent.toml"]).status.success();
+        assert_eq!(config, i == 2, "{}: only node3 has a config file", host.name);
     }
 
     let init = swarm.iter().find(|l| l.starts_with("shoal swarm init")).expect("init line");
