@@ -246,6 +246,10 @@ enum LabCmd {
         /// encrypted `my-overlay` and `myredis` on the last node; prints the curl lines to try.
         #[arg(long, conflicts_with = "gossip")]
         demo: bool,
+        /// Make only the hosts, with no agents: to install shoal on them by hand (each node is
+        /// a network namespace; give it its own mount namespace to keep /etc and /var apart).
+        #[arg(long, conflicts_with_all = ["gossip", "demo"])]
+        no_agents: bool,
         /// The agents' upstream resolvers for names outside the cluster (a resolv.conf file)
         /// [default: this host's /etc/resolv.conf].
         #[arg(long)]
@@ -492,14 +496,18 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet, gossip, demo, dns_resolv_conf } => {
+        LabCmd::Up { nodes, subnet, gossip, demo, no_agents, dns_resolv_conf } => {
             let subnet = lab::parse_subnet(subnet)?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
             let resolv = match dns_resolv_conf {
                 Some(p) => Some(std::path::absolute(p)?),
                 None => None,
             };
-            let s = lab::up(name, *nodes, subnet, *gossip, resolv, &exe).await?;
+            let s = if *no_agents {
+                lab::up_hosts(name, *nodes, subnet).await?
+            } else {
+                lab::up(name, *nodes, subnet, *gossip, resolv, &exe).await?
+            };
             println!(
                 "lab {} is up: {} nodes on {} (bridge {}, this host is {})",
                 s.name,

@@ -446,4 +446,30 @@ mod tests {
     fn missing_explicit_file_is_an_error_missing_default_is_not() {
         assert!(FileConfig::load(Some(Path::new("/nonexistent/shoal.toml"))).is_err());
     }
+
+    /// `packaging/agent.toml`, as the README's install may copy it to /etc/shoal/agent.toml.
+    const SHIPPED: &str = include_str!("../packaging/agent.toml");
+
+    #[test]
+    fn the_shipped_example_is_ready_for_a_swarm_and_changes_no_default() {
+        let file = FileConfig::parse(Path::new("agent.toml"), SHIPPED).unwrap();
+        let cfg = AgentConfig::resolve(&args(), file).unwrap();
+        assert!(cfg.gossip_key_file.is_none(), "standalone gossip refuses `swarm init`");
+        assert!(cfg.gossip_seeds.is_empty());
+        assert_eq!(cfg, AgentConfig::resolve(&args(), FileConfig::default()).unwrap());
+    }
+
+    #[test]
+    fn every_commented_out_example_in_the_shipped_file_parses() {
+        let examples: Vec<&str> = SHIPPED
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .collect();
+        assert!(examples.len() >= 4, "{examples:?}");
+        for line in examples {
+            FileConfig::parse(Path::new("agent.toml"), line)
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
 }

@@ -111,7 +111,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         && let Some(c) =
             shoal_cluster::Cluster::open(&config.data_dir, config.cluster_tuning.tuning()).await?
     {
-        let s = swarm::Swarm::start(&config, c).await?;
+        // Exiting lets a supervisor retry, which heals a cause that goes away (a link not up
+        // yet); the message says what else there is to do.
+        let s = swarm::Swarm::start(&config, c).await.with_context(|| {
+            format!(
+                "this node is in a swarm but cannot start its part of it; fix the cause and \
+                 start the agent again, or take the node out of the swarm by removing {}",
+                config.data_dir.join("swarm").display()
+            )
+        })?;
         tracing::info!(node = %s.cluster.info().node, "rejoined the swarm");
         current_gossip.store(Some(s.gossip.clone()));
         swarm = Some(s);

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use anyhow::Context;
 use shoal_cluster::{Cluster, Error as ClusterError, NodeId};
 use shoal_gossip::{Event, Gossip, NodeMeta};
 use tokio::task::JoinHandle;
@@ -62,10 +63,26 @@ fn gossip_config(
 }
 
 impl Swarm {
-    /// Starts gossip for a node that is in a swarm and ties it to the control plane.
+    /// Starts gossip and the data path for a node that is in a swarm and ties them to the
+    /// control plane. On an error nothing of this node's swarm keeps running (gossip has said
+    /// goodbye, the data path is down); the control plane is the caller's to stop or undo.
     pub async fn start(cfg: &AgentConfig, cluster: Cluster) -> anyhow::Result<Swarm> {
-        let gossip = Arc::new(Gossip::start(gossip_config(cfg, &cluster)?).await?);
-        let mut tasks = Vec::new();
+        let gossip =
+            Gossip::start(gossip_config(cfg, &cluster)?).await.context("starting gossip")?;
+        let gossip = Arc::new(gossip);
+        // The data path first: it is what fails on a host that cannot carry the overlay, and
+        // until it is up nothing else has started that would have to be stopped again.
+        let engine = match NodeEngine::start(cfg, cluster.clone(), gossip.clone()).await {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(g) = Arc::into_inner(gossip) {
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
+                }
+                return Err(e.context("starting the data path"));
+            }
+        };
+        let mut tasks = engine.spawn();
 
         // Keyring: the leader adds a key, makes it primary, retires the old one; follow it.
         let (g, mut keys) = (gossip.clone(), cluster.gossip_keys());
@@ -148,8 +165,6 @@ impl Swarm {
                 }
             }
         }));
-        let engine = NodeEngine::start(cfg, cluster.clone(), gossip.clone()).await?;
-        tasks.extend(engine.spawn());
         let wake = Arc::new(tokio::sync::Notify::new());
         tasks.push(tokio::spawn(leader::run(cluster.clone(), wake)));
         Ok(Swarm { cluster, gossip, engine, tasks })

@@ -141,8 +141,17 @@ fn addrs(
     Ok((advertise, listen))
 }
 
-/// Starts gossip and the liveness/keyring tasks for a node that just entered a swarm.
-async fn enter(state: &ApiState, slot: &mut Option<Swarm>, c: Cluster) -> Result<(), Response> {
+/// Starts gossip, the data path and the liveness/keyring tasks for a node that just entered a
+/// swarm; `verb` is `init` or `join`. Entering is all or nothing: if this node cannot start, it
+/// leaves the swarm it just made or joined (`swarm leave --force`: the managers mark it down,
+/// and its swarm state goes from the data dir), so the agent keeps running outside any swarm
+/// and its next start does not trip over a half-made one.
+async fn enter(
+    state: &ApiState,
+    slot: &mut Option<Swarm>,
+    c: Cluster,
+    verb: &str,
+) -> Result<(), Response> {
     match Swarm::start(&state.config, c.clone()).await {
         Ok(s) => {
             state.gossip.store(Some(s.gossip.clone()));
@@ -152,10 +161,14 @@ async fn enter(state: &ApiState, slot: &mut Option<Swarm>, c: Cluster) -> Result
             Ok(())
         }
         Err(e) => {
-            c.shutdown().await;
+            let undone = match c.leave(true).await {
+                Ok(()) => "this node is still outside any swarm".to_owned(),
+                Err(u) => format!("undoing it failed too: {u}"),
+            };
+            tracing::warn!(error = %format!("{e:#}"), %undone, "swarm {verb} failed");
             Err(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("starting gossip for the swarm: {e:#}"),
+                format!("swarm {verb} failed, {undone}: {e:#}"),
             ))
         }
     }
@@ -204,7 +217,7 @@ async fn init(
     };
     let worker_command = c.join_command(Role::Worker).await.ok();
     let node_id = c.info().node.to_string();
-    if let Err(r) = enter(&state, &mut slot, c).await {
+    if let Err(r) = enter(&state, &mut slot, c, "init").await {
         return r;
     }
     tracing::info!(node = %node_id, %advertise, "swarm initialized");
@@ -243,7 +256,7 @@ async fn join(
         Err(e) => return cluster_error(e),
     };
     let info = c.info();
-    if let Err(r) = enter(&state, &mut slot, c).await {
+    if let Err(r) = enter(&state, &mut slot, c, "join").await {
         return r;
     }
     tracing::info!(node = %info.node, role = %info.role, "joined a swarm");

@@ -139,25 +139,17 @@ impl NodeEngine {
         ocfg.encryption = Some(enc);
         let overlay =
             Overlay::new(vx::NodeNs::Current, ocfg).await.context("starting the overlay")?;
-        let sandbox_name = format!("{prefix}-ingress");
-        if NetNs::exists(&sandbox_name) {
-            NetNs::delete(&sandbox_name)?;
-        }
-        let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
-        let mut dcfg = dns::DnsConfig::default();
-        dcfg.forward.resolv_conf = cfg.dns_resolv_conf.clone();
-        let dns = dns::DnsService::start(dcfg, dns_metrics().clone())?;
-        let mesh = ing::Mesh::new(ing::MeshConfig {
-            ingress_ns: Some(sandbox.clone()),
-            ..ing::MeshConfig::default()
-        })?;
-        if let Some(public) = overlay.wg_public_key() {
-            let mut meta = gossip.snapshot().members.first().and_then(|m| m.meta.clone());
-            if let Some(meta) = meta.as_mut() {
-                meta.wg_public_key = Some(public);
-                gossip.update_meta(meta.clone()).await?;
+        // From here on a failure takes down what was made, so a node that cannot start keeps
+        // no half of a data path.
+        let (sandbox, dns, mesh) = match start_services(cfg, &overlay, &gossip).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                if let Err(e) = overlay.shutdown().await {
+                    tracing::warn!(error = %e, "taking the overlay down after a failed start");
+                }
+                return Err(e);
             }
-        }
+        };
         let inner = Arc::new(Inner {
             me,
             cluster,
@@ -295,6 +287,53 @@ impl NodeEngine {
             && let Err(e) = inner.overlay.shutdown().await
         {
             tracing::warn!(error = %e, "taking the overlay down");
+        }
+    }
+}
+
+/// The ingress sandbox, service DNS and the routing mesh of a starting node, and its WireGuard
+/// key in gossip; on an error, whatever of them was made is removed again.
+async fn start_services(
+    cfg: &AgentConfig,
+    overlay: &Overlay,
+    gossip: &Gossip,
+) -> anyhow::Result<(Arc<NetNs>, dns::DnsService, ing::Mesh)> {
+    let sandbox_name = format!("{}-ingress", cfg.netns_prefix);
+    if NetNs::exists(&sandbox_name) {
+        NetNs::delete(&sandbox_name)?;
+    }
+    let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
+    let rest = async {
+        let mut dcfg = dns::DnsConfig::default();
+        dcfg.forward.resolv_conf = cfg.dns_resolv_conf.clone();
+        let dns = dns::DnsService::start(dcfg, dns_metrics().clone())?;
+        let more = async {
+            let mesh = ing::Mesh::new(ing::MeshConfig {
+                ingress_ns: Some(sandbox.clone()),
+                ..ing::MeshConfig::default()
+            })?;
+            if let Some(public) = overlay.wg_public_key() {
+                let mut meta = gossip.snapshot().members.first().and_then(|m| m.meta.clone());
+                if let Some(meta) = meta.as_mut() {
+                    meta.wg_public_key = Some(public);
+                    gossip.update_meta(meta.clone()).await?;
+                }
+            }
+            anyhow::Ok(mesh)
+        };
+        match more.await {
+            Ok(mesh) => Ok((dns, mesh)),
+            Err(e) => {
+                dns.shutdown().await;
+                Err(e)
+            }
+        }
+    };
+    match rest.await {
+        Ok((dns, mesh)) => Ok((sandbox, dns, mesh)),
+        Err(e) => {
+            let _ = NetNs::delete(&sandbox_name);
+            Err(e)
         }
     }
 }

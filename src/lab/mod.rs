@@ -186,6 +186,23 @@ pub async fn up(
     dns_resolv_conf: Option<PathBuf>,
     agent_exe: &Path,
 ) -> anyhow::Result<LabState> {
+    make(name, nodes, subnet, gossip, dns_resolv_conf, Some(agent_exe)).await
+}
+
+/// Brings up the hosts of a lab (namespaces on the bridge) without agents, for installing shoal
+/// on them as on real machines; `down` removes them and every process left inside.
+pub async fn up_hosts(name: &str, nodes: u8, subnet: Ipv4Net) -> anyhow::Result<LabState> {
+    make(name, nodes, subnet, false, None, None).await
+}
+
+async fn make(
+    name: &str,
+    nodes: u8,
+    subnet: Ipv4Net,
+    gossip: bool,
+    dns_resolv_conf: Option<PathBuf>,
+    agent_exe: Option<&Path>,
+) -> anyhow::Result<LabState> {
     let mut state = LabState::plan(name, nodes, subnet)?;
     state.standalone_gossip = gossip;
     state.dns_resolv_conf = dns_resolv_conf;
@@ -221,7 +238,7 @@ pub async fn up(
     }
 }
 
-async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
+async fn build(state: &mut LabState, agent_exe: Option<&Path>) -> anyhow::Result<()> {
     let (conn, host, _) = rtnetlink::new_connection().context("netlink socket")?;
     tokio::spawn(conn);
 
@@ -276,6 +293,9 @@ async fn build(state: &mut LabState, agent_exe: &Path) -> anyhow::Result<()> {
         }
     }
 
+    let Some(agent_exe) = agent_exe else {
+        return Ok(());
+    };
     let seed = state.standalone_gossip.then_some(state.nodes[0].addr);
     for i in 0..state.nodes.len() {
         let pid = spawn_agent(&state.nodes[i], seed, state.dns_resolv_conf.as_deref(), agent_exe)?;

@@ -392,7 +392,6 @@ impl Cluster {
         if dir.join(NODE_FILE).exists() {
             return Err(Error::AlreadyInSwarm(dir));
         }
-        create_private_dir(&dir)?;
         let pool = opts
             .default_addr_pool
             .first()
@@ -406,6 +405,7 @@ impl Cluster {
         }
         let ca = ClusterCa::generate()?;
         let node = NodeId::random();
+        create_private_dir(&dir)?;
         let (key, csr) = new_key_and_csr()?;
         let cert = ca.sign_csr(&csr, node, Role::Manager)?;
         let identity = NodeIdentity::from_pem(key, cert, ca.cert_pem.clone())?;
@@ -423,7 +423,7 @@ impl Cluster {
             managers: vec![opts.advertise_addr],
             keyring: keyring.clone(),
         };
-        let cluster = Cluster::start(dir.clone(), local, identity, opts.tuning.clone())?;
+        let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning.clone())?;
         let result = async {
             let m = cluster.inner.start_raft().await?;
             let mut members = BTreeMap::new();
@@ -531,7 +531,7 @@ impl Cluster {
             managers: jr.managers,
             keyring: jr.keyring.clone(),
         };
-        let cluster = Cluster::start(dir, local, identity, opts.tuning)?;
+        let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning)?;
         cluster.inner.keyring.send_replace(jr.keyring);
         if jr.role == Role::Manager {
             // Becoming a voter can take a moment; the session loop retries if this fails.
@@ -566,6 +566,19 @@ impl Cluster {
         }
         cluster.inner.spawn_loops();
         Ok(Some(cluster))
+    }
+
+    /// [`Cluster::start`] for a node entering a swarm: if it fails, the swarm directory it
+    /// began to fill is removed, so the node stays outside any swarm.
+    fn start_fresh(
+        dir: &Path,
+        local: LocalState,
+        identity: NodeIdentity,
+        tuning: Tuning,
+    ) -> Result<Cluster, Error> {
+        Cluster::start(dir.to_owned(), local, identity, tuning).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(dir);
+        })
     }
 
     fn start(

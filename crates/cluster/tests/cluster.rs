@@ -771,3 +771,38 @@ async fn default_tuning_fails_over_within_5s() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_failed_init_or_join_leaves_no_swarm_state() -> anyhow::Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let swarm = dir.path().join("swarm");
+    // Options refused before anything is made.
+    let mut opts = InitOptions::new(dir.path(), "x", free_addr());
+    opts.subnet_size = 4;
+    let err = Cluster::init(opts).await.err().context("a /4 subnet size accepted")?;
+    assert!(err.to_string().contains("subnet size"), "{err}");
+    assert!(!swarm.exists(), "a refused init left {}", swarm.display());
+    // A listen address another socket holds: the certificates were written, then removed.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?;
+    let mut opts = InitOptions::new(dir.path(), "x", addr);
+    opts.listen_addr = addr;
+    opts.tuning = Tuning::fast();
+    let err = Cluster::init(opts).await.err().context("init on a taken port")?;
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(!swarm.exists(), "a failed init left {}", swarm.display());
+    // The same for a join the manager admitted.
+    let a = init("alpha").await?;
+    let token = a.cluster.join_token(Role::Worker, false).await?;
+    let err = Cluster::join(join_opts("x", &dir, addr, &token, a.addr)).await;
+    assert!(err.is_err(), "join on a taken port");
+    assert!(!swarm.exists(), "a failed join left {}", swarm.display());
+    // Corrected, the join works from the same data dir.
+    drop(taken);
+    let ok = Cluster::join(join_opts("x", &dir, free_addr(), &token, a.addr)).await?;
+    assert!(swarm.join("node.json").exists());
+    ok.shutdown().await;
+    shutdown_all(&[&a]).await;
+    Ok(())
+}
