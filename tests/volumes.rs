@@ -165,8 +165,11 @@ fn volumes_and_mounts() {
             &logs,
         ],
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.on("node1", &["service", "inspect", "myhelloworld"])).unwrap();
+    let v: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        &lab.on("node1", &["service", "inspect", "myhelloworld"]),
+    )
+    .unwrap()[0]
+        .clone();
     let mounts = &v["service"]["mounts"];
     assert_eq!(mounts[0]["type"], "volume");
     assert_eq!(mounts[0]["source"], "myhelloworld");
@@ -189,8 +192,11 @@ fn volumes_and_mounts() {
     let extra = dir.join("extra");
     let add = format!("type=bind,src={},dst={},readonly", bind.display(), extra.display());
     lab.on("node1", &["service", "update", "--mount-add", &add, "myhelloworld"]);
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.on("node1", &["service", "inspect", "myhelloworld"])).unwrap();
+    let v: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        &lab.on("node1", &["service", "inspect", "myhelloworld"]),
+    )
+    .unwrap()[0]
+        .clone();
     assert_eq!(v["service"]["mounts"][1]["type"], "bind");
     assert_eq!(v["service"]["mounts"][1]["readonly"], true);
     let version = v["service"]["version"].clone();
@@ -203,8 +209,11 @@ fn volumes_and_mounts() {
         "node1",
         &["service", "update", "--mount-rm", &extra.display().to_string(), "myhelloworld"],
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.on("node1", &["service", "inspect", "myhelloworld"])).unwrap();
+    let v: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        &lab.on("node1", &["service", "inspect", "myhelloworld"]),
+    )
+    .unwrap()[0]
+        .clone();
     assert_eq!(v["service"]["mounts"].as_array().unwrap().len(), 1);
     assert_ne!(v["service"]["version"], version);
 
@@ -391,8 +400,11 @@ fn volumes_and_mounts() {
     );
     lab.on("node1", &["service", "create", "--name", "ok", "--", "sleep", "100000"]);
     let spec_of = || {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.on("node1", &["service", "inspect", "ok"])).unwrap();
+        let v: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+            &lab.on("node1", &["service", "inspect", "ok"]),
+        )
+        .unwrap()[0]
+            .clone();
         v["service"].clone()
     };
     let v = spec_of();
