@@ -167,7 +167,8 @@ enum SwarmCmd {
         #[arg(short, long)]
         force: bool,
     },
-    /// Rotate the swarm's gossip key now (the leader also does it on its own schedule).
+    /// Rotate the swarm's gossip key now (the leader also does every `gossip_key_rotation`,
+    /// and when a node is removed or demoted).
     RotateGossipKey,
 }
 

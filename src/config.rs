@@ -74,6 +74,10 @@ pub struct AgentConfig {
     pub gossip_seeds: Vec<SocketAddr>,
     /// Control-plane timings.
     pub cluster_tuning: ClusterTuning,
+    /// How often the leader replaces the gossip key (it also does at once on `node rm` and
+    /// `node demote`).
+    #[serde(serialize_with = "as_humantime")]
+    pub gossip_key_rotation: std::time::Duration,
     /// Where a manager serves the visualizer page (None: off).
     pub ui_addr: Option<SocketAddr>,
     /// Prefix of the network namespaces this node makes (tasks `PREFIX-t-…`, overlay sandboxes
@@ -105,6 +109,7 @@ pub struct FileConfig {
     pub gossip_key_file: Option<PathBuf>,
     pub gossip_seeds: Option<Vec<SocketAddr>>,
     pub cluster_tuning: Option<ClusterTuning>,
+    pub gossip_key_rotation: Option<String>,
     pub ui_addr: Option<String>,
     pub netns_prefix: Option<String>,
     pub dns_resolv_conf: Option<PathBuf>,
@@ -162,6 +167,9 @@ pub struct AgentArgs {
     /// Control-plane timings: default (Swarm's) or fast (labs, tests) [default: default].
     #[arg(long, env = "SHOAL_CLUSTER_TUNING", value_enum)]
     pub cluster_tuning: Option<ClusterTuning>,
+    /// How often the leader replaces the gossip key, e.g. 12h, 30m (at least 1m) [default: 12h].
+    #[arg(long, env = "SHOAL_GOSSIP_KEY_ROTATION")]
+    pub gossip_key_rotation: Option<String>,
     /// Where managers serve the visualizer page; '' turns it off [default: 127.0.0.1:8089].
     #[arg(long, env = "SHOAL_UI_ADDR")]
     pub ui_addr: Option<String>,
@@ -183,6 +191,18 @@ pub enum ConfigError {
     File { path: PathBuf, message: String },
     #[error("config field `{field}`: {message}")]
     Field { field: &'static str, message: String },
+}
+
+/// The leader's gossip key period unless configured (Swarm rotates its data-plane keys every
+/// 12 h).
+pub const DEFAULT_GOSSIP_KEY_ROTATION: std::time::Duration =
+    std::time::Duration::from_secs(12 * 3600);
+
+/// The shortest configurable period: each rotation waits for every node to confirm each step.
+const MIN_GOSSIP_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn as_humantime<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 fn field(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -215,6 +235,13 @@ impl FileConfig {
 }
 
 impl AgentConfig {
+    /// The control plane's timings: the chosen profile with this node's key period.
+    pub fn tuning(&self) -> shoal_cluster::Tuning {
+        let mut t = self.cluster_tuning.tuning();
+        t.gossip_key_rotation = self.gossip_key_rotation;
+        t
+    }
+
     /// Merges flags/environment over the file over defaults, then validates.
     pub fn resolve(args: &AgentArgs, file: FileConfig) -> Result<AgentConfig, ConfigError> {
         let node_name = match args.node_name.clone().or(file.node_name) {
@@ -249,6 +276,22 @@ impl AgentConfig {
                 args.gossip_seeds.clone()
             },
             cluster_tuning: args.cluster_tuning.or(file.cluster_tuning).unwrap_or_default(),
+            gossip_key_rotation: match args.gossip_key_rotation.clone().or(file.gossip_key_rotation)
+            {
+                None => DEFAULT_GOSSIP_KEY_ROTATION,
+                Some(text) => match humantime::parse_duration(&text) {
+                    Ok(d) if d >= MIN_GOSSIP_KEY_ROTATION => d,
+                    Ok(_) => {
+                        return Err(field("gossip_key_rotation", format!("{text:?}: at least 1m")));
+                    }
+                    Err(e) => {
+                        return Err(field(
+                            "gossip_key_rotation",
+                            format!("{text:?} is not a duration like 12h or 30m: {e}"),
+                        ));
+                    }
+                },
+            },
             ui_addr: match args.ui_addr.clone().or(file.ui_addr).as_deref() {
                 // The page shows nodes, addresses and tasks without asking who looks: local
                 // only, unless the operator says where else.
@@ -397,6 +440,21 @@ mod tests {
             Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_UI_PORT))),
             "the visualizer is local unless the operator opens it"
         );
+    }
+
+    #[test]
+    fn gossip_key_rotation_is_a_duration_of_at_least_a_minute() {
+        let cfg = AgentConfig::resolve(&args(), FileConfig::default()).unwrap();
+        assert_eq!(cfg.gossip_key_rotation, DEFAULT_GOSSIP_KEY_ROTATION);
+        assert_eq!(cfg.tuning().gossip_key_rotation, DEFAULT_GOSSIP_KEY_ROTATION);
+        let file = FileConfig { gossip_key_rotation: Some("90m".into()), ..Default::default() };
+        let cfg = AgentConfig::resolve(&args(), file).unwrap();
+        assert_eq!(cfg.tuning().gossip_key_rotation, std::time::Duration::from_secs(5400));
+        for bad in ["10s", "soon"] {
+            let file = FileConfig { gossip_key_rotation: Some(bad.into()), ..Default::default() };
+            let err = AgentConfig::resolve(&args(), file).unwrap_err();
+            assert!(err.to_string().contains("gossip_key_rotation"), "{bad}: {err}");
+        }
     }
 
     #[test]

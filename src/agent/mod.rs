@@ -108,8 +108,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A node that was in a swarm when it stopped is in it again.
     let mut swarm = None;
     if config.gossip_key_file.is_none()
-        && let Some(c) =
-            shoal_cluster::Cluster::open(&config.data_dir, config.cluster_tuning.tuning()).await?
+        && let Some(c) = shoal_cluster::Cluster::open(&config.data_dir, config.tuning()).await?
     {
         // Exiting lets a supervisor retry, which heals a cause that goes away (a link not up
         // yet); the message says what else there is to do.

@@ -210,7 +210,7 @@ async fn init(
     if let Some(pool) = req.default_addr_pool {
         opts.default_addr_pool = vec![pool];
     }
-    opts.tuning = state.config.cluster_tuning.tuning();
+    opts.tuning = state.config.tuning();
     let c = match Cluster::init(opts).await {
         Ok(c) => c,
         Err(e) => return cluster_error(e),
@@ -250,7 +250,7 @@ async fn join(
     );
     opts.listen_addr = listen;
     opts.data_addr = Some(state.config.advertise_addr);
-    opts.tuning = state.config.cluster_tuning.tuning();
+    opts.tuning = state.config.tuning();
     let c = match Cluster::join(opts).await {
         Ok(c) => c,
         Err(e) => return cluster_error(e),

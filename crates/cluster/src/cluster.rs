@@ -1580,6 +1580,7 @@ impl Inner {
                     let _ = self.write(m, Command::SetRole { id: n.id, role: Role::Manager }).await;
                     return Err(e);
                 }
+                self.rotate_after_leaving("node demoted");
                 Ok(Response::Done { warnings: even_warning(count - 1).into_iter().collect() })
             }
             ManageRequest::NodeRm { node, force } => {
@@ -1598,6 +1599,7 @@ impl Inner {
                     )));
                 }
                 self.write(m, Command::RemoveNode(n.id)).await?;
+                self.rotate_after_leaving("node removed");
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::JoinToken { role, rotate } => {
@@ -1704,6 +1706,30 @@ impl Inner {
             }
             tokio::time::sleep(self.tuning.heartbeat / 3).await;
         }
+    }
+
+    /// A node lost its place (removed) or its manager rights (demoted): what it knew of the
+    /// gossip key must stop opening the cluster's gossip. It cannot fetch the new key, since
+    /// the store no longer lets it in (see `authorize`).
+    fn rotate_after_leaving(self: &Arc<Self>, why: &'static str) {
+        if let Some(m) = self.manager() {
+            self.rotate_in_background(&m, why);
+        }
+    }
+
+    /// Replaces the gossip key without holding up the caller (the rotation waits for every
+    /// node to confirm each step).
+    fn rotate_in_background(self: &Arc<Self>, m: &Arc<ManagerParts>, why: &'static str) {
+        let (inner, m) = (self.clone(), m.clone());
+        tokio::spawn(async move {
+            match inner.leader_rotate(&m).await {
+                Ok(Response::Done { warnings }) if !warnings.is_empty() => {
+                    tracing::warn!(why, ?warnings, "gossip key rotated, with warnings");
+                }
+                Ok(_) => tracing::info!(why, "gossip key rotated"),
+                Err(e) => tracing::warn!(why, error = %e, "rotating the gossip key"),
+            }
+        });
     }
 
     async fn leader_rotate(&self, m: &ManagerParts) -> Result<Response, Error> {
@@ -1849,12 +1875,24 @@ async fn session_loop(inner: Arc<Inner>) {
 /// On the leader: nodes that stop heartbeating are marked Down (3 periods; 6 for nodes not yet
 /// heard from since this node became leader).
 async fn liveness_loop(inner: Arc<Inner>) {
+    // When this node, as leader, next replaces the gossip key (None while it does not lead: a new
+    // leader waits one whole period).
+    let mut rotation_due: Option<Instant> = None;
     loop {
         tokio::time::sleep(inner.tuning.heartbeat).await;
         let Some(m) = inner.manager() else { continue };
         let me = inner.me();
         let leading = Inner::leader_of(&m).map(|l| l.0) == Some(me.0);
         let now = Instant::now();
+        match rotation_due {
+            _ if !leading => rotation_due = None,
+            None => rotation_due = Some(now + inner.tuning.gossip_key_rotation),
+            Some(due) if now >= due => {
+                rotation_due = Some(now + inner.tuning.gossip_key_rotation);
+                inner.rotate_in_background(&m, "scheduled");
+            }
+            Some(_) => {}
+        }
         let stale: Vec<NodeId> = {
             let mut b = match inner.book.lock() {
                 Ok(b) => b,

@@ -90,6 +90,9 @@ pub struct Tuning {
     pub snapshot_keep: u64,
     /// Timeout of one control RPC.
     pub rpc_timeout: Duration,
+    /// The leader replaces the gossip key this often (Swarm rotates its data-plane keys every
+    /// 12 h); it also does so at once when a node is removed or demoted.
+    pub gossip_key_rotation: Duration,
 }
 
 impl Default for Tuning {
@@ -101,6 +104,7 @@ impl Default for Tuning {
             snapshot_every: 10_000,
             snapshot_keep: 500,
             rpc_timeout: Duration::from_secs(10),
+            gossip_key_rotation: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -115,6 +119,7 @@ impl Tuning {
             snapshot_every: 10_000,
             snapshot_keep: 500,
             rpc_timeout: Duration::from_secs(5),
+            gossip_key_rotation: Duration::from_secs(12 * 3600),
         }
     }
 

@@ -524,6 +524,28 @@ async fn the_swarm_directory_is_readable_by_root_alone() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_rotates_the_gossip_key_on_its_schedule() -> anyhow::Result<()> {
+    let mut tuning = Tuning::fast();
+    tuning.gossip_key_rotation = Duration::from_secs(2);
+    let n1 = init_with("node1", tuning).await?;
+    let token = n1.cluster.join_token(Role::Worker, false).await?;
+    let n2 = join("node2", &token, n1.addr).await?;
+    let first = n1.cluster.gossip_keys().borrow().primary;
+    // Nobody asks; the leader replaces the key, and the member follows.
+    let next = eventually("a scheduled rotation", || async {
+        let kr = n1.cluster.gossip_keys().borrow().clone();
+        Ok((kr.primary != first).then_some(kr.primary))
+    })
+    .await?;
+    eventually("the member has the new key", || async {
+        Ok(n2.cluster.gossip_keys().borrow().keys.iter().any(|k| k.id == next).then_some(()))
+    })
+    .await?;
+    shutdown_all(&[&n1, &n2]).await;
+    Ok(())
+}
+
 /// The identity a node holds on disk, as a client that keeps its certificate would use it.
 fn identity_of(n: &Node) -> anyhow::Result<NodeIdentity> {
     let d = n.dir.path().join("swarm");
@@ -575,7 +597,27 @@ async fn removed_and_demoted_nodes_lose_their_rights_at_once() -> anyhow::Result
         Response::State(_) => {}
         other => bail!("a member reading its state: {other:?}"),
     }
+    // The demotion replaced the key too; wait until that rotation is over everywhere.
+    let settled = eventually("the demotion's key rotation, everywhere", || async {
+        let kr = n1.cluster.gossip_keys().borrow().clone();
+        let done = kr.version > 1 && kr.keys.len() == 1 && *n3.cluster.gossip_keys().borrow() == kr;
+        Ok(done.then_some(kr))
+    })
+    .await?;
+    let (key_before, known_to_removed) = (settled.primary, settled);
     n1.cluster.node_rm("node3", true).await?;
+    // The key it knew is replaced at once, and the new one never reaches it.
+    eventually("a new gossip key after the removal", || async {
+        let kr = n1.cluster.gossip_keys().borrow().clone();
+        Ok((kr.primary != key_before && kr.keys.len() == 1).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        *n3.cluster.gossip_keys().borrow(),
+        known_to_removed,
+        "the removed node got the new key"
+    );
     match removed.call(n1.addr, &state, timeout).await? {
         Response::Error(e) => {
             assert_eq!(e.kind, ErrorKind::PermissionDenied);
