@@ -1,23 +1,23 @@
 //! Gossip in the agent: the configuration it starts with and what `/info` shows of it. (Its
 //! Prometheus metrics come from the crate itself, read from the driver's snapshot at scrape time.)
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use shoal_gossip::{GossipConfig, MemberState, NodeId, NodeMeta, Role, Snapshot};
 
 use crate::api::{GossipInfo, MemberInfo};
 use crate::config::AgentConfig;
 
-/// The gossip configuration of this agent, with one key.
-pub fn config(cfg: &AgentConfig, key: [u8; 32]) -> GossipConfig {
-    let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
+/// The gossip configuration of this agent at address `addr`, with one key.
+pub fn config(cfg: &AgentConfig, addr: IpAddr, key: [u8; 32]) -> GossipConfig {
+    let advertise = SocketAddr::new(addr, cfg.gossip_port);
     let mut g = GossipConfig::new(NodeId::from_name(&cfg.node_name), advertise, key);
     g.seeds = cfg.gossip_seeds.iter().copied().filter(|s| *s != advertise).collect();
     g.meta = NodeMeta {
         id: cfg.node_name.clone(),
         name: cfg.node_name.clone(),
         role: Role::Worker,
-        underlay: Some(cfg.advertise_addr),
+        underlay: Some(addr),
         data_port: cfg.data_path_port,
         ..NodeMeta::default()
     };
