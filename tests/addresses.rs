@@ -14,26 +14,37 @@ use std::time::Duration;
 
 use common::{Lab, dig, eventually, lossy, ps, require_root, shoal, task_netns, visit};
 
-/// A capture killed when the test ends, however it ends.
+/// A capture stopped (SIGTERM, so it writes out what it holds) when the test ends, however it
+/// ends.
 struct Capture(Child);
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.0.wait();
     }
 }
 
+/// Starts tcpdump on a host interface and returns once it is capturing.
 fn capture(iface: &str, file: &std::path::Path) -> Capture {
-    let child = Command::new("tcpdump")
+    use std::io::BufRead;
+    let mut child = Command::new("tcpdump")
         .args(["-n", "-U", "-i", iface, "-w"])
         .arg(file)
         .arg("udp")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("tcpdump");
-    Capture(child)
+    let stderr = child.stderr.take().expect("stderr");
+    let capture = Capture(child);
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("listening on"));
+    assert!(ready, "tcpdump on {iface} did not start");
+    // Keep draining, so its last words never block it.
+    std::thread::spawn(move || lines.for_each(drop));
+    capture
 }
 
 /// Packets in a capture file that match a tcpdump filter.
@@ -119,6 +130,7 @@ fn data_path_follows_the_operators_addresses() {
     );
     refused(&["--data-path-addr", "203.0.113.7"], "203.0.113.7 is not an address of this host");
     refused(&["--data-path-port", "7946"], "also this node's gossip port");
+    refused(&["--data-path-port", "2377"], "also this node's control port");
     let not_in_swarm = lab.shoal(&["--node", "node1", "node", "ls"]);
     assert!(lossy(&not_in_swarm.stderr).contains("not a swarm manager"), "{not_in_swarm:?}");
 
@@ -159,7 +171,6 @@ fn data_path_follows_the_operators_addresses() {
         capture(&format!("{}-br", lab.name), &on_ctl),
         capture(&format!("{}-bd", lab.name), &on_data),
     ];
-    std::thread::sleep(Duration::from_millis(500));
 
     lab.on("node1", &["network", "create", "plainnet"]);
     lab.on("node1", &["network", "create", "--opt", "encrypted", "secnet"]);

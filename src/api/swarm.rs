@@ -163,12 +163,14 @@ fn addrs(
     Ok(Addrs { listen, advertise, data })
 }
 
-/// `--data-path-port` of `init`: Docker's range, and no port this agent already uses.
-fn data_path_port(state: &ApiState, given: Option<u16>) -> Result<u16, Response> {
+/// `--data-path-port` of `init`: Docker's range, and no udp port this agent already uses.
+fn data_path_port(state: &ApiState, given: Option<u16>, listen: u16) -> Result<u16, Response> {
     let port =
         addr::data_path_port(given.or(Some(state.config.data_path_port))).map_err(bad_request)?;
     let c = &state.config;
-    for (name, used) in [("gossip", c.gossip_port), ("WireGuard", c.wireguard_port)] {
+    for (name, used) in
+        [("control", listen), ("gossip", c.gossip_port), ("WireGuard", c.wireguard_port)]
+    {
         if port == used {
             return Err(bad_request(format!(
                 "data path port {port} is also this node's {name} port (udp)"
@@ -231,7 +233,7 @@ async fn init(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let data_path_port = match data_path_port(&state, req.data_path_port) {
+    let data_path_port = match data_path_port(&state, req.data_path_port, a.listen.port()) {
         Ok(p) => p,
         Err(r) => return r,
     };
