@@ -272,4 +272,16 @@ fn data_path_follows_the_operators_addresses() {
             (!has_tun(&lab, &node)).then_some(())
         });
     }
+
+    // A restarted agent keeps the addresses the node joined with.
+    let out = lab.shoal(&["lab", "stop", "node2"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = lab.shoal(&["lab", "start", "node2"]);
+    assert!(out.status.success(), "{out:?}");
+    let info = eventually("node2 back in the swarm", Duration::from_secs(30), || {
+        Some(lab.on("node2", &["info"])).filter(|i| i.contains("Data path addr"))
+    });
+    assert!(info.contains(&format!("Data path addr:  {}", data_addr(2))), "{info}");
+    assert!(info.contains("data path 4790/udp"), "{info}");
+    assert!(!has_tun(&lab, "node2"));
 }
