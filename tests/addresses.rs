@@ -272,6 +272,29 @@ fn data_path_follows_the_operators_addresses() {
             (!has_tun(&lab, &node)).then_some(())
         });
     }
+    // It is per node: only the node running a task of the encrypted network has one.
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "one",
+            "--network",
+            "secnet",
+            "--constraint",
+            "node.hostname==node3",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    eventually("node3's TUN", Duration::from_secs(30), || has_tun(&lab, "node3").then_some(()));
+    assert!(!has_tun(&lab, "node1") && !has_tun(&lab, "node2"));
+    lab.on("node1", &["service", "rm", "one"]);
+    eventually("node3's TUN removed", Duration::from_secs(30), || {
+        (!has_tun(&lab, "node3")).then_some(())
+    });
 
     // A restarted agent keeps the addresses the node joined with.
     let out = lab.shoal(&["lab", "stop", "node2"]);
