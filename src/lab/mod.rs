@@ -523,6 +523,22 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
     }
     removed.processes = pids.len();
     stop_processes(&pids, Duration::from_secs(5)).await;
+    // An agent still starting up when it was stopped may have made namespaces (and started
+    // tasks in them) after the list above: take those too.
+    for _ in 0..3 {
+        let late: Vec<String> = NetNs::list()
+            .into_iter()
+            .filter(|n| is_lab_netns(name, n) && !namespaces.contains(n))
+            .collect();
+        if late.is_empty() {
+            break;
+        }
+        let pids: Vec<i32> =
+            late.iter().filter_map(|n| NetNs::open(n).ok()).flat_map(|ns| ns.pids()).collect();
+        removed.processes += pids.len();
+        stop_processes(&pids, Duration::from_secs(5)).await;
+        namespaces.extend(late);
+    }
 
     for ns in &namespaces {
         NetNs::delete(ns)?;
