@@ -124,13 +124,17 @@ enum Cmd {
 enum SwarmCmd {
     /// Make this node the first manager of a new swarm.
     Init {
-        /// Address other nodes reach this node's control plane at: IP or IP:PORT.
+        /// Address other nodes reach this node's control plane at: ADDR|IFACE[:PORT]
+        /// [default: the address of the only interface, else of the default-route one].
         #[arg(long)]
         advertise_addr: Option<String>,
-        /// Where the control plane listens: IP or IP:PORT [default: 0.0.0.0:2377].
+        /// Where the control plane listens: ADDR|IFACE[:PORT] [default: 0.0.0.0:2377].
         #[arg(long)]
         listen_addr: Option<String>,
-        /// VXLAN data-path port for the whole swarm [default: 4789].
+        /// Address VXLAN and WireGuard traffic uses: ADDR|IFACE [default: the advertise address].
+        #[arg(long)]
+        data_path_addr: Option<String>,
+        /// VXLAN data-path port for the whole swarm, 1024-49151 [default: 4789].
         #[arg(long)]
         data_path_port: Option<u16>,
         /// Pool that overlay subnets are cut from [default: 10.0.0.0/8].
@@ -141,12 +145,16 @@ enum SwarmCmd {
     Join {
         #[arg(long)]
         token: String,
-        /// Advertise address of this node: IP or IP:PORT.
+        /// Address other nodes reach this node's control plane at: ADDR|IFACE[:PORT]
+        /// [default: the address of the only interface, else of the default-route one].
         #[arg(long)]
         advertise_addr: Option<String>,
-        /// Where this node's control plane listens.
+        /// Where this node's control plane listens: ADDR|IFACE[:PORT] [default: 0.0.0.0:2377].
         #[arg(long)]
         listen_addr: Option<String>,
+        /// Address VXLAN and WireGuard traffic uses: ADDR|IFACE [default: the advertise address].
+        #[arg(long)]
+        data_path_addr: Option<String>,
         /// A manager, HOST:PORT.
         remote: String,
     },
@@ -239,6 +247,10 @@ enum LabCmd {
         /// Underlay /24 inside 198.18.0.0/15; the host gets .254.
         #[arg(long, default_value = lab::DEFAULT_SUBNET)]
         subnet: String,
+        /// A second underlay /24 inside 198.18.0.0/15 on `eth1` of every node (bridge LAB-bd),
+        /// for `swarm init/join --data-path-addr`.
+        #[arg(long)]
+        data_subnet: Option<String>,
         /// Run standalone gossip (a shared key, seeded through node1) instead of waiting for
         /// `shoal swarm init/join`.
         #[arg(long)]
@@ -467,7 +479,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn print_info(i: &NodeInfo) {
     println!("Node:            {}", i.node_name);
-    println!("Advertise addr:  {}", i.advertise_addr);
+    match i.advertise_addr {
+        Some(a) => println!("Advertise addr:  {a}"),
+        None => println!("Advertise addr:  (chosen at swarm init/join)"),
+    }
+    if let Some(a) = i.swarm.as_ref().and_then(|s| s.data_path_addr) {
+        println!("Data path addr:  {a}");
+    }
     println!(
         "Ports:           control {}/udp, gossip {}/tcp+udp, data path {}/udp, wireguard {}/udp",
         i.ports.control, i.ports.gossip, i.ports.data_path, i.ports.wireguard
@@ -497,8 +515,9 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet, gossip, demo, no_agents, dns_resolv_conf } => {
+        LabCmd::Up { nodes, subnet, data_subnet, gossip, demo, no_agents, dns_resolv_conf } => {
             let subnet = lab::parse_subnet(subnet)?;
+            let data_subnet = data_subnet.as_deref().map(lab::parse_subnet).transpose()?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
             let resolv = match dns_resolv_conf {
                 Some(p) => Some(std::path::absolute(p)?),
@@ -507,7 +526,7 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
             let s = if *no_agents {
                 lab::up_hosts(name, *nodes, subnet).await?
             } else {
-                lab::up(name, *nodes, subnet, *gossip, resolv, &exe).await?
+                lab::up(name, *nodes, subnet, data_subnet, *gossip, resolv, &exe).await?
             };
             println!(
                 "lab {} is up: {} nodes on {} (bridge {}, this host is {})",
@@ -517,12 +536,22 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
                 s.bridge,
                 s.host_addr
             );
+            if let Some(d) = s.data_subnet {
+                println!(
+                    "data path underlay {d} on eth1 of every node (bridge {})",
+                    s.data_bridge()
+                );
+            }
             println!("{:<8} {:<15} {:<8} SOCKET", "NODE", "ADDRESS", "PID");
             for n in &s.nodes {
+                let addr = match n.data_addr {
+                    Some(d) => format!("{} {d}", n.addr),
+                    None => n.addr.to_string(),
+                };
                 println!(
                     "{:<8} {:<15} {:<8} unix://{}",
                     n.name,
-                    n.addr,
+                    addr,
                     n.pid.unwrap_or(0),
                     n.socket.display()
                 );
@@ -644,10 +673,17 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
         InitRequest, JoinRequest, JoinToken, LeaveRequest, SwarmJoined, Warnings,
     };
     match cmd {
-        SwarmCmd::Init { advertise_addr, listen_addr, data_path_port, default_addr_pool } => {
+        SwarmCmd::Init {
+            advertise_addr,
+            listen_addr,
+            data_path_addr,
+            data_path_port,
+            default_addr_pool,
+        } => {
             let req = InitRequest {
                 advertise_addr: advertise_addr.clone(),
                 listen_addr: listen_addr.clone(),
+                data_path_addr: data_path_addr.clone(),
                 data_path_port: *data_path_port,
                 default_addr_pool: *default_addr_pool,
             };
@@ -662,12 +698,13 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
                 "To add a manager to this swarm, run 'shoal swarm join-token manager' and follow the instructions."
             );
         }
-        SwarmCmd::Join { token, advertise_addr, listen_addr, remote } => {
+        SwarmCmd::Join { token, advertise_addr, listen_addr, data_path_addr, remote } => {
             let req = JoinRequest {
                 token: token.clone(),
                 remote_addr: remote.clone(),
                 advertise_addr: advertise_addr.clone(),
                 listen_addr: listen_addr.clone(),
+                data_path_addr: data_path_addr.clone(),
             };
             let r: SwarmJoined = host.post_json("/swarm/join", &req).await?;
             println!("This node joined a swarm as a {}.", r.role);

@@ -55,8 +55,10 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// A tracing filter, e.g. `info` or `shoal=debug`.
     pub log_level: String,
-    /// The underlay address other nodes reach this node at.
-    pub advertise_addr: IpAddr,
+    /// The address other nodes reach this node at, when set: the default of `swarm init/join
+    /// --advertise-addr` and standalone gossip's address. Unset, those use the host's address
+    /// (its only interface's, else the default route's).
+    pub advertise_addr: Option<IpAddr>,
     /// Control plane, QUIC (udp).
     pub control_port: u16,
     /// Gossip, SWIM over udp and bulk sync over tcp.
@@ -65,6 +67,9 @@ pub struct AgentConfig {
     pub data_path_port: u16,
     /// WireGuard for encrypted overlays (udp).
     pub wireguard_port: u16,
+    /// The range of WireGuard tunnel addresses (each node's: the range plus the low bits of its
+    /// data-path address). The same on every node; it must hold no address in use on the hosts.
+    pub wireguard_tunnel_prefix: ipnet::Ipv4Net,
     /// Also serve `/metrics` over TCP here, for a Prometheus scraper.
     pub metrics_addr: Option<SocketAddr>,
     /// The gossip key (64 hex digits in a file). With it the agent joins gossip at start; without
@@ -105,6 +110,7 @@ pub struct FileConfig {
     pub gossip_port: Option<u16>,
     pub data_path_port: Option<u16>,
     pub wireguard_port: Option<u16>,
+    pub wireguard_tunnel_prefix: Option<ipnet::Ipv4Net>,
     pub metrics_addr: Option<SocketAddr>,
     pub gossip_key_file: Option<PathBuf>,
     pub gossip_seeds: Option<Vec<SocketAddr>>,
@@ -140,7 +146,8 @@ pub struct AgentArgs {
     /// Log filter [default: info].
     #[arg(long, env = "SHOAL_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Underlay address advertised to other nodes [default: first global IPv4 of this host].
+    /// Default of `swarm init/join --advertise-addr`, and standalone gossip's address [default:
+    /// the address of the host's only interface, else of its default-route interface].
     #[arg(long, env = "SHOAL_ADVERTISE_ADDR")]
     pub advertise_addr: Option<IpAddr>,
     /// Control plane port, udp [default: 2377].
@@ -149,12 +156,15 @@ pub struct AgentArgs {
     /// Gossip port, udp+tcp [default: 7946].
     #[arg(long, env = "SHOAL_GOSSIP_PORT")]
     pub gossip_port: Option<u16>,
-    /// VXLAN data-path port, udp [default: 4789].
+    /// Default of `swarm init --data-path-port`: the swarm's VXLAN port, udp [default: 4789].
     #[arg(long, env = "SHOAL_DATA_PATH_PORT")]
     pub data_path_port: Option<u16>,
     /// WireGuard port for encrypted overlays, udp [default: 51820].
     #[arg(long, env = "SHOAL_WIREGUARD_PORT")]
     pub wireguard_port: Option<u16>,
+    /// Range of the WireGuard tunnel addresses; the same on every node [default: 240.0.0.0/4].
+    #[arg(long, env = "SHOAL_WIREGUARD_TUNNEL_PREFIX")]
+    pub wireguard_tunnel_prefix: Option<ipnet::Ipv4Net>,
     /// Also serve /metrics over TCP at this address.
     #[arg(long, env = "SHOAL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -251,12 +261,7 @@ impl AgentConfig {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".into()),
         };
-        let advertise_addr = match args.advertise_addr.or(file.advertise_addr) {
-            Some(a) => a,
-            None => default_advertise_addr().ok_or_else(|| {
-                field("advertise_addr", "no global IPv4 address on this host; set it")
-            })?,
-        };
+        let advertise_addr = args.advertise_addr.or(file.advertise_addr);
         let cfg = AgentConfig {
             node_name,
             data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(DEFAULT_DATA_DIR.into()),
@@ -268,6 +273,10 @@ impl AgentConfig {
             gossip_port: args.gossip_port.or(file.gossip_port).unwrap_or(7946),
             data_path_port: args.data_path_port.or(file.data_path_port).unwrap_or(4789),
             wireguard_port: args.wireguard_port.or(file.wireguard_port).unwrap_or(51820),
+            wireguard_tunnel_prefix: args
+                .wireguard_tunnel_prefix
+                .or(file.wireguard_tunnel_prefix)
+                .unwrap_or(shoal_vxlan::DEFAULT_TUNNEL_PREFIX),
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             gossip_key_file: args.gossip_key_file.clone().or(file.gossip_key_file),
             gossip_seeds: if args.gossip_seeds.is_empty() {
@@ -366,10 +375,13 @@ impl AgentConfig {
         if !self.dns_resolv_conf.is_absolute() {
             return Err(field("dns_resolv_conf", "must be an absolute path"));
         }
-        let a = self.advertise_addr;
-        if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
+        if let Some(a) = self.advertise_addr
+            && (a.is_unspecified() || a.is_loopback() || a.is_multicast())
+        {
             return Err(field("advertise_addr", format!("{a} cannot be reached by other nodes")));
         }
+        validate_tunnel_prefix(self.wireguard_tunnel_prefix)
+            .map_err(|e| field("wireguard_tunnel_prefix", e))?;
         let ports = [
             ("control_port", self.control_port),
             ("gossip_port", self.gossip_port),
@@ -403,13 +415,25 @@ pub fn load_gossip_key(path: &Path) -> Result<[u8; 32], String> {
     Ok(key)
 }
 
-/// The first global-scope IPv4 address of this host (not loopback, not link-local).
-pub fn default_advertise_addr() -> Option<IpAddr> {
-    nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|s| s.ip()))
-        .find(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
-        .map(IpAddr::V4)
+/// A range for tunnel addresses: a network (no host bits), /4 to /24 (each node takes one
+/// address of it, keyed by its data-path address's low bits), clear of the loopback, multicast
+/// and "this network" blocks, whose addresses the kernel will not route into a TUN.
+pub fn validate_tunnel_prefix(net: ipnet::Ipv4Net) -> Result<(), String> {
+    if net.addr() != net.network() {
+        return Err(format!("{net} has host bits set; did you mean {}?", net.trunc()));
+    }
+    if !(4..=24).contains(&net.prefix_len()) {
+        return Err(format!("{net}: the prefix length must be 4 to 24"));
+    }
+    for (reserved, what) in
+        [("0.0.0.0/8", "this network"), ("127.0.0.0/8", "loopback"), ("224.0.0.0/4", "multicast")]
+    {
+        let reserved: ipnet::Ipv4Net = reserved.parse().map_err(|_| "constant".to_owned())?;
+        if net.contains(&reserved.network()) || reserved.contains(&net.network()) {
+            return Err(format!("{net} overlaps {reserved} ({what})"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -476,6 +500,22 @@ mod tests {
         let bad = AgentArgs { advertise_addr: Some("127.0.0.1".parse().unwrap()), ..args() };
         let err = AgentConfig::resolve(&bad, FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("`advertise_addr`"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_prefix_is_a_clear_range() {
+        let cfg = AgentConfig::resolve(&args(), FileConfig::default()).unwrap();
+        assert_eq!(cfg.wireguard_tunnel_prefix.to_string(), "240.0.0.0/4");
+        let file =
+            FileConfig::parse(Path::new("t.toml"), "wireguard_tunnel_prefix = \"172.31.0.0/16\"\n")
+                .unwrap();
+        let cfg = AgentConfig::resolve(&args(), file).unwrap();
+        assert_eq!(cfg.wireguard_tunnel_prefix.to_string(), "172.31.0.0/16");
+        for bad in ["172.31.0.1/16", "10.0.0.0/28", "127.0.0.0/8", "224.0.0.0/4", "0.0.0.0/2"] {
+            let a = AgentArgs { wireguard_tunnel_prefix: Some(bad.parse().unwrap()), ..args() };
+            let err = AgentConfig::resolve(&a, FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("`wireguard_tunnel_prefix`"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn three_node_lab_answers_and_leaves_nothing() {
         let node = format!("node{i}");
         let info: NodeInfo = serde_json::from_str(&lab.on(&node, &["info", "--json"])).unwrap();
         assert_eq!(info.node_name, node);
-        assert_eq!(info.advertise_addr, std::net::IpAddr::V4(lab.addr(i)));
+        assert_eq!(info.advertise_addr, Some(std::net::IpAddr::V4(lab.addr(i))));
         // The text form too, as a person reads it.
         assert!(lab.on(&node, &["info"]).contains(&format!("Node:            {node}")));
     }
@@ -140,8 +140,8 @@ fn two_labs_coexist() {
     assert_ne!(a.subnet, b.subnet);
     let ia: NodeInfo = serde_json::from_str(&a.on("node1", &["info", "--json"])).unwrap();
     let ib: NodeInfo = serde_json::from_str(&b.on("node1", &["info", "--json"])).unwrap();
-    assert_eq!(ia.advertise_addr, std::net::IpAddr::V4(a.addr(1)));
-    assert_eq!(ib.advertise_addr, std::net::IpAddr::V4(b.addr(1)));
+    assert_eq!(ia.advertise_addr, Some(std::net::IpAddr::V4(a.addr(1))));
+    assert_eq!(ib.advertise_addr, Some(std::net::IpAddr::V4(b.addr(1))));
     // The same subnet twice is refused and leaves nothing behind.
     let clash =
         shoal::lab::validate_name("zz").map(|_| shoal_netns::testing::unique_prefix("z")).unwrap();

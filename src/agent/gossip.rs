@@ -1,7 +1,7 @@
 //! Gossip in the agent: the configuration it starts with and what `/info` shows of it. (Its
 //! Prometheus metrics come from the crate itself, read from the driver's snapshot at scrape time.)
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use shoal_gossip::{GossipConfig, MemberState, NodeId, NodeMeta, Role, Snapshot};
 
@@ -11,9 +11,9 @@ use crate::config::AgentConfig;
 /// The file in the data dir holding this node's last gossip generation.
 pub const GENERATION_FILE: &str = "gossip-generation";
 
-/// The gossip configuration of this agent, with one key.
-pub fn config(cfg: &AgentConfig, key: [u8; 32]) -> GossipConfig {
-    let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
+/// The gossip configuration of this agent at address `addr`, with one key.
+pub fn config(cfg: &AgentConfig, addr: IpAddr, key: [u8; 32]) -> GossipConfig {
+    let advertise = SocketAddr::new(addr, cfg.gossip_port);
     let mut g = GossipConfig::new(NodeId::from_name(&cfg.node_name), advertise, key);
     g.seeds = cfg.gossip_seeds.iter().copied().filter(|s| *s != advertise).collect();
     g.generation_file = Some(cfg.data_dir.join(GENERATION_FILE));
@@ -21,7 +21,7 @@ pub fn config(cfg: &AgentConfig, key: [u8; 32]) -> GossipConfig {
         id: cfg.node_name.clone(),
         name: cfg.node_name.clone(),
         role: Role::Worker,
-        underlay: Some(cfg.advertise_addr),
+        underlay: Some(addr),
         data_port: cfg.data_path_port,
         ..NodeMeta::default()
     };

@@ -3,6 +3,7 @@
 //! runs the overlay, DNS, the mesh and the control plane.
 
 pub mod access;
+pub mod addr;
 pub mod gossip;
 pub mod observe;
 pub mod preflight;
@@ -101,7 +102,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .register_collector(Box::new(gossip::CurrentGossip(current_gossip.clone())));
     if let Some(path) = &config.gossip_key_file {
         let key = crate::config::load_gossip_key(path).map_err(anyhow::Error::msg)?;
-        let g = shoal_gossip::Gossip::start(gossip::config(&config, key)).await?;
+        let ifaces = addr::Interfaces::read();
+        let ip = match config.advertise_addr {
+            Some(ip) => ip,
+            None => addr::system_addr(&ifaces).map_err(|e| {
+                anyhow::anyhow!("standalone gossip needs an address: {e}; set advertise_addr")
+            })?,
+        };
+        let g = shoal_gossip::Gossip::start(gossip::config(&config, ip, key)).await?;
         tracing::info!(addr = %g.local_addr(), seeds = ?config.gossip_seeds, "standalone gossip started");
         current_gossip.store(Some(Arc::new(g)));
     }
@@ -160,7 +168,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(
         node = %state.config.node_name,
         socket = %socket_path.display(),
-        advertise = %state.config.advertise_addr,
+        advertise = ?state.config.advertise_addr,
         "shoal agent started"
     );
     if let Some(addr) = state.config.ui_addr {

@@ -24,7 +24,10 @@ pub struct Swarm {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The gossip id and metadata of a swarm node: its cluster node id is its gossip identity.
+/// The gossip id and metadata of a swarm node: its cluster node id is its gossip identity. As in
+/// Docker, gossip binds to the control plane's listen address and advertises its advertise
+/// address (gossip is control traffic); the metadata carries the data-path address and the
+/// swarm's data-path port, which every peer sends VXLAN and WireGuard to.
 fn gossip_config(
     cfg: &AgentConfig,
     cluster: &Cluster,
@@ -37,8 +40,9 @@ fn gossip_config(
     }
     keys.extend(keyring.keys.iter().filter(|k| k.id != keyring.primary).map(|k| k.key));
     anyhow::ensure!(!keys.is_empty(), "the swarm has no gossip key yet");
-    let advertise = SocketAddr::new(cfg.advertise_addr, cfg.gossip_port);
-    let mut g = crate::agent::gossip::config(cfg, keys[0]);
+    let advertise = SocketAddr::new(info.advertise_addr.ip(), cfg.gossip_port);
+    let mut g = crate::agent::gossip::config(cfg, advertise.ip(), keys[0]);
+    g.bind = SocketAddr::new(info.listen_addr.ip(), cfg.gossip_port);
     g.keys = keys;
     g.node = shoal_gossip::NodeId::from_name(&info.node.to_string());
     g.meta = NodeMeta {
@@ -48,8 +52,8 @@ fn gossip_config(
             shoal_cluster::Role::Manager => shoal_gossip::Role::Manager,
             shoal_cluster::Role::Worker => shoal_gossip::Role::Worker,
         },
-        underlay: Some(cfg.advertise_addr),
-        data_port: cfg.data_path_port,
+        underlay: Some(info.data_addr),
+        data_port: info.data_path_port,
         ..NodeMeta::default()
     };
     // Managers are alive whenever the swarm is; join gossip through them.
@@ -122,7 +126,8 @@ impl Swarm {
         // Seeds: a node that finds itself alone (a restart after the others moved on, a manager
         // list that predates promotions) asks the control plane who is out there and joins them.
         let (g, c) = (gossip.clone(), cluster.clone());
-        let (port, me) = (cfg.gossip_port, SocketAddr::new(cfg.advertise_addr, cfg.gossip_port));
+        let port = cfg.gossip_port;
+        let me = SocketAddr::new(cluster.info().advertise_addr.ip(), port);
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(3));
             loop {
@@ -155,7 +160,7 @@ impl Swarm {
                 let mut seeds: Vec<SocketAddr> =
                     c.info().managers.iter().map(|m| SocketAddr::new(m.ip(), port)).collect();
                 seeds.extend(
-                    nodes.iter().flatten().map(|n| SocketAddr::new(n.record.data_addr, port)),
+                    nodes.iter().flatten().map(|n| SocketAddr::new(n.record.addr.ip(), port)),
                 );
                 seeds.retain(|s| *s != me);
                 seeds.sort();
@@ -218,7 +223,7 @@ async fn sync_keyring(g: &Gossip, ring: &shoal_cluster::Keyring) -> anyhow::Resu
     Ok(())
 }
 
-/// `--advertise-addr` as Docker takes it: an IP, or IP:PORT; the port defaults to `default_port`.
+/// A manager's address for `swarm join`: an IP, or IP:PORT; the port defaults to `default_port`.
 pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);

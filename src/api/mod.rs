@@ -58,7 +58,10 @@ pub struct Ports {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub node_name: String,
-    pub advertise_addr: std::net::IpAddr,
+    /// The address others reach this node at: the swarm's advertise address in a swarm, else
+    /// the configured one (None: not set, chosen at `swarm init/join`).
+    pub advertise_addr: Option<std::net::IpAddr>,
+    /// The ports in use: in a swarm, `data_path` is the swarm's.
     pub ports: Ports,
     pub uptime_seconds: f64,
     pub pid: u32,
@@ -81,6 +84,9 @@ pub struct SwarmInfo {
     pub leader: Option<String>,
     /// Managers' control addresses.
     pub managers: Vec<String>,
+    /// Where this node's VXLAN and WireGuard traffic goes (`--data-path-addr`).
+    #[serde(default)]
+    pub data_path_addr: Option<std::net::IpAddr>,
 }
 
 /// What an agent sees of gossip.
@@ -168,13 +174,14 @@ async fn version() -> axum::Json<VersionInfo> {
 
 async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
     let c = &state.config;
+    let swarm = state.cluster.load().as_ref().map(|c| c.info());
     axum::Json(NodeInfo {
         node_name: c.node_name.clone(),
-        advertise_addr: c.advertise_addr,
+        advertise_addr: swarm.as_ref().map(|i| i.advertise_addr.ip()).or(c.advertise_addr),
         ports: Ports {
-            control: c.control_port,
+            control: swarm.as_ref().map_or(c.control_port, |i| i.listen_addr.port()),
             gossip: c.gossip_port,
-            data_path: c.data_path_port,
+            data_path: swarm.as_ref().map_or(c.data_path_port, |i| i.data_path_port),
             wireguard: c.wireguard_port,
         },
         uptime_seconds: state.started.elapsed().as_secs_f64(),
@@ -183,14 +190,12 @@ async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
         socket: c.socket.display().to_string(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         gossip: state.gossip.load().as_ref().map(|g| crate::agent::gossip::info(&g.snapshot())),
-        swarm: state.cluster.load().as_ref().map(|c| {
-            let i = c.info();
-            SwarmInfo {
-                node_id: i.node.to_string(),
-                role: i.role.to_string(),
-                leader: i.leader.map(|l| l.to_string()),
-                managers: i.managers.iter().map(ToString::to_string).collect(),
-            }
+        swarm: swarm.map(|i| SwarmInfo {
+            node_id: i.node.to_string(),
+            role: i.role.to_string(),
+            leader: i.leader.map(|l| l.to_string()),
+            managers: i.managers.iter().map(ToString::to_string).collect(),
+            data_path_addr: Some(i.data_addr),
         }),
     })
 }

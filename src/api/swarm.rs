@@ -5,7 +5,7 @@
 // never travels far, so boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -19,16 +19,21 @@ use shoal_cluster::{
 };
 
 use super::{ApiState, error};
+use crate::agent::addr::{self, Interfaces};
 use crate::agent::swarm::{Swarm, parse_addr};
 
 /// Docker's answer when a node outside any swarm is asked a swarm question.
 pub const NOT_IN_SWARM: &str = "This node is not a swarm manager. Use \"shoal swarm init\" or \"shoal swarm join\" to connect this node to swarm and try again.";
 
-/// `POST /swarm/init`.
+/// `POST /swarm/init`. Addresses are `ADDR|IFACE[:PORT]` as Docker takes them (see
+/// [`crate::agent::addr`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InitRequest {
     pub advertise_addr: Option<String>,
     pub listen_addr: Option<String>,
+    /// `ADDR|IFACE` for VXLAN and WireGuard (default: the advertise address).
+    #[serde(default)]
+    pub data_path_addr: Option<String>,
     pub data_path_port: Option<u16>,
     pub default_addr_pool: Option<ipnet::IpNet>,
 }
@@ -49,6 +54,9 @@ pub struct JoinRequest {
     pub remote_addr: String,
     pub advertise_addr: Option<String>,
     pub listen_addr: Option<String>,
+    /// `ADDR|IFACE` for VXLAN and WireGuard (default: the advertise address).
+    #[serde(default)]
+    pub data_path_addr: Option<String>,
 }
 
 /// `POST /swarm/leave`.
@@ -124,21 +132,52 @@ pub(super) fn cluster(state: &ApiState) -> Result<Arc<Cluster>, Response> {
         .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, NOT_IN_SWARM.to_owned()))
 }
 
+/// Where a node entering a swarm listens, what it advertises, and its data-path address.
+struct Addrs {
+    listen: SocketAddr,
+    advertise: SocketAddr,
+    data: Ipv4Addr,
+}
+
+/// Resolves the address flags of `init`/`join` against this host's interfaces; a bad one is a
+/// 400 naming it, before anything is made.
 fn addrs(
     state: &ApiState,
     advertise: Option<&str>,
     listen: Option<&str>,
-) -> Result<(SocketAddr, SocketAddr), Response> {
-    let port = state.config.control_port;
-    let advertise = match advertise {
-        Some(a) => parse_addr(a, port).map_err(bad_request)?,
-        None => SocketAddr::new(state.config.advertise_addr, port),
-    };
-    let listen = match listen {
-        Some(l) => parse_addr(l, advertise.port()).map_err(bad_request)?,
-        None => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), advertise.port()),
-    };
-    Ok((advertise, listen))
+    data: Option<&str>,
+) -> Result<Addrs, Response> {
+    let ifaces = Interfaces::read();
+    let listen =
+        addr::listen_addr(&ifaces, listen, state.config.control_port).map_err(bad_request)?;
+    let advertise =
+        addr::advertise_addr(&ifaces, advertise, state.config.advertise_addr, listen.port())
+            .map_err(bad_request)?;
+    let data = addr::data_path_addr(&ifaces, data, advertise.ip()).map_err(bad_request)?;
+    let tunnels = state.config.wireguard_tunnel_prefix;
+    if tunnels.contains(&data) {
+        return Err(bad_request(format!(
+            "data path address {data} is inside the WireGuard tunnel range {tunnels}; set another wireguard_tunnel_prefix in the agent's configuration"
+        )));
+    }
+    Ok(Addrs { listen, advertise, data })
+}
+
+/// `--data-path-port` of `init`: Docker's range, and no udp port this agent already uses.
+fn data_path_port(state: &ApiState, given: Option<u16>, listen: u16) -> Result<u16, Response> {
+    let port =
+        addr::data_path_port(given.or(Some(state.config.data_path_port))).map_err(bad_request)?;
+    let c = &state.config;
+    for (name, used) in
+        [("control", listen), ("gossip", c.gossip_port), ("WireGuard", c.wireguard_port)]
+    {
+        if port == used {
+            return Err(bad_request(format!(
+                "data path port {port} is also this node's {name} port (udp)"
+            )));
+        }
+    }
+    Ok(port)
 }
 
 /// Starts gossip, the data path and the liveness/keyring tasks for a node that just entered a
@@ -198,15 +237,24 @@ async fn init(
     if let Err(r) = refuse_if_busy(&state, &slot) {
         return r;
     }
-    let (advertise, listen) =
-        match addrs(&state, req.advertise_addr.as_deref(), req.listen_addr.as_deref()) {
-            Ok(a) => a,
-            Err(r) => return r,
-        };
+    let a = match addrs(
+        &state,
+        req.advertise_addr.as_deref(),
+        req.listen_addr.as_deref(),
+        req.data_path_addr.as_deref(),
+    ) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let data_path_port = match data_path_port(&state, req.data_path_port, a.listen.port()) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let advertise = a.advertise;
     let mut opts = InitOptions::new(&state.config.data_dir, &state.config.node_name, advertise);
-    opts.listen_addr = listen;
-    opts.data_addr = Some(state.config.advertise_addr);
-    opts.data_path_port = req.data_path_port.unwrap_or(state.config.data_path_port);
+    opts.listen_addr = a.listen;
+    opts.data_addr = Some(a.data.into());
+    opts.data_path_port = data_path_port;
     if let Some(pool) = req.default_addr_pool {
         opts.default_addr_pool = vec![pool];
     }
@@ -236,20 +284,24 @@ async fn join(
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
-    let (advertise, listen) =
-        match addrs(&state, req.advertise_addr.as_deref(), req.listen_addr.as_deref()) {
-            Ok(a) => a,
-            Err(r) => return r,
-        };
+    let a = match addrs(
+        &state,
+        req.advertise_addr.as_deref(),
+        req.listen_addr.as_deref(),
+        req.data_path_addr.as_deref(),
+    ) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let mut opts = JoinOptions::new(
         &state.config.data_dir,
         &state.config.node_name,
-        advertise,
+        a.advertise,
         req.token,
         remote,
     );
-    opts.listen_addr = listen;
-    opts.data_addr = Some(state.config.advertise_addr);
+    opts.listen_addr = a.listen;
+    opts.data_addr = Some(a.data.into());
     opts.tuning = state.config.tuning();
     let c = match Cluster::join(opts).await {
         Ok(c) => c,

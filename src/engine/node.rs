@@ -43,6 +43,8 @@ impl std::fmt::Debug for NodeEngine {
 
 struct Inner {
     me: String,
+    /// The WireGuard tunnel range: a peer's tunnel address is this plus its data address's bits.
+    tunnels: ipnet::Ipv4Net,
     cluster: Cluster,
     gossip: Arc<Gossip>,
     runtime: Runtime,
@@ -128,14 +130,25 @@ impl NodeEngine {
         if !stale.is_empty() {
             tracing::info!(count = stale.len(), "removed tasks left by an earlier run");
         }
-        let IpAddr::V4(underlay) = cfg.advertise_addr else {
-            anyhow::bail!("the overlay needs an IPv4 advertise address");
+        // The swarm's data-path address and port (`swarm init/join --data-path-addr`, `swarm
+        // init --data-path-port`), not the agent's: every node sends VXLAN to each peer's
+        // data-path address on the swarm's one port.
+        let info = cluster.info();
+        let IpAddr::V4(underlay) = info.data_addr else {
+            anyhow::bail!("the overlay needs an IPv4 data-path address, not {}", info.data_addr);
         };
+        let tunnels = cfg.wireguard_tunnel_prefix;
+        anyhow::ensure!(
+            !tunnels.contains(&underlay),
+            "the data-path address {underlay} is inside the WireGuard tunnel range {tunnels} (wireguard_tunnel_prefix)"
+        );
         let mut ocfg = vx::OverlayConfig::new(me.clone(), underlay);
         ocfg.name_prefix = format!("{prefix}-");
-        ocfg.data_port = cfg.data_path_port;
+        ocfg.data_port = info.data_path_port;
         let mut enc = vx::EncryptionConfig::new(node_key(&cfg.data_dir)?, underlay);
         enc.port = cfg.wireguard_port;
+        enc.tunnel_addr = vx::tunnel_addr(tunnels, underlay);
+        enc.tunnel_prefix = tunnels.prefix_len();
         ocfg.encryption = Some(enc);
         let overlay =
             Overlay::new(vx::NodeNs::Current, ocfg).await.context("starting the overlay")?;
@@ -152,6 +165,7 @@ impl NodeEngine {
         };
         let inner = Arc::new(Inner {
             me,
+            tunnels,
             cluster,
             gossip,
             runtime,
@@ -806,7 +820,7 @@ async fn dataplane(
         tables.peers.push(vx::PeerRecord {
             node: meta.id.clone(),
             vtep,
-            tunnel: Some(vx::model::default_tunnel_addr(vtep)),
+            tunnel: Some(vx::tunnel_addr(inner.tunnels, vtep)),
             wg_public: meta.wg_public_key,
         });
     }

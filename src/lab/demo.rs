@@ -124,6 +124,7 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
             remote_addr: format!("{}:2377", state.nodes[0].addr),
             advertise_addr: None,
             listen_addr: None,
+            data_path_addr: None,
         };
         let _: SwarmJoined = host(state, i)
             .post_json("/swarm/join", &req)

@@ -7,6 +7,10 @@
 //! Everything a lab owns is named after it: namespaces `LAB-nodeI`, the bridge `LAB-br`, host
 //! veths `LAB-nI`, and the directory `/run/shoal/lab/LAB/` (lab.json, node sockets, data dirs,
 //! logs). So labs with different names and subnets coexist.
+//!
+//! With `--data-subnet` every node also gets `eth1` on a second bridge `LAB-bd` (host veths
+//! `LAB-dI`, no host address), to keep data-path traffic apart from the control plane's
+//! (`swarm init/join --data-path-addr`).
 
 pub mod demo;
 
@@ -54,6 +58,9 @@ pub struct LabState {
     /// The agents' `--dns-resolv-conf` (upstreams of the tasks' DNS), when set.
     #[serde(default)]
     pub dns_resolv_conf: Option<PathBuf>,
+    /// The second underlay (`eth1` of every node on the bridge `LAB-bd`), when asked for.
+    #[serde(default)]
+    pub data_subnet: Option<Ipv4Net>,
 }
 
 /// One host of the lab.
@@ -62,6 +69,9 @@ pub struct LabNode {
     pub name: String,
     pub netns: String,
     pub addr: Ipv4Addr,
+    /// Its address on the lab's second underlay (`eth1`), when the lab has one.
+    #[serde(default)]
+    pub data_addr: Option<Ipv4Addr>,
     pub host_veth: String,
     pub socket: PathBuf,
     pub data_dir: PathBuf,
@@ -119,6 +129,7 @@ impl LabState {
                 LabNode {
                     netns: format!("{name}-{node}"),
                     addr: Ipv4Addr::from(base + u32::from(i)),
+                    data_addr: None,
                     host_veth: format!("{name}-n{i}"),
                     socket: dir.join(format!("{node}.sock")),
                     data_dir: dir.join(&node).join("data"),
@@ -136,7 +147,26 @@ impl LabState {
             nodes,
             standalone_gossip: false,
             dns_resolv_conf: None,
+            data_subnet: None,
         })
+    }
+
+    /// Adds the second underlay: node I gets address .I of `data` on `eth1`.
+    pub fn with_data_subnet(mut self, data: Ipv4Net) -> anyhow::Result<LabState> {
+        if data == self.subnet {
+            bail!("the data subnet {data} is the lab's subnet; pick another /24");
+        }
+        let base = u32::from(data.network());
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            n.data_addr = Some(Ipv4Addr::from(base + 1 + i as u32));
+        }
+        self.data_subnet = Some(data);
+        Ok(self)
+    }
+
+    /// The second underlay's bridge, `LAB-bd`.
+    pub fn data_bridge(&self) -> String {
+        format!("{}-bd", self.name)
     }
 
     /// Reads a lab's `lab.json`.
@@ -182,38 +212,47 @@ pub async fn up(
     name: &str,
     nodes: u8,
     subnet: Ipv4Net,
+    data_subnet: Option<Ipv4Net>,
     gossip: bool,
     dns_resolv_conf: Option<PathBuf>,
     agent_exe: &Path,
 ) -> anyhow::Result<LabState> {
-    make(name, nodes, subnet, gossip, dns_resolv_conf, Some(agent_exe)).await
+    make(name, nodes, subnet, data_subnet, gossip, dns_resolv_conf, Some(agent_exe)).await
 }
 
 /// Brings up the hosts of a lab (namespaces on the bridge) without agents, for installing shoal
 /// on them as on real machines; `down` removes them and every process left inside.
 pub async fn up_hosts(name: &str, nodes: u8, subnet: Ipv4Net) -> anyhow::Result<LabState> {
-    make(name, nodes, subnet, false, None, None).await
+    make(name, nodes, subnet, None, false, None, None).await
 }
 
 async fn make(
     name: &str,
     nodes: u8,
     subnet: Ipv4Net,
+    data_subnet: Option<Ipv4Net>,
     gossip: bool,
     dns_resolv_conf: Option<PathBuf>,
     agent_exe: Option<&Path>,
 ) -> anyhow::Result<LabState> {
     let mut state = LabState::plan(name, nodes, subnet)?;
+    if let Some(d) = data_subnet {
+        state = state.with_data_subnet(d)?;
+    }
     state.standalone_gossip = gossip;
     state.dns_resolv_conf = dns_resolv_conf;
     if lab_dir(name).exists() || NetNs::list().iter().any(|n| is_lab_netns(name, n)) {
         bail!("lab {name:?} already exists; run `shoal lab down --lab {name}` first");
     }
     for other in list_labs() {
-        if let Ok(o) = LabState::load(&other)
-            && o.subnet == subnet
-        {
-            bail!("subnet {subnet} is already used by lab {other:?}; pick another with --subnet");
+        let Ok(o) = LabState::load(&other) else { continue };
+        let theirs = [Some(o.subnet), o.data_subnet];
+        for ours in [Some(subnet), data_subnet].into_iter().flatten() {
+            if theirs.contains(&Some(ours)) {
+                bail!(
+                    "subnet {ours} is already used by lab {other:?}; pick another with --subnet or --data-subnet"
+                );
+            }
         }
     }
     let host_ip = IpAddr::V4(state.host_addr);
@@ -292,6 +331,9 @@ async fn build(state: &mut LabState, agent_exe: Option<&Path>) -> anyhow::Result
             inner.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await?;
         }
     }
+    if let Some(data) = state.data_subnet {
+        build_data_underlay(state, &host, data).await?;
+    }
 
     let Some(agent_exe) = agent_exe else {
         return Ok(());
@@ -304,6 +346,52 @@ async fn build(state: &mut LabState, agent_exe: Option<&Path>) -> anyhow::Result
     }
     for node in &state.nodes {
         wait_for_agent(node, Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// The second underlay: a bridge with no host address, and `eth1` in every node on it.
+async fn build_data_underlay(
+    state: &LabState,
+    host: &rtnetlink::Handle,
+    data: Ipv4Net,
+) -> anyhow::Result<()> {
+    let bridge = state.data_bridge();
+    host.link()
+        .add(LinkBridge::new(&bridge).build())
+        .execute()
+        .await
+        .with_context(|| format!("creating bridge {bridge}"))?;
+    let br = shoal_netns::link_index(host, &bridge).await.context("bridge vanished")?;
+    host.link().set(LinkUnspec::new_with_index(br).up().build()).execute().await?;
+    for (i, node) in state.nodes.iter().enumerate() {
+        let addr = node.data_addr.context("a node of a lab with a data subnet has no address")?;
+        let ns = NetNs::open(&node.netns)?;
+        let veth_name = format!("{}-d{}", state.name, i + 1);
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name("eth1")
+            .setns_by_fd(ns.as_fd().as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(veth_name.clone())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        host.link()
+            .add(veth)
+            .execute()
+            .await
+            .with_context(|| format!("creating veth {veth_name}"))?;
+        let hv = shoal_netns::link_index(host, &veth_name).await.context("veth vanished")?;
+        host.link()
+            .set(LinkUnspec::new_with_index(hv).controller(br).up().build())
+            .execute()
+            .await?;
+        let inner = ns.netlink()?;
+        let idx = shoal_netns::link_index(&inner, "eth1")
+            .await
+            .with_context(|| format!("eth1 in {}", node.netns))?;
+        inner.address().add(idx, IpAddr::V4(addr), data.prefix_len()).execute().await?;
+        inner.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await?;
     }
     Ok(())
 }
@@ -406,9 +494,10 @@ fn is_lab_netns(lab: &str, ns: &str) -> bool {
 
 fn is_lab_link(lab: &str, link: &str) -> bool {
     link == format!("{lab}-br")
+        || link == format!("{lab}-bd")
         || link
             .strip_prefix(lab)
-            .and_then(|r| r.strip_prefix("-n"))
+            .and_then(|r| r.strip_prefix("-n").or_else(|| r.strip_prefix("-d")))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -457,6 +546,22 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
     }
     removed.processes = pids.len();
     stop_processes(&pids, Duration::from_secs(5)).await;
+    // An agent still starting up when it was stopped may have made namespaces (and started
+    // tasks in them) after the list above: take those too.
+    for _ in 0..3 {
+        let late: Vec<String> = NetNs::list()
+            .into_iter()
+            .filter(|n| is_lab_netns(name, n) && !namespaces.contains(n))
+            .collect();
+        if late.is_empty() {
+            break;
+        }
+        let pids: Vec<i32> =
+            late.iter().filter_map(|n| NetNs::open(n).ok()).flat_map(|ns| ns.pids()).collect();
+        removed.processes += pids.len();
+        stop_processes(&pids, Duration::from_secs(5)).await;
+        namespaces.extend(late);
+    }
 
     for ns in &namespaces {
         NetNs::delete(ns)?;
@@ -654,6 +759,12 @@ mod tests {
         assert!(is_lab_netns("ab", "ab-node12-ingress"));
         assert!(!is_lab_netns("ab", "ab-nodex-ingress"));
         assert!(is_lab_link("ab", "ab-n12") && is_lab_link("ab", "ab-br"));
+        assert!(is_lab_link("ab", "ab-d3") && is_lab_link("ab", "ab-bd"));
+        assert!(!is_lab_link("ab", "ab-dx"));
+        let d = s.clone().with_data_subnet(parse_subnet("198.19.7.0/24").unwrap()).unwrap();
+        assert_eq!(d.nodes[2].data_addr, Some(Ipv4Addr::new(198, 19, 7, 3)));
+        assert_eq!(d.data_bridge(), "ab-bd");
+        assert!(s.clone().with_data_subnet(s.subnet).is_err());
         assert!(!is_lab_link("ab", "abx-n1"));
         assert!(LabState::plan("ab", 0, s.subnet).is_err());
         assert!(LabState::plan("ab", 65, s.subnet).is_err());

@@ -152,6 +152,8 @@ pub struct LocalInfo {
     pub ca_digest: String,
     /// Control address.
     pub advertise_addr: SocketAddr,
+    /// Where the control plane listens (`--listen-addr`).
+    pub listen_addr: SocketAddr,
     /// Underlay address.
     pub data_addr: IpAddr,
     /// VXLAN port.
@@ -832,6 +834,7 @@ impl Cluster {
             managers: local.managers,
             ca_digest: digest,
             advertise_addr: local.advertise_addr,
+            listen_addr: local.listen_addr,
             data_addr: local.data_addr,
             data_path_port: local.data_path_port,
         }

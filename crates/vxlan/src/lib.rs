@@ -17,7 +17,8 @@
 //!   the task namespaces: one device hop fewer than Docker's bridge + veth, which is what lets
 //!   the plain overlay run at kernel VXLAN speed. Everything is rtnetlink.
 //! - [`wg`]: the encrypted data path. One TUN (`shoal-wg`) per node holding the node's tunnel
-//!   address; VXLAN devices of encrypted networks use tunnel addresses, so the kernel hands
+//!   address (in `240.0.0.0/4` unless configured), made with the node's first endpoint on an
+//!   encrypted network and removed with its last; VXLAN devices of encrypted networks use tunnel addresses, so the kernel hands
 //!   whole IPv4/UDP/VXLAN packets to the TUN, and a boringtun `noise::Tunn` per peer carries
 //!   them over UDP 51820 (batched `recvmmsg`/`sendmmsg`, UDP GSO/GRO when the kernel has
 //!   them, TUN offloads: 64 KB VXLAN GSO reads segmented in userspace and UDP GSO super-packet
@@ -53,8 +54,8 @@ use std::sync::Arc;
 
 pub use keys::NodeKey;
 pub use model::{
-    DEFAULT_DATA_PORT, DEFAULT_WG_PORT, Mac, NetworkSpec, PeerRecord, RemoteEndpoint, Tables,
-    default_tunnel_addr,
+    DEFAULT_DATA_PORT, DEFAULT_TUNNEL_PREFIX, DEFAULT_WG_PORT, Mac, NetworkSpec, PeerRecord,
+    RemoteEndpoint, Tables, default_tunnel_addr, tunnel_addr,
 };
 pub use overlay::{Attached, EndpointSpec, NetworkStatus, Overlay};
 pub use wg::{DeviceStats, DropReason, PeerStats};
@@ -144,9 +145,9 @@ pub struct EncryptionConfig {
     pub port: u16,
     /// Name of the TUN device (default `shoal-wg`; the guard exempts it).
     pub tun_name: String,
-    /// This node's address inside the tunnel (see [`default_tunnel_addr`]).
+    /// This node's address inside the tunnel (see [`tunnel_addr`]).
     pub tunnel_addr: Ipv4Addr,
-    /// Prefix length of the tunnel range (default 10, for 100.64.0.0/10).
+    /// Prefix length of the tunnel range (default 4, for [`DEFAULT_TUNNEL_PREFIX`]).
     pub tunnel_prefix: u8,
 }
 
@@ -158,7 +159,7 @@ impl EncryptionConfig {
             port: DEFAULT_WG_PORT,
             tun_name: "shoal-wg".into(),
             tunnel_addr: default_tunnel_addr(underlay),
-            tunnel_prefix: 10,
+            tunnel_prefix: DEFAULT_TUNNEL_PREFIX.prefix_len(),
         }
     }
 }

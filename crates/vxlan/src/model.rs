@@ -131,11 +131,24 @@ pub struct Tables {
     pub peers: Vec<PeerRecord>,
 }
 
-/// A tunnel address derived from an underlay address: `100.64.0.0/10` plus the low 22 bits.
-/// Unique as long as the underlay addresses differ in their low 22 bits (any /10 or smaller).
+/// The default range of tunnel addresses: `240.0.0.0/4`, the reserved "class E" block. Linux
+/// treats it as ordinary unicast, nothing on a network uses it, and it leaves alone the ranges
+/// that other overlays take (CGNAT and Tailscale's `100.64.0.0/10`, the private blocks of
+/// Docker's pools and of cloud VPCs). Tunnel addresses never leave the node: the kernel routes
+/// them into the TUN, and the wire carries them only inside WireGuard.
+pub const DEFAULT_TUNNEL_PREFIX: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(240, 0, 0, 0), 4);
+
+/// A node's tunnel address: the range's network bits, then the underlay address's host bits (its
+/// low 28 bits for a /4). Unique as long as the nodes' underlay addresses differ in those bits,
+/// which every underlay no larger than the range guarantees; every node must use the same range.
+pub fn tunnel_addr(range: Ipv4Net, underlay: Ipv4Addr) -> Ipv4Addr {
+    let host = u32::from(underlay) & u32::from(range.hostmask());
+    Ipv4Addr::from(u32::from(range.network()) | host)
+}
+
+/// [`tunnel_addr`] in [`DEFAULT_TUNNEL_PREFIX`].
 pub fn default_tunnel_addr(underlay: Ipv4Addr) -> Ipv4Addr {
-    let low = u32::from(underlay) & 0x003f_ffff;
-    Ipv4Addr::from(0x6440_0000 | low)
+    tunnel_addr(DEFAULT_TUNNEL_PREFIX, underlay)
 }
 
 #[cfg(test)]
@@ -154,7 +167,12 @@ mod tests {
 
     #[test]
     fn tunnel_addr_keeps_low_bits() {
-        assert_eq!(default_tunnel_addr(Ipv4Addr::new(198, 19, 7, 3)), Ipv4Addr::new(100, 83, 7, 3));
-        assert_eq!(default_tunnel_addr(Ipv4Addr::new(10, 0, 0, 1)), Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(
+            default_tunnel_addr(Ipv4Addr::new(192, 168, 7, 3)),
+            Ipv4Addr::new(240, 168, 7, 3)
+        );
+        assert_eq!(default_tunnel_addr(Ipv4Addr::new(10, 0, 0, 1)), Ipv4Addr::new(250, 0, 0, 1));
+        let range: Ipv4Net = "172.31.0.0/16".parse().expect("range");
+        assert_eq!(tunnel_addr(range, Ipv4Addr::new(198, 19, 7, 3)), Ipv4Addr::new(172, 31, 7, 3));
     }
 }

@@ -2,6 +2,10 @@
 //! endpoints as macvlan (bridge mode) interfaces on it, FDB/neighbour entries from the
 //! reconciler, and (for encrypted networks) the WireGuard device and the nftables guard.
 //!
+//! The WireGuard device (its TUN and UDP socket) exists only while the node has an endpoint on
+//! an encrypted network: made just before the first encrypted sandbox, removed with the last.
+//! A node that runs plain networks only holds no tunnel address and no extra socket.
+//!
 //! Why macvlan and not Docker's bridge + veth pairs: a macvlan hands a decapsulated frame to
 //! the task's stack straight from the VXLAN device's receive path (one MAC lookup), where a
 //! bridge and a veth add two more device hops and a backlog queue per packet. Measured with
@@ -13,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
+use arc_swap::ArcSwapOption;
 use rtnetlink::packet_route::link::InfoKind;
 use rtnetlink::packet_route::link::MacVlanMode;
 use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVxlan};
@@ -97,7 +102,9 @@ pub struct Overlay {
     node: NodeNs,
     node_nl: Handle,
     underlay_mtu: u32,
-    wg: Option<wg::Device>,
+    /// The WireGuard device, while a local network is encrypted. Swapped only with `state`
+    /// locked; read without it by the statistics.
+    wg: ArcSwapOption<wg::Device>,
     state: Mutex<State>,
 }
 
@@ -167,9 +174,10 @@ fn parse_net_alias(s: &str) -> Option<NetworkSpec> {
 }
 
 impl Overlay {
-    /// Starts the driver for a node: detects the underlay MTU, brings up WireGuard if
-    /// configured, adopts the sandboxes a previous agent left (keeping their traffic flowing)
-    /// and deletes those with no endpoint left. Must be called inside a tokio runtime.
+    /// Starts the driver for a node: detects the underlay MTU, adopts the sandboxes a previous
+    /// agent left (keeping their traffic flowing, and bringing WireGuard up again if one of them
+    /// is encrypted) and deletes those with no endpoint left. Must be called inside a tokio
+    /// runtime.
     pub async fn new(node: NodeNs, cfg: OverlayConfig) -> Result<Overlay, Error> {
         cfg.validate()?;
         let node_nl = node.netlink()?;
@@ -189,10 +197,6 @@ impl Overlay {
                 "underlay MTU {underlay_mtu} is too small for an overlay"
             )));
         }
-        let wg = match &cfg.encryption {
-            Some(enc) => Some(start_wg(&node, &node_nl, enc, &cfg, underlay_mtu).await?),
-            None => None,
-        };
         let overlay = Overlay {
             state: Mutex::new(State {
                 reconciler: Reconciler::new(cfg.node_id.clone()),
@@ -202,7 +206,7 @@ impl Overlay {
             node,
             node_nl,
             underlay_mtu,
-            wg,
+            wg: ArcSwapOption::empty(),
         };
         overlay.adopt().await?;
         Ok(overlay)
@@ -319,7 +323,7 @@ impl Overlay {
         {
             return Err(Error::Invalid(format!("interface name {n:?}")));
         }
-        if spec.encrypted && self.wg.is_none() {
+        if spec.encrypted && self.cfg.encryption.is_none() {
             return Err(Error::Invalid(format!(
                 "network {} is encrypted but this node has no encryption configured",
                 spec.id
@@ -342,7 +346,18 @@ impl Overlay {
         let created = if st.sandboxes.contains_key(&spec.id) {
             false
         } else {
-            let sb = self.create_sandbox(spec).await?;
+            // The encrypted network's VXLAN device sends to tunnel addresses: the TUN that
+            // takes them must be there first.
+            if spec.encrypted {
+                self.ensure_wg(true).await?;
+            }
+            let sb = match self.create_sandbox(spec).await {
+                Ok(sb) => sb,
+                Err(e) => {
+                    let _ = self.ensure_wg(needs_wg(&st)).await;
+                    return Err(e);
+                }
+            };
             st.sandboxes.insert(spec.id.clone(), sb);
             st.reconciler.handle_network_up(&spec.id, spec.encrypted);
             true
@@ -353,6 +368,7 @@ impl Overlay {
                 let _ = self.destroy_sandbox(sb).await;
             }
             st.reconciler.handle_network_down(&spec.id);
+            let _ = self.ensure_wg(needs_wg(&st)).await;
         }
         let attached = result?;
         if created {
@@ -568,6 +584,7 @@ impl Overlay {
     async fn after_networks_changed(&self, st: &mut State) -> Result<(), Error> {
         let vnis: BTreeSet<u32> =
             st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
+        self.ensure_wg(!vnis.is_empty()).await?;
         if let Some(enc) = &self.cfg.encryption {
             guard::apply(&self.node, self.cfg.data_port, &enc.tun_name, &vnis)?;
         }
@@ -575,8 +592,28 @@ impl Overlay {
         self.reconcile(st).await.map(|_| ())
     }
 
+    /// Brings the WireGuard device up when `wanted` and it is not, or takes it down (removing
+    /// the TUN and closing the socket) when not `wanted`. Called with the state locked.
+    async fn ensure_wg(&self, wanted: bool) -> Result<(), Error> {
+        match (wanted, self.wg.load().is_some(), &self.cfg.encryption) {
+            (true, false, Some(enc)) => {
+                let dev =
+                    start_wg(&self.node, &self.node_nl, enc, &self.cfg, self.underlay_mtu).await?;
+                tracing::info!(tun = %enc.tun_name, addr = %enc.tunnel_addr, "WireGuard up");
+                self.wg.store(Some(std::sync::Arc::new(dev)));
+            }
+            (false, true, Some(enc)) => {
+                // Dropping the device stops its threads and closes the TUN, which removes it.
+                drop(self.wg.swap(None));
+                tracing::info!(tun = %enc.tun_name, "WireGuard down: no encrypted network here");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn update_wg(&self, st: &State) {
-        if let Some(wg) = &self.wg {
+        if let Some(wg) = self.wg.load().as_ref() {
             let vnis: BTreeSet<u32> =
                 st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
             wg.set_peers(&st.reconciler.wg_peers(), &vnis);
@@ -706,14 +743,20 @@ impl Overlay {
             .collect()
     }
 
-    /// Per-peer WireGuard state and counters (empty without encryption).
+    /// Per-peer WireGuard state and counters (empty while no local network is encrypted).
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        self.wg.as_ref().map(|w| w.stats()).unwrap_or_default()
+        self.wg.load().as_ref().map(|w| w.stats()).unwrap_or_default()
     }
 
-    /// Node-wide encrypted data-path counters, including the guard's drops of forged cleartext.
+    /// Whether the WireGuard device (and its TUN) exists now.
+    pub fn wg_running(&self) -> bool {
+        self.wg.load().is_some()
+    }
+
+    /// Node-wide encrypted data-path counters, including the guard's drops of forged cleartext
+    /// (`None` while no local network is encrypted).
     pub fn device_stats(&self) -> Option<wg::DeviceStats> {
-        self.wg.as_ref().map(|w| {
+        self.wg.load().as_ref().map(|w| {
             let mut s = w.device_stats();
             s.guard_dropped_cleartext = guard::drops(&self.node);
             s
@@ -740,13 +783,18 @@ impl Overlay {
         {
             first_err.get_or_insert(e);
         }
+        drop(self.wg.swap(None));
         drop(st);
-        drop(self.wg);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+/// Whether any local network is encrypted, so the node needs its WireGuard device.
+fn needs_wg(st: &State) -> bool {
+    st.sandboxes.values().any(|s| s.spec.encrypted)
 }
 
 fn nl_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {

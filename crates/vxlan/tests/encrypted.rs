@@ -272,6 +272,7 @@ fn wireguard_go_peer_completes_handshake() {
     let theirs = NodeKey::from_base64(&theirs_text).expect("wg genkey output parses");
     let their_pub_text = must(&format!("echo {theirs_text} | wg pubkey")).trim().to_owned();
     assert_eq!(decode_key(&their_pub_text), Ok(theirs.public()), "same X25519 as wg");
+    let range = shoal_vxlan::DEFAULT_TUNNEL_PREFIX;
     let our_tunnel = shoal_vxlan::default_tunnel_addr(a.addr);
     let their_tunnel = shoal_vxlan::default_tunnel_addr(b.addr);
     std::fs::write(&keyfile, format!("{theirs_text}\n")).expect("key file");
@@ -290,10 +291,11 @@ fn wireguard_go_peer_completes_handshake() {
         std::thread::sleep(Duration::from_millis(100));
     }
     must(&format!(
-        "ip netns exec {bns} wg set wgx private-key {keyfile} listen-port 51820 peer {} endpoint {}:51820 allowed-ips 100.64.0.0/10 && \
-         ip -n {bns} addr add {their_tunnel}/10 dev wgx && ip -n {bns} link set wgx mtu 1420 up",
+        "ip netns exec {bns} wg set wgx private-key {keyfile} listen-port 51820 peer {} endpoint {}:51820 allowed-ips {range} && \
+         ip -n {bns} addr add {their_tunnel}/{} dev wgx && ip -n {bns} link set wgx mtu 1420 up",
         encode_key(&key.public()),
-        a.addr
+        a.addr,
+        range.prefix_len(),
     ));
     let vni = 24576 + u32::from(lab.subnet);
     let enc = net(&p, "wg", vni, 203, true);
@@ -387,5 +389,54 @@ fn encrypted_restart_keeps_tcp_alive() {
         assert!(o1.peer_stats()[0].established, "new session after restart");
         o1.shutdown().await.expect("shutdown");
         o2.shutdown().await.expect("shutdown");
+    });
+}
+
+#[test]
+fn wireguard_runs_only_while_an_encrypted_network_is_here() {
+    if !require_root("wireguard_runs_only_while_an_encrypted_network_is_here") {
+        return;
+    }
+    let lab = Lab::new("vl", 1);
+    let p = lab.p.clone();
+    let node = &lab.nodes[0];
+    let ns = format!("{p}n1");
+    let enc = net(&p, "lzs", 36864 + u32::from(lab.subnet), 204, true);
+    let plain = net(&p, "lzp", 40960 + u32::from(lab.subnet), 205, false);
+    let key = NodeKey::generate().expect("key");
+    let tun = || sh(&format!("ip -n {ns} -o addr show dev shoal-wg"));
+    let rt = rt();
+    rt.block_on(async {
+        let o = Overlay::new(node.node_ns(), enc_config(node, &p, &key)).await.expect("overlay");
+        assert!(!tun().0, "no TUN before any network");
+        let t = lab.task("t");
+        let ep = |id, third| EndpointSpec {
+            id,
+            task: &t,
+            ip: Ipv4Addr::new(10, third, 0, 11),
+            ifname: None,
+        };
+        o.attach(&plain, &ep("p", 205)).await.expect("attach plain");
+        assert!(!tun().0, "a plain network needs no TUN");
+        assert!(!o.wg_running() && o.device_stats().is_none());
+
+        o.attach(&enc, &ep("e", 204)).await.expect("attach encrypted");
+        let (up, addr) = tun();
+        let want = shoal_vxlan::default_tunnel_addr(node.addr);
+        assert!(up && addr.contains(&format!("{want}/4")), "TUN with the tunnel address: {addr}");
+        assert!(!addr.contains("100.64."), "{addr}");
+        assert!(o.wg_running());
+
+        o.detach(&enc.id, "e").await.expect("detach encrypted");
+        assert!(!tun().0, "the TUN goes with the last encrypted endpoint");
+        assert!(!o.wg_running());
+        assert!(!sh(&format!("ip netns exec {ns} nft list table inet shoal_guard")).0);
+        assert_eq!(o.networks().await.len(), 1, "the plain network stays");
+
+        // A second round brings it back: nothing is left half made.
+        o.attach(&enc, &ep("e", 204)).await.expect("attach encrypted again");
+        assert!(tun().0);
+        o.shutdown().await.expect("shutdown");
+        assert!(!tun().0);
     });
 }
