@@ -68,6 +68,9 @@ struct Local {
     attached: BTreeMap<String, Vec<String>>,
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
+    /// Tasks an earlier run of the agent started, not yet taken up again by a pass (their DNS
+    /// listener and the record of their networks are ours to restore).
+    adopted: BTreeSet<String>,
     /// Our entries in the gossip endpoint tables.
     published: BTreeMap<EntryKey, EndpointRecord>,
     /// VIP rules installed per task.
@@ -109,7 +112,10 @@ fn node_key(data_dir: &Path) -> anyhow::Result<vx::NodeKey> {
 
 impl NodeEngine {
     /// Starts the runtime, the overlay, DNS and the mesh of this node and the loops that drive
-    /// them. Leftovers of an earlier run (task namespaces, sandboxes) are cleaned first.
+    /// them. What an earlier run left is taken over, not rebuilt: its tasks keep running
+    /// (adopted by the runtime), the overlay adopts its sandboxes and endpoints, and the
+    /// ingress sandbox is reused, so traffic through them never stops; leftovers that no task
+    /// owns are deleted.
     pub async fn start(
         cfg: &AgentConfig,
         cluster: Cluster,
@@ -120,10 +126,13 @@ impl NodeEngine {
         let runtime = Runtime::new(rt::RuntimeConfig {
             prefix: prefix.clone(),
             state_dir: cfg.data_dir.join("runtime"),
+            // Each task's supervisor is this binary (`shoal task-shim`); the link stays valid
+            // when an upgrade replaces the file.
+            shim: "/proc/self/exe".into(),
         })?;
-        let stale = runtime.clean_stale().await?;
-        if !stale.is_empty() {
-            tracing::info!(count = stale.len(), "removed tasks left by an earlier run");
+        let adopted = runtime.adopt().await?;
+        if !adopted.is_empty() {
+            tracing::info!(count = adopted.len(), "adopted the tasks of an earlier run");
         }
         let IpAddr::V4(underlay) = cfg.advertise_addr else {
             anyhow::bail!("the overlay needs an IPv4 advertise address");
@@ -137,10 +146,10 @@ impl NodeEngine {
         let overlay =
             Overlay::new(vx::NodeNs::Current, ocfg).await.context("starting the overlay")?;
         let sandbox_name = format!("{prefix}-ingress");
-        if NetNs::exists(&sandbox_name) {
-            NetNs::delete(&sandbox_name)?;
-        }
-        let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
+        let sandbox = Arc::new(match NetNs::open(&sandbox_name) {
+            Ok(ns) => ns,
+            Err(_) => NetNs::create(&sandbox_name)?,
+        });
         let mut dcfg = dns::DnsConfig::default();
         dcfg.forward.resolv_conf = cfg.dns_resolv_conf.clone();
         let dns = dns::DnsService::start(dcfg, dns_metrics().clone())?;
@@ -166,7 +175,10 @@ impl NodeEngine {
             sandbox,
             store: watch::channel(None).0,
             kick: Notify::new(),
-            local: Mutex::new(Local::default()),
+            local: Mutex::new(Local {
+                adopted: adopted.into_iter().map(|s| s.id).collect(),
+                ..Local::default()
+            }),
             pass: tokio::sync::Mutex::new(()),
             starts: Default::default(),
             failures: Default::default(),
@@ -271,7 +283,21 @@ impl NodeEngine {
         &self.inner.me
     }
 
-    /// Stops every task, withdraws our gossip entries and takes the data path down.
+    /// Stops the engine for an agent restart or upgrade, leaving the node's workloads as they
+    /// are: tasks keep running, and their endpoints, VIP rules, the overlay's sandboxes and the
+    /// ingress sandbox stay in the kernel for the next run to adopt. Only what lives in this
+    /// process goes: the DNS listeners and the mesh's listeners.
+    pub async fn stop(self) {
+        let inner = &self.inner;
+        inner.cluster.set_node_handler(None);
+        inner.dns.shutdown().await;
+        for s in inner.mesh.services() {
+            let _ = inner.mesh.remove_service(&s);
+        }
+    }
+
+    /// Stops every task, withdraws our gossip entries and takes the data path down (the node
+    /// leaves the swarm).
     pub async fn shutdown(self) {
         let inner = &self.inner;
         inner.cluster.set_node_handler(None);
@@ -461,6 +487,24 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
 
     sandbox(inner, &state).await?;
 
+    // Tasks an earlier run started: take them up again where the store still wants them.
+    let adopted: Vec<String> =
+        std::mem::take(&mut lock(&inner.local).adopted).into_iter().collect();
+    for id in adopted {
+        let Some(t) = mine.get(&id) else { continue };
+        let nets: Vec<NetworkRecord> =
+            t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
+        lock(&inner.local).busy.insert(id.clone());
+        let (inner, t) = (inner.clone(), (*t).clone());
+        tokio::spawn(async move {
+            if let Err(e) = readopt_task(&inner, &t, &nets).await {
+                tracing::warn!(task = %id, error = %format!("{e:#}"), "taking up an adopted task");
+            }
+            lock(&inner.local).busy.remove(&id);
+            inner.kick.notify_one();
+        });
+    }
+
     // Tasks: start what should run, stop what should not, forget what the store forgot.
     let statuses: BTreeMap<String, rt::TaskStatus> =
         inner.runtime.list().into_iter().map(|s| (s.id.clone(), s)).collect();
@@ -630,8 +674,39 @@ async fn start_task(
     }
     let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
     inner.dns.attach_netns(id, &ns, scope).await?;
-    inner.runtime.start(id)?;
+    inner.runtime.start(id).await?;
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Restores what a task an earlier run started had of ours: its endpoints (the overlay adopted
+/// them; attaching again only confirms them, or rebuilds one that went missing), the record of
+/// its networks, and its DNS listener at 127.0.0.11 (which lived in the old process). A task
+/// that ended meanwhile only gets the record, so the next pass releases its namespace.
+async fn readopt_task(
+    inner: &Arc<Inner>,
+    t: &TaskRecord,
+    nets: &[NetworkRecord],
+) -> anyhow::Result<()> {
+    let id = &t.task.id;
+    let ids: Vec<String> = nets.iter().map(|n| n.id.clone()).collect();
+    lock(&inner.local).attached.insert(id.clone(), ids);
+    if inner.runtime.inspect(id)?.state != rt::TaskState::Running {
+        return Ok(());
+    }
+    let ns = inner.runtime.netns(id)?;
+    for n in nets {
+        let spec = records::overlay_spec(n).context("an IPv6 network")?;
+        let Some(&ip) = t.addresses.get(&n.id) else { continue };
+        let ep = vx::EndpointSpec { id, task: &ns, ip, ifname: None };
+        inner
+            .overlay
+            .attach(&spec, &ep)
+            .await
+            .with_context(|| format!("attaching to {}", n.name))?;
+    }
+    let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
+    inner.dns.attach_netns(id, &ns, scope).await?;
     Ok(())
 }
 
