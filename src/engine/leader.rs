@@ -128,6 +128,29 @@ fn ipam_with(state: &ClusterState, history: bool) -> anyhow::Result<Ipam> {
     Ok(ipam)
 }
 
+/// How long a node may be down before its tasks are moved away. An agent restart, crash or
+/// upgrade leaves the node's tasks running (the next run adopts them) and is back well within
+/// it; until then the node keeps its tasks and takes no new ones, as if paused.
+const RESTART_GRACE_MS: u64 = 5_000;
+
+/// Shows the scheduler nodes that went down less than [`RESTART_GRACE_MS`] ago (and did not
+/// leave) as ready but paused. Passes run at least once a second, so the grace ends on time.
+fn hold_restarting(view: &mut sched::ClusterState, state: &ClusterState, now: u64) {
+    use shoal_cluster::model::NodeStatus;
+    for n in &mut view.nodes {
+        let Some(rec) = state.nodes.values().find(|r| r.id.to_string() == n.id) else { continue };
+        let restarting = rec.status == NodeStatus::Down
+            && rec.status_message != "node left the swarm"
+            && now.saturating_sub(rec.updated_ms) < RESTART_GRACE_MS;
+        if restarting {
+            n.status = sched::NodeStatus::Ready;
+            if n.availability == sched::Availability::Active {
+                n.availability = sched::Availability::Pause;
+            }
+        }
+    }
+}
+
 /// One scheduling pass; returns when to plan again at the latest.
 async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<u64>> {
     let now = now_ms();
@@ -164,7 +187,9 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
         writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
     }
 
-    let plan = sched::plan(now, &records::sched_state(state));
+    let mut view = records::sched_state(state);
+    hold_restarting(&mut view, state, now);
+    let plan = sched::plan(now, &view);
     for action in plan.actions {
         match action {
             Action::Create { service_id, slot, node_id, spec_version, attempt } => {
