@@ -382,6 +382,49 @@ mod tests {
     }
 
     #[test]
+    fn a_node_just_down_keeps_its_tasks_for_a_grace() {
+        use shoal_cluster::model::{Availability, NodeRecord, NodeStatus, Role};
+        let node = |id: u64, status, message: &str, updated_ms| NodeRecord {
+            id: NodeId(id),
+            hostname: format!("node{id}"),
+            role: Role::Worker,
+            availability: Availability::Active,
+            labels: Default::default(),
+            addr: "127.0.0.1:2377".parse().unwrap(),
+            data_addr: "127.0.0.1".parse().unwrap(),
+            status,
+            status_message: message.into(),
+            engine_version: "0".into(),
+            created_ms: 0,
+            updated_ms,
+        };
+        let now = 100_000;
+        let mut s = ClusterState::default();
+        for n in [
+            node(1, NodeStatus::Ready, "", 0),
+            node(2, NodeStatus::Down, "heartbeat failure", now - 1_000),
+            node(3, NodeStatus::Down, "heartbeat failure", now - RESTART_GRACE_MS),
+            node(4, NodeStatus::Down, "node left the swarm", now - 1_000),
+        ] {
+            s.nodes.insert(n.id, n);
+        }
+        let mut view = records::sched_state(&s);
+        hold_restarting(&mut view, &s, now);
+        let got: Vec<(String, sched::NodeStatus, sched::Availability)> =
+            view.nodes.iter().map(|n| (n.hostname.clone(), n.status, n.availability)).collect();
+        use sched::{Availability as A, NodeStatus as S};
+        assert_eq!(
+            got,
+            [
+                ("node1".to_string(), S::Ready, A::Active),
+                ("node2".to_string(), S::Ready, A::Pause),
+                ("node3".to_string(), S::Down, A::Active),
+                ("node4".to_string(), S::Down, A::Active),
+            ]
+        );
+    }
+
+    #[test]
     fn services_are_checked_against_the_store() {
         let mut s = state_with_ingress();
         let web = service("s1", "web", vec![tcp(8100)]);
