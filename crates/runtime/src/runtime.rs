@@ -35,6 +35,8 @@ const AFTER_KILL_WAIT: Duration = Duration::from_secs(30);
 const TAIL_DRAIN: Duration = Duration::from_secs(5);
 /// The file whose presence says a stop was asked for (so a later agent reports `shutdown`).
 const STOP_MARK: &str = "stop-requested";
+/// The task's last health verdict, so an agent that adopts a healthy task keeps it serving.
+const HEALTH_FILE: &str = "health.json";
 
 /// Where and under which names a runtime keeps its tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -536,6 +538,12 @@ impl Runtime {
                     running.started_at,
                     started,
                 );
+                // A healthy task stays in service; its probes carry on from there.
+                if let Some(h) = shim::read_json::<Health>(&dir, HEALTH_FILE)
+                    && ctl.spec.health.is_some()
+                {
+                    self.inner.update(&task, EventKind::Health, |s| s.health = Some(h));
+                }
             } else if exited.is_some() {
                 let (done, done_rx) = watch::channel(true);
                 drop(done);
@@ -795,7 +803,8 @@ async fn health_loop(
                 s.health = Some(h);
             }
         };
-        if change.is_some() {
+        if let Some(h) = change {
+            let _ = shim::write_json(&task.dir, HEALTH_FILE, &h);
             inner.update(&task, EventKind::Health, apply);
         } else {
             task.status.send_modify(apply);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Lab, assert_state, config, eventually, text, wait_done, wait_line};
 use shoal_netns::testing::require_root;
-use shoal_runtime::{Runtime, TaskSpec, TaskState};
+use shoal_runtime::{Health, HealthCheck, Runtime, TaskSpec, TaskState};
 
 /// A shell task that says `up`, waits for `go` to exist, says `bye` and exits with `code`.
 fn waiter(lab: &Lab, name: &str, go: &Path, code: i32) -> TaskSpec {
@@ -29,7 +29,12 @@ async fn tasks_outlive_the_runtime_and_are_adopted_with_their_exit_codes() {
     let go_dead = lab.state_dir.join("go-dead");
     let live = waiter(&lab, "live", &go_live, 7);
     let dead = waiter(&lab, "dead", &go_dead, 3);
-    let sleeper = lab.spec("sleeper", &["sleep", "300"]);
+    let mut sleeper = lab.spec("sleeper", &["sleep", "300"]);
+    let mut check = HealthCheck::shell("true");
+    check.interval = Duration::from_secs(60);
+    check.start_interval = Duration::from_millis(100);
+    check.start_period = Duration::from_secs(60);
+    sleeper.health = Some(check);
     let ids = [live.id.clone(), dead.id.clone(), sleeper.id.clone()];
     for id in &ids {
         lab.guard.adopt_netns(&lab.rt.netns_name_for(id));
@@ -48,6 +53,11 @@ async fn tasks_outlive_the_runtime_and_are_adopted_with_their_exit_codes() {
                 pids.push(first.start(&id).await.unwrap().pid.unwrap());
             }
             wait_line(&first, &ids[0], "up").await;
+            eventually(Duration::from_secs(20), "the sleeper healthy", || {
+                let h = first.inspect(&ids[2]).unwrap().health;
+                async move { (h == Some(Health::Healthy)).then_some(()) }
+            })
+            .await;
             pids
         });
         tokio_rt.shutdown_timeout(Duration::from_secs(5));
@@ -72,7 +82,10 @@ async fn tasks_outlive_the_runtime_and_are_adopted_with_their_exit_codes() {
         [0, 1, 2].map(|i| lab.spec(["live", "dead", "sleeper"][i], &["x"]).id);
     let st = lab.rt.inspect(&live).unwrap();
     assert_eq!((st.state, st.pid), (TaskState::Running, Some(pids[0])), "same process");
-    assert_eq!(lab.rt.inspect(&sleeper).unwrap().pid, Some(pids[2]));
+    let st = lab.rt.inspect(&sleeper).unwrap();
+    assert_eq!(st.pid, Some(pids[2]));
+    // Healthy before, healthy at once after (its next probe is a minute away): still serving.
+    assert!(st.is_serving(), "{st:#?}");
     let st = lab.rt.inspect(&dead).unwrap();
     assert_state(&st, TaskState::Failed, Some(3));
     assert!(st.started_at.is_some() && st.finished_at.is_some(), "{st:#?}");
