@@ -221,7 +221,9 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         (pids_in(&ns2).is_empty() && !NetNs::exists(&ns2)).then_some(())
     });
 
-    // `lab down` removes the tasks too, although no agent stops them any more.
+    // `lab down` removes the tasks too, although no agent stops them any more, also those
+    // whose agent was killed.
+    assert!(lab.shoal(&["lab", "stop", "node3", "--kill"]).status.success());
     let name = lab.name.clone();
     drop(lab);
     for pid in &others {
