@@ -66,12 +66,18 @@ fn pids_in(netns: &str) -> Vec<i32> {
     p
 }
 
+/// The nftables ruleset inside a namespace (the task's VIP rules).
+fn nft_rules(netns: &str) -> String {
+    let out = Command::new("ip").args(["netns", "exec", netns, "nft", "list", "ruleset"]).output();
+    out.map(|o| lossy(&o.stdout)).unwrap_or_default()
+}
+
 #[test]
 fn restarting_an_agent_keeps_its_tasks_and_traffic() {
     if !require_root("restarting_an_agent_keeps_its_tasks_and_traffic") {
         return;
     }
-    for tool in ["curl", "dig"] {
+    for tool in ["curl", "dig", "nft"] {
         if Command::new(tool).arg("-V").output().is_err() {
             assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} is required in CI");
             eprintln!("*** SKIPPED restarting_an_agent_keeps_its_tasks_and_traffic: no {tool}");
@@ -119,8 +125,13 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
     let ns2 = task_netns(&lab, "node2", on2);
     let pids = pids_in(&ns2);
     assert!(!pids.is_empty(), "node2's task runs in {ns2}");
-    eventually("DNS inside node2's task", Duration::from_secs(30), || {
-        (!common::dig(&ns2, "web").is_empty()).then_some(())
+    let vip = eventually("DNS inside node2's task", Duration::from_secs(30), || {
+        let a = common::dig(&ns2, "web");
+        (!a.is_empty()).then_some(a)
+    });
+    let rules = eventually("the VIP's rules in node2's task", Duration::from_secs(30), || {
+        let r = nft_rules(&ns2);
+        r.contains(&vip).then_some(r)
     });
 
     // Requests through node1 and node3, a few a second, for the whole test.
@@ -162,6 +173,7 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         };
         assert!(lab.shoal(stop_args).status.success(), "{how}: lab stop");
         assert_eq!(pids_in(&ns2), pids, "{how}: the task runs on while its agent is down");
+        assert_eq!(nft_rules(&ns2), rules, "{how}: the VIP rules stay while the agent is down");
         std::thread::sleep(Duration::from_secs(1));
 
         // `lab start` spawns the agent and returns once it answers: the clock starts before.
@@ -185,6 +197,7 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         }
 
         assert_eq!(pids_in(&ns2), pids, "{how}: the same processes");
+        assert_eq!(nft_rules(&ns2), rules, "{how}: the same VIP rules");
         eventually("DNS inside node2's task", Duration::from_secs(10), || {
             (!common::dig(&ns2, "web").is_empty()).then_some(())
         });

@@ -491,7 +491,13 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let adopted: Vec<String> =
         std::mem::take(&mut lock(&inner.local).adopted).into_iter().collect();
     for id in adopted {
-        let Some(t) = mine.get(&id) else { continue };
+        let Some(t) = mine.get(&id) else {
+            // Forgotten by the store: removed below like any unknown task; its endpoints
+            // are on networks we no longer know it by, so each one is asked to let it go.
+            let all = state.networks.keys().cloned().collect();
+            lock(&inner.local).attached.insert(id, all);
+            continue;
+        };
         let nets: Vec<NetworkRecord> =
             t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
         lock(&inner.local).busy.insert(id.clone());
@@ -977,7 +983,9 @@ async fn dataplane(
         }
     }
     for (id, s) in statuses.iter().filter(|(_, s)| s.state == rt::TaskState::Running) {
-        let nets = lock(&inner.local).attached.get(id).cloned().unwrap_or_default();
+        // Not attached yet (being started, or adopted and not taken up again): its rules are
+        // left as they are until we know its networks.
+        let Some(nets) = lock(&inner.local).attached.get(id).cloned() else { continue };
         let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
             nets.iter().filter_map(|n| vips.get(n.as_str())).flatten().cloned().collect();
         rules.sort();
