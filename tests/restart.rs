@@ -129,9 +129,10 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         let a = common::dig(&ns2, "web");
         (!a.is_empty()).then_some(a)
     });
+    // The VIP balances over the three tasks, one per node.
     let rules = eventually("the VIP's rules in node2's task", Duration::from_secs(30), || {
         let r = nft_rules(&ns2);
-        r.contains(&vip).then_some(r)
+        (r.contains(&vip) && r.contains("mod 3")).then_some(r)
     });
 
     // Requests through node1 and node3, a few a second, for the whole test.

@@ -71,6 +71,12 @@ struct Local {
     /// Tasks an earlier run of the agent started, not yet taken up again by a pass (their DNS
     /// listener and the record of their networks are ours to restore).
     adopted: BTreeSet<String>,
+    /// Adopted tasks whose VIP rules (installed by the earlier run) are left alone until
+    /// gossip has caught up with the other nodes' endpoints: a view of only some backends
+    /// would narrow the rules that still work.
+    held_vips: BTreeSet<String>,
+    /// When to stop waiting for gossip to catch up, whatever it holds by then.
+    held_until: Option<std::time::Instant>,
     /// Our entries in the gossip endpoint tables.
     published: BTreeMap<EntryKey, EndpointRecord>,
     /// VIP rules installed per task.
@@ -81,6 +87,10 @@ struct Local {
     sandbox_ip: Option<Ipv4Addr>,
     networks: BTreeSet<String>,
 }
+
+/// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
+/// before it rewrites the VIP rules of the tasks it adopted.
+const GOSSIP_CATCH_UP: Duration = Duration::from_secs(10);
 
 fn lock(m: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -176,6 +186,8 @@ impl NodeEngine {
             store: watch::channel(None).0,
             kick: Notify::new(),
             local: Mutex::new(Local {
+                held_vips: adopted.iter().map(|s| s.id.clone()).collect(),
+                held_until: Some(std::time::Instant::now() + GOSSIP_CATCH_UP),
                 adopted: adopted.into_iter().map(|s| s.id).collect(),
                 ..Local::default()
             }),
@@ -982,7 +994,25 @@ async fn dataplane(
             vips.entry(net.as_str()).or_default().push((vip, backends));
         }
     }
+    let holding = !lock(&inner.local).held_vips.is_empty();
+    if holding {
+        let deadline = lock(&inner.local).held_until.is_some_and(|t| std::time::Instant::now() > t);
+        let seen: BTreeSet<(&str, &str)> =
+            eps.iter().map(|(net, e)| (net.as_str(), e.task.as_str())).collect();
+        let caught_up = records::tasks(state).values().all(|t| {
+            t.task.node_id.as_deref() == Some(inner.me.as_str())
+                || t.task.state != TaskState::Running
+                || t.task.desired != DesiredState::Running
+                || t.addresses.keys().all(|n| seen.contains(&(n.as_str(), t.task.id.as_str())))
+        });
+        if caught_up || deadline {
+            lock(&inner.local).held_vips.clear();
+        }
+    }
     for (id, s) in statuses.iter().filter(|(_, s)| s.state == rt::TaskState::Running) {
+        if lock(&inner.local).held_vips.contains(id) {
+            continue;
+        }
         // Not attached yet (being started, or adopted and not taken up again): its rules are
         // left as they are until we know its networks.
         let Some(nets) = lock(&inner.local).attached.get(id).cloned() else { continue };
