@@ -435,6 +435,13 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
     }
     removed.processes = pids.len();
     stop_processes(&pids, Duration::from_secs(5)).await;
+    // An agent no longer takes its sandboxes down when it stops (a restart adopts them), so
+    // one made while we were stopping it is only found now.
+    for n in NetNs::list().into_iter().filter(|n| is_lab_netns(name, n)) {
+        if !namespaces.contains(&n) {
+            namespaces.push(n);
+        }
+    }
 
     for ns in &namespaces {
         NetNs::delete(ns)?;
