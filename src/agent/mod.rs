@@ -201,11 +201,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(m) = metrics_server {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), m).await;
     }
-    // Say goodbye so the others mark us left at once instead of suspecting us for seconds.
+    // Say goodbye so the others mark us left at once instead of suspecting us for seconds. The
+    // node's tasks keep running (a restart adopts them); `swarm leave` is what stops them.
     if let Some(sw) = state.swarm.lock().await.take() {
         state.gossip.store(None);
         state.engine.store(None);
-        sw.stop().await;
+        sw.stop_keeping_tasks().await;
     } else if let Some(g) = state.gossip.swap(None).and_then(Arc::into_inner) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
     }

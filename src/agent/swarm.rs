@@ -3,8 +3,10 @@
 //! leader rotates keys) and reports members up and down back to the control plane, which
 //! marks nodes Ready or Down from it.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shoal_cluster::{Cluster, Error as ClusterError, NodeId};
@@ -13,6 +15,18 @@ use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
 use crate::engine::{NodeEngine, leader};
+
+/// How long a member may be gone from gossip before the control plane hears that it is down
+/// (and moves its tasks away): an agent restart, crash or upgrade comes back within it, and its
+/// tasks, which kept running, stay where they are.
+const DOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether gossip has node `id` (a cluster node id) up, in any run of it.
+fn is_up(g: &Gossip, id: &str) -> bool {
+    g.snapshot().members.iter().any(|m| {
+        m.state != shoal_gossip::MemberState::Down && m.meta.as_ref().is_some_and(|x| x.id == id)
+    })
+}
 
 /// A node in a swarm: the control plane, its gossip, and the tasks that tie them together.
 #[derive(Debug)]
@@ -112,7 +126,21 @@ impl Swarm {
             loop {
                 match events.recv().await {
                     Ok(Event::MemberUp(m)) => report(&c, &m, true).await,
-                    Ok(Event::MemberDown(m)) => report(&c, &m, false).await,
+                    Ok(Event::MemberDown(m)) => {
+                        // Said only if it is still down after the grace (a restarted agent is
+                        // a new member of the same node, up again by then).
+                        let (g, c) = (Arc::downgrade(&g), c.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(DOWN_GRACE).await;
+                            let id = m.meta.as_ref().map(|x| x.id.clone()).unwrap_or_default();
+                            if let Some(g) = Weak::upgrade(&g)
+                                && !is_up(&g, &id)
+                            {
+                                drop(g);
+                                report(&c, &m, false).await;
+                            }
+                        });
+                    }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for m in &g.snapshot().members {
@@ -130,6 +158,7 @@ impl Swarm {
         let me = SocketAddr::new(cluster.info().advertise_addr.ip(), port);
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(3));
+            let mut gone_since: HashMap<String, Instant> = HashMap::new();
             loop {
                 tick.tick().await;
                 let snap = g.snapshot();
@@ -140,12 +169,13 @@ impl Swarm {
                 // "down" of a node's previous run after its new run said "up").
                 for n in nodes.iter().flatten() {
                     let id = n.record.id.to_string();
-                    let up = snap.members.iter().any(|m| {
-                        m.state != shoal_gossip::MemberState::Down
-                            && m.meta.as_ref().is_some_and(|x| x.id == id)
-                    });
+                    let up = is_up(&g, &id);
+                    let since = *gone_since.entry(id.clone()).or_insert_with(Instant::now);
+                    if up {
+                        gone_since.remove(&id);
+                    }
                     let ready = n.record.status == shoal_cluster::NodeStatus::Ready;
-                    if up != ready {
+                    if up != ready && (up || since.elapsed() >= DOWN_GRACE) {
                         let _ = c.member_status(n.record.id, up).await;
                     }
                 }
@@ -175,15 +205,30 @@ impl Swarm {
         Ok(Swarm { cluster, gossip, engine, tasks })
     }
 
-    /// Stops gossip (saying goodbye) and the control plane's tasks.
+    /// Leaves: stops the node's tasks and takes its data path down, then stops gossip (saying
+    /// goodbye) and the control plane's tasks.
     pub async fn stop(self) {
+        self.stop_with(true).await;
+    }
+
+    /// Stops the agent's part for a restart or upgrade: the node's tasks and its data path stay
+    /// (the next run adopts them); gossip says goodbye and the control plane stops.
+    pub async fn stop_keeping_tasks(self) {
+        self.stop_with(false).await;
+    }
+
+    async fn stop_with(self, remove_tasks: bool) {
         for t in &self.tasks {
             t.abort();
         }
         for t in self.tasks {
             let _ = t.await;
         }
-        self.engine.shutdown().await;
+        if remove_tasks {
+            self.engine.shutdown().await;
+        } else {
+            self.engine.stop().await;
+        }
         if let Some(g) = Arc::into_inner(self.gossip) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), g.leave()).await;
         }

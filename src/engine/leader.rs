@@ -128,6 +128,29 @@ fn ipam_with(state: &ClusterState, history: bool) -> anyhow::Result<Ipam> {
     Ok(ipam)
 }
 
+/// How long a node may be down before its tasks are moved away. An agent restart, crash or
+/// upgrade leaves the node's tasks running (the next run adopts them) and is back well within
+/// it; until then the node keeps its tasks and takes no new ones, as if paused.
+const RESTART_GRACE_MS: u64 = 5_000;
+
+/// Shows the scheduler nodes that went down less than [`RESTART_GRACE_MS`] ago (and did not
+/// leave) as ready but paused. Passes run at least once a second, so the grace ends on time.
+fn hold_restarting(view: &mut sched::ClusterState, state: &ClusterState, now: u64) {
+    use shoal_cluster::model::NodeStatus;
+    for n in &mut view.nodes {
+        let Some(rec) = state.nodes.values().find(|r| r.id.to_string() == n.id) else { continue };
+        let restarting = rec.status == NodeStatus::Down
+            && rec.status_message != "node left the swarm"
+            && now.saturating_sub(rec.updated_ms) < RESTART_GRACE_MS;
+        if restarting {
+            n.status = sched::NodeStatus::Ready;
+            if n.availability == sched::Availability::Active {
+                n.availability = sched::Availability::Pause;
+            }
+        }
+    }
+}
+
 /// One scheduling pass; returns when to plan again at the latest.
 async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<u64>> {
     let now = now_ms();
@@ -164,7 +187,9 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
         writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
     }
 
-    let plan = sched::plan(now, &records::sched_state(state));
+    let mut view = records::sched_state(state);
+    hold_restarting(&mut view, state, now);
+    let plan = sched::plan(now, &view);
     for action in plan.actions {
         match action {
             Action::Create { service_id, slot, node_id, spec_version, attempt } => {
@@ -355,6 +380,49 @@ mod tests {
 
     fn tcp(p: u16) -> PortRecord {
         PortRecord { published: p, target: p, protocol: Protocol::Tcp, host_mode: false }
+    }
+
+    #[test]
+    fn a_node_just_down_keeps_its_tasks_for_a_grace() {
+        use shoal_cluster::model::{Availability, NodeRecord, NodeStatus, Role};
+        let node = |id: u64, status, message: &str, updated_ms| NodeRecord {
+            id: NodeId(id),
+            hostname: format!("node{id}"),
+            role: Role::Worker,
+            availability: Availability::Active,
+            labels: Default::default(),
+            addr: "127.0.0.1:2377".parse().unwrap(),
+            data_addr: "127.0.0.1".parse().unwrap(),
+            status,
+            status_message: message.into(),
+            engine_version: "0".into(),
+            created_ms: 0,
+            updated_ms,
+        };
+        let now = 100_000;
+        let mut s = ClusterState::default();
+        for n in [
+            node(1, NodeStatus::Ready, "", 0),
+            node(2, NodeStatus::Down, "heartbeat failure", now - 1_000),
+            node(3, NodeStatus::Down, "heartbeat failure", now - RESTART_GRACE_MS),
+            node(4, NodeStatus::Down, "node left the swarm", now - 1_000),
+        ] {
+            s.nodes.insert(n.id, n);
+        }
+        let mut view = records::sched_state(&s);
+        hold_restarting(&mut view, &s, now);
+        let got: Vec<(String, sched::NodeStatus, sched::Availability)> =
+            view.nodes.iter().map(|n| (n.hostname.clone(), n.status, n.availability)).collect();
+        use sched::{Availability as A, NodeStatus as S};
+        assert_eq!(
+            got,
+            [
+                ("node1".to_string(), S::Ready, A::Active),
+                ("node2".to_string(), S::Ready, A::Pause),
+                ("node3".to_string(), S::Down, A::Active),
+                ("node4".to_string(), S::Down, A::Active),
+            ]
+        );
     }
 
     #[test]

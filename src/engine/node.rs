@@ -73,6 +73,15 @@ struct Local {
     attached: BTreeMap<String, Vec<String>>,
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
+    /// Tasks an earlier run of the agent started, not yet taken up again by a pass (their DNS
+    /// listener and the record of their networks are ours to restore).
+    adopted: BTreeSet<String>,
+    /// Adopted tasks whose VIP rules (installed by the earlier run) are left alone until
+    /// gossip has caught up with the other nodes' endpoints: a view of only some backends
+    /// would narrow the rules that still work.
+    held_vips: BTreeSet<String>,
+    /// When to stop waiting for gossip to catch up, whatever it holds by then.
+    held_until: Option<std::time::Instant>,
     /// Our entries in the gossip endpoint tables.
     published: BTreeMap<EntryKey, EndpointRecord>,
     /// VIP rules installed per task.
@@ -83,6 +92,10 @@ struct Local {
     sandbox_ip: Option<Ipv4Addr>,
     networks: BTreeSet<String>,
 }
+
+/// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
+/// before it rewrites the VIP rules of the tasks it adopted.
+const GOSSIP_CATCH_UP: Duration = Duration::from_secs(10);
 
 fn lock(m: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -114,7 +127,10 @@ fn node_key(data_dir: &Path) -> anyhow::Result<vx::NodeKey> {
 
 impl NodeEngine {
     /// Starts the runtime, the overlay, DNS and the mesh of this node and the loops that drive
-    /// them. Leftovers of an earlier run (task namespaces, sandboxes) are cleaned first.
+    /// them. What an earlier run left is taken over, not rebuilt: its tasks keep running
+    /// (adopted by the runtime), the overlay adopts its sandboxes and endpoints, and the
+    /// ingress sandbox is reused, so traffic through them never stops; leftovers that no task
+    /// owns are deleted.
     pub async fn start(
         cfg: &AgentConfig,
         cluster: Cluster,
@@ -125,10 +141,13 @@ impl NodeEngine {
         let runtime = Runtime::new(rt::RuntimeConfig {
             prefix: prefix.clone(),
             state_dir: cfg.data_dir.join("runtime"),
+            // Each task's supervisor is this binary (`shoal task-shim`); the link stays valid
+            // when an upgrade replaces the file.
+            shim: "/proc/self/exe".into(),
         })?;
-        let stale = runtime.clean_stale().await?;
-        if !stale.is_empty() {
-            tracing::info!(count = stale.len(), "removed tasks left by an earlier run");
+        let adopted = runtime.adopt().await?;
+        if !adopted.is_empty() {
+            tracing::info!(count = adopted.len(), "adopted the tasks of an earlier run");
         }
         // The swarm's data-path address and port (`swarm init/join --data-path-addr`, `swarm
         // init --data-path-port`), not the agent's: every node sends VXLAN to each peer's
@@ -176,7 +195,12 @@ impl NodeEngine {
             volumes: Volumes::new(&cfg.data_dir, &cfg.node_name),
             store: watch::channel(None).0,
             kick: Notify::new(),
-            local: Mutex::new(Local::default()),
+            local: Mutex::new(Local {
+                held_vips: adopted.iter().map(|s| s.id.clone()).collect(),
+                held_until: Some(std::time::Instant::now() + GOSSIP_CATCH_UP),
+                adopted: adopted.into_iter().map(|s| s.id).collect(),
+                ..Local::default()
+            }),
             pass: tokio::sync::Mutex::new(()),
             starts: Default::default(),
             failures: Default::default(),
@@ -281,7 +305,21 @@ impl NodeEngine {
         &self.inner.me
     }
 
-    /// Stops every task, withdraws our gossip entries and takes the data path down.
+    /// Stops the engine for an agent restart or upgrade, leaving the node's workloads as they
+    /// are: tasks keep running, and their endpoints, VIP rules, the overlay's sandboxes and the
+    /// ingress sandbox stay in the kernel for the next run to adopt. Only what lives in this
+    /// process goes: the DNS listeners and the mesh's listeners.
+    pub async fn stop(self) {
+        let inner = &self.inner;
+        inner.cluster.set_node_handler(None);
+        inner.dns.shutdown().await;
+        for s in inner.mesh.services() {
+            let _ = inner.mesh.remove_service(&s);
+        }
+    }
+
+    /// Stops every task, withdraws our gossip entries and takes the data path down (the node
+    /// leaves the swarm).
     pub async fn shutdown(self) {
         let inner = &self.inner;
         inner.cluster.set_node_handler(None);
@@ -312,11 +350,13 @@ async fn start_services(
     overlay: &Overlay,
     gossip: &Gossip,
 ) -> anyhow::Result<(Arc<NetNs>, dns::DnsService, ing::Mesh)> {
+    // A restarted agent keeps the ingress sandbox of its earlier run: the endpoints in it stay,
+    // and the mesh listens in it again.
     let sandbox_name = format!("{}-ingress", cfg.netns_prefix);
-    if NetNs::exists(&sandbox_name) {
-        NetNs::delete(&sandbox_name)?;
-    }
-    let sandbox = Arc::new(NetNs::create(&sandbox_name)?);
+    let (sandbox, created) = match NetNs::open(&sandbox_name) {
+        Ok(ns) => (Arc::new(ns), false),
+        Err(_) => (Arc::new(NetNs::create(&sandbox_name)?), true),
+    };
     let rest = async {
         let mut dcfg = dns::DnsConfig::default();
         dcfg.forward.resolv_conf = cfg.dns_resolv_conf.clone();
@@ -346,7 +386,9 @@ async fn start_services(
     match rest.await {
         Ok((dns, mesh)) => Ok((sandbox, dns, mesh)),
         Err(e) => {
-            let _ = NetNs::delete(&sandbox_name);
+            if created {
+                let _ = NetNs::delete(&sandbox_name);
+            }
             Err(e)
         }
     }
@@ -517,6 +559,30 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     lock(&inner.local).networks = want;
 
     sandbox(inner, &state).await?;
+
+    // Tasks an earlier run started: take them up again where the store still wants them.
+    let adopted: Vec<String> =
+        std::mem::take(&mut lock(&inner.local).adopted).into_iter().collect();
+    for id in adopted {
+        let Some(t) = mine.get(&id) else {
+            // Forgotten by the store: removed below like any unknown task; its endpoints
+            // are on networks we no longer know it by, so each one is asked to let it go.
+            let all = state.networks.keys().cloned().collect();
+            lock(&inner.local).attached.insert(id, all);
+            continue;
+        };
+        let nets: Vec<NetworkRecord> =
+            t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
+        lock(&inner.local).busy.insert(id.clone());
+        let (inner, t) = (inner.clone(), (*t).clone());
+        tokio::spawn(async move {
+            if let Err(e) = readopt_task(&inner, &t, &nets).await {
+                tracing::warn!(task = %id, error = %format!("{e:#}"), "taking up an adopted task");
+            }
+            lock(&inner.local).busy.remove(&id);
+            inner.kick.notify_one();
+        });
+    }
 
     // Tasks: start what should run, stop what should not, forget what the store forgot.
     let statuses: BTreeMap<String, rt::TaskStatus> =
@@ -692,8 +758,39 @@ async fn start_task(
     }
     let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
     inner.dns.attach_netns(id, &ns, scope).await?;
-    inner.runtime.start(id)?;
+    inner.runtime.start(id).await?;
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Restores what a task an earlier run started had of ours: its endpoints (the overlay adopted
+/// them; attaching again only confirms them, or rebuilds one that went missing), the record of
+/// its networks, and its DNS listener at 127.0.0.11 (which lived in the old process). A task
+/// that ended meanwhile only gets the record, so the next pass releases its namespace.
+async fn readopt_task(
+    inner: &Arc<Inner>,
+    t: &TaskRecord,
+    nets: &[NetworkRecord],
+) -> anyhow::Result<()> {
+    let id = &t.task.id;
+    let ids: Vec<String> = nets.iter().map(|n| n.id.clone()).collect();
+    lock(&inner.local).attached.insert(id.clone(), ids);
+    if inner.runtime.inspect(id)?.state != rt::TaskState::Running {
+        return Ok(());
+    }
+    let ns = inner.runtime.netns(id)?;
+    for n in nets {
+        let spec = records::overlay_spec(n).context("an IPv6 network")?;
+        let Some(&ip) = t.addresses.get(&n.id) else { continue };
+        let ep = vx::EndpointSpec { id, task: &ns, ip, ifname: None };
+        inner
+            .overlay
+            .attach(&spec, &ep)
+            .await
+            .with_context(|| format!("attaching to {}", n.name))?;
+    }
+    let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
+    inner.dns.attach_netns(id, &ns, scope).await?;
     Ok(())
 }
 
@@ -963,8 +1060,28 @@ async fn dataplane(
             vips.entry(net.as_str()).or_default().push((vip, backends));
         }
     }
+    let holding = !lock(&inner.local).held_vips.is_empty();
+    if holding {
+        let deadline = lock(&inner.local).held_until.is_some_and(|t| std::time::Instant::now() > t);
+        let seen: BTreeSet<(&str, &str)> =
+            eps.iter().map(|(net, e)| (net.as_str(), e.task.as_str())).collect();
+        let caught_up = records::tasks(state).values().all(|t| {
+            t.task.node_id.as_deref() == Some(inner.me.as_str())
+                || t.task.state != TaskState::Running
+                || t.task.desired != DesiredState::Running
+                || t.addresses.keys().all(|n| seen.contains(&(n.as_str(), t.task.id.as_str())))
+        });
+        if caught_up || deadline {
+            lock(&inner.local).held_vips.clear();
+        }
+    }
     for (id, s) in statuses.iter().filter(|(_, s)| s.state == rt::TaskState::Running) {
-        let nets = lock(&inner.local).attached.get(id).cloned().unwrap_or_default();
+        if lock(&inner.local).held_vips.contains(id) {
+            continue;
+        }
+        // Not attached yet (being started, or adopted and not taken up again): its rules are
+        // left as they are until we know its networks.
+        let Some(nets) = lock(&inner.local).attached.get(id).cloned() else { continue };
         let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
             nets.iter().filter_map(|n| vips.get(n.as_str())).flatten().cloned().collect();
         rules.sort();

@@ -547,7 +547,8 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
     removed.processes = pids.len();
     stop_processes(&pids, Duration::from_secs(5)).await;
     // An agent still starting up when it was stopped may have made namespaces (and started
-    // tasks in them) after the list above: take those too.
+    // tasks in them) after the list above, and a stopped agent leaves its sandboxes for the
+    // next run to adopt: take those too.
     for _ in 0..3 {
         let late: Vec<String> = NetNs::list()
             .into_iter()

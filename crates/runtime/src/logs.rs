@@ -71,6 +71,21 @@ impl LogRing {
         seq
     }
 
+    /// Appends a line numbered `seq` elsewhere (the task's shim numbers the lines it writes to
+    /// disk). Lines are kept contiguous: a `seq` past the next one drops the kept lines, as if
+    /// the missing ones had come and pushed them out; one below it is ignored.
+    pub fn push_numbered(&mut self, seq: u64, time: SystemTime, stream: Stream, line: String) {
+        if seq < self.next_seq {
+            return;
+        }
+        if seq > self.next_seq {
+            self.lines.clear();
+            self.bytes = 0;
+            self.next_seq = seq;
+        }
+        self.push(time, stream, line);
+    }
+
     /// Kept lines with `seq >= from`.
     pub fn since(&self, from: u64) -> Vec<LogLine> {
         let first = self.lines.front().map_or(self.next_seq, |l| l.seq);
@@ -128,6 +143,16 @@ impl Logs {
         let next = {
             let mut ring = self.ring();
             ring.push(SystemTime::now(), stream, line);
+            ring.next_seq()
+        };
+        self.shared.tick.send_modify(|t| t.0 = next);
+    }
+
+    /// Appends a line read back from the task's log file (see [`LogRing::push_numbered`]).
+    pub(crate) fn push_numbered(&self, seq: u64, time: SystemTime, stream: Stream, line: String) {
+        let next = {
+            let mut ring = self.ring();
+            ring.push_numbered(seq, time, stream, line);
             ring.next_seq()
         };
         self.shared.tick.send_modify(|t| t.0 = next);
@@ -226,14 +251,20 @@ impl LogFollower {
 
 /// Reads `pipe` to its end and pushes its lines into `logs`; lines longer than [`MAX_LINE`]
 /// are split, a trailing `\r` is dropped, a last line without newline is kept.
+#[cfg(test)]
 pub(crate) async fn pump(pipe: impl AsyncRead + Unpin, stream: Stream, logs: Logs) {
+    pump_with(pipe, |line| logs.push(stream, line)).await;
+}
+
+/// The same, handing each line to `sink` (the task shim writes them to the task's log file).
+pub(crate) async fn pump_with(pipe: impl AsyncRead + Unpin, mut sink: impl FnMut(String)) {
     let mut reader = BufReader::new(pipe);
     let mut line: Vec<u8> = Vec::new();
-    let emit = |line: &mut Vec<u8>| {
+    let mut emit = |line: &mut Vec<u8>| {
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        logs.push(stream, String::from_utf8_lossy(line).into_owned());
+        sink(String::from_utf8_lossy(line).into_owned());
         line.clear();
     };
     loop {
@@ -283,6 +314,20 @@ mod tests {
         assert_eq!(r.since(20).len(), 5);
         assert_eq!(r.since(20)[0].seq, 20);
         assert!(r.since(99).is_empty());
+    }
+
+    #[test]
+    fn numbered_lines_stay_contiguous() {
+        let mut r = LogRing::new(1 << 20);
+        let t = SystemTime::now();
+        r.push_numbered(0, t, Stream::Stdout, "a".into());
+        r.push_numbered(0, t, Stream::Stdout, "again".into());
+        r.push_numbered(5, t, Stream::Stdout, "f".into());
+        r.push_numbered(6, t, Stream::Stdout, "g".into());
+        let kept: Vec<(u64, String)> = r.since(0).into_iter().map(|l| (l.seq, l.line)).collect();
+        assert_eq!(kept, [(5, "f".to_string()), (6, "g".to_string())]);
+        assert_eq!(r.since(6).len(), 1);
+        assert_eq!(r.next_seq(), 7);
     }
 
     #[test]

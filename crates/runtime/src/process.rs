@@ -1,11 +1,11 @@
 //! Starting processes inside a task's namespaces: the one place with `unsafe` (`pre_exec`).
 //!
-//! # Why `pre_exec` and not a re-exec helper
+//! # Why `pre_exec`
 //!
-//! The runtime is a library used by the agent binary *and* by test binaries; a re-exec helper
-//! would need a hidden entry point in every one of them. The setup a task needs is a handful of
-//! raw system calls (`setns`, `unshare`, `mount`, `umount2`, `sethostname`), all of which are
-//! async-signal-safe, so it runs in the forked child between `fork` and `exec`, under these rules:
+//! The task's process is forked by its shim (see `crate::shim`, a fresh single-threaded
+//! process), and the setup it needs is a handful of raw system calls (`setns`, `unshare`,
+//! `mount`, `umount2`, `sethostname`), all of which are async-signal-safe, so it runs in the
+//! forked child between `fork` and `exec`, under these rules:
 //!
 //! - everything the child needs (paths as `CString`, the hostname, the namespace fds, buffers
 //!   for reading its mount table) is allocated in the parent before `spawn`;

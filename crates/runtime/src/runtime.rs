@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,10 +16,12 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
 use crate::health::{HealthMonitor, ProbeOutcome};
-use crate::logs::{self, Logs, Stream};
+use crate::logs::Logs;
 use crate::process::{self, TaskNamespaces};
+use crate::shim::{self, Exited, Launch, Running};
 use crate::spec::{HealthCheck, TaskSpec, short_id};
 use crate::state::{EventKind, Health, TaskEvent, TaskState, TaskStatus};
+use crate::supervisor::{self, Shim};
 
 /// Longest accepted node prefix.
 pub const MAX_PREFIX: usize = 32;
@@ -30,8 +31,12 @@ pub const PROBE_OUTPUT_CAP: usize = 4096;
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait, after SIGKILL, for a process stuck in the kernel.
 const AFTER_KILL_WAIT: Duration = Duration::from_secs(30);
-/// How long the log pumps may take to drain after the task's processes are gone.
-const PUMP_DRAIN: Duration = Duration::from_secs(2);
+/// How long the log copy may take to catch up once the task's shim has exited.
+const TAIL_DRAIN: Duration = Duration::from_secs(5);
+/// The file whose presence says a stop was asked for (so a later agent reports `shutdown`).
+const STOP_MARK: &str = "stop-requested";
+/// The task's last health verdict, so an agent that adopts a healthy task keeps it serving.
+const HEALTH_FILE: &str = "health.json";
 
 /// Where and under which names a runtime keeps its tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +44,13 @@ pub struct RuntimeConfig {
     /// Per-node prefix of namespace names (`PREFIX-t-<short id>`), so several nodes on one
     /// machine never collide: 1-32 of `[A-Za-z0-9_-]`, not ending in `-`, without `-t-`.
     pub prefix: String,
-    /// Directory for per-task files (`<state_dir>/tasks/<id>/{resolv.conf,hosts}`).
+    /// Directory for per-task files (`<state_dir>/tasks/<id>/`: the launch record, the
+    /// shim's records, logs, `resolv.conf` and `hosts`). A runtime started on the same
+    /// directory adopts the tasks found there ([`Runtime::adopt`]).
     pub state_dir: PathBuf,
+    /// The program each task's supervisor runs as: it must call [`crate::shim::main`] when its
+    /// first argument is [`crate::shim::ARG`]. The agent gives `/proc/self/exe`.
+    pub shim: PathBuf,
 }
 
 impl RuntimeConfig {
@@ -57,6 +67,12 @@ impl RuntimeConfig {
                 reason: format!(
                     "{p:?}: use 1-{MAX_PREFIX} of [A-Za-z0-9_-], no trailing '-', no \"-t-\""
                 ),
+            });
+        }
+        if !self.shim.is_absolute() {
+            return Err(Error::InvalidConfig {
+                field: "shim",
+                reason: format!("{:?} must be an absolute path", self.shim),
             });
         }
         if !self.state_dir.is_absolute() {
@@ -79,6 +95,7 @@ pub struct Runtime {
 struct Inner {
     prefix: String,
     tasks_dir: PathBuf,
+    shim: PathBuf,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
     events: broadcast::Sender<TaskEvent>,
 }
@@ -146,17 +163,18 @@ impl Inner {
 }
 
 impl Runtime {
-    /// A runtime with no tasks; creates `<state_dir>/tasks`. Call [`Runtime::clean_stale`]
-    /// next when the agent (re)starts.
+    /// A runtime with no tasks; creates `<state_dir>/tasks` (mode 0700: launch records hold
+    /// the tasks' environments). Call [`Runtime::adopt`] next when the agent (re)starts.
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         config.validate()?;
         let tasks_dir = config.state_dir.join("tasks");
-        std::fs::create_dir_all(&tasks_dir).map_err(|e| Error::io("create", &tasks_dir, e))?;
+        private_dir(&tasks_dir)?;
         let (events, _) = broadcast::channel(1024);
         Ok(Runtime {
             inner: Arc::new(Inner {
                 prefix: config.prefix,
                 tasks_dir,
+                shim: config.shim,
                 tasks: Mutex::new(HashMap::new()),
                 events,
             }),
@@ -234,16 +252,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// Registers a task and makes its network namespace (`PREFIX-t-<short id>`, `lo` up) and
-    /// state directory: `new` → `preparing` → `ready`. Between this and [`Runtime::start`] the
-    /// caller attaches networks into [`Runtime::netns`] and binds DNS there.
-    ///
-    /// A program that cannot be executed makes the task `failed` at once, with Docker's
-    /// message, before anything is made ([`Error::Executable`]); any other failure is undone
-    /// and also leaves the task `failed`. A failed task stays listed until [`Runtime::remove`].
-    pub async fn create(&self, spec: TaskSpec) -> Result<TaskStatus> {
-        spec.validate()?;
-        let inner = &self.inner;
+    /// A task in state `new`, not registered yet.
+    fn new_task(&self, spec: TaskSpec, created_at: SystemTime) -> Arc<Task> {
         let netns = self.netns_name_for(&spec.id);
         let status = TaskStatus {
             id: spec.id.clone(),
@@ -257,14 +267,14 @@ impl Runtime {
             exit_code: None,
             error: None,
             addresses: spec.addresses.clone(),
-            created_at: SystemTime::now(),
+            created_at,
             started_at: None,
             finished_at: None,
         };
-        let task = Arc::new(Task {
+        Arc::new(Task {
             id: spec.id.clone(),
-            netns: netns.clone(),
-            dir: inner.tasks_dir.join(&spec.id),
+            netns,
+            dir: self.inner.tasks_dir.join(&spec.id),
             logs: Logs::new(spec.log_cap),
             status: watch::channel(status).0,
             ctl: Mutex::new(Ctl {
@@ -275,7 +285,21 @@ impl Runtime {
                 health: None,
                 released: false,
             }),
-        });
+        })
+    }
+
+    /// Registers a task and makes its network namespace (`PREFIX-t-<short id>`, `lo` up) and
+    /// state directory: `new` → `preparing` → `ready`. Between this and [`Runtime::start`] the
+    /// caller attaches networks into [`Runtime::netns`] and binds DNS there.
+    ///
+    /// A program that cannot be executed makes the task `failed` at once, with Docker's
+    /// message, before anything is made ([`Error::Executable`]); any other failure is undone
+    /// and also leaves the task `failed`. A failed task stays listed until [`Runtime::remove`].
+    pub async fn create(&self, spec: TaskSpec) -> Result<TaskStatus> {
+        spec.validate()?;
+        let inner = &self.inner;
+        let netns = self.netns_name_for(&spec.id);
+        let task = self.new_task(spec, SystemTime::now());
         {
             let mut tasks = lock(&inner.tasks);
             if tasks.contains_key(&task.id) {
@@ -315,73 +339,58 @@ impl Runtime {
         Ok(task.status())
     }
 
-    /// Starts a `ready` task's process: `starting` → `running`. Writes its `resolv.conf` and
-    /// `hosts`, spawns it in its namespaces, and starts log capture, supervision and the health
-    /// probes. On failure the task is `failed` with the error.
-    pub fn start(&self, id: &str) -> Result<TaskStatus> {
+    /// Starts a `ready` task's process: `starting` → `running`. Writes its `resolv.conf`,
+    /// `hosts` and launch record, starts its shim (which spawns it in its namespaces, in a
+    /// session of its own, and keeps its output and exit status on disk), and starts log
+    /// copying, supervision and the health probes. On failure the task is `failed` with the
+    /// error. The task outlives this runtime; a later one adopts it ([`Runtime::adopt`]).
+    pub async fn start(&self, id: &str) -> Result<TaskStatus> {
         let inner = self.inner.clone();
         let task = self.get(id)?;
-        let mut ctl = lock(&task.ctl);
-        let state = task.state();
-        if state != TaskState::Ready {
-            return Err(Error::InvalidState { id: id.to_owned(), state, op: "start" });
-        }
-        inner.set_state(&task, TaskState::Starting, |_| {});
-        let exe = ctl.exe.clone().unwrap_or_else(|| PathBuf::from(&ctl.spec.argv[0]));
-        let spawned = write_files(&task.dir, &ctl.spec).and_then(|(resolv, hosts)| {
-            let ns = NetNs::open(&task.netns)?;
-            let fd =
-                ns.as_fd().try_clone_to_owned().map_err(|e| Error::io("dup", &task.netns, e))?;
-            let mut cmd = process::task_command(&ctl.spec, &exe, fd, &resolv, &hosts)
-                .map_err(|e| Error::io("prepare command", &exe, e))?;
-            cmd.spawn().map_err(|source| Error::Spawn {
-                id: id.to_owned(),
-                program: exe.clone(),
-                source,
+        let launch = {
+            let ctl = lock(&task.ctl);
+            let state = task.state();
+            if state != TaskState::Ready {
+                return Err(Error::InvalidState { id: id.to_owned(), state, op: "start" });
+            }
+            inner.set_state(&task, TaskState::Starting, |_| {});
+            let exe = ctl.exe.clone().unwrap_or_else(|| PathBuf::from(&ctl.spec.argv[0]));
+            write_files(&task.dir, &ctl.spec).and_then(|(resolv, hosts)| {
+                let launch = Launch {
+                    spec: ctl.spec.clone(),
+                    exe,
+                    netns: task.netns.clone(),
+                    resolv,
+                    hosts,
+                    created_at: task.status.borrow().created_at,
+                };
+                shim::write_json(&task.dir, shim::LAUNCH, &launch)
+                    .map_err(|e| Error::io("write", task.dir.join(shim::LAUNCH), e))?;
+                Ok(launch)
             })
-        });
-        let mut child = match spawned {
-            Ok(child) => child,
+        };
+        let spawned = match launch {
+            Ok(_) => supervisor::spawn(&inner.shim, id, &task.dir).await,
+            Err(e) => Err(e),
+        };
+        let (shim, pid) = match spawned {
+            Ok(s) => s,
             Err(e) => {
+                let _ctl = lock(&task.ctl);
                 inner.set_state(&task, TaskState::Failed, |s| s.error = Some(e.to_string()));
                 return Err(e);
             }
         };
-        let started = Instant::now();
-        let pid = child.id().unwrap_or(0);
+        let mut ctl = lock(&task.ctl);
         ctl.pgid = i32::try_from(pid).ok();
-        let pumps: Vec<JoinHandle<()>> = [
-            child
-                .stdout
-                .take()
-                .map(|p| tokio::spawn(logs::pump(p, Stream::Stdout, task.logs.clone()))),
-            child
-                .stderr
-                .take()
-                .map(|p| tokio::spawn(logs::pump(p, Stream::Stderr, task.logs.clone()))),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let health = ctl.spec.health.clone();
-        inner.set_state(&task, TaskState::Running, |s| {
-            s.pid = Some(pid);
-            s.started_at = Some(SystemTime::now());
-            s.health = health.as_ref().map(|_| Health::Starting);
-        });
-        if let Some(check) = health {
-            let h = tokio::spawn(health_loop(
-                inner.clone(),
-                task.clone(),
-                ctl.spec.clone(),
-                check,
-                pid,
-                started,
-            ));
-            ctl.health = Some(h.abort_handle());
+        if ctl.stop_requested {
+            // Stopped while starting: `stop` signals the group from now on; begin with this.
+            if let Some(pg) = ctl.pgid {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pg), Signal::SIGTERM);
+            }
         }
-        drop(ctl);
-        tokio::spawn(supervise(inner, task.clone(), child, pumps));
+        let started_at = SystemTime::now();
+        follow(&inner, &task, &mut ctl, shim, pid, started_at, Instant::now());
         Ok(task.status())
     }
 
@@ -403,6 +412,8 @@ impl Runtime {
                 }
                 _ => {
                     ctl.stop_requested = true;
+                    // Kept on disk too: an agent that adopts the task reports it shut down.
+                    let _ = std::fs::write(task.dir.join(STOP_MARK), b"");
                     grace.unwrap_or(ctl.spec.stop_grace)
                 }
             }
@@ -479,6 +490,96 @@ impl Runtime {
         first
     }
 
+    /// Takes over the tasks an earlier runtime on this state directory started (an agent
+    /// restart, crash or upgrade), then deletes the rest of what it left ([`Runtime::clean_stale`]):
+    ///
+    /// - a task whose shim still runs (same pid and start time) is `running` again, with its
+    ///   pid, its log (read back from disk and followed), supervision and health probes;
+    /// - a task that ended meanwhile gets its real exit code and end time from the shim's
+    ///   record (`complete`, `failed`, or `shutdown` if a stop had been asked for), its log
+    ///   kept; its namespace stays until [`Runtime::release_netns`];
+    /// - a task whose shim was killed before the task ended is `failed` (the code is lost), and
+    ///   whatever is left in its namespace is killed;
+    /// - a task that was never started is forgotten (its namespace and files deleted).
+    ///
+    /// Returns the statuses of the adopted tasks. The caller re-attaches what lives outside the
+    /// task (DNS listeners; overlay endpoints are found by the overlay itself).
+    pub async fn adopt(&self) -> Result<Vec<TaskStatus>> {
+        let entries = std::fs::read_dir(&self.inner.tasks_dir)
+            .map_err(|e| Error::io("read", &self.inner.tasks_dir, e))?;
+        let mut adopted = Vec::new();
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path();
+            let Some(launch) = shim::read_json::<Launch>(&dir, shim::LAUNCH) else { continue };
+            let Some(running) = shim::read_json::<Running>(&dir, shim::RUNNING) else { continue };
+            if launch.spec.id != id
+                || launch.spec.validate().is_err()
+                || launch.netns != self.netns_name_for(&id)
+                || lock(&self.inner.tasks).contains_key(&id)
+            {
+                continue;
+            }
+            let task = self.new_task(launch.spec, launch.created_at);
+            lock(&self.inner.tasks).insert(id.clone(), task.clone());
+            let mut ctl = lock(&task.ctl);
+            ctl.exe = Some(launch.exe);
+            ctl.stop_requested = dir.join(STOP_MARK).exists();
+            self.inner.update(&task, EventKind::State, |_| {});
+            let exited: Option<Exited> = shim::read_json(&dir, shim::EXIT);
+            let alive = shim::start_time(running.shim_pid) == Some(running.shim_start);
+            if exited.is_none() && alive {
+                // Its health start period counts from when it really started.
+                let age = SystemTime::now().duration_since(running.started_at).unwrap_or_default();
+                let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                let shim = Shim::Adopted { pid: running.shim_pid, start: running.shim_start };
+                ctl.pgid = i32::try_from(running.task_pid).ok();
+                follow(
+                    &self.inner,
+                    &task,
+                    &mut ctl,
+                    shim,
+                    running.task_pid,
+                    running.started_at,
+                    started,
+                );
+                // A healthy task stays in service; its probes carry on from there.
+                if let Some(h) = shim::read_json::<Health>(&dir, HEALTH_FILE)
+                    && ctl.spec.health.is_some()
+                {
+                    self.inner.update(&task, EventKind::Health, |s| s.health = Some(h));
+                }
+            } else if exited.is_some() {
+                let (done, done_rx) = watch::channel(true);
+                drop(done);
+                tokio::spawn(supervisor::tail(dir.clone(), task.logs.clone(), done_rx));
+                let state = end_state(ctl.stop_requested, exited.map(|x| x.code));
+                self.inner.set_state(&task, state, |s| {
+                    s.started_at = Some(running.started_at);
+                    end_status(s, exited);
+                });
+            } else {
+                // Running, but nobody left to tell how it ends: end it now, reported failed.
+                // Its pid may be anyone's by now: only its namespace is emptied.
+                let gone = Shim::Adopted { pid: running.shim_pid, start: running.shim_start };
+                follow(
+                    &self.inner,
+                    &task,
+                    &mut ctl,
+                    gone,
+                    running.task_pid,
+                    running.started_at,
+                    Instant::now(),
+                );
+            }
+            drop(ctl);
+            tracing::info!(task = %id, state = %task.state(), "adopted a task");
+            adopted.push(task.status());
+        }
+        self.clean_stale().await?;
+        Ok(adopted)
+    }
+
     /// Deletes what a previous run of an agent with this prefix left behind: namespaces named
     /// `PREFIX-t-*` that no current task owns (after killing every process in them) and state
     /// directories of unknown tasks. Returns the namespaces removed.
@@ -519,7 +620,7 @@ async fn wait_terminal(rx: &mut watch::Receiver<TaskStatus>) -> Option<TaskStatu
 /// Makes the state directory and the namespace with `lo` up.
 async fn prepare(task: &Task) -> Result<()> {
     let dir = task.dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    private_dir(&dir)?;
     let name = task.netns.clone();
     let ns = tokio::task::spawn_blocking(move || NetNs::create(&name))
         .await
@@ -571,21 +672,51 @@ fn write_files(dir: &Path, spec: &TaskSpec) -> Result<(PathBuf, PathBuf)> {
     Ok((resolv, hosts))
 }
 
-/// Waits for the task's process, then tears down what it leaves, like a container whose PID
-/// namespace goes away: nothing of a task outlives its main process.
+/// Marks a task whose shim runs `running` with the task's `pid`, and starts copying its log,
+/// waiting for its end and (with a health check) probing it. Call with `ctl` held.
+fn follow(
+    inner: &Arc<Inner>,
+    task: &Arc<Task>,
+    ctl: &mut Ctl,
+    shim: Shim,
+    pid: u32,
+    started_at: SystemTime,
+    started: Instant,
+) {
+    let health = ctl.spec.health.clone();
+    inner.set_state(task, TaskState::Running, |s| {
+        s.pid = Some(pid);
+        s.started_at = Some(started_at);
+        s.health = health.as_ref().map(|_| Health::Starting);
+    });
+    let (done, done_rx) = watch::channel(false);
+    let tail = tokio::spawn(supervisor::tail(task.dir.clone(), task.logs.clone(), done_rx));
+    if let Some(check) = health {
+        let h = tokio::spawn(health_loop(
+            inner.clone(),
+            task.clone(),
+            ctl.spec.clone(),
+            check,
+            pid,
+            started,
+        ));
+        ctl.health = Some(h.abort_handle());
+    }
+    tokio::spawn(supervise(inner.clone(), task.clone(), shim, done, tail));
+}
+
+/// Waits for the task's shim to exit, then takes its exit status and makes sure nothing of the
+/// task is left, like a container whose PID namespace goes away: nothing of a task outlives
+/// its main process. A shim that died without an exit status (killed) fails the task.
 async fn supervise(
     inner: Arc<Inner>,
     task: Arc<Task>,
-    mut child: tokio::process::Child,
-    pumps: Vec<JoinHandle<()>>,
+    shim: Shim,
+    done: watch::Sender<bool>,
+    mut tail: JoinHandle<()>,
 ) {
-    let exit_code = match child.wait().await {
-        Ok(status) => exit_code_of(status),
-        Err(e) => {
-            tracing::warn!(task = %task.id, "wait failed: {e}");
-            -1
-        }
-    };
+    shim.wait().await;
+    let exited: Option<Exited> = shim::read_json(&task.dir, shim::EXIT);
     let pgid = {
         let mut ctl = lock(&task.ctl);
         if let Some(h) = ctl.health.take() {
@@ -593,7 +724,10 @@ async fn supervise(
         }
         ctl.pgid.take()
     };
-    if let Some(pg) = pgid {
+    // The shim reaped the task and killed its group; only without it may the group still live.
+    if exited.is_none()
+        && let Some(pg) = pgid
+    {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pg), Signal::SIGKILL);
     }
     let netns = task.netns.clone();
@@ -603,26 +737,48 @@ async fn supervise(
         }
     })
     .await;
-    for mut pump in pumps {
-        if tokio::time::timeout(PUMP_DRAIN, &mut pump).await.is_err() {
-            pump.abort();
-        }
+    let _ = done.send(true);
+    if tokio::time::timeout(TAIL_DRAIN, &mut tail).await.is_err() {
+        tail.abort();
     }
     task.logs.close();
     let ctl = lock(&task.ctl);
-    let state = if ctl.stop_requested {
-        TaskState::Shutdown
-    } else if exit_code == 0 {
-        TaskState::Complete
-    } else {
-        TaskState::Failed
-    };
-    inner.set_state(&task, state, |s| {
-        s.exit_code = Some(exit_code);
-        if state == TaskState::Failed {
-            s.error = Some(format!("task: non-zero exit ({exit_code})"));
-        }
+    inner.set_state(&task, end_state(ctl.stop_requested, exited.map(|x| x.code)), |s| {
+        end_status(s, exited);
     });
+}
+
+/// The state a task ends in: `shutdown` when asked to stop, else by its exit code.
+fn end_state(stop_requested: bool, code: Option<i32>) -> TaskState {
+    match code {
+        _ if stop_requested => TaskState::Shutdown,
+        Some(0) => TaskState::Complete,
+        _ => TaskState::Failed,
+    }
+}
+
+/// Fills in how the task ended (after [`Inner::set_state`] set its state).
+fn end_status(s: &mut TaskStatus, exited: Option<Exited>) {
+    match exited {
+        Some(x) => {
+            s.exit_code = Some(x.code);
+            s.finished_at = Some(x.finished_at);
+            if s.state == TaskState::Failed {
+                s.error = Some(format!("task: non-zero exit ({})", x.code));
+            }
+        }
+        None => {
+            s.error = Some("task: its supervisor was killed; the exit code is lost".into());
+        }
+    }
+}
+
+/// Makes `dir` (and its parents) and restricts it to its owner.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("chmod", dir, e))
 }
 
 /// Runs the health probes of a running task until it stops (the supervisor aborts this).
@@ -652,7 +808,8 @@ async fn health_loop(
                 s.health = Some(h);
             }
         };
-        if change.is_some() {
+        if let Some(h) = change {
+            let _ = shim::write_json(&task.dir, HEALTH_FILE, &h);
             inner.update(&task, EventKind::Health, apply);
         } else {
             task.status.send_modify(apply);
@@ -775,7 +932,7 @@ mod tests {
     use super::*;
 
     fn config(prefix: &str) -> RuntimeConfig {
-        RuntimeConfig { prefix: prefix.into(), state_dir: "/tmp/x".into() }
+        RuntimeConfig { prefix: prefix.into(), state_dir: "/tmp/x".into(), shim: "/bin/x".into() }
     }
 
     #[test]
@@ -789,8 +946,10 @@ mod tests {
         for good in ["n1", "lab-node1", "x_y"] {
             config(good).validate().unwrap();
         }
-        let rel = RuntimeConfig { prefix: "n1".into(), state_dir: "rel".into() };
+        let rel = RuntimeConfig { state_dir: "rel".into(), ..config("n1") };
         assert!(matches!(rel.validate(), Err(Error::InvalidConfig { field: "state_dir", .. })));
+        let rel = RuntimeConfig { shim: "shoal".into(), ..config("n1") };
+        assert!(matches!(rel.validate(), Err(Error::InvalidConfig { field: "shim", .. })));
     }
 
     #[test]
@@ -798,6 +957,7 @@ mod tests {
         let inner = Inner {
             prefix: "a".into(),
             tasks_dir: PathBuf::new(),
+            shim: PathBuf::new(),
             tasks: Mutex::new(HashMap::new()),
             events: broadcast::channel(1).0,
         };

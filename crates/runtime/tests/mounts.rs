@@ -83,7 +83,7 @@ async fn bad_mounts_are_refused_or_fail_the_task() {
         vec![Mount { source: gone.clone(), target: lab.state_dir.join("t"), readonly: false }];
     let id = spec.id.clone();
     lab.create(spec).await;
-    let e = lab.rt.start(&id).unwrap_err();
+    let e = lab.rt.start(&id).await.unwrap_err();
     assert!(e.to_string().contains(&gone.display().to_string()), "{e}");
     assert_eq!(lab.rt.inspect(&id).unwrap().state, TaskState::Failed);
     lab.finish().await;

@@ -44,7 +44,7 @@ async fn http_server_reachable_over_veth_into_task_netns() {
         tns = ready.netns
     ));
     lab.rt.set_addresses(&id, vec![tip.parse().unwrap()]).unwrap();
-    let running = lab.rt.start(&id).unwrap();
+    let running = lab.rt.start(&id).await.unwrap();
     assert_eq!(running.state, TaskState::Running);
     assert!(running.pid.is_some());
     assert!(
@@ -110,7 +110,7 @@ async fn private_resolv_conf_hosts_and_hostname() {
     let id = spec.id.clone();
     lab.create(spec).await;
     lab.rt.set_addresses(&id, vec!["10.0.9.7".parse().unwrap()]).unwrap();
-    let st = lab.rt.start(&id).unwrap();
+    let st = lab.rt.start(&id).await.unwrap();
     wait_line(&lab.rt, &id, "done").await;
     let lines = text(&lab.rt, &id);
     assert_eq!(lines[..2], ["nameserver 127.0.0.11", "options ndots:0"]);
@@ -232,7 +232,7 @@ async fn logs_are_capped_and_followable() {
     let id = spec.id.clone();
     lab.create(spec).await;
     let mut follower = lab.rt.logs(&id).unwrap().follow();
-    lab.rt.start(&id).unwrap();
+    lab.rt.start(&id).await.unwrap();
     let first =
         tokio::time::timeout(Duration::from_secs(10), follower.next()).await.unwrap().unwrap();
     assert_eq!(first.line, "tick1");
@@ -276,7 +276,7 @@ async fn health_starting_healthy_unhealthy() {
     let id = spec.id.clone();
     let mut events = lab.rt.subscribe();
     lab.create(spec).await;
-    let st = lab.rt.start(&id).unwrap();
+    let st = lab.rt.start(&id).await.unwrap();
     assert_eq!(st.health, Some(Health::Starting));
     assert!(!st.is_serving());
 
@@ -428,7 +428,7 @@ async fn exit_codes_map_to_complete_and_failed() {
     use TaskState::*;
     assert_eq!(states, [New, Preparing, Ready, Starting, Running, Complete]);
     // Starting a finished task is refused and changes nothing.
-    assert!(matches!(lab.rt.start(&ok), Err(Error::InvalidState { .. })));
+    assert!(matches!(lab.rt.start(&ok).await, Err(Error::InvalidState { .. })));
     lab.finish().await;
 }
 
@@ -460,7 +460,7 @@ async fn missing_binary_fails_cleanly() {
     spec.workdir = Some("/nonexistent-dir".into());
     let id = spec.id.clone();
     lab.create(spec).await;
-    let err = lab.rt.start(&id).unwrap_err();
+    let err = lab.rt.start(&id).await.unwrap_err();
     assert!(matches!(err, Error::Spawn { .. }), "{err:?}");
     let st = lab.rt.inspect(&id).unwrap();
     assert_eq!(st.state, TaskState::Failed);
@@ -527,7 +527,7 @@ async fn lifecycle_latency() {
         let t0 = Instant::now();
         lab.create(spec).await;
         let t1 = Instant::now();
-        lab.rt.start(&id).unwrap();
+        lab.rt.start(&id).await.unwrap();
         assert_state(&wait_done(&lab.rt, &id).await, TaskState::Complete, Some(0));
         let t2 = Instant::now();
         lab.rt.remove(&id).await.unwrap();

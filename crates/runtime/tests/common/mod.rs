@@ -31,9 +31,7 @@ impl Lab {
     pub fn new(tag: &str) -> Lab {
         let prefix = unique_prefix(tag);
         let state_dir = std::env::temp_dir().join(format!("shoal-rt-test-{prefix}"));
-        let rt =
-            Runtime::new(RuntimeConfig { prefix: prefix.clone(), state_dir: state_dir.clone() })
-                .expect("runtime");
+        let rt = Runtime::new(config(&prefix, &state_dir)).expect("runtime");
         Lab {
             prefix,
             state_dir: state_dir.clone(),
@@ -41,6 +39,11 @@ impl Lab {
             guard: Cleanup::new(),
             dir: DirGuard(state_dir),
         }
+    }
+
+    /// A second runtime on the same state directory, as a restarted agent makes.
+    pub fn restarted(&self) -> Runtime {
+        Runtime::new(config(&self.prefix, &self.state_dir)).expect("runtime")
     }
 
     /// A spec whose id starts with the prefix (so its namespace and files carry it).
@@ -61,7 +64,7 @@ impl Lab {
     pub async fn run(&mut self, spec: TaskSpec) -> String {
         let id = spec.id.clone();
         self.create(spec).await;
-        self.rt.start(&id).expect("start");
+        self.rt.start(&id).await.expect("start");
         id
     }
 
@@ -77,6 +80,15 @@ impl Lab {
         drop(self.dir);
         assert!(left.is_empty(), "left behind: {left:?}");
         assert!(dirs.is_empty(), "task dirs left: {dirs:?}");
+    }
+}
+
+/// The runtime config of a test: its prefix and state dir, this crate's task shim.
+pub fn config(prefix: &str, state_dir: &std::path::Path) -> RuntimeConfig {
+    RuntimeConfig {
+        prefix: prefix.to_owned(),
+        state_dir: state_dir.to_owned(),
+        shim: env!("CARGO_BIN_EXE_shoal-task-shim").into(),
     }
 }
 
