@@ -239,8 +239,12 @@ fn data_path_follows_the_operators_addresses() {
             });
         }
     }
-    let inspect: serde_json::Value =
-        serde_json::from_str(&lab.on("node1", &["network", "inspect", "secnet"])).unwrap();
+    // `network inspect` prints a JSON array, one object per name (as Docker's).
+    let inspect: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        &lab.on("node1", &["network", "inspect", "secnet"]),
+    )
+    .unwrap()[0]
+        .clone();
     let peers = inspect["local"]["encrypted_peers"].as_array().expect("peers");
     assert_eq!(peers.len(), 2, "{inspect}");
     for p in peers {

@@ -1,7 +1,7 @@
 //! A `swarm init` or `swarm join` that fails changes nothing, through the CLI on real lab agents:
 //! whatever the cause (a listen address that cannot be bound, an advertise address the IPv4 data
 //! path cannot use (IPv6, or on no link of the host), a bad token, an unreachable manager, the
-//! WireGuard port taken once the control plane was made), the error says why, the agent keeps answering outside any swarm, no swarm
+//! gossip port taken once the control plane was made), the error says why, the agent keeps answering outside any swarm, no swarm
 //! state is on disk and nothing of it runs (ports free, no ingress sandbox, no WireGuard TUN),
 //! the agent restarts fine, and the corrected command then works.
 
@@ -21,9 +21,10 @@ fn netns(lab: &Lab, node: &str) -> NetNs {
     NetNs::open(&format!("{}-{node}", lab.name)).unwrap()
 }
 
-/// Binds a UDP port on every address of a node, as another program on that host would.
-fn hold_udp(lab: &Lab, node: &str, port: u16) -> UdpSocket {
-    netns(lab, node).run(move || UdpSocket::bind(("0.0.0.0", port))).unwrap().unwrap()
+/// Binds the gossip port's TCP side on every address of a node, as another program on that
+/// host would: gossip starts after the control plane has written the node's swarm state.
+fn hold_gossip_tcp(lab: &Lab, node: &str) -> TcpListener {
+    netns(lab, node).run(|| TcpListener::bind(("0.0.0.0", 7946))).unwrap().unwrap()
 }
 
 /// The command must fail; returns its stderr.
@@ -85,27 +86,31 @@ fn a_failed_init_or_join_changes_nothing() {
     assert!(err.contains(&listen), "{err}");
     assert_outside(&lab, "node1");
 
-    // The data path cannot start (another program holds the WireGuard port) after the control
-    // plane, its certificates and gossip were already up: all of it is undone.
-    let held = hold_udp(&lab, "node1", 51820);
+    // Gossip cannot start (another program holds its TCP port) after the control plane and its
+    // certificates were already made: all of it is undone.
+    let held = hold_gossip_tcp(&lab, "node1");
     let err = fails(&lab, "node1", &["swarm", "init"]);
-    assert!(err.contains("WireGuard") && err.contains("still outside any swarm"), "{err}");
+    assert!(err.contains("gossip") && err.contains("still outside any swarm"), "{err}");
+    drop(held);
     assert_outside(&lab, "node1");
     restart(&lab, "node1");
     assert_outside(&lab, "node1");
-    drop(held);
     assert!(lab.on("node1", &["swarm", "init"]).contains("Swarm initialized"));
     let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"]);
     let token = token.trim();
 
-    // A node in a swarm whose data path cannot start at a restart: the agent exits (a supervisor
+    // A node in a swarm whose gossip cannot start at a restart: the agent exits (a supervisor
     // retries) saying what to do, and starts once the cause is gone, still in its swarm.
     run_ok(shoal().args(["--lab", &lab.name, "lab", "stop", "node1"]));
-    let held = hold_udp(&lab, "node1", 51820);
+    let held = hold_gossip_tcp(&lab, "node1");
     let out = shoal().args(["--lab", &lab.name, "lab", "start", "node1"]).output().unwrap();
     assert!(!out.status.success());
-    let err = lossy(&out.stderr);
-    assert!(err.contains("cannot start its part of it") && err.contains("WireGuard"), "{err}");
+    // The agent's own last word, in its log (the lab prints only the log's last lines, which
+    // may be Raft's shutdown).
+    let state = shoal::lab::LabState::load(&lab.name).unwrap();
+    let log = std::fs::read_to_string(&state.node("node1").unwrap().log).unwrap();
+    let err = log.lines().rfind(|l| l.contains("cannot start its part of it"));
+    assert!(err.is_some_and(|e| e.contains("gossip")), "{log}");
     drop(held);
     run_ok(shoal().args(["--lab", &lab.name, "lab", "start", "node1"]));
     let info: NodeInfo = serde_json::from_str(&lab.on("node1", &["info", "--json"])).unwrap();
@@ -120,10 +125,11 @@ fn a_failed_init_or_join_changes_nothing() {
     assert!(err.contains(&nowhere.to_string()) || err.contains("timed out"), "{err}");
     assert_outside(&lab, "node2");
 
-    // A join the manager admitted, then the data path failed: the node leaves again.
-    let held = hold_udp(&lab, "node2", 51820);
+    // A join the manager admitted, then gossip failed to start: the node leaves again.
+    let held = hold_gossip_tcp(&lab, "node2");
     let err = fails(&lab, "node2", &["swarm", "join", "--token", token, &manager]);
-    assert!(err.contains("WireGuard") && err.contains("still outside any swarm"), "{err}");
+    assert!(err.contains("gossip") && err.contains("still outside any swarm"), "{err}");
+    drop(held);
     assert_outside(&lab, "node2");
     // The managers saw it leave, as after `swarm leave`: Down, and `node rm` removes it.
     eventually("node2 Down on the manager", Duration::from_secs(30), || {
@@ -132,21 +138,23 @@ fn a_failed_init_or_join_changes_nothing() {
     });
     lab.on("node1", &["node", "rm", "node2"]);
     assert!(!lab.on("node1", &["node", "ls"]).contains("node2"));
-    drop(held);
 
     // Agents whose advertise address the IPv4 overlay cannot use: an IPv6 one (on its link), and
-    // one on no link of the host (a NAT or cloud elastic address). Init fails once the control
-    // plane is made, and is undone.
+    // one on no link of the host (a NAT or cloud elastic address). The data-path address
+    // defaults to it, so init refuses before it makes anything, naming the flag that fixes it.
     run_ok(shoal().args(["--lab", &lab.name, "lab", "stop", "node2"]));
     run_ok(&mut lab_exec(
         &lab,
         "node2",
         &["ip", "-6", "addr", "add", "fd00:5:6::2/64", "dev", "eth0", "nodad"],
     ));
-    for (advertise, why) in [("fd00:5:6::2".to_owned(), "IPv4"), (nowhere.to_string(), "no link")] {
+    for (advertise, why) in [
+        ("fd00:5:6::2".to_owned(), "is IPv6"),
+        (nowhere.to_string(), "is not an address of this host"),
+    ] {
         let agent = hand_agent(&lab, "node2", &advertise);
         let err = fails(&lab, "node2", &["swarm", "init"]);
-        assert!(err.contains(why) && err.contains("still outside any swarm"), "{err}");
+        assert!(err.contains(why) && err.contains("--data-path-addr"), "{err}");
         assert_outside(&lab, "node2");
         drop(agent);
     }

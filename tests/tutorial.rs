@@ -86,8 +86,12 @@ fn the_tutorial_runs_end_to_end() {
         assert!(page.contains("connection to redis error"), "node{n}: {page}");
     }
 
-    // The service's output, gathered from all three nodes by the manager.
-    let logs = lab.on("node1", &["service", "logs", "myhelloworld"]);
+    // The service's output, gathered from all three nodes by the manager. Each agent reads its
+    // tasks' output from the files their shims write, a poll (100 ms) behind the task.
+    let logs = eventually("the visits in `service logs`", Duration::from_secs(10), || {
+        let logs = lab.on("node1", &["service", "logs", "myhelloworld"]);
+        logs.contains("GET /visitor: Hello World, connection to redis error").then_some(logs)
+    });
     for n in 1..=3 {
         assert!(
             logs.lines()
