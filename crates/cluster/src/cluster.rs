@@ -722,7 +722,7 @@ impl Cluster {
         self.done(Request::MemberStatus { node, up }).await.map(|_| ())
     }
 
-    /// A raw store write (issue 8: services, tasks, networks, IP allocations).
+    /// A raw store write (services, tasks, networks, IP allocations).
     pub async fn write(&self, cmd: Command) -> Result<(), Error> {
         self.done(Request::Manage(ManageRequest::Write(cmd))).await.map(|_| ())
     }

@@ -2,7 +2,7 @@
 //!
 //! Managers replicate [`Command`]s through Raft; every replica applies them to a [`ClusterState`]
 //! with [`ClusterState::apply`], which validates first and changes nothing on error. Nodes and the
-//! gossip keyring are typed; services, tasks and IP allocations (issue 8) have typed homes in
+//! gossip keyring are typed; services, tasks and IP allocations have typed homes in
 //! [`ClusterState::entries`] keyed by table name, so the store's format does not change when they
 //! arrive.
 
@@ -184,7 +184,7 @@ pub struct NodeRecord {
     pub updated_ms: u64,
 }
 
-/// An overlay network record (the `ingress` network is created at init; issue 8 adds the rest).
+/// An overlay network record (the `ingress` network is created at init, the others by `network create`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {
     /// Network id.
@@ -268,7 +268,7 @@ pub struct ClusterInfo {
     pub created_ms: u64,
 }
 
-/// Table names for the generic entries issue 8 fills.
+/// Table names of the generic entries (services, tasks, IP allocations).
 pub mod tables {
     /// Services by id.
     pub const SERVICES: &str = "services";

@@ -217,9 +217,9 @@ pub enum ManageRequest {
     RotateGossipKey,
     /// A promoted node with its manager certificate asks to become a Raft voter.
     JoinRaft,
-    /// A raw store write (for issue 8's services, tasks, networks).
+    /// A raw store write (services, tasks, networks).
     Write(Command),
-    /// The whole store (reads for issue 8 until it has finer ones).
+    /// The whole store (until there are finer reads).
     State,
 }
 

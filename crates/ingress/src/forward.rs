@@ -2,7 +2,7 @@
 //! bytes cross into userspace), or a plain copy for small request/response traffic, with
 //! half-close, an optional idle timeout and prompt reset.
 //!
-//! The splice loop follows deps-notes.md §7: each direction reads into its pipe only when the
+//! The splice loop: each direction reads into its pipe only when the
 //! pipe is empty, so `EAGAIN` on the read always means "socket empty", then drains the pipe
 //! completely into the other socket. Readiness comes from tokio (`readable`/`writable` +
 //! `try_io`); the pipe ends are never registered with the reactor.

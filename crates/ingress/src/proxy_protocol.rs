@@ -1,7 +1,7 @@
 //! PROXY protocol (HAProxy, "The PROXY protocol", versions 1 and 2): the header a proxy sends
 //! before the client's bytes so the backend learns the client's address.
 //!
-//! Layout follows STYLE.md 4: [`Packet`] is a checked view over v2 bytes, [`Header`] the
+//! Like the other wire formats here: [`Packet`] is a checked view over v2 bytes, [`Header`] the
 //! high-level representation with `parse`/`emit`, [`parse`] reads either version from the front
 //! of a buffer (hostile input: every length is checked, nothing panics), and
 //! [`Header::to_v1`]/[`Header::emit_v2`] write the header into a caller-owned buffer so the
