@@ -288,6 +288,10 @@ fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Respo
 
 // ---- networks ----
 
+/// How often `network create` reads the store again after losing a race for a subnet or VNI
+/// (each round of a race has one winner, so this covers that many creates at once).
+const MAX_CREATE_ATTEMPTS: u32 = 32;
+
 async fn network_create(
     State(st): State<Arc<ApiState>>,
     axum::Json(req): axum::Json<NetworkCreate>,
@@ -300,30 +304,47 @@ async fn network_create(
                 "driver {d:?} is not supported: shoal networks are overlay networks"
             )));
         }
-        let state = store(&c).await?;
-        if state.networks.values().any(|n| n.name == req.name) {
-            return Err(error(
-                StatusCode::CONFLICT,
-                format!("network with name {} already exists", req.name),
-            ));
+        // The store refuses a subnet or VNI another create took after we read it; then the
+        // next attempt reads again and picks past it (a name taken meanwhile is a conflict).
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let state = store(&c).await?;
+            if state.networks.values().any(|n| n.name == req.name) {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    format!("network with name {} already exists", req.name),
+                ));
+            }
+            let mut ipam = leader::ipam_of(&state).map_err(|e| bad_request(format!("{e:#}")))?;
+            let id = new_id();
+            let subnet =
+                ipam.add_network(&id, req.subnet).map_err(|e| bad_request(e.to_string()))?;
+            let rec = NetworkRecord {
+                id: id.clone(),
+                name: req.name.clone(),
+                driver: "overlay".into(),
+                subnet: ipnet::IpNet::V4(subnet),
+                gateway: leader::gateway_of(subnet),
+                vni: leader::next_vni(&state),
+                ingress: false,
+                attachable: req.attachable,
+                encrypted: req.encrypted,
+                labels: req.labels.clone(),
+            };
+            match c.write(Command::PutNetwork(rec)).await {
+                Ok(()) => {
+                    let body = axum::Json(serde_json::json!({ "id": id }));
+                    return Ok((StatusCode::CREATED, body).into_response());
+                }
+                Err(shoal_cluster::Error::Refused(_)) if attempts < MAX_CREATE_ATTEMPTS => {
+                    // Spread the losers of a race so they do not collide again at once.
+                    let ms = 5 + rand::random::<u64>() % 45;
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(cluster_error(e)),
+            }
         }
-        let mut ipam = leader::ipam_of(&state).map_err(|e| bad_request(format!("{e:#}")))?;
-        let id = new_id();
-        let subnet = ipam.add_network(&id, req.subnet).map_err(|e| bad_request(e.to_string()))?;
-        let rec = NetworkRecord {
-            id: id.clone(),
-            name: req.name.clone(),
-            driver: "overlay".into(),
-            subnet: ipnet::IpNet::V4(subnet),
-            gateway: leader::gateway_of(subnet),
-            vni: leader::next_vni(&state),
-            ingress: false,
-            attachable: req.attachable,
-            encrypted: req.encrypted,
-            labels: req.labels.clone(),
-        };
-        write(&c, Command::PutNetwork(rec)).await?;
-        Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "id": id }))).into_response())
     };
     run.await.unwrap_or_else(|r| r)
 }

@@ -614,8 +614,23 @@ impl ClusterState {
                 ev.push(ClusterEvent::Keyring { version: self.keyring.version });
             }
             Command::PutNetwork(n) => {
-                if self.networks.values().any(|x| x.name == n.name && x.id != n.id) {
-                    return Err(format!("network with name {} already exists", n.name));
+                // Decided here, not by the writer: two creates that read the same store and
+                // picked the same subnet or VNI must not both land.
+                for x in self.networks.values().filter(|x| x.id != n.id) {
+                    if x.name == n.name {
+                        return Err(format!("network with name {} already exists", n.name));
+                    }
+                    if x.vni == n.vni {
+                        return Err(format!("VNI {} is already used by network {}", n.vni, x.name));
+                    }
+                    if x.subnet.contains(&n.subnet.network())
+                        || n.subnet.contains(&x.subnet.network())
+                    {
+                        return Err(format!(
+                            "subnet {} overlaps {} of network {}",
+                            n.subnet, x.subnet, x.name
+                        ));
+                    }
                 }
                 self.networks.insert(n.id.clone(), n.clone());
             }
@@ -625,6 +640,18 @@ impl ClusterState {
                 }
             }
             Command::PutEntry { table, key, value } => {
+                // A service's name is its DNS name: one service per name, decided here so two
+                // concurrent creates cannot both land.
+                if table == tables::SERVICES
+                    && let Some(name) = value.get("name").and_then(|v| v.as_str())
+                    && self.entries.get(tables::SERVICES).is_some_and(|t| {
+                        t.iter().any(|(k, v)| {
+                            k != key && v.get("name").and_then(|v| v.as_str()) == Some(name)
+                        })
+                    })
+                {
+                    return Err(format!("service with name {name} already exists"));
+                }
                 self.entries.entry(table.clone()).or_default().insert(key.clone(), value.clone());
             }
             Command::ReportTask { owner, key, fields } => {
@@ -804,6 +831,47 @@ mod tests {
             assert_eq!(id.to_string().parse::<NodeId>(), Ok(id));
         }
         assert!("short".parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn subnets_vnis_and_service_names_are_decided_by_the_store() {
+        let mut s = init_state();
+        let net = |id: &str, name: &str, subnet: &str, vni: u32| NetworkRecord {
+            id: id.into(),
+            name: name.into(),
+            driver: "overlay".into(),
+            subnet: subnet.parse().expect("net"),
+            gateway: "10.0.1.1".parse().expect("ip"),
+            vni,
+            ingress: false,
+            attachable: true,
+            encrypted: false,
+            labels: BTreeMap::new(),
+        };
+        s.apply(&Command::PutNetwork(net("a", "a", "10.0.1.0/24", 4097)), 1).expect("first");
+        let before = s.clone();
+        // Two creates that read the same store: the second one's picks are refused.
+        let same_subnet = s.apply(&Command::PutNetwork(net("b", "b", "10.0.1.0/24", 4098)), 2);
+        assert!(same_subnet.unwrap_err().contains("overlaps"));
+        let wider = s.apply(&Command::PutNetwork(net("b", "b", "10.0.0.0/16", 4098)), 2);
+        assert!(wider.unwrap_err().contains("overlaps"));
+        let same_vni = s.apply(&Command::PutNetwork(net("b", "b", "10.0.2.0/24", 4097)), 2);
+        assert!(same_vni.unwrap_err().contains("VNI 4097"));
+        assert_eq!(s, before);
+        // Updating a network in place is no conflict with itself.
+        s.apply(&Command::PutNetwork(net("a", "a", "10.0.1.0/24", 4097)), 3).expect("same id");
+
+        let svc = |id: &str, name: &str| Command::PutEntry {
+            table: tables::SERVICES.into(),
+            key: id.into(),
+            value: serde_json::json!({ "id": id, "name": name }),
+        };
+        s.apply(&svc("s1", "web"), 4).expect("first web");
+        s.apply(&svc("s1", "web"), 5).expect("the same service again");
+        let before = s.clone();
+        assert!(s.apply(&svc("s2", "web"), 6).unwrap_err().contains("already exists"));
+        assert_eq!(s, before);
+        s.apply(&svc("s2", "api"), 7).expect("another name");
     }
 
     #[test]

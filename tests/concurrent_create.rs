@@ -1,0 +1,88 @@
+//! Creates that race: 20 `network create` and `service create` calls at once, spread over three
+//! managers, leave no two networks with one subnet or VNI and no two services with one name,
+//! and the scheduler keeps working afterwards. The store decides; the API only proposes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Lab, eventually, lossy, require_root, running_per_node};
+
+#[test]
+fn racing_creates_leave_no_duplicate() {
+    if !require_root("racing_creates_leave_no_duplicate") {
+        return;
+    }
+    let lab = Lab::up(3);
+    lab.swarm(3);
+    lab.on("node1", &["node", "promote", "node2", "node3"]);
+    eventually("three managers", Duration::from_secs(60), || {
+        let ls = lab.on("node1", &["node", "ls"]);
+        (ls.matches("Reachable").count() + ls.matches("Leader").count() == 3).then_some(())
+    });
+
+    let outcomes: Vec<(String, bool, String)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let node = format!("node{}", i % 3 + 1);
+                let args: Vec<String> = if i < 10 {
+                    ["network", "create", "-d", "overlay", "--attachable", &format!("race{i}")]
+                        .map(String::from)
+                        .to_vec()
+                } else {
+                    let name = format!("dup{}", i % 2);
+                    ["service", "create", "-d", "--name", &name, "--", "sleep", "100000"]
+                        .map(String::from)
+                        .to_vec()
+                };
+                let lab = &lab;
+                s.spawn(move || {
+                    let argv: Vec<&str> = ["--node", node.as_str()]
+                        .into_iter()
+                        .chain(args.iter().map(String::as_str))
+                        .collect();
+                    let out = lab.shoal(&argv);
+                    (args.join(" "), out.status.success(), lossy(&out.stderr))
+                })
+            })
+            .collect();
+        calls.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    // Every network create lands, each with its own subnet and VNI.
+    for (call, ok, err) in outcomes.iter().filter(|(c, ..)| c.starts_with("network")) {
+        assert!(ok, "{call}: {err}");
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("race{i}")).collect();
+    let mut argv = vec!["network", "inspect"];
+    argv.extend(names.iter().map(String::as_str));
+    let views: Vec<serde_json::Value> = serde_json::from_str(&lab.on("node2", &argv)).unwrap();
+    let subnets: BTreeSet<String> =
+        views.iter().map(|v| v["network"]["subnet"].as_str().unwrap().to_owned()).collect();
+    let vnis: BTreeSet<u64> = views.iter().map(|v| v["network"]["vni"].as_u64().unwrap()).collect();
+    assert_eq!((subnets.len(), vnis.len()), (10, 10), "{subnets:?} {vnis:?}");
+
+    // Of the service creates, exactly one per name lands; the others are told why.
+    let services: Vec<_> = outcomes.iter().filter(|(c, ..)| c.starts_with("service")).collect();
+    assert_eq!(services.iter().filter(|(_, ok, _)| *ok).count(), 2, "{services:?}");
+    for (call, ok, err) in &services {
+        assert!(*ok || err.contains("already exists"), "{call}: {err}");
+    }
+    let ls = lab.on("node3", &["service", "ls", "-q"]);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+
+    // The scheduler is unharmed: the survivors run, and a new service converges.
+    for name in ["dup0", "dup1"] {
+        eventually(&format!("{name} running"), Duration::from_secs(60), || {
+            (running_per_node(&lab, name).values().sum::<usize>() == 1).then_some(())
+        });
+    }
+    let out = lab.on(
+        "node1",
+        &["service", "create", "--replicas", "3", "--name", "after", "--", "sleep", "100000"],
+    );
+    assert!(out.contains("converged"), "{out}");
+}
