@@ -1,6 +1,6 @@
-//! Creates that race: 20 `network create` and `service create` calls at once, spread over three
-//! managers, leave no two networks with one subnet or VNI and no two services with one name,
-//! and the scheduler keeps working afterwards. The store decides; the API only proposes.
+//! Creates that race: 24 `network create` and `service create` calls at once, spread over three
+//! managers, leave no two networks with one subnet or VNI, no two services with one name or one
+//! published port, and the scheduler keeps working afterwards. The store decides; the API only proposes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,18 +25,27 @@ fn racing_creates_leave_no_duplicate() {
     });
 
     let outcomes: Vec<(String, bool, String)> = std::thread::scope(|s| {
-        let calls: Vec<_> = (0..20)
+        let calls: Vec<_> = (0..24)
             .map(|i| {
                 let node = format!("node{}", i % 3 + 1);
                 let args: Vec<String> = if i < 10 {
                     ["network", "create", "-d", "overlay", "--attachable", &format!("race{i}")]
                         .map(String::from)
                         .to_vec()
-                } else {
+                } else if i < 20 {
                     let name = format!("dup{}", i % 2);
                     ["service", "create", "-d", "--name", &name, "--", "sleep", "100000"]
                         .map(String::from)
                         .to_vec()
+                } else {
+                    // Four services, one published port.
+                    let name = format!("port{i}");
+                    [
+                        "service", "create", "-d", "--name", &name, "-p", "8500:80", "--", "sleep",
+                        "100000",
+                    ]
+                    .map(String::from)
+                    .to_vec()
                 };
                 let lab = &lab;
                 s.spawn(move || {
@@ -65,14 +74,19 @@ fn racing_creates_leave_no_duplicate() {
     let vnis: BTreeSet<u64> = views.iter().map(|v| v["network"]["vni"].as_u64().unwrap()).collect();
     assert_eq!((subnets.len(), vnis.len()), (10, 10), "{subnets:?} {vnis:?}");
 
-    // Of the service creates, exactly one per name lands; the others are told why.
+    // Of the service creates, exactly one per name and one per published port lands; the
+    // others are told why.
     let services: Vec<_> = outcomes.iter().filter(|(c, ..)| c.starts_with("service")).collect();
-    assert_eq!(services.iter().filter(|(_, ok, _)| *ok).count(), 2, "{services:?}");
+    let landed = |f: &str| services.iter().filter(|(c, ok, _)| *ok && c.contains(f)).count();
+    assert_eq!((landed("dup"), landed("8500")), (2, 1), "{services:?}");
     for (call, ok, err) in &services {
-        assert!(*ok || err.contains("already exists"), "{call}: {err}");
+        assert!(
+            *ok || err.contains("already exists") || err.contains("already in use"),
+            "{call}: {err}"
+        );
     }
     let ls = lab.on("node3", &["service", "ls", "-q"]);
-    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert_eq!(ls.lines().count(), 3, "{ls}");
 
     // The scheduler is unharmed: the survivors run, and a new service converges.
     for name in ["dup0", "dup1"] {

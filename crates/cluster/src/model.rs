@@ -503,6 +503,36 @@ fn is_standalone(v: &serde_json::Value) -> bool {
 }
 
 impl ClusterState {
+    /// A service's name is its DNS name and a published port belongs to one service: both are
+    /// decided here, so two concurrent creates that each checked first cannot both land.
+    fn check_service_unique(&self, key: &str, value: &serde_json::Value) -> Result<(), String> {
+        let Some(others) = self.entries.get(tables::SERVICES) else { return Ok(()) };
+        let ports = |v: &serde_json::Value| -> Vec<(u64, String)> {
+            v.get("ports")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((p.get("published")?.as_u64()?, p.get("protocol")?.as_str()?.to_owned()))
+                })
+                .collect()
+        };
+        let name = value.get("name").and_then(|v| v.as_str());
+        let mine = ports(value);
+        for (k, other) in others.iter().filter(|(k, _)| k.as_str() != key) {
+            let other_name = other.get("name").and_then(|v| v.as_str()).unwrap_or(k);
+            if name.is_some() && name == Some(other_name) {
+                return Err(format!("service with name {other_name} already exists"));
+            }
+            if let Some((port, _)) = ports(other).into_iter().find(|p| mine.contains(p)) {
+                return Err(format!(
+                    "port '{port}' is already in use by service '{other_name}' ({k})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a command: validates, then changes; on error nothing changed.
     pub fn apply(&mut self, cmd: &Command, now_ms: u64) -> Result<Vec<ClusterEvent>, String> {
         if self.cluster.is_none() && !matches!(cmd, Command::Init { .. }) {
@@ -640,17 +670,8 @@ impl ClusterState {
                 }
             }
             Command::PutEntry { table, key, value } => {
-                // A service's name is its DNS name: one service per name, decided here so two
-                // concurrent creates cannot both land.
-                if table == tables::SERVICES
-                    && let Some(name) = value.get("name").and_then(|v| v.as_str())
-                    && self.entries.get(tables::SERVICES).is_some_and(|t| {
-                        t.iter().any(|(k, v)| {
-                            k != key && v.get("name").and_then(|v| v.as_str()) == Some(name)
-                        })
-                    })
-                {
-                    return Err(format!("service with name {name} already exists"));
+                if table == tables::SERVICES {
+                    self.check_service_unique(key, value)?;
                 }
                 self.entries.entry(table.clone()).or_default().insert(key.clone(), value.clone());
             }
@@ -872,6 +893,16 @@ mod tests {
         assert!(s.apply(&svc("s2", "web"), 6).unwrap_err().contains("already exists"));
         assert_eq!(s, before);
         s.apply(&svc("s2", "api"), 7).expect("another name");
+        let published = |id: &str, name: &str, port: u16| Command::PutEntry {
+            table: tables::SERVICES.into(),
+            key: id.into(),
+            value: serde_json::json!({ "id": id, "name": name,
+                "ports": [{ "published": port, "target": 80, "protocol": "tcp" }] }),
+        };
+        s.apply(&published("s3", "front", 8100), 8).expect("first on 8100");
+        let e = s.apply(&published("s4", "other", 8100), 9).unwrap_err();
+        assert!(e.contains("port '8100' is already in use by service 'front'"), "{e}");
+        s.apply(&published("s3", "front", 8100), 10).expect("its own port again");
     }
 
     #[test]
