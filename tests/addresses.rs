@@ -230,7 +230,7 @@ fn data_path_follows_the_operators_addresses() {
         assert_eq!(ips.len(), 3, "{net}: {listing}");
         for ip in &ips {
             let url = format!("http://{ip}:8310/visitor");
-            eventually(&format!("{url} from node1's task"), Duration::from_secs(30), || {
+            eventually(&format!("{url} from node1's task"), Duration::from_secs(60), || {
                 let out = Command::new("ip")
                     .args(["netns", "exec", &ns1, "curl", "-s", "-m", "5", &url])
                     .output()
@@ -253,7 +253,13 @@ fn data_path_follows_the_operators_addresses() {
         assert!(endpoint.starts_with("198.19.") && endpoint.ends_with(":51820"), "{inspect}");
     }
 
-    // What went over which wire.
+    // What went over which wire. tcpdump writes each packet as it reads it but may lag behind
+    // the kernel on a busy machine, and what it has not read when stopped is lost: wait until
+    // the encrypted curls above show in the file before stopping it.
+    eventually("the data bridge's capture to catch up", Duration::from_secs(30), || {
+        (count(&on_data, "udp port 51820") > 0 && count(&on_data, "udp port 4790") > 0)
+            .then_some(())
+    });
     drop(captures);
     let vxlan_data = count(&on_data, "udp port 4790");
     let wg_data = count(&on_data, "udp port 51820");
