@@ -47,6 +47,8 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod pki;
 pub mod policy;

@@ -225,7 +225,9 @@ impl Forwarder {
     }
 }
 
-fn check_reply(
+/// An upstream's reply to our query `id` for `question`: `Ok(None)` if it answers something else
+/// (late or spoofed: keep waiting), an error if it is malformed or asks another question.
+pub(crate) fn check_reply(
     server: SocketAddr,
     buf: &[u8],
     id: u16,

@@ -37,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod records;
 pub mod server;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use rand::RngExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -313,7 +313,12 @@ struct Driver {
     published: Instant,
 }
 
-async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, Option<DropReason>> {
+/// Reads one length-prefixed sync frame of at most `max` bytes; `Err(None)` when the stream ends
+/// (or fails) before the length, `Err(Some(_))` when the peer misbehaved after it.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    s: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, Option<DropReason>> {
     let len = s.read_u32().await.map_err(|_| None)? as usize;
     if len > max {
         return Err(Some(DropReason::TooBig));

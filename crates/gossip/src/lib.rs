@@ -58,6 +58,8 @@
 pub mod config;
 mod core;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generation;
 pub mod keyring;
 pub mod metrics;

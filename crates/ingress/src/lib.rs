@@ -32,6 +32,8 @@
 pub mod balancer;
 mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod maglev;
 mod mesh;

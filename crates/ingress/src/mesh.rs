@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shoal_netns::NetNs;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -639,24 +639,30 @@ async fn run_check(ctx: &Ctx, spec: &ServiceSpec, addr: IpAddr) -> bool {
                     "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: shoal-mesh-check\r\nConnection: close\r\n\r\n"
                 );
                 s.write_all(req.as_bytes()).await.ok()?;
-                let mut buf = [0u8; 64];
-                let mut n = 0;
-                while n < 12 {
-                    let m = s.read(&mut buf[n..]).await.ok()?;
-                    if m == 0 {
-                        break;
-                    }
-                    n += m;
-                }
-                Some(http_status_ok(&buf[..n]))
+                read_check_response(&mut s).await
             }
         }
     };
     tokio::time::timeout(timeout, work).await.ok().flatten().unwrap_or(false)
 }
 
+/// Reads the head of a backend's answer to an HTTP check, however it is split into reads, and
+/// judges its status line; `None` if the read fails.
+pub(crate) async fn read_check_response<R: AsyncRead + Unpin>(s: &mut R) -> Option<bool> {
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let m = s.read(&mut buf[n..]).await.ok()?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    Some(http_status_ok(&buf[..n]))
+}
+
 /// Whether an HTTP response starts with a 2xx or 3xx status line.
-fn http_status_ok(head: &[u8]) -> bool {
+pub(crate) fn http_status_ok(head: &[u8]) -> bool {
     let ok_prefix = head.starts_with(b"HTTP/1.1 ") || head.starts_with(b"HTTP/1.0 ");
     ok_prefix
         && head.len() >= 12

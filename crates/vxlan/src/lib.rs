@@ -40,6 +40,8 @@
 
 #![deny(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 mod kernel;
 pub mod keys;

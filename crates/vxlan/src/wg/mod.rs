@@ -22,6 +22,7 @@
 //! plain threads doing blocking system calls rather than tokio tasks: the data path is a tight
 //! loop over batched syscalls, and a runtime would only add wake-ups.
 
+mod fuzz;
 mod gro;
 mod sys;
 
@@ -51,6 +52,9 @@ use crate::{EncryptionConfig, Error, NodeNs, keys::NodeKey};
 pub fn check_tun(name: &str) -> std::io::Result<()> {
     sys::open_tun(name).map(drop)
 }
+
+#[doc(hidden)]
+pub use fuzz::receive as fuzz_receive;
 
 /// Fuzzing entry point (not for the agent): runs the TUN offload code over arbitrary bytes,
 /// the first [`gro::VNET_HDR_LEN`] as a virtio-net header and the rest as a packet, both as a
@@ -712,15 +716,18 @@ fn rx_loop(shared: &Shared, tun: &File, udp: &UdpSocket, buf_size: usize) {
                 shared.counters.rx_unknown_peer.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            // A GRO buffer holds several datagrams of `seg` bytes (the last may be shorter).
-            let buf = &batch.bufs[i][..batch.lens[i]];
-            let seg = if batch.seg[i] > 0 { batch.seg[i] } else { buf.len().max(1) };
-            for datagram in buf.chunks(seg) {
+            for datagram in datagrams(&batch.bufs[i][..batch.lens[i]], batch.seg[i]) {
                 receive_one(shared, &snap, peer, tun, udp, from, datagram, &mut train);
             }
         }
         train.flush(shared, tun);
     }
+}
+
+/// The datagrams of one received buffer: with UDP GRO it holds several of `seg` bytes (the last
+/// may be shorter); `seg` 0 means the buffer is one datagram.
+fn datagrams(buf: &[u8], seg: usize) -> std::slice::Chunks<'_, u8> {
+    buf.chunks(if seg > 0 { seg } else { buf.len().max(1) })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -774,20 +781,36 @@ fn receive_one(
 /// Whether a decrypted packet may go to the TUN: its source is the peer's tunnel address and
 /// VXLAN inside is for an encrypted network.
 fn admit(shared: &Shared, snap: &Snapshot, peer: &Peer, pkt: &[u8], src: Ipv4Addr) -> bool {
-    if src != peer.key.tunnel {
-        peer.counters.drop(DropReason::AllowedIps);
-        return false;
+    match check_decrypted(pkt, src, peer.key.tunnel, shared.data_port, &snap.vnis) {
+        Ok(()) => true,
+        Err(reason) => {
+            peer.counters.drop(reason);
+            false
+        }
+    }
+}
+
+/// The checks of [`admit`] on their own: a decrypted packet from `src` (boringtun's parse of
+/// its source) of a peer whose tunnel address is `tunnel`.
+fn check_decrypted(
+    pkt: &[u8],
+    src: Ipv4Addr,
+    tunnel: Ipv4Addr,
+    data_port: u16,
+    vnis: &BTreeSet<u32>,
+) -> Result<(), DropReason> {
+    if src != tunnel {
+        return Err(DropReason::AllowedIps);
     }
     // VXLAN inside the tunnel must be for an encrypted network: the guard trusts the TUN, so
     // a peer must not use it to reach plain networks' VNIs either.
     if let Ok(v) = wire::parse_vxlan_over_ipv4(pkt)
-        && v.dst_port == shared.data_port
-        && !snap.vnis.contains(&v.vni)
+        && v.dst_port == data_port
+        && !vnis.contains(&v.vni)
     {
-        peer.counters.drop(DropReason::VniNotEncrypted);
-        return false;
+        return Err(DropReason::VniNotEncrypted);
     }
-    true
+    Ok(())
 }
 
 fn run_timers(shared: &Shared, udp: &UdpSocket, out: &mut [u8]) {
