@@ -929,6 +929,9 @@ async fn dataplane(
             Ok(_) => lock(&inner.local).tables = Some(tables),
             Err(e) => tracing::warn!(error = %e, "programming the overlay"),
         }
+    } else if let Err(e) = inner.overlay.check_guard().await {
+        // (set_tables checks it too.) An encrypted network must never run unguarded for long.
+        tracing::warn!(error = %e, "the encrypted networks' cleartext guard");
     }
 
     // DNS: services with their VIPs and serving tasks, standalone tasks by name.

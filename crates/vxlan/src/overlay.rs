@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use rtnetlink::packet_route::link::InfoKind;
@@ -90,6 +91,8 @@ struct Sandbox {
 struct State {
     reconciler: Reconciler,
     sandboxes: BTreeMap<String, Sandbox>,
+    /// The VNIs of the guard last applied and found in force (`None` before the first).
+    guard: Option<BTreeSet<u32>>,
 }
 
 /// The overlay driver of one node. Methods take `&self`; changes are serialised inside.
@@ -105,6 +108,13 @@ pub struct Overlay {
     /// The WireGuard device, while a local network is encrypted. Swapped only with `state`
     /// locked; read without it by the statistics.
     wg: ArcSwapOption<wg::Device>,
+    /// Times the guard was found gone or wrong and applied again.
+    guard_reapplied: AtomicU64,
+    /// Drops counted by guard tables that were since replaced (a new table counts from 0).
+    guard_drops_before: AtomicU64,
+    /// The drops of the guard table in force at its last check: what a table deleted by hand
+    /// had counted (at least).
+    guard_drops_checked: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -201,12 +211,16 @@ impl Overlay {
             state: Mutex::new(State {
                 reconciler: Reconciler::new(cfg.node_id.clone()),
                 sandboxes: BTreeMap::new(),
+                guard: None,
             }),
             cfg,
             node,
             node_nl,
             underlay_mtu,
             wg: ArcSwapOption::empty(),
+            guard_reapplied: AtomicU64::new(0),
+            guard_drops_before: AtomicU64::new(0),
+            guard_drops_checked: AtomicU64::new(0),
         };
         overlay.adopt().await?;
         Ok(overlay)
@@ -347,14 +361,21 @@ impl Overlay {
             false
         } else {
             // The encrypted network's VXLAN device sends to tunnel addresses: the TUN that
-            // takes them must be there first.
+            // takes them must be there first. And its VXLAN socket must never see cleartext
+            // for the VNI: the guard is in force, checked, before the device exists.
             if spec.encrypted {
                 self.ensure_wg(true).await?;
+                let mut vnis = encrypted_vnis(&st);
+                vnis.insert(spec.vni);
+                if let Err(e) = self.ensure_guard(&mut st, &vnis) {
+                    self.undo_encrypted(&mut st).await;
+                    return Err(e);
+                }
             }
             let sb = match self.create_sandbox(spec).await {
                 Ok(sb) => sb,
                 Err(e) => {
-                    let _ = self.ensure_wg(needs_wg(&st)).await;
+                    self.undo_encrypted(&mut st).await;
                     return Err(e);
                 }
             };
@@ -368,7 +389,7 @@ impl Overlay {
                 let _ = self.destroy_sandbox(sb).await;
             }
             st.reconciler.handle_network_down(&spec.id);
-            let _ = self.ensure_wg(needs_wg(&st)).await;
+            self.undo_encrypted(&mut st).await;
         }
         let attached = result?;
         if created {
@@ -527,9 +548,20 @@ impl Overlay {
     pub async fn set_tables(&self, tables: Tables) -> Result<usize, Error> {
         let mut st = self.state.lock().await;
         st.reconciler.handle_tables(tables);
+        let vnis = encrypted_vnis(&st);
+        let guarded = self.ensure_guard(&mut st, &vnis);
         let n = self.reconcile(&mut st).await;
         self.update_wg(&st);
-        n
+        guarded.and(n)
+    }
+
+    /// Checks that the cleartext guard of the encrypted networks here is in force (one
+    /// nftables dump) and applies it again if it is gone or made for other VNIs; returns
+    /// whether it had to. The node runs this on every data-plane pass.
+    pub async fn check_guard(&self) -> Result<bool, Error> {
+        let mut st = self.state.lock().await;
+        let vnis = encrypted_vnis(&st);
+        self.ensure_guard(&mut st, &vnis)
     }
 
     /// Re-reads every sandbox's entries from the kernel and repairs any drift; returns how many
@@ -540,7 +572,10 @@ impl Overlay {
         for id in ids {
             st.reconciler.mark_dirty(&id);
         }
-        self.reconcile(&mut st).await
+        let vnis = encrypted_vnis(&st);
+        let guarded = self.ensure_guard(&mut st, &vnis);
+        let n = self.reconcile(&mut st).await;
+        guarded.and(n)
     }
 
     async fn reconcile(&self, st: &mut State) -> Result<usize, Error> {
@@ -582,14 +617,56 @@ impl Overlay {
     }
 
     async fn after_networks_changed(&self, st: &mut State) -> Result<(), Error> {
-        let vnis: BTreeSet<u32> =
-            st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
+        let vnis = encrypted_vnis(st);
         self.ensure_wg(!vnis.is_empty()).await?;
-        if let Some(enc) = &self.cfg.encryption {
-            guard::apply(&self.node, self.cfg.data_port, &enc.tun_name, &vnis)?;
-        }
+        self.ensure_guard(st, &vnis)?;
         self.update_wg(st);
         self.reconcile(st).await.map(|_| ())
+    }
+
+    /// Makes the guard in force for `vnis` unless it already is, and checks the result. A
+    /// guard that was in force for these VNIs and is no longer (someone deleted or flushed
+    /// the table) counts as re-applied. Returns whether it applied anything. Without
+    /// encryption configured there is no guard.
+    fn ensure_guard(&self, st: &mut State, vnis: &BTreeSet<u32>) -> Result<bool, Error> {
+        let Some(enc) = &self.cfg.encryption else {
+            return Ok(false);
+        };
+        let (port, tun) = (self.cfg.data_port, enc.tun_name.as_str());
+        let (ok, dropped) = guard::in_force(&self.node, port, tun, vnis)?;
+        if ok {
+            st.guard = Some(vnis.clone());
+            self.guard_drops_checked.store(dropped, Ordering::Relaxed);
+            return Ok(false);
+        }
+        if st.guard.as_ref() == Some(vnis) {
+            self.guard_reapplied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                ?vnis,
+                "the encrypted networks' guard was gone or altered; applying it again"
+            );
+        }
+        st.guard = None;
+        let counted = self.guard_drops_checked.swap(0, Ordering::Relaxed).max(dropped);
+        self.guard_drops_before.fetch_add(counted, Ordering::Relaxed);
+        guard::apply(&self.node, port, tun, vnis)?;
+        if !guard::in_force(&self.node, port, tun, vnis)?.0 {
+            return Err(Error::Kernel(format!(
+                "the nftables guard for VNIs {vnis:?} is not in force right after applying it"
+            )));
+        }
+        st.guard = Some(vnis.clone());
+        Ok(true)
+    }
+
+    /// After a failed attach: the guard and the WireGuard device back to what the networks
+    /// still here need (best effort; the next check of the guard repeats it).
+    async fn undo_encrypted(&self, st: &mut State) {
+        let vnis = encrypted_vnis(st);
+        if let Err(e) = self.ensure_guard(st, &vnis) {
+            tracing::warn!(error = %e, "restoring the guard after a failed attach");
+        }
+        let _ = self.ensure_wg(needs_wg(st)).await;
     }
 
     /// Brings the WireGuard device up when `wanted` and it is not, or takes it down (removing
@@ -614,9 +691,7 @@ impl Overlay {
 
     fn update_wg(&self, st: &State) {
         if let Some(wg) = self.wg.load().as_ref() {
-            let vnis: BTreeSet<u32> =
-                st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect();
-            wg.set_peers(&st.reconciler.wg_peers(), &vnis);
+            wg.set_peers(&st.reconciler.wg_peers(), &encrypted_vnis(st));
         }
     }
 
@@ -758,7 +833,9 @@ impl Overlay {
     pub fn device_stats(&self) -> Option<wg::DeviceStats> {
         self.wg.load().as_ref().map(|w| {
             let mut s = w.device_stats();
-            s.guard_dropped_cleartext = guard::drops(&self.node);
+            s.guard_dropped_cleartext =
+                self.guard_drops_before.load(Ordering::Relaxed) + guard::drops(&self.node);
+            s.guard_reapplied = self.guard_reapplied.load(Ordering::Relaxed);
             s
         })
     }
@@ -795,6 +872,11 @@ impl Overlay {
 /// Whether any local network is encrypted, so the node needs its WireGuard device.
 fn needs_wg(st: &State) -> bool {
     st.sandboxes.values().any(|s| s.spec.encrypted)
+}
+
+/// The VNIs of the local encrypted networks: what the guard and the WireGuard device admit.
+fn encrypted_vnis(st: &State) -> BTreeSet<u32> {
+    st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect()
 }
 
 fn nl_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {

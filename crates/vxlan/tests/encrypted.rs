@@ -12,8 +12,8 @@ use shoal_netns::testing::require_root;
 use shoal_vxlan::keys::{decode_key, encode_key};
 use shoal_vxlan::wire::{VxlanPacket, VxlanRepr};
 use shoal_vxlan::{
-    EncryptionConfig, EndpointSpec, Mac, NetworkSpec, NodeKey, Overlay, OverlayConfig, PeerRecord,
-    Tables,
+    DropReason, EncryptionConfig, EndpointSpec, Mac, NetworkSpec, NodeKey, Overlay, OverlayConfig,
+    PeerRecord, Tables,
 };
 
 struct KillOnDrop(std::process::Child);
@@ -321,8 +321,25 @@ fn wireguard_go_peer_completes_handshake() {
         })
         .await
         .expect("tables");
-        assert!(ping_until(&bns, our_tunnel, 10), "wireguard-go pings shoal's tunnel address");
-        assert!(ping(&bns, our_tunnel, 3));
+        // The peer's own kernel VXLAN over wireguard-go's tunnel reaches the task: the
+        // encrypted network works with a WireGuard that is not shoal's.
+        must(&format!(
+            "ip -n {bns} link add vxg type vxlan id {vni} local {their_tunnel} remote {our_tunnel} dstport 4789 && \
+             ip -n {bns} link set vxg address {} mtu 1370 up && \
+             ip -n {bns} addr add 10.203.0.12/24 dev vxg && \
+             ip -n {bns} neigh add 10.203.0.11 lladdr {} dev vxg nud permanent",
+            Mac::from_ipv4(Ipv4Addr::new(10, 203, 0, 12)),
+            // (Shoal's VXLAN devices answer ARP from their neighbour entries, as the peer's
+            // agent would have them; a static one stands in for those here.)
+            Mac::from_ipv4(Ipv4Addr::new(10, 203, 0, 11)),
+        ));
+        let task_ip = Ipv4Addr::new(10, 203, 0, 11);
+        assert!(
+            ping_until(&bns, task_ip, 10),
+            "VXLAN through wireguard-go reaches the task: {:?}",
+            o.peer_stats()
+        );
+        assert!(ping(&bns, task_ip, 3));
         let hs = must(&format!("ip netns exec {bns} wg show wgx latest-handshakes"));
         let ts: u64 = hs.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
         assert!(ts > 0, "wireguard-go records a handshake: {hs}");
@@ -330,6 +347,36 @@ fn wireguard_go_peer_completes_handshake() {
         assert_eq!(stats.len(), 1);
         assert!(stats[0].established, "{stats:?}");
         assert!(stats[0].rx_packets >= 3 && stats[0].tx_packets >= 3, "{stats:?}");
+
+        // Anything else the peer sends through the tunnel is dropped before the TUN: a UDP
+        // service of the node listening on its tunnel address hears nothing, and a ping of
+        // that address goes unanswered.
+        let not_vxlan = |o: &Overlay| {
+            o.peer_stats()[0]
+                .drops
+                .iter()
+                .find(|(r, _)| *r == DropReason::NotVxlan)
+                .map_or(0, |(_, n)| *n)
+        };
+        let before = not_vxlan(&o);
+        let listener =
+            a.ns.run(|| UdpSocket::bind((our_tunnel, 7777))).expect("ns").expect("bind");
+        listener.set_read_timeout(Some(Duration::from_millis(300))).ok();
+        let sender = lab.nodes[1]
+            .ns
+            .run(|| UdpSocket::bind((their_tunnel, 0)))
+            .expect("ns")
+            .expect("bind");
+        let mut buf = [0u8; 64];
+        for _ in 0..5 {
+            sender.send_to(b"not-vxlan", (our_tunnel, 7777)).expect("send into the tunnel");
+            assert!(listener.recv_from(&mut buf).is_err(), "a peer's cleartext reached the host");
+        }
+        assert!(!ping(&bns, our_tunnel, 2), "the host answered a ping through the tunnel");
+        let dropped = not_vxlan(&o) - before;
+        assert!(dropped >= 7, "5 datagrams and 2 pings counted, got {dropped}: {:?}", o.peer_stats());
+        // The tunnel still carries VXLAN.
+        assert!(ping(&bns, task_ip, 2));
         o.shutdown().await.expect("shutdown");
     });
 }
@@ -438,5 +485,141 @@ fn wireguard_runs_only_while_an_encrypted_network_is_here() {
         assert!(tun().0);
         o.shutdown().await.expect("shutdown");
         assert!(!tun().0);
+    });
+}
+
+/// Sends forged cleartext VXLAN for `vni` to the task `10.<third>.0.12` on `target` from
+/// `attacker` (another host on the underlay).
+fn send_forged(attacker: &NetNs, target: Ipv4Addr, vni: u32, third: u8) {
+    let f = forged_vxlan(
+        vni,
+        Mac::from_ipv4(Ipv4Addr::new(10, third, 0, 12)),
+        Ipv4Addr::new(10, third, 0, 11),
+        Ipv4Addr::new(10, third, 0, 12),
+        7777,
+    );
+    attacker
+        .run(|| {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            s.send_to(&f, (target, 4789)).expect("send");
+        })
+        .expect("ns");
+}
+
+#[test]
+fn guard_deleted_by_hand_is_applied_again() {
+    if !require_root("guard_deleted_by_hand_is_applied_again") {
+        return;
+    }
+    let lab = Lab::new("vg", 2);
+    let p = lab.p.clone();
+    let ns = format!("{p}n1");
+    let enc = net(&p, "grd", 45056 + u32::from(lab.subnet), 206, true);
+    let key = NodeKey::generate().expect("key");
+    let node = &lab.nodes[0];
+    let attacker = lab.nodes[1].ns.clone();
+    let rt = rt();
+    rt.block_on(async {
+        let o = Overlay::new(node.node_ns(), enc_config(node, &p, &key)).await.expect("overlay");
+        let t = lab.task("t");
+        let ip = Ipv4Addr::new(10, 206, 0, 12);
+        o.attach(&enc, &EndpointSpec { id: "e", task: &t, ip, ifname: None })
+            .await
+            .expect("attach");
+        let forged = || send_forged(&attacker, node.addr, enc.vni, 206);
+        assert!(!forged_arrives(&t, ip, 7777, forged), "forged cleartext reached the task");
+        let dev = o.device_stats().expect("encryption on");
+        assert!(dev.guard_dropped_cleartext >= 5 && dev.guard_reapplied == 0, "{dev:?}");
+        assert!(!o.check_guard().await.expect("check"), "a guard in force is left alone");
+
+        // Someone deletes the table: the hole is real (the forger gets through) ...
+        must(&format!("ip netns exec {ns} nft delete table inet shoal_guard"));
+        assert!(forged_arrives(&t, ip, 7777, forged), "control: without the guard it arrives");
+        // ... until the next check, which the node runs on every data-plane pass.
+        assert!(o.check_guard().await.expect("check"), "the guard is applied again");
+        let table = must(&format!("ip netns exec {ns} nft list table inet shoal_guard"));
+        assert!(table.contains(&format!("elements = {{ {} }}", enc.vni)), "{table}");
+        assert!(!forged_arrives(&t, ip, 7777, forged), "forged cleartext reached the task");
+        let again = o.device_stats().expect("encryption on");
+        assert_eq!(again.guard_reapplied, 1, "{again:?}");
+        // What the deleted table had dropped (as of the last check) still counts.
+        assert!(again.guard_dropped_cleartext >= dev.guard_dropped_cleartext + 5, "{again:?}");
+
+        // A flushed chain (table still there, rule gone) is found too, by set_tables.
+        let chain = table
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {"))
+            .expect("the guard's chain")
+            .to_owned();
+        must(&format!("ip netns exec {ns} nft flush chain inet shoal_guard {chain}"));
+        o.set_tables(Tables::default()).await.expect("tables");
+        assert_eq!(o.device_stats().expect("encryption on").guard_reapplied, 2);
+        assert!(!forged_arrives(&t, ip, 7777, forged), "forged cleartext reached the task");
+        o.shutdown().await.expect("shutdown");
+    });
+}
+
+#[test]
+fn attach_fails_closed_when_the_guard_cannot_be_applied() {
+    if !require_root("attach_fails_closed_when_the_guard_cannot_be_applied") {
+        return;
+    }
+    use std::io::Write;
+    let lab = Lab::new("vf", 1);
+    let p = lab.p.clone();
+    let ns = format!("{p}n1");
+    let node = &lab.nodes[0];
+    let enc = net(&p, "fcl", 49152 + u32::from(lab.subnet), 207, true);
+    let key = NodeKey::generate().expect("key");
+    // Another program owns a table of the guard's name: the kernel refuses every change to it
+    // from anyone else (EPERM) for as long as that program's netlink socket is open.
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nft -i");
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"add table inet shoal_guard { flags owner; }\n")
+        .expect("write to nft");
+    let owner = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !must(&format!("ip netns exec {ns} nft list tables")).contains("shoal_guard") {
+        assert!(Instant::now() < deadline, "nft did not make the owned table");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rt = rt();
+    rt.block_on(async {
+        let o = Overlay::new(node.node_ns(), enc_config(node, &p, &key)).await.expect("overlay");
+        let t = lab.task("t");
+        let ep =
+            EndpointSpec { id: "e", task: &t, ip: Ipv4Addr::new(10, 207, 0, 11), ifname: None };
+        let err = o.attach(&enc, &ep).await.expect_err("attach without a guard");
+        assert!(err.to_string().contains("nftables guard"), "{err}");
+        // Nothing of the network was made: no sandbox, no VXLAN device, no endpoint, no TUN.
+        assert!(o.networks().await.is_empty());
+        let netns = must("ip netns list");
+        assert!(!netns.contains(&format!("{p}ov-")), "{netns}");
+        let links = must(&format!("ip -n {ns} -o link show"));
+        assert!(!links.contains("vx-") && !links.contains("shoal-wg"), "{links}");
+        let task_links = must(&format!("ip -n {p}t -o link show"));
+        assert_eq!(task_links.lines().count(), 1, "only lo in the task: {task_links}");
+        assert!(!o.wg_running());
+
+        // Once the guard can be made, the same attach succeeds, the guard in place.
+        drop(owner);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while must(&format!("ip netns exec {ns} nft list tables")).contains("shoal_guard") {
+            assert!(Instant::now() < deadline, "the owned table outlived its owner");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        o.attach(&enc, &ep).await.expect("attach");
+        let table = must(&format!("ip netns exec {ns} nft list table inet shoal_guard"));
+        assert!(table.contains(&format!("elements = {{ {} }}", enc.vni)), "{table}");
+        o.shutdown().await.expect("shutdown");
     });
 }

@@ -14,6 +14,7 @@ use super::{check_decrypted, datagrams, gro};
 /// The peer's underlay and tunnel addresses, as the rx thread would know them.
 const PEER_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PEER_TUNNEL: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+const OUR_TUNNEL: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const OUR_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// An rx slot at the default MTU: `buf_size` is at least 2048, slots are 32 bytes more.
 const SLOT: usize = 2048 + 32;
@@ -117,7 +118,7 @@ impl Train {
     /// A decrypted packet: dropped unless it passes the rx checks, then joins the train or
     /// starts the next one.
     fn offer(&mut self, pkt: &[u8], src: Ipv4Addr, vnis: &BTreeSet<u32>) {
-        if check_decrypted(pkt, src, PEER_TUNNEL, DATA_PORT, vnis).is_err() {
+        if check_decrypted(pkt, src, PEER_TUNNEL, OUR_TUNNEL, DATA_PORT, vnis).is_err() {
             return;
         }
         assert_eq!(src, PEER_TUNNEL);

@@ -10,7 +10,8 @@
 //!   one `sendmmsg`, runs of equal-sized datagrams to one peer as a single UDP GSO message.
 //! - **rx thread**: receives a batch with one `recvmmsg` (UDP GRO: each buffer may hold many
 //!   datagrams), finds the peer by source address, decrypts, checks the inner source is that
-//!   peer's tunnel address and that VXLAN inside is for an encrypted VNI, and writes the
+//!   peer's tunnel address and that the packet is VXLAN to the data-path port for an encrypted
+//!   VNI (anything else is dropped and counted, never handed to the host), and writes the
 //!   packets to the TUN, consecutive datagrams of one VTEP pair as one UDP GSO super-packet
 //!   (one `writev` and one pass through IP/UDP per up to 64 datagrams; the VXLAN device's GRO
 //!   then coalesces the inner TCP segments before the bridge, veth and TCP receive path). It
@@ -106,6 +107,8 @@ pub enum DropReason {
     AllowedIps,
     /// Decrypted VXLAN for a VNI that is not an encrypted network here.
     VniNotEncrypted,
+    /// A decrypted packet that is not VXLAN to this node's tunnel address and data-path port.
+    NotVxlan,
     /// Not a valid IPv4 packet.
     Malformed,
     /// Writing to the TUN failed.
@@ -116,12 +119,13 @@ pub enum DropReason {
     Expired,
 }
 
-const REASONS: [DropReason; 9] = [
+const REASONS: [DropReason; 10] = [
     DropReason::Decrypt,
     DropReason::Replay,
     DropReason::Handshake,
     DropReason::AllowedIps,
     DropReason::VniNotEncrypted,
+    DropReason::NotVxlan,
     DropReason::Malformed,
     DropReason::TunWrite,
     DropReason::UdpSend,
@@ -225,6 +229,8 @@ pub struct DeviceStats {
     pub tx_malformed: u64,
     /// Cleartext VXLAN for encrypted VNIs dropped by the nftables guard.
     pub guard_dropped_cleartext: u64,
+    /// Times the driver found the guard gone or made for other VNIs and applied it again.
+    pub guard_reapplied: u64,
     /// Whether sends use UDP GSO.
     pub udp_gso: bool,
     /// Whether receives use UDP GRO.
@@ -256,6 +262,8 @@ struct DeviceCounters {
 #[derive(Debug)]
 struct Shared {
     key: NodeKey,
+    /// This node's tunnel address: the destination of everything a peer may send inside.
+    tunnel_addr: Ipv4Addr,
     data_port: u16,
     wg_port: u16,
     snapshot: ArcSwap<Snapshot>,
@@ -324,6 +332,7 @@ impl Device {
         tracing::info!(gso, gro, tun_tso, "WireGuard UDP and TUN offloads");
         let shared = Arc::new(Shared {
             key: enc.key.clone(),
+            tunnel_addr: enc.tunnel_addr,
             data_port,
             wg_port: enc.port,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -422,7 +431,7 @@ impl Device {
             .collect()
     }
 
-    /// Node-wide counters (the guard's count is filled in by the driver).
+    /// Node-wide counters (the guard's counts are filled in by the driver).
     pub fn device_stats(&self) -> DeviceStats {
         let c = &self.shared.counters;
         DeviceStats {
@@ -430,6 +439,7 @@ impl Device {
             tx_unknown_peer: c.tx_unknown_peer.load(Ordering::Relaxed),
             tx_malformed: c.tx_malformed.load(Ordering::Relaxed),
             guard_dropped_cleartext: 0,
+            guard_reapplied: 0,
             udp_gso: self.shared.gso.load(Ordering::Relaxed),
             udp_gro: self.shared.gro,
             tun_gso: self.shared.tun_gso.load(Ordering::Relaxed),
@@ -779,9 +789,16 @@ fn receive_one(
 }
 
 /// Whether a decrypted packet may go to the TUN: its source is the peer's tunnel address and
-/// VXLAN inside is for an encrypted network.
+/// it is VXLAN to the data-path port for an encrypted network.
 fn admit(shared: &Shared, snap: &Snapshot, peer: &Peer, pkt: &[u8], src: Ipv4Addr) -> bool {
-    match check_decrypted(pkt, src, peer.key.tunnel, shared.data_port, &snap.vnis) {
+    match check_decrypted(
+        pkt,
+        src,
+        peer.key.tunnel,
+        shared.tunnel_addr,
+        shared.data_port,
+        &snap.vnis,
+    ) {
         Ok(()) => true,
         Err(reason) => {
             peer.counters.drop(reason);
@@ -791,23 +808,26 @@ fn admit(shared: &Shared, snap: &Snapshot, peer: &Peer, pkt: &[u8], src: Ipv4Add
 }
 
 /// The checks of [`admit`] on their own: a decrypted packet from `src` (boringtun's parse of
-/// its source) of a peer whose tunnel address is `tunnel`.
+/// its source) of a peer whose tunnel address is `peer_tunnel`, to this node at `own_tunnel`.
 fn check_decrypted(
     pkt: &[u8],
     src: Ipv4Addr,
-    tunnel: Ipv4Addr,
+    peer_tunnel: Ipv4Addr,
+    own_tunnel: Ipv4Addr,
     data_port: u16,
     vnis: &BTreeSet<u32>,
 ) -> Result<(), DropReason> {
-    if src != tunnel {
+    if src != peer_tunnel {
         return Err(DropReason::AllowedIps);
     }
-    // VXLAN inside the tunnel must be for an encrypted network: the guard trusts the TUN, so
-    // a peer must not use it to reach plain networks' VNIs either.
-    if let Ok(v) = wire::parse_vxlan_over_ipv4(pkt)
-        && v.dst_port == data_port
-        && !vnis.contains(&v.vni)
-    {
+    // The tunnel carries the encrypted networks' VXLAN and nothing else: anything else would
+    // reach the node's own stack (its services, its routing) from a peer's key alone.
+    let vxlan = match wire::parse_vxlan_over_ipv4(pkt) {
+        Ok(v) if v.dst_port == data_port && v.dst == own_tunnel => v,
+        _ => return Err(DropReason::NotVxlan),
+    };
+    // The guard trusts the TUN, so a peer must not use it to reach plain networks' VNIs either.
+    if !vnis.contains(&vxlan.vni) {
         return Err(DropReason::VniNotEncrypted);
     }
     Ok(())
