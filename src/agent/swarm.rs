@@ -68,6 +68,9 @@ fn gossip_config(
         },
         underlay: Some(info.data_addr),
         data_port: info.data_path_port,
+        // In the first announcement: peers reach this node's encrypted networks with it, and a
+        // later update could race the driver's first snapshot and never be sent.
+        wg_public_key: Some(crate::engine::node::node_key(&cfg.data_dir)?.public()),
         ..NodeMeta::default()
     };
     // Managers are alive whenever the swarm is; join gossip through them.

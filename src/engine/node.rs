@@ -102,7 +102,7 @@ fn lock(m: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
 }
 
 /// The node's WireGuard key, made once and kept in the data directory.
-fn node_key(data_dir: &Path) -> anyhow::Result<vx::NodeKey> {
+pub(crate) fn node_key(data_dir: &Path) -> anyhow::Result<vx::NodeKey> {
     let path = data_dir.join("overlay.key");
     match std::fs::read_to_string(&path) {
         Ok(s) => {
@@ -173,7 +173,7 @@ impl NodeEngine {
             Overlay::new(vx::NodeNs::Current, ocfg).await.context("starting the overlay")?;
         // From here on a failure takes down what was made, so a node that cannot start keeps
         // no half of a data path.
-        let (sandbox, dns, mesh) = match start_services(cfg, &overlay, &gossip).await {
+        let (sandbox, dns, mesh) = match start_services(cfg).await {
             Ok(parts) => parts,
             Err(e) => {
                 if let Err(e) = overlay.shutdown().await {
@@ -347,8 +347,6 @@ impl NodeEngine {
 /// key in gossip; on an error, whatever of them was made is removed again.
 async fn start_services(
     cfg: &AgentConfig,
-    overlay: &Overlay,
-    gossip: &Gossip,
 ) -> anyhow::Result<(Arc<NetNs>, dns::DnsService, ing::Mesh)> {
     // A restarted agent keeps the ingress sandbox of its earlier run: the endpoints in it stay,
     // and the mesh listens in it again.
@@ -366,13 +364,8 @@ async fn start_services(
                 ingress_ns: Some(sandbox.clone()),
                 ..ing::MeshConfig::default()
             })?;
-            if let Some(public) = overlay.wg_public_key() {
-                let mut meta = gossip.snapshot().members.first().and_then(|m| m.meta.clone());
-                if let Some(meta) = meta.as_mut() {
-                    meta.wg_public_key = Some(public);
-                    gossip.update_meta(meta.clone()).await?;
-                }
-            }
+            // The node's WireGuard public key is in its gossip metadata from its first
+            // announcement on (`agent::swarm`), read from the same key file as the overlay's.
             anyhow::Ok(mesh)
         };
         match more.await {
