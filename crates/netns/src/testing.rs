@@ -97,3 +97,21 @@ fn delete_host_links(names: &[String]) {
         }
     });
 }
+
+/// Replays every committed fuzz input of `target_name` (`<manifest_dir>/fuzz/corpus/<name>/`)
+/// through the function its fuzz target calls, so corpora run in an ordinary `cargo test`;
+/// fails if the corpus is missing or empty.
+pub fn replay_corpus(manifest_dir: &str, name: &str, target: fn(&[u8])) {
+    let dir = std::path::Path::new(manifest_dir).join("fuzz/corpus").join(name);
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut count = 0;
+    for entry in entries {
+        let path = entry.expect("corpus entry").path();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Printed only when the test fails: names the input that broke an invariant.
+        eprintln!("replaying {}", path.display());
+        target(&data);
+        count += 1;
+    }
+    assert!(count > 0, "{} holds no inputs", dir.display());
+}
