@@ -11,6 +11,9 @@
 //! - `mesh`, `mesh-remote`: the routing mesh vs HAProxy, nginx stream, socat and no proxy
 //!   (`crates/ingress/benches/mesh.rs` with `PIN=1`, and `OVERLAY=1` for the backend on another
 //!   node);
+//! - `mesh-lab`: the mesh as deployed (wrk on the host, nginx tasks on two other lab nodes,
+//!   nothing pinned) vs HAProxy and nginx stream in node1's namespace, and no proxy; the
+//!   whole machine's CPU per request;
 //! - `overlay`: plain and encrypted overlay vs kernel VXLAN and wireguard-go
 //!   (`crates/vxlan/benches/overlay.rs`);
 //! - `dns`: shoal's DNS vs unbound and dnsmasq (`crates/dns/benches/dns.rs`);
@@ -35,6 +38,7 @@
 //! measuring (after a change to the report's layout).
 
 mod common;
+mod mesh_lab;
 mod report;
 
 use std::collections::BTreeMap;
@@ -123,6 +127,8 @@ enum Kind {
     },
     /// Deploy time, measured here.
     Deploy,
+    /// The routing mesh in a lab as deployed, measured here.
+    MeshLab,
     /// Agent memory, measured here.
     Rss,
 }
@@ -175,6 +181,20 @@ const SECTIONS: &[Spec] = &[
         },
         full_rounds: 3,
         limit: Duration::from_secs(40 * 60),
+    },
+    Spec {
+        name: "mesh-lab",
+        title: "Routing mesh as deployed",
+        what: "A 3-node lab as a user runs it, nothing pinned: wrk on the host against node1's \
+               published port, nginx tasks on node2 and node3 behind the overlay. In the same lab \
+               HAProxy and nginx stream run in node1's namespace and forward to plain nginx on \
+               node2's and node3's underlay addresses (a shorter path than the mesh's, which \
+               crosses VXLAN), and wrk also reaches one nginx directly. The headline is the CPU \
+               the whole machine spends per request: every process and softirq, from /proc/stat.",
+        rerun: "cargo bench -p shoal --bench system -- --only mesh-lab",
+        kind: Kind::MeshLab,
+        full_rounds: 3,
+        limit: Duration::from_secs(20 * 60),
     },
     Spec {
         name: "overlay",
@@ -376,6 +396,7 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
                     },
                 },
                 Kind::Deploy => in_process(spec, args, deploy),
+                Kind::MeshLab => in_process(spec, args, mesh_lab::mesh_lab),
                 Kind::Rss => in_process(spec, args, rss),
             }
         };
@@ -653,6 +674,17 @@ impl Lab {
         bail!("lab up failed: {last}")
     }
 
+    /// `swarm init` on node1, then node2 and node3 join it as workers.
+    fn form_swarm(&self) -> anyhow::Result<()> {
+        self.on("node1", &["swarm", "init"])?;
+        let token = self.on("node1", &["swarm", "join-token", "-q", "worker"])?;
+        let manager = format!("{}:2377", self.state.nodes[0].addr);
+        for n in ["node2", "node3"] {
+            self.on(n, &["swarm", "join", "--token", token.trim(), &manager])?;
+        }
+        Ok(())
+    }
+
     /// `shoal --lab NAME --node NODE ARGS...`, which must succeed; its stdout.
     fn on(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = shoal().args(["--lab", &self.name, "--node", node]).args(args).output()?;
@@ -738,12 +770,7 @@ fn deploy(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
     let recorded = common::rounds(warmup, rounds, |i, warm| {
         let lab = Lab::up("d", &[])?;
         let t = Instant::now();
-        lab.on("node1", &["swarm", "init"])?;
-        let token = lab.on("node1", &["swarm", "join-token", "-q", "worker"])?;
-        let manager = format!("{}:2377", lab.state.nodes[0].addr);
-        for n in ["node2", "node3"] {
-            lab.on(n, &["swarm", "join", "--token", token.trim(), &manager])?;
-        }
+        lab.form_swarm()?;
         let formed = t.elapsed().as_secs_f64();
         let urls: Vec<String> =
             lab.state.nodes.iter().map(|n| format!("http://{}:8100/visitor", n.addr)).collect();

@@ -533,3 +533,22 @@ impl Report {
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
+
+/// CPU seconds the whole machine has spent busy since boot: every process and every interrupt
+/// and softirq on every CPU (the aggregate `cpu` line of /proc/stat less idle and iowait).
+/// The difference over a run, divided by the work done, is the cost of that work to the machine
+/// whichever process or CPU it landed on: a proxy's own CPU leaves out the kernel's TCP and
+/// forwarding work done in softirq on behalf of the traffic, and the load generator's share.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return f64::NAN;
+    };
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 {
+        return f64::NAN;
+    }
+    // user nice system idle iowait irq softirq steal, in USER_HZ (100 per second on Linux).
+    let busy = v[..8].iter().sum::<f64>() - v[3] - v[4];
+    busy / 100.0
+}

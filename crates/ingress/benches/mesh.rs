@@ -6,7 +6,9 @@
 //! (in this process; listeners and upstream sockets in the proxy namespace). Measured
 //! from the client: direct and through each proxy,
 //! - bulk TCP Gbit/s (iperf3, one stream) and the proxy's CPU seconds per GB forwarded,
-//! - 1 KiB HTTP req/s and p99 latency (wrk, 1 thread, 50 keep-alive connections),
+//! - 1 KiB HTTP req/s and p99 latency (wrk, 1 thread, 50 keep-alive connections), the
+//!   proxy's CPU per request, and the whole machine's CPU per request (every process and
+//!   softirq, from /proc/stat: the figure that does not depend on which CPU saturates first),
 //! - new connections/s (wrk, 50 connections, `Connection: close`).
 //!
 //! Prints a table per round, the medians, and shoal/HAProxy ratios. shoal runs on one
@@ -193,6 +195,8 @@ struct Figures {
     p50_ms: f64,
     p99_ms: f64,
     us_per_req: f64,
+    /// CPU the whole machine spent per request: client, proxy, backend, kernel.
+    machine_us_per_req: f64,
     /// TCP segments the proxy namespace sent per request (both of its sockets).
     segs_per_req: f64,
     cps: f64,
@@ -233,6 +237,7 @@ struct Wrk {
     p50: f64,
     p99: f64,
     us_per_req: f64,
+    machine_us_per_req: f64,
     segs: f64,
     /// Idle share of CPU 0 and CPU 1 during the run, in percent.
     idle: [f64; 2],
@@ -244,6 +249,7 @@ impl Wrk {
         p50: f64::NAN,
         p99: f64::NAN,
         us_per_req: f64::NAN,
+        machine_us_per_req: f64::NAN,
         segs: f64::NAN,
         idle: [f64::NAN; 2],
     };
@@ -301,7 +307,9 @@ fn wrk(s: &Setup, url: &str, dur: u64, close: bool, cpu_pids: &dyn Fn() -> f64) 
     let syn0 = (s.syn_retrans("cl"), s.syn_retrans("px"));
     let before = cpu_pids();
     let j0 = cpu_jiffies();
+    let m0 = suite::machine_busy_seconds();
     let out = s.exec("cl", &args);
+    let m1 = suite::machine_busy_seconds();
     let j1 = cpu_jiffies();
     let after = cpu_pids();
     let segs1 = s.tcp_out_segs();
@@ -343,6 +351,7 @@ fn wrk(s: &Setup, url: &str, dur: u64, close: bool, cpu_pids: &dyn Fn() -> f64) 
         p50,
         p99,
         us_per_req: (after - before) * 1e6 / reqs,
+        machine_us_per_req: (m1 - m0) * 1e6 / reqs,
         segs: (segs1 - segs0) / reqs,
         idle: idle_between(j0, j1),
     }
@@ -634,7 +643,7 @@ fn main() {
     );
     let head = || {
         println!(
-            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>11}",
+            "{:<8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>11} {:>8} {:>10} {:>11}",
             "system",
             "bulk Gb/s",
             "CPU s/GB",
@@ -642,6 +651,7 @@ fn main() {
             "p50 ms",
             "p99 ms",
             "CPU us/req",
+            "mach us/req",
             "segs/req",
             "conn/s",
             "idle 0/1 %"
@@ -649,7 +659,7 @@ fn main() {
     };
     let row = |name: &str, f: &Figures| {
         println!(
-            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>8.2} {:>10.0} {:>5.0}/{:<5.0}",
+            "{:<8} {:>10.2} {:>10.3} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>11.1} {:>8.2} {:>10.0} {:>5.0}/{:<5.0}",
             name,
             f.gbit,
             f.cpu_per_gb,
@@ -657,28 +667,31 @@ fn main() {
             f.p50_ms,
             f.p99_ms,
             f.us_per_req,
+            f.machine_us_per_req,
             f.segs_per_req,
             f.cps,
             f.idle_rps[0],
             f.idle_rps[1]
         );
     };
-    let ratios = |sh: &Figures, ha: &Figures| -> [f64; 6] {
+    let ratios = |sh: &Figures, ha: &Figures| -> [f64; 7] {
         [
             sh.gbit / ha.gbit,
             sh.rps / ha.rps,
             sh.p99_ms / ha.p99_ms,
             sh.cpu_per_gb / ha.cpu_per_gb,
             sh.us_per_req / ha.us_per_req,
+            sh.machine_us_per_req / ha.machine_us_per_req,
             sh.cps / ha.cps,
         ]
     };
-    const RATIO_NAMES: [&str; 6] = [
+    const RATIO_NAMES: [&str; 7] = [
         "bulk (goal >= 1.15)",
         "req/s (goal >= 1.10)",
         "p99 (goal <= 1)",
         "CPU/GB (goal <= 1)",
         "CPU/req",
+        "machine CPU/req",
         "conn/s",
     ];
     // One pass over every system and test, `dur` 1 s, not recorded: connections, caches,
@@ -703,6 +716,7 @@ fn main() {
             p50_ms: w.p50,
             p99_ms: w.p99,
             us_per_req: if direct { f64::NAN } else { w.us_per_req },
+            machine_us_per_req: w.machine_us_per_req,
             segs_per_req: if direct { f64::NAN } else { w.segs },
             cps: c.rps,
             idle_rps: w.idle,
@@ -719,7 +733,7 @@ fn main() {
         }
     }
     let mut all: Vec<BTreeMap<&str, Figures>> = Vec::new();
-    let mut per_round: Vec<[f64; 6]> = Vec::new();
+    let mut per_round: Vec<[f64; 7]> = Vec::new();
     for round in 1..=rounds {
         let mut res = BTreeMap::new();
         println!("\nround {round}");
@@ -762,6 +776,7 @@ fn main() {
                 p50_ms: med(name, |f| f.p50_ms),
                 p99_ms: med(name, |f| f.p99_ms),
                 us_per_req: med(name, |f| f.us_per_req),
+                machine_us_per_req: med(name, |f| f.machine_us_per_req),
                 segs_per_req: med(name, |f| f.segs_per_req),
                 cps: med(name, |f| f.cps),
                 idle_rps: [med(name, |f| f.idle_rps[0]), med(name, |f| f.idle_rps[1])],
@@ -843,7 +858,15 @@ fn main() {
         let bulk = "iperf3, one TCP stream";
         let http = "wrk -t1 -c50, keep-alive, 1 KiB body";
         let close = "wrk -t1 -c50, Connection: close";
-        let metrics: [Metric; 7] = [
+        let metrics: [Metric; 8] = [
+            (
+                "whole-machine CPU per 1 KiB request",
+                "CPU µs/req",
+                true,
+                |f| f.machine_us_per_req,
+                http,
+                true,
+            ),
             ("bulk TCP throughput", "Gbit/s", false, |f| f.gbit, bulk, true),
             ("proxy CPU per GB forwarded", "CPU s/GB", true, |f| f.cpu_per_gb, bulk, false),
             ("1 KiB HTTP requests/s", "req/s", false, |f| f.rps, http, true),
