@@ -309,14 +309,14 @@ pub fn main() -> ExitCode {
             e.exit();
         }
     };
-    match &cli.cmd {
-        Cmd::Agent(args) => return run_agent(args),
-        Cmd::Completion { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        _ => {}
+    if let Cmd::Agent(args) = &cli.cmd {
+        return run_agent(args);
+    }
+    quiet_on_closed_stdout();
+    if let Cmd::Completion { shell } = &cli.cmd {
+        use clap::CommandFactory;
+        clap_complete::generate(*shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
     }
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -333,6 +333,27 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `shoal service ls | head -1`: when the reader of stdout goes away, `println!` panics with
+/// "failed printing to stdout: Broken pipe" (Rust ignores SIGPIPE). A CLI should then stop
+/// quietly with the status a shell gives a process killed by SIGPIPE (128 + 13), as docker
+/// does. Only output can break a pipe in a CLI process (its requests to the agent go over a
+/// socket, whose errors are values); every other panic still goes to the default hook.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.contains("Broken pipe") || text.contains("BrokenPipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn run_agent(args: &AgentArgs) -> ExitCode {

@@ -581,7 +581,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
 
 fn print_tasks(tasks: &[TaskView]) {
     println!(
-        "{:<26} {:<24} {:<10} {:<10} {:<28} {:<28} ERROR",
+        "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} ERROR",
         "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ADDRESSES"
     );
     let mut last_slot = None;
@@ -612,7 +612,7 @@ fn print_tasks(tasks: &[TaskView]) {
             ""
         };
         println!(
-            "{:<26} {:<24} {:<10} {:<10} {:<28} {:<28} {}",
+            "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} {}",
             t.task.task.id,
             name,
             t.node,

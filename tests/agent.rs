@@ -332,3 +332,20 @@ fn completion_scripts_name_the_verbs() {
     let out = shoal().args(["completion", "tcsh"]).output().unwrap();
     assert!(!out.status.success());
 }
+
+/// `shoal … | head -1`: a reader that goes away ends the CLI quietly with SIGPIPE's status, not a
+/// panic message.
+#[test]
+fn closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = shoal()
+        .args(["completion", "bash"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code().or(out.status.signal().map(|s| 128 + s)), Some(141));
+    assert!(lossy(&out.stderr).trim().is_empty(), "stderr: {}", lossy(&out.stderr));
+}
