@@ -980,6 +980,7 @@ async fn container_run(
                 env: parse_env(&req.env)?,
                 auto_remove: req.auto_remove,
                 mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
+                cni: None,
             }),
         };
         c.put_standalone(&id, Some(records::to_value(&rec))).await.map_err(cluster_error)?;
