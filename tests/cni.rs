@@ -8,6 +8,8 @@
 //! Root, podman, runc and busybox-static (scripts/install-test-deps.sh) are needed: the test
 //! skips loudly without them, and fails under CI=true.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;
@@ -41,15 +43,13 @@ impl Podman {
             p.dir.join("cni").display(),
         );
         std::fs::write(p.dir.join("containers.conf"), conf).expect("containers.conf");
-        let list = serde_json::json!({
-            "cniVersion": "0.4.0",
-            "name": network,
-            "plugins": [{
-                "type": "shoal",
-                "socket": socket,
-                "capabilities": { "aliases": true },
-            }],
-        });
+        // The example the packaging ships, pointed at this network and this node's agent.
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/cni/shoal.conflist");
+        let mut list: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(example).expect("example")).unwrap();
+        list["name"] = network.into();
+        list["plugins"][0]["network"] = network.into();
+        list["plugins"][0]["socket"] = socket.display().to_string().into();
         std::fs::write(p.dir.join("cni").join(format!("{network}.conflist")), list.to_string())
             .expect("conflist");
         // The image: a static busybox, its applets as links, and a page for its httpd.
@@ -59,20 +59,9 @@ impl Podman {
             std::os::unix::fs::symlink("busybox", image.join("bin").join(applet)).expect("link");
         }
         std::fs::write(image.join("www/index.html"), "hello from podman\n").expect("page");
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(&image)
-            .args(["-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tar");
-        let out = p
-            .cmd()
-            .args(["import", "-", "localhost/shoal-busybox"])
-            .stdin(tar.stdout.unwrap())
-            .output()
-            .expect("podman import");
-        assert!(out.status.success(), "podman import: {}", lossy(&out.stderr));
+        let tarball = p.dir.join("image.tar");
+        run_ok(Command::new("tar").arg("-C").arg(&image).arg("-cf").arg(&tarball).arg("."));
+        run_ok(p.cmd().arg("import").arg(&tarball).arg("localhost/shoal-busybox"));
         p
     }
 
