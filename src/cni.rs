@@ -93,6 +93,11 @@ fn cni_arg<'a>(args: &'a str, key: &str) -> Option<&'a str> {
 /// stdout, and exits as the spec says: 0 on success, 1 with an error result.
 pub fn main() -> ExitCode {
     let env = CniEnv::from_env();
+    if env.command.is_empty() {
+        let msg =
+            "CNI_COMMAND is not set: a CNI runtime runs this plugin (see `shoal cni install`)";
+        return print_error("1.0.0", &CniFailure::new(code::INVALID_ENV, msg));
+    }
     let mut stdin = Vec::new();
     // VERSION needs no configuration, and a runtime may send none.
     if env.command != "VERSION"

@@ -437,6 +437,22 @@ fn the_plugin_answers_bad_input_with_cni_errors_and_del_always_cleans() {
     let left = dig(&ns_name, "box1");
     assert!(!left.contains(bare), "box1 still answers in its namespace after DEL: {left}");
 
+    // The same container id in a new namespace (restarted without a DEL): the old attachment
+    // goes, the new namespace gets the interface.
+    let ns2_name = shoal_netns::testing::unique_prefix("cni");
+    cleanup.netns(&ns2_name).expect("a second namespace");
+    let ns2 = shoal_netns::path_of(&ns2_name).display().to_string();
+    assert!(cni("ADD", "c4", &ns, args, &good).0);
+    let (ok, v) = cni("ADD", "c4", &ns2, args, &good);
+    assert!(ok, "ADD in a new namespace: {v}");
+    let links = |n: &str| {
+        lossy(&Command::new("ip").args(["-n", n, "-br", "link"]).output().unwrap().stdout)
+    };
+    assert!(!links(&ns_name).contains("eth0"), "{}", links(&ns_name));
+    assert!(links(&ns2_name).contains("eth0"), "{}", links(&ns2_name));
+    assert!(cni("DEL", "c4", &ns2, args, &good).0);
+    assert!(!links(&ns2_name).contains("eth0"), "{}", links(&ns2_name));
+
     // A container that went while the agent was down (no DEL ever came): the agent drops its
     // record once it finds the namespace gone.
     let (ok, v) = cni("ADD", "c3", &ns, "K8S_POD_NAME=box3", &good);

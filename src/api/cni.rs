@@ -230,10 +230,24 @@ async fn add(st: &ApiState, req: &CniRequest) -> Result<CniAttached, CniFailure>
     let netns = netns_name(&req.netns)?;
     let (engine, c) = engine_and_cluster(st)?;
     let me = engine.node_id().to_owned();
-    let state = read_store(&c).await?;
-    let id = match find(&state, &me, &req.container_id) {
-        Some(t) => t.task.id,
-        None => create(&c, &state, &me, req, netns).await?,
+    let id = {
+        // One ADD at a time decides whether a record exists, so a runtime's retry racing its
+        // first call finds the record instead of writing a second one.
+        static DECIDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = DECIDING.lock().await;
+        let state = read_store(&c).await?;
+        match find(&state, &me, &req.container_id) {
+            Some(t) if t.cni().is_some_and(|a| a.netns == netns) => t.task.id,
+            stale => {
+                // The same container in a new namespace (its runtime restarted it without a
+                // DEL): the old attachment goes first.
+                if let Some(t) = stale {
+                    remove(&engine, &c, &t.task.id).await?;
+                }
+                let state = read_store(&c).await?;
+                create(&c, &state, &me, req, netns).await?
+            }
+        }
     };
     engine.kick();
     let deadline = Instant::now() + ADD_TIMEOUT;
@@ -368,24 +382,36 @@ async fn cni_del(
     axum::Json(req): axum::Json<CniRequest>,
 ) -> Response {
     let run = async {
+        // Outside a swarm nothing is attached (leaving takes every attachment down).
+        if st.engine.load().is_none() {
+            return Ok(());
+        }
         let (engine, c) = engine_and_cluster(&st)?;
         let state = read_store(&c).await?;
         // Already gone: DEL succeeds, as the spec asks.
         let Some(t) = find(&state, engine.node_id(), &req.container_id) else { return Ok(()) };
-        let id = t.task.id;
-        engine.cni_release(&id).await;
-        let removed = c.put_standalone(&id, None).await;
-        if removed.is_ok() {
-            // The pass must not attach it again from a store view that still holds it.
-            let deadline = Instant::now() + DEL_SETTLE;
-            while engine.store().is_some_and(|s| records::tasks(&s).contains_key(&id))
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(ADD_RECHECK).await;
-            }
-        }
-        engine.cni_released(&id);
-        removed.map_err(|e| later(format!("removing the container's record: {e}")))
+        remove(&engine, &c, &t.task.id).await
     };
     answer(run.await)
+}
+
+/// Withdraws a container everywhere and removes its record.
+async fn remove(
+    engine: &NodeEngine,
+    c: &shoal_cluster::Cluster,
+    id: &str,
+) -> Result<(), CniFailure> {
+    engine.cni_release(id).await;
+    let removed = c.put_standalone(id, None).await;
+    if removed.is_ok() {
+        // The pass must not attach it again from a store view that still holds it.
+        let deadline = Instant::now() + DEL_SETTLE;
+        while engine.store().is_some_and(|s| records::tasks(&s).contains_key(id))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(ADD_RECHECK).await;
+        }
+    }
+    engine.cni_released(id);
+    removed.map_err(|e| later(format!("removing the container's record: {e}")))
 }
