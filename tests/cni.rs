@@ -176,7 +176,10 @@ fn a_podman_container_is_a_cluster_citizen() {
         "node1",
         &["network", "create", "-d", "overlay", "--opt", "encrypted", "--attachable", "cnet"],
     );
-    let www = std::env::temp_dir().join(shoal_netns::testing::unique_prefix("shoal-www-"));
+    let socket = shoal::lab::node_socket(&lab.name, "node1");
+    let podman = Podman::new("cnet", &socket);
+    // The service's page lives in podman's directory, which goes with it.
+    let www = podman.dir.join("web");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello from web\n").unwrap();
     let www_dir = www.display().to_string();
@@ -203,8 +206,6 @@ fn a_podman_container_is_a_cluster_citizen() {
             &www_dir,
         ],
     );
-    let socket = shoal::lab::node_socket(&lab.name, "node1");
-    let podman = Podman::new("cnet", &socket);
     let out = podman.run_detached(&[
         "--name",
         "c1",
@@ -312,7 +313,6 @@ fn a_podman_container_is_a_cluster_citizen() {
     let net = lab.on("node1", &["network", "inspect", "cnet"]);
     assert!(!net.contains("\"c1\""), "{net}");
     drop(podman);
-    let _ = std::fs::remove_dir_all(&www);
 }
 
 /// One call of the plugin as a runtime makes it.
