@@ -36,7 +36,7 @@ pub(super) struct Attached {
 pub enum CniState {
     /// Not attached yet: the address or the node's pass is still to come.
     Pending,
-    /// Attached: the interface as the overlay made it.
+    /// Attached: its interface, address and DNS listener are in its namespace.
     Attached,
     /// The attachment failed; the message says why.
     Failed(String),
