@@ -8,6 +8,7 @@ PACKAGES=(
   redis-server tcpdump tshark iperf3 wrk socat bc
   haproxy nginx-light libnginx-mod-stream dnsmasq-base unbound dnsperf
   serf wireguard-go wireguard-tools python3 chromium
+  podman runc containernetworking-plugins busybox-static
 )
 
 missing=()

@@ -108,6 +108,12 @@ enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The CNI plugin: with CNI_COMMAND set, one call as the CNI spec has it (runtimes run this
+    /// binary as `shoal` from their plugin directory, with no arguments).
+    Cni {
+        #[command(subcommand)]
+        cmd: Option<CniCmd>,
+    },
     /// Built-in demo programs to run as tasks.
     Demo {
         #[command(subcommand)]
@@ -232,6 +238,17 @@ enum NodeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum CniCmd {
+    /// Link this binary into a CNI plugin directory as `shoal`.
+    Install {
+        /// The runtime's plugin directory (containerd's and podman's `bin_dir`; Debian's
+        /// plugins live in /usr/lib/cni).
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DemoCmd {
     /// The tutorial's hello-world: `GET /visitor` counts visitors in Redis at myredis:6379.
     Visitor(crate::demo::VisitorArgs),
@@ -297,6 +314,10 @@ enum LabCmd {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    // A CNI runtime runs the plugin with no arguments and CNI_COMMAND set.
+    if std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        return crate::cni::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -313,10 +334,26 @@ pub fn main() -> ExitCode {
         return run_agent(args);
     }
     quiet_on_closed_stdout();
-    if let Cmd::Completion { shell } = &cli.cmd {
-        use clap::CommandFactory;
-        clap_complete::generate(*shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
-        return ExitCode::SUCCESS;
+    match &cli.cmd {
+        Cmd::Cni { cmd: None } => return crate::cni::main(),
+        Cmd::Cni { cmd: Some(CniCmd::Install { bin_dir }) } => {
+            return match crate::cni::install(bin_dir) {
+                Ok(link) => {
+                    println!("{}", link.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -423,7 +460,9 @@ impl Cli {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
-        Cmd::Agent(_) | Cmd::Completion { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Agent(_) | Cmd::Completion { .. } | Cmd::Cni { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
         Cmd::Version => {
             let me = VersionInfo::current();
             println!(

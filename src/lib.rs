@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod attach;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod demo;
 pub mod engine;

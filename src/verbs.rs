@@ -39,7 +39,8 @@ pub enum NetworkCmd {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Show networks: subnet, VNI, VIPs, tasks per node, this node's peers (JSON).
+    /// Show networks: subnet, VNI, VIPs, tasks and CNI containers per node, this node's peers
+    /// (JSON).
     Inspect {
         #[arg(required = true)]
         networks: Vec<String>,

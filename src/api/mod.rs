@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod client;
+pub mod cni;
 pub mod services;
 pub mod swarm;
 pub mod volumes;
@@ -146,6 +147,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(services::routes())
         .merge(volumes::routes())
         .merge(attach::routes())
+        .merge(cni::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)

@@ -65,6 +65,10 @@ pub struct NetworkView {
     pub services: Vec<String>,
     /// Running task endpoints per node host name: (task name, address).
     pub tasks: BTreeMap<String, Vec<(String, std::net::Ipv4Addr)>>,
+    /// Containers a CNI runtime attached (`shoal cni`), per node host name: (container name,
+    /// address, the runtime's container id).
+    #[serde(default)]
+    pub containers: BTreeMap<String, Vec<(String, std::net::Ipv4Addr, String)>>,
     /// VIPs per service name.
     pub vips: BTreeMap<String, std::net::Ipv4Addr>,
     /// This node's view of the network's peers (encryption state), when it hosts the network.
@@ -360,13 +364,21 @@ fn network_view(state: &ClusterState, n: &NetworkRecord) -> NetworkView {
             .map_or_else(|| id.to_owned(), |x| x.hostname.clone())
     };
     let mut tasks: BTreeMap<String, Vec<(String, std::net::Ipv4Addr)>> = BTreeMap::new();
+    let mut containers: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for t in records::tasks(state).values() {
         if t.task.state != TaskState::Running {
             continue;
         }
         if let (Some(ip), Some(node)) = (t.addresses.get(&n.id), &t.task.node_id) {
             let name = t.display_name(services.get(&t.task.service_id));
-            tasks.entry(hostname(node)).or_default().push((name, *ip));
+            match t.cni() {
+                Some(c) => containers.entry(hostname(node)).or_default().push((
+                    name,
+                    *ip,
+                    c.container_id.clone(),
+                )),
+                None => tasks.entry(hostname(node)).or_default().push((name, *ip)),
+            }
         }
     }
     NetworkView {
@@ -377,6 +389,7 @@ fn network_view(state: &ClusterState, n: &NetworkRecord) -> NetworkView {
             .map(|s| s.name.clone())
             .collect(),
         tasks,
+        containers,
         vips: services
             .values()
             .filter_map(|s| records::vip_of(&held, &s.id, &n.id).map(|ip| (s.name.clone(), ip)))
@@ -980,6 +993,7 @@ async fn container_run(
                 env: parse_env(&req.env)?,
                 auto_remove: req.auto_remove,
                 mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
+                cni: None,
             }),
         };
         c.put_standalone(&id, Some(records::to_value(&rec))).await.map_err(cluster_error)?;

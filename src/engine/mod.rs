@@ -5,4 +5,4 @@ pub mod leader;
 pub mod node;
 pub mod records;
 
-pub use node::NodeEngine;
+pub use node::{CniState, NodeEngine};

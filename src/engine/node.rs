@@ -29,6 +29,9 @@ use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRe
 use crate::config::AgentConfig;
 use crate::volumes::Volumes;
 
+mod cni;
+pub use cni::CniState;
+
 /// The node engine's parts; cheap to clone.
 #[derive(Clone)]
 pub struct NodeEngine {
@@ -91,6 +94,8 @@ struct Local {
     tables: Option<vx::Tables>,
     sandbox_ip: Option<Ipv4Addr>,
     networks: BTreeSet<String>,
+    /// Containers a CNI runtime attached here (see `cni`).
+    cni: BTreeMap<String, cni::Attached>,
 }
 
 /// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
@@ -577,12 +582,19 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         });
     }
 
-    // Tasks: start what should run, stop what should not, forget what the store forgot.
-    let statuses: BTreeMap<String, rt::TaskStatus> =
-        inner.runtime.list().into_iter().map(|s| (s.id.clone(), s)).collect();
+    // Tasks: start what should run, stop what should not, forget what the store forgot. The
+    // CNI runtimes' containers are attached by `cni` and count as running tasks from then on.
+    cni::reconcile(inner, &state, &mine);
+    let statuses: BTreeMap<String, rt::TaskStatus> = inner
+        .runtime
+        .list()
+        .into_iter()
+        .chain(cni::statuses(inner))
+        .map(|s| (s.id.clone(), s))
+        .collect();
     for (id, t) in &mine {
         let busy = lock(&inner.local).busy.contains(*id);
-        if busy {
+        if busy || t.cni().is_some() {
             continue;
         }
         let status = statuses.get(*id);
@@ -621,7 +633,9 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         if busy {
             continue;
         }
-        if !known {
+        if !known && cni::is_attached(inner, id) {
+            cni::release(inner, id);
+        } else if !known {
             stop_task(inner, id, rt::DEFAULT_STOP_GRACE, true);
         } else if s.state.is_terminal() && lock(&inner.local).attached.contains_key(id) {
             detach(inner, id).await;
@@ -842,6 +856,7 @@ async fn publish(
             slot: String::new(),
             name: String::new(),
             serving: false,
+            aliases: Vec::new(),
         };
         want.insert(EntryKey::new(ENDPOINT_TABLE, &ing.id, &format!("sbox-{}", inner.me)), rec);
     }
@@ -859,6 +874,7 @@ async fn publish(
                 slot: t.slot_label(),
                 name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
                 serving: s.is_serving(),
+                aliases: t.cni().map(|c| c.aliases.clone()).unwrap_or_default(),
             };
             want.insert(EntryKey::new(ENDPOINT_TABLE, net, id), rec);
         }
@@ -985,7 +1001,7 @@ async fn dataplane(
             .push(dns::Attachment {
                 network: net.clone(),
                 addr: IpAddr::V4(e.ip),
-                aliases: vec![],
+                aliases: e.aliases.clone(),
             });
     }
     input.standalone = standalone.into_values().collect();
@@ -1084,7 +1100,13 @@ async fn dataplane(
         if lock(&inner.local).vips.get(id) == Some(&rules) {
             continue;
         }
-        let Ok(ns) = inner.runtime.netns(&s.id) else { continue };
+        let ns = match cni::netns(inner, &s.id) {
+            Some(ns) => ns,
+            None => match inner.runtime.netns(&s.id) {
+                Ok(ns) => Arc::new(ns),
+                Err(_) => continue,
+            },
+        };
         let vip_rules: Vec<VipRule> =
             rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
         match tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await {

@@ -171,9 +171,32 @@ pub struct Standalone {
     pub auto_remove: bool,
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+    /// Set for a container a CNI runtime attached (`shoal cni`): it has no process of ours,
+    /// only the runtime's namespace, which the node wires up like a task's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniAttachment>,
+}
+
+/// A container attached through `shoal cni`: what the runtime's ADD named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAttachment {
+    /// CNI_CONTAINERID: the key ADD, CHECK and DEL find the record by.
+    pub container_id: String,
+    /// The namespace's name under `/run/netns` (CNI_NETNS names its file there).
+    pub netns: String,
+    /// CNI_IFNAME: the interface name inside the container.
+    pub ifname: String,
+    /// Further DNS names of the container on its network.
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 impl TaskRecord {
+    /// What a CNI runtime attached, for a container it runs.
+    pub fn cni(&self) -> Option<&CniAttachment> {
+        self.standalone.as_ref().and_then(|s| s.cni.as_ref())
+    }
+
     /// Whether every network has its address.
     pub fn addressed(&self) -> bool {
         self.networks.iter().all(|n| self.addresses.contains_key(n))
@@ -225,6 +248,9 @@ pub struct EndpointRecord {
     /// Running and, if it has a health check, healthy: only then does it take traffic.
     #[serde(default)]
     pub serving: bool,
+    /// Further DNS names of a standalone task (a CNI container's aliases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// Every endpoint record of a gossip snapshot, by network id, with the key it was found under.
