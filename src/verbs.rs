@@ -825,9 +825,11 @@ pub fn print_node_pretty(n: &shoal_cluster::NodeView, d: &serde_json::Value) {
     println!("\nRouting mesh:");
     for svc in d["mesh"].as_array().into_iter().flatten() {
         println!(
-            "  {} (refused for want of a backend: {})",
+            "  {} (refused for want of a backend: {}; client address kept {}, fallen back {})",
             s(&svc["service"]),
-            s(&svc["no_backend"])
+            s(&svc["no_backend"]),
+            s(&svc["client_addr_kept"]),
+            s(&svc["client_addr_fallback"])
         );
         for b in svc["backends"].as_array().into_iter().flatten() {
             println!(

@@ -169,6 +169,9 @@ pub struct ServiceView {
     pub vips: BTreeMap<String, std::net::Ipv4Addr>,
     /// Network names.
     pub networks: Vec<String>,
+    /// What its tasks see as the peer of a connection to an ingress-mode published port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
 }
 
 /// One row of `service ps` / `ps`.
@@ -680,8 +683,23 @@ fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
             .filter_map(|n| records::vip_of(&held, &svc.id, n).map(|ip| (name_of(n), ip)))
             .collect(),
         networks: svc.task_networks(state).iter().map(|n| name_of(n)).collect(),
+        client_address: client_address(state, svc),
         service: svc.clone(),
     }
+}
+
+/// How the routing mesh presents clients to the service's tasks (`None`: no ingress-mode port).
+fn client_address(state: &ClusterState, svc: &ServiceRecord) -> Option<String> {
+    if !svc.ports.iter().any(|p| !p.host_mode) {
+        return None;
+    }
+    let subnet =
+        records::ingress(state).map_or("the ingress subnet".into(), |n| n.subnet.to_string());
+    Some(format!(
+        "kept: tasks see the client's own address and port (TCP and UDP); clients on {subnet}, \
+         loopback and IPv6 clients arrive from the receiving node's ingress address instead \
+         (counted in /metrics as shoal_mesh_client_addr_fallback_total)"
+    ))
 }
 
 async fn service_ls(State(st): State<Arc<ApiState>>) -> Response {

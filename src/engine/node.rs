@@ -494,6 +494,8 @@ async fn diagnostics(inner: &Inner) -> serde_json::Value {
             serde_json::json!({
                 "service": s.name,
                 "no_backend": s.no_backend,
+                "client_addr_kept": s.client_kept,
+                "client_addr_fallback": s.client_fallback,
                 "backends": s.backends.iter().map(|b| serde_json::json!({
                     "id": b.id, "addr": b.addr, "health": b.health.as_str(),
                     "active": b.active, "connections": b.total, "errors": b.errors,
