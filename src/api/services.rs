@@ -22,7 +22,7 @@ use super::swarm::{bad_request, cluster, cluster_error};
 use super::{ApiState, error};
 use crate::engine::leader::{self, check_service, new_id};
 use crate::engine::records::{
-    self, HealthRecord, PortRecord, Protocol, ServiceRecord, Standalone, TaskRecord,
+    self, HealthRecord, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone, TaskRecord,
 };
 use crate::mounts::{self, MountSpec};
 
@@ -466,7 +466,8 @@ fn parse_env(list: &[String]) -> Result<Vec<(String, String)>, Response> {
         .collect()
 }
 
-/// `8100:8100`, `8100:80/udp`, or the long form `published=8100,target=80,protocol=udp,mode=host`.
+/// `8100:8100`, `8100:80/udp`, or the long form
+/// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2`.
 pub fn parse_port(s: &str) -> Result<PortRecord, String> {
     let bad = || format!("invalid published port {s:?}: want PUBLISHED:TARGET[/tcp|udp]");
     let port = |v: &str| match v.parse::<u16>() {
@@ -479,8 +480,8 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         _ => Err(format!("invalid protocol {v:?} in {s:?}: tcp or udp")),
     };
     if s.contains('=') {
-        let (mut published, mut target, mut protocol, mut host_mode) =
-            (None, None, Protocol::Tcp, false);
+        let (mut published, mut target, mut protocol, mut host_mode, mut proxy_protocol) =
+            (None, None, Protocol::Tcp, false, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("published", v)) => published = Some(port(v)?),
@@ -488,15 +489,24 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
                 Some(("protocol", v)) => protocol = proto(v)?,
                 Some(("mode", "host")) => host_mode = true,
                 Some(("mode", "ingress")) => host_mode = false,
+                Some(("proxy-protocol", "v1")) => proxy_protocol = Some(ProxyVersion::V1),
+                Some(("proxy-protocol", "v2")) => proxy_protocol = Some(ProxyVersion::V2),
+                Some(("proxy-protocol", v)) => {
+                    return Err(format!("invalid proxy-protocol {v:?} in {s:?}: v1 or v2"));
+                }
                 _ => return Err(format!("invalid field {part:?} in {s:?}")),
             }
         }
         let target = target.ok_or_else(|| format!("{s:?}: target is required"))?;
+        if proxy_protocol.is_some() && protocol != Protocol::Tcp {
+            return Err(format!("{s:?}: proxy-protocol is for TCP ports"));
+        }
         return Ok(PortRecord {
             published: published.unwrap_or(target),
             target,
             protocol,
             host_mode,
+            proxy_protocol,
         });
     }
     let (ports, protocol) = match s.split_once('/') {
@@ -509,6 +519,7 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         target: port(target)?,
         protocol,
         host_mode: false,
+        proxy_protocol: None,
     })
 }
 
@@ -1121,6 +1132,11 @@ mod tests {
         );
         let p = parse_port("target=80").unwrap();
         assert_eq!(p.published, 80);
+        let p = parse_port("published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2")
+            .unwrap();
+        assert_eq!((p.published, p.proxy_protocol), (8100, Some(ProxyVersion::V2)));
+        let p = parse_port("published=8100,target=80,proxy-protocol=v1").unwrap();
+        assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1));
         for (bad, why) in [
             ("8100", "PUBLISHED:TARGET"),
             ("0:80", "invalid port \"0\""),
@@ -1128,6 +1144,8 @@ mod tests {
             ("80:80/sctp", "invalid protocol"),
             ("published=80", "target is required"),
             ("published=80,target=80,mode=bridge", "invalid field"),
+            ("published=80,target=80,proxy-protocol=v3", "v1 or v2"),
+            ("published=53,target=53,protocol=udp,proxy-protocol=v2", "for TCP ports"),
         ] {
             let e = parse_port(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

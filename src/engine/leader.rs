@@ -379,7 +379,13 @@ mod tests {
     }
 
     fn tcp(p: u16) -> PortRecord {
-        PortRecord { published: p, target: p, protocol: Protocol::Tcp, host_mode: false }
+        PortRecord {
+            published: p,
+            target: p,
+            protocol: Protocol::Tcp,
+            host_mode: false,
+            proxy_protocol: None,
+        }
     }
 
     #[test]

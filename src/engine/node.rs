@@ -1017,6 +1017,11 @@ async fn dataplane(
                 if p.host_mode {
                     ps.mode = ing::PublishMode::Host;
                 }
+                ps.proxy_protocol = match p.proxy_protocol {
+                    None => ing::ProxyProtocol::Off,
+                    Some(records::ProxyVersion::V1) => ing::ProxyProtocol::V1,
+                    Some(records::ProxyVersion::V2) => ing::ProxyProtocol::V2,
+                };
                 ps
             })
             .collect();

@@ -29,6 +29,19 @@ pub struct PortRecord {
     /// Routing mesh (`ingress`, every node answers) or `host` (only nodes running a task).
     #[serde(default)]
     pub host_mode: bool,
+    /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// The PROXY protocol version of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// Transport of a published port.
