@@ -81,6 +81,10 @@ pub struct CreateArgs {
     /// `vip` or `dnsrr`.
     #[arg(long, value_parser = ["vip", "dnsrr"])]
     endpoint_mode: Option<String>,
+    /// How the routing mesh balances: `p2c` (default), `round-robin`, or `maglev` (the same
+    /// client address reaches the same task through every node).
+    #[arg(long, value_parser = ["p2c", "round-robin", "maglev"])]
+    lb_algorithm: Option<String>,
     /// `any`, `on-failure` or `none`.
     #[arg(long, value_parser = ["any", "on-failure", "none"])]
     restart_condition: Option<String>,
@@ -393,6 +397,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 networks: a.network.clone(),
                 publish: a.publish.clone(),
                 endpoint_mode: a.endpoint_mode.clone(),
+                lb_algorithm: a.lb_algorithm.clone(),
                 constraints: a.constraint.clone(),
                 restart_condition: a.restart_condition.clone(),
                 restart_delay_ms: ms(a.restart_delay),

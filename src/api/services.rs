@@ -22,7 +22,8 @@ use super::swarm::{bad_request, cluster, cluster_error};
 use super::{ApiState, error};
 use crate::engine::leader::{self, check_service, new_id};
 use crate::engine::records::{
-    self, HealthRecord, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone, TaskRecord,
+    self, HealthRecord, LbAlgorithm, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone,
+    TaskRecord,
 };
 use crate::mounts::{self, MountSpec};
 
@@ -94,6 +95,9 @@ pub struct ServiceCreate {
     /// `vip` (default) or `dnsrr`.
     #[serde(default)]
     pub endpoint_mode: Option<String>,
+    /// How the routing mesh balances: `p2c` (default), `round-robin` or `maglev`.
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
     #[serde(default)]
     pub constraints: Vec<String>,
     /// `any` (default), `on-failure`, `none`.
@@ -586,6 +590,16 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         Some("dnsrr") => true,
         Some(x) => return Err(bad_request(format!("invalid endpoint mode {x:?}: vip or dnsrr"))),
     };
+    let lb_algorithm = match req.lb_algorithm.as_deref() {
+        None | Some("p2c") => LbAlgorithm::P2c,
+        Some("round-robin") => LbAlgorithm::RoundRobin,
+        Some("maglev") => LbAlgorithm::Maglev,
+        Some(x) => {
+            return Err(bad_request(format!(
+                "invalid lb-algorithm {x:?}: p2c, round-robin or maglev"
+            )));
+        }
+    };
     let health = match &req.health_cmd {
         None => None,
         Some(cmd) if cmd.trim().is_empty() => return Err(bad_request("empty health command")),
@@ -608,6 +622,7 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         networks: network_ids(state, &req.networks)?,
         ports,
         dnsrr,
+        lb_algorithm,
         constraints,
         restart,
         update_order: parse_order(req.update_order.as_deref())?,

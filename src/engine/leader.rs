@@ -367,6 +367,7 @@ mod tests {
             networks: vec![],
             ports,
             dnsrr: false,
+            lb_algorithm: Default::default(),
             constraints: vec![],
             restart: Default::default(),
             update_order: Default::default(),

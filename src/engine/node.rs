@@ -1025,7 +1025,12 @@ async fn dataplane(
                 ps
             })
             .collect();
-        let spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        let mut spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        spec.algorithm = match svc.lb_algorithm {
+            records::LbAlgorithm::P2c => ing::Algorithm::P2cLeastConn,
+            records::LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
+            records::LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
+        };
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())

@@ -34,6 +34,20 @@ pub struct PortRecord {
     pub proxy_protocol: Option<ProxyVersion>,
 }
 
+/// How the routing mesh picks a task for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbAlgorithm {
+    /// Power of two random choices, fewer open connections wins.
+    #[default]
+    P2c,
+    /// Strict rotation.
+    RoundRobin,
+    /// Client-address affinity, the same on every node (every node builds the same Maglev
+    /// table from the same backends).
+    Maglev,
+}
+
 /// The PROXY protocol version of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -93,6 +107,9 @@ pub struct ServiceRecord {
     /// DNS round robin instead of a virtual IP.
     #[serde(default)]
     pub dnsrr: bool,
+    /// How the routing mesh balances connections to the published ports.
+    #[serde(default)]
+    pub lb_algorithm: LbAlgorithm,
     #[serde(default)]
     pub constraints: Vec<sched::Constraint>,
     pub restart: sched::RestartPolicy,
