@@ -289,6 +289,81 @@ mod tests {
         }
     }
 
+    /// The rules and routes follow the sandbox list, stale ones go, and applying twice is a
+    /// no-op (root only).
+    #[test]
+    fn task_rules_follow_the_sandboxes() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        if !require_root("task_rules_follow_the_sandboxes") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let name = unique_prefix("rt");
+        let ns = c.netns(&name).expect("netns");
+        // An interface on the sandboxes' subnet, so their addresses are gateways.
+        for args in [
+            vec!["link", "add", "ret0", "type", "veth", "peer", "name", "ret1"],
+            vec!["addr", "add", "10.0.0.9/24", "dev", "ret0"],
+            vec!["link", "set", "ret0", "up"],
+            vec!["link", "set", "ret1", "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(["-n", &name])
+                .args(&args)
+                .status()
+                .expect("ip");
+            assert!(ok.success(), "ip {args:?}");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let marks = |ns: &NetNs| -> BTreeSet<u32> {
+            rt.block_on(async {
+                let h = ns.netlink().expect("netlink");
+                our_rules(&h, ns).await.expect("rules").iter().filter_map(fwmark_of).collect()
+            })
+        };
+        let (a, b) = (ip("10.0.0.2"), ip("10.0.0.3"));
+        rt.block_on(apply_task(&ns, &[a, b])).expect("apply two");
+        rt.block_on(apply_task(&ns, &[b, a])).expect("apply again");
+        assert_eq!(marks(&ns), [mark(a), mark(b)].into_iter().collect());
+        rt.block_on(apply_task(&ns, &[b])).expect("apply one");
+        assert_eq!(marks(&ns), [mark(b)].into_iter().collect());
+        let tables = rt.block_on(async {
+            let h = ns.netlink().expect("netlink");
+            let all: Vec<_> = h
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect()
+                .await
+                .expect("routes");
+            all.iter()
+                .filter_map(|r| {
+                    r.attributes.iter().find_map(|x| match x {
+                        rtnetlink::packet_route::route::RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                })
+                .collect::<BTreeSet<u32>>()
+        });
+        assert!(tables.contains(&mark(b)) && !tables.contains(&mark(a)), "{tables:?}");
+        let rules = ns.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
+        let chains: Vec<&str> = rules.iter().map(|r| r.chain.as_str()).collect();
+        assert_eq!(chains, ["prerouting", "output"]);
+        rt.block_on(apply_sandbox(&ns, "ret0")).expect("sandbox");
+        rt.block_on(apply_sandbox(&ns, "ret0")).expect("sandbox again");
+        let iif = RuleAttribute::Iifname("ret0".into());
+        let sandbox_rules = rt.block_on(async {
+            let h = ns.netlink().expect("netlink");
+            our_rules(&h, &ns)
+                .await
+                .expect("rules")
+                .iter()
+                .filter(|r| r.attributes.contains(&iif))
+                .count()
+        });
+        assert_eq!(sandbox_rules, 1);
+    }
+
     #[test]
     fn reserved_table_numbers_are_refused() {
         let reserved = Ipv4Addr::from(254u32.to_ne_bytes());
