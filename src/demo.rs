@@ -1,7 +1,8 @@
 //! `shoal demo visitor`: the Swarm tutorial's hello-world, built in so the demo needs nothing
 //! but this binary and `redis-server`. `GET /visitor` counts visitors with INCR in Redis (by
 //! default at `myredis:6379`, which service DNS resolves inside a task) and answers
-//! "Hello World, you are visitor number N", or "Hello World, connection to redis error" when
+//! "Hello World, you are visitor number N (from ADDRESS)", ADDRESS being the peer the kernel
+//! reports (the routing mesh keeps the client's), or "Hello World, connection to redis error" when
 //! Redis cannot be reached within the timeout. Every answer names the task that served it in an
 //! `X-Served-By` header, so a reader sees the routing mesh spread requests. Every request is
 //! also one line of `info.log` in `--log-dir`, where the tutorial mounts a volume, so the log
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -93,9 +94,13 @@ impl App {
     }
 }
 
-async fn visitor(State(app): State<Arc<App>>) -> Response {
+async fn visitor(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let from = peer.ip().to_canonical();
     let body = match tokio::time::timeout(app.timeout, app.incr()).await {
-        Ok(Ok(n)) => format!("Hello World, you are visitor number {n}\n"),
+        Ok(Ok(n)) => format!("Hello World, you are visitor number {n} (from {from})\n"),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "redis");
             "Hello World, connection to redis error\n".to_owned()
@@ -150,6 +155,7 @@ pub async fn run_visitor(args: VisitorArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
+    let router = router.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, router).with_graceful_shutdown(stop).await?;
     Ok(())
 }

@@ -63,7 +63,8 @@ pub struct CreateArgs {
     /// `replicated` or `global`.
     #[arg(long, default_value = "replicated", value_parser = ["replicated", "global"])]
     mode: String,
-    /// Publish a port: `8100:8100`, `53:53/udp`, or `published=8100,target=80,mode=host`.
+    /// Publish a port: `8100:8100`, `53:53/udp`, or
+    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v1|v2`.
     #[arg(short, long)]
     publish: Vec<String>,
     /// Attach to a network.
@@ -81,6 +82,10 @@ pub struct CreateArgs {
     /// `vip` or `dnsrr`.
     #[arg(long, value_parser = ["vip", "dnsrr"])]
     endpoint_mode: Option<String>,
+    /// How the routing mesh balances: `p2c` (default), `round-robin`, or `maglev` (the same
+    /// client address reaches the same task through every node).
+    #[arg(long, value_parser = ["p2c", "round-robin", "maglev"])]
+    lb_algorithm: Option<String>,
     /// `any`, `on-failure` or `none`.
     #[arg(long, value_parser = ["any", "on-failure", "none"])]
     restart_condition: Option<String>,
@@ -393,6 +398,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 networks: a.network.clone(),
                 publish: a.publish.clone(),
                 endpoint_mode: a.endpoint_mode.clone(),
+                lb_algorithm: a.lb_algorithm.clone(),
                 constraints: a.constraint.clone(),
                 restart_condition: a.restart_condition.clone(),
                 restart_delay_ms: ms(a.restart_delay),
@@ -826,9 +832,11 @@ pub fn print_node_pretty(n: &shoal_cluster::NodeView, d: &serde_json::Value) {
     println!("\nRouting mesh:");
     for svc in d["mesh"].as_array().into_iter().flatten() {
         println!(
-            "  {} (refused for want of a backend: {})",
+            "  {} (refused for want of a backend: {}; client address kept {}, fallen back {})",
             s(&svc["service"]),
-            s(&svc["no_backend"])
+            s(&svc["no_backend"]),
+            s(&svc["client_addr_kept"]),
+            s(&svc["client_addr_fallback"])
         );
         for b in svc["backends"].as_array().into_iter().flatten() {
             println!(

@@ -110,9 +110,10 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let n: u64 = first.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    assert_eq!(get(port, "/visitor"), format!("Hello World, you are visitor number {}\n", n + 1));
-    assert_eq!(get(port, "/visitor"), format!("Hello World, you are visitor number {}\n", n + 2));
+    let n: u64 = first.split("number ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let page = |n: u64| format!("Hello World, you are visitor number {n} (from 127.0.0.1)\n");
+    assert_eq!(get(port, "/visitor"), page(n + 1));
+    assert_eq!(get(port, "/visitor"), page(n + 2));
 
     drop(redis);
     let t = Instant::now();
@@ -130,5 +131,5 @@ fn visitor_counts_in_real_redis_and_reports_a_missing_one() {
     let last: Vec<&str> = log.lines().rev().take(3).collect();
     assert!(last[0].contains(" GET /: Hello World from "), "{log}");
     assert!(last[1].ends_with("GET /visitor: Hello World, connection to redis error"), "{log}");
-    assert!(last[2].ends_with(&format!("visitor number {}", n + 2)), "{log}");
+    assert!(last[2].ends_with(&format!("visitor number {} (from 127.0.0.1)", n + 2)), "{log}");
 }

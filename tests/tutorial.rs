@@ -15,8 +15,9 @@ use common::{
     visit as visit_on,
 };
 
+/// The N of "visitor number N (from ADDRESS)".
 fn count(page: &str) -> Option<u64> {
-    page.trim().rsplit(' ').next()?.parse().ok()
+    page.split("visitor number ").nth(1)?.split(' ').next()?.parse().ok()
 }
 
 /// The redis-server flags of the tutorial: no persistence, reachable from other tasks.
@@ -281,6 +282,9 @@ fn the_tutorial_runs_end_to_end() {
         Some(visit(&lab, 1)).filter(|p| count(p).is_some())
     });
     assert!(page.contains("visitor number"), "{page}");
+    // The task saw this host's address on the lab bridge, not a node's.
+    let host = std::net::Ipv4Addr::from(u32::from(lab.subnet.network()) + 254);
+    assert!(page.contains(&format!("(from {host})")), "{page}");
     lab.on("node1", &["node", "update", "--availability", "active", "node1"]);
 
     // A task that exits is restarted by policy (after the 5 s delay), its slot kept.

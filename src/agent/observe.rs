@@ -415,6 +415,21 @@ impl Collector for EngineCollector {
             mesh.iter()
                 .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.no_backend))),
         )?;
+        family(
+            &mut e,
+            "mesh_client_addr_kept",
+            "Connections and UDP flows that reached their task from the client's own address",
+            mesh.iter()
+                .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.client_kept))),
+        )?;
+        family(
+            &mut e,
+            "mesh_client_addr_fallback",
+            "Connections and UDP flows that reached their task from this node's ingress address \
+             (the client's could not be kept: IPv6, loopback or the ingress subnet)",
+            mesh.iter()
+                .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.client_fallback))),
+        )?;
         Ok(())
     }
 }

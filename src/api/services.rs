@@ -22,7 +22,8 @@ use super::swarm::{bad_request, cluster, cluster_error};
 use super::{ApiState, error};
 use crate::engine::leader::{self, check_service, new_id};
 use crate::engine::records::{
-    self, HealthRecord, PortRecord, Protocol, ServiceRecord, Standalone, TaskRecord,
+    self, HealthRecord, LbAlgorithm, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone,
+    TaskRecord,
 };
 use crate::mounts::{self, MountSpec};
 
@@ -98,6 +99,9 @@ pub struct ServiceCreate {
     /// `vip` (default) or `dnsrr`.
     #[serde(default)]
     pub endpoint_mode: Option<String>,
+    /// How the routing mesh balances: `p2c` (default), `round-robin` or `maglev`.
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
     #[serde(default)]
     pub constraints: Vec<String>,
     /// `any` (default), `on-failure`, `none`.
@@ -173,6 +177,9 @@ pub struct ServiceView {
     pub vips: BTreeMap<String, std::net::Ipv4Addr>,
     /// Network names.
     pub networks: Vec<String>,
+    /// What its tasks see as the peer of a connection to an ingress-mode published port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
 }
 
 /// One row of `service ps` / `ps`.
@@ -476,7 +483,8 @@ fn parse_env(list: &[String]) -> Result<Vec<(String, String)>, Response> {
         .collect()
 }
 
-/// `8100:8100`, `8100:80/udp`, or the long form `published=8100,target=80,protocol=udp,mode=host`.
+/// `8100:8100`, `8100:80/udp`, or the long form
+/// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2`.
 pub fn parse_port(s: &str) -> Result<PortRecord, String> {
     let bad = || format!("invalid published port {s:?}: want PUBLISHED:TARGET[/tcp|udp]");
     let port = |v: &str| match v.parse::<u16>() {
@@ -489,8 +497,8 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         _ => Err(format!("invalid protocol {v:?} in {s:?}: tcp or udp")),
     };
     if s.contains('=') {
-        let (mut published, mut target, mut protocol, mut host_mode) =
-            (None, None, Protocol::Tcp, false);
+        let (mut published, mut target, mut protocol, mut host_mode, mut proxy_protocol) =
+            (None, None, Protocol::Tcp, false, None);
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("published", v)) => published = Some(port(v)?),
@@ -498,15 +506,24 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
                 Some(("protocol", v)) => protocol = proto(v)?,
                 Some(("mode", "host")) => host_mode = true,
                 Some(("mode", "ingress")) => host_mode = false,
+                Some(("proxy-protocol", "v1")) => proxy_protocol = Some(ProxyVersion::V1),
+                Some(("proxy-protocol", "v2")) => proxy_protocol = Some(ProxyVersion::V2),
+                Some(("proxy-protocol", v)) => {
+                    return Err(format!("invalid proxy-protocol {v:?} in {s:?}: v1 or v2"));
+                }
                 _ => return Err(format!("invalid field {part:?} in {s:?}")),
             }
         }
         let target = target.ok_or_else(|| format!("{s:?}: target is required"))?;
+        if proxy_protocol.is_some() && protocol != Protocol::Tcp {
+            return Err(format!("{s:?}: proxy-protocol is for TCP ports"));
+        }
         return Ok(PortRecord {
             published: published.unwrap_or(target),
             target,
             protocol,
             host_mode,
+            proxy_protocol,
         });
     }
     let (ports, protocol) = match s.split_once('/') {
@@ -519,6 +536,7 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         target: port(target)?,
         protocol,
         host_mode: false,
+        proxy_protocol: None,
     })
 }
 
@@ -585,6 +603,16 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         Some("dnsrr") => true,
         Some(x) => return Err(bad_request(format!("invalid endpoint mode {x:?}: vip or dnsrr"))),
     };
+    let lb_algorithm = match req.lb_algorithm.as_deref() {
+        None | Some("p2c") => LbAlgorithm::P2c,
+        Some("round-robin") => LbAlgorithm::RoundRobin,
+        Some("maglev") => LbAlgorithm::Maglev,
+        Some(x) => {
+            return Err(bad_request(format!(
+                "invalid lb-algorithm {x:?}: p2c, round-robin or maglev"
+            )));
+        }
+    };
     let health = match &req.health_cmd {
         None => None,
         Some(cmd) if cmd.trim().is_empty() => return Err(bad_request("empty health command")),
@@ -607,6 +635,7 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         networks: network_ids(state, &req.networks)?,
         ports,
         dnsrr,
+        lb_algorithm,
         constraints,
         restart,
         update_order: parse_order(req.update_order.as_deref())?,
@@ -693,8 +722,23 @@ fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
             .filter_map(|n| records::vip_of(&held, &svc.id, n).map(|ip| (name_of(n), ip)))
             .collect(),
         networks: svc.task_networks(state).iter().map(|n| name_of(n)).collect(),
+        client_address: client_address(state, svc),
         service: svc.clone(),
     }
+}
+
+/// How the routing mesh presents clients to the service's tasks (`None`: no ingress-mode port).
+fn client_address(state: &ClusterState, svc: &ServiceRecord) -> Option<String> {
+    if !svc.ports.iter().any(|p| !p.host_mode) {
+        return None;
+    }
+    let subnet =
+        records::ingress(state).map_or("the ingress subnet".into(), |n| n.subnet.to_string());
+    Some(format!(
+        "kept: tasks see the client's own address and port (TCP and UDP); clients on {subnet}, \
+         loopback and IPv6 clients arrive from the receiving node's ingress address instead \
+         (counted in /metrics as shoal_mesh_client_addr_fallback_total)"
+    ))
 }
 
 async fn service_ls(State(st): State<Arc<ApiState>>) -> Response {
@@ -1117,6 +1161,11 @@ mod tests {
         );
         let p = parse_port("target=80").unwrap();
         assert_eq!(p.published, 80);
+        let p = parse_port("published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2")
+            .unwrap();
+        assert_eq!((p.published, p.proxy_protocol), (8100, Some(ProxyVersion::V2)));
+        let p = parse_port("published=8100,target=80,proxy-protocol=v1").unwrap();
+        assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1));
         for (bad, why) in [
             ("8100", "PUBLISHED:TARGET"),
             ("0:80", "invalid port \"0\""),
@@ -1124,6 +1173,8 @@ mod tests {
             ("80:80/sctp", "invalid protocol"),
             ("published=80", "target is required"),
             ("published=80,target=80,mode=bridge", "invalid field"),
+            ("published=80,target=80,proxy-protocol=v3", "v1 or v2"),
+            ("published=53,target=53,protocol=udp,proxy-protocol=v2", "for TCP ports"),
         ] {
             let e = parse_port(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

@@ -367,6 +367,7 @@ mod tests {
             networks: vec![],
             ports,
             dnsrr: false,
+            lb_algorithm: Default::default(),
             constraints: vec![],
             restart: Default::default(),
             update_order: Default::default(),
@@ -379,7 +380,13 @@ mod tests {
     }
 
     fn tcp(p: u16) -> PortRecord {
-        PortRecord { published: p, target: p, protocol: Protocol::Tcp, host_mode: false }
+        PortRecord {
+            published: p,
+            target: p,
+            protocol: Protocol::Tcp,
+            host_mode: false,
+            proxy_protocol: None,
+        }
     }
 
     #[test]

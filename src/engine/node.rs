@@ -25,6 +25,8 @@ use shoal_vip::VipRule;
 use shoal_vxlan::{self as vx, Overlay};
 use tokio::sync::{Notify, watch};
 
+mod client_addr;
+
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
 use crate::config::AgentConfig;
 use crate::volumes::Volumes;
@@ -89,6 +91,8 @@ struct Local {
     published: BTreeMap<EntryKey, EndpointRecord>,
     /// VIP rules installed per task.
     vips: BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>>,
+    /// The ingress sandboxes each task sends mesh replies back through.
+    returns: BTreeMap<String, Vec<Ipv4Addr>>,
     mesh: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
     dns: Option<dns::ClusterRecords>,
     tables: Option<vx::Tables>,
@@ -495,6 +499,8 @@ async fn diagnostics(inner: &Inner) -> serde_json::Value {
             serde_json::json!({
                 "service": s.name,
                 "no_backend": s.no_backend,
+                "client_addr_kept": s.client_kept,
+                "client_addr_fallback": s.client_fallback,
                 "backends": s.backends.iter().map(|b| serde_json::json!({
                     "id": b.id, "addr": b.addr, "health": b.health.as_str(),
                     "active": b.active, "connections": b.total, "errors": b.errors,
@@ -704,8 +710,10 @@ async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()>
     if old.is_some() {
         let _ = inner.overlay.detach(&ingress.id, "sbox").await;
     }
-    let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname: Some("eth0") };
+    let ifname = Some(client_addr::SANDBOX_IFNAME);
+    let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname };
     inner.overlay.attach(&spec, &ep).await.context("attaching the ingress sandbox")?;
+    client_addr::sandbox_ready(inner, ingress).await;
     lock(&inner.local).sandbox_ip = Some(ip);
     Ok(())
 }
@@ -810,6 +818,7 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
     let _ = inner.dns.detach(id).await;
     lock(&inner.local).vips.remove(id);
+    lock(&inner.local).returns.remove(id);
     // Nothing of ours is left in an ended task's namespace: it goes (its logs stay). One
     // still running (its stop failed) keeps it until it is removed; one gone has none.
     match inner.runtime.release_netns(id).await {
@@ -1024,10 +1033,20 @@ async fn dataplane(
                 if p.host_mode {
                     ps.mode = ing::PublishMode::Host;
                 }
+                ps.proxy_protocol = match p.proxy_protocol {
+                    None => ing::ProxyProtocol::Off,
+                    Some(records::ProxyVersion::V1) => ing::ProxyProtocol::V1,
+                    Some(records::ProxyVersion::V2) => ing::ProxyProtocol::V2,
+                };
                 ps
             })
             .collect();
-        let spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        let mut spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        spec.algorithm = match svc.lb_algorithm {
+            records::LbAlgorithm::P2c => ing::Algorithm::P2cLeastConn,
+            records::LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
+            records::LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
+        };
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
@@ -1056,6 +1075,9 @@ async fn dataplane(
         let _ = inner.mesh.remove_service(name);
         lock(&inner.local).mesh.remove(name);
     }
+
+    let sandboxes = client_addr::sandboxes(&eps, &ingress_id);
+    client_addr::tasks(inner, &ingress_id, &sandboxes).await;
 
     // East-west VIPs inside each local running task: every VIP of the task's networks, with the
     // serving tasks behind it (worked out once per pass, then picked per task).

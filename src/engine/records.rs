@@ -29,6 +29,33 @@ pub struct PortRecord {
     /// Routing mesh (`ingress`, every node answers) or `host` (only nodes running a task).
     #[serde(default)]
     pub host_mode: bool,
+    /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// How the routing mesh picks a task for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbAlgorithm {
+    /// Power of two random choices, fewer open connections wins.
+    #[default]
+    P2c,
+    /// Strict rotation.
+    RoundRobin,
+    /// Client-address affinity, the same on every node (every node builds the same Maglev
+    /// table from the same backends).
+    Maglev,
+}
+
+/// The PROXY protocol version of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// Transport of a published port.
@@ -80,6 +107,9 @@ pub struct ServiceRecord {
     /// DNS round robin instead of a virtual IP.
     #[serde(default)]
     pub dnsrr: bool,
+    /// How the routing mesh balances connections to the published ports.
+    #[serde(default)]
+    pub lb_algorithm: LbAlgorithm,
     #[serde(default)]
     pub constraints: Vec<sched::Constraint>,
     pub restart: sched::RestartPolicy,

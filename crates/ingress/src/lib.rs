@@ -51,7 +51,7 @@ pub use health::{HealthCore, HealthEvent, HealthState};
 pub use mesh::{ListenerInfo, Mesh, MeshConfig, Transport};
 pub use metrics::{BackendMetrics, ServiceMetrics};
 pub use spec::{
-    Algorithm, BackendSpec, CheckKind, HealthSpec, PortSpec, Protocol, ProxyProtocol, PublishMode,
-    ServiceSpec, TaskState,
+    Algorithm, BackendSpec, CheckKind, ClientAddr, HealthSpec, PortSpec, Protocol, ProxyProtocol,
+    PublishMode, ServiceSpec, TaskState,
 };
 pub use udp::REPLY_SLOT;

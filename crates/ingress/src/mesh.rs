@@ -24,7 +24,8 @@ use crate::health::{HealthCore, HealthEvent, HealthState};
 use crate::metrics::{BackendMetrics, ServiceMetrics};
 use crate::proxy_protocol::{Header, MAX_EMIT_LEN};
 use crate::spec::{
-    BackendSpec, CheckKind, PortSpec, ProxyProtocol, PublishMode, ServiceSpec, TaskState,
+    BackendSpec, CheckKind, ClientAddr, PortSpec, ProxyProtocol, PublishMode, ServiceSpec,
+    TaskState,
 };
 use crate::upstream::Upstream;
 use crate::{Error, udp};
@@ -106,6 +107,10 @@ pub(crate) struct Service {
     view: ArcSwap<Vec<(Arc<Backend>, HealthState)>>,
     pub(crate) ctl: mpsc::UnboundedSender<Ctl>,
     pub(crate) no_backend: AtomicU64,
+    /// Connections and flows that reached their task from the client's own address.
+    client_kept: AtomicU64,
+    /// Connections and flows that reached their task from the sandbox's address instead.
+    client_fallback: AtomicU64,
 }
 
 impl std::fmt::Debug for Service {
@@ -138,6 +143,18 @@ pub(crate) struct Ctx {
     pub(crate) pipes: PipePool,
     pub(crate) forward: ForwardMode,
     pub(crate) attempts: u32,
+    pub(crate) client_addr: ArcSwap<ClientAddr>,
+}
+
+impl Ctx {
+    /// The source of a new upstream connection or flow for `client` (`None`: the sandbox's
+    /// own address), counted in the service's metrics.
+    pub(crate) fn source_for(&self, svc: &Service, client: SocketAddr) -> Option<SocketAddr> {
+        let from = self.client_addr.load().source_for(client);
+        let counter = if from.is_some() { &svc.client_kept } else { &svc.client_fallback };
+        counter.fetch_add(1, Ordering::Relaxed);
+        from
+    }
 }
 
 struct ListenerHandle {
@@ -186,6 +203,7 @@ impl Mesh {
                 pipes: PipePool::new(cfg.pipe_size, cfg.max_idle_pipes),
                 forward: cfg.forward,
                 attempts: cfg.connect_attempts.max(1),
+                client_addr: ArcSwap::from_pointee(ClientAddr::default()),
             }),
             seed: AtomicU64::new(cfg.seed),
             state: Mutex::new(State { services: HashMap::new(), listeners: HashMap::new() }),
@@ -196,6 +214,16 @@ impl Mesh {
     fn next_seed(&self) -> u64 {
         // Weyl sequence: distinct, reproducible seeds per task.
         self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+    }
+
+    /// Sets where new upstream connections and flows come from (open ones keep theirs).
+    pub fn set_client_addr(&self, policy: ClientAddr) {
+        self.ctx.client_addr.store(Arc::new(policy));
+    }
+
+    /// Where new upstream connections and flows come from.
+    pub fn client_addr(&self) -> ClientAddr {
+        ClientAddr::clone(&self.ctx.client_addr.load())
     }
 
     /// Creates or updates a service and its full backend set. Backends missing from `backends`
@@ -278,6 +306,8 @@ impl Mesh {
                     view: ArcSwap::from_pointee(Vec::new()),
                     ctl: tx,
                     no_backend: AtomicU64::new(0),
+                    client_kept: AtomicU64::new(0),
+                    client_fallback: AtomicU64::new(0),
                 });
                 let _ = shared.ctl.send(Ctl::Update(Box::new(spec.clone()), backends));
                 self.rt.spawn(control(shared.clone(), rx, self.ctx.clone()));
@@ -431,6 +461,8 @@ fn service_metrics(s: &Service) -> ServiceMetrics {
     ServiceMetrics {
         name: s.name.clone(),
         no_backend: s.no_backend.load(Ordering::Relaxed),
+        client_kept: s.client_kept.load(Ordering::Relaxed),
+        client_fallback: s.client_fallback.load(Ordering::Relaxed),
         backends: view
             .iter()
             .map(|(b, h)| BackendMetrics {
@@ -722,6 +754,7 @@ async fn handle_tcp(
     let local_only = port.mode == PublishMode::Host;
     let mut rng: Option<SmallRng> = None;
     let mut attempt = 0;
+    let from = ctx.source_for(&svc, peer);
     let (backend, upstream) = loop {
         let Some(b) = choice.take() else {
             svc.no_backend.fetch_add(1, Ordering::Relaxed);
@@ -730,7 +763,7 @@ async fn handle_tcp(
         };
         attempt += 1;
         let target = SocketAddr::new(b.addr, port.target);
-        match ctx.upstream.connect_tcp(target, spec.connect_timeout).await {
+        match ctx.upstream.connect_tcp_from(target, from, spec.connect_timeout).await {
             Ok(s) => {
                 svc.report_connect(&b, true);
                 break (b, s);

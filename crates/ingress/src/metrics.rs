@@ -35,6 +35,11 @@ pub struct ServiceMetrics {
     pub name: String,
     /// Connections or datagrams refused because no backend was eligible.
     pub no_backend: u64,
+    /// Connections and flows that reached their task from the client's own address.
+    pub client_kept: u64,
+    /// Connections and flows that reached their task from the ingress sandbox's address (the
+    /// client's could not be kept: see [`crate::ClientAddr`]).
+    pub client_fallback: u64,
     /// Backends sorted by id (including draining ones until they are forgotten).
     pub backends: Vec<BackendMetrics>,
 }
@@ -55,6 +60,7 @@ impl ServiceMetrics {
 }
 
 type Getter = fn(&BackendMetrics) -> u64;
+type ServiceGetter = fn(&ServiceMetrics) -> u64;
 
 /// Renders metrics in the Prometheus text exposition format (version 0.0.4).
 pub fn render_prometheus(services: &[ServiceMetrics]) -> String {
@@ -84,14 +90,16 @@ pub fn render_prometheus(services: &[ServiceMetrics]) -> String {
             }
         }
     }
-    let _ = writeln!(out, "# TYPE shoal_mesh_no_backend_total counter");
-    for s in services {
-        let _ = writeln!(
-            out,
-            "shoal_mesh_no_backend_total{{service=\"{}\"}} {}",
-            esc(&s.name),
-            s.no_backend
-        );
+    let per_service: [(&str, ServiceGetter); 3] = [
+        ("shoal_mesh_no_backend_total", |s| s.no_backend),
+        ("shoal_mesh_client_addr_kept_total", |s| s.client_kept),
+        ("shoal_mesh_client_addr_fallback_total", |s| s.client_fallback),
+    ];
+    for (name, get) in per_service {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for s in services {
+            let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", esc(&s.name), get(s));
+        }
     }
     out
 }

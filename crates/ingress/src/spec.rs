@@ -232,6 +232,39 @@ impl ServiceSpec {
     }
 }
 
+/// Where the mesh's upstream connections and flows come from, node-wide.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ClientAddr {
+    /// From the ingress sandbox's own address: tasks see the node, not the client (the
+    /// default of a bare [`crate::Mesh`]; needs nothing from the namespaces).
+    #[default]
+    Sandbox,
+    /// From the client's own address and port (`IP_TRANSPARENT`), so tasks see the real
+    /// client. The sandbox and the tasks must route the replies back (the agent programs that
+    /// with `shoal-return`). Clients the sandbox cannot speak for fall back to the sandbox's
+    /// address: IPv6, loopback, and addresses in `except` (the ingress subnet, whose addresses
+    /// the tasks reach directly rather than through the sandbox).
+    Keep {
+        /// Client networks that fall back to the sandbox's address.
+        except: Vec<ipnet::Ipv4Net>,
+    },
+}
+
+impl ClientAddr {
+    /// The address an upstream connection for `client` comes from, or `None` for the
+    /// sandbox's own.
+    pub fn source_for(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let ClientAddr::Keep { except } = self else { return None };
+        let IpAddr::V4(ip) = client.ip().to_canonical() else { return None };
+        let unusable = ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip.is_broadcast()
+            || except.iter().any(|n| n.contains(&ip));
+        (!unusable).then_some(SocketAddr::new(IpAddr::V4(ip), client.port()))
+    }
+}
+
 /// The task state the tables report for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum TaskState {

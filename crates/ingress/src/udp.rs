@@ -164,9 +164,10 @@ fn flow_for<'a>(
     {
         let local_only = port.mode == PublishMode::Host;
         let mut made = None;
+        let from = ctx.source_for(svc, client);
         for _ in 0..ctx.attempts {
             let b = snap.pick(client.ip(), local_only, exclude.as_deref(), rng)?;
-            match ctx.upstream.connect_udp(SocketAddr::new(b.addr, port.target)) {
+            match ctx.upstream.connect_udp_from(SocketAddr::new(b.addr, port.target), from) {
                 Ok(s) => {
                     made = Some((b, s));
                     break;

@@ -189,7 +189,20 @@ impl Upstream {
 
     /// Connects a TCP socket made in the namespace to `addr`, within `timeout`.
     pub async fn connect_tcp(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.connect_tcp_from(addr, None, timeout).await
+    }
+
+    /// Like [`Upstream::connect_tcp`], from the address `from` when given (see [`bind_as`]).
+    pub async fn connect_tcp_from(
+        &self,
+        addr: SocketAddr,
+        from: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
         let s = self.socket(Kind::of(addr, false)).await.map_err(io::Error::other)?;
+        if let Some(from) = from {
+            bind_as(&s, from)?;
+        }
         let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(OwnedFd::from(s)));
         match tokio::time::timeout(timeout, sock.connect(addr)).await {
             Ok(r) => r,
@@ -199,8 +212,37 @@ impl Upstream {
 
     /// A UDP socket made in the namespace, connected to `addr`.
     pub fn connect_udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        self.connect_udp_from(addr, None)
+    }
+
+    /// Like [`Upstream::connect_udp`], from the address `from` when given (see [`bind_as`]).
+    pub fn connect_udp_from(
+        &self,
+        addr: SocketAddr,
+        from: Option<SocketAddr>,
+    ) -> io::Result<UdpSocket> {
         let s = self.socket_blocking(Kind::of(addr, true)).map_err(io::Error::other)?;
+        if let Some(from) = from {
+            bind_as(&s, from)?;
+        }
         s.connect(&addr.into())?;
         UdpSocket::from_std(std::net::UdpSocket::from(OwnedFd::from(s)))
     }
+}
+
+/// Binds an upstream socket to a client's address, which the namespace does not hold
+/// (`IP_TRANSPARENT`; the agent runs with `CAP_NET_ADMIN`). The client's own port is taken when
+/// free; when an earlier connection of the same client port still holds it (TIME_WAIT), any
+/// port of the client's address is.
+fn bind_as(s: &Socket, from: SocketAddr) -> io::Result<()> {
+    if from.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    if s.bind(&from.into()).is_ok() {
+        return Ok(());
+    }
+    s.bind(&SocketAddr::new(from.ip(), 0).into())
 }

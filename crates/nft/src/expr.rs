@@ -18,6 +18,8 @@ const VERDICT_CHAIN: u16 = 2;
 /// Where a payload load starts counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadBase {
+    /// The link-layer (Ethernet) header.
+    LinkLayer,
     /// The IP header.
     Network,
     /// The transport (TCP/UDP) header.
@@ -31,6 +33,8 @@ pub enum MetaKey {
     L4Proto,
     /// The name of the interface the packet came in on (16 bytes, NUL padded).
     IifName,
+    /// The packet's mark (`fwmark`, a host-order u32).
+    Mark,
 }
 
 /// How a comparison tests register 1.
@@ -78,6 +82,12 @@ pub enum Expr {
     Meta(MetaKey),
     /// Load the connection's conntrack state bits into register 1 (turns conntrack on).
     CtState,
+    /// Load the connection's conntrack mark (a host-order u32) into register 1.
+    CtMark,
+    /// Set the connection's conntrack mark from register 1.
+    SetCtMark,
+    /// Set the packet's mark from register 1 (in a route chain, the packet is routed again).
+    SetMetaMark,
     /// Register 1 = (register 1 & `mask`) ^ `xor`, over `mask.len()` bytes (same as `xor`).
     Bitwise {
         /// AND mask.
@@ -121,7 +131,8 @@ impl Expr {
         match self {
             Expr::Payload { .. } => "payload",
             Expr::Meta(_) => "meta",
-            Expr::CtState => "ct",
+            Expr::CtState | Expr::CtMark | Expr::SetCtMark => "ct",
+            Expr::SetMetaMark => "meta",
             Expr::Bitwise { .. } => "bitwise",
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
@@ -143,19 +154,45 @@ impl Expr {
             Expr::Payload { base, offset, len } => {
                 // NFTA_PAYLOAD_DREG, _BASE, _OFFSET, _LEN; NFT_PAYLOAD_NETWORK/TRANSPORT_HEADER.
                 w.u32(1, REG_1);
-                w.u32(2, if *base == PayloadBase::Network { 1 } else { 2 });
+                let base = match base {
+                    PayloadBase::LinkLayer => 0,
+                    PayloadBase::Network => 1,
+                    PayloadBase::Transport => 2,
+                };
+                w.u32(2, base);
                 w.u32(3, *offset);
                 w.u32(4, *len);
             }
             Expr::Meta(key) => {
-                // NFTA_META_DREG, NFTA_META_KEY; NFT_META_IIFNAME 6, NFT_META_L4PROTO 16.
+                // NFTA_META_DREG, NFTA_META_KEY; NFT_META_MARK 3, NFT_META_IIFNAME 6,
+                // NFT_META_L4PROTO 16.
                 w.u32(1, REG_1);
-                w.u32(2, if *key == MetaKey::IifName { 6 } else { 16 });
+                let key = match key {
+                    MetaKey::Mark => 3,
+                    MetaKey::IifName => 6,
+                    MetaKey::L4Proto => 16,
+                };
+                w.u32(2, key);
             }
             Expr::CtState => {
                 // NFTA_CT_DREG, NFTA_CT_KEY = NFT_CT_STATE (0).
                 w.u32(1, REG_1);
                 w.u32(2, 0);
+            }
+            Expr::CtMark => {
+                // NFTA_CT_DREG, NFTA_CT_KEY = NFT_CT_MARK (3).
+                w.u32(1, REG_1);
+                w.u32(2, 3);
+            }
+            Expr::SetCtMark => {
+                // NFTA_CT_KEY = NFT_CT_MARK, NFTA_CT_SREG.
+                w.u32(2, 3);
+                w.u32(4, REG_1);
+            }
+            Expr::SetMetaMark => {
+                // NFTA_META_KEY = NFT_META_MARK, NFTA_META_SREG.
+                w.u32(2, 3);
+                w.u32(3, REG_1);
             }
             Expr::Bitwise { mask, xor } => {
                 // NFTA_BITWISE_SREG, _DREG, _LEN, _MASK, _XOR (the boolean operation).

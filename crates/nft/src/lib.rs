@@ -3,7 +3,8 @@
 //!
 //! # Layers
 //!
-//! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state,
+//! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
+//!   and mark, setting the conntrack and packet marks,
 //!   bitwise, compare, set and map lookups, counter, immediate values and verdicts, random
 //!   numbers, DNAT, reject) as typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
@@ -84,6 +85,8 @@ impl Family {
 /// The netfilter hook of a base chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// Packets as they arrive, before the routing decision.
+    Prerouting,
     /// Packets for this host.
     Input,
     /// Packets this host sends.
@@ -97,6 +100,8 @@ pub enum ChainType {
     Filter,
     /// Address translation (sees the first packet of each connection).
     Nat,
+    /// Like filter on the output hook, but a packet whose mark a rule changes is routed again.
+    Route,
 }
 
 /// What makes a chain a base chain: the hook it sits on (policy accept).
@@ -223,12 +228,22 @@ impl Batch {
         self.w.str(3, chain);
         if let Some(b) = base {
             self.w.begin_nest(4);
-            // NF_INET_LOCAL_IN 1, NF_INET_LOCAL_OUT 3.
-            self.w.u32(1, if b.hook == Hook::Input { 1 } else { 3 });
+            // NF_INET_PRE_ROUTING 0, NF_INET_LOCAL_IN 1, NF_INET_LOCAL_OUT 3.
+            let hooknum = match b.hook {
+                Hook::Prerouting => 0,
+                Hook::Input => 1,
+                Hook::Output => 3,
+            };
+            self.w.u32(1, hooknum);
             self.w.attr(2, &b.priority.to_be_bytes());
             self.w.end_nest();
             self.w.u32(5, 1); // NF_ACCEPT
-            self.w.str(7, if b.kind == ChainType::Filter { "filter" } else { "nat" });
+            let kind = match b.kind {
+                ChainType::Filter => "filter",
+                ChainType::Nat => "nat",
+                ChainType::Route => "route",
+            };
+            self.w.str(7, kind);
         }
         self.w.end_msg();
     }
