@@ -101,9 +101,12 @@ pub struct CreateArgs {
     health_timeout: Option<Duration>,
     #[arg(long)]
     health_retries: Option<u32>,
-    /// Time between SIGTERM and SIGKILL.
+    /// Time between the stop signal and SIGKILL (default 10s).
     #[arg(long, value_parser = parse_duration)]
     stop_grace_period: Option<Duration>,
+    /// The signal that asks a task to stop (default SIGTERM), e.g. `SIGQUIT` for nginx.
+    #[arg(long)]
+    stop_signal: Option<String>,
     /// Return at once instead of showing progress.
     #[arg(short, long)]
     detach: bool,
@@ -159,6 +162,12 @@ pub enum ServiceCmd {
         constraint_rm: Vec<String>,
         #[arg(long, value_parser = ["stop-first", "start-first"])]
         update_order: Option<String>,
+        /// Time between the stop signal and SIGKILL.
+        #[arg(long, value_parser = parse_duration)]
+        stop_grace_period: Option<Duration>,
+        /// The signal that asks a task to stop, e.g. `SIGQUIT`.
+        #[arg(long)]
+        stop_signal: Option<String>,
         /// Replace the tasks even if nothing changed.
         #[arg(long)]
         force: bool,
@@ -174,6 +183,12 @@ pub enum ServiceCmd {
         /// A new command, after `--`.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Put back the spec a service had before its last update (a second rollback undoes it).
+    Rollback {
+        #[arg(short, long)]
+        detach: bool,
+        service: String,
     },
     /// Set replica counts: `shoal service scale web=5 api=2`.
     Scale {
@@ -402,6 +417,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 health_timeout_ms: ms(a.health_timeout),
                 health_retries: a.health_retries,
                 stop_grace_ms: ms(a.stop_grace_period),
+                stop_signal: a.stop_signal.clone(),
                 mounts: a.mount.clone(),
             };
             let r: serde_json::Value = host.post_json("/services", &req).await?;
@@ -485,6 +501,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_add,
             constraint_rm,
             update_order,
+            stop_grace_period,
+            stop_signal,
             force,
             mount_add,
             mount_rm,
@@ -504,12 +522,23 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 constraint_add: constraint_add.clone(),
                 constraint_rm: constraint_rm.clone(),
                 update_order: update_order.clone(),
+                stop_grace_ms: ms(*stop_grace_period),
+                stop_signal: stop_signal.clone(),
                 force: *force,
                 mount_add: mount_add.clone(),
                 mount_rm: mount_rm.clone(),
             };
             let v: ServiceView = host
                 .post_json(&format!("/services/{}/update", segment("service", service)?), &req)
+                .await?;
+            println!("{service}");
+            if !detach {
+                converge(host, &v.service.id).await?;
+            }
+        }
+        ServiceCmd::Rollback { detach, service } => {
+            let v: ServiceView = host
+                .post_json(&format!("/services/{}/rollback", segment("service", service)?), &())
                 .await?;
             println!("{service}");
             if !detach {

@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod client;
+pub mod rollout;
 pub mod services;
 pub mod swarm;
 pub mod volumes;

@@ -33,6 +33,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/services", get(service_ls).post(service_create))
         .route("/services/{id}", get(service_inspect).delete(service_rm))
         .route("/services/{id}/update", post(service_update))
+        .route("/services/{id}/rollback", post(super::rollout::service_rollback))
         .route("/services/{id}/tasks", get(service_ps))
         .route("/services/{id}/logs", post(service_logs))
         .route("/containers", get(container_ls).post(container_run))
@@ -116,6 +117,9 @@ pub struct ServiceCreate {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub stop_grace_ms: Option<u64>,
+    /// `--stop-signal`: a name (`SIGQUIT`, `QUIT`) or a number.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
     /// `--mount`, parsed by the client; checked again here.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
@@ -147,6 +151,10 @@ pub struct ServiceUpdate {
     pub constraint_rm: Vec<String>,
     #[serde(default)]
     pub update_order: Option<String>,
+    #[serde(default)]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub stop_signal: Option<String>,
     /// Replace every task even if nothing changed.
     #[serde(default)]
     pub force: bool,
@@ -228,7 +236,7 @@ struct ForceQuery {
     force: bool,
 }
 
-async fn store(c: &Cluster) -> Result<ClusterState, Response> {
+pub(super) async fn store(c: &Cluster) -> Result<ClusterState, Response> {
     c.store().await.map_err(cluster_error)
 }
 
@@ -282,7 +290,7 @@ fn find_network<'a>(state: &'a ClusterState, what: &str) -> Result<&'a NetworkRe
     find_one("network", what, &state.networks, |n| &n.name)
 }
 
-fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Response> {
+pub(super) fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Response> {
     find_one("service", what, &records::services(state), |s| &s.name).cloned()
 }
 
@@ -599,10 +607,33 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         update_order: parse_order(req.update_order.as_deref())?,
         health,
         mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
-        stop_grace_ms: req.stop_grace_ms.unwrap_or(10_000),
+        stop_grace_ms: stop_grace(req.stop_grace_ms)?.unwrap_or(10_000),
+        stop_signal: stop_signal(req.stop_signal.as_deref())?,
+        previous: None,
         created_ms: now,
         updated_ms: now,
     })
+}
+
+/// `--stop-grace-period`, at most an hour (the runtime's bound).
+fn stop_grace(ms: Option<u64>) -> Result<Option<u64>, Response> {
+    match ms {
+        Some(ms) if ms > 3_600_000 => {
+            Err(bad_request(format!("invalid stop grace period {ms} ms: at most one hour")))
+        }
+        _ => Ok(ms),
+    }
+}
+
+/// `--stop-signal`, kept as given once it names a signal.
+fn stop_signal(s: Option<&str>) -> Result<Option<String>, Response> {
+    match s {
+        None => Ok(None),
+        Some(s) => match shoal_runtime::parse_signal(s) {
+            Ok(_) => Ok(Some(s.trim().to_owned())),
+            Err(why) => Err(bad_request(format!("invalid stop signal: {why}"))),
+        },
+    }
 }
 
 fn parse_order(s: Option<&str>) -> Result<sched::UpdateOrder, Response> {
@@ -615,7 +646,7 @@ fn parse_order(s: Option<&str>) -> Result<sched::UpdateOrder, Response> {
     }
 }
 
-async fn put_service(
+pub(super) async fn put_service(
     c: &Cluster,
     state: &ClusterState,
     svc: &ServiceRecord,
@@ -645,7 +676,7 @@ async fn service_create(
     run.await.unwrap_or_else(|r| r)
 }
 
-fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
+pub(super) fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
     let held = records::held(state);
     let tasks = records::tasks(state);
     let running = tasks
@@ -891,6 +922,12 @@ async fn service_update(
         if let Some(o) = req.update_order.as_deref() {
             svc.update_order = parse_order(Some(o))?;
         }
+        if let Some(ms) = stop_grace(req.stop_grace_ms)? {
+            svc.stop_grace_ms = ms;
+        }
+        if let Some(s) = stop_signal(req.stop_signal.as_deref())? {
+            svc.stop_signal = Some(s);
+        }
         svc.mounts =
             mounts::updated(&svc.mounts, &req.mount_rm, &req.mount_add).map_err(bad_request)?;
         if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {
@@ -899,10 +936,12 @@ async fn service_update(
             ));
         }
         // Anything but the replica count needs new tasks: a rolling update.
-        let mut a = svc.clone();
-        a.mode = old.mode;
-        if a != old || req.force {
+        if !super::rollout::same_tasks(&svc, &old) || req.force {
             svc.version += 1;
+        }
+        // What `service rollback` goes back to: the spec before any change, a scale included.
+        if svc != old || req.force {
+            svc.previous = Some(Box::new(ServiceRecord { previous: None, ..old.clone() }));
         }
         svc.updated_ms = now_ms();
         put_service(&c, &state, &svc).await?;

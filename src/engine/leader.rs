@@ -373,6 +373,8 @@ mod tests {
             health: None,
             mounts: vec![],
             stop_grace_ms: 10_000,
+            stop_signal: None,
+            previous: None,
             created_ms: 0,
             updated_ms: 0,
         }

@@ -709,6 +709,9 @@ fn runtime_spec(t: &TaskRecord, svc: Option<&ServiceRecord>) -> rt::TaskSpec {
     spec.addresses = t.addresses.values().map(|ip| IpAddr::V4(*ip)).collect();
     if let Some(s) = svc {
         spec.stop_grace = Duration::from_millis(s.stop_grace_ms);
+        if let Some(sig) = &s.stop_signal {
+            spec.stop_signal = sig.clone();
+        }
         if let Some(h) = &s.health {
             let mut hc = rt::HealthCheck::shell(&h.cmd);
             hc.interval = Duration::from_millis(h.interval_ms);
@@ -751,6 +754,18 @@ async fn start_task(
     }
     let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
     inner.dns.attach_netns(id, &ns, scope).await?;
+    // The process's first instant already reaches every service VIP of its networks: the
+    // rules go in now rather than on the first pass that sees it running.
+    let state = inner.store.borrow().clone();
+    if let Some(state) = state {
+        let eps = records::endpoints(&inner.gossip.snapshot());
+        let rules = vip_rules(&vip_table(&state, &records::services(&state), &eps), &attached);
+        if !rules.is_empty() {
+            install_vips(inner, id, inner.runtime.netns(id)?, rules)
+                .await
+                .context("installing service VIPs")?;
+        }
+    }
     inner.runtime.start(id).await?;
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
@@ -804,14 +819,24 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
 }
 
+/// How long a stopping task stays up after its endpoints left gossip, so every node has taken
+/// it out of its mesh, DNS and VIP rules before the process is asked to stop: a few gossip
+/// rounds (200 ms each) and a reconcile pass, with room for a busy machine. Connections the
+/// meshes still send meanwhile find the task serving; established ones finish in the grace.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
+
+/// Stops a task in Docker's order, after taking it out of service: its endpoints leave gossip
+/// (and so every node's mesh, DNS and VIPs), then, after [`WITHDRAW_WAIT`] (never more than
+/// the grace), its stop signal, and SIGKILL once `grace` has passed.
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     lock(&inner.local).busy.insert(id.to_owned());
     let (inner, id) = (inner.clone(), id.to_owned());
     tokio::spawn(async move {
-        if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal())
-            && let Err(e) = inner.runtime.stop(&id, Some(grace)).await
-        {
-            tracing::warn!(task = %id, error = %e, "stopping a task");
+        if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
+            let waited = withdraw(&inner, &id, WITHDRAW_WAIT.min(grace)).await;
+            if let Err(e) = inner.runtime.stop(&id, Some(grace.saturating_sub(waited))).await {
+                tracing::warn!(task = %id, error = %e, "stopping a task");
+            }
         }
         detach(&inner, &id).await;
         if remove {
@@ -823,6 +848,30 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
         lock(&inner.local).busy.remove(&id);
         inner.kick.notify_one();
     });
+}
+
+/// Takes a task's endpoints out of gossip and waits up to `wait` for that to spread; returns
+/// how long it waited. A task with nothing published has nothing to wait for.
+async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
+    let keys: Vec<EntryKey> = lock(&inner.local)
+        .published
+        .iter()
+        .filter(|(_, e)| e.task == id)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if keys.is_empty() {
+        return Duration::ZERO;
+    }
+    for k in keys {
+        if let Err(e) = inner.gossip.delete(k.clone()).await {
+            tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint");
+        }
+        lock(&inner.local).published.remove(&k);
+    }
+    // This node's own mesh, DNS and VIP rules follow on the next pass.
+    inner.kick.notify_one();
+    tokio::time::sleep(wait).await;
+    wait
 }
 
 /// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
@@ -1043,19 +1092,7 @@ async fn dataplane(
 
     // East-west VIPs inside each local running task: every VIP of the task's networks, with the
     // serving tasks behind it (worked out once per pass, then picked per task).
-    let mut vips: BTreeMap<&str, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> = BTreeMap::new();
-    for svc in services.values() {
-        for net in &svc.networks {
-            let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
-            let mut backends: Vec<Ipv4Addr> = eps
-                .iter()
-                .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
-                .map(|(_, e)| e.ip)
-                .collect();
-            backends.sort();
-            vips.entry(net.as_str()).or_default().push((vip, backends));
-        }
-    }
+    let vips = vip_table(state, services, &eps);
     let holding = !lock(&inner.local).held_vips.is_empty();
     if holding {
         let deadline = lock(&inner.local).held_until.is_some_and(|t| std::time::Instant::now() > t);
@@ -1078,21 +1115,61 @@ async fn dataplane(
         // Not attached yet (being started, or adopted and not taken up again): its rules are
         // left as they are until we know its networks.
         let Some(nets) = lock(&inner.local).attached.get(id).cloned() else { continue };
-        let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
-            nets.iter().filter_map(|n| vips.get(n.as_str())).flatten().cloned().collect();
-        rules.sort();
+        let rules = vip_rules(&vips, &nets);
         if lock(&inner.local).vips.get(id) == Some(&rules) {
             continue;
         }
         let Ok(ns) = inner.runtime.netns(&s.id) else { continue };
-        let vip_rules: Vec<VipRule> =
-            rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
-        match tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await {
-            Ok(Ok(())) => {
-                lock(&inner.local).vips.insert(id.clone(), rules);
-            }
-            Ok(Err(e)) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
-            Err(e) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
+        if let Err(e) = install_vips(inner, id, ns, rules).await {
+            tracing::warn!(task = %id, error = %format!("{e:#}"), "installing service VIPs");
         }
     }
+}
+
+/// Every VIP per network, with the serving tasks behind it, from the store and gossip.
+fn vip_table(
+    state: &ClusterState,
+    services: &BTreeMap<String, ServiceRecord>,
+    eps: &[(String, EndpointRecord)],
+) -> BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> {
+    let held = records::held(state);
+    let mut vips: BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> = BTreeMap::new();
+    for svc in services.values() {
+        for net in &svc.networks {
+            let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
+            let mut backends: Vec<Ipv4Addr> = eps
+                .iter()
+                .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
+                .map(|(_, e)| e.ip)
+                .collect();
+            backends.sort();
+            vips.entry(net.clone()).or_default().push((vip, backends));
+        }
+    }
+    vips
+}
+
+/// The VIP rules of a task on `nets`, sorted, as [`Local::vips`] keeps them.
+fn vip_rules(
+    table: &BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>>,
+    nets: &[String],
+) -> Vec<(Ipv4Addr, Vec<Ipv4Addr>)> {
+    let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
+        nets.iter().filter_map(|n| table.get(n.as_str())).flatten().cloned().collect();
+    rules.sort();
+    rules
+}
+
+/// Writes a task's VIP rules into its namespace and records them.
+async fn install_vips(
+    inner: &Arc<Inner>,
+    id: &str,
+    ns: NetNs,
+    rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)>,
+) -> anyhow::Result<()> {
+    let vip_rules: Vec<VipRule> =
+        rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
+    tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await??;
+    lock(&inner.local).vips.insert(id.to_owned(), rules);
+    Ok(())
 }

@@ -91,6 +91,13 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
     pub stop_grace_ms: u64,
+    /// The signal a stop sends first (`--stop-signal`); SIGTERM when `None`.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// The spec before the last update, which `service rollback` puts back (without its own
+    /// previous: one level, as in Docker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<ServiceRecord>>,
     pub created_ms: u64,
     pub updated_ms: u64,
 }
