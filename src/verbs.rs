@@ -92,6 +92,18 @@ pub struct CreateArgs {
     /// `stop-first` or `start-first`.
     #[arg(long, value_parser = ["stop-first", "start-first"])]
     update_order: Option<String>,
+    /// Tasks replaced at a time in a rolling update (default 1; 0: all at once).
+    #[arg(long)]
+    update_parallelism: Option<u64>,
+    /// Wait between replacing tasks in a rolling update, e.g. `10s`.
+    #[arg(long, value_parser = parse_duration)]
+    update_delay: Option<Duration>,
+    /// What a new task failing during an update does: `pause` (default), `rollback`, `continue`.
+    #[arg(long, value_parser = ["pause", "rollback", "continue"])]
+    update_failure_action: Option<String>,
+    /// How long after its creation a new task's failure counts (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    update_monitor: Option<Duration>,
     /// Health command run inside each task (exit 0 = healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -162,6 +174,18 @@ pub enum ServiceCmd {
         constraint_rm: Vec<String>,
         #[arg(long, value_parser = ["stop-first", "start-first"])]
         update_order: Option<String>,
+        /// Tasks replaced at a time (0: all at once).
+        #[arg(long)]
+        update_parallelism: Option<u64>,
+        /// Wait between replacing tasks, e.g. `10s`.
+        #[arg(long, value_parser = parse_duration)]
+        update_delay: Option<Duration>,
+        /// `pause`, `rollback` or `continue`.
+        #[arg(long, value_parser = ["pause", "rollback", "continue"])]
+        update_failure_action: Option<String>,
+        /// How long after its creation a new task's failure counts.
+        #[arg(long, value_parser = parse_duration)]
+        update_monitor: Option<Duration>,
         /// Time between the stop signal and SIGKILL.
         #[arg(long, value_parser = parse_duration)]
         stop_grace_period: Option<Duration>,
@@ -412,6 +436,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 restart_delay_ms: ms(a.restart_delay),
                 restart_max_attempts: a.restart_max_attempts,
                 update_order: a.update_order.clone(),
+                update_parallelism: a.update_parallelism,
+                update_delay_ms: ms(a.update_delay),
+                update_failure_action: a.update_failure_action.clone(),
+                update_monitor_ms: ms(a.update_monitor),
                 health_cmd: a.health_cmd.clone(),
                 health_interval_ms: ms(a.health_interval),
                 health_timeout_ms: ms(a.health_timeout),
@@ -501,6 +529,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_add,
             constraint_rm,
             update_order,
+            update_parallelism,
+            update_delay,
+            update_failure_action,
+            update_monitor,
             stop_grace_period,
             stop_signal,
             force,
@@ -522,6 +554,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 constraint_add: constraint_add.clone(),
                 constraint_rm: constraint_rm.clone(),
                 update_order: update_order.clone(),
+                update_parallelism: *update_parallelism,
+                update_delay_ms: ms(*update_delay),
+                update_failure_action: update_failure_action.clone(),
+                update_monitor_ms: ms(*update_monitor),
                 stop_grace_ms: ms(*stop_grace_period),
                 stop_signal: stop_signal.clone(),
                 force: *force,
@@ -708,6 +744,10 @@ async fn converge(host: &Host, id: &str) -> anyhow::Result<()> {
         if (v.running, v.desired) != last {
             last = (v.running, v.desired);
             last_change = Instant::now();
+        }
+        if let Some(s) = v.service.update_status.as_ref().filter(|s| s.state == "paused") {
+            overall.abandon();
+            bail!("{}: {}", v.service.name, s.message);
         }
         if v.running == v.desired {
             // Docker waits for the tasks to stay up a moment: "verify: Service converged".

@@ -1,9 +1,11 @@
 //! No request lost while a service changes: nginx tasks published on one port of a three-node
 //! lab, a client loop on the host opening a new connection per request to node1's published
-//! port, and through it a drain of a node, a scale-down from 4 to 2, a rolling update and a
-//! rollback. Each change must cost zero failed requests: the task lifecycle takes a task out of
-//! every node's mesh before it is asked to stop, nginx (`--stop-signal SIGQUIT`) finishes what
-//! it has, and the mesh retries a refused connect on another backend.
+//! port, and through it a drain of a node, a scale-down from 4 to 2, a rolling update, a
+//! rollback, and an update whose new tasks fail (rolled back by `--update-failure-action`).
+//! Each change must cost zero failed requests: the task lifecycle takes a task out of every
+//! node's mesh before it is asked to stop, nginx (`--stop-signal SIGQUIT`) finishes what it
+//! has, and the mesh retries a refused connect on another backend. And a task reaches a
+//! service VIP from its first instant: its VIP rules are in place before its process starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -119,11 +121,23 @@ struct Phase {
     secs: f64,
 }
 
-/// Runs `change`, then lets the load run `settle` more, and returns what the load saw meanwhile.
-fn phase(load: &Load, name: &'static str, settle: Duration, change: impl FnOnce()) -> Phase {
+/// Runs `change`, waits until every task told to stop has stopped, lets the load run `settle`
+/// more, and returns what the load saw meanwhile.
+fn phase(
+    lab: &Lab,
+    load: &Load,
+    name: &'static str,
+    settle: Duration,
+    change: impl FnOnce(),
+) -> Phase {
     let (s0, f0) = load.now();
     let t0 = Instant::now();
     change();
+    eventually("the stopping tasks stopped", Duration::from_secs(60), || {
+        let stopping =
+            ps(lab, "web").iter().any(|r| r.desired == "Shutdown" && r.state == "Running");
+        (!stopping).then_some(())
+    });
     std::thread::sleep(settle);
     let (s1, f1) = load.now();
     let p = Phase { name, sent: s1 - s0, failed: f1 - f0, secs: t0.elapsed().as_secs_f64() };
@@ -132,6 +146,13 @@ fn phase(load: &Load, name: &'static str, settle: Duration, change: impl FnOnce(
         p.name, p.sent, p.failed, p.secs
     );
     p
+}
+
+/// web's current spec, as `service inspect` shows it.
+fn web_spec(lab: &Lab) -> serde_json::Value {
+    let text = lab.on("node1", &["service", "inspect", "web"]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("inspect prints JSON");
+    v[0]["service"].clone()
 }
 
 fn running(lab: &Lab) -> usize {
@@ -152,6 +173,7 @@ fn rollout_under_load_loses_no_request() {
     let conf = nginx_conf(dir.path());
     let lab = Lab::up(3);
     lab.swarm(3);
+    lab.on("node1", &["network", "create", "backend"]);
     let prefix = dir.path().to_str().unwrap();
     lab.on(
         "node1",
@@ -164,6 +186,8 @@ fn rollout_under_load_loses_no_request() {
             "4",
             "-p",
             &format!("{PORT}:80"),
+            "--network",
+            "backend",
             // nginx's graceful stop, as its image declares.
             "--stop-signal",
             "SIGQUIT",
@@ -185,8 +209,47 @@ fn rollout_under_load_loses_no_request() {
 
     let load = Load::start(to);
     let settle = Duration::from_secs(3);
-    let mut phases = vec![phase(&load, "steady", settle, || {})];
-    phases.push(phase(&load, "drain node2", settle, || {
+    let mut phases = vec![phase(&lab, &load, "steady", settle, || {})];
+
+    // A task's first request, on each node: to web's VIP on `backend`. A lost first SYN (no VIP
+    // rule yet, or a remote node that does not know the task yet) is resent after 1 s, past
+    // the connect limit.
+    let probes = dir.path().join("probes");
+    std::fs::create_dir(&probes).unwrap();
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "probe",
+            "--mode",
+            "global",
+            "--network",
+            "backend",
+            "--restart-condition",
+            "none",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "curl -sS -o /dev/null --connect-timeout 0.9 -m 5 -w '%{{http_code}}' \
+                 http://web/ > {}/$HOSTNAME 2>&1",
+                probes.display()
+            ),
+        ],
+    );
+    let answers = eventually("the probes' answers", Duration::from_secs(60), || {
+        let files: Vec<String> = std::fs::read_dir(&probes)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+            .collect();
+        (files.len() == 3 && files.iter().all(|f| !f.is_empty())).then_some(files)
+    });
+    assert!(answers.iter().all(|a| a == "200"), "new tasks' first requests to a VIP: {answers:?}");
+
+    phases.push(phase(&lab, &load, "drain node2", settle, || {
         lab.on("node1", &["node", "update", "--availability", "drain", "node2"]);
         eventually("node2 drained, 4 tasks elsewhere", Duration::from_secs(90), || {
             let per = running_per_node(&lab, "web");
@@ -194,27 +257,64 @@ fn rollout_under_load_loses_no_request() {
         });
     }));
     lab.on("node1", &["node", "update", "--availability", "active", "node2"]);
-    phases.push(phase(&load, "scale 4 to 2", settle, || {
+    phases.push(phase(&lab, &load, "scale 4 to 2", settle, || {
         lab.on("node1", &["service", "scale", "web=2"]);
         eventually("2 tasks", Duration::from_secs(90), || (running(&lab) == 2).then_some(()));
     }));
-    phases.push(phase(&load, "rolling update", settle, || {
-        lab.on("node1", &["service", "update", "--env-add", "ROLLOUT=2", "web"]);
+    phases.push(phase(&lab, &load, "rolling update", settle, || {
+        lab.on(
+            "node1",
+            &[
+                "service",
+                "update",
+                "--update-parallelism",
+                "1",
+                "--update-delay",
+                "1s",
+                "--env-add",
+                "ROLLOUT=2",
+                "web",
+            ],
+        );
         eventually("2 tasks of the new spec", Duration::from_secs(120), || {
             (running(&lab) == 2).then_some(())
         });
     }));
-    phases.push(phase(&load, "rollback", settle, || {
+    phases.push(phase(&lab, &load, "rollback", settle, || {
         lab.on("node1", &["service", "rollback", "web"]);
         eventually("2 tasks of the old spec", Duration::from_secs(120), || {
             (running(&lab) == 2).then_some(())
         });
     }));
+    let rolled_back = web_spec(&lab);
+    assert_eq!(rolled_back["env"], serde_json::json!([]), "the spec before ROLLOUT=2 is back");
+    phases.push(phase(&lab, &load, "failed update", settle, || {
+        // The new spec's tasks exit at once: the leader puts the previous spec back.
+        let out = lab.shoal(&[
+            "--node",
+            "node1",
+            "service",
+            "update",
+            "--update-failure-action",
+            "rollback",
+            "--update-monitor",
+            "20s",
+            "web",
+            "--",
+            "false",
+        ]);
+        eprintln!("failed update: {}", common::lossy(&out.stderr));
+        eventually("the failed update rolled back", Duration::from_secs(120), || {
+            let v = web_spec(&lab);
+            (v["update_status"]["state"] == "rollback_started"
+                && v["argv"][0] == "nginx"
+                && running(&lab) == 2)
+                .then_some(())
+        });
+    }));
     let errors = load.errors();
     drop(load);
 
-    let inspect = lab.on("node1", &["service", "inspect", "web"]);
-    assert!(!inspect.contains("ROLLOUT=2"), "rolled back to the spec without ROLLOUT: {inspect}");
     let rows = ps(&lab, "web");
     assert!(rows.iter().filter(|r| !r.history && r.state == "Running").count() == 2, "{rows:?}");
     for p in &phases {

@@ -120,6 +120,16 @@ pub struct ServiceCreate {
     /// `--stop-signal`: a name (`SIGQUIT`, `QUIT`) or a number.
     #[serde(default)]
     pub stop_signal: Option<String>,
+    /// `--update-parallelism` (0: all at once).
+    #[serde(default)]
+    pub update_parallelism: Option<u64>,
+    #[serde(default)]
+    pub update_delay_ms: Option<u64>,
+    /// `pause` (default), `rollback` or `continue`.
+    #[serde(default)]
+    pub update_failure_action: Option<String>,
+    #[serde(default)]
+    pub update_monitor_ms: Option<u64>,
     /// `--mount`, parsed by the client; checked again here.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
@@ -155,6 +165,14 @@ pub struct ServiceUpdate {
     pub stop_grace_ms: Option<u64>,
     #[serde(default)]
     pub stop_signal: Option<String>,
+    #[serde(default)]
+    pub update_parallelism: Option<u64>,
+    #[serde(default)]
+    pub update_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub update_failure_action: Option<String>,
+    #[serde(default)]
+    pub update_monitor_ms: Option<u64>,
     /// Replace every task even if nothing changed.
     #[serde(default)]
     pub force: bool,
@@ -605,6 +623,14 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         constraints,
         restart,
         update_order: parse_order(req.update_order.as_deref())?,
+        update: sched::UpdatePolicy {
+            parallelism: req.update_parallelism.unwrap_or(1),
+            delay_ms: req.update_delay_ms.unwrap_or(0),
+            monitor_ms: req.update_monitor_ms.unwrap_or(sched::DEFAULT_UPDATE_MONITOR_MS),
+        },
+        update_failure_action: failure_action(req.update_failure_action.as_deref())?
+            .unwrap_or_default(),
+        update_status: None,
         health,
         mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
         stop_grace_ms: stop_grace(req.stop_grace_ms)?.unwrap_or(10_000),
@@ -613,6 +639,20 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         created_ms: now,
         updated_ms: now,
     })
+}
+
+/// `--update-failure-action`.
+fn failure_action(s: Option<&str>) -> Result<Option<records::FailureAction>, Response> {
+    use records::FailureAction as A;
+    match s {
+        None => Ok(None),
+        Some("pause") => Ok(Some(A::Pause)),
+        Some("rollback") => Ok(Some(A::Rollback)),
+        Some("continue") => Ok(Some(A::Continue)),
+        Some(x) => Err(bad_request(format!(
+            "invalid update failure action {x:?}: pause, rollback or continue"
+        ))),
+    }
 }
 
 /// `--stop-grace-period`, at most an hour (the runtime's bound).
@@ -922,6 +962,20 @@ async fn service_update(
         if let Some(o) = req.update_order.as_deref() {
             svc.update_order = parse_order(Some(o))?;
         }
+        if let Some(n) = req.update_parallelism {
+            svc.update.parallelism = n;
+        }
+        if let Some(ms) = req.update_delay_ms {
+            svc.update.delay_ms = ms;
+        }
+        if let Some(a) = failure_action(req.update_failure_action.as_deref())? {
+            svc.update_failure_action = a;
+        }
+        if let Some(ms) = req.update_monitor_ms {
+            svc.update.monitor_ms = ms;
+        }
+        // A new update starts afresh, whatever stopped the last one.
+        svc.update_status = None;
         if let Some(ms) = stop_grace(req.stop_grace_ms)? {
             svc.stop_grace_ms = ms;
         }
@@ -936,7 +990,7 @@ async fn service_update(
             ));
         }
         // Anything but the replica count needs new tasks: a rolling update.
-        if !super::rollout::same_tasks(&svc, &old) || req.force {
+        if !crate::engine::rollout::same_tasks(&svc, &old) || req.force {
             svc.version += 1;
         }
         // What `service rollback` goes back to: the spec before any change, a scale included.

@@ -766,6 +766,7 @@ async fn start_task(
                 .context("installing service VIPs")?;
         }
     }
+    announce(inner, t).await;
     inner.runtime.start(id).await?;
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
@@ -874,6 +875,53 @@ async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
     wait
 }
 
+/// A task's entries in the gossip endpoint tables, one per network it has an address on.
+fn endpoint_records(
+    inner: &Inner,
+    t: &TaskRecord,
+    serving: bool,
+) -> Vec<(EntryKey, EndpointRecord)> {
+    t.addresses
+        .iter()
+        .map(|(net, ip)| {
+            let rec = EndpointRecord {
+                node: inner.me.clone(),
+                ip: *ip,
+                service: t.task.service_id.clone(),
+                task: t.task.id.clone(),
+                slot: t.slot_label(),
+                name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                serving,
+            };
+            (EntryKey::new(ENDPOINT_TABLE, net, &t.task.id), rec)
+        })
+        .collect()
+}
+
+/// How long a new task's endpoints get to reach every node before its process starts: a gossip
+/// round or two (200 ms each) and the other nodes' passes that put it in their forwarding
+/// tables, so the answers to its first packets find their way back.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+
+/// Publishes a task about to start as not serving (forwarding tables learn it; meshes, DNS and
+/// VIPs send it nothing yet) and gives that [`ANNOUNCE_WAIT`] to spread.
+async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
+    let records = endpoint_records(inner, t, false);
+    if records.is_empty() {
+        return;
+    }
+    for (k, v) in records {
+        let Ok(bytes) = serde_json::to_vec(&v) else { continue };
+        match inner.gossip.write(k.clone(), bytes).await {
+            Ok(_) => {
+                lock(&inner.local).published.insert(k, v);
+            }
+            Err(e) => tracing::debug!(key = ?k, error = %e, "announcing an endpoint"),
+        }
+    }
+    tokio::time::sleep(ANNOUNCE_WAIT).await;
+}
+
 /// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
 async fn publish(
     inner: &Arc<Inner>,
@@ -896,21 +944,14 @@ async fn publish(
     }
     for (id, t) in mine {
         let Some(s) = statuses.get(*id) else { continue };
-        if s.state != rt::TaskState::Running || t.task.desired != DesiredState::Running {
+        // A task being started is announced already (not serving): see `announce`.
+        let starting = !s.state.is_terminal() && lock(&inner.local).attached.contains_key(*id);
+        if t.task.desired != DesiredState::Running
+            || !(s.state == rt::TaskState::Running || starting)
+        {
             continue;
         }
-        for (net, ip) in &t.addresses {
-            let rec = EndpointRecord {
-                node: inner.me.clone(),
-                ip: *ip,
-                service: t.task.service_id.clone(),
-                task: t.task.id.clone(),
-                slot: t.slot_label(),
-                name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-                serving: s.is_serving(),
-            };
-            want.insert(EntryKey::new(ENDPOINT_TABLE, net, id), rec);
-        }
+        want.extend(endpoint_records(inner, t, s.is_serving()));
     }
     let have = lock(&inner.local).published.clone();
     for (k, v) in &want {
@@ -1060,7 +1101,10 @@ async fn dataplane(
                 ps
             })
             .collect();
-        let spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        let mut spec = ing::ServiceSpec::new(svc.name.clone(), ports);
+        // A withdrawn task's open connections may run as long as the task itself may: the
+        // withdrawal wait, then its stop grace.
+        spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
