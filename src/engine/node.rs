@@ -73,6 +73,11 @@ struct Local {
     attached: BTreeMap<String, Vec<String>>,
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
+    /// Running tasks without a health command whose published TCP ports accept connections:
+    /// only then are they serving (see [`readiness`]).
+    ready: BTreeSet<String>,
+    /// Tasks whose ports are being tried now.
+    probing: BTreeSet<String>,
     /// Tasks an earlier run of the agent started, not yet taken up again by a pass (their DNS
     /// listener and the record of their networks are ours to restore).
     adopted: BTreeSet<String>,
@@ -671,7 +676,8 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         tracing::debug!(error = %e, "reporting task states");
     }
 
-    publish(inner, &state, &mine, &statuses).await;
+    readiness(inner, &services, &mine, &statuses);
+    publish(inner, &state, &services, &mine, &statuses).await;
     dataplane(inner, &state, &services, &statuses).await;
     Ok(())
 }
@@ -812,6 +818,7 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
     let _ = inner.dns.detach(id).await;
     lock(&inner.local).vips.remove(id);
+    lock(&inner.local).ready.remove(id);
     // Nothing of ours is left in an ended task's namespace: it goes (its logs stay). One
     // still running (its stop failed) keeps it until it is removed; one gone has none.
     match inner.runtime.release_netns(id).await {
@@ -875,6 +882,77 @@ async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
     wait
 }
 
+/// The published TCP target ports a task of this service must accept connections on before it
+/// serves: none when the service has its own health command (that decides) or no such port.
+fn awaited_ports(svc: Option<&ServiceRecord>) -> Vec<u16> {
+    match svc {
+        Some(s) if s.health.is_none() => s
+            .ports
+            .iter()
+            .filter(|p| p.protocol == records::Protocol::Tcp)
+            .map(|p| p.target)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Tries, from inside each running task's namespace, the published ports of the tasks that
+/// wait for them; a task whose every port accepts a connection is ready (serving from the next
+/// pass on). Without this a task would get traffic from its first instant, before its
+/// program listens.
+fn readiness(
+    inner: &Arc<Inner>,
+    services: &BTreeMap<String, ServiceRecord>,
+    mine: &BTreeMap<&String, &TaskRecord>,
+    statuses: &BTreeMap<String, rt::TaskStatus>,
+) {
+    for (id, t) in mine {
+        let running = statuses.get(*id).is_some_and(|s| s.state == rt::TaskState::Running);
+        let ports = awaited_ports(services.get(&t.task.service_id));
+        {
+            let mut l = lock(&inner.local);
+            if !running {
+                l.ready.remove(*id);
+            }
+            let nothing_to_try = ports.is_empty() || t.addresses.is_empty();
+            if !running || nothing_to_try || l.ready.contains(*id) || l.probing.contains(*id) {
+                continue;
+            }
+            l.probing.insert((*id).clone());
+        }
+        let Ok(ns) = inner.runtime.netns(id) else {
+            lock(&inner.local).probing.remove(*id);
+            continue;
+        };
+        // Its own addresses, where the meshes and VIPs will send traffic.
+        let addrs: Vec<Ipv4Addr> = t.addresses.values().copied().collect();
+        let (inner, id) = (inner.clone(), (*id).clone());
+        tokio::spawn(async move {
+            let accepts = tokio::task::spawn_blocking(move || {
+                ns.run(|| {
+                    ports.iter().all(|&p| {
+                        addrs.iter().any(|&ip| {
+                            let to = std::net::SocketAddr::from((ip, p));
+                            std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500))
+                                .is_ok()
+                        })
+                    })
+                })
+                .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            let mut l = lock(&inner.local);
+            l.probing.remove(&id);
+            if accepts {
+                l.ready.insert(id);
+                drop(l);
+                inner.kick.notify_one();
+            }
+        });
+    }
+}
+
 /// A task's entries in the gossip endpoint tables, one per network it has an address on.
 fn endpoint_records(
     inner: &Inner,
@@ -926,6 +1004,7 @@ async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
 async fn publish(
     inner: &Arc<Inner>,
     state: &ClusterState,
+    services: &BTreeMap<String, ServiceRecord>,
     mine: &BTreeMap<&String, &TaskRecord>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
@@ -951,7 +1030,9 @@ async fn publish(
         {
             continue;
         }
-        want.extend(endpoint_records(inner, t, s.is_serving()));
+        let port_ready = awaited_ports(services.get(&t.task.service_id)).is_empty()
+            || lock(&inner.local).ready.contains(*id);
+        want.extend(endpoint_records(inner, t, s.is_serving() && port_ready));
     }
     let have = lock(&inner.local).published.clone();
     for (k, v) in &want {
