@@ -202,6 +202,9 @@ impl NodeEngine {
             kick: Notify::new(),
             local: Mutex::new(Local {
                 held_vips: adopted.iter().map(|s| s.id.clone()).collect(),
+                // They served under the earlier run: an agent restart must not take them out
+                // of DNS and VIPs until their ports are tried again.
+                ready: adopted.iter().map(|s| s.id.clone()).collect(),
                 held_until: Some(std::time::Instant::now() + GOSSIP_CATCH_UP),
                 adopted: adopted.into_iter().map(|s| s.id).collect(),
                 ..Local::default()
