@@ -98,6 +98,18 @@ pub struct CreateArgs {
     /// `stop-first` or `start-first`.
     #[arg(long, value_parser = ["stop-first", "start-first"])]
     update_order: Option<String>,
+    /// Tasks replaced at a time in a rolling update (default 1; 0: all at once).
+    #[arg(long)]
+    update_parallelism: Option<u64>,
+    /// Wait between replacing tasks in a rolling update, e.g. `10s`.
+    #[arg(long, value_parser = parse_duration)]
+    update_delay: Option<Duration>,
+    /// What a new task failing during an update does: `pause` (default), `rollback`, `continue`.
+    #[arg(long, value_parser = ["pause", "rollback", "continue"])]
+    update_failure_action: Option<String>,
+    /// How long after its creation a new task's failure counts (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    update_monitor: Option<Duration>,
     /// Health command run inside each task (exit 0 = healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -107,9 +119,12 @@ pub struct CreateArgs {
     health_timeout: Option<Duration>,
     #[arg(long)]
     health_retries: Option<u32>,
-    /// Time between SIGTERM and SIGKILL.
+    /// Time between the stop signal and SIGKILL (default 10s).
     #[arg(long, value_parser = parse_duration)]
     stop_grace_period: Option<Duration>,
+    /// The signal that asks a task to stop (default SIGTERM), e.g. `SIGQUIT` for nginx.
+    #[arg(long)]
+    stop_signal: Option<String>,
     /// Return at once instead of showing progress.
     #[arg(short, long)]
     detach: bool,
@@ -165,6 +180,24 @@ pub enum ServiceCmd {
         constraint_rm: Vec<String>,
         #[arg(long, value_parser = ["stop-first", "start-first"])]
         update_order: Option<String>,
+        /// Tasks replaced at a time (0: all at once).
+        #[arg(long)]
+        update_parallelism: Option<u64>,
+        /// Wait between replacing tasks, e.g. `10s`.
+        #[arg(long, value_parser = parse_duration)]
+        update_delay: Option<Duration>,
+        /// `pause`, `rollback` or `continue`.
+        #[arg(long, value_parser = ["pause", "rollback", "continue"])]
+        update_failure_action: Option<String>,
+        /// How long after its creation a new task's failure counts.
+        #[arg(long, value_parser = parse_duration)]
+        update_monitor: Option<Duration>,
+        /// Time between the stop signal and SIGKILL.
+        #[arg(long, value_parser = parse_duration)]
+        stop_grace_period: Option<Duration>,
+        /// The signal that asks a task to stop, e.g. `SIGQUIT`.
+        #[arg(long)]
+        stop_signal: Option<String>,
         /// Replace the tasks even if nothing changed.
         #[arg(long)]
         force: bool,
@@ -180,6 +213,12 @@ pub enum ServiceCmd {
         /// A new command, after `--`.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Put back the spec a service had before its last update (a second rollback undoes it).
+    Rollback {
+        #[arg(short, long)]
+        detach: bool,
+        service: String,
     },
     /// Set replica counts: `shoal service scale web=5 api=2`.
     Scale {
@@ -404,11 +443,16 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 restart_delay_ms: ms(a.restart_delay),
                 restart_max_attempts: a.restart_max_attempts,
                 update_order: a.update_order.clone(),
+                update_parallelism: a.update_parallelism,
+                update_delay_ms: ms(a.update_delay),
+                update_failure_action: a.update_failure_action.clone(),
+                update_monitor_ms: ms(a.update_monitor),
                 health_cmd: a.health_cmd.clone(),
                 health_interval_ms: ms(a.health_interval),
                 health_timeout_ms: ms(a.health_timeout),
                 health_retries: a.health_retries,
                 stop_grace_ms: ms(a.stop_grace_period),
+                stop_signal: a.stop_signal.clone(),
                 mounts: a.mount.clone(),
             };
             let r: serde_json::Value = host.post_json("/services", &req).await?;
@@ -492,6 +536,12 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_add,
             constraint_rm,
             update_order,
+            update_parallelism,
+            update_delay,
+            update_failure_action,
+            update_monitor,
+            stop_grace_period,
+            stop_signal,
             force,
             mount_add,
             mount_rm,
@@ -511,12 +561,27 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 constraint_add: constraint_add.clone(),
                 constraint_rm: constraint_rm.clone(),
                 update_order: update_order.clone(),
+                update_parallelism: *update_parallelism,
+                update_delay_ms: ms(*update_delay),
+                update_failure_action: update_failure_action.clone(),
+                update_monitor_ms: ms(*update_monitor),
+                stop_grace_ms: ms(*stop_grace_period),
+                stop_signal: stop_signal.clone(),
                 force: *force,
                 mount_add: mount_add.clone(),
                 mount_rm: mount_rm.clone(),
             };
             let v: ServiceView = host
                 .post_json(&format!("/services/{}/update", segment("service", service)?), &req)
+                .await?;
+            println!("{service}");
+            if !detach {
+                converge(host, &v.service.id).await?;
+            }
+        }
+        ServiceCmd::Rollback { detach, service } => {
+            let v: ServiceView = host
+                .post_json(&format!("/services/{}/rollback", segment("service", service)?), &())
                 .await?;
             println!("{service}");
             if !detach {
@@ -686,6 +751,10 @@ async fn converge(host: &Host, id: &str) -> anyhow::Result<()> {
         if (v.running, v.desired) != last {
             last = (v.running, v.desired);
             last_change = Instant::now();
+        }
+        if let Some(s) = v.service.update_status.as_ref().filter(|s| s.state == "paused") {
+            overall.abandon();
+            bail!("{}: {}", v.service.name, s.message);
         }
         if v.running == v.desired {
             // Docker waits for the tasks to stay up a moment: "verify: Service converged".

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod client;
 pub mod cni;
+pub mod rollout;
 pub mod services;
 pub mod swarm;
 pub mod volumes;

@@ -34,6 +34,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/services", get(service_ls).post(service_create))
         .route("/services/{id}", get(service_inspect).delete(service_rm))
         .route("/services/{id}/update", post(service_update))
+        .route("/services/{id}/rollback", post(super::rollout::service_rollback))
         .route("/services/{id}/tasks", get(service_ps))
         .route("/services/{id}/logs", post(service_logs))
         .route("/containers", get(container_ls).post(container_run))
@@ -124,6 +125,19 @@ pub struct ServiceCreate {
     pub health_retries: Option<u32>,
     #[serde(default)]
     pub stop_grace_ms: Option<u64>,
+    /// `--stop-signal`: a name (`SIGQUIT`, `QUIT`) or a number.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// `--update-parallelism` (0: all at once).
+    #[serde(default)]
+    pub update_parallelism: Option<u64>,
+    #[serde(default)]
+    pub update_delay_ms: Option<u64>,
+    /// `pause` (default), `rollback` or `continue`.
+    #[serde(default)]
+    pub update_failure_action: Option<String>,
+    #[serde(default)]
+    pub update_monitor_ms: Option<u64>,
     /// `--mount`, parsed by the client; checked again here.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
@@ -155,6 +169,18 @@ pub struct ServiceUpdate {
     pub constraint_rm: Vec<String>,
     #[serde(default)]
     pub update_order: Option<String>,
+    #[serde(default)]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    #[serde(default)]
+    pub update_parallelism: Option<u64>,
+    #[serde(default)]
+    pub update_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub update_failure_action: Option<String>,
+    #[serde(default)]
+    pub update_monitor_ms: Option<u64>,
     /// Replace every task even if nothing changed.
     #[serde(default)]
     pub force: bool,
@@ -239,7 +265,7 @@ struct ForceQuery {
     force: bool,
 }
 
-async fn store(c: &Cluster) -> Result<ClusterState, Response> {
+pub(super) async fn store(c: &Cluster) -> Result<ClusterState, Response> {
     c.store().await.map_err(cluster_error)
 }
 
@@ -293,7 +319,7 @@ fn find_network<'a>(state: &'a ClusterState, what: &str) -> Result<&'a NetworkRe
     find_one("network", what, &state.networks, |n| &n.name)
 }
 
-fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Response> {
+pub(super) fn find_service(state: &ClusterState, what: &str) -> Result<ServiceRecord, Response> {
     find_one("service", what, &records::services(state), |s| &s.name).cloned()
 }
 
@@ -639,12 +665,57 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         constraints,
         restart,
         update_order: parse_order(req.update_order.as_deref())?,
+        update: sched::UpdatePolicy {
+            parallelism: req.update_parallelism.unwrap_or(1),
+            delay_ms: req.update_delay_ms.unwrap_or(0),
+            monitor_ms: req.update_monitor_ms.unwrap_or(sched::DEFAULT_UPDATE_MONITOR_MS),
+        },
+        update_failure_action: failure_action(req.update_failure_action.as_deref())?
+            .unwrap_or_default(),
+        update_status: None,
         health,
         mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
-        stop_grace_ms: req.stop_grace_ms.unwrap_or(10_000),
+        stop_grace_ms: stop_grace(req.stop_grace_ms)?.unwrap_or(10_000),
+        stop_signal: stop_signal(req.stop_signal.as_deref())?,
+        previous: None,
         created_ms: now,
         updated_ms: now,
     })
+}
+
+/// `--update-failure-action`.
+fn failure_action(s: Option<&str>) -> Result<Option<records::FailureAction>, Response> {
+    use records::FailureAction as A;
+    match s {
+        None => Ok(None),
+        Some("pause") => Ok(Some(A::Pause)),
+        Some("rollback") => Ok(Some(A::Rollback)),
+        Some("continue") => Ok(Some(A::Continue)),
+        Some(x) => Err(bad_request(format!(
+            "invalid update failure action {x:?}: pause, rollback or continue"
+        ))),
+    }
+}
+
+/// `--stop-grace-period`, at most an hour (the runtime's bound).
+fn stop_grace(ms: Option<u64>) -> Result<Option<u64>, Response> {
+    match ms {
+        Some(ms) if ms > 3_600_000 => {
+            Err(bad_request(format!("invalid stop grace period {ms} ms: at most one hour")))
+        }
+        _ => Ok(ms),
+    }
+}
+
+/// `--stop-signal`, kept as given once it names a signal.
+fn stop_signal(s: Option<&str>) -> Result<Option<String>, Response> {
+    match s {
+        None => Ok(None),
+        Some(s) => match shoal_runtime::parse_signal(s) {
+            Ok(_) => Ok(Some(s.trim().to_owned())),
+            Err(why) => Err(bad_request(format!("invalid stop signal: {why}"))),
+        },
+    }
 }
 
 fn parse_order(s: Option<&str>) -> Result<sched::UpdateOrder, Response> {
@@ -657,7 +728,7 @@ fn parse_order(s: Option<&str>) -> Result<sched::UpdateOrder, Response> {
     }
 }
 
-async fn put_service(
+pub(super) async fn put_service(
     c: &Cluster,
     state: &ClusterState,
     svc: &ServiceRecord,
@@ -687,7 +758,7 @@ async fn service_create(
     run.await.unwrap_or_else(|r| r)
 }
 
-fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
+pub(super) fn service_view(state: &ClusterState, svc: &ServiceRecord) -> ServiceView {
     let held = records::held(state);
     let tasks = records::tasks(state);
     let running = tasks
@@ -948,6 +1019,26 @@ async fn service_update(
         if let Some(o) = req.update_order.as_deref() {
             svc.update_order = parse_order(Some(o))?;
         }
+        if let Some(n) = req.update_parallelism {
+            svc.update.parallelism = n;
+        }
+        if let Some(ms) = req.update_delay_ms {
+            svc.update.delay_ms = ms;
+        }
+        if let Some(a) = failure_action(req.update_failure_action.as_deref())? {
+            svc.update_failure_action = a;
+        }
+        if let Some(ms) = req.update_monitor_ms {
+            svc.update.monitor_ms = ms;
+        }
+        // A new update starts afresh, whatever stopped the last one.
+        svc.update_status = None;
+        if let Some(ms) = stop_grace(req.stop_grace_ms)? {
+            svc.stop_grace_ms = ms;
+        }
+        if let Some(s) = stop_signal(req.stop_signal.as_deref())? {
+            svc.stop_signal = Some(s);
+        }
         svc.mounts =
             mounts::updated(&svc.mounts, &req.mount_rm, &req.mount_add).map_err(bad_request)?;
         if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {
@@ -956,10 +1047,12 @@ async fn service_update(
             ));
         }
         // Anything but the replica count needs new tasks: a rolling update.
-        let mut a = svc.clone();
-        a.mode = old.mode;
-        if a != old || req.force {
+        if !crate::engine::rollout::same_tasks(&svc, &old) || req.force {
             svc.version += 1;
+        }
+        // What `service rollback` goes back to: the spec before any change, a scale included.
+        if svc != old || req.force {
+            svc.previous = Some(Box::new(ServiceRecord { previous: None, ..old.clone() }));
         }
         svc.updated_ms = now_ms();
         put_service(&c, &state, &svc).await?;

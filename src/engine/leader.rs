@@ -187,6 +187,18 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
         writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
     }
 
+    // A rolling update whose new tasks fail stops first (paused, or rolled back); the next
+    // pass plans from the spec written here.
+    let stopped = super::rollout::failure_actions(&services, &tasks, now);
+    if !stopped.is_empty() {
+        for svc in stopped {
+            let status = svc.update_status.as_ref().map(|s| s.message.clone()).unwrap_or_default();
+            tracing::warn!(service = %svc.name, %status, "rolling update stopped");
+            cluster.write(put(tables::SERVICES, &svc.id, records::to_value(&svc))).await?;
+        }
+        return Ok(Some(now));
+    }
+
     let mut view = records::sched_state(state);
     hold_restarting(&mut view, state, now);
     let plan = sched::plan(now, &view);
@@ -371,9 +383,14 @@ mod tests {
             constraints: vec![],
             restart: Default::default(),
             update_order: Default::default(),
+            update: Default::default(),
+            update_failure_action: Default::default(),
+            update_status: None,
             health: None,
             mounts: vec![],
             stop_grace_ms: 10_000,
+            stop_signal: None,
+            previous: None,
             created_ms: 0,
             updated_ms: 0,
         }

@@ -78,6 +78,11 @@ struct Local {
     attached: BTreeMap<String, Vec<String>>,
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
+    /// Running tasks without a health command whose published TCP ports accept connections:
+    /// only then are they serving (see [`readiness`]).
+    ready: BTreeSet<String>,
+    /// Tasks whose ports are being tried now.
+    probing: BTreeSet<String>,
     /// Tasks an earlier run of the agent started, not yet taken up again by a pass (their DNS
     /// listener and the record of their networks are ours to restore).
     adopted: BTreeSet<String>,
@@ -206,6 +211,9 @@ impl NodeEngine {
             kick: Notify::new(),
             local: Mutex::new(Local {
                 held_vips: adopted.iter().map(|s| s.id.clone()).collect(),
+                // They served under the earlier run: an agent restart must not take them out
+                // of DNS and VIPs until their ports are tried again.
+                ready: adopted.iter().map(|s| s.id.clone()).collect(),
                 held_until: Some(std::time::Instant::now() + GOSSIP_CATCH_UP),
                 adopted: adopted.into_iter().map(|s| s.id).collect(),
                 ..Local::default()
@@ -691,7 +699,8 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         tracing::debug!(error = %e, "reporting task states");
     }
 
-    publish(inner, &state, &mine, &statuses).await;
+    readiness(inner, &services, &mine, &statuses);
+    publish(inner, &state, &services, &mine, &statuses).await;
     dataplane(inner, &state, &services, &statuses).await;
     Ok(())
 }
@@ -731,6 +740,9 @@ fn runtime_spec(t: &TaskRecord, svc: Option<&ServiceRecord>) -> rt::TaskSpec {
     spec.addresses = t.addresses.values().map(|ip| IpAddr::V4(*ip)).collect();
     if let Some(s) = svc {
         spec.stop_grace = Duration::from_millis(s.stop_grace_ms);
+        if let Some(sig) = &s.stop_signal {
+            spec.stop_signal = sig.clone();
+        }
         if let Some(h) = &s.health {
             let mut hc = rt::HealthCheck::shell(&h.cmd);
             hc.interval = Duration::from_millis(h.interval_ms);
@@ -773,6 +785,19 @@ async fn start_task(
     }
     let scope = dns::Scope::new(nets.iter().filter(|n| !n.ingress).map(|n| n.id.as_str()));
     inner.dns.attach_netns(id, &ns, scope).await?;
+    // The process's first instant already reaches every service VIP of its networks: the
+    // rules go in now rather than on the first pass that sees it running.
+    let state = inner.store.borrow().clone();
+    if let Some(state) = state {
+        let eps = records::endpoints(&inner.gossip.snapshot());
+        let rules = vip_rules(&vip_table(&state, &records::services(&state), &eps), &attached);
+        if !rules.is_empty() {
+            install_vips(inner, id, Arc::new(inner.runtime.netns(id)?), rules)
+                .await
+                .context("installing service VIPs")?;
+        }
+    }
+    announce(inner, t).await;
     inner.runtime.start(id).await?;
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
@@ -819,6 +844,7 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     let _ = inner.dns.detach(id).await;
     lock(&inner.local).vips.remove(id);
     lock(&inner.local).returns.remove(id);
+    lock(&inner.local).ready.remove(id);
     // Nothing of ours is left in an ended task's namespace: it goes (its logs stay). One
     // still running (its stop failed) keeps it until it is removed; one gone has none.
     match inner.runtime.release_netns(id).await {
@@ -827,14 +853,24 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
 }
 
+/// How long a stopping task stays up after its endpoints left gossip, so every node has taken
+/// it out of its mesh, DNS and VIP rules before the process is asked to stop: a few gossip
+/// rounds (200 ms each) and a reconcile pass, with room for a busy machine. Connections the
+/// meshes still send meanwhile find the task serving; established ones finish in the grace.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
+
+/// Stops a task in Docker's order, after taking it out of service: its endpoints leave gossip
+/// (and so every node's mesh, DNS and VIPs), then, after [`WITHDRAW_WAIT`] (never more than
+/// the grace), its stop signal, and SIGKILL once `grace` has passed.
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     lock(&inner.local).busy.insert(id.to_owned());
     let (inner, id) = (inner.clone(), id.to_owned());
     tokio::spawn(async move {
-        if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal())
-            && let Err(e) = inner.runtime.stop(&id, Some(grace)).await
-        {
-            tracing::warn!(task = %id, error = %e, "stopping a task");
+        if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
+            let waited = withdraw(&inner, &id, WITHDRAW_WAIT.min(grace)).await;
+            if let Err(e) = inner.runtime.stop(&id, Some(grace.saturating_sub(waited))).await {
+                tracing::warn!(task = %id, error = %e, "stopping a task");
+            }
         }
         detach(&inner, &id).await;
         if remove {
@@ -848,10 +884,154 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     });
 }
 
+/// Takes a task's endpoints out of gossip and waits up to `wait` for that to spread; returns
+/// how long it waited. A task with nothing published has nothing to wait for.
+async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
+    let keys: Vec<EntryKey> = lock(&inner.local)
+        .published
+        .iter()
+        .filter(|(_, e)| e.task == id)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if keys.is_empty() {
+        return Duration::ZERO;
+    }
+    for k in keys {
+        if let Err(e) = inner.gossip.delete(k.clone()).await {
+            tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint");
+        }
+        lock(&inner.local).published.remove(&k);
+    }
+    // This node's own mesh, DNS and VIP rules follow on the next pass.
+    inner.kick.notify_one();
+    tokio::time::sleep(wait).await;
+    wait
+}
+
+/// The published TCP target ports a task of this service must accept connections on before it
+/// serves: none when the service has its own health command (that decides) or no such port.
+fn awaited_ports(svc: Option<&ServiceRecord>) -> Vec<u16> {
+    match svc {
+        Some(s) if s.health.is_none() => s
+            .ports
+            .iter()
+            .filter(|p| p.protocol == records::Protocol::Tcp)
+            .map(|p| p.target)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Tries, from inside each running task's namespace, the published ports of the tasks that
+/// wait for them; a task whose every port accepts a connection is ready (serving from the next
+/// pass on). Without this a task would get traffic from its first instant, before its
+/// program listens.
+fn readiness(
+    inner: &Arc<Inner>,
+    services: &BTreeMap<String, ServiceRecord>,
+    mine: &BTreeMap<&String, &TaskRecord>,
+    statuses: &BTreeMap<String, rt::TaskStatus>,
+) {
+    for (id, t) in mine {
+        let running = statuses.get(*id).is_some_and(|s| s.state == rt::TaskState::Running);
+        let ports = awaited_ports(services.get(&t.task.service_id));
+        {
+            let mut l = lock(&inner.local);
+            if !running {
+                l.ready.remove(*id);
+            }
+            let nothing_to_try = ports.is_empty() || t.addresses.is_empty();
+            if !running || nothing_to_try || l.ready.contains(*id) || l.probing.contains(*id) {
+                continue;
+            }
+            l.probing.insert((*id).clone());
+        }
+        let Ok(ns) = inner.runtime.netns(id) else {
+            lock(&inner.local).probing.remove(*id);
+            continue;
+        };
+        // Its own addresses, where the meshes and VIPs will send traffic.
+        let addrs: Vec<Ipv4Addr> = t.addresses.values().copied().collect();
+        let (inner, id) = (inner.clone(), (*id).clone());
+        tokio::spawn(async move {
+            let accepts = tokio::task::spawn_blocking(move || {
+                ns.run(|| {
+                    ports.iter().all(|&p| {
+                        addrs.iter().any(|&ip| {
+                            let to = std::net::SocketAddr::from((ip, p));
+                            std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500))
+                                .is_ok()
+                        })
+                    })
+                })
+                .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            let mut l = lock(&inner.local);
+            l.probing.remove(&id);
+            if accepts {
+                l.ready.insert(id);
+                drop(l);
+                inner.kick.notify_one();
+            }
+        });
+    }
+}
+
+/// A task's entries in the gossip endpoint tables, one per network it has an address on.
+fn endpoint_records(
+    inner: &Inner,
+    t: &TaskRecord,
+    serving: bool,
+) -> Vec<(EntryKey, EndpointRecord)> {
+    t.addresses
+        .iter()
+        .map(|(net, ip)| {
+            let rec = EndpointRecord {
+                node: inner.me.clone(),
+                ip: *ip,
+                service: t.task.service_id.clone(),
+                task: t.task.id.clone(),
+                slot: t.slot_label(),
+                name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                serving,
+                aliases: t.cni().map(|c| c.aliases.clone()).unwrap_or_default(),
+            };
+            (EntryKey::new(ENDPOINT_TABLE, net, &t.task.id), rec)
+        })
+        .collect()
+}
+
+/// How long a new task's endpoints get to reach every node before its process starts: a gossip
+/// round or two (200 ms each) and the other nodes' passes that put it in their forwarding
+/// tables, so the answers to its first packets find their way back.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+
+/// Publishes a task about to start as not serving (forwarding tables learn it; meshes, DNS and
+/// VIPs send it nothing yet) and gives that [`ANNOUNCE_WAIT`] to spread.
+async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
+    let records = endpoint_records(inner, t, false);
+    if records.is_empty() {
+        return;
+    }
+    for (k, v) in records {
+        let Ok(bytes) = serde_json::to_vec(&v) else { continue };
+        match inner.gossip.write(k.clone(), bytes).await {
+            Ok(_) => {
+                lock(&inner.local).published.insert(k, v);
+            }
+            Err(e) => tracing::debug!(key = ?k, error = %e, "announcing an endpoint"),
+        }
+    }
+    tokio::time::sleep(ANNOUNCE_WAIT).await;
+}
+
 /// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
 async fn publish(
     inner: &Arc<Inner>,
     state: &ClusterState,
+    services: &BTreeMap<String, ServiceRecord>,
     mine: &BTreeMap<&String, &TaskRecord>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
@@ -871,22 +1051,16 @@ async fn publish(
     }
     for (id, t) in mine {
         let Some(s) = statuses.get(*id) else { continue };
-        if s.state != rt::TaskState::Running || t.task.desired != DesiredState::Running {
+        // A task being started is announced already (not serving): see `announce`.
+        let starting = !s.state.is_terminal() && lock(&inner.local).attached.contains_key(*id);
+        if t.task.desired != DesiredState::Running
+            || !(s.state == rt::TaskState::Running || starting)
+        {
             continue;
         }
-        for (net, ip) in &t.addresses {
-            let rec = EndpointRecord {
-                node: inner.me.clone(),
-                ip: *ip,
-                service: t.task.service_id.clone(),
-                task: t.task.id.clone(),
-                slot: t.slot_label(),
-                name: t.standalone.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-                serving: s.is_serving(),
-                aliases: t.cni().map(|c| c.aliases.clone()).unwrap_or_default(),
-            };
-            want.insert(EntryKey::new(ENDPOINT_TABLE, net, id), rec);
-        }
+        let port_ready = awaited_ports(services.get(&t.task.service_id)).is_empty()
+            || lock(&inner.local).ready.contains(*id);
+        want.extend(endpoint_records(inner, t, s.is_serving() && port_ready));
     }
     let have = lock(&inner.local).published.clone();
     for (k, v) in &want {
@@ -1047,6 +1221,9 @@ async fn dataplane(
             records::LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
             records::LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
         };
+        // A withdrawn task's open connections may run as long as the task itself may: the
+        // withdrawal wait, then its stop grace.
+        spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
@@ -1081,19 +1258,7 @@ async fn dataplane(
 
     // East-west VIPs inside each local running task: every VIP of the task's networks, with the
     // serving tasks behind it (worked out once per pass, then picked per task).
-    let mut vips: BTreeMap<&str, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> = BTreeMap::new();
-    for svc in services.values() {
-        for net in &svc.networks {
-            let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
-            let mut backends: Vec<Ipv4Addr> = eps
-                .iter()
-                .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
-                .map(|(_, e)| e.ip)
-                .collect();
-            backends.sort();
-            vips.entry(net.as_str()).or_default().push((vip, backends));
-        }
-    }
+    let vips = vip_table(state, services, &eps);
     let holding = !lock(&inner.local).held_vips.is_empty();
     if holding {
         let deadline = lock(&inner.local).held_until.is_some_and(|t| std::time::Instant::now() > t);
@@ -1116,9 +1281,7 @@ async fn dataplane(
         // Not attached yet (being started, or adopted and not taken up again): its rules are
         // left as they are until we know its networks.
         let Some(nets) = lock(&inner.local).attached.get(id).cloned() else { continue };
-        let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
-            nets.iter().filter_map(|n| vips.get(n.as_str())).flatten().cloned().collect();
-        rules.sort();
+        let rules = vip_rules(&vips, &nets);
         if lock(&inner.local).vips.get(id) == Some(&rules) {
             continue;
         }
@@ -1129,14 +1292,56 @@ async fn dataplane(
                 Err(_) => continue,
             },
         };
-        let vip_rules: Vec<VipRule> =
-            rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
-        match tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await {
-            Ok(Ok(())) => {
-                lock(&inner.local).vips.insert(id.clone(), rules);
-            }
-            Ok(Err(e)) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
-            Err(e) => tracing::warn!(task = %id, error = %e, "installing service VIPs"),
+        if let Err(e) = install_vips(inner, id, ns, rules).await {
+            tracing::warn!(task = %id, error = %format!("{e:#}"), "installing service VIPs");
         }
     }
+}
+
+/// Every VIP per network, with the serving tasks behind it, from the store and gossip.
+fn vip_table(
+    state: &ClusterState,
+    services: &BTreeMap<String, ServiceRecord>,
+    eps: &[(String, EndpointRecord)],
+) -> BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> {
+    let held = records::held(state);
+    let mut vips: BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> = BTreeMap::new();
+    for svc in services.values() {
+        for net in &svc.networks {
+            let Some(vip) = records::vip_of(&held, &svc.id, net) else { continue };
+            let mut backends: Vec<Ipv4Addr> = eps
+                .iter()
+                .filter(|(n, e)| n == net && e.service == svc.id && e.serving)
+                .map(|(_, e)| e.ip)
+                .collect();
+            backends.sort();
+            vips.entry(net.clone()).or_default().push((vip, backends));
+        }
+    }
+    vips
+}
+
+/// The VIP rules of a task on `nets`, sorted, as [`Local::vips`] keeps them.
+fn vip_rules(
+    table: &BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>>,
+    nets: &[String],
+) -> Vec<(Ipv4Addr, Vec<Ipv4Addr>)> {
+    let mut rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
+        nets.iter().filter_map(|n| table.get(n.as_str())).flatten().cloned().collect();
+    rules.sort();
+    rules
+}
+
+/// Writes a task's VIP rules into its namespace and records them.
+async fn install_vips(
+    inner: &Arc<Inner>,
+    id: &str,
+    ns: Arc<NetNs>,
+    rules: Vec<(Ipv4Addr, Vec<Ipv4Addr>)>,
+) -> anyhow::Result<()> {
+    let vip_rules: Vec<VipRule> =
+        rules.iter().map(|(vip, b)| VipRule { vip: *vip, backends: b.clone() }).collect();
+    tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await??;
+    lock(&inner.local).vips.insert(id.to_owned(), rules);
+    Ok(())
 }

@@ -115,14 +115,58 @@ pub struct ServiceRecord {
     pub restart: sched::RestartPolicy,
     #[serde(default)]
     pub update_order: sched::UpdateOrder,
+    /// `--update-parallelism`, `--update-delay` and `--update-monitor`.
+    #[serde(default)]
+    pub update: sched::UpdatePolicy,
+    /// `--update-failure-action`: what a task of a new spec failing during an update does.
+    #[serde(default)]
+    pub update_failure_action: FailureAction,
+    /// Set when a failure stopped the last rolling update; cleared by the next update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
     #[serde(default)]
     pub health: Option<HealthRecord>,
     /// Volumes and bind mounts of each task (`--mount`), checked when the request came in.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
     pub stop_grace_ms: u64,
+    /// The signal a stop sends first (`--stop-signal`); SIGTERM when `None`.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// The spec before the last update, which `service rollback` puts back (without its own
+    /// previous: one level, as in Docker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<ServiceRecord>>,
     pub created_ms: u64,
     pub updated_ms: u64,
+}
+
+/// Docker's `--update-failure-action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    /// Replace no more tasks until the next update (Docker's default).
+    #[default]
+    Pause,
+    /// Put the previous spec back.
+    Rollback,
+    /// Go on as if nothing failed.
+    Continue,
+}
+
+/// Why a rolling update stopped, as `service inspect` shows it (Docker's `UpdateStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    /// `paused` or `rollback_started`.
+    pub state: String,
+    pub message: String,
+}
+
+impl UpdateStatus {
+    /// A status with its message.
+    pub fn new(state: &str, message: String) -> UpdateStatus {
+        UpdateStatus { state: state.to_owned(), message }
+    }
 }
 
 impl ServiceRecord {
@@ -149,7 +193,7 @@ impl ServiceRecord {
         if self.dnsrr { Vec::new() } else { self.networks.clone() }
     }
 
-    fn to_sched(&self) -> sched::Service {
+    pub(crate) fn to_sched(&self) -> sched::Service {
         sched::Service {
             id: self.id.clone(),
             spec: sched::ServiceSpec {
@@ -158,6 +202,8 @@ impl ServiceRecord {
                 constraints: self.constraints.clone(),
                 restart: self.restart,
                 update_order: self.update_order,
+                update: self.update,
+                update_paused: self.update_status.as_ref().is_some_and(|s| s.state == "paused"),
                 version: self.version,
             },
         }

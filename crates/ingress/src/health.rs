@@ -8,9 +8,12 @@
 //! - its task state is [`TaskState::Healthy`] (running, and healthy if it has its own check);
 //! - its active check is up: a backend never checked comes up on its first pass, a down one
 //!   after `rise` passes in a row, an up one goes down after `fall` failures in a row;
-//! - it is not ejected: `eject_after` connect failures in a row eject it for `eject_base`,
-//!   doubling per ejection in a row up to `eject_max`; after an ejection one more failure
-//!   ejects it again, one success clears the backoff;
+//! - it is not ejected: `eject_after` connect failures in a row (by default one) eject it for
+//!   `eject_base`, doubling per ejection in a row up to `eject_max`; after an ejection one more
+//!   failure ejects it again, one success clears the backoff;
+//! - a backend that returns (ejected, draining, or not ready before) is up again only once
+//!   this node's own active check passes, so a heal or a restart never sends traffic to a
+//!   backend nobody here has reached yet (without an active check it is up at once);
 //! - it is not draining: a removed or stopped backend gets nothing new at once, and its open
 //!   connections are reset when `drain_grace` ends.
 //!
@@ -135,6 +138,17 @@ impl HealthCore {
             ejected_until: None,
             draining_until: None,
         });
+        // Back from draining or from a task state that served nothing: it proves itself to our
+        // active check again before it gets traffic.
+        let returning = before.is_some()
+            && (e.draining_until.is_some() || e.task != TaskState::Healthy)
+            && b.state == TaskState::Healthy;
+        if returning && has_check {
+            e.checked_up = false;
+            e.ever_checked = false;
+            e.ok_streak = 0;
+            e.next_check = now;
+        }
         e.addr = b.addr;
         e.local = b.local;
         e.task = b.state;
@@ -280,6 +294,7 @@ impl HealthCore {
     /// Ends ejections and drains whose time has come.
     pub fn handle_timeout(&mut self, now: Instant) {
         let after = self.spec.eject_after;
+        let has_check = self.spec.check.is_some();
         let mut gone = Vec::new();
         let mut changed = false;
         for (id, e) in self.backends.iter_mut() {
@@ -287,6 +302,13 @@ impl HealthCore {
                 e.ejected_until = None;
                 // Half-open: one more failure ejects again, with a longer backoff.
                 e.connect_fails = after.saturating_sub(1);
+                if has_check {
+                    // And it is back only once a check of ours reaches it.
+                    e.checked_up = false;
+                    e.ever_checked = false;
+                    e.ok_streak = 0;
+                    e.next_check = now;
+                }
                 changed = true;
             }
             if e.draining_until.is_some_and(|t| t <= now) {
@@ -408,8 +430,10 @@ mod tests {
     #[test]
     fn passive_ejection_backs_off_and_recovers() {
         let t0 = Instant::now();
-        let mut core =
-            HealthCore::new(HealthSpec { check: None, ..spec() }, Duration::from_secs(1));
+        let mut core = HealthCore::new(
+            HealthSpec { check: None, eject_after: 3, ..spec() },
+            Duration::from_secs(1),
+        );
         core.upsert(t0, &b("a"));
         drain(&mut core);
         core.handle_connect(t0, "a", false);
@@ -432,6 +456,53 @@ mod tests {
         assert!(core.eligible("a"), "a success clears the streak");
         core.handle_connect(t2, "a", false);
         assert_eq!(core.poll_timeout(), Some(t2 + Duration::from_secs(1)), "and the backoff");
+    }
+
+    #[test]
+    fn one_failed_connect_ejects_and_only_a_check_brings_it_back() {
+        let t0 = Instant::now();
+        let mut core = HealthCore::new(spec(), Duration::from_secs(10));
+        core.upsert(t0, &b("a"));
+        run_checks(&mut core, t0, |_| true);
+        assert!(core.eligible("a"));
+        core.handle_connect(t0, "a", false);
+        assert_eq!(core.state("a"), Some(HealthState::Ejected), "ejected at once");
+        let t1 = t0 + Duration::from_secs(1);
+        core.handle_timeout(t1);
+        assert_eq!(core.state("a"), Some(HealthState::Down), "the backoff alone is not enough");
+        assert_eq!(run_checks(&mut core, t1, |_| false), 1, "checked as soon as the backoff ends");
+        assert!(!core.eligible("a"));
+        // Having failed one, it needs `rise` passes in a row, like any down backend.
+        let t2 = t1 + Duration::from_secs(2);
+        run_checks(&mut core, t2, |_| true);
+        assert!(!core.eligible("a"));
+        run_checks(&mut core, t2 + Duration::from_secs(2), |_| true);
+        assert!(core.eligible("a"), "passing checks of ours re-admit it");
+    }
+
+    #[test]
+    fn a_returning_backend_waits_for_our_check() {
+        let t0 = Instant::now();
+        let mut core = HealthCore::new(spec(), Duration::from_secs(10));
+        core.upsert(t0, &b("a"));
+        run_checks(&mut core, t0, |_| true);
+        assert!(core.eligible("a"));
+        // Gone from the tables (its node cut off), then back before the drain ended.
+        core.remove(t0, "a");
+        let t1 = t0 + Duration::from_secs(3);
+        core.upsert(t1, &b("a"));
+        assert_eq!(core.state("a"), Some(HealthState::Down), "not trusted on the tables' word");
+        assert_eq!(run_checks(&mut core, t1, |_| true), 1);
+        assert!(core.eligible("a"));
+        // A task that restarts in place: not ready, then healthy again.
+        let mut s = b("a");
+        s.state = TaskState::Starting;
+        core.upsert(t1, &s);
+        s.state = TaskState::Healthy;
+        core.upsert(t1, &s);
+        assert_eq!(core.state("a"), Some(HealthState::Down));
+        run_checks(&mut core, t1 + Duration::from_secs(2), |_| true);
+        assert!(core.eligible("a"));
     }
 
     #[test]

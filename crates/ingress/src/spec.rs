@@ -122,7 +122,8 @@ pub struct HealthSpec {
     pub rise: u32,
     /// Consecutive failures that take an up backend down.
     pub fall: u32,
-    /// Consecutive connect failures (from real traffic) that eject a backend; 0 disables.
+    /// Consecutive connect failures (from real traffic) that eject a backend (default 1: at
+    /// once); 0 disables.
     pub eject_after: u32,
     /// First ejection period; it doubles on each ejection in a row, up to `eject_max`.
     pub eject_base: Duration,
@@ -138,7 +139,9 @@ impl Default for HealthSpec {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
-            eject_after: 3,
+            // One refused or timed-out connect ejects a backend at once (the mesh retries the
+            // connection elsewhere): a task that stopped listening costs one attempt, not three.
+            eject_after: 1,
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(30),
         }

@@ -4,8 +4,8 @@
 //! `/etc/hosts` are bind-mounted over the host's, with propagation made private first so
 //! nothing leaks back) and its own UTS namespace (its hostname). Its stdout and stderr are kept
 //! line by line in a size-capped log, an optional health command runs inside its namespaces
-//! with Docker's semantics, and stop is SIGTERM to its process group, then SIGKILL after the
-//! grace period. When the task ends, whatever is left in its namespace is killed; once the
+//! with Docker's semantics, and stop is its stop signal (SIGTERM by default) to its process
+//! group, then SIGKILL after the grace period. When the task ends, whatever is left in its namespace is killed; once the
 //! agent has taken its endpoints out, `release_netns` deletes the namespace (as a container's
 //! sandbox goes), while the task's status and logs stay until it is removed.
 //!
@@ -90,5 +90,8 @@ pub use health::{HealthMonitor, ProbeOutcome};
 pub use logs::{LogFollower, LogLine, LogRing, Logs, Stream};
 pub use mounts::Mount;
 pub use runtime::{ExecOutput, MAX_PREFIX, PROBE_OUTPUT_CAP, Runtime, RuntimeConfig};
-pub use spec::{DEFAULT_RESOLV_CONF, DEFAULT_STOP_GRACE, HealthCheck, TaskSpec, short_id};
+pub use spec::{
+    DEFAULT_RESOLV_CONF, DEFAULT_STOP_GRACE, DEFAULT_STOP_SIGNAL, HealthCheck, TaskSpec,
+    parse_signal, short_id,
+};
 pub use state::{EventKind, Health, TaskEvent, TaskState, TaskStatus};

@@ -386,7 +386,9 @@ impl Runtime {
         if ctl.stop_requested {
             // Stopped while starting: `stop` signals the group from now on; begin with this.
             if let Some(pg) = ctl.pgid {
-                let _ = nix::sys::signal::killpg(Pid::from_raw(pg), Signal::SIGTERM);
+                let first =
+                    crate::spec::parse_signal(&ctl.spec.stop_signal).unwrap_or(Signal::SIGTERM);
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pg), first);
             }
         }
         let started_at = SystemTime::now();
@@ -394,15 +396,17 @@ impl Runtime {
         Ok(task.status())
     }
 
-    /// Stops a task: SIGTERM to its process group, SIGKILL after `grace` (the spec's
-    /// `stop_grace` when `None`), then waits until it and everything else in its namespace
-    /// are gone. The task ends `shutdown` with the exit code. A task not started yet becomes
+    /// Stops a task: its stop signal (SIGTERM unless the spec names another) to its process
+    /// group, SIGKILL after `grace` (the spec's `stop_grace` when `None`), then waits until it
+    /// and everything else in its namespace are gone. The task ends `shutdown` with the exit code. A task not started yet becomes
     /// `shutdown` at once; a finished one is returned as is.
     pub async fn stop(&self, id: &str, grace: Option<Duration>) -> Result<TaskStatus> {
         let task = self.get(id)?;
         let mut rx = task.status.subscribe();
-        let grace = {
+        let (grace, first) = {
             let mut ctl = lock(&task.ctl);
+            // Validated at create; a spec from an older run without one falls back to SIGTERM.
+            let first = crate::spec::parse_signal(&ctl.spec.stop_signal).unwrap_or(Signal::SIGTERM);
             match task.state() {
                 s if s.is_terminal() => return Ok(task.status()),
                 TaskState::New | TaskState::Preparing | TaskState::Ready => {
@@ -414,7 +418,7 @@ impl Runtime {
                     ctl.stop_requested = true;
                     // Kept on disk too: an agent that adopts the task reports it shut down.
                     let _ = std::fs::write(task.dir.join(STOP_MARK), b"");
-                    grace.unwrap_or(ctl.spec.stop_grace)
+                    (grace.unwrap_or(ctl.spec.stop_grace), first)
                 }
             }
         };
@@ -425,7 +429,7 @@ impl Runtime {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(pg), sig);
             }
         };
-        signal(Signal::SIGTERM);
+        signal(first);
         let exited = tokio::time::timeout(grace, wait_terminal(&mut rx)).await;
         if let Ok(Some(status)) = exited {
             return Ok(status);

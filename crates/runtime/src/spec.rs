@@ -24,6 +24,29 @@ pub const MAX_LOG_CAP: usize = 1024 * 1024 * 1024;
 /// `PATH` given to a task whose env does not set one (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The stop signal of a spec that names none.
+pub const DEFAULT_STOP_SIGNAL: &str = "SIGTERM";
+
+fn default_stop_signal() -> String {
+    DEFAULT_STOP_SIGNAL.to_owned()
+}
+
+/// A signal as Docker's `--stop-signal` takes it: a name with or without `SIG`, in any case
+/// (`SIGQUIT`, `quit`), or its number (`3`).
+pub fn parse_signal(s: &str) -> std::result::Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    let t = s.trim();
+    let found = match t.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).ok(),
+        Err(_) => {
+            let up = t.to_ascii_uppercase();
+            let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+            name.parse::<Signal>().ok()
+        }
+    };
+    found.ok_or_else(|| format!("{s:?} is not a signal (e.g. SIGTERM, QUIT, 3)"))
+}
+
 /// One task: a command run in its own network, mount and UTS namespaces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
@@ -41,7 +64,11 @@ pub struct TaskSpec {
     pub workdir: Option<PathBuf>,
     /// Optional health command, run periodically inside the task's namespaces.
     pub health: Option<HealthCheck>,
-    /// Time between SIGTERM and SIGKILL on stop.
+    /// The signal a stop sends first (Docker's `--stop-signal`), by name: `SIGTERM`, `QUIT`,
+    /// or a number; see [`parse_signal`].
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Time between the stop signal and SIGKILL on stop.
     pub stop_grace: Duration,
     /// Cap of the kept log in bytes.
     pub log_cap: usize,
@@ -69,6 +96,7 @@ impl TaskSpec {
             env: Vec::new(),
             workdir: None,
             health: None,
+            stop_signal: default_stop_signal(),
             stop_grace: DEFAULT_STOP_GRACE,
             log_cap: DEFAULT_LOG_CAP,
             resolv_conf: None,
@@ -124,6 +152,9 @@ impl TaskSpec {
                 "log_cap",
                 format!("{} is outside {MIN_LOG_CAP}..={MAX_LOG_CAP}", self.log_cap),
             );
+        }
+        if let Err(why) = parse_signal(&self.stop_signal) {
+            return bad("stop_signal", why);
         }
         if self.stop_grace > Duration::from_secs(3600) {
             return bad("stop_grace", "at most one hour".into());
@@ -258,6 +289,19 @@ mod tests {
 
     fn spec() -> TaskSpec {
         TaskSpec::new("abcdef0123456789xyz", vec!["sleep".into(), "1".into()])
+    }
+
+    #[test]
+    fn stop_signals_by_name_or_number() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT));
+        assert_eq!(parse_signal("quit"), Ok(Signal::SIGQUIT));
+        assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM));
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("0").is_err());
+        let mut s = spec();
+        s.stop_signal = "bogus".into();
+        assert!(s.validate().is_err());
     }
 
     #[test]

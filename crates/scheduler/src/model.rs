@@ -86,6 +86,33 @@ pub enum UpdateOrder {
     StartFirst,
 }
 
+/// How a rolling update walks through the tasks (Docker's `--update-parallelism`,
+/// `--update-delay` and `--update-monitor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdatePolicy {
+    /// Tasks being replaced at once; 0 replaces them all at once. Docker's default: 1.
+    pub parallelism: u64,
+    /// Wait after a new task runs before the next one is replaced.
+    pub delay_ms: u64,
+    /// How long a new task is watched: it still counts as being replaced until it has run
+    /// this long, and its failure within this long of its creation fails the update.
+    #[serde(default = "default_monitor_ms")]
+    pub monitor_ms: u64,
+}
+
+/// Docker's default `--update-monitor`.
+pub const DEFAULT_UPDATE_MONITOR_MS: u64 = 5_000;
+
+fn default_monitor_ms() -> u64 {
+    DEFAULT_UPDATE_MONITOR_MS
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy { parallelism: 1, delay_ms: 0, monitor_ms: DEFAULT_UPDATE_MONITOR_MS }
+    }
+}
+
 /// The parts of a service's spec the scheduler needs. `version` goes up on every spec change;
 /// tasks of an older version are replaced by a rolling update.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +122,11 @@ pub struct ServiceSpec {
     pub constraints: Vec<Constraint>,
     pub restart: RestartPolicy,
     pub update_order: UpdateOrder,
+    #[serde(default)]
+    pub update: UpdatePolicy,
+    /// A failure paused the rolling update: no outdated task is replaced until the next one.
+    #[serde(default)]
+    pub update_paused: bool,
     pub version: u64,
 }
 

@@ -65,6 +65,16 @@ fn is_live(t: &Task) -> bool {
     t.desired == DesiredState::Running
 }
 
+/// Whether the restart policy replaces this dead task (at once or after its delay).
+fn restarts(svc: &Service, t: &Task) -> bool {
+    let p = &svc.spec.restart;
+    (match p.condition {
+        RestartCondition::Any => true,
+        RestartCondition::OnFailure => t.state != TaskState::Complete,
+        RestartCondition::None => false,
+    }) && (p.max_attempts == 0 || t.attempt < p.max_attempts)
+}
+
 /// Whether a task may keep running on its node: the node exists, is Ready, is not draining,
 /// and still satisfies the service's constraints. (A paused node keeps its tasks.)
 fn may_stay(node: Option<&Node>, svc: &Service) -> bool {
@@ -127,15 +137,10 @@ impl<'a> Planner<'a> {
 
     /// Whether a dead task's slot gets a new task now (true), later (wake-up set), or never.
     fn restart_due(&mut self, svc: &Service, t: &Task) -> bool {
-        let p = &svc.spec.restart;
-        let allowed = match p.condition {
-            RestartCondition::Any => true,
-            RestartCondition::OnFailure => t.state != TaskState::Complete,
-            RestartCondition::None => false,
-        } && (p.max_attempts == 0 || t.attempt < p.max_attempts);
-        if !allowed {
+        if !restarts(svc, t) {
             return false;
         }
+        let p = &svc.spec.restart;
         let at = t.state_since_ms.saturating_add(p.delay_ms);
         if self.now >= at {
             true
@@ -206,21 +211,78 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Rolling update, one task at a time: wait while a task of the new version is not yet
-    /// running, then replace the lowest outdated slot.
+    /// Rolling update, `parallelism` slots at a time. A slot is in flight, serving nothing or
+    /// about to change, while a task of it is not running: starting, pending, or dead and due
+    /// for a restart (or, start-first, while old and new both live). Free places go to the
+    /// lowest outdated slots, each `delay` after the last new task ran: an update never takes
+    /// down more than `parallelism` slots at once, counting those down for other reasons.
     fn update(&mut self, svc: &Service, slots: &BTreeMap<SlotKey, Vec<&Task>>, touched: usize) {
         let v = svc.spec.version;
         let live = || slots.values().flatten().filter(|t| is_live(t));
-        let in_flight = live()
-            .any(|t| t.spec_version == v && !t.state.is_terminal() && t.state < TaskState::Running)
-            || slots.values().any(|ts| ts.iter().filter(|t| is_live(t)).count() > 1);
-        // Anything decided for this service in this pass (a create, a move) also waits its turn.
-        if in_flight || self.out.actions.len() > touched {
+        let policy = svc.spec.update;
+        // A new task is watched for the monitor period after it runs; it counts as in flight
+        // until then (and the pass wakes when the watch ends).
+        let mut watch_ends: Option<u64> = None;
+        let mut down = |t: &Task| {
+            if t.state.is_terminal() {
+                return restarts(svc, t);
+            }
+            if t.state < TaskState::Running {
+                return true;
+            }
+            let ends = t.state_since_ms.saturating_add(policy.monitor_ms);
+            let watched = t.spec_version == v && ends > self.now;
+            if watched {
+                watch_ends = Some(watch_ends.map_or(ends, |w: u64| w.min(ends)));
+            }
+            watched
+        };
+        let in_flight = slots
+            .values()
+            .filter(|ts| {
+                let live: Vec<&&Task> = ts.iter().filter(|t| is_live(t)).collect();
+                let n = live.len();
+                live.into_iter().filter(|t| down(t)).count() > 0 || n > 1
+            })
+            .count();
+        if svc.spec.update_paused {
             return;
         }
-        let Some(old) = live().find(|t| t.spec_version < v && t.state == TaskState::Running) else {
+        let width = if policy.parallelism == 0 { usize::MAX } else { policy.parallelism as usize };
+        // Anything decided for this service in this pass (a create, a move) also waits its turn.
+        if in_flight >= width || self.out.actions.len() > touched {
+            if let Some(at) = watch_ends {
+                self.wake(at);
+            }
             return;
-        };
+        }
+        let outdated: Vec<&Task> = live()
+            .filter(|t| t.spec_version < v && t.state == TaskState::Running)
+            .take(width - in_flight)
+            .copied()
+            .collect();
+        if outdated.is_empty() {
+            return;
+        }
+        if policy.delay_ms > 0 {
+            let last_up = live()
+                .filter(|t| t.spec_version == v && t.state == TaskState::Running)
+                .map(|t| t.state_since_ms)
+                .max();
+            if let Some(at) = last_up.map(|t| t.saturating_add(policy.delay_ms))
+                && at > self.now
+            {
+                self.wake(at);
+                return;
+            }
+        }
+        for old in outdated {
+            self.replace(svc, old);
+        }
+    }
+
+    /// Replaces an outdated task by one of the service's version, in the update order.
+    fn replace(&mut self, svc: &Service, old: &Task) {
         let global_node = match svc.spec.mode {
             Mode::Global => old.node_id.as_deref().and_then(|id| self.nodes.get(id).copied()),
             Mode::Replicated { .. } => None,

@@ -28,6 +28,9 @@ fn service(id: &str, mode: Mode) -> Service {
             constraints: vec![],
             restart: RestartPolicy::default(),
             update_order: UpdateOrder::StopFirst,
+            // No watch after a new task runs: the simulator's clock stands still while settling.
+            update: UpdatePolicy { monitor_ms: 0, ..UpdatePolicy::default() },
+            update_paused: false,
             version: 1,
         },
     }
@@ -330,6 +333,91 @@ fn rolling_update_one_at_a_time_stop_first_and_start_first() {
             "{order:?}"
         );
     }
+}
+
+#[test]
+fn an_update_never_takes_down_a_slot_while_another_is_down() {
+    let mut sim = Sim::new(three_nodes(), vec![service("web", Mode::Replicated { replicas: 2 })]);
+    sim.settle();
+    // Slot 1's task died and waits out its restart delay.
+    let now = sim.now;
+    let t = sim.state.tasks.iter_mut().find(|t| t.slot == 1).unwrap();
+    t.state = TaskState::Failed;
+    t.state_since_ms = now;
+    sim.state.services[0].spec.version = 2;
+    let p = plan(sim.now, &sim.state);
+    assert!(
+        !p.actions.iter().any(|a| matches!(a, Action::Shutdown { .. })),
+        "slot 2 keeps serving while slot 1 serves nothing: {p:?}"
+    );
+    // Once slot 1 runs again (its restart is of the new version), slot 2 is updated.
+    sim.now += RestartPolicy::default().delay_ms;
+    sim.settle();
+    assert!(
+        sim.state
+            .tasks
+            .iter()
+            .filter(|t| t.desired == DesiredState::Running)
+            .all(|t| t.spec_version == 2 && t.state == TaskState::Running)
+    );
+}
+
+#[test]
+fn a_new_task_is_watched_for_the_monitor_period_before_the_next() {
+    let mut s = service("web", Mode::Replicated { replicas: 2 });
+    s.spec.update.monitor_ms = 5_000;
+    let mut sim = Sim::new(three_nodes(), vec![s]);
+    sim.settle();
+    sim.state.services[0].spec.version = 2;
+    let first = plan(sim.now, &sim.state);
+    assert_eq!(new_creates(&first), 1);
+    sim.apply(&first.actions);
+    let watching = plan(sim.now + 4_999, &sim.state);
+    assert!(watching.actions.is_empty(), "the new task runs, but is watched: {watching:?}");
+    assert_eq!(watching.wake_at, Some(sim.now + 5_000), "wakes when the watch ends");
+    assert_eq!(new_creates(&plan(sim.now + 5_000, &sim.state)), 1);
+}
+
+/// New tasks of version 2 that one plan creates.
+fn new_creates(p: &Plan) -> usize {
+    p.actions.iter().filter(|a| matches!(a, Action::Create { spec_version: 2, .. })).count()
+}
+
+#[test]
+fn rolling_update_parallelism_and_delay() {
+    for (parallelism, batch) in [(2, 2), (0, 5)] {
+        let mut s = service("web", Mode::Replicated { replicas: 5 });
+        s.spec.update = UpdatePolicy { parallelism, delay_ms: 0, monitor_ms: 0 };
+        let mut sim = Sim::new(three_nodes(), vec![s]);
+        sim.settle();
+        sim.state.services[0].spec.version = 2;
+        sim.start_as = TaskState::Starting;
+        let first = plan(sim.now, &sim.state);
+        assert_eq!(new_creates(&first), batch, "parallelism {parallelism}");
+        sim.apply(&first.actions);
+        assert!(plan(sim.now, &sim.state).actions.is_empty(), "the batch is in flight");
+        // One of the batch runs: its place goes to the next outdated slot at once.
+        if let Some(t) = sim.state.tasks.iter_mut().find(|t| t.state == TaskState::Starting) {
+            t.state = TaskState::Running;
+        }
+        let next = plan(sim.now, &sim.state);
+        assert_eq!(new_creates(&next), usize::from(parallelism == 2), "a sliding window");
+    }
+
+    // A delay: the next task is replaced only `delay` after the last new one runs.
+    let mut s = service("web", Mode::Replicated { replicas: 3 });
+    s.spec.update = UpdatePolicy { parallelism: 1, delay_ms: 10_000, monitor_ms: 0 };
+    let mut sim = Sim::new(three_nodes(), vec![s]);
+    sim.settle();
+    sim.state.services[0].spec.version = 2;
+    let first = plan(sim.now, &sim.state);
+    assert_eq!(new_creates(&first), 1, "the first batch goes at once");
+    sim.apply(&first.actions);
+    let waiting = plan(sim.now + 9_999, &sim.state);
+    assert!(waiting.actions.is_empty(), "{waiting:?}");
+    assert_eq!(waiting.wake_at, Some(sim.now + 10_000), "wakes when the delay ends");
+    sim.now += 10_000;
+    assert_eq!(new_creates(&plan(sim.now, &sim.state)), 1);
 }
 
 #[test]
