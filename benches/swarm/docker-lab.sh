@@ -59,13 +59,18 @@ d() {
   /usr/bin/docker -H "unix://$dir/n$i/docker.sock" "$@"
 }
 
+# Docker labs running on this host, one file each: the host paths below are shared by them and
+# removed only by the last one to go.
+labs=/run/shoal-docker-labs
+
 up() {
-  mkdir -p "$dir"
+  mkdir -p "$dir" "$labs"
   # Host paths the daemons create when missing (the mount points above, containerd's shim
-  # sockets, libmount's utab): remembered so that teardown removes only what this run made.
+  # sockets, libmount's utab): remembered so that teardown removes only what a lab made.
   for p in /run/docker /var/lib/docker /etc/docker /run/containerd /run/mount; do
-    [ -e "$p" ] || echo "$p" >>"$dir/created"
+    [ -e "$p" ] || echo "$p" >>"$labs/created"
   done
+  echo "$dir" >"$labs/$prefix"
   mkdir -p /run/docker /var/lib/docker /etc/docker
   ip netns add "$prefix-sw" || return 1
   ip -n "$prefix-sw" link set lo up
@@ -143,13 +148,17 @@ down() {
   for c in /sys/fs/cgroup/*/"$cg"; do
     [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
   done
-  if [ -f "$dir/created" ]; then
-    while read -r p; do
-      case "$p" in
-        /run/containerd | /run/mount) rm -rf "$p" ;;
-        *) rmdir "$p" 2>/dev/null ;;
-      esac
-    done <"$dir/created"
+  rm -f "$labs/$prefix"
+  if [ -d "$labs" ] && [ -z "$(ls "$labs" | grep -vx created)" ]; then
+    if [ -f "$labs/created" ]; then
+      while read -r p; do
+        case "$p" in
+          /run/containerd | /run/mount) rm -rf "$p" ;;
+          *) rmdir "$p" 2>/dev/null ;;
+        esac
+      done <"$labs/created"
+    fi
+    rm -rf "$labs"
   fi
   rm -rf "$dir"
 }
