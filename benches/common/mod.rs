@@ -5,8 +5,9 @@
 //!
 //! Every row says what it is: both figures and their ratio ([`Status::Compared`]), shoal's
 //! figure alone because there is nothing to compare it with ([`Status::NoPeer`]), shoal's
-//! figure and a peer that cannot run here ([`Status::PeerNotInstalled`]), or a measurement
-//! that failed, with the reason ([`Status::Failed`]). A report never silently loses a
+//! figure and a peer that cannot run here ([`Status::PeerNotInstalled`]), shoal's figure and
+//! the peer's own words where it was tried and cannot do it ([`Status::PeerFailed`]), or a
+//! measurement that failed, with the reason ([`Status::Failed`]). A report never silently loses a
 //! comparison.
 //!
 //! The crate benchmarks (`crates/*/benches/*.rs`) include this file with `#[path]`, so it
