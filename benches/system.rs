@@ -22,7 +22,10 @@
 //! - `deploy`: from `service create --replicas 3 -p 8100:8100` on a fresh 3-node lab to all
 //!   three nodes answering curl on the published port (no peer);
 //! - `rss`: VmRSS of each lab agent (`lab up --demo`) at rest and under a wrk run through the
-//!   mesh (no peer).
+//!   mesh (no peer);
+//! - `swarm`: Docker Swarm itself (Debian's docker.io, 3 dockerds in network namespaces) against
+//!   shoal with lab and with production timings, the tutorial's steps on fresh labs of each,
+//!   the capabilities tried on both, and the CLI's columns compared (`benches/swarm/`).
 //!
 //! The crate benchmarks are built with `cargo bench --no-run` (the same profile) and run as
 //! child processes with `--out FILE` (their rows as JSON, benches/common's format) and
@@ -40,6 +43,7 @@
 mod common;
 mod mesh_lab;
 mod report;
+mod swarm;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -131,6 +135,8 @@ enum Kind {
     MeshLab,
     /// Agent memory, measured here.
     Rss,
+    /// Docker Swarm side by side, measured here (benches/swarm).
+    Swarm,
 }
 
 /// A section of the suite.
@@ -238,8 +244,8 @@ const SECTIONS: &[Spec] = &[
         what: "A fresh 3-node lab per round (`shoal lab up`, `swarm init`, two `swarm join`s), then \
                `service create --replicas 3 -p 8100:8100` of the demo app (`shoal demo visitor`): \
                the time until the command returns (it waits for 3/3 running) and until every \
-               node answers curl on the published port. No peer runs on this machine (Docker \
-               Swarm is not installed), so these rows are shoal's alone.",
+               node answers curl on the published port. These rows are shoal's alone; Docker \
+               Swarm's figures for the same steps are in \"Docker Swarm, side by side\".",
         rerun: "cargo bench -p shoal --bench system -- --only deploy",
         kind: Kind::Deploy,
         full_rounds: 3,
@@ -257,6 +263,20 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Rss,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
+    },
+    Spec {
+        name: "swarm",
+        title: "Docker Swarm, side by side",
+        what: "The Swarm tutorial's steps on a fresh 3-node lab of each system in the same run: \
+               Docker Swarm (Debian's docker.io: one dockerd per network namespace, the docker \
+               CLI), shoal with the lab's fast control-plane timings and shoal with production \
+               timings (`lab up --cluster-tuning default`). Per step both figures and the ratio; \
+               then each capability tried on both (a failure in the system's own words); the \
+               docker CLI's `node ls`, `service ls` and `service ps` columns against shoal's.",
+        rerun: "cargo bench -p shoal --bench system -- --only swarm",
+        kind: Kind::Swarm,
+        full_rounds: 3,
+        limit: Duration::from_secs(30 * 60),
     },
 ];
 
@@ -398,6 +418,7 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
                 Kind::Deploy => in_process(spec, args, deploy),
                 Kind::MeshLab => in_process(spec, args, mesh_lab::mesh_lab),
                 Kind::Rss => in_process(spec, args, rss),
+                Kind::Swarm => in_process(spec, args, swarm::section::measure),
             }
         };
         section.seconds = started.elapsed().as_secs_f64();

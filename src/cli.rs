@@ -284,6 +284,10 @@ enum LabCmd {
         /// [default: this host's /etc/resolv.conf].
         #[arg(long)]
         dns_resolv_conf: Option<PathBuf>,
+        /// The agents' control-plane timings: `fast` (short heartbeats and elections, to see
+        /// failover happen) or `default` (the production timings of `shoal agent`).
+        #[arg(long, value_enum, default_value = "fast")]
+        cluster_tuning: crate::config::ClusterTuning,
     },
     /// Stop the agents and remove everything the lab made.
     Down,
@@ -575,7 +579,16 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
         bail!("`shoal lab` needs root: it creates network namespaces (try sudo)");
     }
     match cmd {
-        LabCmd::Up { nodes, subnet, data_subnet, gossip, demo, no_agents, dns_resolv_conf } => {
+        LabCmd::Up {
+            nodes,
+            subnet,
+            data_subnet,
+            gossip,
+            demo,
+            no_agents,
+            dns_resolv_conf,
+            cluster_tuning,
+        } => {
             let subnet = lab::parse_subnet(subnet)?;
             let data_subnet = data_subnet.as_deref().map(lab::parse_subnet).transpose()?;
             let exe = std::env::current_exe().context("finding the shoal binary")?;
@@ -586,7 +599,8 @@ async fn run_lab(name: &str, cmd: &LabCmd) -> anyhow::Result<ExitCode> {
             let s = if *no_agents {
                 lab::up_hosts(name, *nodes, subnet).await?
             } else {
-                lab::up(name, *nodes, subnet, data_subnet, *gossip, resolv, &exe).await?
+                lab::up(name, *nodes, subnet, data_subnet, *gossip, resolv, *cluster_tuning, &exe)
+                    .await?
             };
             println!(
                 "lab {} is up: {} nodes on {} (bridge {}, this host is {})",

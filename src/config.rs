@@ -41,6 +41,14 @@ impl ClusterTuning {
             ClusterTuning::Fast => shoal_cluster::Tuning::fast(),
         }
     }
+
+    /// The value of `--cluster-tuning` that selects it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            ClusterTuning::Default => "default",
+            ClusterTuning::Fast => "fast",
+        }
+    }
 }
 
 /// The agent's resolved, validated configuration.

@@ -1,6 +1,7 @@
 //! `shoal network`, `shoal service`, `shoal run` / `ps` / `stop` / `rm` / `logs`: Docker's verbs,
 //! flags and columns, over the agent's API.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -465,7 +466,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
         ServiceCmd::Ls { quiet } => {
             let svcs: Vec<ServiceView> = host.get_json("/services").await?;
             if !quiet {
-                println!("{:<26} {:<20} {:<11} {:<9} PORTS", "ID", "NAME", "MODE", "REPLICAS");
+                println!(
+                    "{:<26} {:<20} {:<11} {:<9} {:<20} PORTS",
+                    "ID", "NAME", "MODE", "REPLICAS", "IMAGE"
+                );
             }
             for v in svcs {
                 let s = &v.service;
@@ -483,18 +487,27 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                     .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
                     .collect();
                 println!(
-                    "{:<26} {:<20} {:<11} {:<9} {}",
+                    "{:<26} {:<20} {:<11} {:<9} {:<20} {}",
                     s.id,
                     s.name,
                     mode,
                     format!("{}/{}", v.running, v.desired),
+                    image(&s.argv),
                     ports.join(", ")
                 );
             }
         }
         ServiceCmd::Ps { quiet, services } => {
             let mut tasks = Vec::new();
+            let mut extras = BTreeMap::new();
             for s in services {
+                let v = async {
+                    host.get_json::<ServiceView>(&format!("/services/{}", segment("service", s)?))
+                        .await
+                };
+                if let Ok(v) = v.await {
+                    extras.insert(v.service.id.clone(), TaskExtras::of(&v.service));
+                }
                 let t = async {
                     host.get_json::<Vec<TaskView>>(&format!(
                         "/services/{}/tasks",
@@ -508,7 +521,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             if *quiet {
                 tasks.iter().for_each(|t| println!("{}", t.task.task.id));
             } else if !tasks.is_empty() || !each.failed {
-                print_tasks(&tasks);
+                print_tasks(&tasks, &extras);
             }
         }
         ServiceCmd::Inspect { services } => {
@@ -651,10 +664,35 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
     Ok(each.exit_code())
 }
 
-fn print_tasks(tasks: &[TaskView]) {
+/// Docker's IMAGE column: what the tasks run, here the program of the command.
+fn image(argv: &[String]) -> &str {
+    argv.first().map_or("", String::as_str)
+}
+
+/// What `service ps` shows of a task's service besides the task: Docker's IMAGE (the program)
+/// and PORTS (the host-mode ports, served on the nodes that run a task).
+struct TaskExtras {
+    image: String,
+    ports: String,
+}
+
+impl TaskExtras {
+    fn of(s: &crate::engine::records::ServiceRecord) -> TaskExtras {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .filter(|p| p.host_mode)
+            .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
+            .collect();
+        TaskExtras { image: image(&s.argv).to_owned(), ports: ports.join(",") }
+    }
+}
+
+/// Docker's `service ps` columns (IMAGE, PORTS from `extras` by service id), plus ADDRESSES.
+fn print_tasks(tasks: &[TaskView], extras: &BTreeMap<String, TaskExtras>) {
     println!(
-        "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} ERROR",
-        "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ADDRESSES"
+        "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} {:<20} {:<10} PORTS",
+        "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ADDRESSES", "IMAGE", "ERROR"
     );
     let mut last_slot = None;
     for t in tasks {
@@ -683,15 +721,18 @@ fn print_tasks(tasks: &[TaskView]) {
         } else {
             ""
         };
+        let extra = extras.get(&t.task.task.service_id);
         println!(
-            "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} {}",
+            "{:<26} {:<24} {:<10} {:<14} {:<28} {:<28} {:<20} {:<10} {}",
             t.task.task.id,
             name,
             t.node,
             desired,
             current,
             addrs.join(","),
-            err
+            extra.map_or("", |e| e.image.as_str()),
+            err,
+            extra.map_or("", |e| e.ports.as_str())
         );
     }
 }
@@ -830,7 +871,7 @@ pub async fn ps(host: &Host, all: bool, quiet: bool) -> anyhow::Result<()> {
     if quiet {
         tasks.iter().for_each(|t| println!("{}", t.task.task.id));
     } else {
-        print_tasks(&tasks);
+        print_tasks(&tasks, &BTreeMap::new());
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The benchmark report's promise, checked on the writer itself (benches/report, benches/common):
 //! every row has shoal's figure and the peer's with their ratio, or says explicitly "no peer",
-//! "peer not installed" or why it failed; a row that claims more than it holds is written as
+//! "peer not installed", the peer's own words where it was tried and failed, or why it failed; a row that claims more than it holds is written as
 //! failed; the Markdown, the JSON (every row with its conditions) and the SVG charts are
 //! produced, without fonts or network.
 
@@ -92,6 +92,15 @@ fn mixed_rows() -> Vec<Row> {
             "wrk",
         ),
         Row::failed("DNS benchmark", "-", "unbound", "dnsperf is not installed"),
+        Row::peer_failed(
+            "routing mesh answers on every node",
+            "s",
+            true,
+            &[0.9],
+            "Docker Swarm",
+            "curl: (7) Failed to connect to 198.19.65.1 port 8081: Couldn't connect to server",
+            "curl",
+        ),
         Row::new(
             "bulk TCP throughput",
             "Gbit/s",
@@ -127,6 +136,14 @@ fn rows_hold_what_their_status_says() {
         (Status::NoPeer, Some(NO_PEER), NO_PEER)
     );
     assert!(r.check().is_ok());
+    // A peer that was tried and cannot do it: shoal's figure and the peer's own words.
+    let r = Row::peer_failed("m", "s", true, &[2.0], "p", "connection refused", "");
+    assert_eq!((r.status, r.note.as_deref()), (Status::PeerFailed, Some("connection refused")));
+    assert!(r.check().is_ok());
+    assert_eq!(report::verdict(&r), "works; the peer fails");
+    // shoal failing too is a failure, not the peer's.
+    let r = Row::peer_failed("m", "s", true, &[], "p", "connection refused", "");
+    assert_eq!(r.status, Status::Failed);
     // A side that gave no figure (NaN marks a failed sample) makes the row a failure.
     let r = Row::new("m", "x", false, &[f64::NAN], "p", Some(&[1.0]), "");
     assert_eq!(r.status, Status::Failed);
@@ -179,7 +196,7 @@ fn every_written_row_has_both_figures_or_says_why_not() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&written.json).expect("json")).expect("parse");
     let rows = json["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 9);
     for r in rows {
         let status = r["status"].as_str().expect("status");
         let has = |k: &str| r[k].as_f64().is_some_and(f64::is_finite);
@@ -191,6 +208,12 @@ fn every_written_row_has_both_figures_or_says_why_not() {
             "peer_not_installed" => {
                 assert!(has("shoal") && r["note"] == NOT_INSTALLED && r["peer"].is_null(), "{r}")
             }
+            "peer_failed" => assert!(
+                has("shoal")
+                    && r["peer"].is_null()
+                    && r["note"].as_str().is_some_and(|n| n.contains("Couldn't connect")),
+                "{r}"
+            ),
             "failed" => assert!(!r["note"].as_str().unwrap_or("").is_empty(), "{r}"),
             other => panic!("unknown status {other}"),
         }
@@ -225,7 +248,7 @@ fn every_written_row_has_both_figures_or_says_why_not() {
                 && !l.starts_with("| [")
         })
         .collect();
-    assert_eq!(table_rows.len(), 8, "{md}");
+    assert_eq!(table_rows.len(), 9, "{md}");
     for line in &table_rows {
         let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
         assert_eq!(cells.len(), 7, "{line}");
@@ -234,6 +257,7 @@ fn every_written_row_has_both_figures_or_says_why_not() {
             |c: &str| c.split_whitespace().next().is_some_and(|x| x.parse::<f64>().is_ok());
         let ok = (numeric(shoal) && numeric(peer) && numeric(ratio))
             || (numeric(shoal) && (peer == NO_PEER || peer == NOT_INSTALLED))
+            || (numeric(shoal) && peer.starts_with("fails: "))
             || peer.starts_with("failed: ");
         assert!(ok, "row without both figures or an explicit word: {line}");
     }

@@ -5,8 +5,9 @@
 //!
 //! Every row says what it is: both figures and their ratio ([`Status::Compared`]), shoal's
 //! figure alone because there is nothing to compare it with ([`Status::NoPeer`]), shoal's
-//! figure and a peer that cannot run here ([`Status::PeerNotInstalled`]), or a measurement
-//! that failed, with the reason ([`Status::Failed`]). A report never silently loses a
+//! figure and a peer that cannot run here ([`Status::PeerNotInstalled`]), shoal's figure and
+//! the peer's own words where it was tried and cannot do it ([`Status::PeerFailed`]), or a
+//! measurement that failed, with the reason ([`Status::Failed`]). A report never silently loses a
 //! comparison.
 //!
 //! The crate benchmarks (`crates/*/benches/*.rs`) include this file with `#[path]`, so it
@@ -267,6 +268,8 @@ pub enum Status {
     NoPeer,
     /// shoal's figure; the peer is not installed on this machine.
     PeerNotInstalled,
+    /// shoal's figure; the peer was tried and cannot do it here: `note` holds its own words.
+    PeerFailed,
     /// A measurement failed; `note` says why.
     Failed,
 }
@@ -278,6 +281,7 @@ impl Status {
             Status::Compared => "compared",
             Status::NoPeer => NO_PEER,
             Status::PeerNotInstalled => NOT_INSTALLED,
+            Status::PeerFailed => "peer failed",
             Status::Failed => "failed",
         }
     }
@@ -376,6 +380,26 @@ impl Row {
         r
     }
 
+    /// shoal's figure where the peer was tried and failed, in the peer's own `words`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn peer_failed(
+        metric: impl Into<String>,
+        unit: &str,
+        lower_is_better: bool,
+        shoal: &[f64],
+        peer_name: &str,
+        words: impl Into<String>,
+        conditions: impl Into<String>,
+    ) -> Row {
+        let mut r =
+            Row::new(metric, unit, lower_is_better, shoal, peer_name, Some(&[]), conditions);
+        if r.shoal.is_some() {
+            r.status = Status::PeerFailed;
+            r.note = Some(words.into());
+        }
+        r
+    }
+
     /// A measurement that could not be made, and why.
     pub fn failed(
         metric: impl Into<String>,
@@ -420,6 +444,7 @@ impl Row {
             Status::PeerNotInstalled => {
                 fig(self.shoal) && self.peer.is_none() && note == NOT_INSTALLED
             }
+            Status::PeerFailed => fig(self.shoal) && self.peer.is_none() && !note.trim().is_empty(),
             Status::Failed => !note.trim().is_empty(),
         };
         if ok {

@@ -4,8 +4,9 @@
 //! flattened with its conditions: cores, kernel, the peer's version, pinning).
 //!
 //! The writer keeps the report's one promise: every row has both figures and their ratio, or
-//! says explicitly "no peer", "peer not installed", or why it failed. A row that claims
-//! otherwise (say "compared" without a peer figure) is written as failed, with the reason.
+//! says explicitly "no peer", "peer not installed", the peer's own words where it was tried and
+//! cannot do it, or why it failed. A row that claims otherwise (say "compared" without a peer
+//! figure) is written as failed, with the reason.
 //!
 //! Charts are drawn with plotters' SVG backend only: text is SVG `<text>` with a generic font
 //! family, so nothing looks up system fonts and nothing needs the network.
@@ -267,6 +268,7 @@ pub fn verdict(r: &Row) -> String {
         (Status::Compared, _) => "-".to_owned(),
         (Status::NoPeer, _) => NO_PEER.to_owned(),
         (Status::PeerNotInstalled, _) => NOT_INSTALLED.to_owned(),
+        (Status::PeerFailed, _) => "works; the peer fails".to_owned(),
         (Status::Failed, _) => "failed".to_owned(),
     }
 }
@@ -315,7 +317,8 @@ pub fn markdown(suite: &Suite, charts: &[(String, String)]) -> String {
          ratio = shoal / peer; \"better\" accounts for whether lower is better. On a small shared \
          machine absolute figures move with other load; the same-run ratios are what carry over. \
          Every row has both figures, or says \"{NO_PEER}\" (nothing to compare with), \
-         \"{NOT_INSTALLED}\", or why it failed.\n"
+         \"{NOT_INSTALLED}\", \"fails:\" with the peer's own words (it was tried and cannot do \
+         it here), or why it failed.\n"
     );
     if !c.peers.is_empty() {
         let peers: Vec<String> = c.peers.iter().map(|(n, v)| format!("{n}: {v}")).collect();
@@ -337,9 +340,9 @@ pub fn markdown(suite: &Suite, charts: &[(String, String)]) -> String {
     }
     let _ = writeln!(
         m,
-        "| section | rows | vs a peer | shoal better | vs a baseline | no peer | peer not installed | failed | time |"
+        "| section | rows | vs a peer | shoal better | vs a baseline | no peer | peer not installed | peer fails | failed | time |"
     );
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
     for s in &suite.sections {
         let count = |st: Status| s.rows.iter().filter(|r| r.status == st).count();
         let vs_peer = |r: &&Row| r.status == Status::Compared && !is_baseline(&r.peer_name);
@@ -352,7 +355,7 @@ pub fn markdown(suite: &Suite, charts: &[(String, String)]) -> String {
             .count();
         let _ = writeln!(
             m,
-            "| [{}](#{}) | {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+            "| [{}](#{}) | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
             s.title,
             anchor(&s.title),
             s.rows.len(),
@@ -361,6 +364,7 @@ pub fn markdown(suite: &Suite, charts: &[(String, String)]) -> String {
             count(Status::Compared) - peers,
             count(Status::NoPeer),
             count(Status::PeerNotInstalled),
+            count(Status::PeerFailed),
             count(Status::Failed),
             s.seconds
         );
@@ -382,6 +386,7 @@ pub fn markdown(suite: &Suite, charts: &[(String, String)]) -> String {
                 Status::Compared => figure(&r.peer_stats),
                 Status::NoPeer => NO_PEER.to_owned(),
                 Status::PeerNotInstalled => NOT_INSTALLED.to_owned(),
+                Status::PeerFailed => format!("fails: {}", r.note.as_deref().unwrap_or("")),
                 Status::Failed => format!("failed: {}", r.note.as_deref().unwrap_or("")),
             };
             let shoal_fig = match (&r.shoal_stats, r.status) {
@@ -714,6 +719,12 @@ fn section_chart(s: &Section, file: &Path) -> anyhow::Result<bool> {
                     None,
                     color,
                     Some("failed".to_owned()),
+                )),
+                Status::PeerFailed => bars.push((
+                    short(&r.peer_name).to_owned(),
+                    None,
+                    color,
+                    Some("fails".to_owned()),
                 )),
             }
         }

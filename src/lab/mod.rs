@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use shoal_netns::NetNs;
 
 use crate::api::client::Host;
+use crate::config::ClusterTuning;
 
 /// Where labs keep their state.
 pub const LAB_ROOT: &str = "/run/shoal/lab";
@@ -61,6 +62,14 @@ pub struct LabState {
     /// The second underlay (`eth1` of every node on the bridge `LAB-bd`), when asked for.
     #[serde(default)]
     pub data_subnet: Option<Ipv4Net>,
+    /// The agents' `--cluster-tuning`: fast by default, so that labs show failover quickly;
+    /// `default` runs them with production timings (the benchmarks measure both).
+    #[serde(default = "fast_tuning")]
+    pub cluster_tuning: ClusterTuning,
+}
+
+fn fast_tuning() -> ClusterTuning {
+    ClusterTuning::Fast
 }
 
 /// One host of the lab.
@@ -147,6 +156,7 @@ impl LabState {
             nodes,
             standalone_gossip: false,
             dns_resolv_conf: None,
+            cluster_tuning: ClusterTuning::Fast,
             data_subnet: None,
         })
     }
@@ -208,6 +218,7 @@ pub fn list_labs() -> Vec<String> {
 }
 
 /// Brings a lab up; on any failure, removes whatever it had made and returns the error.
+#[allow(clippy::too_many_arguments)]
 pub async fn up(
     name: &str,
     nodes: u8,
@@ -215,9 +226,11 @@ pub async fn up(
     data_subnet: Option<Ipv4Net>,
     gossip: bool,
     dns_resolv_conf: Option<PathBuf>,
+    cluster_tuning: ClusterTuning,
     agent_exe: &Path,
 ) -> anyhow::Result<LabState> {
-    make(name, nodes, subnet, data_subnet, gossip, dns_resolv_conf, Some(agent_exe)).await
+    let agents = Some((agent_exe, cluster_tuning));
+    make(name, nodes, subnet, data_subnet, gossip, dns_resolv_conf, agents).await
 }
 
 /// Brings up the hosts of a lab (namespaces on the bridge) without agents, for installing shoal
@@ -233,9 +246,13 @@ async fn make(
     data_subnet: Option<Ipv4Net>,
     gossip: bool,
     dns_resolv_conf: Option<PathBuf>,
-    agent_exe: Option<&Path>,
+    agents: Option<(&Path, ClusterTuning)>,
 ) -> anyhow::Result<LabState> {
     let mut state = LabState::plan(name, nodes, subnet)?;
+    if let Some((_, tuning)) = agents {
+        state.cluster_tuning = tuning;
+    }
+    let agent_exe = agents.map(|(exe, _)| exe);
     if let Some(d) = data_subnet {
         state = state.with_data_subnet(d)?;
     }
@@ -340,7 +357,13 @@ async fn build(state: &mut LabState, agent_exe: Option<&Path>) -> anyhow::Result
     };
     let seed = state.standalone_gossip.then_some(state.nodes[0].addr);
     for i in 0..state.nodes.len() {
-        let pid = spawn_agent(&state.nodes[i], seed, state.dns_resolv_conf.as_deref(), agent_exe)?;
+        let pid = spawn_agent(
+            &state.nodes[i],
+            seed,
+            state.dns_resolv_conf.as_deref(),
+            state.cluster_tuning,
+            agent_exe,
+        )?;
         state.nodes[i].pid = Some(pid);
         state.save()?;
     }
@@ -419,6 +442,7 @@ fn spawn_agent(
     node: &LabNode,
     gossip_seed: Option<Ipv4Addr>,
     dns_resolv_conf: Option<&Path>,
+    cluster_tuning: ClusterTuning,
     agent_exe: &Path,
 ) -> anyhow::Result<u32> {
     let lab_dir = node.socket.parent().context("lab node socket has no directory")?;
@@ -435,8 +459,9 @@ fn spawn_agent(
         // Each manager's page at its lab address, where the host can open it.
         .args(["--ui-addr", &format!("{}:{}", node.addr, crate::config::DEFAULT_UI_PORT)])
         .args(["--log-format", "json"])
-        // Labs are for seeing things happen: Raft and heartbeats on short timers.
-        .args(["--cluster-tuning", "fast"])
+        // Labs are for seeing things happen: Raft and heartbeats on short timers, unless the
+        // lab was asked for production ones.
+        .args(["--cluster-tuning", cluster_tuning.as_arg()])
         // The namespaces it makes for tasks and networks carry the node's name, so `lab down`
         // finds them and two labs never collide.
         .args(["--netns-prefix", &node.netns])
@@ -665,6 +690,7 @@ pub async fn start_node(lab: &str, node: &str, agent_exe: &Path) -> anyhow::Resu
         &state.nodes[idx],
         state.standalone_gossip.then_some(seed),
         state.dns_resolv_conf.as_deref(),
+        state.cluster_tuning,
         agent_exe,
     )?;
     state.nodes[idx].pid = Some(pid);
