@@ -191,6 +191,10 @@ struct LocalState {
     data_path_port: u16,
     managers: Vec<SocketAddr>,
     keyring: Keyring,
+    /// The data path's WireGuard public key, sent with every heartbeat so the leader's node
+    /// record (which peers believe) follows it.
+    #[serde(default)]
+    wg_public_key: Option<[u8; 32]>,
 }
 
 struct ManagerParts {
@@ -424,6 +428,7 @@ impl Cluster {
             data_path_port: opts.data_path_port,
             managers: vec![opts.advertise_addr],
             keyring: keyring.clone(),
+            wg_public_key: None,
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning.clone())?;
         let result = async {
@@ -460,6 +465,7 @@ impl Cluster {
                 labels: BTreeMap::new(),
                 addr: opts.advertise_addr,
                 data_addr,
+                wg_public_key: None,
                 status: NodeStatus::Ready,
                 status_message: String::new(),
                 engine_version: opts.engine_version.clone(),
@@ -532,6 +538,7 @@ impl Cluster {
             data_path_port: jr.data_path_port,
             managers: jr.managers,
             keyring: jr.keyring.clone(),
+            wg_public_key: None,
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning)?;
         cluster.inner.keyring.send_replace(jr.keyring);
@@ -733,6 +740,19 @@ impl Cluster {
             Response::State(s) => Ok(*s),
             r => Err(unexpected(&r)),
         }
+    }
+
+    /// Sets this node's WireGuard public key: the leader records it in the node's store record
+    /// at the next heartbeat (sent at once when the key is new), and peers take it from there.
+    pub async fn set_wg_public_key(&self, key: [u8; 32]) -> Result<(), Error> {
+        let changed = match self.inner.local.lock() {
+            Ok(mut l) => l.wg_public_key.replace(key) != Some(key),
+            Err(p) => p.into_inner().wg_public_key.replace(key) != Some(key),
+        };
+        if changed {
+            self.inner.save_local()?;
+        }
+        self.inner.reconcile_once().await
     }
 
     /// Registers what answers [`NodeRequest`]s from managers on this node.
@@ -1241,8 +1261,8 @@ impl Inner {
             Err(e) => return to_rpc(e),
         };
         let r = match req {
-            Request::Heartbeat { keyring_version } => {
-                self.leader_heartbeat(m, n, keyring_version).await
+            Request::Heartbeat { keyring_version, wg_public_key } => {
+                self.leader_heartbeat(m, n, keyring_version, wg_public_key).await
             }
             Request::RenewCert { csr_pem } => self.leader_renew(m, n, &csr_pem),
             // Liveness moves tasks, so only managers (whose gossip sees every member) report it.
@@ -1343,6 +1363,7 @@ impl Inner {
             labels: BTreeMap::new(),
             addr: j.addr,
             data_addr: j.data_addr,
+            wg_public_key: None,
             status: NodeStatus::Ready,
             status_message: "joined".into(),
             engine_version: j.engine_version,
@@ -1376,11 +1397,19 @@ impl Inner {
         m: &ManagerParts,
         node: NodeId,
         version: u64,
+        wg_public_key: Option<[u8; 32]>,
     ) -> Result<Response, Error> {
         let state = m.sm.state();
         let rec = state.nodes.get(&node).ok_or_else(|| {
             Error::NotFound(format!("node {node} is not part of this swarm (it was removed)"))
         })?;
+        // The caller is the node the record is about (its certificate says so, `authorize`
+        // checked it is still a member): its own word on its own key is what peers trust.
+        if let Some(key) = wg_public_key
+            && rec.wg_public_key != Some(key)
+        {
+            self.write(m, Command::SetWgKey { id: node, key }).await?;
+        }
         if let Ok(mut b) = self.book.lock() {
             b.handle_heartbeat(Instant::now(), node, version);
         }
@@ -1761,7 +1790,11 @@ impl Inner {
     async fn reconcile_once(self: &Arc<Self>) -> Result<(), Error> {
         let _g = self.reconcile_lock.lock().await;
         let version = self.keyring.borrow().version;
-        let s = match self.request(Request::Heartbeat { keyring_version: version }).await? {
+        let wg_public_key = self.local().wg_public_key;
+        let s = match self
+            .request(Request::Heartbeat { keyring_version: version, wg_public_key })
+            .await?
+        {
             Response::Session(s) => s,
             r => return Err(unexpected(&r)),
         };
