@@ -4,5 +4,6 @@
 pub mod leader;
 pub mod node;
 pub mod records;
+pub mod trust;
 
 pub use node::NodeEngine;

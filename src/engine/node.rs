@@ -16,7 +16,7 @@ use anyhow::Context;
 use shoal_cluster::model::{ClusterState, NetworkRecord, now_ms};
 use shoal_cluster::{Cluster, NodeRequest};
 use shoal_dns as dns;
-use shoal_gossip::{EntryKey, Gossip, MemberState};
+use shoal_gossip::{EntryKey, Gossip};
 use shoal_ingress as ing;
 use shoal_netns::NetNs;
 use shoal_runtime::{self as rt, Runtime};
@@ -26,6 +26,7 @@ use shoal_vxlan::{self as vx, Overlay};
 use tokio::sync::{Notify, watch};
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
+use super::trust;
 use crate::config::AgentConfig;
 use crate::volumes::Volumes;
 
@@ -91,6 +92,10 @@ struct Local {
     tables: Option<vx::Tables>,
     sandbox_ip: Option<Ipv4Addr>,
     networks: BTreeSet<String>,
+    /// Gossip claims the store contradicted in the last pass, and how many were dropped so far
+    /// by kind (`trust`).
+    claims_seen: BTreeSet<trust::Dropped>,
+    claims_dropped: BTreeMap<&'static str, u64>,
 }
 
 /// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
@@ -290,6 +295,11 @@ impl NodeEngine {
         (self.inner.starts.load(Relaxed), self.inner.failures.load(Relaxed))
     }
 
+    /// Gossip claims dropped because the store contradicts them, by kind (peer, endpoint).
+    pub fn dropped_claims(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.inner.local).claims_dropped.clone()
+    }
+
     /// The local routing mesh (metrics, the visualizer).
     pub fn mesh(&self) -> &ing::Mesh {
         &self.inner.mesh
@@ -364,8 +374,9 @@ async fn start_services(
                 ingress_ns: Some(sandbox.clone()),
                 ..ing::MeshConfig::default()
             })?;
-            // The node's WireGuard public key is in its gossip metadata from its first
-            // announcement on (`agent::swarm`), read from the same key file as the overlay's.
+            // The node's WireGuard public key reaches its peers through its store record,
+            // which its heartbeat keeps (`agent::swarm`), read from the same key file as the
+            // overlay's.
             anyhow::Ok(mesh)
         };
         match more.await {
@@ -825,6 +836,17 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     });
 }
 
+/// Counts the gossip claims the store contradicts: each once, for as long as it stays.
+fn count_dropped(inner: &Inner, now: BTreeSet<trust::Dropped>) {
+    let mut guard = lock(&inner.local);
+    let l = &mut *guard;
+    for d in now.difference(&l.claims_seen) {
+        tracing::warn!(kind = d.kind.as_str(), claim = %d.what, "dropped a gossip claim the store contradicts");
+        *l.claims_dropped.entry(d.kind.as_str()).or_default() += 1;
+    }
+    l.claims_seen = now;
+}
+
 /// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
 async fn publish(
     inner: &Arc<Inner>,
@@ -892,7 +914,10 @@ async fn dataplane(
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
     let snap = inner.gossip.snapshot();
-    let eps = records::endpoints(&snap);
+    // Only what the store vouches for: any holder of the gossip key can write to gossip.
+    let verified = trust::verify(state, &snap, inner.tunnels);
+    count_dropped(inner, verified.dropped);
+    let eps = verified.endpoints;
 
     // Overlay: remote endpoints and peers.
     let mut tables = vx::Tables::default();
@@ -904,18 +929,8 @@ async fn dataplane(
             node: e.node.clone(),
         });
     }
-    for m in snap.members.iter().filter(|m| m.state != MemberState::Down) {
-        let Some(meta) = &m.meta else { continue };
-        let Some(IpAddr::V4(vtep)) = meta.underlay else { continue };
-        tables.peers.push(vx::PeerRecord {
-            node: meta.id.clone(),
-            vtep,
-            tunnel: Some(vx::tunnel_addr(inner.tunnels, vtep)),
-            wg_public: meta.wg_public_key,
-        });
-    }
+    tables.peers = verified.peers;
     tables.endpoints.sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
-    tables.peers.sort_by(|a, b| a.node.cmp(&b.node));
     let changed = lock(&inner.local).tables.as_ref() != Some(&tables);
     if changed {
         match inner.overlay.set_tables(tables.clone()).await {
