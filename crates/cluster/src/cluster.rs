@@ -310,15 +310,13 @@ async fn wait_applied(m: &ManagerParts, after: u64, timeout: Duration) -> u64 {
     applied(&metrics.borrow())
 }
 
-/// The store without what never leaves the managers: the CA key and the join secrets.
-fn scrubbed(mut s: ClusterState) -> ClusterState {
-    if let Some(c) = s.cluster.as_mut() {
-        c.ca_key_pem.clear();
-        c.worker_secret = [0; 16];
-        c.manager_secret = [0; 16];
-        c.retired_secrets.clear();
+/// The store as `node` in `role` may read it: without the secrets only managers hold, and for a
+/// worker without how other nodes' tasks run.
+fn readable(s: ClusterState, node: NodeId, role: Role) -> ClusterState {
+    match role {
+        Role::Manager => crate::worker_view::without_secrets(s),
+        Role::Worker => crate::worker_view::for_worker(s, node),
     }
-    s
 }
 
 fn rpc_err(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -1272,7 +1270,7 @@ impl Inner {
             Request::MemberStatus { node, up } => self.leader_member_status(m, node, up).await,
             Request::Leave => self.leader_leave(m, n).await,
             Request::Manage(req) => self.leader_manage(m, n, req).await,
-            Request::Tasks(req) => self.leader_tasks(m, n, req).await,
+            Request::Tasks(req) => self.leader_tasks(m, n, role, req).await,
             Request::Join(_) | Request::Node(_) | Request::Raft(_) | Request::Forwarded { .. } => {
                 Err(Error::BadRequest("this request is not for the leader".into()))
             }
@@ -1284,15 +1282,17 @@ impl Inner {
         &self,
         m: &ManagerParts,
         node: NodeId,
+        role: Role,
         req: TaskRequest,
     ) -> Result<Response, Error> {
         match req {
-            TaskRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            TaskRequest::State => Ok(Response::State(Box::new(readable(m.sm.state(), node, role)))),
             TaskRequest::StateAfter { index } => {
                 // Half the RPC timeout, so the answer always beats the caller's deadline; the
                 // state is read after the index, so it is at least as new as the index says.
                 let index = wait_applied(m, index, self.tuning.rpc_timeout / 2).await;
-                Ok(Response::StateAt { index, state: Box::new(scrubbed(m.sm.state())) })
+                let state = readable(m.sm.state(), node, role);
+                Ok(Response::StateAt { index, state: Box::new(state) })
             }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
@@ -1701,7 +1701,9 @@ impl Inner {
                 self.write(m, cmd).await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
-            ManageRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            ManageRequest::State => {
+                Ok(Response::State(Box::new(crate::worker_view::without_secrets(m.sm.state()))))
+            }
         }
     }
 
