@@ -68,8 +68,8 @@ fn gossip_config(
         },
         underlay: Some(info.data_addr),
         data_port: info.data_path_port,
-        // In the first announcement: peers reach this node's encrypted networks with it, and a
-        // later update could race the driver's first snapshot and never be sent.
+        // Peers use the key in this node's store record; the copy here only lets them see a
+        // member whose claim disagrees with it (`engine::trust`).
         wg_public_key: Some(crate::engine::node::node_key(&cfg.data_dir)?.public()),
         ..NodeMeta::default()
     };
