@@ -16,12 +16,18 @@ struct ApiLabels {
     code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// The registry and the agent-level metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     uptime: Gauge<f64, AtomicU64>,
     api_requests: Family<ApiLabels, Counter>,
+    api_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -43,7 +49,13 @@ impl Metrics {
             "API requests by path and status code",
             api_requests.clone(),
         );
-        Metrics { registry, uptime, api_requests }
+        let api_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "api_refused",
+            "API requests refused by a limit, by reason",
+            api_refused.clone(),
+        );
+        Metrics { registry, uptime, api_requests, api_refused }
     }
 
     /// The registry, for crates that register their own families at start-up.
@@ -57,6 +69,11 @@ impl Metrics {
 
     pub fn api_request(&self, path: &str, code: u16) {
         self.api_requests.get_or_create(&ApiLabels { path: path.to_owned(), code }).inc();
+    }
+
+    /// A request refused by a limit (`body_too_large`).
+    pub fn api_refused(&self, reason: &'static str) {
+        self.api_refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// The whole registry in the Prometheus/OpenMetrics text format.

@@ -349,3 +349,36 @@ fn closed_stdout_ends_the_cli_quietly() {
     assert_eq!(out.status.code().or(out.status.signal().map(|s| 128 + s)), Some(141));
     assert!(lossy(&out.stderr).trim().is_empty(), "stderr: {}", lossy(&out.stderr));
 }
+
+/// A request body over the API's limit is refused with a message naming the limit, before it is
+/// read whole, and counted on `/metrics`.
+#[test]
+fn an_oversized_api_body_is_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "limit-node");
+    let body = dir.path().join("big.json");
+    let pad = "a".repeat(shoal::api::API_BODY_LIMIT + 1);
+    std::fs::write(&body, format!("{{\"name\":\"big\",\"pad\":\"{pad}\"}}")).unwrap();
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\\n%{http_code}", "--unix-socket"])
+            .arg(&agent.socket)
+            .args(args)
+            .output()
+            .expect("curl");
+        lossy(&out.stdout)
+    };
+    let data = format!("@{}", body.display());
+    let out = curl(&[
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        &data,
+        "http://agent/networks",
+    ]);
+    assert!(out.ends_with("\n413"), "{}", &out[out.len().saturating_sub(300)..]);
+    let limit = format!("larger than the API's limit of {} bytes", shoal::api::API_BODY_LIMIT);
+    assert!(out.contains(&limit), "{out}");
+    let metrics = curl(&["http://agent/metrics"]);
+    assert!(metrics.contains("shoal_api_refused_total{reason=\"body_too_large\"} 1"), "{metrics}");
+}

@@ -364,6 +364,29 @@ impl Collector for EngineCollector {
                 })
             }),
         )?;
+        family(
+            &mut e,
+            "gossip_claims_dropped",
+            "Gossip claims (a peer's address or WireGuard key, an endpoint) dropped because the store says otherwise",
+            engine
+                .dropped_claims()
+                .into_iter()
+                .map(|(kind, n)| (vec![("kind", kind.to_owned())], ConstCounter::new(n))),
+        )?;
+        if let Some(dev) = engine.overlay().device_stats() {
+            family(
+                &mut e,
+                "overlay_guard_dropped_cleartext",
+                "Cleartext VXLAN for encrypted networks dropped by the guard",
+                [(Vec::new(), ConstCounter::new(dev.guard_dropped_cleartext))],
+            )?;
+            family(
+                &mut e,
+                "overlay_guard_reapplied",
+                "Times the guard was found missing or stale and applied again",
+                [(Vec::new(), ConstCounter::new(dev.guard_reapplied))],
+            )?;
+        }
         let mesh = engine.mesh().metrics();
         let backend = |s: &shoal_ingress::ServiceMetrics, b: &shoal_ingress::BackendMetrics| {
             vec![

@@ -68,8 +68,8 @@ fn gossip_config(
         },
         underlay: Some(info.data_addr),
         data_port: info.data_path_port,
-        // In the first announcement: peers reach this node's encrypted networks with it, and a
-        // later update could race the driver's first snapshot and never be sent.
+        // Peers use the key in this node's store record; the copy here only lets them see a
+        // member whose claim disagrees with it (`engine::trust`).
         wg_public_key: Some(crate::engine::node::node_key(&cfg.data_dir)?.public()),
         ..NodeMeta::default()
     };
@@ -104,6 +104,19 @@ impl Swarm {
             }
         };
         let mut tasks = engine.spawn();
+        // Peers take this node's WireGuard key from its store record, not from gossip: say it
+        // to the leader now (every heartbeat repeats it).
+        let (c, data_dir) = (cluster.clone(), cfg.data_dir.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = crate::engine::node::node_key(&data_dir).map(|k| k.public());
+            let r = match key {
+                Ok(key) => c.set_wg_public_key(key).await.map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), "recording this node's WireGuard key in the swarm");
+            }
+        }));
 
         // Keyring: the leader adds a key, makes it primary, retires the old one; follow it.
         let (g, mut keys) = (gossip.clone(), cluster.gossip_keys());

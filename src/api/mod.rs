@@ -138,6 +138,10 @@ pub struct ApiState {
     pub engine: Arc<arc_swap::ArcSwapOption<crate::engine::NodeEngine>>,
 }
 
+/// The largest request body the API reads. Every request is a small JSON document (the largest,
+/// `service create`, is a few kilobytes); a larger one is refused before it is buffered.
+pub const API_BODY_LIMIT: usize = 1024 * 1024;
+
 /// The full API router.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -150,6 +154,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(attach::routes())
         .merge(cni::routes())
         .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -168,6 +173,14 @@ async fn count_requests(State(state): State<Arc<ApiState>>, req: Request, next: 
     };
     let resp = next.run(req).await;
     state.metrics.api_request(&path, resp.status().as_u16());
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // The extractor's own text says only that a limit was hit; say which.
+        state.metrics.api_refused("body_too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the API's limit of {API_BODY_LIMIT} bytes"),
+        );
+    }
     resp
 }
 

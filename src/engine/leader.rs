@@ -417,6 +417,7 @@ mod tests {
             labels: Default::default(),
             addr: "127.0.0.1:2377".parse().unwrap(),
             data_addr: "127.0.0.1".parse().unwrap(),
+            wg_public_key: None,
             status,
             status_message: message.into(),
             engine_version: "0".into(),

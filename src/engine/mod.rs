@@ -5,5 +5,6 @@ pub mod leader;
 pub mod node;
 pub mod records;
 pub mod rollout;
+pub mod trust;
 
 pub use node::{CniState, NodeEngine};

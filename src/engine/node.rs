@@ -16,7 +16,7 @@ use anyhow::Context;
 use shoal_cluster::model::{ClusterState, NetworkRecord, now_ms};
 use shoal_cluster::{Cluster, NodeRequest};
 use shoal_dns as dns;
-use shoal_gossip::{EntryKey, Gossip, MemberState};
+use shoal_gossip::{EntryKey, Gossip};
 use shoal_ingress as ing;
 use shoal_netns::NetNs;
 use shoal_runtime::{self as rt, Runtime};
@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 mod client_addr;
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
+use super::trust;
 use crate::config::AgentConfig;
 use crate::volumes::Volumes;
 
@@ -105,6 +106,10 @@ struct Local {
     networks: BTreeSet<String>,
     /// Containers a CNI runtime attached here (see `cni`).
     cni: BTreeMap<String, cni::Attached>,
+    /// Gossip claims the store contradicted in the last pass, and how many were dropped so far
+    /// by kind (`trust`).
+    claims_seen: BTreeSet<trust::Dropped>,
+    claims_dropped: BTreeMap<&'static str, u64>,
 }
 
 /// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
@@ -307,6 +312,11 @@ impl NodeEngine {
         (self.inner.starts.load(Relaxed), self.inner.failures.load(Relaxed))
     }
 
+    /// Gossip claims dropped because the store contradicts them, by kind (peer, endpoint).
+    pub fn dropped_claims(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.inner.local).claims_dropped.clone()
+    }
+
     /// The local routing mesh (metrics, the visualizer).
     pub fn mesh(&self) -> &ing::Mesh {
         &self.inner.mesh
@@ -381,8 +391,9 @@ async fn start_services(
                 ingress_ns: Some(sandbox.clone()),
                 ..ing::MeshConfig::default()
             })?;
-            // The node's WireGuard public key is in its gossip metadata from its first
-            // announcement on (`agent::swarm`), read from the same key file as the overlay's.
+            // The node's WireGuard public key reaches its peers through its store record,
+            // which its heartbeat keeps (`agent::swarm`), read from the same key file as the
+            // overlay's.
             anyhow::Ok(mesh)
         };
         match more.await {
@@ -789,7 +800,7 @@ async fn start_task(
     // rules go in now rather than on the first pass that sees it running.
     let state = inner.store.borrow().clone();
     if let Some(state) = state {
-        let eps = records::endpoints(&inner.gossip.snapshot());
+        let eps = trust::verify(&state, &inner.gossip.snapshot(), inner.tunnels).endpoints;
         let rules = vip_rules(&vip_table(&state, &records::services(&state), &eps), &attached);
         if !rules.is_empty() {
             install_vips(inner, id, Arc::new(inner.runtime.netns(id)?), rules)
@@ -1027,6 +1038,17 @@ async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
     tokio::time::sleep(ANNOUNCE_WAIT).await;
 }
 
+/// Counts the gossip claims the store contradicts: each once, for as long as it stays.
+fn count_dropped(inner: &Inner, now: BTreeSet<trust::Dropped>) {
+    let mut guard = lock(&inner.local);
+    let l = &mut *guard;
+    for d in now.difference(&l.claims_seen) {
+        tracing::warn!(kind = d.kind.as_str(), claim = %d.what, "dropped a gossip claim the store contradicts");
+        *l.claims_dropped.entry(d.kind.as_str()).or_default() += 1;
+    }
+    l.claims_seen = now;
+}
+
 /// Our endpoints in the gossip tables: running tasks (with whether they serve) and the sandbox.
 async fn publish(
     inner: &Arc<Inner>,
@@ -1091,7 +1113,10 @@ async fn dataplane(
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
     let snap = inner.gossip.snapshot();
-    let eps = records::endpoints(&snap);
+    // Only what the store vouches for: any holder of the gossip key can write to gossip.
+    let verified = trust::verify(state, &snap, inner.tunnels);
+    count_dropped(inner, verified.dropped);
+    let eps = verified.endpoints;
 
     // Overlay: remote endpoints and peers.
     let mut tables = vx::Tables::default();
@@ -1103,18 +1128,8 @@ async fn dataplane(
             node: e.node.clone(),
         });
     }
-    for m in snap.members.iter().filter(|m| m.state != MemberState::Down) {
-        let Some(meta) = &m.meta else { continue };
-        let Some(IpAddr::V4(vtep)) = meta.underlay else { continue };
-        tables.peers.push(vx::PeerRecord {
-            node: meta.id.clone(),
-            vtep,
-            tunnel: Some(vx::tunnel_addr(inner.tunnels, vtep)),
-            wg_public: meta.wg_public_key,
-        });
-    }
+    tables.peers = verified.peers;
     tables.endpoints.sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
-    tables.peers.sort_by(|a, b| a.node.cmp(&b.node));
     let changed = lock(&inner.local).tables.as_ref() != Some(&tables);
     if changed {
         match inner.overlay.set_tables(tables.clone()).await {

@@ -329,18 +329,6 @@ pub struct EndpointRecord {
     pub aliases: Vec<String>,
 }
 
-/// Every endpoint record of a gossip snapshot, by network id, with the key it was found under.
-pub fn endpoints(snapshot: &shoal_gossip::Snapshot) -> Vec<(String, EndpointRecord)> {
-    snapshot
-        .entries
-        .iter()
-        .filter(|(k, _, _)| k.table == ENDPOINT_TABLE)
-        .filter_map(|(k, _, v)| {
-            serde_json::from_slice::<EndpointRecord>(v).ok().map(|e| (k.network.clone(), e))
-        })
-        .collect()
-}
-
 /// The ingress network.
 pub fn ingress(state: &ClusterState) -> Option<&NetworkRecord> {
     state.networks.values().find(|n| n.ingress)

@@ -191,6 +191,10 @@ struct LocalState {
     data_path_port: u16,
     managers: Vec<SocketAddr>,
     keyring: Keyring,
+    /// The data path's WireGuard public key, sent with every heartbeat so the leader's node
+    /// record (which peers believe) follows it.
+    #[serde(default)]
+    wg_public_key: Option<[u8; 32]>,
 }
 
 struct ManagerParts {
@@ -306,15 +310,13 @@ async fn wait_applied(m: &ManagerParts, after: u64, timeout: Duration) -> u64 {
     applied(&metrics.borrow())
 }
 
-/// The store without what never leaves the managers: the CA key and the join secrets.
-fn scrubbed(mut s: ClusterState) -> ClusterState {
-    if let Some(c) = s.cluster.as_mut() {
-        c.ca_key_pem.clear();
-        c.worker_secret = [0; 16];
-        c.manager_secret = [0; 16];
-        c.retired_secrets.clear();
+/// The store as `node` in `role` may read it: without the secrets only managers hold, and for a
+/// worker without how other nodes' tasks run.
+fn readable(s: ClusterState, node: NodeId, role: Role) -> ClusterState {
+    match role {
+        Role::Manager => crate::worker_view::without_secrets(s),
+        Role::Worker => crate::worker_view::for_worker(s, node),
     }
-    s
 }
 
 fn rpc_err(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -424,6 +426,7 @@ impl Cluster {
             data_path_port: opts.data_path_port,
             managers: vec![opts.advertise_addr],
             keyring: keyring.clone(),
+            wg_public_key: None,
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning.clone())?;
         let result = async {
@@ -460,6 +463,7 @@ impl Cluster {
                 labels: BTreeMap::new(),
                 addr: opts.advertise_addr,
                 data_addr,
+                wg_public_key: None,
                 status: NodeStatus::Ready,
                 status_message: String::new(),
                 engine_version: opts.engine_version.clone(),
@@ -532,6 +536,7 @@ impl Cluster {
             data_path_port: jr.data_path_port,
             managers: jr.managers,
             keyring: jr.keyring.clone(),
+            wg_public_key: None,
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning)?;
         cluster.inner.keyring.send_replace(jr.keyring);
@@ -733,6 +738,19 @@ impl Cluster {
             Response::State(s) => Ok(*s),
             r => Err(unexpected(&r)),
         }
+    }
+
+    /// Sets this node's WireGuard public key: the leader records it in the node's store record
+    /// at the next heartbeat (sent at once when the key is new), and peers take it from there.
+    pub async fn set_wg_public_key(&self, key: [u8; 32]) -> Result<(), Error> {
+        let changed = match self.inner.local.lock() {
+            Ok(mut l) => l.wg_public_key.replace(key) != Some(key),
+            Err(p) => p.into_inner().wg_public_key.replace(key) != Some(key),
+        };
+        if changed {
+            self.inner.save_local()?;
+        }
+        self.inner.reconcile_once().await
     }
 
     /// Registers what answers [`NodeRequest`]s from managers on this node.
@@ -1241,8 +1259,8 @@ impl Inner {
             Err(e) => return to_rpc(e),
         };
         let r = match req {
-            Request::Heartbeat { keyring_version } => {
-                self.leader_heartbeat(m, n, keyring_version).await
+            Request::Heartbeat { keyring_version, wg_public_key } => {
+                self.leader_heartbeat(m, n, keyring_version, wg_public_key).await
             }
             Request::RenewCert { csr_pem } => self.leader_renew(m, n, &csr_pem),
             // Liveness moves tasks, so only managers (whose gossip sees every member) report it.
@@ -1252,7 +1270,7 @@ impl Inner {
             Request::MemberStatus { node, up } => self.leader_member_status(m, node, up).await,
             Request::Leave => self.leader_leave(m, n).await,
             Request::Manage(req) => self.leader_manage(m, n, req).await,
-            Request::Tasks(req) => self.leader_tasks(m, n, req).await,
+            Request::Tasks(req) => self.leader_tasks(m, n, role, req).await,
             Request::Join(_) | Request::Node(_) | Request::Raft(_) | Request::Forwarded { .. } => {
                 Err(Error::BadRequest("this request is not for the leader".into()))
             }
@@ -1264,15 +1282,17 @@ impl Inner {
         &self,
         m: &ManagerParts,
         node: NodeId,
+        role: Role,
         req: TaskRequest,
     ) -> Result<Response, Error> {
         match req {
-            TaskRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            TaskRequest::State => Ok(Response::State(Box::new(readable(m.sm.state(), node, role)))),
             TaskRequest::StateAfter { index } => {
                 // Half the RPC timeout, so the answer always beats the caller's deadline; the
                 // state is read after the index, so it is at least as new as the index says.
                 let index = wait_applied(m, index, self.tuning.rpc_timeout / 2).await;
-                Ok(Response::StateAt { index, state: Box::new(scrubbed(m.sm.state())) })
+                let state = readable(m.sm.state(), node, role);
+                Ok(Response::StateAt { index, state: Box::new(state) })
             }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
@@ -1343,6 +1363,7 @@ impl Inner {
             labels: BTreeMap::new(),
             addr: j.addr,
             data_addr: j.data_addr,
+            wg_public_key: None,
             status: NodeStatus::Ready,
             status_message: "joined".into(),
             engine_version: j.engine_version,
@@ -1376,11 +1397,19 @@ impl Inner {
         m: &ManagerParts,
         node: NodeId,
         version: u64,
+        wg_public_key: Option<[u8; 32]>,
     ) -> Result<Response, Error> {
         let state = m.sm.state();
         let rec = state.nodes.get(&node).ok_or_else(|| {
             Error::NotFound(format!("node {node} is not part of this swarm (it was removed)"))
         })?;
+        // The caller is the node the record is about (its certificate says so, `authorize`
+        // checked it is still a member): its own word on its own key is what peers trust.
+        if let Some(key) = wg_public_key
+            && rec.wg_public_key != Some(key)
+        {
+            self.write(m, Command::SetWgKey { id: node, key }).await?;
+        }
         if let Ok(mut b) = self.book.lock() {
             b.handle_heartbeat(Instant::now(), node, version);
         }
@@ -1672,7 +1701,9 @@ impl Inner {
                 self.write(m, cmd).await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
-            ManageRequest::State => Ok(Response::State(Box::new(scrubbed(m.sm.state())))),
+            ManageRequest::State => {
+                Ok(Response::State(Box::new(crate::worker_view::without_secrets(m.sm.state()))))
+            }
         }
     }
 
@@ -1761,7 +1792,11 @@ impl Inner {
     async fn reconcile_once(self: &Arc<Self>) -> Result<(), Error> {
         let _g = self.reconcile_lock.lock().await;
         let version = self.keyring.borrow().version;
-        let s = match self.request(Request::Heartbeat { keyring_version: version }).await? {
+        let wg_public_key = self.local().wg_public_key;
+        let s = match self
+            .request(Request::Heartbeat { keyring_version: version, wg_public_key })
+            .await?
+        {
             Response::Session(s) => s,
             r => return Err(unexpected(&r)),
         };

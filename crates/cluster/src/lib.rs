@@ -56,6 +56,7 @@ pub mod raft;
 pub mod token;
 pub mod transport;
 pub mod wire;
+pub mod worker_view;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -172,6 +172,10 @@ pub struct NodeRecord {
     pub addr: SocketAddr,
     /// The node's underlay address for the data path and gossip.
     pub data_addr: IpAddr,
+    /// The node's WireGuard public key for encrypted overlays, as the node itself said over its
+    /// authenticated session. Peers take it from here, never from gossip.
+    #[serde(default)]
+    pub wg_public_key: Option<[u8; 32]>,
     /// Liveness.
     pub status: NodeStatus,
     /// Why the status last changed.
@@ -344,6 +348,13 @@ pub enum Command {
         id: NodeId,
         /// Control address.
         addr: SocketAddr,
+    },
+    /// The node's WireGuard public key (what it said in its session with the leader).
+    SetWgKey {
+        /// Which node.
+        id: NodeId,
+        /// Its public key.
+        key: [u8; 32],
     },
     /// `node rm` / leave.
     RemoveNode(NodeId),
@@ -596,6 +607,11 @@ impl ClusterState {
                 n.addr = *addr;
                 n.updated_ms = now_ms;
             }
+            Command::SetWgKey { id, key } => {
+                let n = self.node_mut(*id)?;
+                n.wg_public_key = Some(*key);
+                n.updated_ms = now_ms;
+            }
             Command::RemoveNode(id) => {
                 if self.nodes.remove(id).is_none() {
                     return Err(format!("node {id} not found"));
@@ -800,6 +816,7 @@ mod tests {
             labels: BTreeMap::new(),
             addr: "127.0.0.1:2377".parse().expect("addr"),
             data_addr: "127.0.0.1".parse().expect("ip"),
+            wg_public_key: None,
             status: NodeStatus::Ready,
             status_message: String::new(),
             engine_version: "0".into(),

@@ -135,6 +135,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     addr: "127.0.0.1:2377".parse().expect("addr"),
                     data_addr: "127.0.0.1".parse().expect("ip"),
+                    wg_public_key: None,
                     status: *status,
                     status_message: String::new(),
                     engine_version: String::new(),

@@ -283,6 +283,9 @@ pub enum Request {
     Heartbeat {
         /// The keyring version this node has installed.
         keyring_version: u64,
+        /// This node's WireGuard public key, which the leader keeps in its node record.
+        #[serde(default)]
+        wg_public_key: Option<[u8; 32]>,
     },
     /// A new certificate for the caller's current desired role.
     RenewCert {

@@ -848,3 +848,41 @@ async fn a_refused_or_failed_init_or_join_leaves_no_swarm_state() -> anyhow::Res
     shutdown_all(&[&a]).await;
     Ok(())
 }
+
+/// A node's WireGuard key reaches its store record over its own session, and a worker reads how
+/// only its own tasks run, while a manager reads the whole store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_keys_come_from_each_node_and_workers_read_only_their_tasks() -> anyhow::Result<()>
+{
+    let m = init("keys-m").await?;
+    let token = m.cluster.join_token(Role::Worker, false).await?;
+    let w = join("keys-w", &token, m.addr).await?;
+    let wid = w.cluster.info().node;
+    w.cluster.set_wg_public_key([7; 32]).await?;
+    let rec = m.cluster.node("keys-w").await?.record;
+    assert_eq!(rec.wg_public_key, Some([7; 32]));
+    assert_eq!(m.cluster.node("keys-m").await?.record.wg_public_key, None);
+
+    let env = serde_json::json!([["PASSWORD", "hunter2"]]);
+    for (svc, node) in [("mine", wid.to_string()), ("theirs", "someone".to_owned())] {
+        let value = serde_json::json!({"id": svc, "argv": ["run", svc], "env": env});
+        m.cluster
+            .write(Command::PutEntry { table: tables::SERVICES.into(), key: svc.into(), value })
+            .await?;
+        let value =
+            serde_json::json!({"id": format!("t-{svc}"), "service_id": svc, "node_id": node});
+        let key = format!("t-{svc}");
+        m.cluster.write(Command::PutEntry { table: tables::TASKS.into(), key, value }).await?;
+    }
+    let seen = w.cluster.task_state().await?;
+    let svc = |s: &shoal_cluster::model::ClusterState, id: &str| {
+        s.entries[tables::SERVICES][id]["env"].clone()
+    };
+    assert_eq!(svc(&seen, "mine"), env, "a worker reads its own service whole");
+    assert_eq!(svc(&seen, "theirs"), serde_json::json!([]), "and not how others run");
+    assert_eq!(seen.entries[tables::SERVICES]["theirs"]["argv"], serde_json::json!([]));
+    assert_eq!(svc(&m.cluster.task_state().await?, "theirs"), env, "a manager reads it all");
+    w.cluster.shutdown().await;
+    m.cluster.shutdown().await;
+    Ok(())
+}

@@ -15,3 +15,8 @@ fn control_frame() {
 fn join_token() {
     replay("join_token", shoal_cluster::fuzzing::join_token);
 }
+
+#[test]
+fn cert_and_csr() {
+    replay("cert_and_csr", shoal_cluster::fuzzing::cert_and_csr);
+}

@@ -68,6 +68,9 @@ pub struct CoreConfig {
     pub max_name_len: usize,
     /// Largest full-state sync frame accepted over TCP.
     pub max_sync_frame: usize,
+    /// Most live table entries one member may own; more are refused (a member's own writes
+    /// with an error, others' dropped and counted).
+    pub max_entries_per_owner: usize,
 }
 
 impl CoreConfig {
@@ -119,6 +122,7 @@ impl CoreConfig {
             max_value_len: 900,
             max_name_len: 64,
             max_sync_frame: 32 << 20,
+            max_entries_per_owner: 10_000,
         }
     }
 
@@ -205,6 +209,9 @@ impl CoreConfig {
         }
         if self.max_name_len == 0 || self.max_name_len > 255 {
             return Err(ConfigError::new("max_name_len", "must be within 1..=255"));
+        }
+        if self.max_entries_per_owner == 0 {
+            return Err(ConfigError::new("max_entries_per_owner", "must be at least 1"));
         }
         if self.max_sync_frame < 64 << 10 {
             return Err(ConfigError::new("max_sync_frame", "must be at least 64 KiB"));

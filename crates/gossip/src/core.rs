@@ -156,6 +156,12 @@ pub enum TableError {
         /// Its owner.
         owner: NodeId,
     },
+    /// This node owns as many entries as a member may.
+    #[error("this node owns {max} table entries already, the most a member may")]
+    TooMany {
+        /// The limit (`max_entries_per_owner`).
+        max: usize,
+    },
     /// foca refused the broadcast (should not happen within the limits).
     #[error("broadcast refused: {0}")]
     Broadcast(String),
@@ -347,6 +353,24 @@ impl State {
             }
         } else {
             let before = self.view(&e.key);
+            // An entry belongs to the node that wrote it while that node lives: a write or delete
+            // by another member (anyone holding the key can send one) is refused, so it can
+            // neither replace nor hide the owner's record. Once the owner is gone, the key is free.
+            // (Our own writes are our caller's business; the others refuse them the same way.)
+            if let Some((owner, _)) = &before
+                && *owner != e.version.owner
+                && e.version.owner != self.me.node
+            {
+                self.counters.drop(DropReason::NotOwner);
+                return None;
+            }
+            if e.value.is_some()
+                && before.as_ref().is_none_or(|(owner, _)| *owner != e.version.owner)
+                && self.store.live_owned_by(e.version.owner) >= self.cfg.max_entries_per_owner
+            {
+                self.counters.drop(DropReason::TooMany);
+                return None;
+            }
             match self.store.merge(&e.key, e.version, e.value.map(Bytes::from), self.now) {
                 Merge::Applied => {
                     self.diff(&e.key, before);
@@ -918,6 +942,14 @@ impl Core {
                 len: value.len(),
                 max: self.cfg.max_value_len,
             });
+        }
+        {
+            let st = lock(&self.state);
+            let max = self.cfg.max_entries_per_owner;
+            let mine = st.view(&key).is_some_and(|(owner, _)| owner == st.me.node);
+            if !mine && st.store.live_owned_by(st.me.node) >= max {
+                return Err(TableError::TooMany { max });
+            }
         }
         self.local_entry(now, key, Some(value.to_vec()))
     }

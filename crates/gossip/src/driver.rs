@@ -15,8 +15,9 @@
 //! # let _ = (events.recv().await, members); Ok(()) }
 //! ```
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -36,8 +37,16 @@ use crate::types::{EntryKey, Identity, NodeId, NodeMeta};
 
 /// How long a TCP sync may take end to end (memberlist `TCPTimeout`).
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most inbound TCP syncs served at once (each may hold up to `max_sync_frame` bytes).
+/// Most inbound TCP syncs answered at once (each reply may hold up to `max_sync_frame` bytes).
+/// Only a peer whose request opened under the keyring takes one of these slots.
 const MAX_INBOUND_SYNCS: usize = 8;
+/// How long a peer has to send its whole sync request. Until it is read and opened the peer is
+/// not known to hold the key, so the wait is short and holds no sync slot.
+const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Inbound connections still sending their request, in all and from one address: a host
+/// without the key cannot crowd out the others.
+const MAX_UNREAD_SYNCS: usize = 64;
+const MAX_UNREAD_SYNCS_PER_ADDR: usize = 4;
 /// How often an isolated node retries its seeds.
 const REJOIN_EVERY: Duration = Duration::from_secs(5);
 /// Longest time between two snapshot refreshes (for the metrics in it).
@@ -357,6 +366,7 @@ impl Driver {
         let mut refresh = tokio::time::interval(SNAPSHOT_EVERY);
         let mut catch_up = tokio::time::interval(SNAPSHOT_MIN_GAP);
         let inbound_slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_SYNCS));
+        let unread = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
         loop {
             let deadline = self
                 .core
@@ -368,17 +378,15 @@ impl Driver {
                     Err(e) => tracing::debug!(error = %e, "gossip udp recv"),
                 },
                 r = self.tcp.accept() => match r {
-                    Ok((stream, from)) => match inbound_slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
+                    Ok((stream, from)) => match Unread::take(&unread, from.ip()) {
+                        Some(unread) => {
                             let tx = in_tx.clone();
                             let max = self.max_frame;
-                            tokio::spawn(async move {
-                                serve_sync(stream, from, max, tx).await;
-                                drop(permit);
-                            });
+                            let slots = inbound_slots.clone();
+                            tokio::spawn(serve_sync(stream, from, max, tx, unread, slots));
                         }
-                        // Too many syncs in flight: refuse this one; the peer retries later.
-                        Err(_) => self.core.count_dropped(DropReason::Rejected),
+                        // Too many requests being read: refuse this one; a peer retries later.
+                        None => self.core.count_dropped(DropReason::Rejected),
                     },
                     Err(e) => tracing::debug!(error = %e, "gossip tcp accept"),
                 },
@@ -500,33 +508,75 @@ impl Driver {
     }
 }
 
+/// A connection counted against the limits on requests being read; released when dropped.
+struct Unread {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Unread {
+    fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Unread> {
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.entry(ip).or_default();
+        if total >= MAX_UNREAD_SYNCS || *mine >= MAX_UNREAD_SYNCS_PER_ADDR {
+            return None;
+        }
+        *mine += 1;
+        Some(Unread { map: map.clone(), ip })
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn serve_sync(
     mut stream: TcpStream,
     from: SocketAddr,
     max: usize,
     tx: mpsc::Sender<Inbound>,
+    unread: Unread,
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let work = async {
-        match read_frame(&mut stream, max).await {
-            Ok(frame) => {
-                let (rtx, rrx) = oneshot::channel();
-                if tx.send(Inbound::Request(from, frame, rtx)).await.is_err() {
-                    return;
-                }
-                if let Ok(Some(reply)) = rrx.await
-                    && let Err(e) = write_frame(&mut stream, &reply).await
-                {
-                    tracing::debug!(%from, error = %e, "sync reply");
-                }
-            }
-            Err(Some(reason)) => {
-                let _ = tx.send(Inbound::Dropped(reason)).await;
-            }
-            Err(None) => {}
+    let request = tokio::time::timeout(SYNC_REQUEST_TIMEOUT, read_frame(&mut stream, max)).await;
+    drop(unread);
+    let frame = match request {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(Some(reason))) => {
+            let _ = tx.send(Inbound::Dropped(reason)).await;
+            return;
+        }
+        Ok(Err(None)) => return,
+        Err(_) => {
+            tracing::debug!(%from, "sync request not sent in time");
+            let _ = tx.send(Inbound::Dropped(DropReason::Rejected)).await;
+            return;
         }
     };
-    if tokio::time::timeout(TCP_TIMEOUT, work).await.is_err() {
-        tracing::debug!(%from, "sync connection timed out");
+    // The core opens the request under the keyring; only a key holder's gets a reply.
+    let (rtx, rrx) = oneshot::channel();
+    if tx.send(Inbound::Request(from, frame, rtx)).await.is_err() {
+        return;
+    }
+    let Ok(Some(reply)) = rrx.await else { return };
+    let Ok(_slot) = slots.try_acquire_owned() else {
+        // Too many replies in flight: the peer retries later.
+        let _ = tx.send(Inbound::Dropped(DropReason::Rejected)).await;
+        return;
+    };
+    match tokio::time::timeout(TCP_TIMEOUT, write_frame(&mut stream, &reply)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%from, error = %e, "sync reply"),
+        Err(_) => tracing::debug!(%from, "sync reply timed out"),
     }
 }
 

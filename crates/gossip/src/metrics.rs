@@ -28,11 +28,15 @@ pub enum DropReason {
     Replayed,
     /// Refused by the SWIM layer (not addressed to us, from ourselves, ...).
     Rejected,
+    /// A table write over an entry another live node owns (see `Core`'s `apply_entry`).
+    NotOwner,
+    /// A new entry of a member that owns `max_entries_per_owner` already.
+    TooMany,
 }
 
 impl DropReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Truncated,
         DropReason::BadHeader,
         DropReason::UnknownKey,
@@ -43,6 +47,8 @@ impl DropReason {
         DropReason::Stale,
         DropReason::Replayed,
         DropReason::Rejected,
+        DropReason::NotOwner,
+        DropReason::TooMany,
     ];
 
     /// A label for metrics.
@@ -58,6 +64,8 @@ impl DropReason {
             DropReason::Stale => "stale",
             DropReason::Replayed => "replayed",
             DropReason::Rejected => "rejected",
+            DropReason::NotOwner => "not_owner",
+            DropReason::TooMany => "too_many",
         }
     }
 

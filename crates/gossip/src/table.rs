@@ -4,7 +4,7 @@
 //! number of times, ends in the same state (property-tested below). Tombstones are reaped after
 //! a configurable time, which bounds memory and is safe as long as a partition heals sooner.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,6 +37,8 @@ pub enum Merge {
 #[derive(Clone, Debug, Default)]
 pub struct Store {
     entries: BTreeMap<EntryKey, Stored>,
+    /// Live (not deleted) entries per owner, kept in step with `entries`.
+    live: HashMap<NodeId, usize>,
 }
 
 impl Store {
@@ -61,7 +63,15 @@ impl Store {
             }
         }
         let tombstone_since = value.is_none().then_some(now);
-        self.entries.insert(key.clone(), Stored { version, value, tombstone_since });
+        let live = value.is_some();
+        if let Some(old) =
+            self.entries.insert(key.clone(), Stored { version, value, tombstone_since })
+        {
+            self.forget(&old);
+        }
+        if live {
+            *self.live.entry(version.owner).or_default() += 1;
+        }
         Merge::Applied
     }
 
@@ -101,7 +111,28 @@ impl Store {
     ) -> Vec<(EntryKey, Stored)> {
         let keys: Vec<EntryKey> =
             self.entries.iter().filter(|(k, e)| pred(k, e)).map(|(k, _)| k.clone()).collect();
-        keys.into_iter().filter_map(|k| self.entries.remove(&k).map(|e| (k, e))).collect()
+        let gone: Vec<(EntryKey, Stored)> =
+            keys.into_iter().filter_map(|k| self.entries.remove(&k).map(|e| (k, e))).collect();
+        for (_, e) in &gone {
+            self.forget(e);
+        }
+        gone
+    }
+
+    /// How many live entries `node` owns.
+    pub fn live_owned_by(&self, node: NodeId) -> usize {
+        self.live.get(&node).copied().unwrap_or(0)
+    }
+
+    fn forget(&mut self, e: &Stored) {
+        if e.value.is_some()
+            && let Some(n) = self.live.get_mut(&e.version.owner)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.live.remove(&e.version.owner);
+            }
+        }
     }
 
     /// Keys of the entries owned by `node`.
@@ -183,6 +214,26 @@ mod tests {
             let u = consistent(vec![a, b]);
             let r = vec![u[1].clone(), u[0].clone()];
             prop_assert_eq!(apply(&u), apply(&r));
+        }
+
+        #[test]
+        fn live_counts_per_owner_match_the_entries(
+            u in proptest::collection::vec(update(), 0..40),
+            gone in 0u64..3,
+        ) {
+            let now = Instant::now();
+            let mut s = Store::new();
+            for (k, v, val) in &consistent(u) {
+                s.merge(k, *v, val.clone(), now);
+            }
+            s.remove_where(|_, e| e.version.owner == NodeId(gone));
+            for owner in 0..3 {
+                let live = s
+                    .iter()
+                    .filter(|(_, e)| e.value.is_some() && e.version.owner == NodeId(owner))
+                    .count();
+                prop_assert_eq!(s.live_owned_by(NodeId(owner)), live);
+            }
         }
 
         #[test]

@@ -179,3 +179,80 @@ async fn hostile_tcp_and_udp_input_is_dropped_and_counted() {
     );
     drop(b);
 }
+
+#[tokio::test]
+async fn an_entry_is_changed_only_by_its_owner_while_it_lives() {
+    let a = Gossip::start(cfg("owner", vec![])).await.unwrap();
+    let b = Gossip::start(cfg("other", vec![a.local_addr()])).await.unwrap();
+    let key = EntryKey::new("endpoint_table", "net", "task1");
+    a.write(key.clone(), b"10.0.0.5".to_vec()).await.unwrap();
+    assert!(
+        until(Duration::from_secs(10), || b.snapshot().table("endpoint_table", "net").len() == 1)
+            .await,
+        "b never saw a's entry"
+    );
+    // b (any holder of the key) writes over it, and deletes it: a keeps its own and counts both.
+    b.write(key.clone(), b"10.0.0.66".to_vec()).await.unwrap();
+    let _ = b.delete(key.clone()).await;
+    let refused =
+        until(Duration::from_secs(10), || a.metrics().counters.dropped(DropReason::NotOwner) >= 1)
+            .await;
+    assert!(refused, "{:?}", a.metrics().counters);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mine = a.snapshot().table("endpoint_table", "net");
+    assert_eq!(mine.len(), 1);
+    assert_eq!((mine[0].1, &mine[0].2[..]), (NodeId::from_name("owner"), &b"10.0.0.5"[..]));
+}
+
+#[tokio::test]
+async fn idle_connections_from_a_host_without_the_key_take_no_sync_slot() {
+    let a = Gossip::start(cfg("busy", vec![])).await.unwrap();
+    a.write(EntryKey::new("endpoint_table", "net", "t"), b"x".to_vec()).await.unwrap();
+    // Twenty connections from another address that never send a request, held open.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(s.connect(a.local_addr()).await.unwrap());
+    }
+    // A member joining now still gets the table by TCP sync at once.
+    let b = Gossip::start(cfg("newcomer", vec![a.local_addr()])).await.unwrap();
+    let synced =
+        until(Duration::from_secs(2), || b.snapshot().table("endpoint_table", "net").len() == 1)
+            .await;
+    assert!(synced, "the join sync waited behind idle connections: {:?}", a.metrics().counters);
+    assert!(a.metrics().counters.dropped(DropReason::Rejected) >= 1, "over the per-address limit");
+    drop(idle);
+}
+
+#[tokio::test]
+async fn a_member_owns_at_most_max_entries_per_owner() {
+    let mut small = cfg("strict", vec![]);
+    small.core.max_entries_per_owner = 3;
+    let a = Gossip::start(small).await.unwrap();
+    let b = Gossip::start(cfg("chatty", vec![a.local_addr()])).await.unwrap();
+    for i in 0..5 {
+        b.write(EntryKey::new("endpoint_table", "net", &format!("k{i}")), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let dropped = until(Duration::from_secs(10), || {
+        a.metrics().counters.dropped(DropReason::TooMany) >= 2
+            && a.snapshot().table("endpoint_table", "net").len() == 3
+    })
+    .await;
+    assert!(dropped, "{:?}", a.metrics().counters);
+    // Its own writes past the limit are refused with the reason.
+    for i in 0..3 {
+        a.write(EntryKey::new("endpoint_table", "net", &format!("a{i}")), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let err = a.write(EntryKey::new("endpoint_table", "net", "a3"), b"v".to_vec()).await;
+    assert!(
+        matches!(&err, Err(GossipError::Table(shoal_gossip::TableError::TooMany { max: 3 }))),
+        "{err:?}"
+    );
+    // Rewriting an entry it has is not a new one.
+    a.write(EntryKey::new("endpoint_table", "net", "a0"), b"w".to_vec()).await.unwrap();
+}
