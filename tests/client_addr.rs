@@ -191,3 +191,61 @@ fn tasks_see_the_real_client_address_through_every_node() {
     let after = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total");
     assert!(after > before, "the fallback was not counted ({before} -> {after})");
 }
+
+/// Docker's `mode=host` publishing: only the nodes that run a task answer on the port, each to
+/// its own task, and the task sees the client's address.
+#[test]
+fn host_mode_answers_only_where_a_task_runs_with_the_client_address() {
+    if !require_root("host_mode_answers_only_where_a_task_runs_with_the_client_address") {
+        return;
+    }
+    let lab = Lab::up(3);
+    lab.swarm(3);
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "peer",
+            "--replicas",
+            "2",
+            "--publish",
+            "published=8200,target=8000,mode=host",
+            "--",
+            "python3",
+            "-c",
+            PEER_SERVER,
+        ],
+    );
+    let with_task = eventually("two tasks on two nodes", Duration::from_secs(120), || {
+        let per_node: BTreeMap<String, usize> = running_per_node(&lab, "peer");
+        (per_node.len() == 2).then_some(per_node.into_keys().collect::<BTreeSet<String>>())
+    });
+    let host = format!("{}", std::net::Ipv4Addr::from(u32::from(lab.subnet.network()) + 254));
+    let get = |node: u8| {
+        let url = format!("http://{}:8200/", lab.addr(node));
+        parse(&run(&lab, None, &["curl", "-s", "-m", "3", &url]))
+    };
+    let mut tasks = BTreeSet::new();
+    for node in 1..=3u8 {
+        let name = format!("node{node}");
+        if with_task.contains(&name) {
+            let seen =
+                eventually(&format!("{name}:8200 answering"), Duration::from_secs(60), || {
+                    get(node)
+                });
+            assert_eq!(seen.ip, host, "{name} presented the client as {seen:?}");
+            // Always the node's own task.
+            for _ in 0..5 {
+                let again = get(node).unwrap_or_else(|| panic!("{name}:8200 stopped answering"));
+                assert_eq!(again.task, seen.task, "{name} answered from another node's task");
+                assert_eq!(again.ip, host);
+            }
+            tasks.insert(seen.task);
+        } else {
+            assert!(get(node).is_none(), "{name} runs no task of peer but answered on 8200");
+        }
+    }
+    assert_eq!(tasks.len(), 2, "the two nodes answered from the same task: {tasks:?}");
+}

@@ -798,9 +798,9 @@ pub(super) fn service_view(state: &ClusterState, svc: &ServiceRecord) -> Service
     }
 }
 
-/// How the routing mesh presents clients to the service's tasks (`None`: no ingress-mode port).
+/// How the routing mesh presents clients to the service's tasks (`None`: no published port).
 fn client_address(state: &ClusterState, svc: &ServiceRecord) -> Option<String> {
-    if !svc.ports.iter().any(|p| !p.host_mode) {
+    if svc.ports.is_empty() {
         return None;
     }
     let subnet =

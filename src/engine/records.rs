@@ -170,10 +170,12 @@ impl UpdateStatus {
 }
 
 impl ServiceRecord {
-    /// The networks its tasks attach to: ingress first when it publishes mesh ports.
+    /// The networks its tasks attach to: ingress first when it publishes ports. A host-mode
+    /// port is served by the node's mesh too, to the node's own tasks only, through the same
+    /// ingress endpoint that keeps the client's address.
     pub fn task_networks(&self, state: &ClusterState) -> Vec<String> {
         let mut out = Vec::new();
-        if self.ports.iter().any(|p| !p.host_mode)
+        if !self.ports.is_empty()
             && let Some(ing) = ingress(state)
         {
             out.push(ing.id.clone());
