@@ -25,6 +25,7 @@ use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVxlan};
 use shoal_netns::NetNs;
 use tokio::sync::Mutex;
 
+use crate::endpoint;
 use crate::kernel::{self, nl};
 use crate::model::{Mac, NetworkSpec, Tables, VNI_MIN, VXLAN_OVERHEAD, WG_OVERHEAD};
 use crate::reconcile::{Reconciler, plan};
@@ -395,6 +396,11 @@ impl Overlay {
         if created {
             self.after_networks_changed(&mut st).await?;
         }
+        // The new endpoint gets its permanent neighbour entries now, not at the next table.
+        st.reconciler.mark_dirty(&spec.id);
+        if let Err(e) = self.reconcile(&mut st).await {
+            tracing::warn!(network = %spec.id, error = %e, "neighbour entries of a new endpoint");
+        }
         Ok(attached)
     }
 
@@ -594,6 +600,11 @@ impl Overlay {
                     tracing::debug!(network = %id, ?change, "fdb/neigh change");
                     kernel::apply(&sb.nl, sb.vx, change).await?;
                     n += 1;
+                }
+                // The same neighbour entries in every local endpoint: no ARP across the overlay.
+                for (ep, holder) in &sb.endpoints {
+                    let alias = endpoint_alias(sb.ns.name(), ep);
+                    n += endpoint::sync(holder, &alias, &desired.neigh).await?;
                 }
                 Ok::<usize, Error>(n)
             }
