@@ -165,7 +165,7 @@ pub struct LocalInfo {
 /// Raft's state on a manager.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RaftStatus {
-    /// Current leader.
+    /// Current leader (none while a leader has lost its quorum, see `failover`).
     pub leader: Option<NodeId>,
     /// Current term.
     pub term: u64,
@@ -862,7 +862,7 @@ impl Cluster {
         let m = self.inner.manager()?;
         let metrics = m.raft.metrics().borrow().clone();
         Some(RaftStatus {
-            leader: metrics.current_leader.map(NodeId),
+            leader: Inner::leader_of(&m).map(|l| NodeId(l.0)),
             term: metrics.current_term,
             voters: metrics.membership_config.membership().voter_ids().map(NodeId).collect(),
             last_applied: metrics.last_applied.map(|l| l.index),

@@ -18,18 +18,19 @@
 //!   dies the survivors' answers turn within one lease, before their election timers fire, so
 //!   failover is not slowed.
 //! - **Check-quorum** ([`deposed`]): a leader whose last quorum acknowledgement is older than
-//!   the lease treats itself as no leader: requests get "no leader" at once (and callers retry
+//!   two leases treats itself as no leader: requests get "no leader" at once (and callers retry
 //!   elsewhere), and leader-only work (liveness, scheduling) pauses. Raft's own step-down
 //!   follows as soon as it hears the new leader's term.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Whether a leader has lost its quorum: more than `lease` since a majority acknowledged it.
-/// A single voter is its own quorum; an ack openraft has not measured yet (just elected) counts
-/// as fresh.
+/// Whether a leader has lost its quorum: more than two leases since a majority acknowledged
+/// it, the earliest the others can have elected a successor (their lease, then an election
+/// timeout of at most one lease). A single voter is its own quorum; an ack openraft has not
+/// measured yet (just elected) counts as fresh.
 pub fn deposed(voters: usize, millis_since_quorum_ack: Option<u64>, lease: Duration) -> bool {
-    voters > 1 && millis_since_quorum_ack.is_some_and(|ms| ms > lease.as_millis() as u64)
+    voters > 1 && millis_since_quorum_ack.is_some_and(|ms| ms > 2 * lease.as_millis() as u64)
 }
 
 /// Probe answers from the other voters: whether each has a live leader, and when it said so.
@@ -109,6 +110,7 @@ mod tests {
         assert!(!deposed(1, Some(60_000), lease), "a single voter is its own quorum");
         assert!(!deposed(3, None, lease), "just elected");
         assert!(!deposed(3, Some(100), lease));
-        assert!(deposed(3, Some(801), lease));
+        assert!(!deposed(3, Some(1600), lease), "the others cannot have a new leader yet");
+        assert!(deposed(3, Some(1601), lease));
     }
 }

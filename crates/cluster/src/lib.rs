@@ -115,13 +115,15 @@ impl Default for Tuning {
 
 impl Tuning {
     /// Short periods for tests and the lab: a new leader within 2 s (openraft waits out its
-    /// leader lease, the election timeout's upper bound, before its election timeout: 0.8 s +
-    /// 0.4–0.8 s here).
+    /// leader lease, the election timeout's upper bound, before its election timeout: 0.6 s +
+    /// 0.3–0.6 s here; pre-vote keeps a loaded machine's late heartbeats from deposing the
+    /// leader, see `failover`).
     pub fn fast() -> Tuning {
         Tuning {
             heartbeat: Duration::from_millis(500),
-            raft_heartbeat: Duration::from_millis(100),
-            raft_election_min: Duration::from_millis(400),
+            // Also openraft's timeout of one append: shorter fails appends on a busy machine.
+            raft_heartbeat: Duration::from_millis(150),
+            raft_election_min: Duration::from_millis(300),
             snapshot_every: 10_000,
             snapshot_keep: 500,
             rpc_timeout: Duration::from_secs(5),
@@ -130,9 +132,10 @@ impl Tuning {
     }
 
     /// How long a request waits out a leader election (retrying while there is no leader):
-    /// the lease, the longest election timeout, and as much again for a split vote.
+    /// the lease, the longest election timeout, and as much again for a split vote; at least
+    /// one RPC timeout, for elections that repeat on a loaded machine.
     pub fn failover_window(&self) -> Duration {
-        self.raft_election_min * 8
+        (self.raft_election_min * 8).max(self.rpc_timeout)
     }
 
     fn manager_window(&self) -> Duration {
