@@ -364,6 +364,28 @@ fn ten_nodes_with_50_replicas_answer_everywhere_and_survive_a_leader_kill() {
         all_answer(&lab, 1..=10).ok()
     });
     eprintln!("10 nodes, 50 replicas: every node answers after {:?}", t0.elapsed());
+    // node1's ingress sandbox resolved no remote endpoint by ARP: one permanent entry per remote
+    // endpoint (45 or more remote tasks, 9 other sandboxes); only its own node's tasks (whose
+    // frames never cross the overlay) may be learnt.
+    let neigh = run_ok(std::process::Command::new("ip").args([
+        "-n",
+        &format!("{}-node1-ingress", lab.name),
+        "neigh",
+        "show",
+    ]));
+    let permanent: Vec<&str> = neigh.lines().filter(|l| l.ends_with("PERMANENT")).collect();
+    let dev = permanent.first().and_then(|l| l.split_whitespace().nth(2)).unwrap_or_default();
+    let learnt: Vec<&str> = neigh
+        .lines()
+        .filter(|l| !l.ends_with("PERMANENT") && l.split_whitespace().nth(2) == Some(dev))
+        .collect();
+    assert!(permanent.len() >= 54, "{} permanent entries:\n{neigh}", permanent.len());
+    let local = running_per_node(&lab, "web").get("node1").copied().unwrap_or(0);
+    assert!(
+        learnt.len() <= local,
+        "{} entries learnt by ARP in the ingress sandbox, {local} local tasks: {learnt:?}",
+        learnt.len()
+    );
 
     let killed = Instant::now();
     kill_node(&lab, "node1");
