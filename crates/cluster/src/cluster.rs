@@ -1099,9 +1099,9 @@ impl Inner {
     /// leader), otherwise sent to a known manager.
     ///
     /// A leader election is ridden out: while there is no leader (or it cannot be reached), the
-    /// request is tried again for up to [`Tuning::failover_window`]. Every manager request is a
-    /// state-setting write or a read, so one that did reach a dying leader does no harm when it
-    /// is sent again.
+    /// request is tried again for up to [`Tuning::failover_window`]. Requests are reads or
+    /// writes that set state, so sending one again after a dying leader took it is harmless (at
+    /// worst a repeated `node rm` says the node is gone).
     async fn request(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
         let deadline = Instant::now() + self.tuning.failover_window();
         loop {
