@@ -19,7 +19,9 @@
 //! - `deploy`: from `service create --replicas 3 -p 8100:8100` on a fresh 3-node lab to all
 //!   three nodes answering curl on the published port (no peer);
 //! - `rss`: VmRSS of each lab agent (`lab up --demo`) at rest and under a wrk run through the
-//!   mesh (no peer).
+//!   mesh (no peer);
+//! - `reliability`: requests failed, detection, convergence and failover while a node's link
+//!   is cut and healed and the leader is killed (`benches/reliability/`; no peer).
 //!
 //! The crate benchmarks are built with `cargo bench --no-run` (the same profile) and run as
 //! child processes with `--out FILE` (their rows as JSON, benches/common's format) and
@@ -35,6 +37,7 @@
 //! measuring (after a change to the report's layout).
 
 mod common;
+mod reliability;
 mod report;
 
 use std::collections::BTreeMap;
@@ -125,6 +128,8 @@ enum Kind {
     Deploy,
     /// Agent memory, measured here.
     Rss,
+    /// Chaos under load, measured here.
+    Reliability,
 }
 
 /// A section of the suite.
@@ -235,6 +240,20 @@ const SECTIONS: &[Spec] = &[
                shoal's alone.",
         rerun: "cargo bench -p shoal --bench system -- --only rss",
         kind: Kind::Rss,
+        full_rounds: 3,
+        limit: Duration::from_secs(20 * 60),
+    },
+    Spec {
+        name: "reliability",
+        title: "Reliability",
+        what: "Clients on this host send one request after another through the published port \
+               of a 3-node lab (three managers, a 3-replica web service) while node3's link is \
+               cut for 20 s and healed, and then while the leader (node1) is killed whole: \
+               requests sent and failed, the time until the node is marked Down (detection), \
+               until its task runs elsewhere (convergence) and until a new leader is there \
+               (failover). No peer: these rows are shoal's alone.",
+        rerun: "cargo bench -p shoal --bench system -- --only reliability",
+        kind: Kind::Reliability,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
     },
@@ -377,6 +396,7 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
                 },
                 Kind::Deploy => in_process(spec, args, deploy),
                 Kind::Rss => in_process(spec, args, rss),
+                Kind::Reliability => in_process(spec, args, reliability::reliability),
             }
         };
         section.seconds = started.elapsed().as_secs_f64();
