@@ -367,17 +367,22 @@ fn ten_nodes_with_50_replicas_answer_everywhere_and_survive_a_leader_kill() {
     // node1's ingress sandbox resolved no remote endpoint by ARP: one permanent entry per remote
     // endpoint (45 or more remote tasks, 9 other sandboxes); only its own node's tasks (whose
     // frames never cross the overlay) may be learnt.
-    let neigh = run_ok(std::process::Command::new("ip").args([
-        "-n",
-        &format!("{}-node1-ingress", lab.name),
-        "neigh",
-        "show",
-    ]));
-    let permanent: Vec<&str> = neigh.lines().filter(|l| l.ends_with("PERMANENT")).collect();
+    let sandbox = format!("{}-node1-ingress", lab.name);
+    let show = || run_ok(std::process::Command::new("ip").args(["-n", &sandbox, "neigh", "show"]));
+    let permanent_count =
+        |t: &str| t.lines().filter(|l| l.trim_end().ends_with("PERMANENT")).count();
+    let neigh =
+        eventually("permanent entries in node1's ingress sandbox", Duration::from_secs(30), || {
+            Some(show()).filter(|t| permanent_count(t) >= 54)
+        });
+    let permanent: Vec<&str> =
+        neigh.lines().filter(|l| l.trim_end().ends_with("PERMANENT")).collect();
     let dev = permanent.first().and_then(|l| l.split_whitespace().nth(2)).unwrap_or_default();
     let learnt: Vec<&str> = neigh
         .lines()
-        .filter(|l| !l.ends_with("PERMANENT") && l.split_whitespace().nth(2) == Some(dev))
+        .filter(|l| {
+            !l.trim_end().ends_with("PERMANENT") && l.split_whitespace().nth(2) == Some(dev)
+        })
         .collect();
     assert!(permanent.len() >= 54, "{} permanent entries:\n{neigh}", permanent.len());
     let local = running_per_node(&lab, "web").get("node1").copied().unwrap_or(0);

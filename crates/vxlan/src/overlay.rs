@@ -602,11 +602,19 @@ impl Overlay {
                     n += 1;
                 }
                 // The same neighbour entries in every local endpoint: no ARP across the overlay.
+                // One endpoint that fails (its task ending meanwhile) holds up none of the others.
+                let mut failed = None;
                 for (ep, holder) in &sb.endpoints {
                     let alias = endpoint_alias(sb.ns.name(), ep);
-                    n += endpoint::sync(holder, &alias, &desired.neigh).await?;
+                    match endpoint::sync(holder, &alias, &desired.neigh).await {
+                        Ok(k) => n += k,
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
                 }
-                Ok::<usize, Error>(n)
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok::<usize, Error>(n),
+                }
             }
             .await;
             match res {
