@@ -1120,15 +1120,20 @@ impl Inner {
     }
 
     async fn call_leader(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
-        if self.manager().is_some() {
+        // A node just demoted still runs Raft until its session notices, but its worker
+        // certificate may no longer forward: it asks the managers as the worker it is.
+        if self.manager().is_some() && self.cert_role() == Role::Manager {
             let caller = Caller::Member { node: self.me(), role: self.cert_role() };
             let r = self.dispatch(caller, req.clone()).await;
             // A manager that lost track of the leader (e.g. just demoted) asks the others; a
             // voter learns of the next leader itself (and `request` tries again), where asking
             // the others could mean waiting on the one that just died.
+            // And a manager demoted in the store but not told yet may no longer forward: the
+            // leader refuses it, and the others relay for it as for a worker.
             match &r {
                 Response::Error(RpcError { kind: ErrorKind::NoLeader, .. }) if !self.is_voter() => {
                 }
+                Response::Error(RpcError { kind: ErrorKind::PermissionDenied, .. }) => {}
                 _ => return Ok(r),
             }
         }
@@ -2000,7 +2005,10 @@ async fn probe_loop(inner: Arc<Inner>) {
             let transport = inner.transport.clone();
             calls.spawn(async move { (id, transport.call(addr, &Request::Probe, window).await) });
         }
-        let answers = calls.join_all().await;
+        let mut answers = Vec::new();
+        while let Some(a) = calls.join_next().await {
+            answers.extend(a.ok());
+        }
         let now = Instant::now();
         let may = {
             let mut book = lock(&m.prevote);
