@@ -26,6 +26,8 @@
 //! - `swarm`: Docker Swarm itself (Debian's docker.io, 3 dockerds in network namespaces) against
 //!   shoal with lab and with production timings, the tutorial's steps on fresh labs of each,
 //!   the capabilities tried on both, and the CLI's columns compared (`benches/swarm/`).
+//! - `reliability`: requests failed, detection, convergence and failover while a node's link
+//!   is cut and healed and the leader is killed (`benches/reliability/`; no peer).
 //!
 //! The crate benchmarks are built with `cargo bench --no-run` (the same profile) and run as
 //! child processes with `--out FILE` (their rows as JSON, benches/common's format) and
@@ -42,6 +44,7 @@
 
 mod common;
 mod mesh_lab;
+mod reliability;
 mod report;
 mod swarm;
 
@@ -137,6 +140,8 @@ enum Kind {
     Rss,
     /// Docker Swarm side by side, measured here (benches/swarm).
     Swarm,
+    /// Chaos under load, measured here.
+    Reliability,
 }
 
 /// A section of the suite.
@@ -277,6 +282,20 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Swarm,
         full_rounds: 3,
         limit: Duration::from_secs(30 * 60),
+    },
+    Spec {
+        name: "reliability",
+        title: "Reliability",
+        what: "Clients on this host send one request after another through the published port \
+               of a 3-node lab (three managers, a 3-replica web service) while node3's link is \
+               cut for 20 s and healed, and then while the leader (node1) is killed whole: \
+               requests sent and failed, the time until the node is marked Down (detection), \
+               until its task runs elsewhere (convergence) and until a new leader is there \
+               (failover). No peer: these rows are shoal's alone.",
+        rerun: "cargo bench -p shoal --bench system -- --only reliability",
+        kind: Kind::Reliability,
+        full_rounds: 3,
+        limit: Duration::from_secs(20 * 60),
     },
 ];
 
@@ -419,6 +438,7 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
                 Kind::MeshLab => in_process(spec, args, mesh_lab::mesh_lab),
                 Kind::Rss => in_process(spec, args, rss),
                 Kind::Swarm => in_process(spec, args, swarm::section::measure),
+                Kind::Reliability => in_process(spec, args, reliability::reliability),
             }
         };
         section.seconds = started.elapsed().as_secs_f64();

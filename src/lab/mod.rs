@@ -11,8 +11,12 @@
 //! With `--data-subnet` every node also gets `eth1` on a second bridge `LAB-bd` (host veths
 //! `LAB-dI`, no host address), to keep data-path traffic apart from the control plane's
 //! (`swarm init/join --data-path-addr`).
+//!
+//! All namespaces share the host's one ARP table: `up` raises its limits and the last `down`
+//! restores them (`neigh`).
 
 pub mod demo;
+mod neigh;
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -280,6 +284,9 @@ async fn make(
         bail!("{host_ip} is already assigned on this host; pick another --subnet");
     }
     state.save()?;
+    if let Err(e) = neigh::raise() {
+        tracing::warn!(error = %e, "could not raise the host's neighbour thresholds");
+    }
     if gossip {
         write_gossip_key(name)?;
     }
@@ -621,6 +628,9 @@ pub async fn down(name: &str) -> anyhow::Result<Removed> {
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         removed.dir = true;
+    }
+    if let Err(e) = neigh::restore_if_last(list_labs().len()) {
+        tracing::warn!(error = %e, "restoring the host's neighbour thresholds");
     }
     Ok(removed)
 }

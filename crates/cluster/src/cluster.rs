@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
+use crate::failover::{self, PreVote};
 use crate::model::{
     ClusterEvent, ClusterInfo, ClusterState, Command, GossipKey, Keyring, NetworkRecord, NodeId,
     NodeRecord, NodeStatus, Role, now_ms,
@@ -163,7 +165,7 @@ pub struct LocalInfo {
 /// Raft's state on a manager.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RaftStatus {
-    /// Current leader.
+    /// Current leader (none while a leader has lost its quorum, see `failover`).
     pub leader: Option<NodeId>,
     /// Current term.
     pub term: u64,
@@ -201,6 +203,10 @@ struct ManagerParts {
     raft: Raft,
     sm: StateMachine,
     contacts: PeerContacts,
+    /// When an append from a current leader last reached this manager (pre-vote answers).
+    leader_seen: Mutex<Option<Instant>>,
+    /// The other voters' probe answers: whether this manager may campaign.
+    prevote: Mutex<PreVote>,
 }
 
 impl std::fmt::Debug for ManagerParts {
@@ -371,6 +377,7 @@ fn unexpected(r: &Response) -> Error {
             Response::StateAt { .. } => "StateAt",
             Response::Raft(_) => "Raft",
             Response::Value(_) => "Value",
+            Response::Probe { .. } => "Probe",
             Response::Error(_) => "Error",
         }
     ))
@@ -848,7 +855,7 @@ impl Cluster {
             hostname: local.hostname,
             role,
             raft: m.is_some(),
-            leader: m.and_then(|m| m.raft.metrics().borrow().current_leader).map(NodeId),
+            leader: m.and_then(|m| Inner::leader_of(&m)).map(|l| NodeId(l.0)),
             managers: local.managers,
             ca_digest: digest,
             advertise_addr: local.advertise_addr,
@@ -873,7 +880,7 @@ impl Cluster {
         let m = self.inner.manager()?;
         let metrics = m.raft.metrics().borrow().clone();
         Some(RaftStatus {
-            leader: metrics.current_leader.map(NodeId),
+            leader: Inner::leader_of(&m).map(|l| NodeId(l.0)),
             term: metrics.current_term,
             voters: metrics.membership_config.membership().voter_ids().map(NodeId).collect(),
             last_applied: metrics.last_applied.map(|l| l.index),
@@ -1035,7 +1042,13 @@ impl Inner {
         let raft = Raft::new(self.me().0, cfg, net, LogStore::new(db), sm.clone())
             .await
             .map_err(|e| Error::Store(e.to_string()))?;
-        let parts = Arc::new(ManagerParts { raft, sm, contacts });
+        let parts = Arc::new(ManagerParts {
+            raft,
+            sm,
+            contacts,
+            leader_seen: Mutex::new(None),
+            prevote: Mutex::new(PreVote::default()),
+        });
         if let Ok(mut m) = self.manager.write() {
             *m = Some(parts.clone());
         }
@@ -1052,15 +1065,33 @@ impl Inner {
     fn spawn_loops(self: &Arc<Self>) {
         let session = tokio::spawn(session_loop(self.clone()));
         let liveness = tokio::spawn(liveness_loop(self.clone()));
+        let probes = tokio::spawn(probe_loop(self.clone()));
         if let Ok(mut t) = self.tasks.lock() {
             t.push(session);
             t.push(liveness);
+            t.push(probes);
         }
     }
 
+    /// Whether this node runs Raft as a voter.
+    fn is_voter(&self) -> bool {
+        let me = self.me().0;
+        self.manager().is_some_and(|m| {
+            m.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == me)
+        })
+    }
+
+    /// The Raft leader as this manager sees it; `None` while there is none, and on a leader that
+    /// lost its quorum (check-quorum, see `failover`).
     fn leader_of(m: &ManagerParts) -> Option<(u64, Option<SocketAddr>)> {
         let metrics = m.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        if leader == metrics.id
+            && failover::deposed(voters, metrics.millis_since_quorum_ack, lease(&m.raft))
+        {
+            return None;
+        }
         let addr = metrics
             .membership_config
             .membership()
@@ -1084,21 +1115,43 @@ impl Inner {
 
     /// A request from this node's own API: handled locally on a manager (which forwards to the
     /// leader), otherwise sent to a known manager.
+    ///
+    /// A leader election is ridden out: while there is no leader (or it cannot be reached), the
+    /// request is tried again for up to [`Tuning::failover_window`]. Requests are reads or
+    /// writes that set state, so sending one again after a dying leader took it is harmless (at
+    /// worst a repeated `node rm` says the node is gone).
     async fn request(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
-        let resp = self.call_leader(req).await?;
-        match resp {
-            Response::Error(e) => Err(from_rpc(e)),
-            r => Ok(r),
+        let deadline = Instant::now() + self.tuning.failover_window();
+        loop {
+            let r = match self.call_leader(req.clone()).await {
+                Ok(Response::Error(e)) => Err(from_rpc(e)),
+                r => r,
+            };
+            match r {
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "no leader; trying again");
+                    tokio::time::sleep(self.tuning.raft_heartbeat).await;
+                }
+                r => return r,
+            }
         }
     }
 
     async fn call_leader(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
-        if self.manager().is_some() {
+        // A node just demoted still runs Raft until its session notices, but its worker
+        // certificate may no longer forward: it asks the managers as the worker it is.
+        if self.manager().is_some() && self.cert_role() == Role::Manager {
             let caller = Caller::Member { node: self.me(), role: self.cert_role() };
             let r = self.dispatch(caller, req.clone()).await;
-            // A manager that lost track of the leader (e.g. just demoted) asks the others.
+            // A manager that lost track of the leader (e.g. just demoted) asks the others; a
+            // voter learns of the next leader itself (and `request` tries again), where asking
+            // the others could mean waiting on the one that just died.
+            // And a manager demoted in the store but not told yet may no longer forward: the
+            // leader refuses it, and the others relay for it as for a worker.
             match &r {
-                Response::Error(RpcError { kind: ErrorKind::NoLeader, .. }) => {}
+                Response::Error(RpcError { kind: ErrorKind::NoLeader, .. }) if !self.is_voter() => {
+                }
+                Response::Error(RpcError { kind: ErrorKind::PermissionDenied, .. }) => {}
                 _ => return Ok(r),
             }
         }
@@ -1167,6 +1220,13 @@ impl Inner {
                     ),
                 }
             }
+            (Caller::Member { role: Role::Manager, .. }, Request::Probe) => match self.manager() {
+                Some(m) => Response::Probe { leader_alive: leader_alive(&m) },
+                None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
+            },
+            (Caller::Member { .. }, Request::Probe) => {
+                rpc_err(ErrorKind::PermissionDenied, "only managers probe managers")
+            }
             (Caller::Member { role: Role::Manager, .. }, Request::Node(r)) => {
                 self.node_request(r).await.unwrap_or_else(to_rpc)
             }
@@ -1196,12 +1256,33 @@ impl Inner {
         };
         match Inner::leader_of(&m) {
             Some((l, _)) if l == self.me().0 => self.handle_leader(&m, caller, req).await,
-            Some((_, Some(addr))) => {
+            Some((leader, Some(addr))) => {
                 let timeout = self.timeout_for(&req);
                 let fwd = Request::Forwarded { origin: caller, request: Box::new(req) };
-                match self.transport.call(addr, &fwd, timeout).await {
-                    Ok(r) => r,
-                    Err(e) => rpc_err(ErrorKind::NoLeader, format!("cannot reach the leader: {e}")),
+                // A leader that dies holds a forwarded request until its timeout; give up on it
+                // as soon as Raft has moved on, so the caller can retry with the new leader.
+                let mut metrics = m.raft.metrics();
+                let moved = async {
+                    loop {
+                        if metrics.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        if metrics.borrow().current_leader != Some(leader) {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = self.transport.call(addr, &fwd, timeout) => match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            rpc_err(ErrorKind::NoLeader, format!("cannot reach the leader: {e}"))
+                        }
+                    },
+                    () = moved => rpc_err(
+                        ErrorKind::NoLeader,
+                        "the leader changed while the request was forwarded; retry",
+                    ),
                 }
             }
             _ => rpc_err(ErrorKind::NoLeader, NO_LEADER),
@@ -1219,7 +1300,14 @@ impl Inner {
     async fn handle_raft(&self, r: RaftRequest) -> Response {
         let Some(m) = self.manager() else { return rpc_err(ErrorKind::NotManager, NOT_MANAGER) };
         Response::Raft(match r {
-            RaftRequest::Append(a) => RaftResponse::Append(m.raft.append_entries(a).await),
+            RaftRequest::Append(a) => {
+                let r = m.raft.append_entries(a).await;
+                // Anything but a higher vote means the sender is the current leader.
+                if matches!(&r, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
+                    *lock(&m.leader_seen) = Some(Instant::now());
+                }
+                RaftResponse::Append(r)
+            }
             RaftRequest::Vote(v) => RaftResponse::Vote(m.raft.vote(v).await),
             RaftRequest::Snapshot(s) => RaftResponse::Snapshot(m.raft.install_snapshot(s).await),
         })
@@ -1240,6 +1328,10 @@ impl Inner {
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(Error::NoLeader("leadership changed; retry".into()))
+            }
+            // A leader shutting down (agent restart): the next leader takes the retry.
+            Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => {
+                Err(Error::NoLeader("the leader is shutting down; retry".into()))
             }
             Err(e) => Err(Error::Store(e.to_string())),
         }
@@ -1271,7 +1363,11 @@ impl Inner {
             Request::Leave => self.leader_leave(m, n).await,
             Request::Manage(req) => self.leader_manage(m, n, req).await,
             Request::Tasks(req) => self.leader_tasks(m, n, role, req).await,
-            Request::Join(_) | Request::Node(_) | Request::Raft(_) | Request::Forwarded { .. } => {
+            Request::Join(_)
+            | Request::Node(_)
+            | Request::Raft(_)
+            | Request::Probe
+            | Request::Forwarded { .. } => {
                 Err(Error::BadRequest("this request is not for the leader".into()))
             }
         };
@@ -1898,6 +1994,73 @@ impl Inner {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + '_>>
     {
         Box::pin(self.call_leader(req))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// openraft's leader lease: how long a voter that heard from a leader refuses to vote.
+fn lease(raft: &Raft) -> Duration {
+    Duration::from_millis(raft.config().election_timeout_max)
+}
+
+/// This manager's answer to a pre-vote probe: it leads with a quorum, or an append from the
+/// leader reached it within the lease.
+fn leader_alive(m: &ManagerParts) -> bool {
+    let metrics = m.raft.metrics().borrow().clone();
+    if metrics.current_leader == Some(metrics.id) {
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        return !failover::deposed(voters, metrics.millis_since_quorum_ack, lease(&m.raft));
+    }
+    lock(&m.leader_seen).is_some_and(|t| t.elapsed() <= lease(&m.raft))
+}
+
+/// On managers: probes the other voters every Raft heartbeat and lets this one campaign only
+/// while a majority has no live leader (pre-vote, see `failover`).
+async fn probe_loop(inner: Arc<Inner>) {
+    let mut allowed = true;
+    loop {
+        tokio::time::sleep(inner.tuning.raft_heartbeat).await;
+        let Some(m) = inner.manager() else { continue };
+        let metrics = m.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let me = metrics.id;
+        let peers: Vec<(u64, SocketAddr)> = voters
+            .iter()
+            .filter(|v| **v != me)
+            .filter_map(|v| Some((*v, membership.get_node(v).and_then(crate::raft::node_addr)?)))
+            .collect();
+        // A probe that takes longer than the answers stay valid is as good as none.
+        let window = inner.tuning.raft_election_min;
+        let mut calls = tokio::task::JoinSet::new();
+        for (id, addr) in peers {
+            let transport = inner.transport.clone();
+            calls.spawn(async move { (id, transport.call(addr, &Request::Probe, window).await) });
+        }
+        let mut answers = Vec::new();
+        while let Some(a) = calls.join_next().await {
+            answers.extend(a.ok());
+        }
+        let now = Instant::now();
+        let may = {
+            let mut book = lock(&m.prevote);
+            book.retain_voters(&voters);
+            for (id, r) in answers {
+                if let Ok(Response::Probe { leader_alive }) = r {
+                    m.contacts.touch(id, now);
+                    book.handle_answer(now, id, leader_alive);
+                }
+            }
+            book.may_campaign(now, me, &voters, window)
+        };
+        if may != allowed {
+            tracing::info!(node = %inner.local().hostname, may_campaign = may, "pre-vote");
+            m.raft.runtime_config().elect(may);
+            allowed = may;
+        }
     }
 }
 

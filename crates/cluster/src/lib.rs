@@ -9,6 +9,7 @@
 //! - [`wire`]: RPC messages and length-limited framing (fuzzed).
 //! - [`policy`]: the leader's decisions (missed heartbeats, keyring confirmations, quorum), pure.
 //! - [`raft`]: openraft 0.9 storage on redb (log, vote, state machine, snapshots).
+//! - [`failover`]: pre-vote and check-quorum on top of openraft's leader lease, pure.
 //! - [`transport`]: QUIC (quinn) endpoint, RPC calls, and the Raft network over it.
 //! - [`Cluster`]: the handle the agent drives.
 //!
@@ -47,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+pub mod failover;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod model;
@@ -113,17 +115,28 @@ impl Default for Tuning {
 }
 
 impl Tuning {
-    /// Short periods for tests and the lab: failover well under 5 s.
+    /// Short periods for tests and the lab: a new leader within 2 s (openraft waits out its
+    /// leader lease, the election timeout's upper bound, before its election timeout: 0.6 s +
+    /// 0.3–0.6 s here; pre-vote keeps a loaded machine's late heartbeats from deposing the
+    /// leader, see `failover`).
     pub fn fast() -> Tuning {
         Tuning {
             heartbeat: Duration::from_millis(500),
+            // Also openraft's timeout of one append: shorter fails appends on a busy machine.
             raft_heartbeat: Duration::from_millis(150),
-            raft_election_min: Duration::from_millis(800),
+            raft_election_min: Duration::from_millis(300),
             snapshot_every: 10_000,
             snapshot_keep: 500,
             rpc_timeout: Duration::from_secs(5),
             gossip_key_rotation: Duration::from_secs(12 * 3600),
         }
+    }
+
+    /// How long a request waits out a leader election (retrying while there is no leader):
+    /// the lease, the longest election timeout, and as much again for a split vote; at least
+    /// one RPC timeout, for elections that repeat on a loaded machine.
+    pub fn failover_window(&self) -> Duration {
+        (self.raft_election_min * 8).max(self.rpc_timeout)
     }
 
     fn manager_window(&self) -> Duration {

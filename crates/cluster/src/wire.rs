@@ -309,6 +309,8 @@ pub enum Request {
     Manage(ManageRequest),
     /// Raft traffic.
     Raft(RaftRequest),
+    /// A manager asks another whether it still has a live leader (pre-vote, see `failover`).
+    Probe,
     /// A manager relays a request to the leader on behalf of `origin`.
     Forwarded {
         /// Who asked.
@@ -400,6 +402,11 @@ pub enum Response {
     },
     /// Raft.
     Raft(RaftResponse),
+    /// To `Probe`: whether the answering manager has a live leader (or is one).
+    Probe {
+        /// It leads with a quorum, or an append from the leader reached it within the lease.
+        leader_alive: bool,
+    },
     /// To `Node`: whatever the node's handler answered.
     Value(serde_json::Value),
     /// Refused or failed.

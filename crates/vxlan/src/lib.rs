@@ -15,7 +15,10 @@
 //!   so its UDP socket stays on the node, and a macvlan `gw0` on it with the gateway address
 //!   (MAC `02:42:<gw>`). Endpoints are macvlans (bridge mode) on the VXLAN device, moved into
 //!   the task namespaces: one device hop fewer than Docker's bridge + veth, which is what lets
-//!   the plain overlay run at kernel VXLAN speed. Everything is rtnetlink.
+//!   the plain overlay run at kernel VXLAN speed. Each endpoint's interface holds the same
+//!   permanent neighbour entries as the VXLAN device, so no endpoint ARPs across the overlay
+//!   and a large cluster never fills the kernel's dynamic neighbour table. Everything is
+//!   rtnetlink.
 //! - [`wg`]: the encrypted data path. One TUN (`shoal-wg`) per node holding the node's tunnel
 //!   address (in `240.0.0.0/4` unless configured), made with the node's first endpoint on an
 //!   encrypted network and removed with its last; VXLAN devices of encrypted networks use tunnel addresses, so the kernel hands
@@ -40,6 +43,7 @@
 
 #![deny(unsafe_code)]
 
+mod endpoint;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod guard;

@@ -25,6 +25,7 @@ use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVxlan};
 use shoal_netns::NetNs;
 use tokio::sync::Mutex;
 
+use crate::endpoint;
 use crate::kernel::{self, nl};
 use crate::model::{Mac, NetworkSpec, Tables, VNI_MIN, VXLAN_OVERHEAD, WG_OVERHEAD};
 use crate::reconcile::{Reconciler, plan};
@@ -395,6 +396,11 @@ impl Overlay {
         if created {
             self.after_networks_changed(&mut st).await?;
         }
+        // The new endpoint gets its permanent neighbour entries now, not at the next table.
+        st.reconciler.mark_dirty(&spec.id);
+        if let Err(e) = self.reconcile(&mut st).await {
+            tracing::warn!(network = %spec.id, error = %e, "neighbour entries of a new endpoint");
+        }
         Ok(attached)
     }
 
@@ -595,7 +601,20 @@ impl Overlay {
                     kernel::apply(&sb.nl, sb.vx, change).await?;
                     n += 1;
                 }
-                Ok::<usize, Error>(n)
+                // The same neighbour entries in every local endpoint: no ARP across the overlay.
+                // One endpoint that fails (its task ending meanwhile) holds up none of the others.
+                let mut failed = None;
+                for (ep, holder) in &sb.endpoints {
+                    let alias = endpoint_alias(sb.ns.name(), ep);
+                    match endpoint::sync(holder, &alias, &desired.neigh).await {
+                        Ok(k) => n += k,
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok::<usize, Error>(n),
+                }
             }
             .await;
             match res {
