@@ -53,6 +53,11 @@ fn until_row(lab: &Lab, name: &str, want: &str) {
 
 /// Ids the way `-q` prints them: one a line, lowercase letters and digits (25 for tasks,
 /// services and networks, 13 for nodes).
+/// The DESIRED STATE and CURRENT STATE columns of a `ps` row, as `ps` lays them out.
+fn states(desired: &str, current: &str) -> String {
+    format!("{desired:<14} {current}")
+}
+
 fn ids(out: &str) -> Vec<String> {
     let ids: Vec<String> = out.lines().map(str::to_owned).collect();
     for id in &ids {
@@ -161,13 +166,13 @@ fn docker_verbs_behave_as_in_docker() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status.code(), Some(143), "the stopped task's exit code");
-    until_row(&lab, "long", "Shutdown   Shutdown");
+    until_row(&lab, "long", &states("Shutdown", "Shutdown"));
 
     // ps lists what runs; -a also what ended; -q ids only.
     let out =
         lab.on("node1", &["run", "-d", "--name", "bg", "--network", "n", "--", "sleep", "100000"]);
     let bg = ids(&out).pop().unwrap();
-    until_row(&lab, "bg", "Running    Running");
+    until_row(&lab, "bg", &states("Running", "Running"));
     // logs -f: what was printed so far, then the rest as it comes, until the task ends.
     lab.on(
         "node1",
@@ -244,7 +249,7 @@ fn docker_verbs_behave_as_in_docker() {
 
     let o = on1(&lab, &["stop", "bg", "nope"]);
     assert_eq!(parts(&o), (Some(1), "bg\n".into(), "Error: No such container: nope\n".into()));
-    until_row(&lab, "bg", "Shutdown   Shutdown");
+    until_row(&lab, "bg", &states("Shutdown", "Shutdown"));
     let o = on1(&lab, &["rm", "t1", "nope", "quick"]);
     assert_eq!(
         parts(&o),

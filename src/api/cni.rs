@@ -8,7 +8,6 @@
 //! answers once that is done. The answers speak CNI: a result, or a CNI error code and
 //! message that the plugin prints as they are.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use shoal_cluster::model::{ClusterState, now_ms};
-use shoal_scheduler::{self as sched, DesiredState, TaskState};
 
 use super::ApiState;
 use crate::engine::leader::new_id;
@@ -306,45 +304,24 @@ async fn create(
     if records::overlay_spec(net).is_none() {
         return invalid(format!("network {} is not IPv4", net.name));
     }
-    let tasks = records::tasks(state);
-    let taken = tasks.values().any(|t| t.standalone.as_ref().is_some_and(|s| s.name == req.name));
-    if taken || records::services(state).values().any(|s| s.name == req.name) {
+    if records::name_taken(state, &req.name) {
         return invalid(format!("the name {} is already in use in the swarm", req.name));
     }
-    let now = now_ms();
     let id = new_id();
-    let rec = TaskRecord {
-        task: sched::Task {
-            id: id.clone(),
-            service_id: String::new(),
-            slot: 0,
-            node_id: Some(me.to_owned()),
-            spec_version: 1,
-            desired: DesiredState::Running,
-            state: TaskState::Assigned,
-            state_since_ms: now,
-            created_ms: now,
-            attempt: 0,
-        },
-        addresses: BTreeMap::new(),
-        networks: vec![net.id.clone()],
-        message: String::new(),
-        exit_code: None,
-        health: None,
-        standalone: Some(Standalone {
-            name: req.name.clone(),
-            argv: Vec::new(),
-            env: Vec::new(),
-            auto_remove: false,
-            mounts: Vec::new(),
-            cni: Some(CniAttachment {
-                container_id: req.container_id.clone(),
-                netns,
-                ifname: req.ifname.clone(),
-                aliases: req.aliases.clone(),
-            }),
+    let standalone = Standalone {
+        name: req.name.clone(),
+        argv: Vec::new(),
+        env: Vec::new(),
+        auto_remove: false,
+        mounts: Vec::new(),
+        cni: Some(CniAttachment {
+            container_id: req.container_id.clone(),
+            netns,
+            ifname: req.ifname.clone(),
+            aliases: req.aliases.clone(),
         }),
     };
+    let rec = TaskRecord::standalone(&id, me, &net.id, standalone, now_ms());
     c.put_standalone(&id, Some(records::to_value(&rec)))
         .await
         .map_err(|e| later(format!("writing the container's record: {e}")))?;

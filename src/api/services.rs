@@ -1095,44 +1095,22 @@ async fn container_run(
                 req.network, net.name
             )));
         }
-        let taken = records::tasks(&state)
-            .values()
-            .any(|t| t.standalone.as_ref().is_some_and(|s| s.name == req.name));
-        if taken || records::services(&state).values().any(|s| s.name == req.name) {
+        if records::name_taken(&state, &req.name) {
             return Err(error(
                 StatusCode::CONFLICT,
                 format!("Conflict. The container name \"/{}\" is already in use", req.name),
             ));
         }
-        let now = now_ms();
         let id = new_id();
-        let rec = TaskRecord {
-            task: sched::Task {
-                id: id.clone(),
-                service_id: String::new(),
-                slot: 0,
-                node_id: Some(engine.node_id().to_owned()),
-                spec_version: 1,
-                desired: DesiredState::Running,
-                state: TaskState::Assigned,
-                state_since_ms: now,
-                created_ms: now,
-                attempt: 0,
-            },
-            addresses: BTreeMap::new(),
-            networks: vec![net.id.clone()],
-            message: String::new(),
-            exit_code: None,
-            health: None,
-            standalone: Some(Standalone {
-                name: req.name.clone(),
-                argv: req.argv.clone(),
-                env: parse_env(&req.env)?,
-                auto_remove: req.auto_remove,
-                mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
-                cni: None,
-            }),
+        let standalone = Standalone {
+            name: req.name.clone(),
+            argv: req.argv.clone(),
+            env: parse_env(&req.env)?,
+            auto_remove: req.auto_remove,
+            mounts: mounts::check_all(&req.mounts).map_err(bad_request)?,
+            cni: None,
         };
+        let rec = TaskRecord::standalone(&id, engine.node_id(), &net.id, standalone, now_ms());
         c.put_standalone(&id, Some(records::to_value(&rec))).await.map_err(cluster_error)?;
         engine.kick();
         Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "id": id }))).into_response())

@@ -237,6 +237,13 @@ pub struct TaskRecord {
     pub standalone: Option<Standalone>,
 }
 
+/// Whether a service or a standalone task already has `name`: the two share one namespace of
+/// DNS names in the swarm.
+pub fn name_taken(state: &ClusterState, name: &str) -> bool {
+    tasks(state).values().any(|t| t.standalone.as_ref().is_some_and(|s| s.name == name))
+        || services(state).values().any(|s| s.name == name)
+}
+
 /// What `shoal run` asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Standalone {
@@ -270,6 +277,37 @@ pub struct CniAttachment {
 }
 
 impl TaskRecord {
+    /// A standalone task (`shoal run`, a CNI container) assigned to `node` on one network, as
+    /// the API writes it: the leader gives it its address, then the node starts or attaches it.
+    pub fn standalone(
+        id: &str,
+        node: &str,
+        network: &str,
+        standalone: Standalone,
+        now_ms: u64,
+    ) -> TaskRecord {
+        TaskRecord {
+            task: sched::Task {
+                id: id.to_owned(),
+                service_id: String::new(),
+                slot: 0,
+                node_id: Some(node.to_owned()),
+                spec_version: 1,
+                desired: sched::DesiredState::Running,
+                state: sched::TaskState::Assigned,
+                state_since_ms: now_ms,
+                created_ms: now_ms,
+                attempt: 0,
+            },
+            addresses: BTreeMap::new(),
+            networks: vec![network.to_owned()],
+            message: String::new(),
+            exit_code: None,
+            health: None,
+            standalone: Some(standalone),
+        }
+    }
+
     /// What a CNI runtime attached, for a container it runs.
     pub fn cni(&self) -> Option<&CniAttachment> {
         self.standalone.as_ref().and_then(|s| s.cni.as_ref())

@@ -82,7 +82,9 @@ fn plain_network_across_three_nodes() {
         };
         for o in &overlays {
             let n = o.set_tables(tables.clone()).await.expect("set tables");
-            assert_eq!(n, 2 + 2 + 2, "two remote endpoints: fdb, neighbour, flood each");
+            // Two remote endpoints: fdb, neighbour and flood each on the VXLAN device, and a
+            // permanent neighbour entry each in the node's one local endpoint.
+            assert_eq!(n, 2 + 2 + 2 + 2, "fdb, neighbour, flood and endpoint neighbour per remote");
             assert_eq!(o.set_tables(tables.clone()).await.expect("again"), 0, "no-op");
         }
 
