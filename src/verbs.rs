@@ -54,6 +54,23 @@ pub enum NetworkCmd {
 }
 
 /// Flags of `service create` and the command after `--`.
+/// Docker's rolling-update flags, the same on `service create` and `service update`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutArgs {
+    /// Tasks replaced at a time in a rolling update (default 1; 0: all at once).
+    #[arg(long)]
+    pub update_parallelism: Option<u64>,
+    /// Wait between replacing tasks in a rolling update, e.g. `10s`.
+    #[arg(long, value_parser = parse_duration)]
+    pub update_delay: Option<Duration>,
+    /// What a new task failing during an update does: `pause` (default), `rollback`, `continue`.
+    #[arg(long, value_parser = ["pause", "rollback", "continue"])]
+    pub update_failure_action: Option<String>,
+    /// How long after its creation a new task's failure counts (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    pub update_monitor: Option<Duration>,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CreateArgs {
     #[arg(long)]
@@ -99,18 +116,8 @@ pub struct CreateArgs {
     /// `stop-first` or `start-first`.
     #[arg(long, value_parser = ["stop-first", "start-first"])]
     update_order: Option<String>,
-    /// Tasks replaced at a time in a rolling update (default 1; 0: all at once).
-    #[arg(long)]
-    update_parallelism: Option<u64>,
-    /// Wait between replacing tasks in a rolling update, e.g. `10s`.
-    #[arg(long, value_parser = parse_duration)]
-    update_delay: Option<Duration>,
-    /// What a new task failing during an update does: `pause` (default), `rollback`, `continue`.
-    #[arg(long, value_parser = ["pause", "rollback", "continue"])]
-    update_failure_action: Option<String>,
-    /// How long after its creation a new task's failure counts (default 5s).
-    #[arg(long, value_parser = parse_duration)]
-    update_monitor: Option<Duration>,
+    #[command(flatten)]
+    rollout: RolloutArgs,
     /// Health command run inside each task (exit 0 = healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -181,18 +188,8 @@ pub enum ServiceCmd {
         constraint_rm: Vec<String>,
         #[arg(long, value_parser = ["stop-first", "start-first"])]
         update_order: Option<String>,
-        /// Tasks replaced at a time (0: all at once).
-        #[arg(long)]
-        update_parallelism: Option<u64>,
-        /// Wait between replacing tasks, e.g. `10s`.
-        #[arg(long, value_parser = parse_duration)]
-        update_delay: Option<Duration>,
-        /// `pause`, `rollback` or `continue`.
-        #[arg(long, value_parser = ["pause", "rollback", "continue"])]
-        update_failure_action: Option<String>,
-        /// How long after its creation a new task's failure counts.
-        #[arg(long, value_parser = parse_duration)]
-        update_monitor: Option<Duration>,
+        #[command(flatten)]
+        rollout: RolloutArgs,
         /// Time between the stop signal and SIGKILL.
         #[arg(long, value_parser = parse_duration)]
         stop_grace_period: Option<Duration>,
@@ -444,10 +441,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 restart_delay_ms: ms(a.restart_delay),
                 restart_max_attempts: a.restart_max_attempts,
                 update_order: a.update_order.clone(),
-                update_parallelism: a.update_parallelism,
-                update_delay_ms: ms(a.update_delay),
-                update_failure_action: a.update_failure_action.clone(),
-                update_monitor_ms: ms(a.update_monitor),
+                update_parallelism: a.rollout.update_parallelism,
+                update_delay_ms: ms(a.rollout.update_delay),
+                update_failure_action: a.rollout.update_failure_action.clone(),
+                update_monitor_ms: ms(a.rollout.update_monitor),
                 health_cmd: a.health_cmd.clone(),
                 health_interval_ms: ms(a.health_interval),
                 health_timeout_ms: ms(a.health_timeout),
@@ -549,10 +546,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_add,
             constraint_rm,
             update_order,
-            update_parallelism,
-            update_delay,
-            update_failure_action,
-            update_monitor,
+            rollout,
             stop_grace_period,
             stop_signal,
             force,
@@ -574,10 +568,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 constraint_add: constraint_add.clone(),
                 constraint_rm: constraint_rm.clone(),
                 update_order: update_order.clone(),
-                update_parallelism: *update_parallelism,
-                update_delay_ms: ms(*update_delay),
-                update_failure_action: update_failure_action.clone(),
-                update_monitor_ms: ms(*update_monitor),
+                update_parallelism: rollout.update_parallelism,
+                update_delay_ms: ms(rollout.update_delay),
+                update_failure_action: rollout.update_failure_action.clone(),
+                update_monitor_ms: ms(rollout.update_monitor),
                 stop_grace_ms: ms(*stop_grace_period),
                 stop_signal: stop_signal.clone(),
                 force: *force,
