@@ -25,7 +25,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use self::lifeguard::Lifeguard;
-use self::shared::{Handler, RELAY_MEMORY, State, lock};
+use self::shared::{Handler, State, lock};
 use self::swim::{Rt, Swim, Tick};
 pub use self::vocab::{
     CoreError, CoreOptions, EntryChange, Event, MemberState, MemberView, TableError, Transmit,
@@ -324,33 +324,11 @@ impl Core {
 
     /// Stops participating in `network`: deletes our entries there and drops its tables.
     pub fn leave_network(&mut self, now: Instant, network: &str) {
-        let own: Vec<EntryKey> = {
-            let st = lock(&self.swim.state);
-            if !st.networks.contains(network) {
-                return;
-            }
-            st.store
-                .iter()
-                .filter(|(k, e)| {
-                    k.network == network && e.version.owner == st.me.node && e.value.is_some()
-                })
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
+        let Some(own) = lock(&self.swim.state).own_entries_in(network) else { return };
         for k in own {
             let _ = self.local_entry(now, k, None);
         }
-        {
-            let mut st = lock(&self.swim.state);
-            st.networks.remove(network);
-            let gone = st.store.remove_where(|k, _| k.network == network);
-            for (key, e) in gone {
-                if e.value.is_some() && st.owner_live(e.version.owner, e.version.generation) {
-                    let change = EntryChange::Deleted { owner: e.version.owner };
-                    st.events.push_back(Event::Entry { key, change });
-                }
-            }
-        }
+        lock(&self.swim.state).forget_network(network);
         let (meta, nets) = self.own_record();
         let nets = nets.into_iter().filter(|n| n != network).collect();
         self.publish_record(now, meta, nets);
@@ -485,20 +463,12 @@ impl Core {
     }
 
     fn own_record(&self) -> (NodeMeta, Vec<String>) {
-        let st = lock(&self.swim.state);
-        match st.nodes.get(&st.me.node) {
-            Some(r) => (r.meta.clone(), r.networks.clone()),
-            None => (NodeMeta::default(), st.networks.iter().cloned().collect()),
-        }
+        lock(&self.swim.state).own_record()
     }
 
     fn publish_record(&mut self, now: Instant, meta: NodeMeta, networks: Vec<String>) {
         self.swim.set_now(now);
-        let rec = {
-            let st = lock(&self.swim.state);
-            let version = st.nodes.get(&st.me.node).map_or(1, |r| r.version + 1);
-            NodeRecord { node: st.me.node, generation: st.me.generation, version, meta, networks }
-        };
+        let rec = lock(&self.swim.state).next_record(meta, networks);
         if self.swim.foca.num_members() == 0 {
             // Alone: nobody to tell. The join's push-pull carries it, and becoming active
             // republishes it with a retransmit budget sized for the cluster we joined.
@@ -511,12 +481,7 @@ impl Core {
     }
 
     fn reap(&mut self, now: Instant) {
-        let mut st = lock(&self.swim.state);
-        let age = st.cfg.tombstone_reap;
-        st.store.reap(now, age);
-        st.relay.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
-        st.settled.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
-        drop(st);
+        lock(&self.swim.state).reap(now);
         self.lifeguard.reap(now);
     }
 

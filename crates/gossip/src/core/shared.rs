@@ -12,11 +12,11 @@ use super::vocab::{EntryChange, Event, MemberState, MemberView};
 use crate::config::CoreConfig;
 use crate::metrics::{Counters, DropReason};
 use crate::msg::{self, Item, NodeRecord, Suspect, WireEntry};
-use crate::table::{Merge, Store};
-use crate::types::{EntryKey, Identity, NodeId, Version};
+use crate::table::{Merge, Store, Stored};
+use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 
 /// How long a relayed (not held) entry's version is remembered to stop re-relaying it.
-pub(super) const RELAY_MEMORY: Duration = Duration::from_secs(300);
+const RELAY_MEMORY: Duration = Duration::from_secs(300);
 
 /// Broadcast dedup key: a newer version of the same thing replaces an older one in foca's queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +101,51 @@ impl State {
             self_suspected: None,
             stale_timers: Vec::new(),
         }
+    }
+
+    /// Our live entries in `network`, or `None` if we do not participate in it.
+    pub(super) fn own_entries_in(&self, network: &str) -> Option<Vec<EntryKey>> {
+        if !self.networks.contains(network) {
+            return None;
+        }
+        let me = self.me.node;
+        let mine = |k: &EntryKey, e: &Stored| {
+            k.network == network && e.version.owner == me && e.value.is_some()
+        };
+        Some(self.store.iter().filter(|(k, e)| mine(k, e)).map(|(k, _)| k.clone()).collect())
+    }
+
+    /// Stops holding `network`'s tables; its visible entries are withdrawn from consumers.
+    pub(super) fn forget_network(&mut self, network: &str) {
+        self.networks.remove(network);
+        let gone = self.store.remove_where(|k, _| k.network == network);
+        for (key, e) in gone {
+            if e.value.is_some() && self.owner_live(e.version.owner, e.version.generation) {
+                let change = EntryChange::Deleted { owner: e.version.owner };
+                self.events.push_back(Event::Entry { key, change });
+            }
+        }
+    }
+
+    /// Our metadata and networks as last published (or as held, before the first record).
+    pub(super) fn own_record(&self) -> (NodeMeta, Vec<String>) {
+        match self.nodes.get(&self.me.node) {
+            Some(r) => (r.meta.clone(), r.networks.clone()),
+            None => (NodeMeta::default(), self.networks.iter().cloned().collect()),
+        }
+    }
+
+    /// Our next node record, one version above the last.
+    pub(super) fn next_record(&self, meta: NodeMeta, networks: Vec<String>) -> NodeRecord {
+        let version = self.nodes.get(&self.me.node).map_or(1, |r| r.version + 1);
+        NodeRecord { node: self.me.node, generation: self.me.generation, version, meta, networks }
+    }
+
+    /// Drops old tombstones, relay memories and settled suspicions.
+    pub(super) fn reap(&mut self, now: Instant) {
+        self.store.reap(now, self.cfg.tombstone_reap);
+        self.relay.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
+        self.settled.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
     }
 
     pub(super) fn owner_live(&self, node: NodeId, generation: u64) -> bool {

@@ -39,7 +39,8 @@ pub enum Transmit {
         data: Vec<u8>,
     },
     /// A sealed full-state push for TCP: connect, send it length-prefixed, read the
-    /// length-prefixed reply and feed it to [`Core::handle_sync`].
+    /// length-prefixed reply and feed it to
+    /// [`Core::handle_sync`](super::Core::handle_sync).
     Sync {
         /// Destination (same port as UDP).
         to: SocketAddr,
