@@ -115,8 +115,10 @@ impl std::fmt::Debug for Peer {
     }
 }
 
+/// The peers as the data path sees them, by tunnel and by endpoint address, with the VNIs
+/// they may carry; rebuilt on every change and swapped in whole.
 #[derive(Debug, Default)]
-struct Snapshot {
+struct PeerSet {
     by_tunnel: HashMap<Ipv4Addr, Arc<Peer>>,
     by_endpoint: HashMap<Ipv4Addr, Arc<Peer>>,
     peers: Vec<Arc<Peer>>,
@@ -131,7 +133,7 @@ struct Shared {
     tunnel_addr: Ipv4Addr,
     data_port: u16,
     wg_port: u16,
-    snapshot: ArcSwap<Snapshot>,
+    snapshot: ArcSwap<PeerSet>,
     stop: AtomicBool,
     next_index: AtomicU32,
     counters: DeviceCounters,
@@ -200,7 +202,7 @@ impl Device {
             tunnel_addr: enc.tunnel_addr,
             data_port,
             wg_port: enc.port,
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            snapshot: ArcSwap::from_pointee(PeerSet::default()),
             stop: AtomicBool::new(false),
             next_index: AtomicU32::new(1),
             counters: DeviceCounters::default(),
@@ -232,7 +234,7 @@ impl Device {
     pub(crate) fn set_peers(&self, peers: &[WgPeer], vnis: &BTreeSet<u32>) {
         let _g = self.shared.control.lock();
         let old = self.shared.snapshot.load();
-        let mut snap = Snapshot { vnis: vnis.clone(), ..Snapshot::default() };
+        let mut snap = PeerSet { vnis: vnis.clone(), ..PeerSet::default() };
         for p in peers {
             let endpoint = SocketAddrV4::new(p.vtep, self.shared.wg_port);
             let peer = match old.peers.iter().find(|o| o.key == *p && o.endpoint == endpoint) {

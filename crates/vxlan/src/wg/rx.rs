@@ -13,7 +13,7 @@ use std::time::Instant;
 use boringtun::noise::TunnResult;
 
 use super::stats::{DropReason, reason_of};
-use super::{Peer, Shared, Snapshot, TIMER_TICK, batch, gro, run_timers, wait_readable};
+use super::{Peer, PeerSet, Shared, TIMER_TICK, batch, gro, run_timers, wait_readable};
 use crate::wire;
 
 /// Most datagrams one super-packet written to the TUN carries.
@@ -194,7 +194,7 @@ pub(super) fn datagrams(buf: &[u8], seg: usize) -> std::slice::Chunks<'_, u8> {
 #[allow(clippy::too_many_arguments)]
 fn receive_one(
     shared: &Shared,
-    snap: &Snapshot,
+    snap: &PeerSet,
     peer: &Arc<Peer>,
     tun: &File,
     udp: &UdpSocket,
@@ -241,7 +241,7 @@ fn receive_one(
 
 /// Whether a decrypted packet may go to the TUN: its source is the peer's tunnel address and
 /// it is VXLAN to the data-path port for an encrypted network.
-fn admit(shared: &Shared, snap: &Snapshot, peer: &Peer, pkt: &[u8], src: Ipv4Addr) -> bool {
+fn admit(shared: &Shared, snap: &PeerSet, peer: &Peer, pkt: &[u8], src: Ipv4Addr) -> bool {
     match check_decrypted(
         pkt,
         src,
