@@ -12,7 +12,9 @@
 //!   (re-read on change), with a per-attempt timeout, TCP fallback and an in-flight bound.
 //! - [`server`]: the tokio driver. [`DnsService`] runs one hickory-server `Server` per task
 //!   namespace, on UDP and TCP sockets bound to 127.0.0.11:53 *inside* that namespace, all
-//!   answering from one arc-swapped snapshot.
+//!   answering from one arc-swapped snapshot; `handler` plans and answers one request (the
+//!   fast path, our records, or a forward); `udp` reads and answers datagrams in batches
+//!   (recvmmsg/sendmmsg through the `shoal-udp` crate).
 //! - [`wire`]: the UDP fast path's view of a plain A/AAAA query and its answer, written into a
 //!   reused buffer; every other query goes through hickory.
 //! - [`metrics`]: Prometheus counters and a latency histogram.
@@ -39,9 +41,11 @@
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
+mod handler;
 pub mod metrics;
 pub mod records;
 pub mod server;
+mod udp;
 pub mod wire;
 
 pub use forward::{ForwardConfig, ForwardError, parse_resolv_conf};

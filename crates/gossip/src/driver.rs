@@ -30,10 +30,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, GossipConfig};
-use crate::core::{Core, CoreError, CoreOptions, Event, MemberView, TableError, Transmit};
+use crate::core::{Core, CoreError, CoreOptions, Event, TableError, Transmit};
 use crate::keyring::KeyringError;
 use crate::metrics::{DropReason, Metrics};
-use crate::types::{EntryKey, Identity, NodeId, NodeMeta};
+use crate::snapshot::Snapshot;
+use crate::types::{EntryKey, NodeMeta};
 
 /// How long a TCP sync may take end to end (memberlist `TCPTimeout`).
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,34 +55,6 @@ const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
 /// Shortest time between two snapshot rebuilds caused by events (a burst of events costs one
 /// rebuild, not one per event; the event stream itself is never delayed).
 const SNAPSHOT_MIN_GAP: Duration = Duration::from_millis(50);
-
-/// What the driver publishes after every change: members, visible entries, metrics.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    /// Our identity (changes generation on restart, bump on a renewed rejoin).
-    pub identity: Option<Identity>,
-    /// All known members, ourselves first.
-    pub members: Vec<MemberView>,
-    /// Visible entries (live, owner alive) with their owner, in key order.
-    pub entries: Vec<(EntryKey, NodeId, Bytes)>,
-    /// Networks we participate in.
-    pub networks: Vec<String>,
-    /// Keyring ids, primary first.
-    pub key_ids: Vec<u32>,
-    /// Counters and members by state.
-    pub metrics: Metrics,
-}
-
-impl Snapshot {
-    /// Visible entries of one table in one network: (key, owner, value).
-    pub fn table(&self, table: &str, network: &str) -> Vec<(String, NodeId, Bytes)> {
-        self.entries
-            .iter()
-            .filter(|(k, _, _)| k.table == table && k.network == network)
-            .map(|(k, o, v)| (k.key.clone(), *o, v.clone()))
-            .collect()
-    }
-}
 
 /// Why a driver operation failed.
 #[derive(Debug, thiserror::Error)]

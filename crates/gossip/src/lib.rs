@@ -67,6 +67,7 @@ pub mod msg;
 mod prom;
 pub mod replay;
 pub mod sim;
+mod snapshot;
 pub mod table;
 mod types;
 pub mod wire;
@@ -75,7 +76,8 @@ pub use crate::config::{ConfigError, CoreConfig, DEFAULT_PORT, GossipConfig};
 pub use crate::core::{
     Core, CoreError, CoreOptions, EntryChange, Event, MemberState, MemberView, TableError, Transmit,
 };
-pub use crate::driver::{Gossip, GossipError, Snapshot};
+pub use crate::driver::{Gossip, GossipError};
 pub use crate::keyring::{Keyring, KeyringError, key_id};
 pub use crate::metrics::{Counters, DropReason, MemberCounts, Metrics};
+pub use crate::snapshot::Snapshot;
 pub use crate::types::{Availability, EntryKey, Identity, NodeId, NodeMeta, Role, Version};

@@ -9,8 +9,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::driver::Snapshot;
 use crate::metrics::DropReason;
+use crate::snapshot::Snapshot;
 
 /// Exports members by state, messages and bytes in/out, drops by reason and probe RTT.
 #[derive(Debug)]

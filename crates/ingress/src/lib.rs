@@ -11,7 +11,7 @@
 //! - **I/O**: [`forward`] moves TCP bytes with splice(2) through pooled, sized pipes (or a
 //!   copy for small exchanges), with half-close, idle timeout and RST on reset; [`upstream`]
 //!   makes upstream sockets inside the ingress sandbox namespace; `udp` runs per-flow UDP
-//!   sessions with recvmmsg/sendmmsg ([`mmsg`]).
+//!   sessions with recvmmsg/sendmmsg (the `shoal-udp` crate).
 //! - **Driver** ([`Mesh`]): listeners per published port, one control task per service that
 //!   owns its health core, runs checks and swaps snapshots (arc-swap) that the data path reads
 //!   without locks; [`metrics`] per service and backend.
@@ -38,7 +38,6 @@ pub mod health;
 pub mod maglev;
 mod mesh;
 pub mod metrics;
-pub mod mmsg;
 pub mod proxy_protocol;
 pub mod spec;
 mod udp;

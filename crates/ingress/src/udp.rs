@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use shoal_udp::{Received, RecvBatch};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
@@ -24,7 +25,6 @@ use tokio::time::Instant;
 
 use crate::balancer::{Backend, Snapshot};
 use crate::mesh::{Ctx, Service};
-use crate::mmsg::{self, RecvBatch};
 use crate::spec::{PortSpec, PublishMode};
 
 /// Slot size of the listener's receive batch: any datagram fits.
@@ -84,7 +84,7 @@ pub(crate) async fn serve(
                 }
                 let p = port.load_full();
                 let snap = svc.snapshot.load_full();
-                for (data, from, trunc) in batch.iter() {
+                for Received { data, from, truncated: trunc, .. } in batch.iter() {
                     let Some(client) = from else { continue };
                     if trunc {
                         continue;
@@ -221,10 +221,10 @@ async fn reply_task(
             }
             Err(_) => continue,
         }
-        let mut msgs: [&[u8]; mmsg::MAX_BATCH] = [&[]; mmsg::MAX_BATCH];
+        let mut msgs: [&[u8]; REPLY_BATCH] = [&[]; REPLY_BATCH];
         let mut n = 0;
         let mut bytes = 0u64;
-        for (data, _, trunc) in batch.iter() {
+        for Received { data, truncated: trunc, .. } in batch.iter() {
             if trunc {
                 backend.stats.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -237,7 +237,7 @@ async fn reply_task(
         while sent < n {
             let r = listener
                 .async_io(Interest::WRITABLE, || {
-                    mmsg::send_batch(listener.as_fd(), &msgs[sent..n], Some(client))
+                    shoal_udp::send_to(listener.as_fd(), &msgs[sent..n], Some(client))
                 })
                 .await;
             match r {

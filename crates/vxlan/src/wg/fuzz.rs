@@ -9,7 +9,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::{check_decrypted, datagrams, gro};
+use super::gro;
+use super::rx::{check_decrypted, datagrams};
 
 /// The peer's underlay and tunnel addresses, as the rx thread would know them.
 const PEER_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);

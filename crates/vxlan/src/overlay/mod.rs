@@ -16,27 +16,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwapOption;
 use rtnetlink::packet_route::link::InfoKind;
 use rtnetlink::packet_route::link::MacVlanMode;
-use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVxlan};
+use rtnetlink::{Handle, LinkMacVlan, LinkUnspec};
 use shoal_netns::NetNs;
 use tokio::sync::Mutex;
 
+mod encryption;
+mod sandbox;
+
+use self::encryption::Encryption;
+use self::sandbox::{
+    SANDBOX_TAG, Sandbox, endpoint_alias, endpoint_aliases, fnv32, parse_net_alias,
+    remove_endpoint_link, remove_sandbox_links, validate_id, validate_spec, vx_name,
+};
 use crate::endpoint;
 use crate::kernel::{self, nl};
-use crate::model::{Mac, NetworkSpec, Tables, VNI_MIN, VXLAN_OVERHEAD, WG_OVERHEAD};
+use crate::model::{Mac, NetworkSpec, Tables, VXLAN_OVERHEAD, WG_OVERHEAD};
 use crate::reconcile::{Reconciler, plan};
 use crate::wg::{self, PeerStats};
-use crate::{EncryptionConfig, Error, NodeNs, OverlayConfig, guard};
-
-/// The sandbox's own macvlan holding the network's gateway address.
-const GATEWAY_LINK: &str = "gw0";
-const SANDBOX_TAG: &str = "ov-";
-const NET_ALIAS: &str = "shoal-net";
-const EP_ALIAS: &str = "shoal-ep";
+use crate::{Error, NodeNs, OverlayConfig, guard};
 
 /// A task's attachment to a network.
 #[derive(Debug, Clone)]
@@ -78,17 +78,6 @@ pub struct NetworkStatus {
 }
 
 #[derive(Debug)]
-struct Sandbox {
-    spec: NetworkSpec,
-    ns: NetNs,
-    nl: Handle,
-    vx: u32,
-    mtu: u32,
-    /// endpoint id → the name of the task namespace that holds its macvlan
-    endpoints: BTreeMap<String, String>,
-}
-
-#[derive(Debug)]
 struct State {
     reconciler: Reconciler,
     sandboxes: BTreeMap<String, Sandbox>,
@@ -106,82 +95,9 @@ pub struct Overlay {
     node: NodeNs,
     node_nl: Handle,
     underlay_mtu: u32,
-    /// The WireGuard device, while a local network is encrypted. Swapped only with `state`
-    /// locked; read without it by the statistics.
-    wg: ArcSwapOption<wg::Device>,
-    /// Times the guard was found gone or wrong and applied again.
-    guard_reapplied: AtomicU64,
-    /// Drops counted by guard tables that were since replaced (a new table counts from 0).
-    guard_drops_before: AtomicU64,
-    /// The drops of the guard table in force at its last check: what a table deleted by hand
-    /// had counted (at least).
-    guard_drops_checked: AtomicU64,
+    /// The WireGuard device and the guard's counters.
+    enc: Encryption,
     state: Mutex<State>,
-}
-
-fn fnv32(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
-}
-
-fn vx_name(vni: u32) -> String {
-    format!("vx-{vni:06x}")
-}
-
-fn validate_id(what: &str, id: &str) -> Result<(), Error> {
-    if id.is_empty()
-        || id.len() > 64
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-    {
-        return Err(Error::Invalid(format!("{what} {id:?}: use 1-64 of [A-Za-z0-9_.-]")));
-    }
-    Ok(())
-}
-
-fn validate_spec(spec: &NetworkSpec) -> Result<(), Error> {
-    validate_id("network id", &spec.id)?;
-    if !(VNI_MIN..=crate::wire::VNI_MAX).contains(&spec.vni) {
-        return Err(Error::Invalid(format!(
-            "network {}: VNI {} outside {VNI_MIN}..=16777215",
-            spec.id, spec.vni
-        )));
-    }
-    if !spec.subnet.contains(&spec.gateway)
-        || spec.gateway == spec.subnet.network()
-        || spec.gateway == spec.subnet.broadcast()
-    {
-        return Err(Error::Invalid(format!(
-            "network {}: gateway {} is not a host address of {}",
-            spec.id, spec.gateway, spec.subnet
-        )));
-    }
-    Ok(())
-}
-
-fn net_alias(spec: &NetworkSpec) -> String {
-    format!(
-        "{NET_ALIAS} {} {} {} {} {}",
-        spec.id,
-        spec.vni,
-        spec.subnet,
-        spec.gateway,
-        u8::from(spec.encrypted)
-    )
-}
-
-fn parse_net_alias(s: &str) -> Option<NetworkSpec> {
-    let mut w = s.split_whitespace();
-    if w.next()? != NET_ALIAS {
-        return None;
-    }
-    let spec = NetworkSpec {
-        id: w.next()?.to_owned(),
-        vni: w.next()?.parse().ok()?,
-        subnet: w.next()?.parse().ok()?,
-        gateway: w.next()?.parse().ok()?,
-        encrypted: w.next()? == "1",
-    };
-    validate_spec(&spec).ok()?;
-    Some(spec)
 }
 
 impl Overlay {
@@ -218,10 +134,7 @@ impl Overlay {
             node,
             node_nl,
             underlay_mtu,
-            wg: ArcSwapOption::empty(),
-            guard_reapplied: AtomicU64::new(0),
-            guard_drops_before: AtomicU64::new(0),
-            guard_drops_checked: AtomicU64::new(0),
+            enc: Encryption::default(),
         };
         overlay.adopt().await?;
         Ok(overlay)
@@ -244,6 +157,25 @@ impl Overlay {
     /// This node's WireGuard public key, when encryption is configured.
     pub fn wg_public_key(&self) -> Option<[u8; 32]> {
         self.cfg.encryption.as_ref().map(|e| e.key.public())
+    }
+
+    /// The address a network's VXLAN device sends from: the tunnel address when it is
+    /// encrypted (its packets then go through WireGuard), the underlay address otherwise.
+    fn vxlan_local(&self, encrypted: bool) -> Ipv4Addr {
+        match (&self.cfg.encryption, encrypted) {
+            (Some(enc), true) => enc.tunnel_addr,
+            _ => self.cfg.underlay_addr,
+        }
+    }
+
+    /// Makes the guard in force for `vnis` (see [`Encryption::ensure_guard`]).
+    fn ensure_guard(&self, st: &mut State, vnis: &BTreeSet<u32>) -> Result<bool, Error> {
+        self.enc.ensure_guard(&self.node, &self.cfg, &mut st.guard, vnis)
+    }
+
+    /// Brings the WireGuard device up or down (see [`Encryption::ensure_wg`]).
+    async fn ensure_wg(&self, wanted: bool) -> Result<(), Error> {
+        self.enc.ensure_wg(&self.node, &self.node_nl, &self.cfg, self.underlay_mtu, wanted).await
     }
 
     fn sandbox_name(&self, vni: u32) -> String {
@@ -373,7 +305,16 @@ impl Overlay {
                     return Err(e);
                 }
             }
-            let sb = match self.create_sandbox(spec).await {
+            let sb = match Sandbox::create(
+                &self.node_nl,
+                self.sandbox_name(spec.vni),
+                spec,
+                self.endpoint_mtu(spec.encrypted),
+                self.vxlan_local(spec.encrypted),
+                self.cfg.data_port,
+            )
+            .await
+            {
                 Ok(sb) => sb,
                 Err(e) => {
                     self.undo_encrypted(&mut st).await;
@@ -387,7 +328,7 @@ impl Overlay {
         let result = self.attach_in(&mut st, spec, ep).await;
         if result.is_err() && created {
             if let Some(sb) = st.sandboxes.remove(&spec.id) {
-                let _ = self.destroy_sandbox(sb).await;
+                let _ = sb.destroy().await;
             }
             st.reconciler.handle_network_down(&spec.id);
             self.undo_encrypted(&mut st).await;
@@ -541,7 +482,7 @@ impl Overlay {
         if sb.endpoints.is_empty() {
             if let Some(sb) = st.sandboxes.remove(network) {
                 st.reconciler.handle_network_down(network);
-                self.destroy_sandbox(sb).await?;
+                sb.destroy().await?;
             }
             self.after_networks_changed(&mut st).await?;
         }
@@ -557,7 +498,7 @@ impl Overlay {
         let vnis = encrypted_vnis(&st);
         let guarded = self.ensure_guard(&mut st, &vnis);
         let n = self.reconcile(&mut st).await;
-        self.update_wg(&st);
+        self.enc.update_wg(&st.reconciler.wg_peers(), &encrypted_vnis(&st));
         guarded.and(n)
     }
 
@@ -639,43 +580,8 @@ impl Overlay {
         let vnis = encrypted_vnis(st);
         self.ensure_wg(!vnis.is_empty()).await?;
         self.ensure_guard(st, &vnis)?;
-        self.update_wg(st);
+        self.enc.update_wg(&st.reconciler.wg_peers(), &encrypted_vnis(st));
         self.reconcile(st).await.map(|_| ())
-    }
-
-    /// Makes the guard in force for `vnis` unless it already is, and checks the result. A
-    /// guard that was in force for these VNIs and is no longer (someone deleted or flushed
-    /// the table) counts as re-applied. Returns whether it applied anything. Without
-    /// encryption configured there is no guard.
-    fn ensure_guard(&self, st: &mut State, vnis: &BTreeSet<u32>) -> Result<bool, Error> {
-        let Some(enc) = &self.cfg.encryption else {
-            return Ok(false);
-        };
-        let (port, tun) = (self.cfg.data_port, enc.tun_name.as_str());
-        let (ok, dropped) = guard::in_force(&self.node, port, tun, vnis)?;
-        if ok {
-            st.guard = Some(vnis.clone());
-            self.guard_drops_checked.store(dropped, Ordering::Relaxed);
-            return Ok(false);
-        }
-        if st.guard.as_ref() == Some(vnis) {
-            self.guard_reapplied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                ?vnis,
-                "the encrypted networks' guard was gone or altered; applying it again"
-            );
-        }
-        st.guard = None;
-        let counted = self.guard_drops_checked.swap(0, Ordering::Relaxed).max(dropped);
-        self.guard_drops_before.fetch_add(counted, Ordering::Relaxed);
-        guard::apply(&self.node, port, tun, vnis)?;
-        if !guard::in_force(&self.node, port, tun, vnis)?.0 {
-            return Err(Error::Kernel(format!(
-                "the nftables guard for VNIs {vnis:?} is not in force right after applying it"
-            )));
-        }
-        st.guard = Some(vnis.clone());
-        Ok(true)
     }
 
     /// After a failed attach: the guard and the WireGuard device back to what the networks
@@ -686,141 +592,6 @@ impl Overlay {
             tracing::warn!(error = %e, "restoring the guard after a failed attach");
         }
         let _ = self.ensure_wg(needs_wg(st)).await;
-    }
-
-    /// Brings the WireGuard device up when `wanted` and it is not, or takes it down (removing
-    /// the TUN and closing the socket) when not `wanted`. Called with the state locked.
-    async fn ensure_wg(&self, wanted: bool) -> Result<(), Error> {
-        match (wanted, self.wg.load().is_some(), &self.cfg.encryption) {
-            (true, false, Some(enc)) => {
-                let dev =
-                    start_wg(&self.node, &self.node_nl, enc, &self.cfg, self.underlay_mtu).await?;
-                tracing::info!(tun = %enc.tun_name, addr = %enc.tunnel_addr, "WireGuard up");
-                self.wg.store(Some(std::sync::Arc::new(dev)));
-            }
-            (false, true, Some(enc)) => {
-                // Dropping the device stops its threads and closes the TUN, which removes it.
-                drop(self.wg.swap(None));
-                tracing::info!(tun = %enc.tun_name, "WireGuard down: no encrypted network here");
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn update_wg(&self, st: &State) {
-        if let Some(wg) = self.wg.load().as_ref() {
-            wg.set_peers(&st.reconciler.wg_peers(), &encrypted_vnis(st));
-        }
-    }
-
-    async fn create_sandbox(&self, spec: &NetworkSpec) -> Result<Sandbox, Error> {
-        let name = self.sandbox_name(spec.vni);
-        if NetNs::exists(&name) {
-            let ns = NetNs::open(&name)?;
-            let nl = ns.netlink()?;
-            remove_sandbox_links(&nl).await;
-            drop((nl, ns));
-            NetNs::delete(&name)?;
-        }
-        let ns = NetNs::create(&name)?;
-        let nl = match ns.netlink() {
-            Ok(nl) => nl,
-            Err(e) => {
-                drop(ns);
-                let _ = NetNs::delete(&name);
-                return Err(e.into());
-            }
-        };
-        let mtu = self.endpoint_mtu(spec.encrypted);
-        match self.fill_sandbox(spec, &ns, &nl, mtu).await {
-            Ok(vx) => {
-                Ok(Sandbox { spec: spec.clone(), ns, nl, vx, mtu, endpoints: BTreeMap::new() })
-            }
-            Err(e) => {
-                remove_sandbox_links(&nl).await;
-                if let Ok(Some(l)) = kernel::link(&self.node_nl, &vx_name(spec.vni)).await {
-                    let _ = kernel::del_link(&self.node_nl, l.index).await;
-                }
-                drop((nl, ns));
-                let _ = NetNs::delete(&name);
-                Err(e)
-            }
-        }
-    }
-
-    async fn fill_sandbox(
-        &self,
-        spec: &NetworkSpec,
-        ns: &NetNs,
-        nl: &Handle,
-        mtu: u32,
-    ) -> Result<u32, Error> {
-        kernel::lo_up(nl).await?;
-        // Docker's pattern: create the VXLAN device in the node's namespace, so its UDP socket
-        // lives there, then move it into the sandbox.
-        let name = vx_name(spec.vni);
-        if let Some(l) = kernel::link(&self.node_nl, &name).await? {
-            kernel::del_link(&self.node_nl, l.index).await?;
-        }
-        let local = match (&self.cfg.encryption, spec.encrypted) {
-            (Some(enc), true) => enc.tunnel_addr,
-            _ => self.cfg.underlay_addr,
-        };
-        self.node_nl
-            .link()
-            .add(
-                LinkVxlan::new(&name, spec.vni)
-                    .port(self.cfg.data_port)
-                    .local(local)
-                    .learning(false)
-                    .proxy(true)
-                    .mtu(mtu)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl_err(format!("add vxlan {name} vni {}", spec.vni)))?;
-        let vx = kernel::need_link(&self.node_nl, &name).await?;
-        let moved = self
-            .node_nl
-            .link()
-            .set(LinkUnspec::new_with_index(vx.index).setns_by_fd(ns.as_fd().as_raw_fd()).build())
-            .execute()
-            .await;
-        if let Err(e) = moved {
-            let _ = kernel::del_link(&self.node_nl, vx.index).await;
-            return Err(nl_err(format!("move {name} into the sandbox"))(e));
-        }
-        let vx = kernel::need_link(nl, &name).await?;
-        nl.link()
-            .set(LinkUnspec::new_with_index(vx.index).alias(net_alias(spec)).up().build())
-            .execute()
-            .await
-            .map_err(nl_err(format!("set {name} up")))?;
-        // The gateway address answers ARP on the segment, as Docker's bridge does.
-        nl.link()
-            .add(
-                LinkMacVlan::new(GATEWAY_LINK, vx.index, MacVlanMode::Bridge)
-                    .address(Mac::from_ipv4(spec.gateway).0.to_vec())
-                    .mtu(mtu)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl_err("add gateway macvlan"))?;
-        let gw = kernel::need_link(nl, GATEWAY_LINK).await?;
-        kernel::ensure_addr(nl, gw.index, spec.gateway, spec.subnet.prefix_len()).await?;
-        kernel::set_up(nl, gw.index).await?;
-        Ok(vx.index)
-    }
-
-    async fn destroy_sandbox(&self, sb: Sandbox) -> Result<(), Error> {
-        let name = sb.ns.name().to_owned();
-        remove_sandbox_links(&sb.nl).await;
-        drop(sb);
-        NetNs::delete(&name)?;
-        Ok(())
     }
 
     /// The local networks, their sandboxes and endpoints.
@@ -839,24 +610,18 @@ impl Overlay {
 
     /// Per-peer WireGuard state and counters (empty while no local network is encrypted).
     pub fn peer_stats(&self) -> Vec<PeerStats> {
-        self.wg.load().as_ref().map(|w| w.stats()).unwrap_or_default()
+        self.enc.device().map(|w| w.stats()).unwrap_or_default()
     }
 
     /// Whether the WireGuard device (and its TUN) exists now.
     pub fn wg_running(&self) -> bool {
-        self.wg.load().is_some()
+        self.enc.device().is_some()
     }
 
     /// Node-wide encrypted data-path counters, including the guard's drops of forged cleartext
     /// (`None` while no local network is encrypted).
     pub fn device_stats(&self) -> Option<wg::DeviceStats> {
-        self.wg.load().as_ref().map(|w| {
-            let mut s = w.device_stats();
-            s.guard_dropped_cleartext =
-                self.guard_drops_before.load(Ordering::Relaxed) + guard::drops(&self.node);
-            s.guard_reapplied = self.guard_reapplied.load(Ordering::Relaxed);
-            s
-        })
+        self.enc.device_stats(&self.node)
     }
 
     /// Removes everything this driver made: sandboxes (with their endpoints), the guard table
@@ -868,7 +633,7 @@ impl Overlay {
         for id in ids {
             if let Some(sb) = st.sandboxes.remove(&id) {
                 st.reconciler.handle_network_down(&id);
-                if let Err(e) = self.destroy_sandbox(sb).await {
+                if let Err(e) = sb.destroy().await {
                     first_err.get_or_insert(e);
                 }
             }
@@ -879,7 +644,7 @@ impl Overlay {
         {
             first_err.get_or_insert(e);
         }
-        drop(self.wg.swap(None));
+        self.enc.stop_wg();
         drop(st);
         match first_err {
             Some(e) => Err(e),
@@ -896,128 +661,4 @@ fn needs_wg(st: &State) -> bool {
 /// The VNIs of the local encrypted networks: what the guard and the WireGuard device admit.
 fn encrypted_vnis(st: &State) -> BTreeSet<u32> {
     st.sandboxes.values().filter(|s| s.spec.encrypted).map(|s| s.spec.vni).collect()
-}
-
-fn nl_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
-    nl(op)
-}
-
-/// Deletes the links of a sandbox, so that nothing keeps receiving for its VNI even if
-/// something still holds the namespace open. Deleting the VXLAN device also deletes every
-/// endpoint macvlan on it, wherever they are. (Veths and bridges are what older versions made.)
-async fn remove_sandbox_links(nl: &Handle) {
-    let Ok(links) = kernel::links(nl).await else {
-        return;
-    };
-    for l in links {
-        if matches!(
-            l.kind,
-            Some(InfoKind::Vxlan | InfoKind::MacVlan | InfoKind::Veth | InfoKind::Bridge)
-        ) {
-            let _ = kernel::del_link(nl, l.index).await;
-        }
-    }
-}
-
-/// The alias an endpoint's macvlan carries in its task: names the sandbox and the endpoint,
-/// so a restarted agent finds its endpoints (and never takes another agent's).
-fn endpoint_alias(sandbox: &str, id: &str) -> String {
-    format!("{EP_ALIAS} {sandbox} {id}")
-}
-
-/// The (sandbox, endpoint id) pairs of the endpoint macvlans in one namespace.
-async fn endpoint_aliases(ns_name: &str) -> Vec<(String, String)> {
-    let Ok(ns) = NetNs::open(ns_name) else {
-        return Vec::new();
-    };
-    let Ok(nl) = ns.netlink() else {
-        return Vec::new();
-    };
-    let links = kernel::links(&nl).await.unwrap_or_default();
-    links
-        .into_iter()
-        .filter(|l| matches!(l.kind, Some(InfoKind::MacVlan)))
-        .filter_map(|l| {
-            let mut w = l.alias.as_deref()?.strip_prefix(EP_ALIAS)?.split_whitespace();
-            let (sandbox, id) = (w.next()?, w.next()?);
-            w.next().is_none().then(|| (sandbox.to_owned(), id.to_owned()))
-        })
-        .collect()
-}
-
-/// Deletes an endpoint's macvlan from the task namespace holding it; a namespace or interface
-/// that is already gone (the task ended) is not an error.
-async fn remove_endpoint_link(ns_name: &str, alias: &str) -> Result<(), Error> {
-    let Ok(ns) = NetNs::open(ns_name) else {
-        return Ok(());
-    };
-    let nl = ns.netlink()?;
-    for l in kernel::links(&nl).await? {
-        if l.alias.as_deref() == Some(alias) {
-            kernel::del_link(&nl, l.index).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn start_wg(
-    node: &NodeNs,
-    node_nl: &Handle,
-    enc: &EncryptionConfig,
-    cfg: &OverlayConfig,
-    underlay_mtu: u32,
-) -> Result<wg::Device, Error> {
-    let tun_mtu = underlay_mtu - WG_OVERHEAD;
-    if let Some(l) = kernel::link(node_nl, &enc.tun_name).await? {
-        // A TUN left by a previous process cannot be re-opened by name unless persistent.
-        kernel::del_link(node_nl, l.index).await?;
-    }
-    let dev = wg::Device::start(node, enc, cfg.data_port, tun_mtu)?;
-    let tun = kernel::need_link(node_nl, &enc.tun_name).await?;
-    node_nl
-        .link()
-        // A longer queue than the default 500 rides out bursts between two reads of the tx thread.
-        .set(LinkUnspec::new_with_index(tun.index).mtu(tun_mtu).txqueuelen(4096).build())
-        .execute()
-        .await
-        .map_err(nl("set TUN mtu"))?;
-    kernel::ensure_addr(node_nl, tun.index, enc.tunnel_addr, enc.tunnel_prefix).await?;
-    kernel::set_up(node_nl, tun.index).await?;
-    Ok(dev)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> NetworkSpec {
-        NetworkSpec {
-            id: "net-1".into(),
-            vni: 4097,
-            subnet: "10.0.1.0/24".parse().expect("subnet"),
-            gateway: Ipv4Addr::new(10, 0, 1, 1),
-            encrypted: true,
-        }
-    }
-
-    #[test]
-    fn alias_round_trips() {
-        assert_eq!(parse_net_alias(&net_alias(&spec())), Some(spec()));
-        assert_eq!(parse_net_alias("something else"), None);
-        assert_eq!(parse_net_alias("shoal-net x 12 10.0.0.0/24 10.0.0.1 0"), None);
-    }
-
-    #[test]
-    fn spec_validation_names_the_problem() {
-        let mut s = spec();
-        s.vni = 100;
-        assert!(validate_spec(&s).unwrap_err().to_string().contains("VNI 100"));
-        let mut s = spec();
-        s.gateway = Ipv4Addr::new(10, 0, 2, 1);
-        assert!(validate_spec(&s).unwrap_err().to_string().contains("gateway"));
-        let mut s = spec();
-        s.id = "a b".into();
-        assert!(validate_spec(&s).is_err());
-        assert!(validate_spec(&spec()).is_ok());
-    }
 }

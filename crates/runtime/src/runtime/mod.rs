@@ -1,30 +1,37 @@
 //! The tokio driver: [`Runtime`] owns the tasks of one node, their namespaces, state
 //! directories, processes, log pumps and health probes.
 
+mod config;
+mod probe;
+mod task;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use shoal_netns::NetNs;
 use tokio::sync::{broadcast, watch};
-use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, Result};
-use crate::health::{HealthMonitor, ProbeOutcome};
 use crate::logs::Logs;
-use crate::process::{self, TaskNamespaces};
+use crate::process::{self};
 use crate::shim::{self, Exited, Launch, Running};
-use crate::spec::{HealthCheck, TaskSpec, short_id};
+use crate::spec::{TaskSpec, short_id};
 use crate::state::{EventKind, Health, TaskEvent, TaskState, TaskStatus};
 use crate::supervisor::{self, Shim};
 
-/// Longest accepted node prefix.
-pub const MAX_PREFIX: usize = 32;
+pub use self::config::{MAX_PREFIX, RuntimeConfig};
+pub use self::probe::ExecOutput;
+use self::probe::{InTask, exit_code_of, run_in_task};
+use self::task::{
+    Ctl, Inner, Task, delete_task_objects, end_state, end_status, follow, lock, prepare,
+    private_dir, undo_prepare, wait_terminal, write_files,
+};
+
 /// Kept output of one health probe, in bytes (Docker keeps 4096).
 pub const PROBE_OUTPUT_CAP: usize = 4096;
 /// How long cleanup waits for processes in a task namespace to die after SIGKILL.
@@ -38,128 +45,10 @@ const STOP_MARK: &str = "stop-requested";
 /// The task's last health verdict, so an agent that adopts a healthy task keeps it serving.
 const HEALTH_FILE: &str = "health.json";
 
-/// Where and under which names a runtime keeps its tasks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeConfig {
-    /// Per-node prefix of namespace names (`PREFIX-t-<short id>`), so several nodes on one
-    /// machine never collide: 1-32 of `[A-Za-z0-9_-]`, not ending in `-`, without `-t-`.
-    pub prefix: String,
-    /// Directory for per-task files (`<state_dir>/tasks/<id>/`: the launch record, the
-    /// shim's records, logs, `resolv.conf` and `hosts`). A runtime started on the same
-    /// directory adopts the tasks found there ([`Runtime::adopt`]).
-    pub state_dir: PathBuf,
-    /// The program each task's supervisor runs as: it must call [`crate::shim::main`] when its
-    /// first argument is [`crate::shim::ARG`]. The agent gives `/proc/self/exe`.
-    pub shim: PathBuf,
-}
-
-impl RuntimeConfig {
-    fn validate(&self) -> Result<()> {
-        let p = &self.prefix;
-        let ok = !p.is_empty()
-            && p.len() <= MAX_PREFIX
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-            && !p.ends_with('-')
-            && !p.contains("-t-");
-        if !ok {
-            return Err(Error::InvalidConfig {
-                field: "prefix",
-                reason: format!(
-                    "{p:?}: use 1-{MAX_PREFIX} of [A-Za-z0-9_-], no trailing '-', no \"-t-\""
-                ),
-            });
-        }
-        if !self.shim.is_absolute() {
-            return Err(Error::InvalidConfig {
-                field: "shim",
-                reason: format!("{:?} must be an absolute path", self.shim),
-            });
-        }
-        if !self.state_dir.is_absolute() {
-            return Err(Error::InvalidConfig {
-                field: "state_dir",
-                reason: format!("{:?} must be an absolute path", self.state_dir),
-            });
-        }
-        Ok(())
-    }
-}
-
 /// The task runner of one node. Cheap to clone; all clones share the tasks.
 #[derive(Debug, Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    prefix: String,
-    tasks_dir: PathBuf,
-    shim: PathBuf,
-    tasks: Mutex<HashMap<String, Arc<Task>>>,
-    events: broadcast::Sender<TaskEvent>,
-}
-
-#[derive(Debug)]
-struct Task {
-    id: String,
-    netns: String,
-    dir: PathBuf,
-    logs: Logs,
-    status: watch::Sender<TaskStatus>,
-    ctl: Mutex<Ctl>,
-}
-
-/// Mutable control state; every state transition happens with this lock held, so a task's
-/// events go out in order.
-#[derive(Debug)]
-struct Ctl {
-    spec: TaskSpec,
-    exe: Option<PathBuf>,
-    pgid: Option<i32>,
-    stop_requested: bool,
-    health: Option<AbortHandle>,
-    /// The namespace of the ended task was deleted ([`Runtime::release_netns`]).
-    released: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Task {
-    fn state(&self) -> TaskState {
-        self.status.borrow().state
-    }
-
-    fn status(&self) -> TaskStatus {
-        self.status.borrow().clone()
-    }
-}
-
-impl Inner {
-    /// Applies `f` to the task's status and broadcasts the result. Call with `ctl` held.
-    fn update(&self, task: &Task, kind: EventKind, f: impl FnOnce(&mut TaskStatus)) {
-        task.status.send_modify(f);
-        let _ = self.events.send(TaskEvent { kind, status: task.status() });
-    }
-
-    fn set_state(&self, task: &Task, state: TaskState, f: impl FnOnce(&mut TaskStatus)) {
-        self.update(task, EventKind::State, |s| {
-            s.state = state;
-            if state.is_terminal() {
-                s.finished_at = Some(SystemTime::now());
-                s.pid = None;
-            }
-            f(s);
-        });
-    }
-
-    fn is_ours(&self, netns: &str) -> bool {
-        netns.strip_prefix(&self.prefix).and_then(|rest| rest.strip_prefix("-t-")).is_some_and(
-            |short| !short.is_empty() && short.bytes().all(|b| b.is_ascii_alphanumeric()),
-        )
-    }
 }
 
 impl Runtime {
@@ -617,285 +506,6 @@ impl Runtime {
     }
 }
 
-async fn wait_terminal(rx: &mut watch::Receiver<TaskStatus>) -> Option<TaskStatus> {
-    rx.wait_for(|s| s.state.is_terminal()).await.ok().map(|s| s.clone())
-}
-
-/// Makes the state directory and the namespace with `lo` up.
-async fn prepare(task: &Task) -> Result<()> {
-    let dir = task.dir.clone();
-    private_dir(&dir)?;
-    let name = task.netns.clone();
-    let ns = tokio::task::spawn_blocking(move || NetNs::create(&name))
-        .await
-        .map_err(|e| Error::io("join", &dir, std::io::Error::other(e)))??;
-    let handle = ns.netlink()?;
-    let lo = shoal_netns::link_index(&handle, "lo").await.ok_or_else(|| {
-        Error::io(
-            "find lo in",
-            shoal_netns::path_of(&task.netns),
-            std::io::ErrorKind::NotFound.into(),
-        )
-    })?;
-    handle
-        .link()
-        .set(rtnetlink::LinkUnspec::new_with_index(lo).up().build())
-        .execute()
-        .await
-        .map_err(|source| Error::Netlink { op: "set lo up", source })
-}
-
-fn undo_prepare(task: &Task) {
-    if let Err(e) = delete_task_objects(&task.netns, &task.dir) {
-        tracing::warn!(task = %task.id, "cleanup after failed create: {e}");
-    }
-}
-
-/// Kills every process in the namespace, deletes it and removes `dir` (if not empty).
-fn delete_task_objects(netns: &str, dir: &Path) -> Result<()> {
-    if let Ok(ns) = NetNs::open(netns) {
-        shoal_netns::kill_all_in(&ns, KILL_WAIT);
-    }
-    NetNs::delete(netns)?;
-    if !dir.as_os_str().is_empty() {
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", dir, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Writes the task's `resolv.conf` and `hosts`; returns their paths.
-fn write_files(dir: &Path, spec: &TaskSpec) -> Result<(PathBuf, PathBuf)> {
-    let resolv = dir.join("resolv.conf");
-    let hosts = dir.join("hosts");
-    std::fs::write(&resolv, spec.resolv_conf_text()).map_err(|e| Error::io("write", &resolv, e))?;
-    std::fs::write(&hosts, spec.hosts_text()).map_err(|e| Error::io("write", &hosts, e))?;
-    Ok((resolv, hosts))
-}
-
-/// Marks a task whose shim runs `running` with the task's `pid`, and starts copying its log,
-/// waiting for its end and (with a health check) probing it. Call with `ctl` held.
-fn follow(
-    inner: &Arc<Inner>,
-    task: &Arc<Task>,
-    ctl: &mut Ctl,
-    shim: Shim,
-    pid: u32,
-    started_at: SystemTime,
-    started: Instant,
-) {
-    let health = ctl.spec.health.clone();
-    inner.set_state(task, TaskState::Running, |s| {
-        s.pid = Some(pid);
-        s.started_at = Some(started_at);
-        s.health = health.as_ref().map(|_| Health::Starting);
-    });
-    let (done, done_rx) = watch::channel(false);
-    let tail = tokio::spawn(supervisor::tail(task.dir.clone(), task.logs.clone(), done_rx));
-    if let Some(check) = health {
-        let h = tokio::spawn(health_loop(
-            inner.clone(),
-            task.clone(),
-            ctl.spec.clone(),
-            check,
-            pid,
-            started,
-        ));
-        ctl.health = Some(h.abort_handle());
-    }
-    tokio::spawn(supervise(inner.clone(), task.clone(), shim, done, tail));
-}
-
-/// Waits for the task's shim to exit, then takes its exit status and makes sure nothing of the
-/// task is left, like a container whose PID namespace goes away: nothing of a task outlives
-/// its main process. A shim that died without an exit status (killed) fails the task.
-async fn supervise(
-    inner: Arc<Inner>,
-    task: Arc<Task>,
-    shim: Shim,
-    done: watch::Sender<bool>,
-    mut tail: JoinHandle<()>,
-) {
-    shim.wait().await;
-    let exited: Option<Exited> = shim::read_json(&task.dir, shim::EXIT);
-    let pgid = {
-        let mut ctl = lock(&task.ctl);
-        if let Some(h) = ctl.health.take() {
-            h.abort();
-        }
-        ctl.pgid.take()
-    };
-    // The shim reaped the task and killed its group; only without it may the group still live.
-    if exited.is_none()
-        && let Some(pg) = pgid
-    {
-        let _ = nix::sys::signal::killpg(Pid::from_raw(pg), Signal::SIGKILL);
-    }
-    let netns = task.netns.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Ok(ns) = NetNs::open(&netns) {
-            shoal_netns::kill_all_in(&ns, KILL_WAIT);
-        }
-    })
-    .await;
-    let _ = done.send(true);
-    if tokio::time::timeout(TAIL_DRAIN, &mut tail).await.is_err() {
-        tail.abort();
-    }
-    task.logs.close();
-    let ctl = lock(&task.ctl);
-    inner.set_state(&task, end_state(ctl.stop_requested, exited.map(|x| x.code)), |s| {
-        end_status(s, exited);
-    });
-}
-
-/// The state a task ends in: `shutdown` when asked to stop, else by its exit code.
-fn end_state(stop_requested: bool, code: Option<i32>) -> TaskState {
-    match code {
-        _ if stop_requested => TaskState::Shutdown,
-        Some(0) => TaskState::Complete,
-        _ => TaskState::Failed,
-    }
-}
-
-/// Fills in how the task ended (after [`Inner::set_state`] set its state).
-fn end_status(s: &mut TaskStatus, exited: Option<Exited>) {
-    match exited {
-        Some(x) => {
-            s.exit_code = Some(x.code);
-            s.finished_at = Some(x.finished_at);
-            if s.state == TaskState::Failed {
-                s.error = Some(format!("task: non-zero exit ({})", x.code));
-            }
-        }
-        None => {
-            s.error = Some("task: its supervisor was killed; the exit code is lost".into());
-        }
-    }
-}
-
-/// Makes `dir` (and its parents) and restricts it to its owner.
-fn private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io("chmod", dir, e))
-}
-
-/// Runs the health probes of a running task until it stops (the supervisor aborts this).
-async fn health_loop(
-    inner: Arc<Inner>,
-    task: Arc<Task>,
-    spec: TaskSpec,
-    check: HealthCheck,
-    pid: u32,
-    started: Instant,
-) {
-    let mut monitor = HealthMonitor::new(&check, started);
-    while let Some(due) = monitor.poll_timeout() {
-        tokio::time::sleep_until(due.into()).await;
-        let Some(timeout) = monitor.poll_probe(Instant::now()) else { continue };
-        let (outcome, output) = run_probe(&spec, &check.argv, pid, timeout).await;
-        let change = monitor.handle_result(Instant::now(), outcome);
-        let _ctl = lock(&task.ctl);
-        if task.state() != TaskState::Running {
-            return;
-        }
-        let streak = monitor.failing_streak();
-        let apply = |s: &mut TaskStatus| {
-            s.failing_streak = streak;
-            s.last_probe_output = Some(output);
-            if let Some(h) = change {
-                s.health = Some(h);
-            }
-        };
-        if let Some(h) = change {
-            let _ = shim::write_json(&task.dir, HEALTH_FILE, &h);
-            inner.update(&task, EventKind::Health, apply);
-        } else {
-            task.status.send_modify(apply);
-        }
-    }
-}
-
-/// How a command run inside a task's namespaces ended.
-enum InTask {
-    Done(std::process::Output),
-    TimedOut,
-    Failed(String),
-}
-
-/// Runs `argv` inside the namespaces of process `pid` with the task's environment; kills its
-/// process group after `timeout`.
-async fn run_in_task(spec: &TaskSpec, argv: &[String], pid: u32, timeout: Duration) -> InTask {
-    let ns = match TaskNamespaces::of_pid(pid) {
-        Ok(ns) => ns,
-        Err(e) => return InTask::Failed(format!("entering the task's namespaces: {e}")),
-    };
-    let child = match process::probe_command(spec, argv, ns).spawn() {
-        Ok(child) => child,
-        Err(e) => return InTask::Failed(format!("{:?}: {e}", argv[0])),
-    };
-    let child_pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => InTask::Done(out),
-        Ok(Err(e)) => InTask::Failed(format!("{:?}: {e}", argv[0])),
-        Err(_) => {
-            if let Some(p) = child_pid.and_then(|p| i32::try_from(p).ok()) {
-                let _ = nix::sys::signal::killpg(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            InTask::TimedOut
-        }
-    }
-}
-
-/// Runs one health probe; returns its outcome and (capped) output.
-async fn run_probe(
-    spec: &TaskSpec,
-    argv: &[String],
-    pid: u32,
-    timeout: Duration,
-) -> (ProbeOutcome, String) {
-    match run_in_task(spec, argv, pid, timeout).await {
-        InTask::Done(out) => {
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            if text.len() > PROBE_OUTPUT_CAP {
-                let mut cut = PROBE_OUTPUT_CAP;
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
-            }
-            let outcome =
-                if out.status.success() { ProbeOutcome::Passed } else { ProbeOutcome::Failed };
-            (outcome, text)
-        }
-        InTask::Failed(e) => (ProbeOutcome::Failed, format!("health command {e}")),
-        InTask::TimedOut => {
-            (ProbeOutcome::TimedOut, format!("Health check exceeded timeout ({timeout:?})"))
-        }
-    }
-}
-
-/// What [`Runtime::exec`] returns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    /// Exit code (128 + signal when killed by one).
-    pub exit_code: i32,
-    /// Everything it wrote to stdout.
-    pub stdout: Vec<u8>,
-    /// Everything it wrote to stderr.
-    pub stderr: Vec<u8>,
-}
-
-fn exit_code_of(status: std::process::ExitStatus) -> i32 {
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
 impl Runtime {
     /// Runs `argv` in a running task's network, mount and UTS namespaces with its environment
     /// (like `docker exec`, for `lab exec` and diagnostics); its output is kept in memory. The
@@ -927,48 +537,5 @@ impl Runtime {
             InTask::TimedOut => Err(Error::ExecTimeout { id: id.to_owned(), timeout }),
             InTask::Failed(reason) => Err(Error::Exec { id: id.to_owned(), reason }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn config(prefix: &str) -> RuntimeConfig {
-        RuntimeConfig { prefix: prefix.into(), state_dir: "/tmp/x".into(), shim: "/bin/x".into() }
-    }
-
-    #[test]
-    fn prefix_rules() {
-        for bad in ["", "a-", "a-t-b", "has space", &"p".repeat(33)] {
-            assert!(
-                matches!(config(bad).validate(), Err(Error::InvalidConfig { field: "prefix", .. })),
-                "{bad:?}"
-            );
-        }
-        for good in ["n1", "lab-node1", "x_y"] {
-            config(good).validate().unwrap();
-        }
-        let rel = RuntimeConfig { state_dir: "rel".into(), ..config("n1") };
-        assert!(matches!(rel.validate(), Err(Error::InvalidConfig { field: "state_dir", .. })));
-        let rel = RuntimeConfig { shim: "shoal".into(), ..config("n1") };
-        assert!(matches!(rel.validate(), Err(Error::InvalidConfig { field: "shim", .. })));
-    }
-
-    #[test]
-    fn owns_only_its_namespaces() {
-        let inner = Inner {
-            prefix: "a".into(),
-            tasks_dir: PathBuf::new(),
-            shim: PathBuf::new(),
-            tasks: Mutex::new(HashMap::new()),
-            events: broadcast::channel(1).0,
-        };
-        assert!(inner.is_ours("a-t-abc123"));
-        assert!(!inner.is_ours("a-t-"));
-        assert!(!inner.is_ours("ab-t-abc"));
-        assert!(!inner.is_ours("a-t-t-abc"), "belongs to a node prefixed a-t");
-        assert!(!inner.is_ours("b-t-abc"));
     }
 }

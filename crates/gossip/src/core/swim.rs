@@ -1,0 +1,116 @@
+//! foca and the plumbing every part of the core shares: the state foca's handler writes, what
+//! foca asked for during a call, the timers, the keyring and the outbox of sealed messages.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use foca::{Foca, OwnedNotification, PostcardCodec, State as SwimState, Timer};
+use rand::rngs::SmallRng;
+
+use super::shared::{Handler, State, lock};
+use super::vocab::Transmit;
+use crate::config::CoreConfig;
+use crate::keyring::Keyring;
+use crate::metrics::DropReason;
+use crate::types::Identity;
+use crate::wire::Kind;
+
+/// Collects what foca asks for during one call.
+#[derive(Default)]
+pub(super) struct Rt {
+    pub(super) send: Vec<(Identity, Vec<u8>)>,
+    pub(super) timers: Vec<(Duration, Timer<Identity>)>,
+    pub(super) notes: Vec<OwnedNotification<Identity>>,
+}
+
+impl foca::Runtime<Identity> for Rt {
+    fn notify(&mut self, n: foca::Notification<'_, Identity>) {
+        self.notes.push(n.to_owned());
+    }
+    fn send_to(&mut self, to: Identity, data: &[u8]) {
+        self.send.push((to, data.to_vec()));
+    }
+    fn submit_after(&mut self, event: Timer<Identity>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+/// What a timer of the core does when it fires.
+#[derive(Debug)]
+pub(super) enum Tick {
+    Foca(Timer<Identity>),
+    Sync,
+    Reap,
+    /// A suspicion's (Lifeguard) timeout: the suspect at that incarnation goes down.
+    Suspicion(Identity, u16),
+    /// The next ask (or the end) of a suspicion check.
+    Check(u32),
+    /// Looks for refuted or settled suspicions while any is in progress.
+    Scan,
+    /// The indirect probes of our probe with that number should have been answered by now.
+    ProbeOverdue(u8),
+}
+
+/// foca with its runtime requests, the shared state, timers, keys and outbox.
+pub(super) struct Swim {
+    pub(super) cfg: CoreConfig,
+    pub(super) foca: Foca<Identity, PostcardCodec, SmallRng, Handler>,
+    pub(super) state: Arc<Mutex<State>>,
+    pub(super) rt: Rt,
+    /// Keyed by due time and a sequence number (two timers may be due at once).
+    pub(super) timers: BTreeMap<(Instant, u64), Tick>,
+    pub(super) timer_seq: u64,
+    pub(super) keyring: Keyring,
+    pub(super) rng: SmallRng,
+    /// Restoring a saved view: nothing learned is gossiped on.
+    pub(super) quiet: bool,
+    pub(super) outbox: VecDeque<Transmit>,
+    /// Cluster size figures foca's config was last sized for.
+    pub(super) sized_for: (u8, Duration),
+}
+
+impl Swim {
+    pub(super) fn set_now(&mut self, now: Instant) {
+        lock(&self.state).now = now;
+    }
+
+    pub(super) fn count_drop(&mut self, reason: DropReason) {
+        lock(&self.state).counters.drop(reason);
+    }
+
+    pub(super) fn schedule(&mut self, at: Instant, tick: Tick) {
+        self.timer_seq += 1;
+        self.timers.insert((at, self.timer_seq), tick);
+    }
+
+    /// Seals `plain` as a `kind` datagram to `to`, counts it and queues it.
+    pub(super) fn send_udp(&mut self, to: SocketAddr, kind: Kind, plain: &[u8]) {
+        let sealed = self.keyring.seal(kind, plain);
+        let mut st = lock(&self.state);
+        st.counters.udp_out += 1;
+        st.counters.udp_bytes_out += sealed.len() as u64;
+        self.outbox.push_back(Transmit::Udp { to, data: sealed });
+    }
+
+    /// foca's view of a member: its incarnation and state.
+    pub(super) fn view_of(&self, id: &Identity) -> Option<(u16, SwimState)> {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id() == id)
+            .map(|m| (m.incarnation(), m.state()))
+    }
+
+    /// Scales retransmissions and the suspicion timeout with the cluster, as memberlist does.
+    pub(super) fn resize(&mut self) {
+        let n = self.foca.num_members() + 1;
+        let want = (self.cfg.retransmits(n), self.cfg.suspicion_timeout(n));
+        if want != self.sized_for {
+            self.sized_for = want;
+            if let Err(e) = self.foca.set_config(self.cfg.foca(n)) {
+                tracing::warn!(error = %e, "foca refused resized config");
+            }
+        }
+    }
+}
