@@ -47,6 +47,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod ca;
 mod cluster;
 pub mod failover;
 #[doc(hidden)]
