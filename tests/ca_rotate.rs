@@ -171,4 +171,8 @@ fn certificates_follow_the_expiry_and_a_ca_rotation_keeps_the_swarm_working() {
     assert_eq!(running, 3, "a task on each node after the rotation");
     let nodes = lab.on("node1", &["node", "ls"]);
     assert_eq!(nodes.matches("Ready").count(), 3, "{nodes}");
+    let metrics = lab.metrics("node1");
+    for counter in ["shoal_raft_refused_total", "shoal_untrusted_ca_refused_total"] {
+        assert!(metrics.contains(counter), "{counter} on /metrics");
+    }
 }
