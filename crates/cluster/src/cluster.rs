@@ -2116,9 +2116,10 @@ async fn session_loop(inner: Arc<Inner>) {
 /// On the leader: nodes that stop heartbeating are marked Down (3 periods; 6 for nodes not yet
 /// heard from since this node became leader).
 async fn liveness_loop(inner: Arc<Inner>) {
-    // When this node, as leader, next replaces the gossip key (None while it does not lead: a new
-    // leader waits one whole period).
-    let mut rotation_due: Option<Instant> = None;
+    // When this node, as leader, last replaced the gossip key or began to lead (None while it
+    // does not lead: a new leader waits one whole period). The period is read each round, so a
+    // `swarm update --gossip-key-rotation` takes effect at once.
+    let mut rotated: Option<Instant> = None;
     loop {
         tokio::time::sleep(inner.tuning.heartbeat).await;
         let Some(m) = inner.manager() else { continue };
@@ -2130,11 +2131,11 @@ async fn liveness_loop(inner: Arc<Inner>) {
             .sm
             .with_state(|s| s.cluster.as_ref().and_then(|c| c.security.gossip_key_rotation_secs))
             .map_or(inner.tuning.gossip_key_rotation, Duration::from_secs);
-        match rotation_due {
-            _ if !leading => rotation_due = None,
-            None => rotation_due = Some(now + period),
-            Some(due) if now >= due.min(now + period) => {
-                rotation_due = Some(now + period);
+        match rotated {
+            _ if !leading => rotated = None,
+            None => rotated = Some(now),
+            Some(last) if now >= last + period => {
+                rotated = Some(now);
                 inner.rotate_in_background(&m, "scheduled");
             }
             Some(_) => {}

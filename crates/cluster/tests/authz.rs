@@ -169,6 +169,12 @@ async fn a_rotated_ca_refuses_certificates_of_the_old_one() -> anyhow::Result<()
     }
     let expiry = n1.cluster.security_config().context("settings")?.cert_expiry_secs;
     assert_eq!(expiry, 90 * 24 * 3600);
+    let update =
+        SwarmUpdate { cert_expiry_secs: Some(24 * 3600), gossip_key_rotation_secs: Some(120) };
+    n1.cluster.update_swarm(update).await?;
+    let settings = n1.cluster.security_config().context("settings")?;
+    assert_eq!(settings.cert_expiry_secs, 24 * 3600);
+    assert_eq!(settings.gossip_key_rotation_secs, Some(120));
 
     let answer = n1.cluster.ca(true).await?;
     assert!(answer.warnings.is_empty(), "{:?}", answer.warnings);
