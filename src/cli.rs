@@ -146,6 +146,10 @@ enum SwarmCmd {
         /// Pool that overlay subnets are cut from [default: 10.0.0.0/8].
         #[arg(long)]
         default_addr_pool: Option<ipnet::IpNet>,
+        /// Validity of node certificates, e.g. 2160h; nodes renew theirs after two thirds of it
+        /// [default: 2160h (90 days)].
+        #[arg(long)]
+        cert_expiry: Option<String>,
     },
     /// Join a swarm as a worker or a manager, as the token says.
     Join {
@@ -184,6 +188,23 @@ enum SwarmCmd {
     /// Rotate the swarm's gossip key now (the leader also does every `gossip_key_rotation`,
     /// and when a node is removed or demoted).
     RotateGossipKey,
+    /// Change the swarm's settings (on a manager).
+    Update {
+        /// Validity of node certificates, e.g. 2160h; every node renews a longer one at once.
+        #[arg(long)]
+        cert_expiry: Option<String>,
+        /// How often the leader replaces the gossip key, e.g. 12h (overrides each agent's
+        /// `gossip_key_rotation`).
+        #[arg(long)]
+        gossip_key_rotation: Option<String>,
+    },
+    /// Print the swarm's CA certificate, or replace the CA (on a manager).
+    Ca {
+        /// Make a new CA: every node trusts it, gets a certificate from it, then stops trusting
+        /// the old one. Join tokens change with it.
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -753,6 +774,7 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
             data_path_addr,
             data_path_port,
             default_addr_pool,
+            cert_expiry,
         } => {
             let req = InitRequest {
                 advertise_addr: advertise_addr.clone(),
@@ -760,6 +782,7 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
                 data_path_addr: data_path_addr.clone(),
                 data_path_port: *data_path_port,
                 default_addr_pool: *default_addr_pool,
+                cert_expiry: cert_expiry.clone(),
             };
             let r: SwarmJoined = host.post_json("/swarm/init", &req).await?;
             println!("Swarm initialized: current node ({}) is now a manager.\n", r.node_id);
@@ -811,6 +834,25 @@ async fn run_swarm(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
                 eprintln!("WARNING: {warning}");
             }
             println!("Gossip key rotated.");
+        }
+        SwarmCmd::Update { cert_expiry, gossip_key_rotation } => {
+            let req = crate::api::swarm_ca::UpdateRequest {
+                cert_expiry: cert_expiry.clone(),
+                gossip_key_rotation: gossip_key_rotation.clone(),
+            };
+            let () = host.post_json("/swarm/update", &req).await?;
+            println!("Swarm updated.");
+        }
+        SwarmCmd::Ca { rotate } => {
+            let ca: crate::api::swarm_ca::CaCert = if *rotate {
+                host.post_json("/swarm/ca?rotate=true", &()).await?
+            } else {
+                host.get_json("/swarm/ca").await?
+            };
+            for warning in ca.warnings {
+                eprintln!("WARNING: {warning}");
+            }
+            print!("{}", ca.cert_pem);
         }
     }
     Ok(())

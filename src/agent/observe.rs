@@ -25,6 +25,7 @@ fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> std::
 impl Collector for RaftCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
         let Some(c) = self.0.load_full() else { return Ok(()) };
+        refusals(&mut e, c.refusals())?;
         let Some(r) = c.raft_status() else { return Ok(()) };
         let me = c.info().node;
         let idx = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
@@ -59,6 +60,35 @@ impl Collector for RaftCollector {
         gauge(&mut e, "raft_purged_index", "Last log index removed by compaction", idx(r.purged))?;
         Ok(())
     }
+}
+
+/// What this node's control plane refused (see `shoal_cluster::authz`), on every node.
+fn refusals(
+    e: &mut DescriptorEncoder<'_>,
+    r: shoal_cluster::authz::RefusalCounts,
+) -> std::fmt::Result {
+    use prometheus_client::metrics::counter::ConstCounter;
+    for (name, help, v) in [
+        (
+            "raft_refused",
+            "Raft messages refused: the sender is not in this manager's Raft membership",
+            r.raft,
+        ),
+        (
+            "node_requests_refused",
+            "Direct requests refused: the caller is not a manager in the store",
+            r.node_requests,
+        ),
+        (
+            "untrusted_ca_refused",
+            "Requests refused: the caller's certificate is from a CA the swarm no longer trusts",
+            r.untrusted_ca,
+        ),
+    ] {
+        let c = ConstCounter::new(v);
+        c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)?;
+    }
+    Ok(())
 }
 
 /// The visualizer's view from a manager's store: one column per node with its current tasks,

@@ -7,6 +7,7 @@ pub mod cni;
 pub mod rollout;
 pub mod services;
 pub mod swarm;
+pub mod swarm_ca;
 pub mod volumes;
 
 use std::sync::Arc;
@@ -149,6 +150,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .merge(swarm::routes())
+        .merge(swarm_ca::routes())
         .merge(services::routes())
         .merge(volumes::routes())
         .merge(attach::routes())

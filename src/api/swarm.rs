@@ -36,6 +36,9 @@ pub struct InitRequest {
     pub data_path_addr: Option<String>,
     pub data_path_port: Option<u16>,
     pub default_addr_pool: Option<ipnet::IpNet>,
+    /// `--cert-expiry`, e.g. `2160h` (default 90 days).
+    #[serde(default)]
+    pub cert_expiry: Option<String>,
 }
 
 /// The answer to `init` and `join`.
@@ -250,8 +253,20 @@ async fn init(
         Ok(p) => p,
         Err(r) => return r,
     };
+    let expiry = super::swarm_ca::duration_secs(
+        "--cert-expiry",
+        req.cert_expiry.as_deref(),
+        shoal_cluster::ca::check_cert_expiry,
+    );
+    let cert_expiry = match expiry {
+        Ok(e) => e.map(std::time::Duration::from_secs),
+        Err(e) => return bad_request(e),
+    };
     let advertise = a.advertise;
     let mut opts = InitOptions::new(&state.config.data_dir, &state.config.node_name, advertise);
+    if let Some(e) = cert_expiry {
+        opts.cert_expiry = e;
+    }
     opts.listen_addr = a.listen;
     opts.data_addr = Some(a.data.into());
     opts.data_path_port = data_path_port;

@@ -31,6 +31,9 @@ use crate::wire::{
 };
 use crate::{Error, NOT_MANAGER, Tuning};
 
+// Certificate settings, CA rotation and request authorization (see `ca`, `authz`).
+mod security;
+
 const SWARM_DIR: &str = "swarm";
 const NODE_FILE: &str = "node.json";
 const KEY_FILE: &str = "node-key.pem";
@@ -61,6 +64,8 @@ pub struct InitOptions {
     pub subnet_size: u8,
     /// The agent's version, for `node ls` ENGINE VERSION.
     pub engine_version: String,
+    /// `--cert-expiry`: validity of node certificates (default 90 days).
+    pub cert_expiry: Duration,
     /// Timings.
     pub tuning: Tuning,
 }
@@ -84,6 +89,7 @@ impl InitOptions {
             )],
             subnet_size: 24,
             engine_version: env!("CARGO_PKG_VERSION").to_owned(),
+            cert_expiry: crate::ca::DEFAULT_CERT_EXPIRY,
             tuning: Tuning::default(),
         }
     }
@@ -250,6 +256,11 @@ struct Inner {
     rotation_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// On the leader: each node's word on its certificate (CA rotation).
+    ca_book: Mutex<crate::ca::CaBook>,
+    /// The store's managers as the last session said (direct requests).
+    manager_ids: Mutex<Vec<NodeId>>,
+    refusals: crate::authz::Refusals,
 }
 
 /// A handle on this node's membership in a swarm. Cheap to clone.
@@ -414,11 +425,12 @@ impl Cluster {
                 opts.subnet_size
             )));
         }
+        crate::ca::check_cert_expiry(opts.cert_expiry).map_err(Error::BadRequest)?;
         let ca = ClusterCa::generate()?;
         let node = NodeId::random();
         create_private_dir(&dir)?;
         let (key, csr) = new_key_and_csr()?;
-        let cert = ca.sign_csr(&csr, node, Role::Manager)?;
+        let cert = ca.sign_csr_for(&csr, node, Role::Manager, opts.cert_expiry)?;
         let identity = NodeIdentity::from_pem(key, cert, ca.cert_pem.clone())?;
         let keyring =
             Keyring { keys: vec![GossipKey { id: 1, key: random_key() }], primary: 1, version: 1 };
@@ -461,6 +473,10 @@ impl Cluster {
                 subnet_size: opts.subnet_size,
                 data_path_port: opts.data_path_port,
                 created_ms: now,
+                security: crate::ca::SecurityConfig {
+                    cert_expiry_secs: opts.cert_expiry.as_secs(),
+                    ..Default::default()
+                },
             };
             let record = NodeRecord {
                 id: node,
@@ -622,6 +638,9 @@ impl Cluster {
             reconcile_lock: tokio::sync::Mutex::new(()),
             node_handler: RwLock::new(HandlerSlot::default()),
             tasks: Mutex::new(Vec::new()),
+            ca_book: Mutex::new(crate::ca::CaBook::default()),
+            manager_ids: Mutex::new(Vec::new()),
+            refusals: crate::authz::Refusals::default(),
         });
         inner.save_local()?;
         let server = tokio::spawn(serve(inner.clone()));
@@ -932,12 +951,27 @@ async fn serve(inner: Arc<Inner>) {
                 }
             };
             let caller = caller_of(&conn);
-            while let Ok((send, recv)) = conn.accept_bi().await {
+            let peer_ca = peer_cert(&conn)
+                .and_then(|c| inner.identity.read().ok().and_then(|i| security::peer_ca(&i, &c)));
+            while let Ok((mut send, recv)) = conn.accept_bi().await {
+                if let Some(refused) = inner.check_peer_ca(caller, peer_ca) {
+                    let _ = send.write_all(&encode_frame(&refused)).await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                    conn.close(0u32.into(), b"certificate from a CA no longer trusted");
+                    return;
+                }
                 let inner = inner.clone();
                 tokio::spawn(async move { handle_stream(inner, caller, send, recv).await });
             }
         });
     }
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let chain =
+        conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
 }
 
 fn caller_of(conn: &quinn::Connection) -> Caller {
@@ -1102,7 +1136,8 @@ impl Inner {
 
     fn timeout_for(&self, req: &Request) -> Duration {
         match req {
-            Request::Manage(ManageRequest::RotateGossipKey) => {
+            Request::Manage(ManageRequest::RotateGossipKey)
+            | Request::Manage(ManageRequest::Ca { rotate: true }) => {
                 self.tuning.rpc_timeout * 2 + self.tuning.heartbeat * 24
             }
             Request::Manage(ManageRequest::JoinRaft)
@@ -1183,12 +1218,17 @@ impl Inner {
                 ErrorKind::PermissionDenied,
                 "a client without a cluster certificate may only join",
             ),
-            (Caller::Member { role, .. }, Request::Raft(r)) => {
+            (Caller::Member { node, role }, Request::Raft(r)) => {
                 if role != Role::Manager {
                     return rpc_err(
                         ErrorKind::PermissionDenied,
                         format!("a {role} certificate cannot take part in Raft"),
                     );
+                }
+                if let Some(m) = self.manager()
+                    && let Some(refused) = self.check_raft(&m, node, &r)
+                {
+                    return refused;
                 }
                 self.handle_raft(r).await
             }
@@ -1227,7 +1267,10 @@ impl Inner {
             (Caller::Member { .. }, Request::Probe) => {
                 rpc_err(ErrorKind::PermissionDenied, "only managers probe managers")
             }
-            (Caller::Member { role: Role::Manager, .. }, Request::Node(r)) => {
+            (Caller::Member { node, role: Role::Manager }, Request::Node(r)) => {
+                if let Some(refused) = self.check_node_request(node, &r) {
+                    return refused;
+                }
                 self.node_request(r).await.unwrap_or_else(to_rpc)
             }
             (Caller::Member { .. }, Request::Node(_)) => {
@@ -1351,8 +1394,8 @@ impl Inner {
             Err(e) => return to_rpc(e),
         };
         let r = match req {
-            Request::Heartbeat { keyring_version, wg_public_key } => {
-                self.leader_heartbeat(m, n, keyring_version, wg_public_key).await
+            Request::Heartbeat { keyring_version, wg_public_key, ca } => {
+                self.leader_heartbeat(m, n, keyring_version, wg_public_key, ca).await
             }
             Request::RenewCert { csr_pem } => self.leader_renew(m, n, &csr_pem),
             // Liveness moves tasks, so only managers (whose gossip sees every member) report it.
@@ -1447,9 +1490,7 @@ impl Inner {
             return Err(Error::BadRequest("the host name must be 1 to 253 characters".into()));
         }
         let id = NodeId::random();
-        let cert_pem = ca
-            .sign_csr(&j.csr_pem, id, role)
-            .map_err(|e| Error::BadRequest(format!("certificate signing request refused: {e}")))?;
+        let cert_pem = self.sign_renewal(m, id, role, &j.csr_pem)?;
         let now = now_ms();
         let record = NodeRecord {
             id,
@@ -1475,7 +1516,7 @@ impl Inner {
             node: id,
             role,
             cert_pem,
-            ca_pem: info.ca_cert_pem.clone(),
+            ca_pem: security::bundle(&crate::ca::trusted_ca_pems(info)),
             keyring: state.keyring.clone(),
             managers: Inner::manager_addrs(m),
             seeds: state
@@ -1494,6 +1535,7 @@ impl Inner {
         node: NodeId,
         version: u64,
         wg_public_key: Option<[u8; 32]>,
+        ca: crate::ca::CaReport,
     ) -> Result<Response, Error> {
         let state = m.sm.state();
         let rec = state.nodes.get(&node).ok_or_else(|| {
@@ -1522,28 +1564,24 @@ impl Inner {
             )
             .await?;
         }
-        Ok(Response::Session(SessionInfo {
+        let mut session = SessionInfo {
             desired_role: rec.role,
             voter: Inner::voters(m).contains(&node.0),
             managers: Inner::manager_addrs(m),
             keyring: state.keyring.clone(),
-        }))
+            manager_ids: Vec::new(),
+            ca_pems: Vec::new(),
+            cert_expiry_secs: 0,
+        };
+        self.session_security(m, node, ca, &mut session);
+        Ok(Response::Session(session))
     }
 
     fn leader_renew(&self, m: &ManagerParts, node: NodeId, csr: &str) -> Result<Response, Error> {
-        let state = m.sm.state();
-        let rec = state
-            .nodes
-            .get(&node)
-            .ok_or_else(|| Error::NotFound(format!("node {node} is not part of this swarm")))?;
-        let info = state
-            .cluster
-            .as_ref()
-            .ok_or_else(|| Error::NoLeader("the swarm is still initialising".into()))?;
-        let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
-        let cert_pem = ca
-            .sign_csr(csr, node, rec.role)
-            .map_err(|e| Error::BadRequest(format!("certificate signing request refused: {e}")))?;
+        let role =
+            m.sm.with_state(|s| s.nodes.get(&node).map(|n| n.role))
+                .ok_or_else(|| Error::NotFound(format!("node {node} is not part of this swarm")))?;
+        let cert_pem = self.sign_renewal(m, node, role, csr)?;
         Ok(Response::Cert { cert_pem })
     }
 
@@ -1747,6 +1785,8 @@ impl Inner {
                 Ok(Response::Token(JoinToken { ca_digest: ca.digest(), secret }.to_string()))
             }
             ManageRequest::RotateGossipKey => self.leader_rotate(m).await,
+            ManageRequest::UpdateSwarm(update) => self.leader_update_swarm(m, update).await,
+            ManageRequest::Ca { rotate } => self.leader_ca(m, rotate).await,
             ManageRequest::JoinRaft => {
                 let _g = self.membership_lock.lock().await;
                 let state = m.sm.state();
@@ -1889,8 +1929,9 @@ impl Inner {
         let _g = self.reconcile_lock.lock().await;
         let version = self.keyring.borrow().version;
         let wg_public_key = self.local().wg_public_key;
+        let ca = self.identity.read().map(|i| security::ca_report(&i)).unwrap_or_default();
         let s = match self
-            .request(Request::Heartbeat { keyring_version: version, wg_public_key })
+            .request(Request::Heartbeat { keyring_version: version, wg_public_key, ca })
             .await?
         {
             Response::Session(s) => s,
@@ -1925,8 +1966,7 @@ impl Inner {
         if changed {
             self.save_local()?;
         }
-        let now = (now_ms() / 1000) as i64;
-        let expiring = self.identity.read().map(|i| i.needs_renewal(now)).unwrap_or(false);
+        let expiring = self.follow_session(&s)?;
         if self.cert_role() != s.desired_role || expiring {
             self.renew(s.desired_role).await?;
         }
@@ -1983,7 +2023,7 @@ impl Inner {
         if let Ok(mut i) = self.identity.write() {
             *i = id;
         }
-        tracing::info!(role = %role, "node certificate renewed for a new role");
+        tracing::info!(role = %role, "node certificate renewed");
         Ok(())
     }
 
@@ -2076,20 +2116,26 @@ async fn session_loop(inner: Arc<Inner>) {
 /// On the leader: nodes that stop heartbeating are marked Down (3 periods; 6 for nodes not yet
 /// heard from since this node became leader).
 async fn liveness_loop(inner: Arc<Inner>) {
-    // When this node, as leader, next replaces the gossip key (None while it does not lead: a new
-    // leader waits one whole period).
-    let mut rotation_due: Option<Instant> = None;
+    // When this node, as leader, last replaced the gossip key or began to lead (None while it
+    // does not lead: a new leader waits one whole period). The period is read each round, so a
+    // `swarm update --gossip-key-rotation` takes effect at once.
+    let mut rotated: Option<Instant> = None;
     loop {
         tokio::time::sleep(inner.tuning.heartbeat).await;
         let Some(m) = inner.manager() else { continue };
         let me = inner.me();
         let leading = Inner::leader_of(&m).map(|l| l.0) == Some(me.0);
         let now = Instant::now();
-        match rotation_due {
-            _ if !leading => rotation_due = None,
-            None => rotation_due = Some(now + inner.tuning.gossip_key_rotation),
-            Some(due) if now >= due => {
-                rotation_due = Some(now + inner.tuning.gossip_key_rotation);
+        // `swarm update --gossip-key-rotation` overrides the agent's setting.
+        let period = m
+            .sm
+            .with_state(|s| s.cluster.as_ref().and_then(|c| c.security.gossip_key_rotation_secs))
+            .map_or(inner.tuning.gossip_key_rotation, Duration::from_secs);
+        match rotated {
+            _ if !leading => rotated = None,
+            None => rotated = Some(now),
+            Some(last) if now >= last + period => {
+                rotated = Some(now);
                 inner.rotate_in_background(&m, "scheduled");
             }
             Some(_) => {}

@@ -5,9 +5,11 @@
 //! - [`pki`]: the cluster CA (ECDSA P-256), CSRs, node certificates with the role in the OU and
 //!   the node id in the CN, and the rustls configurations (mutual TLS; a pinned anonymous client
 //!   for joiners).
+//! - [`ca`]: certificate expiry (`--cert-expiry`), renewal and the steps of a CA rotation, pure.
 //! - [`model`]: the replicated store's data model and its pure, validating apply logic.
 //! - [`wire`]: RPC messages and length-limited framing (fuzzed).
 //! - [`policy`]: the leader's decisions (missed heartbeats, keyring confirmations, quorum), pure.
+//! - [`authz`]: who may send Raft messages and direct requests, and the refusal counters.
 //! - [`raft`]: openraft 0.9 storage on redb (log, vote, state machine, snapshots).
 //! - [`failover`]: pre-vote and check-quorum on top of openraft's leader lease, pure.
 //! - [`transport`]: QUIC (quinn) endpoint, RPC calls, and the Raft network over it.
@@ -41,12 +43,16 @@
 //! after it in the chain. A client with a certificate must chain to the cluster CA (a foreign CA
 //! fails the TLS handshake); a client without one (a joiner) is let in but may only call `Join`,
 //! which the token's secret authorises; the joiner pins the CA by the token's digest, so it never
-//! trusts on first use. Everything else is authorised by the role in the caller's certificate:
-//! a worker certificate gets "This node is not a swarm manager…" from every manager API. Managers
-//! that are not the leader forward to the leader.
+//! trusts on first use. Everything else is authorised by the node the caller's certificate names
+//! and the role the store gives it now: a worker gets "This node is not a swarm manager…" from
+//! every manager API. Managers that are not the leader forward to the leader. Raft messages and
+//! direct requests are checked where they arrive (see [`authz`]). During a CA rotation a node
+//! trusts both CAs (see [`ca`]); afterwards a certificate from the old one is refused.
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod ca;
 mod cluster;
 pub mod failover;
 #[doc(hidden)]

@@ -270,6 +270,9 @@ pub struct ClusterInfo {
     pub data_path_port: u16,
     /// Unix milliseconds of creation.
     pub created_ms: u64,
+    /// Certificate expiry, gossip key rotation and any CA rotation under way (see `ca`).
+    #[serde(default)]
+    pub security: crate::ca::SecurityConfig,
 }
 
 /// Table names of the generic entries (services, tasks, IP allocations).
@@ -401,6 +404,8 @@ pub enum Command {
         /// Fields to set.
         fields: serde_json::Map<String, serde_json::Value>,
     },
+    /// `swarm update` and the steps of `swarm ca --rotate` (see `ca`).
+    Security(crate::ca::CaStep),
     /// A node creates or removes one of its standalone tasks (`shoal run`): the value (if any)
     /// must name `owner` as its `node_id` and no service; an existing entry must be `owner`'s.
     PutStandalone {
@@ -629,6 +634,10 @@ impl ClusterState {
                     c.retired_secrets.remove(0);
                 }
             }
+            Command::Security(step) => {
+                let c = self.cluster.as_mut().ok_or("the cluster is not initialised")?;
+                crate::ca::apply(c, step)?;
+            }
             Command::AddGossipKey(k) => {
                 if self.keyring.keys.iter().any(|x| x.id == k.id) {
                     return Err(format!("gossip key {} already exists", k.id));
@@ -838,6 +847,7 @@ mod tests {
             subnet_size: 24,
             data_path_port: 4789,
             created_ms: 0,
+            security: Default::default(),
         };
         let ingress = NetworkRecord {
             id: "ing".into(),

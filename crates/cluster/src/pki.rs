@@ -116,11 +116,22 @@ impl ClusterCa {
         ca_digest(&self.cert_der)
     }
 
-    /// Signs a node's CSR. The subject and names come from the CA, never from the CSR: only the
-    /// public key is taken from it.
+    /// Signs a node's CSR for [`NODE_CERT_VALIDITY`].
     pub fn sign_csr(&self, csr_pem: &str, node: NodeId, role: Role) -> Result<String, PkiError> {
+        self.sign_csr_for(csr_pem, node, role, NODE_CERT_VALIDITY)
+    }
+
+    /// Signs a node's CSR, valid for `validity` (the swarm's `--cert-expiry`). The subject and
+    /// names come from the CA, never from the CSR: only the public key is taken from it.
+    pub fn sign_csr_for(
+        &self,
+        csr_pem: &str,
+        node: NodeId,
+        role: Role,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        csr.params = node_params(node, role)?;
+        csr.params = node_params(node, role, validity)?;
         let key = KeyPair::from_pem(&self.key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, key)?;
         Ok(csr.signed_by(&issuer)?.pem())
@@ -132,7 +143,11 @@ impl ClusterCa {
     }
 }
 
-fn node_params(node: NodeId, role: Role) -> Result<CertificateParams, PkiError> {
+fn node_params(
+    node: NodeId,
+    role: Role,
+    validity: Duration,
+) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
     params.subject_alt_names.push(SanType::DnsName(format!("{node}.node.shoal").try_into()?));
     let mut dn = DistinguishedName::new();
@@ -143,7 +158,7 @@ fn node_params(node: NodeId, role: Role) -> Result<CertificateParams, PkiError> 
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
     params.extended_key_usages =
         vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let (nb, na) = now_window(NODE_CERT_VALIDITY);
+    let (nb, na) = now_window(validity);
     params.not_before = nb;
     params.not_after = na;
     Ok(params)
@@ -201,6 +216,27 @@ pub fn cert_der_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError>
     })
 }
 
+/// Every certificate of a PEM blob (a trust bundle), DER.
+pub fn certs_from_pem(pem: &str) -> Vec<CertificateDer<'static>> {
+    rustls_pem(&mut pem.as_bytes())
+}
+
+/// Which of `cas` signed `cert` (both DER), by index.
+pub fn issuer_index(cert: &[u8], cas: &[CertificateDer<'_>]) -> Option<usize> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    cas.iter().position(|ca| {
+        x509_parser::parse_x509_certificate(ca)
+            .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+    })
+}
+
+/// A certificate's validity window, Unix seconds.
+pub fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 fn rustls_pem(rd: &mut &[u8]) -> Vec<CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_reader_iter(rd).filter_map(Result::ok).collect()
@@ -220,7 +256,8 @@ pub struct NodeIdentity {
     pub key_pem: String,
     /// Node certificate, PEM.
     pub cert_pem: String,
-    /// Cluster CA certificate, PEM.
+    /// The CA certificates this node trusts, PEM: the swarm's CA, and during a CA rotation the
+    /// other one too (the one that signs first).
     pub ca_pem: String,
     /// Node id and role read back from the certificate.
     pub info: CertInfo,
@@ -246,31 +283,53 @@ impl NodeIdentity {
         Ok(NodeIdentity { key_pem, cert_pem, ca_pem, info })
     }
 
-    /// Whether the node certificate is past two thirds of its validity (Swarm renews at a random
-    /// point in 50–80 %), so it should be renewed; `now` is Unix seconds.
-    pub fn needs_renewal(&self, now: i64) -> bool {
+    /// Whether the node certificate should be renewed at `now` (Unix seconds) under the
+    /// swarm's `cert_expiry` (see [`crate::ca::renewal_due`]); an unreadable one should.
+    pub fn needs_renewal(&self, now: i64, cert_expiry: Duration) -> bool {
         let Ok(der) = cert_der_from_pem(&self.cert_pem) else { return true };
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else { return true };
-        let v = cert.validity();
-        let (from, to) = (v.not_before.timestamp(), v.not_after.timestamp());
-        now >= from + (to - from) * 2 / 3
+        let Some((from, to)) = validity_of(&der) else { return true };
+        crate::ca::renewal_due(from, to, now, cert_expiry)
     }
 
-    /// SHA-256 of the CA certificate.
+    /// The CA that signed this node's certificate, DER (the bundle's first if none did).
+    fn issuer(&self) -> Result<CertificateDer<'static>, PkiError> {
+        let cas = certs_from_pem(&self.ca_pem);
+        let cert = cert_der_from_pem(&self.cert_pem)?;
+        let i = issuer_index(&cert, &cas).unwrap_or(0);
+        cas.into_iter().nth(i).ok_or_else(|| PkiError::Malformed {
+            what: "CA certificate PEM",
+            detail: "no CERTIFICATE block".into(),
+        })
+    }
+
+    /// SHA-256 of the CA that signed this node's certificate (what join tokens pin).
     pub fn ca_digest(&self) -> Result<[u8; 32], PkiError> {
-        Ok(ca_digest(&cert_der_from_pem(&self.ca_pem)?))
+        Ok(ca_digest(&self.issuer()?))
+    }
+
+    /// SHA-256 of every CA this node trusts.
+    pub fn trusted_digests(&self) -> Vec<[u8; 32]> {
+        certs_from_pem(&self.ca_pem).iter().map(|c| ca_digest(c)).collect()
+    }
+
+    /// This identity with another trust bundle (a CA rotation's step).
+    pub fn with_cas(&self, ca_pem: String) -> Result<NodeIdentity, PkiError> {
+        NodeIdentity::from_pem(self.key_pem.clone(), self.cert_pem.clone(), ca_pem)
     }
 
     fn chain(&self) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-        // The CA goes last in the chain so that an anonymous joiner can pin it by digest.
-        Ok(vec![cert_der_from_pem(&self.cert_pem)?, cert_der_from_pem(&self.ca_pem)?])
+        // The issuing CA goes last in the chain so that an anonymous joiner can pin it by digest.
+        Ok(vec![cert_der_from_pem(&self.cert_pem)?, self.issuer()?])
     }
 
     fn roots(&self) -> Result<Arc<RootCertStore>, PkiError> {
         let mut roots = RootCertStore::empty();
-        roots
-            .add(cert_der_from_pem(&self.ca_pem)?)
-            .map_err(|e| PkiError::Malformed { what: "CA certificate", detail: e.to_string() })?;
+        for ca in certs_from_pem(&self.ca_pem) {
+            roots.add(ca).map_err(|e| PkiError::Malformed {
+                what: "CA certificate",
+                detail: e.to_string(),
+            })?;
+        }
         Ok(Arc::new(roots))
     }
 
@@ -445,8 +504,11 @@ mod tests {
         id.server_config().expect("server config");
         id.client_config().expect("client config");
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        assert!(!id.needs_renewal(now));
-        assert!(id.needs_renewal(now + 61 * 24 * 3600));
+        let expiry = NODE_CERT_VALIDITY;
+        assert!(!id.needs_renewal(now, expiry));
+        assert!(id.needs_renewal(now + 61 * 24 * 3600, expiry));
+        // Under a one-day expiry the 90-day certificate is renewed at once.
+        assert!(id.needs_renewal(now, Duration::from_secs(24 * 3600)));
     }
 
     #[test]
@@ -458,6 +520,32 @@ mod tests {
         let pem = again.sign_csr(&csr, NodeId(7), Role::Manager).expect("sign");
         let info = cert_info(&cert_der_from_pem(&pem).expect("der")).expect("info");
         assert_eq!(info.role, Role::Manager);
+    }
+
+    #[test]
+    fn certificates_carry_the_configured_validity() {
+        let ca = ClusterCa::generate().expect("ca");
+        let (_, csr) = new_key_and_csr().expect("csr");
+        let day = Duration::from_secs(24 * 3600);
+        let pem = ca.sign_csr_for(&csr, NodeId(7), Role::Worker, day).expect("sign");
+        let (from, to) = validity_of(&cert_der_from_pem(&pem).expect("der")).expect("validity");
+        assert_eq!(to - from, (day + BACKDATE).as_secs() as i64);
+    }
+
+    #[test]
+    fn a_bundle_trusts_both_cas_and_the_chain_names_the_issuer() {
+        let (old, new) = (ClusterCa::generate().expect("ca"), ClusterCa::generate().expect("ca"));
+        let (key, csr) = new_key_and_csr().expect("csr");
+        let cert = old.sign_csr(&csr, NodeId(9), Role::Worker).expect("sign");
+        let id = NodeIdentity::from_pem(key, cert, format!("{}{}", new.cert_pem, old.cert_pem))
+            .expect("identity");
+        assert_eq!(id.ca_digest().expect("digest"), old.digest());
+        assert_eq!(id.trusted_digests(), vec![new.digest(), old.digest()]);
+        assert_eq!(id.roots().expect("roots").len(), 2);
+        let cas = certs_from_pem(&id.ca_pem);
+        let der = cert_der_from_pem(&id.cert_pem).expect("der");
+        assert_eq!(issuer_index(&der, &cas), Some(1));
+        assert_eq!(issuer_index(&der, &cas[..1]), None);
     }
 
     #[test]

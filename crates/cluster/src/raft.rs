@@ -283,6 +283,14 @@ impl StateMachine {
         }
     }
 
+    /// The last applied Raft membership (see `authz`).
+    pub fn applied_membership(&self) -> openraft::Membership<u64, BasicNode> {
+        match self.applied.read() {
+            Ok(a) => a.membership.membership().clone(),
+            Err(p) => p.into_inner().membership.membership().clone(),
+        }
+    }
+
     fn publish_keyring(&self, state: &ClusterState) {
         let kr = state.keyring.clone();
         self.keyring.send_if_modified(|cur| {

@@ -135,6 +135,15 @@ pub struct SessionInfo {
     pub managers: Vec<SocketAddr>,
     /// The keyring.
     pub keyring: Keyring,
+    /// The store's managers now: the only nodes whose direct requests this node answers.
+    #[serde(default)]
+    pub manager_ids: Vec<NodeId>,
+    /// The CA certificates to trust, PEM, the one that signs first (two during a CA rotation).
+    #[serde(default)]
+    pub ca_pems: Vec<String>,
+    /// The swarm's `--cert-expiry`, seconds.
+    #[serde(default)]
+    pub cert_expiry_secs: u64,
 }
 
 /// `node update`.
@@ -215,6 +224,14 @@ pub enum ManageRequest {
     },
     /// Leader-driven gossip key rotation.
     RotateGossipKey,
+    /// `swarm update`.
+    UpdateSwarm(crate::ca::SwarmUpdate),
+    /// `swarm ca [--rotate]`: the CA certificate (after rotating the CA), as a
+    /// [`crate::ca::CaAnswer`] in a `Value`.
+    Ca {
+        /// `--rotate`.
+        rotate: bool,
+    },
     /// A promoted node with its manager certificate asks to become a Raft voter.
     JoinRaft,
     /// A raw store write (services, tasks, networks).
@@ -286,6 +303,9 @@ pub enum Request {
         /// This node's WireGuard public key, which the leader keeps in its node record.
         #[serde(default)]
         wg_public_key: Option<[u8; 32]>,
+        /// The CAs this node trusts and the one that signed its certificate (CA rotation).
+        #[serde(default)]
+        ca: crate::ca::CaReport,
     },
     /// A new certificate for the caller's current desired role.
     RenewCert {

@@ -27,6 +27,9 @@ fn blank(v: &mut serde_json::Value) {
 pub fn without_secrets(mut s: ClusterState) -> ClusterState {
     if let Some(c) = s.cluster.as_mut() {
         c.ca_key_pem.clear();
+        if let Some(crate::ca::CaRotation::Trust { key_pem, .. }) = &mut c.security.ca_rotation {
+            key_pem.clear();
+        }
         c.worker_secret = [0; 16];
         c.manager_secret = [0; 16];
         c.retired_secrets.clear();
