@@ -250,6 +250,8 @@ struct Inner {
     rotation_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// This node's copy of the store, as the leader's deltas build it.
+    mirror: tokio::sync::Mutex<crate::watch::Mirror>,
 }
 
 /// A handle on this node's membership in a swarm. Cheap to clone.
@@ -316,15 +318,6 @@ async fn wait_applied(m: &ManagerParts, after: u64, timeout: Duration) -> u64 {
     applied(&metrics.borrow())
 }
 
-/// The store as `node` in `role` may read it: without the secrets only managers hold, and for a
-/// worker without how other nodes' tasks run.
-fn readable(s: ClusterState, node: NodeId, role: Role) -> ClusterState {
-    match role {
-        Role::Manager => crate::worker_view::without_secrets(s),
-        Role::Worker => crate::worker_view::for_worker(s, node),
-    }
-}
-
 fn rpc_err(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(RpcError { kind, message: message.into() })
 }
@@ -374,7 +367,7 @@ fn unexpected(r: &Response) -> Error {
             Response::Token(_) => "Token",
             Response::Done { .. } => "Done",
             Response::State(_) => "State",
-            Response::StateAt { .. } => "StateAt",
+            Response::Delta(_) => "Delta",
             Response::Raft(_) => "Raft",
             Response::Value(_) => "Value",
             Response::Probe { .. } => "Probe",
@@ -622,6 +615,7 @@ impl Cluster {
             reconcile_lock: tokio::sync::Mutex::new(()),
             node_handler: RwLock::new(HandlerSlot::default()),
             tasks: Mutex::new(Vec::new()),
+            mirror: Default::default(),
         });
         inner.save_local()?;
         let server = tokio::spawn(serve(inner.clone()));
@@ -794,13 +788,22 @@ impl Cluster {
         }
     }
 
-    /// The store once the leader has applied more than `index`, with the index it reflects: a
-    /// long poll (it may also come back unchanged after a while).
+    /// The store once the leader has applied more than `index`, with the revision it reflects:
+    /// a long poll (it may also come back unchanged after a while). This node keeps a copy that
+    /// follows the leader's deltas, so each answer carries only what changed (see
+    /// [`crate::watch`]); a caller behind the copy gets the copy at once.
     pub async fn task_state_after(&self, index: u64) -> Result<(u64, ClusterState), Error> {
-        match self.inner.request(Request::Tasks(TaskRequest::StateAfter { index })).await? {
-            Response::StateAt { index, state } => Ok((index, *state)),
-            r => Err(unexpected(&r)),
+        let mut mirror = self.inner.mirror.lock().await;
+        if mirror.revision() <= index {
+            let pos = mirror.position(self.inner.me());
+            match self.inner.request(Request::Tasks(TaskRequest::Watch(pos))).await? {
+                Response::Delta(d) => {
+                    mirror.apply(d).map_err(|e| Error::BadRequest(e.to_string()))?;
+                }
+                r => return Err(unexpected(&r)),
+            }
         }
+        Ok((mirror.revision(), mirror.state().clone()))
     }
 
     /// Reports the observed state of tasks this node hosts; each is one store write, and a
@@ -1382,13 +1385,14 @@ impl Inner {
         req: TaskRequest,
     ) -> Result<Response, Error> {
         match req {
-            TaskRequest::State => Ok(Response::State(Box::new(readable(m.sm.state(), node, role)))),
-            TaskRequest::StateAfter { index } => {
-                // Half the RPC timeout, so the answer always beats the caller's deadline; the
-                // state is read after the index, so it is at least as new as the index says.
-                let index = wait_applied(m, index, self.tuning.rpc_timeout / 2).await;
-                let state = readable(m.sm.state(), node, role);
-                Ok(Response::StateAt { index, state: Box::new(state) })
+            TaskRequest::State => {
+                let reader = crate::watch::Reader::new(node, role);
+                Ok(Response::State(Box::new(crate::watch::view(m.sm.state(), reader))))
+            }
+            TaskRequest::Watch(pos) => {
+                // Half the RPC timeout, so the answer always beats the caller's deadline.
+                wait_applied(m, pos.revision, self.tuning.rpc_timeout / 2).await;
+                Ok(Response::Delta(m.sm.delta(crate::watch::Reader::new(node, role), &pos)))
             }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
@@ -1798,7 +1802,8 @@ impl Inner {
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::State => {
-                Ok(Response::State(Box::new(crate::worker_view::without_secrets(m.sm.state()))))
+                let reader = crate::watch::Reader::Manager;
+                Ok(Response::State(Box::new(crate::watch::view(m.sm.state(), reader))))
             }
         }
     }

@@ -8,6 +8,8 @@
 //! - [`model`]: the replicated store's data model and its pure, validating apply logic.
 //! - [`wire`]: RPC messages and length-limited framing (fuzzed).
 //! - [`policy`]: the leader's decisions (missed heartbeats, keyring confirmations, quorum), pure.
+//! - [`watch`]: the per-node watch: a log of which entries each revision changed, the deltas a
+//!   node receives (only what its role may see), and the node's mirror of them; pure.
 //! - [`raft`]: openraft 0.9 storage on redb (log, vote, state machine, snapshots).
 //! - [`failover`]: pre-vote and check-quorum on top of openraft's leader lease, pure.
 //! - [`transport`]: QUIC (quinn) endpoint, RPC calls, and the Raft network over it.
@@ -55,10 +57,12 @@ pub mod model;
 pub mod pki;
 pub mod policy;
 pub mod raft;
+#[doc(hidden)]
+pub mod simulated;
 pub mod token;
 pub mod transport;
+pub mod watch;
 pub mod wire;
-pub mod worker_view;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms};
+use crate::watch::{ChangeLog, Delta, Position, Reader, Slot};
 
 openraft::declare_raft_types!(
     /// The Raft type configuration of the cluster store.
@@ -239,6 +240,17 @@ pub struct Applied {
     pub membership: StoredMembership<u64, BasicNode>,
     /// The cluster store.
     pub state: ClusterState,
+    /// Which entries the recent revisions changed (kept in memory only: after a restart, nodes
+    /// resync once).
+    #[serde(skip)]
+    pub changes: ChangeLog,
+}
+
+impl Applied {
+    /// The revision of the store: the index of the last applied log entry.
+    pub fn revision(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,7 +275,8 @@ impl StateMachine {
         events: broadcast::Sender<ClusterEvent>,
         keyring: watch::Sender<Keyring>,
     ) -> Result<StateMachine, SErr> {
-        let applied: Applied = get_meta(&db, K_SM)?.unwrap_or_default();
+        let mut applied: Applied = get_meta(&db, K_SM)?.unwrap_or_default();
+        applied.changes = ChangeLog::new(applied.revision());
         if !applied.state.keyring.keys.is_empty() {
             keyring.send_replace(applied.state.keyring.clone());
         }
@@ -280,6 +293,15 @@ impl StateMachine {
         match self.applied.read() {
             Ok(a) => f(&a.state),
             Err(p) => f(&p.into_inner().state),
+        }
+    }
+
+    /// What a node at `pos` reading as `reader` has to learn to be at the current revision.
+    pub fn delta(&self, reader: Reader, pos: &Position) -> Delta {
+        let f = |a: &Applied| crate::watch::delta(&a.state, a.revision(), &a.changes, reader, pos);
+        match self.applied.read() {
+            Ok(a) => f(&a),
+            Err(p) => f(&p.into_inner()),
         }
     }
 
@@ -338,6 +360,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => out.push(CommandResponse::default()),
                 EntryPayload::Normal(cmd) => match next.state.apply(&cmd, now) {
                     Ok(ev) => {
+                        next.changes.record(e.log_id.index, Slot::touched_by(&cmd));
                         events.extend(ev);
                         out.push(CommandResponse::default());
                     }
@@ -379,6 +402,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             state,
+            // What changed up to the snapshot is not known: nodes behind it resync.
+            changes: ChangeLog::new(meta.last_log_id.map_or(0, |l| l.index)),
         };
         put_meta(&self.db, K_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
         put_meta(&self.db, K_SM, &next)?;
