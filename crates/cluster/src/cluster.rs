@@ -848,7 +848,7 @@ impl Cluster {
         let (role, digest) = match self.inner.identity.read() {
             Ok(i) => (
                 i.info.role,
-                i.ca_digest().map(|d| crate::token::encode_base36(&d, 50)).unwrap_or_default(),
+                i.ca_digest().map(|d| crate::base36::encode_base36(&d, 50)).unwrap_or_default(),
             ),
             Err(_) => (Role::Worker, String::new()),
         };

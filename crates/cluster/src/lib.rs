@@ -1,6 +1,7 @@
 //! shoal's control plane: what `swarm init/join/leave`, `join-token` and `node …` need.
 //!
 //! Layers, bottom up:
+//! - [`base36`]: the text form of node ids and token parts, pure.
 //! - [`token`]: join tokens (`SWMTKN-1-<CA digest>-<secret>`), pure.
 //! - [`pki`]: the cluster CA (ECDSA P-256), CSRs, node certificates with the role in the OU and
 //!   the node id in the CN, and the rustls configurations (mutual TLS; a pinned anonymous client
@@ -49,6 +50,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod base36;
 mod cluster;
 pub mod failover;
 #[doc(hidden)]

@@ -56,7 +56,7 @@ pub fn network(i: usize) -> NetworkRecord {
         vni: 4096 + i as u32,
         ingress: i == 0,
         attachable: false,
-        encrypted: i % 2 == 0,
+        encrypted: i.is_multiple_of(2),
         labels: BTreeMap::new(),
     }
 }
@@ -87,7 +87,7 @@ pub fn bootstrap(nodes: usize, networks: usize) -> Vec<Command> {
 pub fn service(i: usize, networks: usize) -> (String, serde_json::Value) {
     let id = format!("svc{i:05}");
     let net = network(i % (networks - 1).max(1) + 1).id;
-    let ports = if i % 5 == 0 {
+    let ports = if i.is_multiple_of(5) {
         json!([{"protocol": "tcp", "target": 80, "published": 20000 + i, "mode": "ingress"}])
     } else {
         json!([])

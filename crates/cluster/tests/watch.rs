@@ -211,10 +211,19 @@ fn a_single_task_change_costs_a_worker_under_2_kib() {
     let mut fields = serde_json::Map::new();
     fields.insert("state".into(), "failed".into());
     fields.insert("message".into(), "exit status 1".into());
-    let owner = node_id(7);
-    let key = simulated::task(6, 1, owner, 20).0;
-    store.apply(&Command::ReportTask { owner, key, fields });
+    let key = simulated::task(6, 1, me, 20).0;
+    let owner: NodeId = store.state.entries[tables::TASKS][&key]["node_id"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .expect("owner");
+    assert_ne!(owner, me);
+    store.apply(&Command::ReportTask { owner, key: key.clone(), fields });
     let d = store.answer(reader, &m, me);
+    let DeltaBody::Changes(changes) = &d.body else { panic!("expected changes") };
+    assert_eq!(
+        changes.iter().map(|c| &c.slot).collect::<Vec<_>>(),
+        [&Slot::Entry { table: tables::TASKS.into(), key }]
+    );
     let bytes = serde_json::to_vec(&d).expect("json").len();
     eprintln!("worker receives {bytes} B per single-task change (a full copy is {copy_bytes} B)");
     assert!(bytes <= 2048, "{bytes} B per single-task change");
