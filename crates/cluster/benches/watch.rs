@@ -9,7 +9,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use shoal_cluster::model::{ClusterState, Command, tables};
 use shoal_cluster::simulated::{self, node_id};
-use shoal_cluster::watch::{ChangeLog, Mirror, Position, Reader, Slot, delta};
+use shoal_cluster::watch::{ChangeLog, Mirror, Placement, Position, Reader, Slot, delta};
 use shoal_cluster::wire::encode_frame;
 
 const NODES: usize = 100;
@@ -34,12 +34,14 @@ fn swarm() -> Swarm {
         state.apply(&c, 1).expect("simulated command");
         log.record(revision, Slot::touched_by(&c));
     }
+    let placement = Placement::of(&state);
     let positions = (1..=NODES)
         .map(|i| {
             let me = node_id(i);
             let reader = if i == 1 { Reader::Manager } else { Reader::Worker(me) };
             let mut m = Mirror::default();
-            m.apply(delta(&state, revision, &log, reader, &m.position(me))).expect("copy");
+            m.apply(delta(&state, revision, &log, &placement, reader, &m.position(me)))
+                .expect("copy");
             (reader, m.position(me))
         })
         .collect();
@@ -64,9 +66,11 @@ fn pass(s: &mut Swarm, cmd: &Command) -> usize {
     s.revision += 1;
     s.state.apply(cmd, 1).expect("report");
     s.log.record(s.revision, Slot::touched_by(cmd));
+    // Built once per revision, as the state machine caches it.
+    let placement = Placement::of(&s.state);
     let mut bytes = 0;
     for (reader, pos) in &mut s.positions {
-        bytes += encode_frame(&delta(&s.state, s.revision, &s.log, *reader, pos)).len();
+        bytes += encode_frame(&delta(&s.state, s.revision, &s.log, &placement, *reader, pos)).len();
         // The node applied it and asks from there next time.
         pos.revision = s.revision;
     }
@@ -76,13 +80,27 @@ fn pass(s: &mut Swarm, cmd: &Command) -> usize {
 fn fan_out(c: &mut Criterion) {
     let base = swarm();
     let worker = base.positions[49].clone();
-    let copy =
-        encode_frame(&delta(&base.state, base.revision, &base.log, worker.0, &Position::default()));
+    let copy = encode_frame(&delta(
+        &base.state,
+        base.revision,
+        &base.log,
+        &Placement::of(&base.state),
+        worker.0,
+        &Position::default(),
+    ));
     {
         let mut s = swarm();
         let cmd = report(&s.state, 1234);
         let total = pass(&mut s, &cmd);
-        let one = encode_frame(&delta(&s.state, s.revision, &s.log, worker.0, &worker.1)).len();
+        let one = encode_frame(&delta(
+            &s.state,
+            s.revision,
+            &s.log,
+            &Placement::of(&s.state),
+            worker.0,
+            &worker.1,
+        ))
+        .len();
         println!(
             "watch/fan-out: a worker receives {one} B per single-task change (goal <= 2048 B; a \
              full copy is {} B); all {NODES} nodes together {total} B",
@@ -106,6 +124,7 @@ fn fan_out(c: &mut Criterion) {
                 &base.state,
                 base.revision,
                 &base.log,
+                &Placement::of(&base.state),
                 worker.0,
                 &Position::default(),
             ))

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms};
-use crate::watch::{ChangeLog, Delta, Position, Reader, Slot};
+use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
 openraft::declare_raft_types!(
     /// The Raft type configuration of the cluster store.
@@ -259,6 +259,9 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// A [`Placement`] and the revision it was built at.
+type PlacementAt = (u64, Arc<Placement>);
+
 /// The state machine: the applied [`ClusterState`], persisted in redb on every applied batch.
 #[derive(Debug, Clone)]
 pub struct StateMachine {
@@ -266,6 +269,8 @@ pub struct StateMachine {
     applied: Arc<RwLock<Applied>>,
     events: broadcast::Sender<ClusterEvent>,
     keyring: watch::Sender<Keyring>,
+    /// Which services each node runs, at the revision noted (see [`StateMachine::delta`]).
+    placement: Arc<Mutex<Option<PlacementAt>>>,
 }
 
 impl StateMachine {
@@ -280,7 +285,13 @@ impl StateMachine {
         if !applied.state.keyring.keys.is_empty() {
             keyring.send_replace(applied.state.keyring.clone());
         }
-        Ok(StateMachine { db, applied: Arc::new(RwLock::new(applied)), events, keyring })
+        Ok(StateMachine {
+            db,
+            applied: Arc::new(RwLock::new(applied)),
+            events,
+            keyring,
+            placement: Default::default(),
+        })
     }
 
     /// A copy of the current state.
@@ -298,10 +309,26 @@ impl StateMachine {
 
     /// What a node at `pos` reading as `reader` has to learn to be at the current revision.
     pub fn delta(&self, reader: Reader, pos: &Position) -> Delta {
-        let f = |a: &Applied| crate::watch::delta(&a.state, a.revision(), &a.changes, reader, pos);
+        let f = |a: &Applied| {
+            let placement = self.placement(a);
+            crate::watch::delta(&a.state, a.revision(), &a.changes, &placement, reader, pos)
+        };
         match self.applied.read() {
             Ok(a) => f(&a),
             Err(p) => f(&p.into_inner()),
+        }
+    }
+
+    /// The placement at `a`'s revision, built by the first node that asks after a change.
+    fn placement(&self, a: &Applied) -> Arc<Placement> {
+        let mut cached = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((revision, p)) if *revision == a.revision() => p.clone(),
+            _ => {
+                let p = Arc::new(Placement::of(&a.state));
+                *cached = Some((a.revision(), p.clone()));
+                p
+            }
         }
     }
 

@@ -118,7 +118,9 @@ impl ChangeLog {
         if revision < self.floor {
             return None;
         }
-        Some(self.recent.iter().filter(|(r, _)| *r > revision).map(|(_, s)| s).collect())
+        // Revisions rise along the log: a node that is nearly caught up reads only its tail.
+        let first = self.recent.partition_point(|(r, _)| *r <= revision);
+        Some(self.recent.range(first..).map(|(_, s)| s).collect())
     }
 }
 
@@ -189,15 +191,35 @@ pub enum DeltaBody {
     Resync(Box<ClusterState>),
 }
 
-/// The services that have a task on `node`: a worker sees these whole.
+/// Which services each node runs a task of: what a worker sees whole. Built once per revision
+/// and shared by every node's answer, so a pass over 100 nodes reads the tasks once.
+#[derive(Debug, Clone, Default)]
+pub struct Placement(BTreeMap<String, BTreeSet<String>>);
+
+impl Placement {
+    /// The placement in store `s`.
+    pub fn of(s: &ClusterState) -> Placement {
+        let mut by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (_, t) in s.table(tables::TASKS) {
+            let field = |f: &str| t.get(f).and_then(|v| v.as_str());
+            if let (Some(node), Some(service)) = (field("node_id"), field("service_id"))
+                && !service.is_empty()
+            {
+                by_node.entry(node.to_owned()).or_default().insert(service.to_owned());
+            }
+        }
+        Placement(by_node)
+    }
+
+    /// The services that have a task on `node`.
+    pub fn whole(&self, node: NodeId) -> BTreeSet<String> {
+        self.0.get(&node.to_string()).cloned().unwrap_or_default()
+    }
+}
+
+/// The services that have a task on `node` in store `s`: a worker sees these whole.
 pub fn whole_services(s: &ClusterState, node: NodeId) -> BTreeSet<String> {
-    let me = node.to_string();
-    s.table(tables::TASKS)
-        .filter(|(_, t)| t.get("node_id").and_then(|n| n.as_str()) == Some(me.as_str()))
-        .filter_map(|(_, t)| t.get("service_id").and_then(|v| v.as_str()))
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned)
-        .collect()
+    Placement::of(s).whole(node)
 }
 
 /// Fields of a service record (and of a standalone task's `standalone`) that say how its tasks
@@ -287,12 +309,13 @@ fn project(
     }
 }
 
-/// The answer to a node at `pos` reading as `reader`, from the store `s` at `revision` and the
-/// log of its recent changes.
+/// The answer to a node at `pos` reading as `reader`, from the store `s` at `revision`, the log
+/// of its recent changes and its [`Placement`].
 pub fn delta(
     s: &ClusterState,
     revision: u64,
     log: &ChangeLog,
+    placement: &Placement,
     reader: Reader,
     pos: &Position,
 ) -> Delta {
@@ -305,7 +328,7 @@ pub fn delta(
         }
     };
     let whole = match reader {
-        Reader::Worker(me) => whole_services(s, me),
+        Reader::Worker(me) => placement.whole(me),
         Reader::Manager => BTreeSet::new(),
     };
     let mut slots: BTreeSet<Slot> = changed.into_iter().cloned().collect();

@@ -7,7 +7,8 @@ use shoal_cluster::NodeId;
 use shoal_cluster::model::{ClusterState, Command, NodeStatus, Role, tables};
 use shoal_cluster::simulated::{self, CA_KEY, ENV_SECRET, WORKER_SECRET, node_id};
 use shoal_cluster::watch::{
-    ChangeLog, Delta, DeltaBody, LOG_CAPACITY, Mirror, Reader, Slot, delta, view, whole_services,
+    ChangeLog, Delta, DeltaBody, LOG_CAPACITY, Mirror, Placement, Reader, Slot, delta, view,
+    whole_services,
 };
 
 /// A store that logs what each revision changed, as the Raft state machine does.
@@ -35,7 +36,14 @@ impl Store {
     }
 
     fn answer(&self, reader: Reader, m: &Mirror, me: NodeId) -> Delta {
-        delta(&self.state, self.revision, &self.log, reader, &m.position(me))
+        delta(
+            &self.state,
+            self.revision,
+            &self.log,
+            &Placement::of(&self.state),
+            reader,
+            &m.position(me),
+        )
     }
 }
 
@@ -155,7 +163,14 @@ fn a_follower_behind_the_log_resyncs_and_then_gets_changes_again() {
     // A node that says it was served as a manager is answered with a copy as a worker.
     let mut lying = m.position(me);
     lying.role = Some(Role::Manager);
-    let d = delta(&store.state, store.revision, &store.log, reader, &lying);
+    let d = delta(
+        &store.state,
+        store.revision,
+        &store.log,
+        &Placement::of(&store.state),
+        reader,
+        &lying,
+    );
     assert!(matches!(d.body, DeltaBody::Resync(_)) && d.role == Role::Worker);
 }
 
