@@ -1,6 +1,7 @@
 //! shoal's control plane: what `swarm init/join/leave`, `join-token` and `node …` need.
 //!
 //! Layers, bottom up:
+//! - [`base36`]: the text form of node ids and token parts, pure.
 //! - [`token`]: join tokens (`SWMTKN-1-<CA digest>-<secret>`), pure.
 //! - [`pki`]: the cluster CA (ECDSA P-256), CSRs, node certificates with the role in the OU and
 //!   the node id in the CN, and the rustls configurations (mutual TLS; a pinned anonymous client
@@ -10,6 +11,8 @@
 //! - [`wire`]: RPC messages and length-limited framing (fuzzed).
 //! - [`policy`]: the leader's decisions (missed heartbeats, keyring confirmations, quorum), pure.
 //! - [`authz`]: who may send Raft messages and direct requests, and the refusal counters.
+//! - [`watch`]: the per-node watch: a log of which entries each revision changed, the deltas a
+//!   node receives (only what its role may see), and the node's mirror of them; pure.
 //! - [`raft`]: openraft 0.9 storage on redb (log, vote, state machine, snapshots).
 //! - [`failover`]: pre-vote and check-quorum on top of openraft's leader lease, pure.
 //! - [`transport`]: QUIC (quinn) endpoint, RPC calls, and the Raft network over it.
@@ -53,6 +56,7 @@
 
 pub mod authz;
 pub mod ca;
+pub mod base36;
 mod cluster;
 pub mod failover;
 #[doc(hidden)]
@@ -61,10 +65,12 @@ pub mod model;
 pub mod pki;
 pub mod policy;
 pub mod raft;
+#[doc(hidden)]
+pub mod simulated;
 pub mod token;
 pub mod transport;
+pub mod watch;
 pub mod wire;
-pub mod worker_view;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -20,7 +20,7 @@ pub struct NodeId(pub u64);
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::token::encode_base36(&self.0.to_be_bytes(), 13))
+        f.write_str(&crate::base36::encode_base36(&self.0.to_be_bytes(), 13))
     }
 }
 
@@ -36,7 +36,7 @@ impl FromStr for NodeId {
         if s.len() != 13 {
             return Err(());
         }
-        crate::token::decode_base36::<8>(s).map(|b| NodeId(u64::from_be_bytes(b))).ok_or(())
+        crate::base36::decode_base36::<8>(s).map(|b| NodeId(u64::from_be_bytes(b))).ok_or(())
     }
 }
 

@@ -73,7 +73,7 @@ pub struct ClusterCa {
 impl std::fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterCa")
-            .field("digest", &crate::token::encode_base36(&self.digest(), 50))
+            .field("digest", &crate::base36::encode_base36(&self.digest(), 50))
             .finish()
     }
 }

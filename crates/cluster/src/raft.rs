@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms};
+use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
 openraft::declare_raft_types!(
     /// The Raft type configuration of the cluster store.
@@ -239,6 +240,17 @@ pub struct Applied {
     pub membership: StoredMembership<u64, BasicNode>,
     /// The cluster store.
     pub state: ClusterState,
+    /// Which entries the recent revisions changed (kept in memory only: after a restart, nodes
+    /// resync once).
+    #[serde(skip)]
+    pub changes: ChangeLog,
+}
+
+impl Applied {
+    /// The revision of the store: the index of the last applied log entry.
+    pub fn revision(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +259,9 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// A [`Placement`] and the revision it was built at.
+type PlacementAt = (u64, Arc<Placement>);
+
 /// The state machine: the applied [`ClusterState`], persisted in redb on every applied batch.
 #[derive(Debug, Clone)]
 pub struct StateMachine {
@@ -254,6 +269,8 @@ pub struct StateMachine {
     applied: Arc<RwLock<Applied>>,
     events: broadcast::Sender<ClusterEvent>,
     keyring: watch::Sender<Keyring>,
+    /// Which services each node runs, at the revision noted (see [`StateMachine::delta`]).
+    placement: Arc<Mutex<Option<PlacementAt>>>,
 }
 
 impl StateMachine {
@@ -263,11 +280,18 @@ impl StateMachine {
         events: broadcast::Sender<ClusterEvent>,
         keyring: watch::Sender<Keyring>,
     ) -> Result<StateMachine, SErr> {
-        let applied: Applied = get_meta(&db, K_SM)?.unwrap_or_default();
+        let mut applied: Applied = get_meta(&db, K_SM)?.unwrap_or_default();
+        applied.changes = ChangeLog::new(applied.revision());
         if !applied.state.keyring.keys.is_empty() {
             keyring.send_replace(applied.state.keyring.clone());
         }
-        Ok(StateMachine { db, applied: Arc::new(RwLock::new(applied)), events, keyring })
+        Ok(StateMachine {
+            db,
+            applied: Arc::new(RwLock::new(applied)),
+            events,
+            keyring,
+            placement: Default::default(),
+        })
     }
 
     /// A copy of the current state.
@@ -288,6 +312,31 @@ impl StateMachine {
         match self.applied.read() {
             Ok(a) => a.membership.membership().clone(),
             Err(p) => p.into_inner().membership.membership().clone(),
+        }
+    }
+
+    /// What a node at `pos` reading as `reader` has to learn to be at the current revision.
+    pub fn delta(&self, reader: Reader, pos: &Position) -> Delta {
+        let f = |a: &Applied| {
+            let placement = self.placement(a);
+            crate::watch::delta(&a.state, a.revision(), &a.changes, &placement, reader, pos)
+        };
+        match self.applied.read() {
+            Ok(a) => f(&a),
+            Err(p) => f(&p.into_inner()),
+        }
+    }
+
+    /// The placement at `a`'s revision, built by the first node that asks after a change.
+    fn placement(&self, a: &Applied) -> Arc<Placement> {
+        let mut cached = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((revision, p)) if *revision == a.revision() => p.clone(),
+            _ => {
+                let p = Arc::new(Placement::of(&a.state));
+                *cached = Some((a.revision(), p.clone()));
+                p
+            }
         }
     }
 
@@ -346,6 +395,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => out.push(CommandResponse::default()),
                 EntryPayload::Normal(cmd) => match next.state.apply(&cmd, now) {
                     Ok(ev) => {
+                        next.changes.record(e.log_id.index, Slot::touched_by(&cmd));
                         events.extend(ev);
                         out.push(CommandResponse::default());
                     }
@@ -387,6 +437,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             state,
+            // What changed up to the snapshot is not known: nodes behind it resync.
+            changes: ChangeLog::new(meta.last_log_id.map_or(0, |l| l.index)),
         };
         put_meta(&self.db, K_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
         put_meta(&self.db, K_SM, &next)?;

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use crate::base36::{decode_base36, encode_base36};
 use crate::model::Role;
 
 /// Prefix of every version-1 token.
@@ -121,51 +122,6 @@ pub fn role_of_secret(secret: &[u8; 16], worker: &[u8; 16], manager: &[u8; 16]) 
 
 fn ring_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Big-endian bytes → lowercase base36, left-padded with zeros to `width`.
-pub fn encode_base36(bytes: &[u8], width: usize) -> String {
-    let mut num: Vec<u8> = bytes.to_vec();
-    let mut digits = Vec::new();
-    while num.iter().any(|&b| b != 0) {
-        let mut rem = 0u32;
-        for b in num.iter_mut() {
-            let cur = (rem << 8) | u32::from(*b);
-            *b = (cur / 36) as u8;
-            rem = cur % 36;
-        }
-        digits.push(DIGITS[rem as usize]);
-    }
-    while digits.len() < width {
-        digits.push(b'0');
-    }
-    digits.reverse();
-    String::from_utf8(digits).unwrap_or_default()
-}
-
-const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-
-/// Base36 (either case) → `N` big-endian bytes; `None` on a bad digit or overflow.
-pub fn decode_base36<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let mut out = [0u8; N];
-    for c in text.bytes() {
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'z' => c - b'a' + 10,
-            b'A'..=b'Z' => c - b'A' + 10,
-            _ => return None,
-        };
-        let mut carry = u32::from(d);
-        for b in out.iter_mut().rev() {
-            let cur = u32::from(*b) * 36 + carry;
-            *b = (cur & 0xff) as u8;
-            carry = cur >> 8;
-        }
-        if carry != 0 {
-            return None;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]

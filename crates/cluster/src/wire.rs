@@ -240,19 +240,17 @@ pub enum ManageRequest {
     State,
 }
 
-/// The dispatcher: every node reads the store (without its secrets) to learn its tasks and the
-/// networks and services around them, reports on the tasks it hosts, and keeps its standalone
+/// The dispatcher: every node follows the store (as much of it as its role may see) to learn
+/// its tasks and the networks and services around them, reports on the tasks it hosts, and keeps its standalone
 /// (`shoal run`) tasks. Each write is checked against the caller's node id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TaskRequest {
-    /// The store, secrets blanked.
+    /// The store as the caller may see it (see [`crate::watch`]).
     State,
-    /// The store once it has applied more than `index` (a long poll: answered at once if it
-    /// already has, else as soon as it does or after a while with what it has).
-    StateAfter {
-        /// The applied log index the caller has seen.
-        index: u64,
-    },
+    /// The changes after the caller's position, as it may see them (a long poll: answered at
+    /// once if the store has moved past the position, else as soon as it does or after a while
+    /// with no changes).
+    Watch(crate::watch::Position),
     /// Observed state of tasks the caller hosts (see [`crate::model::tasks::REPORTED`]).
     Report(Vec<(String, serde_json::Map<String, serde_json::Value>)>),
     /// Create, replace (`Some`) or remove (`None`) a standalone task on the caller.
@@ -413,13 +411,8 @@ pub enum Response {
     },
     /// To `State`.
     State(Box<crate::model::ClusterState>),
-    /// To `StateAfter`: the store and the log index it reflects.
-    StateAt {
-        /// Last applied log index.
-        index: u64,
-        /// The store, secrets blanked.
-        state: Box<crate::model::ClusterState>,
-    },
+    /// To `Watch`.
+    Delta(crate::watch::Delta),
     /// Raft.
     Raft(RaftResponse),
     /// To `Probe`: whether the answering manager has a live leader (or is one).

@@ -927,3 +927,58 @@ async fn writes_acknowledged_before_a_leader_kill_survive_it() -> anyhow::Result
     shutdown_all(&[&n2, &n3]).await;
     Ok(())
 }
+
+/// A worker follows the store through the leader's deltas: a copy first, then only what
+/// changed, never a secret; the agent's `task_state_after` rides on the same watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_follows_the_store_by_deltas_without_secrets() -> anyhow::Result<()> {
+    use shoal_cluster::watch::{DeltaBody, Mirror, Slot};
+    use shoal_cluster::wire::TaskRequest;
+
+    let m = init("watch-m").await?;
+    let token = m.cluster.join_token(Role::Worker, false).await?;
+    let w = join("watch-w", &token, m.addr).await?;
+    let wid = w.cluster.info().node;
+    let client = Transport::bind("127.0.0.1:0".parse()?, &identity_of(&w)?)?;
+    let timeout = Duration::from_secs(10);
+    let mut mirror = Mirror::default();
+    let watch = |mirror: &Mirror| Request::Tasks(TaskRequest::Watch(mirror.position(wid)));
+    let Response::Delta(first) = client.call(m.addr, &watch(&mirror), timeout).await? else {
+        bail!("no delta")
+    };
+    let text = serde_json::to_string(&first)?;
+    assert!(matches!(first.body, DeltaBody::Resync(_)), "a new follower gets a copy");
+    assert!(!text.contains("PRIVATE KEY"), "the CA key reached a worker");
+    mirror.apply(first)?;
+    let info = mirror.state().cluster.clone().context("cluster info")?;
+    assert_eq!((info.worker_secret, info.manager_secret), ([0; 16], [0; 16]));
+
+    let value = serde_json::json!({"id": "t1", "service_id": "", "node_id": "elsewhere"});
+    let write = Command::PutEntry { table: tables::TASKS.into(), key: "t1".into(), value };
+    m.cluster.write(write).await?;
+    m.cluster.join_token(Role::Worker, true).await?;
+    let changes = eventually("the write and the rotation as changes", || async {
+        let r = client.call(m.addr, &watch(&mirror), timeout).await.map_err(|e| e.to_string())?;
+        let Response::Delta(d) = r else { return Err(format!("not a delta: {r:?}")) };
+        let DeltaBody::Changes(c) = &d.body else {
+            return Err(format!("a copy, not changes: {:?}", d.body));
+        };
+        let slots: Vec<Slot> = c.iter().map(|c| c.slot.clone()).collect();
+        Ok(slots.contains(&Slot::Cluster).then_some(d))
+    })
+    .await?;
+    assert!(!serde_json::to_string(&changes)?.contains("PRIVATE KEY"));
+    mirror.apply(changes)?;
+    let info = mirror.state().cluster.clone().context("cluster info")?;
+    assert_eq!(info.worker_secret, [0; 16], "a rotated join secret reached a worker");
+    assert!(info.retired_secrets.is_empty());
+    assert_eq!(mirror.state().entries[tables::TASKS]["t1"]["node_id"], "elsewhere");
+
+    let (rev, seen) = w.cluster.task_state_after(0).await?;
+    assert!(rev >= mirror.revision(), "{rev} < {}", mirror.revision());
+    assert!(seen.cluster.as_ref().is_some_and(|c| c.ca_key_pem.is_empty()));
+    assert_eq!(seen.entries[tables::TASKS]["t1"], mirror.state().entries[tables::TASKS]["t1"]);
+    client.close().await;
+    shutdown_all(&[&m, &w]).await;
+    Ok(())
+}

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{CA_FILE, Cluster, Inner, ManagerParts, rpc_err, unexpected, write_file};
+use super::lifecycle::write_file;
+use super::rpc::{rpc_err, unexpected};
+use super::{CA_FILE, Cluster, Inner, ManagerParts};
 use crate::Error;
 use crate::ca::{self, CaAnswer, CaReport, CaRotation, CaStep, SwarmUpdate};
 use crate::model::{Command, NodeId, Role, now_ms};

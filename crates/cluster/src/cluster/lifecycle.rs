@@ -1,0 +1,383 @@
+//! Lifecycle of a node's membership: `swarm init`, `join`, reopening the swarm state at start,
+//! shutdown and `leave`, and starting or stopping this node's Raft when it becomes or stops
+//! being a manager.
+
+use super::*;
+
+/// Writes a file of the swarm directory atomically. Every one of them is the node's own
+/// (keys, certificates, the keyring in the node file), so all are 0600, in a 0700 directory.
+pub(super) fn write_file(path: &Path, data: &str) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        f.write_all(data.as_bytes()).map_err(io_err(format!("writing {}", tmp.display())))?;
+        f.sync_all().map_err(io_err(format!("syncing {}", tmp.display())))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
+}
+
+/// Creates the swarm directory (and the data dir above it) readable by root alone, and makes
+/// an existing one so.
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("chmod 0700 {}", dir.display())))
+}
+
+pub(super) fn read_file(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))
+}
+
+impl Cluster {
+    /// `swarm init`: creates the CA, this node's manager certificate, a Raft group of one, the
+    /// gossip keyring and the `ingress` network, and starts serving.
+    pub async fn init(opts: InitOptions) -> Result<Cluster, Error> {
+        let dir = opts.data_dir.join(SWARM_DIR);
+        if dir.join(NODE_FILE).exists() {
+            return Err(Error::AlreadyInSwarm(dir));
+        }
+        let pool = opts
+            .default_addr_pool
+            .first()
+            .copied()
+            .ok_or_else(|| Error::BadRequest("--default-addr-pool is empty".into()))?;
+        if opts.subnet_size < pool.prefix_len() || opts.subnet_size > pool.max_prefix_len() - 2 {
+            return Err(Error::BadRequest(format!(
+                "subnet size /{} does not fit the pool {pool}",
+                opts.subnet_size
+            )));
+        }
+        crate::ca::check_cert_expiry(opts.cert_expiry).map_err(Error::BadRequest)?;
+        let ca = ClusterCa::generate()?;
+        let node = NodeId::random();
+        create_private_dir(&dir)?;
+        let (key, csr) = new_key_and_csr()?;
+        let cert = ca.sign_csr_for(&csr, node, Role::Manager, opts.cert_expiry)?;
+        let identity = NodeIdentity::from_pem(key, cert, ca.cert_pem.clone())?;
+        let keyring =
+            Keyring { keys: vec![GossipKey { id: 1, key: random_key() }], primary: 1, version: 1 };
+        let data_addr = opts.data_addr.unwrap_or(opts.advertise_addr.ip());
+        let local = LocalState {
+            node,
+            hostname: opts.hostname.clone(),
+            listen_addr: opts.listen_addr,
+            advertise_addr: opts.advertise_addr,
+            data_addr,
+            engine_version: opts.engine_version.clone(),
+            data_path_port: opts.data_path_port,
+            managers: vec![opts.advertise_addr],
+            keyring: keyring.clone(),
+            wg_public_key: None,
+        };
+        let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning.clone())?;
+        let result = async {
+            let m = cluster.inner.start_raft().await?;
+            let mut members = BTreeMap::new();
+            members.insert(node.0, BasicNode::new(opts.advertise_addr.to_string()));
+            m.raft.initialize(members).await.map_err(|e| Error::Store(e.to_string()))?;
+            m.raft
+                .wait(Some(opts.tuning.rpc_timeout * 2))
+                .current_leader(node.0, "init")
+                .await
+                .map_err(|e| Error::Store(format!("waiting to become leader: {e}")))?;
+            let subnet = ipnet::IpNet::new(pool.network(), opts.subnet_size)
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+            let gateway = subnet.hosts().next().unwrap_or(subnet.network());
+            let now = now_ms();
+            let info = ClusterInfo {
+                id: random_hex(12),
+                ca_cert_pem: ca.cert_pem.clone(),
+                ca_key_pem: ca.key_pem.clone(),
+                worker_secret: new_secret(),
+                manager_secret: new_secret(),
+                retired_secrets: Vec::new(),
+                default_addr_pool: opts.default_addr_pool.clone(),
+                subnet_size: opts.subnet_size,
+                data_path_port: opts.data_path_port,
+                created_ms: now,
+                security: crate::ca::SecurityConfig {
+                    cert_expiry_secs: opts.cert_expiry.as_secs(),
+                    ..Default::default()
+                },
+            };
+            let record = NodeRecord {
+                id: node,
+                hostname: opts.hostname.clone(),
+                role: Role::Manager,
+                availability: crate::Availability::Active,
+                labels: BTreeMap::new(),
+                addr: opts.advertise_addr,
+                data_addr,
+                wg_public_key: None,
+                status: NodeStatus::Ready,
+                status_message: String::new(),
+                engine_version: opts.engine_version.clone(),
+                created_ms: now,
+                updated_ms: now,
+            };
+            let ingress = NetworkRecord {
+                id: random_hex(12),
+                name: "ingress".into(),
+                driver: "overlay".into(),
+                subnet,
+                gateway,
+                vni: 4096,
+                ingress: true,
+                attachable: false,
+                encrypted: false,
+                labels: BTreeMap::new(),
+            };
+            cluster.inner.write(&m, Command::Init { info, node: record, keyring, ingress }).await
+        }
+        .await;
+        if let Err(e) = result {
+            cluster.shutdown().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        cluster.inner.spawn_loops();
+        Ok(cluster)
+    }
+
+    /// `swarm join`: gets a certificate for a new key from a manager (authorised by the token,
+    /// with the manager's CA pinned by the token's digest) and starts serving; a manager token
+    /// also makes this node a Raft voter.
+    pub async fn join(opts: JoinOptions) -> Result<Cluster, Error> {
+        let dir = opts.data_dir.join(SWARM_DIR);
+        if dir.join(NODE_FILE).exists() {
+            return Err(Error::AlreadyInSwarm(dir));
+        }
+        let token = JoinToken::parse(&opts.token)?;
+        let (key, csr) = new_key_and_csr()?;
+        let data_addr = opts.data_addr.unwrap_or(opts.advertise_addr.ip());
+        let req = Request::Join(JoinRequest {
+            token: opts.token.trim().to_owned(),
+            csr_pem: csr,
+            hostname: opts.hostname.clone(),
+            addr: opts.advertise_addr,
+            data_addr,
+            engine_version: opts.engine_version.clone(),
+        });
+        let jr: JoinResponse =
+            match call_pinned(opts.remote, token.ca_digest, &req, opts.tuning.rpc_timeout).await {
+                Ok(Response::Joined(j)) => j,
+                Ok(Response::Error(e)) => return Err(from_rpc(e)),
+                Ok(other) => return Err(unexpected(&other)),
+                Err(CallError::Pin(PinFailure::DigestMismatch)) => return Err(Error::CaMismatch),
+                Err(e) => return Err(e.into()),
+            };
+        let identity = NodeIdentity::from_pem(key, jr.cert_pem, jr.ca_pem)?;
+        if identity.ca_digest()? != token.ca_digest {
+            return Err(Error::CaMismatch);
+        }
+        create_private_dir(&dir)?;
+        let local = LocalState {
+            node: jr.node,
+            hostname: opts.hostname,
+            listen_addr: opts.listen_addr,
+            advertise_addr: opts.advertise_addr,
+            data_addr,
+            engine_version: opts.engine_version,
+            data_path_port: jr.data_path_port,
+            managers: jr.managers,
+            keyring: jr.keyring.clone(),
+            wg_public_key: None,
+        };
+        let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning)?;
+        cluster.inner.keyring.send_replace(jr.keyring);
+        if jr.role == Role::Manager {
+            // Becoming a voter can take a moment; the session loop retries if this fails.
+            let _ = cluster.inner.reconcile_once().await;
+        }
+        cluster.inner.spawn_loops();
+        Ok(cluster)
+    }
+
+    /// Restart: reloads this node's identity (and its Raft store on a manager) from the data dir
+    /// and starts serving. `Ok(None)` when the node is not in a swarm.
+    pub async fn open(data_dir: &Path, tuning: Tuning) -> Result<Option<Cluster>, Error> {
+        let dir = data_dir.join(SWARM_DIR);
+        let node_file = dir.join(NODE_FILE);
+        if !node_file.exists() {
+            return Ok(None);
+        }
+        let local: LocalState = serde_json::from_str(&read_file(&node_file)?)
+            .map_err(|e| Error::Store(format!("{}: {e}", node_file.display())))?;
+        let identity = NodeIdentity::from_pem(
+            read_file(&dir.join(KEY_FILE))?,
+            read_file(&dir.join(CERT_FILE))?,
+            read_file(&dir.join(CA_FILE))?,
+        )?;
+        let keyring = local.keyring.clone();
+        let has_raft = dir.join(RAFT_FILE).exists();
+        let cluster = Cluster::start(dir, local, identity, tuning)?;
+        cluster.inner.keyring.send_replace(keyring);
+        if has_raft && let Err(e) = cluster.inner.start_raft().await {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+        cluster.inner.spawn_loops();
+        Ok(Some(cluster))
+    }
+
+    /// [`Cluster::start`] for a node entering a swarm: if it fails, the swarm directory it
+    /// began to fill is removed, so the node stays outside any swarm.
+    pub(super) fn start_fresh(
+        dir: &Path,
+        local: LocalState,
+        identity: NodeIdentity,
+        tuning: Tuning,
+    ) -> Result<Cluster, Error> {
+        Cluster::start(dir.to_owned(), local, identity, tuning).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(dir);
+        })
+    }
+
+    pub(super) fn start(
+        dir: PathBuf,
+        local: LocalState,
+        identity: NodeIdentity,
+        tuning: Tuning,
+    ) -> Result<Cluster, Error> {
+        write_file(&dir.join(KEY_FILE), &identity.key_pem)?;
+        write_file(&dir.join(CERT_FILE), &identity.cert_pem)?;
+        write_file(&dir.join(CA_FILE), &identity.ca_pem)?;
+        let transport = Arc::new(Transport::bind(local.listen_addr, &identity)?);
+        let (events, _) = broadcast::channel(256);
+        let (keyring, _) = watch::channel(Keyring::default());
+        let inner = Arc::new(Inner {
+            dir,
+            tuning,
+            local: Mutex::new(local),
+            identity: RwLock::new(identity),
+            transport,
+            manager: RwLock::new(None),
+            events,
+            keyring,
+            book: Mutex::new(HeartbeatBook::default()),
+            membership_lock: tokio::sync::Mutex::new(()),
+            rotation_lock: tokio::sync::Mutex::new(()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+            node_handler: RwLock::new(HandlerSlot::default()),
+            tasks: Mutex::new(Vec::new()),
+            ca_book: Mutex::new(crate::ca::CaBook::default()),
+            manager_ids: Mutex::new(Vec::new()),
+            refusals: crate::authz::Refusals::default(),
+            mirror: Default::default(),
+        });
+        inner.save_local()?;
+        let server = tokio::spawn(serve(inner.clone()));
+        if let Ok(mut t) = inner.tasks.lock() {
+            t.push(server);
+        }
+        Ok(Cluster { inner })
+    }
+
+    /// Stops serving, Raft and the loops; the state stays on disk for [`Cluster::open`].
+    pub async fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> =
+            self.inner.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.inner.stop_raft().await;
+        self.inner.transport.close().await;
+    }
+
+    /// `swarm leave [--force]`. A manager is refused without `force` when it is the last one or
+    /// its leaving would lose quorum. The swarm state is removed from the data dir.
+    pub async fn leave(&self, force: bool) -> Result<(), Error> {
+        // Hold the session off: it would otherwise renew this node's certificate for its new
+        // role while the leave is in flight.
+        let session = self.inner.reconcile_lock.lock().await;
+        let r = self.inner.request(Request::Leave).await;
+        match r {
+            Err(e) if !force && self.inner.manager().is_some() => return Err(e),
+            _ => {}
+        }
+        drop(session);
+        self.shutdown().await;
+        std::fs::remove_dir_all(&self.inner.dir)
+            .map_err(io_err(format!("removing {}", self.inner.dir.display())))
+    }
+}
+
+impl Inner {
+    pub(super) fn save_local(&self) -> Result<(), Error> {
+        let l = self.local();
+        let text = serde_json::to_string_pretty(&l).map_err(|e| Error::Store(e.to_string()))?;
+        write_file(&self.dir.join(NODE_FILE), &text)
+    }
+
+    pub(super) async fn start_raft(self: &Arc<Self>) -> Result<Arc<ManagerParts>, Error> {
+        if let Some(m) = self.manager() {
+            return Ok(m);
+        }
+        let path = self.dir.join(RAFT_FILE);
+        // A previous instance in this process may still be letting go of the file.
+        let mut tries = 0;
+        let db = loop {
+            match open_db(&path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(Error::Store(format!("opening {}: {e}", path.display()))),
+            }
+        };
+        let sm = StateMachine::open(db.clone(), self.events.clone(), self.keyring.clone())
+            .map_err(|e| Error::Store(e.to_string()))?;
+        let contacts = PeerContacts::default();
+        let net = RaftNet { transport: self.transport.clone(), contacts: contacts.clone() };
+        let cfg = raft_config(&self.tuning).map_err(|e| Error::Store(e.to_string()))?;
+        let raft = Raft::new(self.me().0, cfg, net, LogStore::new(db), sm.clone())
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?;
+        let parts = Arc::new(ManagerParts {
+            raft,
+            sm,
+            contacts,
+            leader_seen: Mutex::new(None),
+            prevote: Mutex::new(PreVote::default()),
+        });
+        if let Ok(mut m) = self.manager.write() {
+            *m = Some(parts.clone());
+        }
+        Ok(parts)
+    }
+
+    pub(super) async fn stop_raft(&self) {
+        let parts = self.manager.write().ok().and_then(|mut m| m.take());
+        if let Some(p) = parts {
+            let _ = p.raft.shutdown().await;
+        }
+    }
+
+    pub(super) fn spawn_loops(self: &Arc<Self>) {
+        let session = tokio::spawn(session_loop(self.clone()));
+        let liveness = tokio::spawn(liveness_loop(self.clone()));
+        let probes = tokio::spawn(probe_loop(self.clone()));
+        if let Ok(mut t) = self.tasks.lock() {
+            t.push(session);
+            t.push(liveness);
+            t.push(probes);
+        }
+    }
+}
