@@ -22,6 +22,8 @@ pub enum Error {
     Constraint(#[from] shoal_scheduler::ConstraintError),
     #[error("invalid {what} name {name:?}: 1-63 of [a-zA-Z0-9_-], starting with a letter or digit")]
     InvalidName { what: &'static str, name: String },
+    #[error("driver {0:?} is not supported: shoal networks are overlay networks")]
+    UnsupportedDriver(String),
     #[error("invalid environment variable {0:?}: want KEY=VALUE")]
     InvalidEnv(String),
     #[error("a service needs a command: shoal service create ... -- CMD [ARG...]")]

@@ -10,7 +10,7 @@
 //! - [`service`]: the service as the store keeps it, the policies it carries, and the checks
 //!   a service must pass against the rest of the swarm;
 //! - [`request`]: `service create` and `service update` as they arrive, turned into a
-//!   [`Service`] with Docker's defaults;
+//!   [`Service`] with Docker's defaults; [`network`]: `network create` as it arrives;
 //! - [`task`]: tasks as the store keeps them, and the keys of the addresses no task holds;
 //! - [`Error`]: what was wrong, sorted by [`ErrorKind`] so the API can answer with a status.
 //!
@@ -22,6 +22,7 @@
 
 mod error;
 pub mod mount;
+pub mod network;
 pub mod port;
 pub mod request;
 pub mod service;
@@ -29,6 +30,7 @@ pub mod task;
 
 pub use error::{Error, ErrorKind};
 pub use mount::{MountKind, MountSpec};
+pub use network::NetworkCreate;
 pub use port::{PortMode, Protocol, ProxyVersion, PublishedPort};
 pub use request::{Context, ServiceCreate, ServiceUpdate};
 pub use service::{
