@@ -175,10 +175,6 @@ impl ServiceCreate {
         id: String,
         now_ms: u64,
     ) -> Result<Service, Error> {
-        crate::check_name("service", &self.name)?;
-        if self.argv.first().is_none_or(String::is_empty) {
-            return Err(Error::EmptyCommand);
-        }
         let mode = match (self.global, self.replicas) {
             (true, Some(_)) => return Err(Error::ReplicasWithGlobal),
             (true, None) => Mode::Global,
