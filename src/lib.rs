@@ -9,6 +9,7 @@ pub mod cni;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod from_model;
 pub mod lab;
 pub mod metrics;
 pub mod mounts;

@@ -3,193 +3,72 @@
 //! runtime's [`shoal_runtime::Mount`] when it starts a task. Errors use Docker's words: the
 //! CLI's for the syntax, swarmkit's and the daemon's for what the mount may be.
 
-use std::fmt;
-use std::path::{Component, Path, PathBuf};
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use shoal_model::mount::{MountKind, MountSpec, clean};
 
 use crate::volumes;
 
-/// What a mount brings into the task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MountKind {
-    /// A named volume of the node the task runs on (made there if missing).
-    Volume,
-    /// A host path.
-    Bind,
-}
-
-impl MountKind {
-    /// `volume` or `bind`, as Docker writes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MountKind::Volume => "volume",
-            MountKind::Bind => "bind",
-        }
+/// The mount as the store keeps it: its target cleaned, after every check a request gets (a
+/// bind source must exist on the node the request is made to). `Err` is Docker's message.
+pub fn checked(m: &MountSpec) -> Result<MountSpec, String> {
+    let config = |e: String| format!("invalid mount config for type {:?}: {e}", m.kind.as_str());
+    if m.target.contains('\0') || m.source.contains('\0') {
+        return Err(config("paths must not contain NUL".into()));
     }
-}
-
-/// One `--mount`: a volume name or host path, where the task sees it, and whether read-only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MountSpec {
-    #[serde(rename = "type")]
-    pub kind: MountKind,
-    /// Volume name, or absolute host path for a bind.
-    pub source: String,
-    /// Absolute path in the task, cleaned (`/a/./b/` is `/a/b`).
-    pub target: String,
-    #[serde(default)]
-    pub readonly: bool,
-}
-
-/// Go's `strconv.ParseBool`, which Docker's `readonly=` uses.
-fn parse_bool(s: &str) -> Option<bool> {
-    match s {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
+    if !m.target.starts_with('/') {
+        return Err(format!("invalid mount target, must be an absolute path: {}", m.target));
     }
-}
-
-impl FromStr for MountSpec {
-    type Err = String;
-
-    /// `type=volume,src=NAME,dst=PATH[,readonly]`, with Docker's key aliases (`source`,
-    /// `target`, `destination`, `ro`); the type defaults to `volume`, as Docker's does.
-    fn from_str(s: &str) -> Result<MountSpec, String> {
-        let (mut kind, mut source, mut target, mut readonly) = (None, String::new(), None, false);
-        for field in s.split(',') {
-            let Some((key, value)) = field.split_once('=') else {
-                match field.to_ascii_lowercase().as_str() {
-                    "readonly" | "ro" => {
-                        readonly = true;
-                        continue;
-                    }
-                    _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
-                }
-            };
-            match key.to_ascii_lowercase().as_str() {
-                "type" => kind = Some(value.to_ascii_lowercase()),
-                "source" | "src" => source = value.to_owned(),
-                "target" | "dst" | "destination" => target = Some(value.to_owned()),
-                k @ ("readonly" | "ro") => {
-                    readonly = parse_bool(value)
-                        .ok_or_else(|| format!("invalid value for {k}: {value}"))?;
-                }
-                _ => return Err(format!("unexpected key '{key}' in '{field}'")),
+    let target = clean(&m.target);
+    if let Some(problem) = shoal_runtime::mounts::target_problem(Path::new(&target)) {
+        return Err(config(problem));
+    }
+    let mut source = m.source.clone();
+    match m.kind {
+        MountKind::Bind => {
+            if source.is_empty() {
+                return Err(config("field Source must not be empty".into()));
             }
-        }
-        let kind = match kind.as_deref() {
-            None | Some("volume") => MountKind::Volume,
-            Some("bind") => MountKind::Bind,
-            Some("") => return Err("type is required".into()),
-            Some(other) => {
+            if !source.starts_with('/') {
                 return Err(format!(
-                    "invalid mount config for type {other:?}: mount type unknown \
-                     (shoal mounts a volume or a bind)"
+                    "invalid bind mount source, must be an absolute path: {source}"
                 ));
             }
-        };
-        let target = target.filter(|t| !t.is_empty()).ok_or("target is required")?;
-        Ok(MountSpec { kind, source, target, readonly })
-    }
-}
-
-impl fmt::Display for MountSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "type={},src={},dst={}", self.kind.as_str(), self.source, self.target)?;
-        if self.readonly {
-            f.write_str(",readonly")?;
-        }
-        Ok(())
-    }
-}
-
-/// `/a/./b/` → `/a/b`, `/a/../b` → `/b`, as Go's `path.Clean` does for an absolute path.
-fn clean(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in Path::new(p).components() {
-        match c {
-            Component::Normal(s) => parts.push(s.to_str().unwrap_or_default()),
-            Component::ParentDir => {
-                parts.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    format!("/{}", parts.join("/"))
-}
-
-impl MountSpec {
-    /// The mount as the store keeps it: its target cleaned, after every check a request gets
-    /// (a bind source must exist on the node the request is made to). `Err` is Docker's
-    /// message.
-    pub fn checked(&self) -> Result<MountSpec, String> {
-        let config =
-            |e: String| format!("invalid mount config for type {:?}: {e}", self.kind.as_str());
-        if self.target.contains('\0') || self.source.contains('\0') {
-            return Err(config("paths must not contain NUL".into()));
-        }
-        if !self.target.starts_with('/') {
-            return Err(format!("invalid mount target, must be an absolute path: {}", self.target));
-        }
-        let target = clean(&self.target);
-        if let Some(problem) = shoal_runtime::mounts::target_problem(Path::new(&target)) {
-            return Err(config(problem));
-        }
-        let mut source = self.source.clone();
-        match self.kind {
-            MountKind::Bind => {
-                if source.is_empty() {
-                    return Err(config("field Source must not be empty".into()));
-                }
-                if !source.starts_with('/') {
-                    return Err(format!(
-                        "invalid bind mount source, must be an absolute path: {source}"
-                    ));
-                }
-                source = clean(&source);
-                if !Path::new(&source).exists() {
-                    return Err(config(format!("bind source path does not exist: {source}")));
-                }
-            }
-            MountKind::Volume => {
-                if source.starts_with('/') {
-                    return Err(format!(
-                        "invalid volume mount source, must not be an absolute path: {source}"
-                    ));
-                }
-                if source.is_empty() {
-                    return Err(config("shoal needs the volume's name: src=NAME".into()));
-                }
-                volumes::check_name(&source)?;
+            source = clean(&source);
+            if !Path::new(&source).exists() {
+                return Err(config(format!("bind source path does not exist: {source}")));
             }
         }
-        Ok(MountSpec { kind: self.kind, source, target, readonly: self.readonly })
+        MountKind::Volume => {
+            if source.starts_with('/') {
+                return Err(format!(
+                    "invalid volume mount source, must not be an absolute path: {source}"
+                ));
+            }
+            if source.is_empty() {
+                return Err(config("shoal needs the volume's name: src=NAME".into()));
+            }
+            volumes::check_name(&source)?;
+        }
     }
+    Ok(MountSpec { kind: m.kind, source, target, readonly: m.readonly })
+}
 
-    /// The runtime's mount on a node whose volumes are `vols`, making a missing volume there
-    /// as Docker does.
-    pub fn resolve(&self, vols: &volumes::Volumes) -> Result<shoal_runtime::Mount, String> {
-        let source = match self.kind {
-            MountKind::Bind => PathBuf::from(&self.source),
-            MountKind::Volume => vols.ensure(&self.source).map_err(|e| e.to_string())?,
-        };
-        Ok(shoal_runtime::Mount {
-            source,
-            target: PathBuf::from(&self.target),
-            readonly: self.readonly,
-        })
-    }
+/// The runtime's mount on a node whose volumes are `vols`, making a missing volume there as
+/// Docker does.
+pub fn resolve(m: &MountSpec, vols: &volumes::Volumes) -> Result<shoal_runtime::Mount, String> {
+    let source = match m.kind {
+        MountKind::Bind => PathBuf::from(&m.source),
+        MountKind::Volume => vols.ensure(&m.source).map_err(|e| e.to_string())?,
+    };
+    Ok(shoal_runtime::Mount { source, target: PathBuf::from(&m.target), readonly: m.readonly })
 }
 
 /// Checks every mount of a request and that no two share a target; returns them as stored.
 pub fn check_all(mounts: &[MountSpec]) -> Result<Vec<MountSpec>, String> {
     let mut out: Vec<MountSpec> = Vec::with_capacity(mounts.len());
     for m in mounts {
-        let m = m.checked()?;
+        let m = checked(m)?;
         if out.iter().any(|o| o.target == m.target) {
             return Err(format!("Duplicate mount point: {}", m.target));
         }
@@ -198,27 +77,13 @@ pub fn check_all(mounts: &[MountSpec]) -> Result<Vec<MountSpec>, String> {
     Ok(out)
 }
 
-/// `service update --mount-rm TARGET --mount-add SPEC`: the removals, then the additions,
-/// an added mount replacing one with its target (as Docker's update does). Only the added
-/// mounts are checked again.
+/// `service update --mount-rm TARGET --mount-add SPEC`, the added mounts checked here.
 pub fn updated(
     current: &[MountSpec],
     rm: &[String],
     add: &[MountSpec],
 ) -> Result<Vec<MountSpec>, String> {
-    let mut out = current.to_vec();
-    for target in rm {
-        let cleaned = if target.starts_with('/') { clean(target) } else { target.clone() };
-        if !out.iter().any(|m| m.target == cleaned) {
-            return Err(format!("the service has no mount at {target} to remove"));
-        }
-        out.retain(|m| m.target != cleaned);
-    }
-    for m in check_all(add)? {
-        out.retain(|o| o.target != m.target);
-        out.push(m);
-    }
-    Ok(out)
+    shoal_model::mount::updated(current, rm, check_all(add)?)
 }
 
 #[cfg(test)]
@@ -227,7 +92,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<MountSpec, String> {
-        s.parse::<MountSpec>().and_then(|m| m.checked())
+        s.parse::<MountSpec>().and_then(|m| checked(&m))
     }
 
     #[test]

@@ -9,10 +9,11 @@ use anyhow::bail;
 use clap::Subcommand;
 
 use crate::api::client::{ApiError, Host};
-use crate::api::services::{
-    NetworkCreate, NetworkView, RunRequest, ServiceCreate, ServiceUpdate, ServiceView, TaskView,
-};
+use crate::api::containers::RunRequest;
+use crate::api::networks::NetworkView;
+use crate::api::services::{ServiceView, TaskView};
 use crate::mounts::MountSpec;
+use shoal_model::{NetworkCreate, PublishedPort, ServiceCreate, ServiceUpdate};
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
@@ -84,7 +85,7 @@ pub struct CreateArgs {
     /// Publish a port: `8100:8100`, `53:53/udp`, or
     /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v1|v2`.
     #[arg(short, long)]
-    publish: Vec<String>,
+    publish: Vec<PublishedPort>,
     /// Attach to a network.
     #[arg(long)]
     network: Vec<String>,
@@ -179,7 +180,7 @@ pub enum ServiceCmd {
         #[arg(long)]
         env_rm: Vec<String>,
         #[arg(long)]
-        publish_add: Vec<String>,
+        publish_add: Vec<PublishedPort>,
         #[arg(long)]
         publish_rm: Vec<u16>,
         #[arg(long)]
@@ -421,6 +422,12 @@ fn ago(ms: u64) -> String {
     }
 }
 
+/// A keyword flag (`--endpoint-mode dnsrr`) as the model's type: clap has already held it to
+/// the model's words, which are the type's serde names.
+fn keyword<T: serde::de::DeserializeOwned>(v: &Option<String>) -> anyhow::Result<Option<T>> {
+    Ok(v.as_ref().map(|s| serde_json::from_value(serde_json::json!(s))).transpose()?)
+}
+
 pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCode> {
     let mut each = EachName::default();
     match cmd {
@@ -434,16 +441,16 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 global: a.mode == "global",
                 networks: a.network.clone(),
                 publish: a.publish.clone(),
-                endpoint_mode: a.endpoint_mode.clone(),
-                lb_algorithm: a.lb_algorithm.clone(),
+                endpoint_mode: keyword(&a.endpoint_mode)?,
+                lb_algorithm: keyword(&a.lb_algorithm)?,
                 constraints: a.constraint.clone(),
-                restart_condition: a.restart_condition.clone(),
+                restart_condition: keyword(&a.restart_condition)?,
                 restart_delay_ms: ms(a.restart_delay),
                 restart_max_attempts: a.restart_max_attempts,
-                update_order: a.update_order.clone(),
+                update_order: keyword(&a.update_order)?,
                 update_parallelism: a.rollout.update_parallelism,
                 update_delay_ms: ms(a.rollout.update_delay),
-                update_failure_action: a.rollout.update_failure_action.clone(),
+                update_failure_action: keyword(&a.rollout.update_failure_action)?,
                 update_monitor_ms: ms(a.rollout.update_monitor),
                 health_cmd: a.health_cmd.clone(),
                 health_interval_ms: ms(a.health_interval),
@@ -567,10 +574,10 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 publish_rm: publish_rm.clone(),
                 constraint_add: constraint_add.clone(),
                 constraint_rm: constraint_rm.clone(),
-                update_order: update_order.clone(),
+                update_order: keyword(update_order)?,
                 update_parallelism: rollout.update_parallelism,
                 update_delay_ms: ms(rollout.update_delay),
-                update_failure_action: rollout.update_failure_action.clone(),
+                update_failure_action: keyword(&rollout.update_failure_action)?,
                 update_monitor_ms: ms(rollout.update_monitor),
                 stop_grace_ms: ms(*stop_grace_period),
                 stop_signal: stop_signal.clone(),
@@ -671,11 +678,11 @@ struct TaskExtras {
 }
 
 impl TaskExtras {
-    fn of(s: &crate::engine::records::ServiceRecord) -> TaskExtras {
+    fn of(s: &crate::engine::records::Service) -> TaskExtras {
         let ports: Vec<String> = s
             .ports
             .iter()
-            .filter(|p| p.host_mode)
+            .filter(|p| !p.is_ingress())
             .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
             .collect();
         TaskExtras { image: image(&s.argv).to_owned(), ports: ports.join(",") }

@@ -22,7 +22,7 @@ use shoal_scheduler::TaskState;
 use tokio::sync::watch;
 
 use super::ApiState;
-use super::services::own_container;
+use super::containers::own_container;
 use super::swarm::bad_request;
 use crate::engine::records::TaskRecord;
 

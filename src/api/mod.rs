@@ -4,6 +4,9 @@
 pub mod attach;
 pub mod client;
 pub mod cni;
+pub mod containers;
+mod lookup;
+pub mod networks;
 pub mod rollout;
 pub mod services;
 pub mod swarm;
@@ -151,7 +154,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(swarm::routes())
         .merge(swarm_ca::routes())
+        .merge(networks::routes())
         .merge(services::routes())
+        .merge(containers::routes())
         .merge(volumes::routes())
         .merge(attach::routes())
         .merge(cni::routes())

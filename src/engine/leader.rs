@@ -5,7 +5,7 @@
 //! never given twice. An address is free again when nothing in the store holds it: a task that
 //! ended, a VIP of a service that is gone, the sandbox of a node that left.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use shoal_cluster::model::{ClusterState, Command, now_ms, tables};
 use shoal_cluster::{Cluster, NodeId};
 use shoal_scheduler::{self as sched, Action, DesiredState, Ipam, TaskState};
 
-use super::records::{self, ServiceRecord, TaskRecord};
+use super::records::{self, TaskRecord};
 
 /// A new task or service id: 25 base-36 characters, like Docker's.
 pub fn new_id() -> String {
@@ -207,7 +207,7 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
             Action::Create { service_id, slot, node_id, spec_version, attempt } => {
                 let Some(svc) = services.get(&service_id) else { continue };
                 let id = new_id();
-                let networks = svc.task_networks(state);
+                let networks = records::task_networks(state, svc);
                 let mut addresses = BTreeMap::new();
                 for net in &networks {
                     let ip = ipam
@@ -296,43 +296,6 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
     Ok(plan.wake_at)
 }
 
-/// Checks a new service against the store: the names, networks and ports it refers to.
-pub fn check_service(state: &ClusterState, svc: &ServiceRecord) -> Result<(), String> {
-    let services = records::services(state);
-    if services.values().any(|s| s.name == svc.name && s.id != svc.id) {
-        return Err(format!("service {} already exists", svc.name));
-    }
-    for n in &svc.networks {
-        let Some(net) = state.networks.get(n) else {
-            return Err(format!("network {n} not found"));
-        };
-        if net.ingress {
-            return Err(format!(
-                "network {} is the routing mesh's; publish a port instead of attaching to it",
-                net.name
-            ));
-        }
-    }
-    if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {
-        return Err("port published with ingress mode can't be used with dnsrr mode".into());
-    }
-    let mut seen = BTreeSet::new();
-    for p in &svc.ports {
-        if !seen.insert((p.published, p.protocol)) {
-            return Err(format!("port {} is published twice", p.published));
-        }
-        for other in services.values().filter(|s| s.id != svc.id) {
-            if other.ports.iter().any(|q| q.published == p.published && q.protocol == p.protocol) {
-                return Err(format!(
-                    "port '{}' is already in use by service '{}' ({})",
-                    p.published, other.name, other.id
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The next free VXLAN id (Swarm's start at 4096, the ingress network's).
 pub fn next_vni(state: &ClusterState) -> u32 {
     state.networks.values().map(|n| n.vni).max().map_or(4097, |v| v + 1)
@@ -346,7 +309,6 @@ pub fn gateway_of(subnet: ipnet::Ipv4Net) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::records::{PortRecord, Protocol};
     use shoal_cluster::model::NetworkRecord;
 
     fn state_with_ingress() -> ClusterState {
@@ -365,45 +327,6 @@ mod tests {
         };
         s.networks.insert("ing".into(), ingress);
         s
-    }
-
-    fn service(id: &str, name: &str, ports: Vec<PortRecord>) -> ServiceRecord {
-        ServiceRecord {
-            id: id.into(),
-            name: name.into(),
-            version: 1,
-            mode: sched::Mode::Replicated { replicas: 1 },
-            argv: vec!["true".into()],
-            env: vec![],
-            workdir: None,
-            networks: vec![],
-            ports,
-            dnsrr: false,
-            lb_algorithm: Default::default(),
-            constraints: vec![],
-            restart: Default::default(),
-            update_order: Default::default(),
-            update: Default::default(),
-            update_failure_action: Default::default(),
-            update_status: None,
-            health: None,
-            mounts: vec![],
-            stop_grace_ms: 10_000,
-            stop_signal: None,
-            previous: None,
-            created_ms: 0,
-            updated_ms: 0,
-        }
-    }
-
-    fn tcp(p: u16) -> PortRecord {
-        PortRecord {
-            published: p,
-            target: p,
-            protocol: Protocol::Tcp,
-            host_mode: false,
-            proxy_protocol: None,
-        }
     }
 
     #[test]
@@ -448,33 +371,6 @@ mod tests {
                 ("node4".to_string(), S::Down, A::Active),
             ]
         );
-    }
-
-    #[test]
-    fn services_are_checked_against_the_store() {
-        let mut s = state_with_ingress();
-        let web = service("s1", "web", vec![tcp(8100)]);
-        s.entries
-            .entry(tables::SERVICES.into())
-            .or_default()
-            .insert("s1".into(), records::to_value(&web));
-        assert!(check_service(&s, &web).is_ok(), "a service does not conflict with itself");
-        let e = check_service(&s, &service("s2", "web", vec![])).unwrap_err();
-        assert!(e.contains("already exists"), "{e}");
-        let e = check_service(&s, &service("s2", "api", vec![tcp(8100)])).unwrap_err();
-        assert!(e.contains("already in use by service 'web'"), "{e}");
-        let mut udp = service("s2", "dns", vec![tcp(8100)]);
-        udp.ports[0].protocol = Protocol::Udp;
-        assert!(check_service(&s, &udp).is_ok(), "udp 8100 is another port");
-        let mut rr = service("s3", "rr", vec![tcp(9000)]);
-        rr.dnsrr = true;
-        assert!(check_service(&s, &rr).unwrap_err().contains("dnsrr"));
-        let mut on_ingress = service("s4", "x", vec![]);
-        on_ingress.networks = vec!["ing".into()];
-        assert!(check_service(&s, &on_ingress).unwrap_err().contains("routing mesh"));
-        let mut unknown = service("s5", "y", vec![]);
-        unknown.networks = vec!["nope".into()];
-        assert!(check_service(&s, &unknown).unwrap_err().contains("not found"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::sync::{Notify, watch};
 
 mod client_addr;
 
-use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
+use super::records::{self, ENDPOINT_TABLE, EndpointRecord, Service, TaskRecord};
 use super::trust;
 use crate::config::AgentConfig;
 use crate::volumes::Volumes;
@@ -738,7 +738,7 @@ async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()>
     Ok(())
 }
 
-fn runtime_spec(t: &TaskRecord, svc: Option<&ServiceRecord>) -> rt::TaskSpec {
+fn runtime_spec(t: &TaskRecord, svc: Option<&Service>) -> rt::TaskSpec {
     let (argv, env, workdir) = match (&t.standalone, svc) {
         (Some(s), _) => (s.argv.clone(), s.env.clone(), None),
         (None, Some(s)) => (s.argv.clone(), s.env.clone(), s.workdir.clone()),
@@ -768,14 +768,14 @@ fn runtime_spec(t: &TaskRecord, svc: Option<&ServiceRecord>) -> rt::TaskSpec {
 async fn start_task(
     inner: &Arc<Inner>,
     t: &TaskRecord,
-    svc: Option<&ServiceRecord>,
+    svc: Option<&Service>,
     nets: &[NetworkRecord],
 ) -> anyhow::Result<()> {
     let id = &t.task.id;
     let mut spec = runtime_spec(t, svc);
     let mounts = t.standalone.as_ref().map(|s| &s.mounts).or(svc.map(|s| &s.mounts));
     for m in mounts.into_iter().flatten() {
-        spec.mounts.push(m.resolve(&inner.volumes).map_err(anyhow::Error::msg)?);
+        spec.mounts.push(crate::mounts::resolve(m, &inner.volumes).map_err(anyhow::Error::msg)?);
     }
     inner.runtime.create(spec).await?;
     let ns = inner.runtime.netns(id)?;
@@ -921,7 +921,7 @@ async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
 
 /// The published TCP target ports a task of this service must accept connections on before it
 /// serves: none when the service has its own health command (that decides) or no such port.
-fn awaited_ports(svc: Option<&ServiceRecord>) -> Vec<u16> {
+fn awaited_ports(svc: Option<&Service>) -> Vec<u16> {
     match svc {
         Some(s) if s.health.is_none() => s
             .ports
@@ -939,7 +939,7 @@ fn awaited_ports(svc: Option<&ServiceRecord>) -> Vec<u16> {
 /// program listens.
 fn readiness(
     inner: &Arc<Inner>,
-    services: &BTreeMap<String, ServiceRecord>,
+    services: &BTreeMap<String, Service>,
     mine: &BTreeMap<&String, &TaskRecord>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
@@ -1053,7 +1053,7 @@ fn count_dropped(inner: &Inner, now: BTreeSet<trust::Dropped>) {
 async fn publish(
     inner: &Arc<Inner>,
     state: &ClusterState,
-    services: &BTreeMap<String, ServiceRecord>,
+    services: &BTreeMap<String, Service>,
     mine: &BTreeMap<&String, &TaskRecord>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
@@ -1109,7 +1109,7 @@ async fn publish(
 async fn dataplane(
     inner: &Arc<Inner>,
     state: &ClusterState,
-    services: &BTreeMap<String, ServiceRecord>,
+    services: &BTreeMap<String, Service>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
     let snap = inner.gossip.snapshot();
@@ -1172,7 +1172,7 @@ async fn dataplane(
         }
         input.services.push(dns::ServiceSpec {
             name: svc.name.clone(),
-            mode: if svc.dnsrr { dns::EndpointMode::Dnsrr } else { dns::EndpointMode::Vip },
+            mode: crate::from_model::dns_mode(svc),
             networks: svc
                 .networks
                 .iter()
@@ -1211,31 +1211,7 @@ async fn dataplane(
     // The mesh: one entry per service that publishes ports, backends from the ingress table.
     let mut want: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)> = BTreeMap::new();
     for svc in services.values().filter(|s| !s.ports.is_empty()) {
-        let ports = svc
-            .ports
-            .iter()
-            .map(|p| {
-                let mut ps = match p.protocol {
-                    records::Protocol::Tcp => ing::PortSpec::tcp(p.published, p.target),
-                    records::Protocol::Udp => ing::PortSpec::udp(p.published, p.target),
-                };
-                if p.host_mode {
-                    ps.mode = ing::PublishMode::Host;
-                }
-                ps.proxy_protocol = match p.proxy_protocol {
-                    None => ing::ProxyProtocol::Off,
-                    Some(records::ProxyVersion::V1) => ing::ProxyProtocol::V1,
-                    Some(records::ProxyVersion::V2) => ing::ProxyProtocol::V2,
-                };
-                ps
-            })
-            .collect();
-        let mut spec = ing::ServiceSpec::new(svc.name.clone(), ports);
-        spec.algorithm = match svc.lb_algorithm {
-            records::LbAlgorithm::P2c => ing::Algorithm::P2cLeastConn,
-            records::LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
-            records::LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
-        };
+        let mut spec = crate::from_model::mesh_service(svc);
         // A withdrawn task's open connections may run as long as the task itself may: the
         // withdrawal wait, then its stop grace.
         spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);
@@ -1316,7 +1292,7 @@ async fn dataplane(
 /// Every VIP per network, with the serving tasks behind it, from the store and gossip.
 fn vip_table(
     state: &ClusterState,
-    services: &BTreeMap<String, ServiceRecord>,
+    services: &BTreeMap<String, Service>,
     eps: &[(String, EndpointRecord)],
 ) -> BTreeMap<String, Vec<(Ipv4Addr, Vec<Ipv4Addr>)>> {
     let held = records::held(state);

@@ -8,20 +8,20 @@ use std::collections::BTreeMap;
 
 use shoal_scheduler::TaskState;
 
-use super::records::{FailureAction, ServiceRecord, TaskRecord, UpdateStatus};
+use super::records::{FailureAction, Service, TaskRecord, UpdateStatus};
 
 /// The record that puts `cur`'s previous spec back, keeping `cur` as the new previous; `None`
 /// when there is nothing to roll back to. The version goes up (new tasks) unless only the
 /// replica count differs, as for an update.
-pub fn rolled_back(cur: &ServiceRecord, now: u64) -> Option<ServiceRecord> {
+pub fn rolled_back(cur: &Service, now: u64) -> Option<Service> {
     let prev = cur.previous.as_deref()?;
-    let mut svc = ServiceRecord {
+    let mut svc = Service {
         id: cur.id.clone(),
         name: cur.name.clone(),
         created_ms: cur.created_ms,
         updated_ms: now,
         version: cur.version,
-        previous: Some(Box::new(ServiceRecord { previous: None, ..cur.clone() })),
+        previous: Some(Box::new(Service { previous: None, ..cur.clone() })),
         update_status: None,
         ..prev.clone()
     };
@@ -33,8 +33,8 @@ pub fn rolled_back(cur: &ServiceRecord, now: u64) -> Option<ServiceRecord> {
 
 /// Whether two specs of a service run the same tasks: everything but the replica count,
 /// the bookkeeping and the history is equal.
-pub fn same_tasks(a: &ServiceRecord, b: &ServiceRecord) -> bool {
-    let bare = |s: &ServiceRecord| ServiceRecord {
+pub fn same_tasks(a: &Service, b: &Service) -> bool {
+    let bare = |s: &Service| Service {
         mode: b.mode,
         version: 0,
         previous: None,
@@ -51,10 +51,10 @@ pub fn same_tasks(a: &ServiceRecord, b: &ServiceRecord) -> bool {
 /// service's current spec, made by an update, failed within the monitor period of its creation
 /// and after the update began; a service already paused or rolling back is left alone.
 pub fn failure_actions(
-    services: &BTreeMap<String, ServiceRecord>,
+    services: &BTreeMap<String, Service>,
     tasks: &BTreeMap<String, TaskRecord>,
     now: u64,
-) -> Vec<ServiceRecord> {
+) -> Vec<Service> {
     let mut out = Vec::new();
     for svc in services.values() {
         let updated = svc.previous.as_ref().is_some_and(|p| p.version < svc.version);
@@ -101,7 +101,7 @@ mod tests {
     use super::*;
     use shoal_scheduler as sched;
 
-    fn svc(replicas: u64, env: &[(&str, &str)], version: u64) -> ServiceRecord {
+    fn svc(replicas: u64, env: &[(&str, &str)], version: u64) -> Service {
         let value = serde_json::json!({
             "id": "s1", "name": "web", "version": version,
             "mode": {"replicated": {"replicas": replicas}},
@@ -137,7 +137,7 @@ mod tests {
         serde_json::from_value(value).expect("a task record")
     }
 
-    fn updated(action: FailureAction) -> BTreeMap<String, ServiceRecord> {
+    fn updated(action: FailureAction) -> BTreeMap<String, Service> {
         let mut cur = svc(2, &[("V", "2")], 2);
         cur.updated_ms = 1_000;
         cur.update_failure_action = action;
@@ -153,7 +153,7 @@ mod tests {
         let status = paused[0].update_status.clone().expect("a status");
         assert_eq!(status.state, "paused");
         assert!(status.message.contains("t1"), "{status:?}");
-        assert!(paused[0].to_sched().spec.update_paused);
+        assert!(crate::from_model::sched_service(&paused[0]).spec.update_paused);
         assert!(
             failure_actions(&BTreeMap::from([("s1".into(), paused[0].clone())]), &early, 5_000)
                 .is_empty(),

@@ -11,11 +11,13 @@ use anyhow::{Context, bail};
 
 use super::LabState;
 use crate::api::client::Host;
-use crate::api::services::{NetworkCreate, RunRequest, ServiceCreate, ServiceUpdate, ServiceView};
+use crate::api::containers::RunRequest;
+use crate::api::services::ServiceView;
 use crate::api::swarm::{InitRequest, JoinRequest, JoinToken, SwarmJoined};
 use crate::api::volumes::VolumeCreate;
 use crate::mounts::MountSpec;
 use crate::volumes::Volume;
+use shoal_model::{NetworkCreate, PublishedPort, ServiceCreate, ServiceUpdate};
 
 /// The tutorial's volume, mounted where the app writes its log.
 pub const VOLUME: &str = "myhelloworld";
@@ -144,7 +146,7 @@ pub async fn deploy(state: &LabState, exe: &std::path::Path) -> anyhow::Result<D
         name: "myhelloworld".into(),
         argv: vec![exe.display().to_string(), "demo".into(), "visitor".into()],
         replicas: Some(state.nodes.len().min(3) as u64),
-        publish: vec!["8100:8100".into()],
+        publish: vec![PublishedPort::tcp(8100, 8100)],
         mounts: vec![mount.parse::<MountSpec>().map_err(anyhow::Error::msg)?],
         ..ServiceCreate::default()
     };

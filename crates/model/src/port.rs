@@ -1,0 +1,299 @@
+//! A published port, `-p 8100:80/udp` or `published=8100,target=80,mode=host,proxy-protocol=v2`:
+//! parsed once, by the CLI, and kept as a [`PublishedPort`] through the API and the store to
+//! the node's mesh.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// `tcp` or `udp`, as Docker prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Who answers on a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PortMode {
+    /// The routing mesh: every node answers and balances over all tasks.
+    #[default]
+    Ingress,
+    /// Only the nodes that run a task answer, each to its own tasks.
+    Host,
+}
+
+impl PortMode {
+    /// `ingress` or `host`, as Docker writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortMode::Ingress => "ingress",
+            PortMode::Host => "host",
+        }
+    }
+}
+
+/// The PROXY protocol version of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl ProxyVersion {
+    /// `v1` or `v2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        }
+    }
+}
+
+/// A published port of a service. Build one by parsing, which checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+    /// The store has kept this as `host_mode: bool` from the start.
+    #[serde(rename = "host_mode", default, with = "host_mode")]
+    pub mode: PortMode,
+    /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// `mode` as the store's `host_mode` flag.
+mod host_mode {
+    use super::PortMode;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(mode: &PortMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*mode == PortMode::Host)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PortMode, D::Error> {
+        Ok(if bool::deserialize(d)? { PortMode::Host } else { PortMode::Ingress })
+    }
+}
+
+/// Why a `--publish` value did not parse; each names the whole value it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("invalid published port {0:?}: want PUBLISHED:TARGET[/tcp|udp]")]
+    Syntax(String),
+    #[error("invalid port {value:?} in {spec:?}")]
+    Number { value: String, spec: String },
+    #[error("invalid protocol {value:?} in {spec:?}: tcp or udp")]
+    Protocol { value: String, spec: String },
+    #[error("invalid proxy-protocol {value:?} in {spec:?}: v1 or v2")]
+    ProxyVersion { value: String, spec: String },
+    #[error("invalid field {field:?} in {spec:?}")]
+    Field { field: String, spec: String },
+    #[error("{0:?}: target is required")]
+    NoTarget(String),
+    #[error("{0:?}: proxy-protocol is for TCP ports")]
+    ProxyOverUdp(String),
+}
+
+impl PublishedPort {
+    /// A TCP port on the routing mesh.
+    pub fn tcp(published: u16, target: u16) -> PublishedPort {
+        PublishedPort {
+            published,
+            target,
+            protocol: Protocol::Tcp,
+            mode: PortMode::Ingress,
+            proxy_protocol: None,
+        }
+    }
+
+    /// Whether every node answers on it (rather than only those running a task).
+    pub fn is_ingress(&self) -> bool {
+        self.mode == PortMode::Ingress
+    }
+}
+
+impl FromStr for PublishedPort {
+    type Err = PortError;
+
+    /// `8100:8100`, `8100:80/udp`, or the long form
+    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2`.
+    fn from_str(s: &str) -> Result<PublishedPort, PortError> {
+        let port = |v: &str| match v.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(PortError::Number { value: v.into(), spec: s.into() }),
+        };
+        let proto = |v: &str| match v {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(PortError::Protocol { value: v.into(), spec: s.into() }),
+        };
+        if !s.contains('=') {
+            let (ports, protocol) = match s.split_once('/') {
+                Some((p, pr)) => (p, proto(pr)?),
+                None => (s, Protocol::Tcp),
+            };
+            let (published, target) =
+                ports.split_once(':').ok_or_else(|| PortError::Syntax(s.into()))?;
+            return Ok(PublishedPort {
+                published: port(published)?,
+                target: port(target)?,
+                protocol,
+                mode: PortMode::Ingress,
+                proxy_protocol: None,
+            });
+        }
+        let (mut published, mut target, mut protocol, mut mode, mut proxy_protocol) =
+            (None, None, Protocol::Tcp, PortMode::Ingress, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("published", v)) => published = Some(port(v)?),
+                Some(("target", v)) => target = Some(port(v)?),
+                Some(("protocol", v)) => protocol = proto(v)?,
+                Some(("mode", "host")) => mode = PortMode::Host,
+                Some(("mode", "ingress")) => mode = PortMode::Ingress,
+                Some(("proxy-protocol", "v1")) => proxy_protocol = Some(ProxyVersion::V1),
+                Some(("proxy-protocol", "v2")) => proxy_protocol = Some(ProxyVersion::V2),
+                Some(("proxy-protocol", v)) => {
+                    return Err(PortError::ProxyVersion { value: v.into(), spec: s.into() });
+                }
+                _ => return Err(PortError::Field { field: part.into(), spec: s.into() }),
+            }
+        }
+        let target = target.ok_or_else(|| PortError::NoTarget(s.into()))?;
+        if proxy_protocol.is_some() && protocol != Protocol::Tcp {
+            return Err(PortError::ProxyOverUdp(s.into()));
+        }
+        Ok(PublishedPort {
+            published: published.unwrap_or(target),
+            target,
+            protocol,
+            mode,
+            proxy_protocol,
+        })
+    }
+}
+
+impl fmt::Display for PublishedPort {
+    /// The short form where it says everything, else the long form; either parses back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (p, t, proto) = (self.published, self.target, self.protocol.as_str());
+        if self.mode == PortMode::Ingress && self.proxy_protocol.is_none() {
+            return write!(f, "{p}:{t}/{proto}");
+        }
+        write!(f, "published={p},target={t},protocol={proto},mode={}", self.mode.as_str())?;
+        if let Some(v) = self.proxy_protocol {
+            write!(f, ",proxy-protocol={}", v.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<PublishedPort, String> {
+        s.parse::<PublishedPort>().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn both_forms_parse_with_docker_defaults() {
+        assert_eq!(parse("8100:8100").unwrap(), PublishedPort::tcp(8100, 8100));
+        let p = parse("53:5353/udp").unwrap();
+        assert_eq!((p.published, p.target, p.protocol), (53, 5353, Protocol::Udp));
+        let p = parse("published=8080,target=80,protocol=udp,mode=host").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (8080, 80, Protocol::Udp, PortMode::Host)
+        );
+        assert_eq!(parse("target=80").unwrap(), PublishedPort::tcp(80, 80));
+        let p =
+            parse("published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2").unwrap();
+        assert_eq!((p.published, p.proxy_protocol), (8100, Some(ProxyVersion::V2)));
+        let p = parse("published=8100,target=80,proxy-protocol=v1").unwrap();
+        assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1));
+    }
+
+    #[test]
+    fn bad_ports_say_why() {
+        for (bad, why) in [
+            ("8100", "PUBLISHED:TARGET"),
+            ("0:80", "invalid port \"0\""),
+            ("70000:80", "invalid port \"70000\""),
+            ("80:", "invalid port \"\""),
+            ("80:80/sctp", "invalid protocol"),
+            ("published=80", "target is required"),
+            ("published=80,target=80,mode=bridge", "invalid field"),
+            ("published=80,target=80,proxy-protocol=v3", "v1 or v2"),
+            ("published=53,target=53,protocol=udp,proxy-protocol=v2", "for TCP ports"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_store_keeps_the_mode_as_host_mode() {
+        let p = parse("published=8080,target=80,mode=host").unwrap();
+        let v = serde_json::to_value(p).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"published": 8080, "target": 80, "protocol": "tcp", "host_mode": true})
+        );
+        let old = serde_json::json!({"published": 80, "target": 80, "protocol": "udp"});
+        let p: PublishedPort = serde_json::from_value(old).unwrap();
+        assert_eq!((p.mode, p.protocol), (PortMode::Ingress, Protocol::Udp));
+    }
+
+    fn any_port() -> impl Strategy<Value = PublishedPort> {
+        (1..=u16::MAX, 1..=u16::MAX, any::<bool>(), any::<bool>(), 0..3u8).prop_map(
+            |(published, target, udp, host, proxy)| {
+                let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+                PublishedPort {
+                    published,
+                    target,
+                    protocol,
+                    mode: if host { PortMode::Host } else { PortMode::Ingress },
+                    proxy_protocol: match (proxy, protocol) {
+                        (1, Protocol::Tcp) => Some(ProxyVersion::V1),
+                        (2, Protocol::Tcp) => Some(ProxyVersion::V2),
+                        _ => None,
+                    },
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn display_parses_back(p in any_port()) {
+            prop_assert_eq!(p.to_string().parse::<PublishedPort>(), Ok(p));
+        }
+
+        #[test]
+        fn any_text_parses_or_says_why(s in "[a-z0-9=,:/-]{0,40}") {
+            if let Ok(p) = s.parse::<PublishedPort>() {
+                prop_assert_eq!(p.to_string().parse::<PublishedPort>(), Ok(p));
+            }
+        }
+    }
+}
