@@ -26,6 +26,7 @@ use shoal_vxlan::{self as vx, Overlay};
 use tokio::sync::{Notify, watch};
 
 mod client_addr;
+mod confirm;
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, ServiceRecord, TaskRecord};
 use super::trust;
@@ -110,6 +111,12 @@ struct Local {
     /// by kind (`trust`).
     claims_seen: BTreeSet<trust::Dropped>,
     claims_dropped: BTreeMap<&'static str, u64>,
+    /// Changes of our tasks we wait on every node to apply (`confirm`).
+    waiting: BTreeSet<String>,
+    /// The tasks whose endpoints the last data-path pass applied.
+    applied_tasks: BTreeSet<String>,
+    /// Our record in the gossip table of applied changes, and the network it is in.
+    applied: Option<(String, confirm::Applied)>,
 }
 
 /// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
@@ -777,10 +784,13 @@ async fn start_task(
     for m in mounts.into_iter().flatten() {
         spec.mounts.push(m.resolve(&inner.volumes).map_err(anyhow::Error::msg)?);
     }
+    let t0 = std::time::Instant::now();
     inner.runtime.create(spec).await?;
     let ns = inner.runtime.netns(id)?;
     // From here on the task has things of ours in its namespace: `detach` takes them out.
     lock(&inner.local).attached.insert(id.clone(), Vec::new());
+    // The other nodes learn the task while its namespace is made.
+    let announced = announce(inner, t).await;
     let mut attached = Vec::new();
     for n in nets {
         let spec = records::overlay_spec(n).context("an IPv6 network")?;
@@ -808,8 +818,19 @@ async fn start_task(
                 .context("installing service VIPs")?;
         }
     }
-    announce(inner, t).await;
+    let prepared = t0.elapsed();
+    let waited = match announced {
+        true => confirmed(inner, confirm::Change::Announced(id), ANNOUNCE_TIMEOUT).await,
+        false => Duration::ZERO,
+    };
     inner.runtime.start(id).await?;
+    tracing::debug!(
+        task = %id,
+        prepared_ms = prepared.as_millis(),
+        announce_wait_ms = waited.as_millis(),
+        total_ms = t0.elapsed().as_millis(),
+        "task started"
+    );
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -864,21 +885,22 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
 }
 
-/// How long a stopping task stays up after its endpoints left gossip, so every node has taken
-/// it out of its mesh, DNS and VIP rules before the process is asked to stop: a few gossip
-/// rounds (200 ms each) and a reconcile pass, with room for a busy machine. Connections the
-/// meshes still send meanwhile find the task serving; established ones finish in the grace.
-const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
+/// The longest a stopping task stays up after its endpoints left gossip, waiting for every
+/// node to confirm it took the task out of its mesh, DNS and VIP rules (`confirm`) before the
+/// process is asked to stop. Usually a few gossip rounds (200 ms each) and a pass; the bound
+/// leaves room for a busy machine, since a node that applies the withdrawal late still sends
+/// the task new connections, which a stopping server drops.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Stops a task in Docker's order, after taking it out of service: its endpoints leave gossip
-/// (and so every node's mesh, DNS and VIPs), then, after [`WITHDRAW_WAIT`] (never more than
-/// the grace), its stop signal, and SIGKILL once `grace` has passed.
+/// (and so every node's mesh, DNS and VIPs), then, once every node confirmed that (waiting at
+/// most [`WITHDRAW_TIMEOUT`], and never more than the grace), its stop signal, and SIGKILL once `grace` has passed.
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     lock(&inner.local).busy.insert(id.to_owned());
     let (inner, id) = (inner.clone(), id.to_owned());
     tokio::spawn(async move {
         if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
-            let waited = withdraw(&inner, &id, WITHDRAW_WAIT.min(grace)).await;
+            let waited = withdraw(&inner, &id, WITHDRAW_TIMEOUT.min(grace)).await;
             if let Err(e) = inner.runtime.stop(&id, Some(grace.saturating_sub(waited))).await {
                 tracing::warn!(task = %id, error = %e, "stopping a task");
             }
@@ -895,9 +917,9 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     });
 }
 
-/// Takes a task's endpoints out of gossip and waits up to `wait` for that to spread; returns
-/// how long it waited. A task with nothing published has nothing to wait for.
-async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
+/// Takes a task's endpoints out of gossip and waits up to `timeout` for every node to apply
+/// that; returns how long it waited. A task with nothing published has nothing to wait for.
+async fn withdraw(inner: &Arc<Inner>, id: &str, timeout: Duration) -> Duration {
     let keys: Vec<EntryKey> = lock(&inner.local)
         .published
         .iter()
@@ -915,8 +937,9 @@ async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
     }
     // This node's own mesh, DNS and VIP rules follow on the next pass.
     inner.kick.notify_one();
-    tokio::time::sleep(wait).await;
-    wait
+    let waited = confirmed(inner, confirm::Change::Withdrawn(id), timeout).await;
+    tracing::debug!(task = id, waited_ms = waited.as_millis(), "task withdrawn");
+    waited
 }
 
 /// The published TCP target ports a task of this service must accept connections on before it
@@ -1014,17 +1037,17 @@ fn endpoint_records(
         .collect()
 }
 
-/// How long a new task's endpoints get to reach every node before its process starts: a gossip
-/// round or two (200 ms each) and the other nodes' passes that put it in their forwarding
-/// tables, so the answers to its first packets find their way back.
-const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+/// The longest a new task's process waits for every node to confirm it knows the task's
+/// endpoints (`confirm`): a gossip round or two (200 ms each) and the other nodes' passes that
+/// put it in their forwarding tables, so the answers to its first packets find their way back.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Publishes a task about to start as not serving (forwarding tables learn it; meshes, DNS and
-/// VIPs send it nothing yet) and gives that [`ANNOUNCE_WAIT`] to spread.
-async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
+/// VIPs send it nothing yet). Returns whether there was anything to announce.
+async fn announce(inner: &Arc<Inner>, t: &TaskRecord) -> bool {
     let records = endpoint_records(inner, t, false);
     if records.is_empty() {
-        return;
+        return false;
     }
     for (k, v) in records {
         let Ok(bytes) = serde_json::to_vec(&v) else { continue };
@@ -1035,7 +1058,20 @@ async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
             Err(e) => tracing::debug!(key = ?k, error = %e, "announcing an endpoint"),
         }
     }
-    tokio::time::sleep(ANNOUNCE_WAIT).await;
+    true
+}
+
+/// Waits until every live node has applied `change`, at most `timeout`; without an ingress
+/// network to keep the records in, the whole `timeout`. Returns how long it waited.
+async fn confirmed(inner: &Arc<Inner>, change: confirm::Change<'_>, timeout: Duration) -> Duration {
+    let state = inner.store.borrow().clone();
+    match state.as_deref().and_then(records::ingress).map(|n| n.id.clone()) {
+        Some(network) => confirm::wait(inner, &network, change, timeout).await,
+        None => {
+            tokio::time::sleep(timeout).await;
+            timeout
+        }
+    }
 }
 
 /// Counts the gossip claims the store contradicts: each once, for as long as it stays.
@@ -1099,7 +1135,13 @@ async fn publish(
             lock(&inner.local).published.insert(k.clone(), v.clone());
         }
     }
-    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+    // A task being stopped keeps its entries until `withdraw` takes them out: only it waits
+    // for every node to let the task go before the task is asked to stop.
+    let stopping = lock(&inner.local).busy.clone();
+    for (k, v) in have.iter().filter(|(k, _)| !want.contains_key(*k)) {
+        if !v.task.is_empty() && stopping.contains(&v.task) {
+            continue;
+        }
         let _ = inner.gossip.delete(k.clone()).await;
         lock(&inner.local).published.remove(k);
     }
@@ -1133,7 +1175,7 @@ async fn dataplane(
     let changed = lock(&inner.local).tables.as_ref() != Some(&tables);
     if changed {
         match inner.overlay.set_tables(tables.clone()).await {
-            Ok(_) => lock(&inner.local).tables = Some(tables),
+            Ok(_) => lock(&inner.local).tables = Some(tables.clone()),
             Err(e) => tracing::warn!(error = %e, "programming the overlay"),
         }
     } else if let Err(e) = inner.overlay.check_guard().await {
@@ -1238,7 +1280,7 @@ async fn dataplane(
         };
         // A withdrawn task's open connections may run as long as the task itself may: the
         // withdrawal wait, then its stop grace.
-        spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);
+        spec.drain_grace = WITHDRAW_TIMEOUT + Duration::from_millis(svc.stop_grace_ms);
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
@@ -1257,6 +1299,11 @@ async fn dataplane(
         if have.get(name) != Some(&(spec.clone(), backends.clone())) {
             match inner.mesh.set_service(spec.clone(), backends.clone()) {
                 Ok(()) => {
+                    tracing::debug!(
+                        service = %name,
+                        backends = ?backends.iter().map(|b| (&b.id, b.state)).collect::<Vec<_>>(),
+                        "mesh backends"
+                    );
                     lock(&inner.local).mesh.insert(name.clone(), (spec.clone(), backends.clone()));
                 }
                 Err(e) => tracing::warn!(service = %name, error = %e, "publishing ports"),
@@ -1310,6 +1357,14 @@ async fn dataplane(
         if let Err(e) = install_vips(inner, id, ns, rules).await {
             tracing::warn!(task = %id, error = %format!("{e:#}"), "installing service VIPs");
         }
+    }
+
+    // What this pass applied, for the nodes waiting on their tasks' changes; only once the
+    // forwarding tables took it.
+    let programmed = lock(&inner.local).tables.as_ref() == Some(&tables);
+    if programmed && !ingress_id.is_empty() {
+        let tasks = eps.iter().filter(|(_, e)| !e.task.is_empty()).map(|(_, e)| e.task.clone());
+        confirm::publish(inner, &ingress_id, tasks.collect()).await;
     }
 }
 
