@@ -113,8 +113,6 @@ struct Local {
     claims_dropped: BTreeMap<&'static str, u64>,
     /// Changes of our tasks we wait on every node to apply (`confirm`).
     waiting: BTreeSet<String>,
-    /// The tasks whose endpoints the last data-path pass applied.
-    applied_tasks: BTreeSet<String>,
     /// Our record in the gossip table of applied changes, and the network it is in.
     applied: Option<(String, confirm::Applied)>,
 }
@@ -711,15 +709,21 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
             reports.push(((*id).clone(), f));
         }
     }
-    if !reports.is_empty()
-        && let Err(e) = inner.cluster.report_tasks(reports).await
-    {
-        tracing::debug!(error = %e, "reporting task states");
-    }
-
-    readiness(inner, &services, &mine, &statuses);
-    publish(inner, &state, &services, &mine, &statuses).await;
-    dataplane(inner, &state, &services, &statuses).await;
+    let report = async {
+        if !reports.is_empty()
+            && let Err(e) = inner.cluster.report_tasks(reports).await
+        {
+            tracing::debug!(error = %e, "reporting task states");
+        }
+    };
+    // The data path does not wait for the leader to take the reports (a task that now runs is
+    // published as serving in the same moment it is reported running).
+    let local = async {
+        readiness(inner, &services, &mine, &statuses);
+        publish(inner, &state, &services, &mine, &statuses).await;
+        dataplane(inner, &state, &services, &statuses).await;
+    };
+    tokio::join!(report, local);
     Ok(())
 }
 
@@ -785,12 +789,13 @@ async fn start_task(
         spec.mounts.push(m.resolve(&inner.volumes).map_err(anyhow::Error::msg)?);
     }
     let t0 = std::time::Instant::now();
+    // The other nodes learn the task while its namespace is made (its entries stay while it is
+    // busy starting; a failed start leaves them to the next pass to delete).
+    let announced = announce(inner, t).await;
     inner.runtime.create(spec).await?;
     let ns = inner.runtime.netns(id)?;
     // From here on the task has things of ours in its namespace: `detach` takes them out.
     lock(&inner.local).attached.insert(id.clone(), Vec::new());
-    // The other nodes learn the task while its namespace is made.
-    let announced = announce(inner, t).await;
     let mut attached = Vec::new();
     for n in nets {
         let spec = records::overlay_spec(n).context("an IPv6 network")?;
@@ -820,7 +825,7 @@ async fn start_task(
     }
     let prepared = t0.elapsed();
     let waited = match announced {
-        true => confirmed(inner, confirm::Change::Announced(id), ANNOUNCE_TIMEOUT).await,
+        true => wait_confirmed(inner, confirm::Change::Announced(id), ANNOUNCE_TIMEOUT).await,
         false => Duration::ZERO,
     };
     inner.runtime.start(id).await?;
@@ -885,16 +890,17 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
 }
 
-/// The longest a stopping task stays up after its endpoints left gossip, waiting for every
+/// The longest a stopping task stays up after it was marked not serving, waiting for every
 /// node to confirm it took the task out of its mesh, DNS and VIP rules (`confirm`) before the
 /// process is asked to stop. Usually a few gossip rounds (200 ms each) and a pass; the bound
 /// leaves room for a busy machine, since a node that applies the withdrawal late still sends
 /// the task new connections, which a stopping server drops.
 const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Stops a task in Docker's order, after taking it out of service: its endpoints leave gossip
-/// (and so every node's mesh, DNS and VIPs), then, once every node confirmed that (waiting at
-/// most [`WITHDRAW_TIMEOUT`], and never more than the grace), its stop signal, and SIGKILL once `grace` has passed.
+/// Stops a task in Docker's order, after taking it out of service: its endpoints are marked
+/// not serving (so every node's mesh, DNS and VIPs drop it), then, once every node confirmed
+/// that (waiting at most [`WITHDRAW_TIMEOUT`], and never more than the grace), its stop signal,
+/// and SIGKILL once `grace` has passed; then its endpoints leave gossip.
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     lock(&inner.local).busy.insert(id.to_owned());
     let (inner, id) = (inner.clone(), id.to_owned());
@@ -905,6 +911,7 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
                 tracing::warn!(task = %id, error = %e, "stopping a task");
             }
         }
+        unpublish(&inner, &id).await;
         detach(&inner, &id).await;
         if remove {
             if let Err(e) = inner.runtime.remove(&id).await {
@@ -917,29 +924,53 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     });
 }
 
-/// Takes a task's endpoints out of gossip and waits up to `timeout` for every node to apply
-/// that; returns how long it waited. A task with nothing published has nothing to wait for.
+/// Takes a task out of service and waits up to `timeout` for every node to apply that; returns
+/// how long it waited. Its endpoints stay in gossip, marked not serving: meshes, DNS and VIPs
+/// send it nothing new, while every node's forwarding tables keep reaching it, so connections
+/// already on their way (a handshake, a request not yet read) finish. [`unpublish`] takes the
+/// endpoints out once the process has stopped. A task with nothing published has nothing to
+/// wait for.
 async fn withdraw(inner: &Arc<Inner>, id: &str, timeout: Duration) -> Duration {
+    let entries: Vec<(EntryKey, EndpointRecord)> = lock(&inner.local)
+        .published
+        .iter()
+        .filter(|(_, e)| e.task == id)
+        .map(|(k, e)| (k.clone(), e.clone()))
+        .collect();
+    if entries.is_empty() {
+        return Duration::ZERO;
+    }
+    for (k, rec) in entries.into_iter().filter(|(_, e)| e.serving) {
+        let rec = EndpointRecord { serving: false, ..rec };
+        let Ok(bytes) = serde_json::to_vec(&rec) else { continue };
+        match inner.gossip.write(k.clone(), bytes).await {
+            Ok(()) => {
+                lock(&inner.local).published.insert(k, rec);
+            }
+            Err(e) => tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint"),
+        }
+    }
+    // This node's own mesh, DNS and VIP rules follow on the next pass.
+    inner.kick.notify_one();
+    let waited = wait_confirmed(inner, confirm::Change::Withdrawn(id), timeout).await;
+    tracing::debug!(task = id, waited_ms = waited.as_millis(), "task withdrawn");
+    waited
+}
+
+/// Deletes a stopped task's endpoints from gossip (and so from every node's tables).
+async fn unpublish(inner: &Arc<Inner>, id: &str) {
     let keys: Vec<EntryKey> = lock(&inner.local)
         .published
         .iter()
         .filter(|(_, e)| e.task == id)
         .map(|(k, _)| k.clone())
         .collect();
-    if keys.is_empty() {
-        return Duration::ZERO;
-    }
     for k in keys {
         if let Err(e) = inner.gossip.delete(k.clone()).await {
-            tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint");
+            tracing::debug!(task = id, key = ?k, error = %e, "deleting an endpoint");
         }
         lock(&inner.local).published.remove(&k);
     }
-    // This node's own mesh, DNS and VIP rules follow on the next pass.
-    inner.kick.notify_one();
-    let waited = confirmed(inner, confirm::Change::Withdrawn(id), timeout).await;
-    tracing::debug!(task = id, waited_ms = waited.as_millis(), "task withdrawn");
-    waited
 }
 
 /// The published TCP target ports a task of this service must accept connections on before it
@@ -1063,7 +1094,11 @@ async fn announce(inner: &Arc<Inner>, t: &TaskRecord) -> bool {
 
 /// Waits until every live node has applied `change`, at most `timeout`; without an ingress
 /// network to keep the records in, the whole `timeout`. Returns how long it waited.
-async fn confirmed(inner: &Arc<Inner>, change: confirm::Change<'_>, timeout: Duration) -> Duration {
+async fn wait_confirmed(
+    inner: &Arc<Inner>,
+    change: confirm::Change<'_>,
+    timeout: Duration,
+) -> Duration {
     let state = inner.store.borrow().clone();
     match state.as_deref().and_then(records::ingress).map(|n| n.id.clone()) {
         Some(network) => confirm::wait(inner, &network, change, timeout).await,
@@ -1135,11 +1170,12 @@ async fn publish(
             lock(&inner.local).published.insert(k.clone(), v.clone());
         }
     }
-    // A task being stopped keeps its entries until `withdraw` takes them out: only it waits
-    // for every node to let the task go before the task is asked to stop.
-    let stopping = lock(&inner.local).busy.clone();
+    // A task being stopped keeps its entries until `withdraw` takes them out (only it waits
+    // for every node to let the task go before the task is asked to stop), and one being
+    // started keeps its announcement.
+    let busy = lock(&inner.local).busy.clone();
     for (k, v) in have.iter().filter(|(k, _)| !want.contains_key(*k)) {
-        if !v.task.is_empty() && stopping.contains(&v.task) {
+        if !v.task.is_empty() && busy.contains(&v.task) {
             continue;
         }
         let _ = inner.gossip.delete(k.clone()).await;
@@ -1363,8 +1399,10 @@ async fn dataplane(
     // forwarding tables took it.
     let programmed = lock(&inner.local).tables.as_ref() == Some(&tables);
     if programmed && !ingress_id.is_empty() {
-        let tasks = eps.iter().filter(|(_, e)| !e.task.is_empty()).map(|(_, e)| e.task.clone());
-        confirm::publish(inner, &ingress_id, tasks.collect()).await;
+        let tasks = eps.iter().filter(|(_, e)| !e.task.is_empty());
+        let known = tasks.clone().map(|(_, e)| e.task.clone()).collect();
+        let serving = tasks.filter(|(_, e)| e.serving).map(|(_, e)| e.task.clone()).collect();
+        confirm::publish(inner, &ingress_id, &known, &serving).await;
     }
 }
 

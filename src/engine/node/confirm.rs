@@ -1,14 +1,14 @@
 //! Confirmations that a task's change reached every live node, in place of fixed waits.
 //!
 //! A task being started is announced (its endpoints enter gossip, not serving) and a task being
-//! stopped is withdrawn (its endpoints leave gossip); either change protects traffic only once
+//! stopped is withdrawn (its endpoints are marked not serving); either change protects traffic only once
 //! every node's data path has applied it. So each node keeps one record in the gossip table
 //! [`APPLIED_TABLE`] (on the ingress network, which every node joins):
 //!
 //! - `waiting`: the changes of its own tasks it is waiting on, as [`Change`] tokens;
 //! - `done`: the changes other nodes (and it itself) wait on that its last data-path pass has
-//!   applied: an announced task is in its forwarding tables, a withdrawn one is in none of its
-//!   tables (mesh, DNS, VIPs).
+//!   applied: an announced task is in its forwarding tables, a withdrawn one serves in none of
+//!   its tables (mesh, DNS, VIPs) while its forwarding entries stay until it has stopped.
 //!
 //! The node making a change adds its token to `waiting` and waits until every live member of
 //! the ingress network lists it in `done`, or until a timeout (a member that died a moment ago
@@ -39,7 +39,7 @@ const MAX_TOKENS: usize = 40;
 pub(super) enum Change<'a> {
     /// Its endpoints are in gossip (not serving): forwarding tables must know them.
     Announced(&'a str),
-    /// Its endpoints left gossip: no mesh, DNS or VIP rule may still send it anything.
+    /// Its endpoints are marked not serving: no mesh, DNS or VIP rule may send it anything new.
     Withdrawn(&'a str),
 }
 
@@ -65,14 +65,14 @@ pub(super) struct Applied {
     pub done: Vec<String>,
 }
 
-/// Whether the data path last applied with `tasks` (the task ids it holds endpoints of) has
-/// applied the change `token` names.
-fn applied(token: &str, tasks: &BTreeSet<String>) -> bool {
+/// Whether a data path applied with the endpoints of the tasks `known` (`serving` of them in
+/// service) has applied the change `token` names.
+fn applied(token: &str, known: &BTreeSet<String>, serving: &BTreeSet<String>) -> bool {
     let (sign, head) = token.split_at(1);
-    let present = tasks.iter().any(|t| t.starts_with(head));
+    let any = |set: &BTreeSet<String>| set.iter().any(|t| t.starts_with(head));
     match sign {
-        "+" => present,
-        "-" => !present,
+        "+" => any(known),
+        "-" => !any(serving),
         _ => false,
     }
 }
@@ -85,9 +85,15 @@ fn records(snap: &Snapshot, network: &str) -> Vec<(shoal_gossip::NodeId, Applied
         .collect()
 }
 
-/// Called after each data-path pass that applied the endpoints of `tasks`: writes this node's
-/// record on the ingress network `network` when it changed.
-pub(super) async fn publish(inner: &Arc<Inner>, network: &str, tasks: BTreeSet<String>) {
+/// Called after each data-path pass that applied the endpoints of the tasks `known` (`serving`
+/// of them in service): writes this node's record on the ingress network `network` when it
+/// changed.
+pub(super) async fn publish(
+    inner: &Arc<Inner>,
+    network: &str,
+    known: &BTreeSet<String>,
+    serving: &BTreeSet<String>,
+) {
     let snap = inner.gossip.snapshot();
     let waiting: Vec<String> =
         lock(&inner.local).waiting.iter().take(MAX_TOKENS).cloned().collect();
@@ -95,11 +101,10 @@ pub(super) async fn publish(inner: &Arc<Inner>, network: &str, tasks: BTreeSet<S
         records(&snap, network).into_iter().flat_map(|(_, r)| r.waiting).collect();
     asked.extend(waiting.iter().cloned());
     let done: Vec<String> =
-        asked.into_iter().filter(|t| applied(t, &tasks)).take(MAX_TOKENS).collect();
+        asked.into_iter().filter(|t| applied(t, known, serving)).take(MAX_TOKENS).collect();
     let rec = Applied { waiting, done };
     {
-        let mut l = lock(&inner.local);
-        l.applied_tasks = tasks;
+        let l = lock(&inner.local);
         if l.applied.as_ref().is_some_and(|(n, r)| n == network && *r == rec) {
             return;
         }
@@ -158,13 +163,65 @@ mod tests {
     #[test]
     fn tokens_follow_what_was_applied() {
         let tasks: BTreeSet<String> = ["abcdefghijklmnop".to_owned()].into();
+        let none = BTreeSet::new();
         let new = Change::Announced("abcdefghijklmnop").token();
         let gone = Change::Withdrawn("abcdefghijklmnop").token();
         assert_eq!(new, "+abcdefghijkl");
-        assert!(applied(&new, &tasks));
-        assert!(!applied(&gone, &tasks));
-        assert!(!applied(&new, &BTreeSet::new()));
-        assert!(applied(&gone, &BTreeSet::new()));
-        assert!(!applied("xabc", &tasks), "an unknown sign is never done");
+        assert!(applied(&new, &tasks, &none), "known, not serving yet");
+        assert!(!applied(&new, &none, &none));
+        assert!(!applied(&gone, &tasks, &tasks), "still serving");
+        assert!(applied(&gone, &tasks, &none), "known (still reachable), not serving");
+        assert!(applied(&gone, &none, &none));
+        assert!(!applied("xabc", &tasks, &tasks), "an unknown sign is never done");
+    }
+
+    fn member(n: u64, state: MemberState, networks: &[&str]) -> shoal_gossip::MemberView {
+        shoal_gossip::MemberView {
+            id: shoal_gossip::Identity {
+                addr: ([192, 0, 2, n as u8], 7946).into(),
+                node: shoal_gossip::NodeId(n),
+                generation: 1,
+                bump: 0,
+            },
+            state,
+            incarnation: 0,
+            meta: None,
+            networks: networks.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Sets node `n`'s record, saying `done`.
+    fn record(snap: &mut Snapshot, n: u64, done: &[&str]) {
+        let rec =
+            Applied { waiting: Vec::new(), done: done.iter().map(|s| s.to_string()).collect() };
+        let key = EntryKey::new(APPLIED_TABLE, "ing", &format!("node{n}"));
+        snap.entries.retain(|(k, _, _)| *k != key);
+        snap.entries.push((key, shoal_gossip::NodeId(n), serde_json::to_vec(&rec).unwrap().into()));
+    }
+
+    #[test]
+    fn confirmed_once_every_live_member_of_the_network_applied_it() {
+        let mut snap = Snapshot {
+            members: vec![
+                member(1, MemberState::Alive, &["ing"]),
+                member(2, MemberState::Alive, &["ing"]),
+                // Neither a dead member nor one outside the network is waited for.
+                member(3, MemberState::Down, &["ing"]),
+                member(4, MemberState::Alive, &[]),
+            ],
+            ..Snapshot::default()
+        };
+        record(&mut snap, 1, &["-t1"]);
+        record(&mut snap, 2, &["+t2"]);
+        assert!(!confirmed(&snap, "ing", "-t1"), "node2 has not applied it");
+        record(&mut snap, 2, &["+t2", "-t1"]);
+        assert!(confirmed(&snap, "ing", "-t1"));
+        // Node1's record under node2's key does not stand in for node2's own.
+        record(&mut snap, 2, &[]);
+        let mut forged = snap.entries[0].clone();
+        forged.0.key = "node2".into();
+        snap.entries.retain(|(k, _, _)| k.key != "node2");
+        snap.entries.push(forged);
+        assert!(!confirmed(&snap, "ing", "-t1"));
     }
 }
