@@ -2,9 +2,10 @@
 //! lab, a client loop on the host opening a new connection per request to node1's published
 //! port, and through it a drain of a node, a scale-down from 4 to 2, a rolling update, a
 //! rollback, and an update whose new tasks fail (rolled back by `--update-failure-action`).
-//! Each change must cost (next to) zero failed requests (see the bound at the end): the task lifecycle takes a task out of every
-//! node's mesh before it is asked to stop, nginx (`--stop-signal SIGQUIT`) finishes what it
-//! has, and the mesh retries a refused connect on another backend. And a task reaches a
+//! Each change must cost zero failed requests: the task lifecycle takes a task out of every
+//! node's mesh, and waits until every node confirms that, before it is asked to stop; nginx
+//! (`--stop-signal SIGQUIT`) finishes what it has, and the mesh retries a refused connect on
+//! another backend. And a task reaches a
 //! service VIP from its first instant: its VIP rules are in place before its process starts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,6 +45,10 @@ impl Load {
         let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
+        eprintln!(
+            "load started at {:?} (errors say seconds from then)",
+            std::time::SystemTime::now()
+        );
         let threads = (0..CLIENTS)
             .map(|_| {
                 let (counts, stop) = (counts.clone(), stop.clone());
@@ -320,21 +325,11 @@ fn rollout_under_load_loses_no_request() {
     for p in &phases {
         assert!(p.sent > 100, "{}: only {} requests in {:.1} s", p.name, p.sent, p.secs);
     }
-    // The goal is zero. Since the mesh connects as the client (the task sees the client's
-    // address), a phase now and then loses a request or two in 100,000 (an empty answer: the
-    // connection closed before nginx wrote); until that is found, a phase fails the test only
-    // beyond 2 requests plus one in 20,000, and every loss is printed.
-    let lost: Vec<String> = phases
-        .iter()
-        .filter(|p| p.failed > 0)
-        .map(|p| format!("{}: {} of {}", p.name, p.failed, p.sent))
-        .collect();
-    if !lost.is_empty() {
-        eprintln!("WARNING: requests lost (goal 0): {lost:?}; first errors: {errors:#?}");
-    }
+    // Not one request may fail: a stopping task leaves every node's mesh (each node confirms
+    // it) before it is asked to stop, and a new one serves only once its port answers.
     let failed: Vec<String> = phases
         .iter()
-        .filter(|p| p.failed > 2 + p.sent / 20_000)
+        .filter(|p| p.failed > 0)
         .map(|p| format!("{}: {} of {}", p.name, p.failed, p.sent))
         .collect();
     assert!(failed.is_empty(), "failed requests {failed:?}; first errors: {errors:#?}");

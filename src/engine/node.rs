@@ -26,6 +26,7 @@ use shoal_vxlan::{self as vx, Overlay};
 use tokio::sync::{Notify, watch};
 
 mod client_addr;
+mod confirm;
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, Service, TaskRecord};
 use super::trust;
@@ -110,6 +111,10 @@ struct Local {
     /// by kind (`trust`).
     claims_seen: BTreeSet<trust::Dropped>,
     claims_dropped: BTreeMap<&'static str, u64>,
+    /// Changes of our tasks we wait on every node to apply (`confirm`).
+    waiting: BTreeSet<String>,
+    /// Our record in the gossip table of applied changes, and the network it is in.
+    applied: Option<(String, confirm::Applied)>,
 }
 
 /// How long a restarted agent waits at most for gossip to show the other nodes' endpoints
@@ -704,15 +709,21 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
             reports.push(((*id).clone(), f));
         }
     }
-    if !reports.is_empty()
-        && let Err(e) = inner.cluster.report_tasks(reports).await
-    {
-        tracing::debug!(error = %e, "reporting task states");
-    }
-
-    readiness(inner, &services, &mine, &statuses);
-    publish(inner, &state, &services, &mine, &statuses).await;
-    dataplane(inner, &state, &services, &statuses).await;
+    let report = async {
+        if !reports.is_empty()
+            && let Err(e) = inner.cluster.report_tasks(reports).await
+        {
+            tracing::debug!(error = %e, "reporting task states");
+        }
+    };
+    // The data path does not wait for the leader to take the reports (a task that now runs is
+    // published as serving in the same moment it is reported running).
+    let local = async {
+        readiness(inner, &services, &mine, &statuses);
+        publish(inner, &state, &services, &mine, &statuses).await;
+        dataplane(inner, &state, &services, &statuses).await;
+    };
+    tokio::join!(report, local);
     Ok(())
 }
 
@@ -777,6 +788,10 @@ async fn start_task(
     for m in mounts.into_iter().flatten() {
         spec.mounts.push(crate::mounts::resolve(m, &inner.volumes).map_err(anyhow::Error::msg)?);
     }
+    let t0 = std::time::Instant::now();
+    // The other nodes learn the task while its namespace is made (its entries stay while it is
+    // busy starting; a failed start leaves them to the next pass to delete).
+    let announced = announce(inner, t).await;
     inner.runtime.create(spec).await?;
     let ns = inner.runtime.netns(id)?;
     // From here on the task has things of ours in its namespace: `detach` takes them out.
@@ -808,8 +823,19 @@ async fn start_task(
                 .context("installing service VIPs")?;
         }
     }
-    announce(inner, t).await;
+    let prepared = t0.elapsed();
+    let waited = match announced {
+        true => wait_confirmed(inner, confirm::Change::Announced(id), ANNOUNCE_TIMEOUT).await,
+        false => Duration::ZERO,
+    };
     inner.runtime.start(id).await?;
+    tracing::debug!(
+        task = %id,
+        prepared_ms = prepared.as_millis(),
+        announce_wait_ms = waited.as_millis(),
+        total_ms = t0.elapsed().as_millis(),
+        "task started"
+    );
     inner.starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -864,25 +890,28 @@ async fn detach(inner: &Arc<Inner>, id: &str) {
     }
 }
 
-/// How long a stopping task stays up after its endpoints left gossip, so every node has taken
-/// it out of its mesh, DNS and VIP rules before the process is asked to stop: a few gossip
-/// rounds (200 ms each) and a reconcile pass, with room for a busy machine. Connections the
-/// meshes still send meanwhile find the task serving; established ones finish in the grace.
-const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
+/// The longest a stopping task stays up after it was marked not serving, waiting for every
+/// node to confirm it took the task out of its mesh, DNS and VIP rules (`confirm`) before the
+/// process is asked to stop. Usually a few gossip rounds (200 ms each) and a pass; the bound
+/// leaves room for a busy machine, since a node that applies the withdrawal late still sends
+/// the task new connections, which a stopping server drops.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Stops a task in Docker's order, after taking it out of service: its endpoints leave gossip
-/// (and so every node's mesh, DNS and VIPs), then, after [`WITHDRAW_WAIT`] (never more than
-/// the grace), its stop signal, and SIGKILL once `grace` has passed.
+/// Stops a task in Docker's order, after taking it out of service: its endpoints are marked
+/// not serving (so every node's mesh, DNS and VIPs drop it), then, once every node confirmed
+/// that (waiting at most [`WITHDRAW_TIMEOUT`], and never more than the grace), its stop signal,
+/// and SIGKILL once `grace` has passed; then its endpoints leave gossip.
 fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     lock(&inner.local).busy.insert(id.to_owned());
     let (inner, id) = (inner.clone(), id.to_owned());
     tokio::spawn(async move {
         if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
-            let waited = withdraw(&inner, &id, WITHDRAW_WAIT.min(grace)).await;
+            let waited = withdraw(&inner, &id, WITHDRAW_TIMEOUT.min(grace)).await;
             if let Err(e) = inner.runtime.stop(&id, Some(grace.saturating_sub(waited))).await {
                 tracing::warn!(task = %id, error = %e, "stopping a task");
             }
         }
+        unpublish(&inner, &id).await;
         detach(&inner, &id).await;
         if remove {
             if let Err(e) = inner.runtime.remove(&id).await {
@@ -895,28 +924,53 @@ fn stop_task(inner: &Arc<Inner>, id: &str, grace: Duration, remove: bool) {
     });
 }
 
-/// Takes a task's endpoints out of gossip and waits up to `wait` for that to spread; returns
-/// how long it waited. A task with nothing published has nothing to wait for.
-async fn withdraw(inner: &Arc<Inner>, id: &str, wait: Duration) -> Duration {
+/// Takes a task out of service and waits up to `timeout` for every node to apply that; returns
+/// how long it waited. Its endpoints stay in gossip, marked not serving: meshes, DNS and VIPs
+/// send it nothing new, while every node's forwarding tables keep reaching it, so connections
+/// already on their way (a handshake, a request not yet read) finish. [`unpublish`] takes the
+/// endpoints out once the process has stopped. A task with nothing published has nothing to
+/// wait for.
+async fn withdraw(inner: &Arc<Inner>, id: &str, timeout: Duration) -> Duration {
+    let entries: Vec<(EntryKey, EndpointRecord)> = lock(&inner.local)
+        .published
+        .iter()
+        .filter(|(_, e)| e.task == id)
+        .map(|(k, e)| (k.clone(), e.clone()))
+        .collect();
+    if entries.is_empty() {
+        return Duration::ZERO;
+    }
+    for (k, rec) in entries.into_iter().filter(|(_, e)| e.serving) {
+        let rec = EndpointRecord { serving: false, ..rec };
+        let Ok(bytes) = serde_json::to_vec(&rec) else { continue };
+        match inner.gossip.write(k.clone(), bytes).await {
+            Ok(()) => {
+                lock(&inner.local).published.insert(k, rec);
+            }
+            Err(e) => tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint"),
+        }
+    }
+    // This node's own mesh, DNS and VIP rules follow on the next pass.
+    inner.kick.notify_one();
+    let waited = wait_confirmed(inner, confirm::Change::Withdrawn(id), timeout).await;
+    tracing::debug!(task = id, waited_ms = waited.as_millis(), "task withdrawn");
+    waited
+}
+
+/// Deletes a stopped task's endpoints from gossip (and so from every node's tables).
+async fn unpublish(inner: &Arc<Inner>, id: &str) {
     let keys: Vec<EntryKey> = lock(&inner.local)
         .published
         .iter()
         .filter(|(_, e)| e.task == id)
         .map(|(k, _)| k.clone())
         .collect();
-    if keys.is_empty() {
-        return Duration::ZERO;
-    }
     for k in keys {
         if let Err(e) = inner.gossip.delete(k.clone()).await {
-            tracing::debug!(task = id, key = ?k, error = %e, "withdrawing an endpoint");
+            tracing::debug!(task = id, key = ?k, error = %e, "deleting an endpoint");
         }
         lock(&inner.local).published.remove(&k);
     }
-    // This node's own mesh, DNS and VIP rules follow on the next pass.
-    inner.kick.notify_one();
-    tokio::time::sleep(wait).await;
-    wait
 }
 
 /// The published TCP target ports a task of this service must accept connections on before it
@@ -1014,17 +1068,17 @@ fn endpoint_records(
         .collect()
 }
 
-/// How long a new task's endpoints get to reach every node before its process starts: a gossip
-/// round or two (200 ms each) and the other nodes' passes that put it in their forwarding
-/// tables, so the answers to its first packets find their way back.
-const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+/// The longest a new task's process waits for every node to confirm it knows the task's
+/// endpoints (`confirm`): a gossip round or two (200 ms each) and the other nodes' passes that
+/// put it in their forwarding tables, so the answers to its first packets find their way back.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Publishes a task about to start as not serving (forwarding tables learn it; meshes, DNS and
-/// VIPs send it nothing yet) and gives that [`ANNOUNCE_WAIT`] to spread.
-async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
+/// VIPs send it nothing yet). Returns whether there was anything to announce.
+async fn announce(inner: &Arc<Inner>, t: &TaskRecord) -> bool {
     let records = endpoint_records(inner, t, false);
     if records.is_empty() {
-        return;
+        return false;
     }
     for (k, v) in records {
         let Ok(bytes) = serde_json::to_vec(&v) else { continue };
@@ -1035,7 +1089,24 @@ async fn announce(inner: &Arc<Inner>, t: &TaskRecord) {
             Err(e) => tracing::debug!(key = ?k, error = %e, "announcing an endpoint"),
         }
     }
-    tokio::time::sleep(ANNOUNCE_WAIT).await;
+    true
+}
+
+/// Waits until every live node has applied `change`, at most `timeout`; without an ingress
+/// network to keep the records in, the whole `timeout`. Returns how long it waited.
+async fn wait_confirmed(
+    inner: &Arc<Inner>,
+    change: confirm::Change<'_>,
+    timeout: Duration,
+) -> Duration {
+    let state = inner.store.borrow().clone();
+    match state.as_deref().and_then(records::ingress).map(|n| n.id.clone()) {
+        Some(network) => confirm::wait(inner, &network, change, timeout).await,
+        None => {
+            tokio::time::sleep(timeout).await;
+            timeout
+        }
+    }
 }
 
 /// Counts the gossip claims the store contradicts: each once, for as long as it stays.
@@ -1099,7 +1170,14 @@ async fn publish(
             lock(&inner.local).published.insert(k.clone(), v.clone());
         }
     }
-    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+    // A task being stopped keeps its entries until `withdraw` takes them out (only it waits
+    // for every node to let the task go before the task is asked to stop), and one being
+    // started keeps its announcement.
+    let busy = lock(&inner.local).busy.clone();
+    for (k, v) in have.iter().filter(|(k, _)| !want.contains_key(*k)) {
+        if !v.task.is_empty() && busy.contains(&v.task) {
+            continue;
+        }
         let _ = inner.gossip.delete(k.clone()).await;
         lock(&inner.local).published.remove(k);
     }
@@ -1133,7 +1211,7 @@ async fn dataplane(
     let changed = lock(&inner.local).tables.as_ref() != Some(&tables);
     if changed {
         match inner.overlay.set_tables(tables.clone()).await {
-            Ok(_) => lock(&inner.local).tables = Some(tables),
+            Ok(_) => lock(&inner.local).tables = Some(tables.clone()),
             Err(e) => tracing::warn!(error = %e, "programming the overlay"),
         }
     } else if let Err(e) = inner.overlay.check_guard().await {
@@ -1214,7 +1292,7 @@ async fn dataplane(
         let mut spec = crate::from_model::mesh_service(svc);
         // A withdrawn task's open connections may run as long as the task itself may: the
         // withdrawal wait, then its stop grace.
-        spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);
+        spec.drain_grace = WITHDRAW_TIMEOUT + Duration::from_millis(svc.stop_grace_ms);
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
@@ -1233,6 +1311,11 @@ async fn dataplane(
         if have.get(name) != Some(&(spec.clone(), backends.clone())) {
             match inner.mesh.set_service(spec.clone(), backends.clone()) {
                 Ok(()) => {
+                    tracing::debug!(
+                        service = %name,
+                        backends = ?backends.iter().map(|b| (&b.id, b.state)).collect::<Vec<_>>(),
+                        "mesh backends"
+                    );
                     lock(&inner.local).mesh.insert(name.clone(), (spec.clone(), backends.clone()));
                 }
                 Err(e) => tracing::warn!(service = %name, error = %e, "publishing ports"),
@@ -1286,6 +1369,16 @@ async fn dataplane(
         if let Err(e) = install_vips(inner, id, ns, rules).await {
             tracing::warn!(task = %id, error = %format!("{e:#}"), "installing service VIPs");
         }
+    }
+
+    // What this pass applied, for the nodes waiting on their tasks' changes; only once the
+    // forwarding tables took it.
+    let programmed = lock(&inner.local).tables.as_ref() == Some(&tables);
+    if programmed && !ingress_id.is_empty() {
+        let tasks = eps.iter().filter(|(_, e)| !e.task.is_empty());
+        let known = tasks.clone().map(|(_, e)| e.task.clone()).collect();
+        let serving = tasks.filter(|(_, e)| e.serving).map(|(_, e)| e.task.clone()).collect();
+        confirm::publish(inner, &ingress_id, &known, &serving).await;
     }
 }
 

@@ -11,7 +11,8 @@ pub use shoal_netns::testing::require_root;
 pub fn shoal() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
     for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("SHOAL_")) {
+        // (A log level set for a test run reaches the agents its labs start.)
+        if k.to_str().is_some_and(|k| k.starts_with("SHOAL_") && k != "SHOAL_LOG_LEVEL") {
             c.env_remove(k);
         }
     }
@@ -119,6 +120,19 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The agents' logs, kept where SHOAL_TEST_LOGS says (to read after a failure).
+        if let Some(to) = std::env::var_os("SHOAL_TEST_LOGS") {
+            let from = shoal::lab::lab_dir(&self.name);
+            for e in std::fs::read_dir(&from).into_iter().flatten().flatten() {
+                let log = e.path().join("agent.log");
+                let dest = std::path::Path::new(&to).join(format!(
+                    "{}-{}.log",
+                    self.name,
+                    e.file_name().to_string_lossy()
+                ));
+                let _ = std::fs::copy(&log, dest);
+            }
+        }
         let out = shoal().args(["lab", "down", "--lab", &self.name]).output();
         if let Ok(o) = out
             && !o.status.success()

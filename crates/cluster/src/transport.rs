@@ -1,7 +1,7 @@
 //! QUIC transport: one endpoint per node (server and client on the same UDP socket), cached
 //! connections to peers, one bidirectional stream per RPC, and the Raft network on top.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -68,7 +68,13 @@ pub struct Transport {
     endpoint: RwLock<Option<quinn::Endpoint>>,
     client: RwLock<quinn::ClientConfig>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Peers whose last call failed without an answer: asked last while others may answer.
+    suspects: Mutex<HashSet<SocketAddr>>,
 }
+
+/// How long a QUIC handshake may take before the peer counts as unreachable: far less than an
+/// RPC timeout, so a caller with other peers to ask moves on quickly from a dead one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Transport {
     /// Binds the endpoint on `listen` with `identity` for both directions.
@@ -83,6 +89,7 @@ impl Transport {
             endpoint: RwLock::new(Some(endpoint)),
             client: RwLock::new(client),
             conns: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashSet::new()),
         })
     }
 
@@ -134,8 +141,13 @@ impl Transport {
         let connecting = endpoint
             .connect_with(cfg, addr, SERVER_NAME)
             .map_err(|e| CallError::Connect { addr, detail: e.to_string() })?;
-        let conn =
-            connecting.await.map_err(|e| CallError::Connect { addr, detail: e.to_string() })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(r) => r.map_err(|e| CallError::Connect { addr, detail: e.to_string() })?,
+            Err(_) => {
+                let detail = format!("no QUIC handshake within {CONNECT_TIMEOUT:?}");
+                return Err(CallError::Connect { addr, detail });
+            }
+        };
         if let Ok(mut m) = self.conns.lock() {
             m.insert(addr, conn.clone());
         }
@@ -173,13 +185,28 @@ impl Transport {
             }
             Err(CallError::Connect { addr, detail: "connection lost twice".into() })
         };
-        match tokio::time::timeout(timeout, attempt).await {
+        let r = match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r,
             Err(_) => {
                 self.forget(addr);
                 Err(CallError::Timeout { addr, after: timeout })
             }
+        };
+        if let Ok(mut s) = self.suspects.lock() {
+            match &r {
+                Ok(_) => s.remove(&addr),
+                Err(_) => s.insert(addr),
+            };
         }
+        r
+    }
+
+    /// `addrs` in the order to ask them: peers that answered last time (or were never asked)
+    /// first, in their order, then the ones whose last call failed.
+    pub fn suspects_last(&self, addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        let Ok(suspects) = self.suspects.lock() else { return addrs };
+        let (bad, good): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| suspects.contains(a));
+        good.into_iter().chain(bad).collect()
     }
 
     /// Closes every connection and the endpoint, and waits (up to 2 s) until the UDP socket is

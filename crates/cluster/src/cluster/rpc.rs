@@ -228,6 +228,7 @@ impl Inner {
         let managers = self.local().managers;
         let own = self.local().advertise_addr;
         let mut last = Error::NoLeader("no manager is known to this node".into());
+        let managers = self.transport.suspects_last(managers);
         for addr in managers.into_iter().filter(|a| *a != own) {
             match self.transport.call(addr, &req, self.timeout_for(&req)).await {
                 // A manager still starting Raft (or just demoted) says it is not a manager; with a
