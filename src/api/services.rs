@@ -22,8 +22,8 @@ use super::swarm::{bad_request, cluster, cluster_error};
 use super::{ApiState, error};
 use crate::engine::leader::{self, check_service, new_id};
 use crate::engine::records::{
-    self, HealthRecord, LbAlgorithm, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone,
-    TaskRecord,
+    self, HealthRecord, LbAlgorithm, MeshPath, PortRecord, Protocol, ProxyVersion, ServiceRecord,
+    Standalone, TaskRecord,
 };
 use crate::mounts::{self, MountSpec};
 
@@ -510,7 +510,7 @@ fn parse_env(list: &[String]) -> Result<Vec<(String, String)>, Response> {
 }
 
 /// `8100:8100`, `8100:80/udp`, or the long form
-/// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2`.
+/// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2,mesh=kernel`.
 pub fn parse_port(s: &str) -> Result<PortRecord, String> {
     let bad = || format!("invalid published port {s:?}: want PUBLISHED:TARGET[/tcp|udp]");
     let port = |v: &str| match v.parse::<u16>() {
@@ -525,6 +525,7 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
     if s.contains('=') {
         let (mut published, mut target, mut protocol, mut host_mode, mut proxy_protocol) =
             (None, None, Protocol::Tcp, false, None);
+        let mut mesh = None;
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("published", v)) => published = Some(port(v)?),
@@ -537,6 +538,11 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
                 Some(("proxy-protocol", v)) => {
                     return Err(format!("invalid proxy-protocol {v:?} in {s:?}: v1 or v2"));
                 }
+                Some(("mesh", "kernel")) => mesh = Some(MeshPath::Kernel),
+                Some(("mesh", "proxy")) => mesh = Some(MeshPath::Proxy),
+                Some(("mesh", v)) => {
+                    return Err(format!("invalid mesh {v:?} in {s:?}: kernel or proxy"));
+                }
                 _ => return Err(format!("invalid field {part:?} in {s:?}")),
             }
         }
@@ -544,12 +550,17 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         if proxy_protocol.is_some() && protocol != Protocol::Tcp {
             return Err(format!("{s:?}: proxy-protocol is for TCP ports"));
         }
+        // The kernel path forwards packets; it cannot add a header or answer as the host.
+        if mesh == Some(MeshPath::Kernel) && (proxy_protocol.is_some() || host_mode) {
+            return Err(format!("{s:?}: mesh=kernel is for ingress ports without proxy-protocol"));
+        }
         return Ok(PortRecord {
             published: published.unwrap_or(target),
             target,
             protocol,
             host_mode,
             proxy_protocol,
+            mesh,
         });
     }
     let (ports, protocol) = match s.split_once('/') {
@@ -563,6 +574,7 @@ pub fn parse_port(s: &str) -> Result<PortRecord, String> {
         protocol,
         host_mode: false,
         proxy_protocol: None,
+        mesh: None,
     })
 }
 
@@ -1237,6 +1249,11 @@ mod tests {
         assert_eq!((p.published, p.proxy_protocol), (8100, Some(ProxyVersion::V2)));
         let p = parse_port("published=8100,target=80,proxy-protocol=v1").unwrap();
         assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1));
+        assert_eq!(parse_port("8100:80").unwrap().mesh, None);
+        let p = parse_port("published=8100,target=80,protocol=udp,mesh=kernel").unwrap();
+        assert_eq!((p.protocol, p.mesh), (Protocol::Udp, Some(MeshPath::Kernel)));
+        let p = parse_port("published=8100,target=80,proxy-protocol=v1,mesh=proxy").unwrap();
+        assert_eq!(p.mesh, Some(MeshPath::Proxy));
         for (bad, why) in [
             ("8100", "PUBLISHED:TARGET"),
             ("0:80", "invalid port \"0\""),
@@ -1246,6 +1263,9 @@ mod tests {
             ("published=80,target=80,mode=bridge", "invalid field"),
             ("published=80,target=80,proxy-protocol=v3", "v1 or v2"),
             ("published=53,target=53,protocol=udp,proxy-protocol=v2", "for TCP ports"),
+            ("published=80,target=80,mesh=ipvs", "kernel or proxy"),
+            ("published=80,target=80,mesh=kernel,proxy-protocol=v2", "mesh=kernel is for"),
+            ("published=80,target=80,mesh=kernel,mode=host", "mesh=kernel is for"),
         ] {
             let e = parse_port(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

@@ -403,6 +403,7 @@ mod tests {
             protocol: Protocol::Tcp,
             host_mode: false,
             proxy_protocol: None,
+            mesh: None,
         }
     }
 

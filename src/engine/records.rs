@@ -32,6 +32,25 @@ pub struct PortRecord {
     /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyVersion>,
+    /// How the routing mesh forwards this port (`mesh=kernel|proxy`); unset is the default,
+    /// [`MeshPath::DEFAULT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshPath>,
+}
+
+/// Which path the routing mesh forwards a published port on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshPath {
+    /// nftables DNAT and conntrack in the receiving node's kernel; no userspace copy.
+    Kernel,
+    /// The userspace proxy (splice), which also speaks PROXY protocol and runs HTTP checks.
+    Proxy,
+}
+
+impl MeshPath {
+    /// The path of a port that does not name one.
+    pub const DEFAULT: MeshPath = MeshPath::Proxy;
 }
 
 /// How the routing mesh picks a task for a new connection.

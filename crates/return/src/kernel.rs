@@ -304,9 +304,16 @@ pub async fn apply_link(
         .map_err(nl(format!("set {SANDBOX_LINK} up"), s))?;
     sysctl(s, "ip_forward", "1")?;
     // Clients' addresses arrive on the link but are routed back only by mark, which the
-    // reverse-path filter does not consult.
-    for key in ["conf/all/rp_filter", &format!("conf/{SANDBOX_LINK}/rp_filter")] {
-        sysctl(s, key, "0")?;
+    // reverse-path filter does not consult. And the source check of a forwarded packet looks
+    // the client up as if it came in on the ingress interface, where the userspace mesh's rule
+    // makes every address local: `accept_local` lets such a source through.
+    let link_conf = format!("conf/{SANDBOX_LINK}");
+    for (key, value) in [
+        ("conf/all/rp_filter".to_owned(), "0"),
+        (format!("{link_conf}/rp_filter"), "0"),
+        (format!("{link_conf}/accept_local"), "1"),
+    ] {
+        sysctl(s, &key, value)?;
     }
     let reply = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(NODE_ADDR)
