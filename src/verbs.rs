@@ -83,7 +83,7 @@ pub struct CreateArgs {
     #[arg(long, default_value = "replicated", value_parser = ["replicated", "global"])]
     mode: String,
     /// Publish a port: `8100:8100`, `53:53/udp`, or
-    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v1|v2`.
+    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v1|v2,mesh=kernel|proxy`.
     #[arg(short, long)]
     publish: Vec<PublishedPort>,
     /// Attach to a network.

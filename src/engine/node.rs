@@ -27,6 +27,7 @@ use tokio::sync::{Notify, watch};
 
 mod client_addr;
 mod confirm;
+mod kernel_mesh;
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, Service, TaskRecord};
 use super::trust;
@@ -101,6 +102,8 @@ struct Local {
     /// The ingress sandboxes each task sends mesh replies back through.
     returns: BTreeMap<String, Vec<Ipv4Addr>>,
     mesh: BTreeMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
+    /// The mesh's kernel path (`kernel_mesh`).
+    kernel: kernel_mesh::State,
     dns: Option<dns::ClusterRecords>,
     tables: Option<vx::Tables>,
     sandbox_ip: Option<Ipv4Addr>,
@@ -366,6 +369,7 @@ impl NodeEngine {
         for s in inner.mesh.services() {
             let _ = inner.mesh.remove_service(&s);
         }
+        kernel_mesh::remove().await;
         let _ = NetNs::delete(inner.sandbox.name());
         if let Some(inner) = Arc::into_inner(self.inner)
             && let Err(e) = inner.overlay.shutdown().await
@@ -546,6 +550,7 @@ async fn diagnostics(inner: &Inner) -> serde_json::Value {
         "peers": inner.overlay.peer_stats(),
         "networks": fdb,
         "mesh": mesh,
+        "kernel_mesh": kernel_mesh::describe(inner),
         "dns": names,
         "tasks": tasks,
     })
@@ -1326,6 +1331,8 @@ async fn dataplane(
         let _ = inner.mesh.remove_service(name);
         lock(&inner.local).mesh.remove(name);
     }
+
+    kernel_mesh::sync(inner, state, services, &eps, &ingress_id).await;
 
     let sandboxes = client_addr::sandboxes(&eps, &ingress_id);
     client_addr::tasks(inner, &ingress_id, &sandboxes).await;

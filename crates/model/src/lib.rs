@@ -31,7 +31,7 @@ pub mod task;
 pub use error::{Error, ErrorKind};
 pub use mount::{MountKind, MountSpec};
 pub use network::NetworkCreate;
-pub use port::{PortMode, Protocol, ProxyVersion, PublishedPort};
+pub use port::{MeshPath, PortMode, Protocol, ProxyVersion, PublishedPort};
 pub use request::{Context, ServiceCreate, ServiceUpdate};
 pub use service::{
     EndpointMode, FailureAction, Health, LbAlgorithm, NetworkRef, Service, UpdateStatus,

@@ -65,6 +65,29 @@ impl ProxyVersion {
     }
 }
 
+/// Which path the routing mesh forwards a published port on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshPath {
+    /// nftables DNAT and conntrack in the receiving node's kernel; no userspace copy.
+    Kernel,
+    /// The userspace proxy (splice), which also speaks PROXY protocol and runs HTTP checks.
+    Proxy,
+}
+
+impl MeshPath {
+    /// The path of a port that does not name one.
+    pub const DEFAULT: MeshPath = MeshPath::Proxy;
+
+    /// `kernel` or `proxy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshPath::Kernel => "kernel",
+            MeshPath::Proxy => "proxy",
+        }
+    }
+}
+
 /// A published port of a service. Build one by parsing, which checks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedPort {
@@ -77,6 +100,10 @@ pub struct PublishedPort {
     /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyVersion>,
+    /// How the routing mesh forwards this port (`mesh=kernel|proxy`); unset is
+    /// [`MeshPath::DEFAULT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshPath>,
 }
 
 /// `mode` as the store's `host_mode` flag.
@@ -110,6 +137,10 @@ pub enum PortError {
     NoTarget(String),
     #[error("{0:?}: proxy-protocol is for TCP ports")]
     ProxyOverUdp(String),
+    #[error("invalid mesh {value:?} in {spec:?}: kernel or proxy")]
+    MeshPath { value: String, spec: String },
+    #[error("{0:?}: mesh=kernel is for ingress ports without proxy-protocol")]
+    KernelPath(String),
 }
 
 impl PublishedPort {
@@ -121,6 +152,7 @@ impl PublishedPort {
             protocol: Protocol::Tcp,
             mode: PortMode::Ingress,
             proxy_protocol: None,
+            mesh: None,
         }
     }
 
@@ -134,7 +166,7 @@ impl FromStr for PublishedPort {
     type Err = PortError;
 
     /// `8100:8100`, `8100:80/udp`, or the long form
-    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2`.
+    /// `published=8100,target=80,protocol=tcp,mode=ingress,proxy-protocol=v2,mesh=kernel`.
     fn from_str(s: &str) -> Result<PublishedPort, PortError> {
         let port = |v: &str| match v.parse::<u16>() {
             Ok(p) if p > 0 => Ok(p),
@@ -158,10 +190,12 @@ impl FromStr for PublishedPort {
                 protocol,
                 mode: PortMode::Ingress,
                 proxy_protocol: None,
+                mesh: None,
             });
         }
         let (mut published, mut target, mut protocol, mut mode, mut proxy_protocol) =
             (None, None, Protocol::Tcp, PortMode::Ingress, None);
+        let mut mesh = None;
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("published", v)) => published = Some(port(v)?),
@@ -174,6 +208,11 @@ impl FromStr for PublishedPort {
                 Some(("proxy-protocol", v)) => {
                     return Err(PortError::ProxyVersion { value: v.into(), spec: s.into() });
                 }
+                Some(("mesh", "kernel")) => mesh = Some(MeshPath::Kernel),
+                Some(("mesh", "proxy")) => mesh = Some(MeshPath::Proxy),
+                Some(("mesh", v)) => {
+                    return Err(PortError::MeshPath { value: v.into(), spec: s.into() });
+                }
                 _ => return Err(PortError::Field { field: part.into(), spec: s.into() }),
             }
         }
@@ -181,12 +220,17 @@ impl FromStr for PublishedPort {
         if proxy_protocol.is_some() && protocol != Protocol::Tcp {
             return Err(PortError::ProxyOverUdp(s.into()));
         }
+        // The kernel path forwards packets; it cannot add a header or answer as the host.
+        if mesh == Some(MeshPath::Kernel) && (proxy_protocol.is_some() || mode == PortMode::Host) {
+            return Err(PortError::KernelPath(s.into()));
+        }
         Ok(PublishedPort {
             published: published.unwrap_or(target),
             target,
             protocol,
             mode,
             proxy_protocol,
+            mesh,
         })
     }
 }
@@ -195,12 +239,15 @@ impl fmt::Display for PublishedPort {
     /// The short form where it says everything, else the long form; either parses back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (p, t, proto) = (self.published, self.target, self.protocol.as_str());
-        if self.mode == PortMode::Ingress && self.proxy_protocol.is_none() {
+        if self.mode == PortMode::Ingress && self.proxy_protocol.is_none() && self.mesh.is_none() {
             return write!(f, "{p}:{t}/{proto}");
         }
         write!(f, "published={p},target={t},protocol={proto},mode={}", self.mode.as_str())?;
         if let Some(v) = self.proxy_protocol {
             write!(f, ",proxy-protocol={}", v.as_str())?;
+        }
+        if let Some(m) = self.mesh {
+            write!(f, ",mesh={}", m.as_str())?;
         }
         Ok(())
     }
@@ -231,6 +278,11 @@ mod tests {
         assert_eq!((p.published, p.proxy_protocol), (8100, Some(ProxyVersion::V2)));
         let p = parse("published=8100,target=80,proxy-protocol=v1").unwrap();
         assert_eq!(p.proxy_protocol, Some(ProxyVersion::V1));
+        assert_eq!(parse("8100:80").unwrap().mesh, None);
+        let p = parse("published=8100,target=80,protocol=udp,mesh=kernel").unwrap();
+        assert_eq!((p.protocol, p.mesh), (Protocol::Udp, Some(MeshPath::Kernel)));
+        let p = parse("published=8100,target=80,proxy-protocol=v1,mesh=proxy").unwrap();
+        assert_eq!(p.mesh, Some(MeshPath::Proxy));
     }
 
     #[test]
@@ -245,6 +297,9 @@ mod tests {
             ("published=80,target=80,mode=bridge", "invalid field"),
             ("published=80,target=80,proxy-protocol=v3", "v1 or v2"),
             ("published=53,target=53,protocol=udp,proxy-protocol=v2", "for TCP ports"),
+            ("published=80,target=80,mesh=ipvs", "kernel or proxy"),
+            ("published=80,target=80,mesh=kernel,proxy-protocol=v2", "mesh=kernel is for"),
+            ("published=80,target=80,mesh=kernel,mode=host", "mesh=kernel is for"),
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -265,19 +320,26 @@ mod tests {
     }
 
     fn any_port() -> impl Strategy<Value = PublishedPort> {
-        (1..=u16::MAX, 1..=u16::MAX, any::<bool>(), any::<bool>(), 0..3u8).prop_map(
-            |(published, target, udp, host, proxy)| {
+        (1..=u16::MAX, 1..=u16::MAX, any::<bool>(), any::<bool>(), 0..3u8, 0..3u8).prop_map(
+            |(published, target, udp, host, proxy, mesh)| {
                 let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+                let proxy_protocol = match (proxy, protocol) {
+                    (1, Protocol::Tcp) => Some(ProxyVersion::V1),
+                    (2, Protocol::Tcp) => Some(ProxyVersion::V2),
+                    _ => None,
+                };
+                let mesh = match mesh {
+                    1 if !host && proxy_protocol.is_none() => Some(MeshPath::Kernel),
+                    2 => Some(MeshPath::Proxy),
+                    _ => None,
+                };
                 PublishedPort {
                     published,
                     target,
                     protocol,
                     mode: if host { PortMode::Host } else { PortMode::Ingress },
-                    proxy_protocol: match (proxy, protocol) {
-                        (1, Protocol::Tcp) => Some(ProxyVersion::V1),
-                        (2, Protocol::Tcp) => Some(ProxyVersion::V2),
-                        _ => None,
-                    },
+                    proxy_protocol,
+                    mesh,
                 }
             },
         )

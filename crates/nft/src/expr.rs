@@ -1,14 +1,17 @@
 //! The rule expressions shoal uses, and their netlink encoding. Every expression that loads a
 //! value writes register 1 (16 bytes, enough for an interface name) and every one that reads a
-//! value reads it there: shoal's rules are straight lines of load, compare or look up, act.
+//! value reads it there: shoal's rules are straight lines of load, compare or look up, act. (The
+//! one exception is a translated port: [`Expr::PortImmediate`] puts it in register 2, beside the
+//! address in register 1, for [`Expr::DnatIpv4Port`].)
 
 use crate::wire::Writer;
 
 /// `NFTA_LIST_ELEM`: one element of a nested list.
 pub(crate) const LIST_ELEM: u16 = 1;
-/// `NFT_REG_VERDICT` and `NFT_REG_1`.
+/// `NFT_REG_VERDICT`, `NFT_REG_1` and `NFT_REG_2`.
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
+const REG_2: u32 = 2;
 /// `NFTA_DATA_VALUE`, `NFTA_DATA_VERDICT`, `NFTA_VERDICT_CODE`, `NFTA_VERDICT_CHAIN`.
 const DATA_VALUE: u16 = 1;
 const DATA_VERDICT: u16 = 2;
@@ -119,8 +122,32 @@ pub enum Expr {
         /// The modulus.
         modulus: u32,
     },
+    /// Put the next number of a per-rule counter, modulo `modulus`, into register 1 (a 32-bit
+    /// host-order integer): strict rotation.
+    NumgenInc {
+        /// The modulus.
+        modulus: u32,
+    },
+    /// Register 1 = Jenkins hash of its first `len` bytes with `seed`, modulo `modulus` (a
+    /// 32-bit host-order integer): the same input always gives the same number.
+    Jhash {
+        /// How many bytes of register 1 are hashed.
+        len: u32,
+        /// The modulus.
+        modulus: u32,
+        /// The seed.
+        seed: u32,
+    },
+    /// Load the routing type of the packet's destination address (`fib daddr type`, a
+    /// host-order u32: 2 is `local`) into register 1.
+    FibDaddrType,
+    /// Put a port (network byte order) into register 2, where [`Expr::DnatIpv4Port`] reads it.
+    PortImmediate(u16),
     /// Rewrite the destination IPv4 address to the one in register 1.
     DnatIpv4,
+    /// Rewrite the destination IPv4 address to the one in register 1 and the destination port
+    /// to the one in register 2.
+    DnatIpv4Port,
     /// Reject the packet.
     Reject(Reject),
 }
@@ -138,8 +165,11 @@ impl Expr {
             Expr::Lookup { .. } => "lookup",
             Expr::Counter => "counter",
             Expr::Immediate(_) | Expr::Verdict(_) => "immediate",
-            Expr::NumgenRandom { .. } => "numgen",
-            Expr::DnatIpv4 => "nat",
+            Expr::NumgenRandom { .. } | Expr::NumgenInc { .. } => "numgen",
+            Expr::Jhash { .. } => "hash",
+            Expr::FibDaddrType => "fib",
+            Expr::PortImmediate(_) => "immediate",
+            Expr::DnatIpv4 | Expr::DnatIpv4Port => "nat",
             Expr::Reject(_) => "reject",
         }
     }
@@ -235,11 +265,43 @@ impl Expr {
                 w.u32(2, *modulus);
                 w.u32(3, 1);
             }
+            Expr::NumgenInc { modulus } => {
+                // NFTA_NG_DREG, _MODULUS, _TYPE = NFT_NG_INCREMENTAL.
+                w.u32(1, REG_1);
+                w.u32(2, *modulus);
+                w.u32(3, 0);
+            }
+            Expr::Jhash { len, modulus, seed } => {
+                // NFTA_HASH_SREG, _DREG, _LEN, _MODULUS, _SEED, _TYPE = NFT_HASH_JENKINS.
+                w.u32(1, REG_1);
+                w.u32(2, REG_1);
+                w.u32(3, *len);
+                w.u32(4, *modulus);
+                w.u32(5, *seed);
+                w.u32(7, 0);
+            }
+            Expr::FibDaddrType => {
+                // NFTA_FIB_DREG, _RESULT = NFT_FIB_RESULT_ADDRTYPE, _FLAGS = NFTA_FIB_F_DADDR.
+                w.u32(1, REG_1);
+                w.u32(2, 3);
+                w.u32(3, 2);
+            }
+            Expr::PortImmediate(port) => {
+                w.u32(1, REG_2);
+                value(w, 2, &port.to_be_bytes());
+            }
             Expr::DnatIpv4 => {
                 // NFTA_NAT_TYPE = NFT_NAT_DNAT, _FAMILY = NFPROTO_IPV4, _REG_ADDR_MIN.
                 w.u32(1, 1);
                 w.u32(2, 2);
                 w.u32(3, REG_1);
+            }
+            Expr::DnatIpv4Port => {
+                // The same, and NFTA_NAT_REG_PROTO_MIN: the port.
+                w.u32(1, 1);
+                w.u32(2, 2);
+                w.u32(3, REG_1);
+                w.u32(5, REG_2);
             }
             Expr::Reject(r) => {
                 // NFTA_REJECT_TYPE (NFT_REJECT_ICMP_UNREACH 0, NFT_REJECT_TCP_RST 1), _ICMP_CODE.

@@ -39,8 +39,13 @@
 //! same value nftables stores when it copies those bytes from the packet; the routing table of
 //! a sandbox has the same number. Everything is netlink (rtnetlink and `shoal-nft`), no `ip`
 //! or `nft` binary.
+//!
+//! The routing mesh's kernel path ([`kernel`]) keeps the client's address the same way: it
+//! DNATs in the node and forwards through the same sandbox, so the same task rules apply.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod kernel;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -98,6 +103,14 @@ pub enum Error {
         ifname: String,
         /// The namespace.
         ns: String,
+    },
+    /// A system call outside netlink failed (a `/proc/sys` write, a netlink socket).
+    #[error("could not {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the system said.
+        source: std::io::Error,
     },
     /// Entering the namespace failed; nothing was changed.
     #[error(transparent)]

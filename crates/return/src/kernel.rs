@@ -1,0 +1,470 @@
+//! The kernel path of the routing mesh (`mesh=kernel`): a new connection to a published port is
+//! DNAT-ed by nftables in the receiving node's own namespace straight to a task's ingress
+//! address, and conntrack carries the rest of the flow both ways. Nothing is copied in
+//! userspace, the task sees the client's own address and port, and flows outlive the agent.
+//!
+//! ```text
+//! client ─▶ node: table ip shoal-mesh, nat prerouting:
+//!             ct state new, l4proto, dport 8100, fib daddr type local
+//!             dnat to (numgen | jhash ip saddr) mod N map { 0: 10.0.0.5, 1: 10.0.0.7 } : 8000
+//!        ─▶ veth shoal-mesh ⇄ mesh0 (169.254.53.1/30 ⇄ .2) into the ingress sandbox,
+//!           which forwards out eth0, its source MAC naming this node, over the ingress overlay
+//!        ─▶ task; its shoal-return table sends the reply back to that sandbox (crate docs)
+//! reply  ─▶ sandbox eth0: the flow's conntrack mark (set as it came in on mesh0) becomes the
+//!           packet's mark, and `fwmark lookup 9001` routes it `default via 169.254.53.1`
+//!        ─▶ node: conntrack un-DNATs it ─▶ client
+//! ```
+//!
+//! The sandbox's mark rule sits before the rule that delivers everything from eth0 locally
+//! (the userspace mesh's transparent sockets, [`crate::apply_sandbox`]), so both paths share
+//! one sandbox. A port with no backend gets no rule, and its connections reach the userspace
+//! listener on the same port, as do connections made on the node itself (they never pass
+//! prerouting as new).
+//!
+//! The backends are the healthy, non-draining tasks, sorted; the agent replaces the node's
+//! table in one transaction whenever they change. Only a flow's first packet passes a nat
+//! chain, so established flows stay on their task (a draining one too) and new ones use the new
+//! map. Client affinity hashes the client address with a fixed seed over the same sorted list
+//! on every node, so a client lands on the same task through any node.
+//!
+//! Everything is netlink (rtnetlink and `shoal-nft`) and `/proc/sys`, no `ip` or `nft` binary.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::packet_route::rule::RuleAction;
+use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use shoal_netns::NetNs;
+use shoal_nft::{
+    BaseChain, Batch, ChainType, CmpOp, Elem, ElemData, Expr, Family, Hook, MetaKey, PayloadBase,
+    SetData, SetKey,
+};
+
+use crate::Error;
+
+/// The nftables table (family `ip`) of the kernel path, in the node and in the sandbox.
+pub const TABLE: &str = "shoal-mesh";
+/// The node's end of the link into the ingress sandbox.
+pub const NODE_LINK: &str = "shoal-mesh";
+/// The sandbox's end.
+pub const SANDBOX_LINK: &str = "mesh0";
+/// The node's address on the link (a /30 of link-local space).
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 1);
+/// The sandbox's address on the link.
+pub const SANDBOX_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 2);
+/// The conntrack and packet mark of kernel-path flows in the sandbox ("mesh").
+pub const FLOW_MARK: u32 = 0x6d65_7368;
+/// The sandbox's routing table for replies of kernel-path flows.
+pub const REPLY_TABLE: u32 = 9001;
+/// The priority of the sandbox's reply rule: before [`crate::RULE_PRIORITY`].
+pub const REPLY_RULE_PRIORITY: u32 = 8990;
+/// The seed of client-affinity hashing: the same on every node.
+const AFFINITY_SEED: u32 = 0x5348_4f41;
+
+/// How a port's new flows pick a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Uniformly at random.
+    Random,
+    /// Strict rotation (per node).
+    RoundRobin,
+    /// A hash of the client's address: the same client, the same backend, through any node.
+    ClientHash,
+}
+
+/// A published port on the kernel path, with the backends new flows may go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPort {
+    /// The port clients connect to on every node.
+    pub published: u16,
+    /// The task's port.
+    pub target: u16,
+    /// UDP rather than TCP.
+    pub udp: bool,
+    /// How a backend is picked.
+    pub pick: Pick,
+    /// The healthy, non-draining tasks' ingress addresses (sorted and deduplicated here).
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// The most backends one port's map holds.
+pub const MAX_BACKENDS: usize = 4096;
+
+fn conntrack_new() -> [Expr; 3] {
+    // Conntrack state bits are a host-order u32; "new" is bit 3. The match also turns
+    // conntrack on in the namespace (a nat chain alone does not).
+    [
+        Expr::CtState,
+        Expr::Bitwise { mask: 8u32.to_ne_bytes().to_vec(), xor: vec![0; 4] },
+        Expr::Cmp { op: CmpOp::Neq, data: vec![0; 4] },
+    ]
+}
+
+fn ifname(name: &str) -> Vec<u8> {
+    let mut v = name.as_bytes().to_vec();
+    v.resize(16, 0);
+    v
+}
+
+/// The transaction that replaces the node's `ip shoal-mesh` table: one DNAT rule per port that
+/// has backends. The same ports give the same batch, in any order.
+pub fn node_batch(ports: &[KernelPort]) -> Batch {
+    let (f, t) = (Family::Ip, TABLE);
+    let mut ports: Vec<KernelPort> = ports
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            p.backends.sort_unstable();
+            p.backends.dedup();
+            p.backends.truncate(MAX_BACKENDS);
+            p
+        })
+        .collect();
+    ports.sort_by_key(|p| (p.udp, p.published));
+    ports.dedup_by_key(|p| (p.udp, p.published));
+    let mut b = Batch::new();
+    b.add_table(f, t);
+    b.del_table(f, t);
+    b.add_table(f, t);
+    let hook = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
+    b.add_chain(f, t, "prerouting", Some(hook));
+    for p in ports.iter().filter(|p| !p.backends.is_empty()) {
+        let mut rule: Vec<Expr> = conntrack_new().into();
+        rule.extend([
+            Expr::Meta(MetaKey::L4Proto),
+            Expr::Cmp { op: CmpOp::Eq, data: vec![if p.udp { 17 } else { 6 }] },
+            Expr::Payload { base: PayloadBase::Transport, offset: 2, len: 2 },
+            Expr::Cmp { op: CmpOp::Eq, data: p.published.to_be_bytes().to_vec() },
+            // Only what is addressed to this node (RTN_LOCAL), not what it routes onwards.
+            Expr::FibDaddrType,
+            Expr::Cmp { op: CmpOp::Eq, data: 2u32.to_ne_bytes().to_vec() },
+        ]);
+        if let [one] = p.backends.as_slice() {
+            rule.push(Expr::Immediate(one.octets().to_vec()));
+        } else {
+            let modulus = u32::try_from(p.backends.len()).unwrap_or(u32::MAX);
+            match p.pick {
+                Pick::Random => rule.push(Expr::NumgenRandom { modulus }),
+                Pick::RoundRobin => rule.push(Expr::NumgenInc { modulus }),
+                Pick::ClientHash => rule.extend([
+                    Expr::Payload { base: PayloadBase::Network, offset: 12, len: 4 },
+                    Expr::Jhash { len: 4, modulus, seed: AFFINITY_SEED },
+                ]),
+            }
+            // numgen's and jhash's results are host-order u32s, so the map's keys are too.
+            let map = b.add_set(f, t, None, SetKey::HostInteger(4), Some(SetData::Ipv4Addr));
+            let elems: Vec<Elem> = (0u32..)
+                .zip(&p.backends)
+                .map(|(i, a)| Elem {
+                    key: i.to_ne_bytes().to_vec(),
+                    data: Some(ElemData::Value(a.octets().to_vec())),
+                })
+                .collect();
+            b.add_elements(f, t, &map, &elems);
+            rule.push(Expr::Lookup { set: map });
+        }
+        rule.extend([Expr::PortImmediate(p.target), Expr::DnatIpv4Port]);
+        b.add_rule(f, t, "prerouting", &rule);
+    }
+    b
+}
+
+/// The sandbox's `ip shoal-mesh` table: a flow that comes in on [`SANDBOX_LINK`] is marked, and
+/// its replies on `ingress_if` carry the mark, which routes them back over the link.
+pub fn sandbox_batch(ingress_if: &str) -> Batch {
+    let (f, t) = (Family::Ip, TABLE);
+    let mut b = Batch::new();
+    b.add_table(f, t);
+    b.del_table(f, t);
+    b.add_table(f, t);
+    let hook = BaseChain { kind: ChainType::Filter, hook: Hook::Prerouting, priority: -150 };
+    b.add_chain(f, t, "prerouting", Some(hook));
+    let mark = FLOW_MARK.to_ne_bytes().to_vec();
+    let mut first: Vec<Expr> =
+        vec![Expr::Meta(MetaKey::IifName), Expr::Cmp { op: CmpOp::Eq, data: ifname(SANDBOX_LINK) }];
+    first.extend(conntrack_new());
+    first.extend([Expr::Immediate(mark.clone()), Expr::SetCtMark]);
+    b.add_rule(f, t, "prerouting", &first);
+    b.add_rule(
+        f,
+        t,
+        "prerouting",
+        &[
+            Expr::Meta(MetaKey::IifName),
+            Expr::Cmp { op: CmpOp::Eq, data: ifname(ingress_if) },
+            Expr::CtMark,
+            Expr::Cmp { op: CmpOp::Eq, data: mark.clone() },
+            Expr::Immediate(mark),
+            Expr::SetMetaMark,
+        ],
+    );
+    b
+}
+
+/// A netlink handle in `ns`, or in the calling process's namespace for `None`.
+fn handle(ns: Option<&NetNs>) -> Result<Handle, Error> {
+    match ns {
+        Some(ns) => Ok(ns.netlink()?),
+        None => {
+            let (conn, h, _) = rtnetlink::new_connection()
+                .map_err(|e| Error::Io { what: "open a netlink socket".into(), source: e })?;
+            tokio::spawn(conn);
+            Ok(h)
+        }
+    }
+}
+
+fn nsname(ns: Option<&NetNs>) -> String {
+    ns.map_or_else(|| "(the agent's)".to_owned(), |n| n.name().to_owned())
+}
+
+fn nl(op: impl Into<String>, ns: Option<&NetNs>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let (op, ns) = (op.into(), nsname(ns));
+    move |source| Error::Netlink { op, ns, source }
+}
+
+/// Runs `f` in `ns`, or right here for `None`.
+fn run_in<R: Send>(ns: Option<&NetNs>, f: impl FnOnce() -> R + Send) -> Result<R, Error> {
+    match ns {
+        Some(ns) => Ok(ns.run(f)?),
+        None => Ok(f()),
+    }
+}
+
+fn sysctl(ns: Option<&NetNs>, key: &str, value: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/net/ipv4/{key}");
+    run_in(ns, || std::fs::write(&path, value))?
+        .map_err(|e| Error::Io { what: format!("write {path} in {}", nsname(ns)), source: e })
+}
+
+/// Adds an address, which may be there already.
+async fn address(h: &Handle, idx: u32, addr: Ipv4Addr, ns: Option<&NetNs>) -> Result<(), Error> {
+    match h.address().add(idx, addr.into(), 30).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        r => r.map_err(nl(format!("add {addr}/30"), ns)),
+    }
+}
+
+/// Makes the link between the node (`node`, `None` for the calling process's namespace) and its
+/// ingress sandbox, routes `ingress` (the ingress network's subnet) over it, turns forwarding on
+/// in both, and sets up the sandbox's marks and reply route. Idempotent; a restarted agent
+/// finds all of it in place.
+pub async fn apply_link(
+    node: Option<&NetNs>,
+    sandbox: &NetNs,
+    ingress_if: &str,
+    ingress: (Ipv4Addr, u8),
+) -> Result<(), Error> {
+    let h = handle(node)?;
+    if shoal_netns::link_index(&h, NODE_LINK).await.is_none() {
+        // The peer end is born inside the sandbox, already named.
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(SANDBOX_LINK.to_owned())
+            .setns_by_fd(sandbox.as_fd().as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(NODE_LINK.to_owned())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        h.link().add(veth).execute().await.map_err(nl(format!("create veth {NODE_LINK}"), node))?;
+    }
+    let idx = shoal_netns::link_index(&h, NODE_LINK)
+        .await
+        .ok_or_else(|| Error::NoLink { ifname: NODE_LINK.into(), ns: nsname(node) })?;
+    address(&h, idx, NODE_ADDR, node).await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("set {NODE_LINK} up"), node))?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(ingress.0, ingress.1)
+        .gateway(SANDBOX_ADDR)
+        .build();
+    h.route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("route {}/{} via {SANDBOX_ADDR}", ingress.0, ingress.1), node))?;
+    sysctl(node, "ip_forward", "1")?;
+
+    let s = Some(sandbox);
+    let sh = sandbox.netlink()?;
+    let sidx = shoal_netns::link_index(&sh, SANDBOX_LINK)
+        .await
+        .ok_or_else(|| Error::NoLink { ifname: SANDBOX_LINK.into(), ns: nsname(s) })?;
+    address(&sh, sidx, SANDBOX_ADDR, s).await?;
+    sh.link()
+        .set(LinkUnspec::new_with_index(sidx).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("set {SANDBOX_LINK} up"), s))?;
+    sysctl(s, "ip_forward", "1")?;
+    // Clients' addresses arrive on the link but are routed back only by mark, which the
+    // reverse-path filter does not consult. And the source check of a forwarded packet looks
+    // the client up as if it came in on the ingress interface, where the userspace mesh's rule
+    // makes every address local: `accept_local` lets such a source through.
+    let link_conf = format!("conf/{SANDBOX_LINK}");
+    for (key, value) in [
+        ("conf/all/rp_filter".to_owned(), "0"),
+        (format!("{link_conf}/rp_filter"), "0"),
+        (format!("{link_conf}/accept_local"), "1"),
+    ] {
+        sysctl(s, &key, value)?;
+    }
+    let reply = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(NODE_ADDR)
+        .output_interface(sidx)
+        .table_id(REPLY_TABLE)
+        .build();
+    sh.route()
+        .add(reply)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("route default via {NODE_ADDR} in table {REPLY_TABLE}"), s))?;
+    let rules: Vec<_> =
+        sh.rule().get(IpVersion::V4).execute().try_collect().await.map_err(nl("list rules", s))?;
+    let ours = rtnetlink::packet_route::rule::RuleAttribute::Priority(REPLY_RULE_PRIORITY);
+    if !rules.iter().any(|r| r.attributes.contains(&ours)) {
+        sh.rule()
+            .add()
+            .v4()
+            .fw_mark(FLOW_MARK)
+            .table_id(REPLY_TABLE)
+            .action(RuleAction::ToTable)
+            .priority(REPLY_RULE_PRIORITY)
+            .execute()
+            .await
+            .map_err(nl("add the reply rule", s))?;
+    }
+    let b = sandbox_batch(ingress_if);
+    sandbox.run(|| b.commit())?.map_err(|source| Error::Nft { ns: nsname(s), source })
+}
+
+/// Replaces the node's DNAT table with `ports` (one transaction: on an error the old table
+/// stays). `node` is the node's namespace, `None` for the calling process's.
+pub fn apply_ports(node: Option<&NetNs>, ports: &[KernelPort]) -> Result<(), Error> {
+    let b = node_batch(ports);
+    run_in(node, || b.commit())?.map_err(|source| Error::Nft { ns: nsname(node), source })
+}
+
+/// Removes the node's table and its end of the link (the sandbox's end goes with it), for a
+/// node leaving the swarm. Gone already is fine.
+pub async fn remove(node: Option<&NetNs>) -> Result<(), Error> {
+    let (f, t) = (Family::Ip, TABLE);
+    let mut b = Batch::new();
+    b.add_table(f, t);
+    b.del_table(f, t);
+    run_in(node, || b.commit())?.map_err(|source| Error::Nft { ns: nsname(node), source })?;
+    let h = handle(node)?;
+    if let Some(idx) = shoal_netns::link_index(&h, NODE_LINK).await {
+        h.link().del(idx).execute().await.map_err(nl(format!("delete {NODE_LINK}"), node))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("test literal")
+    }
+
+    fn port(published: u16, pick: Pick, backends: &[&str]) -> KernelPort {
+        KernelPort {
+            published,
+            target: 8000,
+            udp: false,
+            pick,
+            backends: backends.iter().map(|b| ip(b)).collect(),
+        }
+    }
+
+    #[test]
+    fn node_batch_is_sorted_and_skips_ports_without_backends() {
+        let a = node_batch(&[
+            port(8101, Pick::ClientHash, &["10.0.0.7", "10.0.0.5", "10.0.0.7"]),
+            port(8100, Pick::Random, &["10.0.0.9"]),
+            port(8102, Pick::RoundRobin, &[]),
+        ]);
+        let b = node_batch(&[
+            port(8100, Pick::Random, &["10.0.0.9"]),
+            port(8101, Pick::ClientHash, &["10.0.0.5", "10.0.0.7"]),
+        ]);
+        assert_eq!(a, b);
+        let commands = a.commands().join("\n");
+        for want in [
+            "add chain prerouting (nat hook prerouting)\n\
+             add rule to chain prerouting \
+             (ct bitwise cmp meta cmp payload cmp fib cmp immediate immediate nat)\n",
+            "add set __map%d\nadd elements to set __map%d\nadd rule to chain prerouting \
+             (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup immediate nat)",
+        ] {
+            assert!(commands.contains(want), "{want:?} not in\n{commands}");
+        }
+        assert_eq!(commands.matches("add rule").count(), 2, "{commands}");
+    }
+
+    #[test]
+    fn the_picks_are_numgen_and_hash() {
+        let random = node_batch(&[port(1, Pick::Random, &["10.0.0.1", "10.0.0.2"])]);
+        let rotate = node_batch(&[port(1, Pick::RoundRobin, &["10.0.0.1", "10.0.0.2"])]);
+        assert!(random.commands().join(" ").contains("fib cmp numgen lookup"));
+        assert!(rotate.commands().join(" ").contains("fib cmp numgen lookup"));
+        assert_ne!(random, rotate, "random and rotation are different numgen types");
+    }
+
+    #[test]
+    fn sandbox_batch_marks_link_flows_and_their_replies() {
+        let commands = sandbox_batch("eth0").commands().join("\n");
+        for want in [
+            "add chain prerouting (filter hook prerouting)",
+            "add rule to chain prerouting (meta cmp ct bitwise cmp immediate ct)",
+            "add rule to chain prerouting (meta cmp ct cmp immediate meta)",
+        ] {
+            assert!(commands.contains(want), "{want:?} not in\n{commands}");
+        }
+    }
+
+    /// The kernel takes both tables and the link, and applying again changes nothing (root).
+    #[test]
+    fn the_kernel_takes_the_link_and_both_tables() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        if !require_root("the_kernel_takes_the_link_and_both_tables") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let node = c.netns(&unique_prefix("kn")).expect("netns");
+        let sandbox = c.netns(&unique_prefix("ks")).expect("netns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        for _ in 0..2 {
+            rt.block_on(apply_link(Some(&node), &sandbox, "eth0", (ip("10.0.0.0"), 24)))
+                .expect("link");
+        }
+        let ports = [
+            port(8100, Pick::Random, &["10.0.0.5", "10.0.0.7"]),
+            port(8101, Pick::RoundRobin, &["10.0.0.5", "10.0.0.7"]),
+            port(8102, Pick::ClientHash, &["10.0.0.5", "10.0.0.7"]),
+            KernelPort { udp: true, ..port(8103, Pick::Random, &["10.0.0.5"]) },
+        ];
+        apply_ports(Some(&node), &ports).expect("ports");
+        apply_ports(Some(&node), &ports).expect("ports again");
+        let rules = node.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
+        assert_eq!(rules.len(), 4, "{rules:?}");
+        let rules =
+            sandbox.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
+        assert_eq!(rules.len(), 2, "{rules:?}");
+        rt.block_on(remove(Some(&node))).expect("remove");
+        rt.block_on(remove(Some(&node))).expect("remove again");
+        let gone = rt.block_on(async {
+            let h = node.netlink().expect("netlink");
+            shoal_netns::link_index(&h, NODE_LINK).await
+        });
+        assert!(gone.is_none(), "the link stayed");
+    }
+}

@@ -1,0 +1,167 @@
+//! The routing mesh's kernel path (`--publish …,mesh=kernel`, see `shoal_return::kernel` and
+//! ARCHITECTURE.md): the node DNATs new flows to a task's ingress address, and the userspace
+//! mesh keeps its listener on the same port for what the kernel path leaves to it (clients on
+//! the node itself, and ports without a backend).
+//!
+//! A backend is in a port's map while gossip says its task serves (running, healthy, not
+//! withdrawn) and the userspace mesh's checks have not ruled it out; the table is rewritten
+//! whenever that set changes, and established flows stay where they are.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use shoal_cluster::model::ClusterState;
+use shoal_ingress::HealthState;
+use shoal_return::kernel::{self as km, KernelPort, Pick};
+
+use super::{Inner, client_addr, lock};
+use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service};
+
+use crate::engine::records::{self, EndpointRecord};
+
+/// What this node has programmed on the kernel path.
+#[derive(Default)]
+pub(super) struct State {
+    /// The ingress subnet the link into the sandbox routes, once it is set up.
+    link: Option<(Ipv4Addr, u8)>,
+    /// The ports last written to the node's table.
+    ports: Option<Vec<KernelPort>>,
+    /// Tasks the userspace mesh's checks have seen up: a later `Down` is a failed check, while
+    /// a task not checked yet (a new one, or after an agent restart) is trusted on gossip's word.
+    seen_up: BTreeSet<String>,
+}
+
+/// Whether a published port is forwarded by the kernel: an ingress port without a PROXY
+/// header (which needs the userspace proxy), on the kernel path by choice or by default.
+pub(super) fn on_kernel_path(p: &PublishedPort) -> bool {
+    p.is_ingress()
+        && p.proxy_protocol.is_none()
+        && p.mesh.unwrap_or(MeshPath::DEFAULT) == MeshPath::Kernel
+}
+
+fn pick(algorithm: LbAlgorithm) -> Pick {
+    match algorithm {
+        // Least connections needs counts the kernel path does not keep; random is its base.
+        LbAlgorithm::P2c => Pick::Random,
+        LbAlgorithm::RoundRobin => Pick::RoundRobin,
+        LbAlgorithm::Maglev => Pick::ClientHash,
+    }
+}
+
+/// The kernel-path ports of every service, with the backends new flows may go to.
+fn ports(
+    inner: &Inner,
+    services: &BTreeMap<String, Service>,
+    eps: &[(String, EndpointRecord)],
+    ingress_id: &str,
+) -> Vec<KernelPort> {
+    let mut out = Vec::new();
+    for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
+        let health: BTreeMap<String, HealthState> = inner
+            .mesh
+            .service_metrics(&svc.name)
+            .map(|m| m.backends.into_iter().map(|b| (b.id, b.health)).collect())
+            .unwrap_or_default();
+        let mut backends = Vec::new();
+        for (_, e) in eps.iter().filter(|(net, e)| {
+            net == ingress_id && e.service == svc.id && !e.task.is_empty() && e.serving
+        }) {
+            let mut local = lock(&inner.local);
+            let seen_up = &mut local.kernel.seen_up;
+            let usable = match health.get(&e.task) {
+                Some(HealthState::Up) => {
+                    seen_up.insert(e.task.clone());
+                    true
+                }
+                Some(HealthState::Down) => !seen_up.contains(&e.task),
+                Some(HealthState::NotReady | HealthState::Ejected | HealthState::Draining) => false,
+                None => true,
+            };
+            if usable {
+                backends.push(e.ip);
+            }
+        }
+        for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
+            out.push(KernelPort {
+                published: p.published,
+                target: p.target,
+                udp: p.protocol == Protocol::Udp,
+                pick: pick(svc.lb_algorithm),
+                backends: backends.clone(),
+            });
+        }
+    }
+    // Forget tasks that are gone, so the set stays as small as the cluster.
+    let live: BTreeSet<&str> = eps.iter().map(|(_, e)| e.task.as_str()).collect();
+    lock(&inner.local).kernel.seen_up.retain(|t| live.contains(t.as_str()));
+    for p in &mut out {
+        p.backends.sort_unstable();
+        p.backends.dedup();
+    }
+    out
+}
+
+/// Programs the kernel path from this pass's inputs: the link into the ingress sandbox once
+/// there is a kernel-path port and the sandbox is on the ingress network, then the node's DNAT
+/// table whenever its ports or backends change.
+pub(super) async fn sync(
+    inner: &Arc<Inner>,
+    state: &ClusterState,
+    services: &BTreeMap<String, Service>,
+    eps: &[(String, EndpointRecord)],
+    ingress_id: &str,
+) {
+    let Some(ipnet::IpNet::V4(subnet)) = records::ingress(state).map(|n| n.subnet) else {
+        return;
+    };
+    if lock(&inner.local).sandbox_ip.is_none() {
+        return;
+    }
+    let want = ports(inner, services, eps, ingress_id);
+    if want.is_empty() && lock(&inner.local).kernel.ports.is_none() {
+        return;
+    }
+    let subnet = (subnet.network(), subnet.prefix_len());
+    if lock(&inner.local).kernel.link != Some(subnet) {
+        let ifname = client_addr::SANDBOX_IFNAME;
+        if let Err(e) = km::apply_link(None, &inner.sandbox, ifname, subnet).await {
+            tracing::warn!(error = %e, "the mesh's kernel path (the proxy answers meanwhile)");
+            return;
+        }
+        lock(&inner.local).kernel.link = Some(subnet);
+    }
+    if lock(&inner.local).kernel.ports.as_ref() == Some(&want) {
+        return;
+    }
+    let ports = want.clone();
+    match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
+        Ok(Ok(())) => lock(&inner.local).kernel.ports = Some(want),
+        Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
+        Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
+    }
+}
+
+/// Takes the kernel path down (the node leaves the swarm).
+pub(super) async fn remove() {
+    if let Err(e) = km::remove(None).await {
+        tracing::warn!(error = %e, "removing the mesh's kernel path");
+    }
+}
+
+/// The backends of each kernel-path port as last written, for the node's diagnostics.
+pub(super) fn describe(inner: &Inner) -> serde_json::Value {
+    let local = lock(&inner.local);
+    let ports: Vec<serde_json::Value> = local
+        .kernel
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let backends: Vec<IpAddr> = p.backends.iter().map(|a| IpAddr::V4(*a)).collect();
+            let protocol = if p.udp { "udp" } else { "tcp" };
+            serde_json::json!({"published": p.published, "protocol": protocol, "backends": backends})
+        })
+        .collect();
+    serde_json::Value::Array(ports)
+}
