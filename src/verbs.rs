@@ -14,6 +14,9 @@ use crate::api::services::{
 };
 use crate::mounts::MountSpec;
 
+mod mesh_args;
+use mesh_args::MeshArgs;
+
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
     /// Create an overlay network.
@@ -118,6 +121,8 @@ pub struct CreateArgs {
     update_order: Option<String>,
     #[command(flatten)]
     rollout: RolloutArgs,
+    #[command(flatten)]
+    mesh: Box<MeshArgs>,
     /// Health command run inside each task (exit 0 = healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -190,6 +195,11 @@ pub enum ServiceCmd {
         update_order: Option<String>,
         #[command(flatten)]
         rollout: RolloutArgs,
+        /// How the routing mesh balances: `p2c`, `round-robin` or `maglev`.
+        #[arg(long, value_parser = ["p2c", "round-robin", "maglev"])]
+        lb_algorithm: Option<String>,
+        #[command(flatten)]
+        mesh: Box<MeshArgs>,
         /// Time between the stop signal and SIGKILL.
         #[arg(long, value_parser = parse_duration)]
         stop_grace_period: Option<Duration>,
@@ -436,6 +446,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 publish: a.publish.clone(),
                 endpoint_mode: a.endpoint_mode.clone(),
                 lb_algorithm: a.lb_algorithm.clone(),
+                mesh: a.mesh.change(),
                 constraints: a.constraint.clone(),
                 restart_condition: a.restart_condition.clone(),
                 restart_delay_ms: ms(a.restart_delay),
@@ -547,6 +558,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_rm,
             update_order,
             rollout,
+            lb_algorithm,
+            mesh,
             stop_grace_period,
             stop_signal,
             force,
@@ -577,6 +590,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 force: *force,
                 mount_add: mount_add.clone(),
                 mount_rm: mount_rm.clone(),
+                lb_algorithm: lb_algorithm.clone(),
+                mesh: mesh.change(),
             };
             let v: ServiceView = host
                 .post_json(&format!("/services/{}/update", segment("service", service)?), &req)

@@ -21,6 +21,7 @@ use shoal_scheduler::{self as sched, DesiredState, TaskState};
 use super::swarm::{bad_request, cluster, cluster_error};
 use super::{ApiState, error};
 use crate::engine::leader::{self, check_service, new_id};
+use crate::engine::mesh_policy::{MeshPolicy, MeshPolicyChange};
 use crate::engine::records::{
     self, HealthRecord, LbAlgorithm, PortRecord, Protocol, ProxyVersion, ServiceRecord, Standalone,
     TaskRecord,
@@ -103,6 +104,9 @@ pub struct ServiceCreate {
     /// How the routing mesh balances: `p2c` (default), `round-robin` or `maglev`.
     #[serde(default)]
     pub lb_algorithm: Option<String>,
+    /// `--mesh-*` flags.
+    #[serde(flatten)]
+    pub mesh: MeshPolicyChange,
     #[serde(default)]
     pub constraints: Vec<String>,
     /// `any` (default), `on-failure`, `none`.
@@ -189,6 +193,12 @@ pub struct ServiceUpdate {
     /// Targets of mounts to remove (`--mount-rm PATH`).
     #[serde(default)]
     pub mount_rm: Vec<String>,
+    /// How the routing mesh balances: `p2c`, `round-robin` or `maglev`.
+    #[serde(default)]
+    pub lb_algorithm: Option<String>,
+    /// `--mesh-*` flags.
+    #[serde(flatten)]
+    pub mesh: MeshPolicyChange,
 }
 
 /// A service as `service ls` / `inspect` show it.
@@ -630,15 +640,10 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         Some(x) => return Err(bad_request(format!("invalid endpoint mode {x:?}: vip or dnsrr"))),
     };
     let lb_algorithm = match req.lb_algorithm.as_deref() {
-        None | Some("p2c") => LbAlgorithm::P2c,
-        Some("round-robin") => LbAlgorithm::RoundRobin,
-        Some("maglev") => LbAlgorithm::Maglev,
-        Some(x) => {
-            return Err(bad_request(format!(
-                "invalid lb-algorithm {x:?}: p2c, round-robin or maglev"
-            )));
-        }
+        None => LbAlgorithm::P2c,
+        Some(x) => lb_algorithm(x)?,
     };
+    let mesh = MeshPolicy::default().changed(&req.mesh).map_err(bad_request)?;
     let health = match &req.health_cmd {
         None => None,
         Some(cmd) if cmd.trim().is_empty() => return Err(bad_request("empty health command")),
@@ -662,6 +667,7 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
         ports,
         dnsrr,
         lb_algorithm,
+        mesh,
         constraints,
         restart,
         update_order: parse_order(req.update_order.as_deref())?,
@@ -684,6 +690,15 @@ fn service_from(state: &ClusterState, req: &ServiceCreate) -> Result<ServiceReco
 }
 
 /// `--update-failure-action`.
+fn lb_algorithm(s: &str) -> Result<LbAlgorithm, Response> {
+    match s {
+        "p2c" => Ok(LbAlgorithm::P2c),
+        "round-robin" => Ok(LbAlgorithm::RoundRobin),
+        "maglev" => Ok(LbAlgorithm::Maglev),
+        x => Err(bad_request(format!("invalid lb-algorithm {x:?}: p2c, round-robin or maglev"))),
+    }
+}
+
 fn failure_action(s: Option<&str>) -> Result<Option<records::FailureAction>, Response> {
     use records::FailureAction as A;
     match s {
@@ -1039,6 +1054,10 @@ async fn service_update(
         if let Some(s) = stop_signal(req.stop_signal.as_deref())? {
             svc.stop_signal = Some(s);
         }
+        if let Some(a) = req.lb_algorithm.as_deref() {
+            svc.lb_algorithm = lb_algorithm(a)?;
+        }
+        svc.mesh = svc.mesh.changed(&req.mesh).map_err(bad_request)?;
         svc.mounts =
             mounts::updated(&svc.mounts, &req.mount_rm, &req.mount_add).map_err(bad_request)?;
         if svc.dnsrr && svc.ports.iter().any(|p| !p.host_mode) {

@@ -2,6 +2,7 @@
 //! reconcile loop, over the records both read from the store and the gossip tables.
 
 pub mod leader;
+pub mod mesh_policy;
 pub mod node;
 pub mod records;
 pub mod rollout;

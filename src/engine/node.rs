@@ -1236,6 +1236,7 @@ async fn dataplane(
             records::LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
             records::LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
         };
+        svc.mesh.apply(&mut spec);
         // A withdrawn task's open connections may run as long as the task itself may: the
         // withdrawal wait, then its stop grace.
         spec.drain_grace = WITHDRAW_WAIT + Duration::from_millis(svc.stop_grace_ms);

@@ -110,6 +110,9 @@ pub struct ServiceRecord {
     /// How the routing mesh balances connections to the published ports.
     #[serde(default)]
     pub lb_algorithm: LbAlgorithm,
+    /// Idle timeout, limits and health check of the routing mesh.
+    #[serde(default)]
+    pub mesh: super::mesh_policy::MeshPolicy,
     #[serde(default)]
     pub constraints: Vec<sched::Constraint>,
     pub restart: sched::RestartPolicy,
@@ -207,6 +210,15 @@ impl ServiceRecord {
                 update: self.update,
                 update_paused: self.update_status.as_ref().is_some_and(|s| s.state == "paused"),
                 version: self.version,
+                host_ports: self
+                    .ports
+                    .iter()
+                    .filter(|p| p.host_mode)
+                    .map(|p| sched::HostPort {
+                        port: p.published,
+                        udp: p.protocol == Protocol::Udp,
+                    })
+                    .collect(),
             },
         }
     }

@@ -36,6 +36,9 @@ pub fn rolled_back(cur: &ServiceRecord, now: u64) -> Option<ServiceRecord> {
 pub fn same_tasks(a: &ServiceRecord, b: &ServiceRecord) -> bool {
     let bare = |s: &ServiceRecord| ServiceRecord {
         mode: b.mode,
+        // The mesh policy changes every node's mesh in place, not the tasks.
+        lb_algorithm: b.lb_algorithm,
+        mesh: b.mesh.clone(),
         version: 0,
         previous: None,
         update_status: None,
