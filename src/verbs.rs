@@ -724,7 +724,9 @@ fn print_tasks(tasks: &[TaskView], extras: &BTreeMap<String, TaskExtras>) {
         let addrs: Vec<String> = t.addresses.iter().map(|(n, ip)| format!("{n}={ip}")).collect();
         let err = if matches!(
             t.task.task.state,
-            shoal_scheduler::TaskState::Failed | shoal_scheduler::TaskState::Rejected
+            shoal_scheduler::TaskState::Failed
+                | shoal_scheduler::TaskState::Rejected
+                | shoal_scheduler::TaskState::Pending
         ) {
             t.task.message.as_str()
         } else {

@@ -336,3 +336,51 @@ fn the_mesh_policy_changes_in_place_and_its_limits_refuse() {
     let mut fresh = connect();
     assert!(echoes(&mut fresh, "back"), "no traffic after both checks pass again");
 }
+
+#[test]
+fn a_host_mode_task_waits_for_a_node_whose_port_is_free() {
+    if !require_root("a_host_mode_task_waits_for_a_node_whose_port_is_free") {
+        return;
+    }
+    let lab = Lab::up(2);
+    lab.swarm(2);
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "edge",
+            "--replicas",
+            "3",
+            "-p",
+            "published=8300,target=8000,mode=host",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+        ],
+    );
+    eventually("one task of edge on each node", Duration::from_secs(120), || {
+        (running_per_node(&lab, "edge").values().copied().collect::<Vec<_>>() == [1, 1])
+            .then_some(())
+    });
+    let ps = lab.on("node1", &["service", "ps", "edge"]);
+    let pending: Vec<&str> = ps.lines().filter(|l| l.contains("Pending")).collect();
+    assert_eq!(pending.len(), 1, "{ps}");
+    assert!(
+        pending[0].contains("no suitable node (host-mode port already in use on 2 nodes)"),
+        "{ps}"
+    );
+    // Each node answers on its own task; the waiting one never doubles up.
+    for i in 1..=2 {
+        eventually(&format!("node{i} answers on 8300"), Duration::from_secs(60), || {
+            let url = format!("http://{}:8300/", lab.addr(i));
+            let out = Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl");
+            lossy(&out.stdout).contains("Directory listing").then_some(())
+        });
+    }
+    assert_eq!(running_per_node(&lab, "edge").values().sum::<usize>(), 2);
+}
