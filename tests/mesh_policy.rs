@@ -384,3 +384,63 @@ fn a_host_mode_task_waits_for_a_node_whose_port_is_free() {
     }
     assert_eq!(running_per_node(&lab, "edge").values().sum::<usize>(), 2);
 }
+
+/// A UDP echo on 8000.
+const UDP_ECHO: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 8000))
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"#;
+
+#[test]
+fn udp_flows_past_the_per_source_limit_are_dropped_and_counted() {
+    if !require_root("udp_flows_past_the_per_source_limit_are_dropped_and_counted") {
+        return;
+    }
+    let lab = Lab::up(1);
+    lab.swarm(1);
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "echo",
+            "-p",
+            "8400:8000/udp",
+            "--mesh-check",
+            "none",
+            "--mesh-max-udp-flows-per-source",
+            "1",
+            "--",
+            "python3",
+            "-c",
+            UDP_ECHO,
+        ],
+    );
+    let front = std::net::SocketAddr::from((lab.addr(1), 8400));
+    let answered = |s: &std::net::UdpSocket| {
+        let _ = s.send_to(b"ping", front);
+        let mut buf = [0u8; 16];
+        matches!(s.recv(&mut buf), Ok(4))
+    };
+    let open = || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s
+    };
+    let first = open();
+    eventually("the first flow answered", Duration::from_secs(60), || {
+        answered(&first).then_some(())
+    });
+    let second = open();
+    for _ in 0..3 {
+        assert!(!answered(&second), "a second flow from one address got through");
+    }
+    assert!(answered(&first), "the first flow stopped");
+    let line = "shoal_mesh_udp_flows_refused_total{service=\"echo\",limit=\"source\"} 3";
+    assert!(lab.metrics("node1").contains(line), "{}", lab.metrics("node1"));
+}
