@@ -4,8 +4,12 @@
 
 use shoal_dns as dns;
 use shoal_ingress as ing;
+use std::time::Duration;
+
+use shoal_model::mesh::MIN_CHECK_INTERVAL_MS;
 use shoal_model::{
-    EndpointMode, LbAlgorithm, PortMode, Protocol, ProxyVersion, PublishedPort, Service,
+    EndpointMode, LbAlgorithm, MeshCheck, MeshPolicy, PortMode, Protocol, ProxyVersion,
+    PublishedPort, Service,
 };
 use shoal_scheduler as sched;
 
@@ -22,6 +26,12 @@ pub fn sched_service(svc: &Service) -> sched::Service {
             update: svc.update,
             update_paused: svc.update_paused(),
             version: svc.version,
+            host_ports: svc
+                .ports
+                .iter()
+                .filter(|p| p.mode == PortMode::Host)
+                .map(|p| sched::HostPort { port: p.published, udp: p.protocol == Protocol::Udp })
+                .collect(),
         },
     }
 }
@@ -54,7 +64,30 @@ pub fn mesh_service(svc: &Service) -> ing::ServiceSpec {
         LbAlgorithm::RoundRobin => ing::Algorithm::RoundRobin,
         LbAlgorithm::Maglev => ing::Algorithm::SourceHash,
     };
+    apply_mesh_policy(&svc.mesh, &mut spec);
     spec
+}
+
+/// Sets the mesh's spec of a service to its policy: idle timeout, limits and the mesh check.
+fn apply_mesh_policy(policy: &MeshPolicy, spec: &mut ing::ServiceSpec) {
+    let limit = |n: u32| (n > 0).then_some(n);
+    spec.idle_timeout =
+        (policy.idle_timeout_ms > 0).then(|| Duration::from_millis(policy.idle_timeout_ms));
+    spec.max_connections = limit(policy.max_connections);
+    spec.max_udp_flows = limit(policy.max_udp_flows);
+    spec.max_udp_flows_per_source = limit(policy.max_udp_flows_per_source);
+    let h = &mut spec.health;
+    h.check = match &policy.check {
+        MeshCheck::Tcp => Some(ing::CheckKind::Tcp),
+        MeshCheck::Http(path) => Some(ing::CheckKind::Http { path: path.clone() }),
+        MeshCheck::None => None,
+    };
+    h.interval = Duration::from_millis(policy.check_interval_ms.max(MIN_CHECK_INTERVAL_MS));
+    // A check may take up to its interval, never more than a second: a task slower than that
+    // to accept is not one to send clients to.
+    h.timeout = h.interval.min(Duration::from_secs(1));
+    h.rise = policy.check_rise.max(1);
+    h.fall = policy.check_fall.max(1);
 }
 
 /// How DNS answers for a service's name.
@@ -79,5 +112,18 @@ mod tests {
         assert_eq!(ps.proxy_protocol, ing::ProxyProtocol::V2);
         let udp: PublishedPort = "53:5353/udp".parse().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(mesh_port(&udp), ing::PortSpec::udp(53, 5353));
+    }
+
+    #[test]
+    fn the_policy_becomes_a_valid_mesh_spec() {
+        let mut spec = ing::ServiceSpec::new("s", vec![ing::PortSpec::tcp(80, 8000)]);
+        let none = MeshPolicy { idle_timeout_ms: 0, max_connections: 0, ..Default::default() };
+        apply_mesh_policy(&none, &mut spec);
+        assert_eq!((spec.idle_timeout, spec.max_connections), (None, None));
+        spec.validate().unwrap();
+        apply_mesh_policy(&MeshPolicy::default(), &mut spec);
+        assert_eq!(spec.idle_timeout, Some(Duration::from_secs(900)));
+        assert_eq!(spec.max_connections, Some(10_000));
+        spec.validate().unwrap();
     }
 }

@@ -15,6 +15,9 @@ use crate::api::services::{ServiceView, TaskView};
 use crate::mounts::MountSpec;
 use shoal_model::{NetworkCreate, PublishedPort, ServiceCreate, ServiceUpdate};
 
+mod mesh_args;
+use mesh_args::MeshArgs;
+
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
     /// Create an overlay network.
@@ -119,6 +122,8 @@ pub struct CreateArgs {
     update_order: Option<String>,
     #[command(flatten)]
     rollout: RolloutArgs,
+    #[command(flatten)]
+    mesh: Box<MeshArgs>,
     /// Health command run inside each task (exit 0 = healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -191,6 +196,11 @@ pub enum ServiceCmd {
         update_order: Option<String>,
         #[command(flatten)]
         rollout: RolloutArgs,
+        /// How the routing mesh balances: `p2c`, `round-robin` or `maglev`.
+        #[arg(long, value_parser = ["p2c", "round-robin", "maglev"])]
+        lb_algorithm: Option<String>,
+        #[command(flatten)]
+        mesh: Box<MeshArgs>,
         /// Time between the stop signal and SIGKILL.
         #[arg(long, value_parser = parse_duration)]
         stop_grace_period: Option<Duration>,
@@ -443,6 +453,7 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 publish: a.publish.clone(),
                 endpoint_mode: keyword(&a.endpoint_mode)?,
                 lb_algorithm: keyword(&a.lb_algorithm)?,
+                mesh: a.mesh.change(),
                 constraints: a.constraint.clone(),
                 restart_condition: keyword(&a.restart_condition)?,
                 restart_delay_ms: ms(a.restart_delay),
@@ -554,6 +565,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
             constraint_rm,
             update_order,
             rollout,
+            lb_algorithm,
+            mesh,
             stop_grace_period,
             stop_signal,
             force,
@@ -584,6 +597,8 @@ pub async fn run_service(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCo
                 force: *force,
                 mount_add: mount_add.clone(),
                 mount_rm: mount_rm.clone(),
+                lb_algorithm: keyword(lb_algorithm)?,
+                mesh: mesh.change(),
             };
             let v: ServiceView = host
                 .post_json(&format!("/services/{}/update", segment("service", service)?), &req)
@@ -716,7 +731,9 @@ fn print_tasks(tasks: &[TaskView], extras: &BTreeMap<String, TaskExtras>) {
         let addrs: Vec<String> = t.addresses.iter().map(|(n, ip)| format!("{n}={ip}")).collect();
         let err = if matches!(
             t.task.task.state,
-            shoal_scheduler::TaskState::Failed | shoal_scheduler::TaskState::Rejected
+            shoal_scheduler::TaskState::Failed
+                | shoal_scheduler::TaskState::Rejected
+                | shoal_scheduler::TaskState::Pending
         ) {
             t.task.message.as_str()
         } else {

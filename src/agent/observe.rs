@@ -444,6 +444,41 @@ impl Collector for EngineCollector {
                 .into_iter()
                 .map(|(l, v)| (l, ConstGauge::new(v as i64))),
         )?;
+        family(
+            &mut e,
+            "mesh_backend_health",
+            "1 for the backend's one health state: up, not_ready (its task is not running or its \
+             health command fails), down (the mesh check fails), ejected or draining",
+            mesh.iter().flat_map(|s| {
+                s.backends.iter().map(move |b| {
+                    let mut l = backend(s, b);
+                    l.push(("state", b.health.as_str().to_owned()));
+                    (l, ConstGauge::new(1))
+                })
+            }),
+        )?;
+        family(
+            &mut e,
+            "mesh_connections_refused",
+            "Connections refused because the service had its --mesh-max-connections open",
+            mesh.iter().map(|s| {
+                (vec![("service", s.name.clone())], ConstCounter::new(s.refused_connections))
+            }),
+        )?;
+        family(
+            &mut e,
+            "mesh_udp_flows_refused",
+            "UDP datagrams dropped because a new flow would pass the service's flow limit \
+             (limit=service) or the client address's (limit=source)",
+            mesh.iter().flat_map(|s| {
+                [("service", s.refused_flows_service), ("source", s.refused_flows_source)]
+                    .into_iter()
+                    .map(|(limit, n)| {
+                        let l = vec![("service", s.name.clone()), ("limit", limit.to_owned())];
+                        (l, ConstCounter::new(n))
+                    })
+            }),
+        )?;
         for (name, help, get) in [
             (
                 "mesh_backend_connections",

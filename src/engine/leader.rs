@@ -233,7 +233,10 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
                     addresses,
                     networks,
                     message: if state == TaskState::Pending {
-                        "no suitable node".into()
+                        plan.pending
+                            .get(&svc.id)
+                            .cloned()
+                            .unwrap_or_else(|| "no suitable node".into())
                     } else {
                         String::new()
                     },

@@ -36,6 +36,9 @@ pub fn rolled_back(cur: &Service, now: u64) -> Option<Service> {
 pub fn same_tasks(a: &Service, b: &Service) -> bool {
     let bare = |s: &Service| Service {
         mode: b.mode,
+        // The mesh policy changes every node's mesh in place, not the tasks.
+        lb_algorithm: b.lb_algorithm,
+        mesh: b.mesh.clone(),
         version: 0,
         previous: None,
         update_status: None,

@@ -55,8 +55,8 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
-pub mod ca;
 pub mod base36;
+pub mod ca;
 mod cluster;
 pub mod failover;
 #[doc(hidden)]

@@ -111,6 +111,16 @@ pub(crate) struct Service {
     client_kept: AtomicU64,
     /// Connections and flows that reached their task from the sandbox's address instead.
     client_fallback: AtomicU64,
+    /// TCP connections open now (what `max_connections` limits).
+    pub(crate) open_connections: AtomicU64,
+    /// Connections refused at `max_connections`.
+    refused_connections: AtomicU64,
+    /// UDP flows open now over all of the service's ports (what `max_udp_flows` limits).
+    pub(crate) udp_flows: AtomicU64,
+    /// Datagrams dropped at `max_udp_flows`.
+    pub(crate) refused_flows_service: AtomicU64,
+    /// Datagrams dropped at `max_udp_flows_per_source`.
+    pub(crate) refused_flows_source: AtomicU64,
 }
 
 impl std::fmt::Debug for Service {
@@ -308,6 +318,11 @@ impl Mesh {
                     no_backend: AtomicU64::new(0),
                     client_kept: AtomicU64::new(0),
                     client_fallback: AtomicU64::new(0),
+                    open_connections: AtomicU64::new(0),
+                    refused_connections: AtomicU64::new(0),
+                    udp_flows: AtomicU64::new(0),
+                    refused_flows_service: AtomicU64::new(0),
+                    refused_flows_source: AtomicU64::new(0),
                 });
                 let _ = shared.ctl.send(Ctl::Update(Box::new(spec.clone()), backends));
                 self.rt.spawn(control(shared.clone(), rx, self.ctx.clone()));
@@ -463,6 +478,9 @@ fn service_metrics(s: &Service) -> ServiceMetrics {
         no_backend: s.no_backend.load(Ordering::Relaxed),
         client_kept: s.client_kept.load(Ordering::Relaxed),
         client_fallback: s.client_fallback.load(Ordering::Relaxed),
+        refused_connections: s.refused_connections.load(Ordering::Relaxed),
+        refused_flows_service: s.refused_flows_service.load(Ordering::Relaxed),
+        refused_flows_source: s.refused_flows_source.load(Ordering::Relaxed),
         backends: view
             .iter()
             .map(|(b, h)| BackendMetrics {
@@ -720,6 +738,12 @@ async fn tcp_accept(
                 continue;
             }
         };
+        let Some(slot) = OpenSlot::take(&svc) else {
+            // At the service's limit: refuse at once (RST) rather than queue.
+            svc.refused_connections.fetch_add(1, Ordering::Relaxed);
+            forward::set_reset_on_close(&client);
+            continue;
+        };
         let p = port.load_full();
         let snap = svc.snapshot.load_full();
         let local_only = p.mode == PublishMode::Host;
@@ -734,7 +758,28 @@ async fn tcp_accept(
             svc.clone(),
             ctx.clone(),
             retry_seed,
+            slot,
         ));
+    }
+}
+
+/// One of a service's `max_connections`, held for the life of a connection.
+struct OpenSlot(Arc<Service>);
+
+impl OpenSlot {
+    /// A slot, or `None` if the service has `max_connections` open already.
+    fn take(svc: &Arc<Service>) -> Option<OpenSlot> {
+        let limit = svc.spec.load().max_connections.map_or(u64::MAX, u64::from);
+        let open = &svc.open_connections;
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| OpenSlot(svc.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -748,6 +793,7 @@ async fn handle_tcp(
     svc: Arc<Service>,
     ctx: Arc<Ctx>,
     seed: u64,
+    slot: OpenSlot,
 ) {
     let _ = client.set_nodelay(true);
     let spec = svc.spec.load_full();
@@ -821,6 +867,8 @@ async fn handle_tcp(
         forward::set_reset_on_close(&client);
         forward::set_reset_on_close(&upstream);
     }
+    // The slot first: whoever sees the connection gone from `active` may take its slot.
+    drop(slot);
     stats.active.fetch_sub(1, Ordering::Relaxed);
 }
 

@@ -40,6 +40,12 @@ pub struct ServiceMetrics {
     /// Connections and flows that reached their task from the ingress sandbox's address (the
     /// client's could not be kept: see [`crate::ClientAddr`]).
     pub client_fallback: u64,
+    /// TCP connections refused because the service had `max_connections` open.
+    pub refused_connections: u64,
+    /// UDP datagrams dropped because a new flow would pass the service's `max_udp_flows`.
+    pub refused_flows_service: u64,
+    /// UDP datagrams dropped because a new flow would pass `max_udp_flows_per_source`.
+    pub refused_flows_source: u64,
     /// Backends sorted by id (including draining ones until they are forgotten).
     pub backends: Vec<BackendMetrics>,
 }
@@ -90,15 +96,24 @@ pub fn render_prometheus(services: &[ServiceMetrics]) -> String {
             }
         }
     }
-    let per_service: [(&str, ServiceGetter); 3] = [
+    let per_service: [(&str, ServiceGetter); 4] = [
         ("shoal_mesh_no_backend_total", |s| s.no_backend),
         ("shoal_mesh_client_addr_kept_total", |s| s.client_kept),
         ("shoal_mesh_client_addr_fallback_total", |s| s.client_fallback),
+        ("shoal_mesh_connections_refused_total", |s| s.refused_connections),
     ];
     for (name, get) in per_service {
         let _ = writeln!(out, "# TYPE {name} counter");
         for s in services {
             let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", esc(&s.name), get(s));
+        }
+    }
+    let name = "shoal_mesh_udp_flows_refused_total";
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for s in services {
+        let limits = [("service", s.refused_flows_service), ("source", s.refused_flows_source)];
+        for (limit, n) in limits {
+            let _ = writeln!(out, "{name}{{service=\"{}\",limit=\"{limit}\"}} {n}", esc(&s.name));
         }
     }
     out

@@ -167,11 +167,19 @@ pub struct ServiceSpec {
     pub udp_idle_timeout: Duration,
     /// Limit on how long connecting to a backend may take.
     pub connect_timeout: Duration,
+    /// Most TCP connections this node's mesh keeps open for the service; further ones are
+    /// refused (reset at once) and counted. `None` = no limit.
+    pub max_connections: Option<u32>,
+    /// Most UDP flows this node's mesh keeps for the service; a datagram that would open one
+    /// more is dropped and counted. `None` = no limit.
+    pub max_udp_flows: Option<u32>,
+    /// Most UDP flows one client address may hold on one published port. `None` = no limit.
+    pub max_udp_flows_per_source: Option<u32>,
 }
 
 impl ServiceSpec {
     /// A service with defaults: P2C, TCP health check every 2 s (rise 2, fall 3), 10 s drain grace,
-    /// no TCP idle timeout, 30 s UDP flow timeout.
+    /// no TCP idle timeout, 30 s UDP flow timeout, no connection or flow limits.
     pub fn new(name: impl Into<String>, ports: Vec<PortSpec>) -> Self {
         ServiceSpec {
             name: name.into(),
@@ -182,6 +190,9 @@ impl ServiceSpec {
             idle_timeout: None,
             udp_idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
+            max_connections: None,
+            max_udp_flows: None,
+            max_udp_flows_per_source: None,
         }
     }
 
@@ -230,6 +241,16 @@ impl ServiceSpec {
         }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return Err(bad("idle_timeout", "zero; use None for no timeout".into()));
+        }
+        let limits = [
+            ("max_connections", self.max_connections),
+            ("max_udp_flows", self.max_udp_flows),
+            ("max_udp_flows_per_source", self.max_udp_flows_per_source),
+        ];
+        for (field, limit) in limits {
+            if limit == Some(0) {
+                return Err(bad(field, "zero; use None for no limit".into()));
+            }
         }
         Ok(())
     }

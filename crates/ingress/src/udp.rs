@@ -3,12 +3,14 @@
 //! in the ingress namespace; each flow has a reply task that reads its socket in batches
 //! (recvmmsg) and answers the client from the published port in one sendmmsg. A flow ends
 //! after the idle timeout, or at once when its backend leaves the eligible set (the next
-//! datagram re-picks), or when the backend refuses (ICMP port unreachable).
+//! datagram re-picks), or when the backend refuses (ICMP port unreachable). A datagram that
+//! would open a flow past the service's `max_udp_flows` (over all its ports) or the port's
+//! `max_udp_flows_per_source` is dropped and counted.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,13 +46,65 @@ struct UdpFlow {
     /// Set by the reply task when the backend refused (flow must be re-picked).
     dead: Arc<std::sync::atomic::AtomicBool>,
     reply: AbortHandle,
+    /// The service, whose count of open flows this flow is part of.
+    svc: Arc<Service>,
 }
 
 impl Drop for UdpFlow {
     fn drop(&mut self) {
         self.reply.abort();
         self.backend.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.svc.udp_flows.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The flows of one UDP listener by client, with a count per client address for the
+/// per-source limit.
+#[derive(Default)]
+struct Flows {
+    by_client: HashMap<SocketAddr, UdpFlow>,
+    per_source: HashMap<IpAddr, u32>,
+}
+
+impl Flows {
+    fn remove(&mut self, client: &SocketAddr) {
+        if self.by_client.remove(client).is_some() {
+            self.forget_source(client.ip());
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&UdpFlow) -> bool) {
+        let mut gone = Vec::new();
+        self.by_client.retain(|client, f| {
+            let k = keep(f);
+            if !k {
+                gone.push(client.ip());
+            }
+            k
+        });
+        for ip in gone {
+            self.forget_source(ip);
+        }
+    }
+
+    fn forget_source(&mut self, ip: IpAddr) {
+        if let Entry::Occupied(mut o) = self.per_source.entry(ip) {
+            *o.get_mut() -= 1;
+            if *o.get() == 0 {
+                o.remove();
+            }
+        }
+    }
+}
+
+/// Why a datagram found no flow.
+enum NoFlow {
+    /// No eligible backend, or none could be connected.
+    NoBackend,
+    /// The service's flow limit.
+    ServiceLimit,
+    /// The client address's flow limit.
+    SourceLimit,
 }
 
 fn ms_since(epoch: Instant) -> u64 {
@@ -66,7 +120,7 @@ pub(crate) async fn serve(
 ) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let epoch = Instant::now();
-    let mut flows: HashMap<SocketAddr, UdpFlow> = HashMap::new();
+    let mut flows = Flows::default();
     let mut batch = RecvBatch::new(IN_BATCH, IN_SLOT);
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -89,9 +143,17 @@ pub(crate) async fn serve(
                     if trunc {
                         continue;
                     }
-                    let Some(flow) = flow_for(&mut flows, client, &snap, &p, &svc, &ctx, &sock, epoch, &mut rng) else {
-                        svc.no_backend.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    let flow = match flow_for(&mut flows, client, &snap, &p, &svc, &ctx, &sock, epoch, &mut rng) {
+                        Ok(f) => f,
+                        Err(why) => {
+                            let counter = match why {
+                                NoFlow::NoBackend => &svc.no_backend,
+                                NoFlow::ServiceLimit => &svc.refused_flows_service,
+                                NoFlow::SourceLimit => &svc.refused_flows_source,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                     };
                     flow.last.store(ms_since(epoch), Ordering::Relaxed);
                     // Connected socket: a plain send; on a full buffer the datagram is dropped
@@ -115,7 +177,7 @@ pub(crate) async fn serve(
                 let idle = svc.spec.load().udp_idle_timeout.as_millis() as u64;
                 let now = ms_since(epoch);
                 let snap = svc.snapshot.load_full();
-                flows.retain(|_, f| {
+                flows.retain(|f| {
                     let fresh = now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle;
                     let alive = !f.dead.load(Ordering::Relaxed) && !f.backend.reset.is_cancelled();
                     let eligible = Arc::ptr_eq(&f.checked, &snap) || snap.all().backends().iter().any(|b| Arc::ptr_eq(b, &f.backend));
@@ -128,7 +190,7 @@ pub(crate) async fn serve(
 
 #[allow(clippy::too_many_arguments)]
 fn flow_for<'a>(
-    flows: &'a mut HashMap<SocketAddr, UdpFlow>,
+    flows: &'a mut Flows,
     client: SocketAddr,
     snap: &Arc<Snapshot>,
     port: &PortSpec,
@@ -137,9 +199,9 @@ fn flow_for<'a>(
     listener: &Arc<UdpSocket>,
     epoch: Instant,
     rng: &mut SmallRng,
-) -> Option<&'a mut UdpFlow> {
+) -> Result<&'a mut UdpFlow, NoFlow> {
     let mut exclude: Option<String> = None;
-    if let Some(f) = flows.get_mut(&client) {
+    if let Some(f) = flows.by_client.get_mut(&client) {
         let mut ok = !f.dead.load(Ordering::Relaxed) && !f.backend.reset.is_cancelled();
         if ok && !Arc::ptr_eq(&f.checked, snap) {
             ok = snap.all().backends().iter().any(|b| Arc::ptr_eq(b, &f.backend));
@@ -157,16 +219,35 @@ fn flow_for<'a>(
             flows.remove(&client);
         }
     }
-    let slot = match flows.entry(client) {
-        Entry::Occupied(o) => return Some(o.into_mut()),
-        Entry::Vacant(v) => v,
+    if flows.by_client.contains_key(&client) {
+        return flows.by_client.get_mut(&client).ok_or(NoFlow::NoBackend);
+    }
+    let spec = svc.spec.load();
+    let held = flows.per_source.get(&client.ip()).copied().unwrap_or(0);
+    if spec.max_udp_flows_per_source.is_some_and(|m| held >= m) {
+        return Err(NoFlow::SourceLimit);
+    }
+    let limit = spec.max_udp_flows.map_or(u64::MAX, u64::from);
+    let open = &svc.udp_flows;
+    if open
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+        .is_err()
+    {
+        return Err(NoFlow::ServiceLimit);
+    }
+    // From here on the flow's count is taken: a failure gives it back.
+    let give_back = || {
+        open.fetch_sub(1, Ordering::Relaxed);
+        NoFlow::NoBackend
     };
     {
         let local_only = port.mode == PublishMode::Host;
         let mut made = None;
         let from = ctx.source_for(svc, client);
         for _ in 0..ctx.attempts {
-            let b = snap.pick(client.ip(), local_only, exclude.as_deref(), rng)?;
+            let Some(b) = snap.pick(client.ip(), local_only, exclude.as_deref(), rng) else {
+                break;
+            };
             match ctx.upstream.connect_udp_from(SocketAddr::new(b.addr, port.target), from) {
                 Ok(s) => {
                     made = Some((b, s));
@@ -178,7 +259,7 @@ fn flow_for<'a>(
                 }
             }
         }
-        let (backend, sock) = made?;
+        let (backend, sock) = made.ok_or_else(give_back)?;
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
         backend.stats.total.fetch_add(1, Ordering::Relaxed);
         let sock = Arc::new(sock);
@@ -194,7 +275,10 @@ fn flow_for<'a>(
             epoch,
         ))
         .abort_handle();
-        Some(slot.insert(UdpFlow { sock, backend, checked: snap.clone(), last, dead, reply }))
+        *flows.per_source.entry(client.ip()).or_insert(0) += 1;
+        let flow =
+            UdpFlow { sock, backend, checked: snap.clone(), last, dead, reply, svc: svc.clone() };
+        Ok(flows.by_client.entry(client).or_insert(flow))
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Error {
     ScaleGlobal(String),
     #[error("invalid replicas value {0}: at most 10000")]
     TooManyReplicas(u64),
+    /// A `--mesh-*` value the policy refused (the message names the flag).
+    #[error("{0}")]
+    MeshPolicy(String),
     #[error("empty health command")]
     EmptyHealthCommand,
     #[error("invalid stop grace period {0} ms: at most one hour")]

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod mesh;
 pub mod mount;
 pub mod network;
 pub mod port;
@@ -29,6 +30,7 @@ pub mod service;
 pub mod task;
 
 pub use error::{Error, ErrorKind};
+pub use mesh::{MeshCheck, MeshPolicy, MeshPolicyChange};
 pub use mount::{MountKind, MountSpec};
 pub use network::NetworkCreate;
 pub use port::{MeshPath, PortMode, Protocol, ProxyVersion, PublishedPort};

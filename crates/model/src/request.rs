@@ -11,7 +11,7 @@ use shoal_scheduler::{
 };
 
 use crate::service::{EndpointMode, FailureAction, Health, LbAlgorithm, Service};
-use crate::{Error, MountSpec, PublishedPort, mount, parse_env};
+use crate::{Error, MeshPolicy, MeshPolicyChange, MountSpec, PublishedPort, mount, parse_env};
 
 /// What the model cannot decide alone: names in the store, and the node's rules for mounts
 /// and signals.
@@ -59,6 +59,9 @@ pub struct ServiceCreate {
     pub endpoint_mode: Option<EndpointMode>,
     #[serde(default)]
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// `--mesh-*` flags.
+    #[serde(flatten)]
+    pub mesh: MeshPolicyChange,
     /// `node.role==manager`, …
     #[serde(default)]
     pub constraints: Vec<String>,
@@ -144,6 +147,12 @@ pub struct ServiceUpdate {
     /// Targets of mounts to remove (`--mount-rm PATH`).
     #[serde(default)]
     pub mount_rm: Vec<String>,
+    /// How the routing mesh balances: `p2c`, `round-robin` or `maglev`.
+    #[serde(default)]
+    pub lb_algorithm: Option<LbAlgorithm>,
+    /// `--mesh-*` flags.
+    #[serde(flatten)]
+    pub mesh: MeshPolicyChange,
 }
 
 fn network_ids(ctx: &impl Context, names: &[String]) -> Result<Vec<String>, Error> {
@@ -204,6 +213,7 @@ impl ServiceCreate {
             ports: self.publish,
             dnsrr: self.endpoint_mode == Some(EndpointMode::Dnsrr),
             lb_algorithm: self.lb_algorithm.unwrap_or_default(),
+            mesh: MeshPolicy::default().changed(&self.mesh).map_err(Error::MeshPolicy)?,
             constraints: constraints(&self.constraints)?,
             restart: RestartPolicy {
                 condition: self.restart_condition.unwrap_or(RestartCondition::Any),
@@ -297,6 +307,10 @@ impl ServiceUpdate {
         if let Some(s) = stop_signal(ctx, self.stop_signal.as_deref())? {
             svc.stop_signal = Some(s);
         }
+        if let Some(a) = self.lb_algorithm {
+            svc.lb_algorithm = a;
+        }
+        svc.mesh = svc.mesh.changed(&self.mesh).map_err(Error::MeshPolicy)?;
         let added = ctx.check_mounts(&self.mount_add)?;
         svc.mounts = mount::updated(&svc.mounts, &self.mount_rm, added).map_err(Error::Mount)?;
         svc.validate()?;

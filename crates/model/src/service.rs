@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{Constraint, Mode, RestartPolicy, UpdateOrder, UpdatePolicy};
 
-use crate::{Error, MountSpec, PublishedPort};
+use crate::{Error, MeshPolicy, MountSpec, PublishedPort};
 
 /// The most replicas a service may ask for.
 pub const MAX_REPLICAS: u64 = 10_000;
@@ -102,6 +102,9 @@ pub struct Service {
     /// How the routing mesh balances connections to the published ports.
     #[serde(default)]
     pub lb_algorithm: LbAlgorithm,
+    /// Idle timeout, limits and health check of the routing mesh.
+    #[serde(default)]
+    pub mesh: MeshPolicy,
     #[serde(default)]
     pub constraints: Vec<Constraint>,
     pub restart: RestartPolicy,
@@ -260,6 +263,7 @@ mod tests {
             ports,
             dnsrr: false,
             lb_algorithm: LbAlgorithm::default(),
+            mesh: MeshPolicy::default(),
             constraints: vec![],
             restart: RestartPolicy::default(),
             update_order: UpdateOrder::default(),

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 use shoal_model::{
-    FailureAction, LbAlgorithm, Mode, MountKind, PortMode, Protocol, ProxyVersion,
+    FailureAction, LbAlgorithm, MeshCheck, Mode, MountKind, PortMode, Protocol, ProxyVersion,
     RestartCondition, Service, TaskRecord, UpdateOrder,
 };
 
@@ -26,6 +26,9 @@ fn full_service() -> Value {
         ],
         "dnsrr": false,
         "lb_algorithm": "maglev",
+        "mesh": {"idle_timeout_ms": 60000, "max_connections": 100, "check": "http:/healthz",
+                 "check_interval_ms": 500, "check_rise": 2, "check_fall": 3,
+                 "max_udp_flows": 10000, "max_udp_flows_per_source": 256},
         "constraints": [{"key": "role", "equal": true, "value": "manager"},
                         {"key": {"label": "zone"}, "equal": false, "value": "a"}],
         "restart": {"condition": "on-failure", "delay_ms": 5000, "max_attempts": 2},
@@ -41,7 +44,11 @@ fn full_service() -> Value {
             "id": "svc1", "name": "web", "version": 2,
             "mode": "global",
             "argv": ["true"], "env": [], "workdir": null, "networks": [], "ports": [],
-            "dnsrr": true, "lb_algorithm": "p2c", "constraints": [],
+            "dnsrr": true, "lb_algorithm": "p2c",
+            "mesh": {"idle_timeout_ms": 900000, "max_connections": 10000, "check": "tcp",
+                     "check_interval_ms": 2000, "check_rise": 2, "check_fall": 3,
+                     "max_udp_flows": 10000, "max_udp_flows_per_source": 256},
+            "constraints": [],
             "restart": {"condition": "any", "delay_ms": 5000, "max_attempts": 0},
             "update_order": "stop-first",
             "update": {"parallelism": 1, "delay_ms": 0, "monitor_ms": 5000},
@@ -61,6 +68,7 @@ fn a_service_as_the_store_holds_it_reads_and_writes_back_unchanged() {
     assert_eq!(svc.ports[0].proxy_protocol, Some(ProxyVersion::V2));
     assert_eq!((svc.ports[1].protocol, svc.ports[1].mode), (Protocol::Udp, PortMode::Host));
     assert_eq!(svc.lb_algorithm, LbAlgorithm::Maglev);
+    assert_eq!(svc.mesh.check, MeshCheck::Http("/healthz".into()));
     assert_eq!(svc.restart.condition, RestartCondition::OnFailure);
     assert_eq!(svc.update_order, UpdateOrder::StartFirst);
     assert_eq!(svc.update_failure_action, FailureAction::Rollback);

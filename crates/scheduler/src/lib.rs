@@ -19,8 +19,8 @@ mod plan;
 pub use constraint::{Constraint, ConstraintError};
 pub use ipam::{Ipam, IpamError};
 pub use model::{
-    Availability, ClusterState, DEFAULT_UPDATE_MONITOR_MS, DesiredState, Mode, Node, NodeStatus,
-    RestartCondition, RestartPolicy, Role, Service, ServiceSpec, Task, TaskState, UpdateOrder,
-    UpdatePolicy,
+    Availability, ClusterState, DEFAULT_UPDATE_MONITOR_MS, DesiredState, HostPort, Mode, Node,
+    NodeStatus, RestartCondition, RestartPolicy, Role, Service, ServiceSpec, Task, TaskState,
+    UpdateOrder, UpdatePolicy,
 };
 pub use plan::{Action, HISTORY_PER_SLOT, Plan, plan};

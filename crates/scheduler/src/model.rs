@@ -128,6 +128,18 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub update_paused: bool,
     pub version: u64,
+    /// Ports published in host mode: a node where a live task holds one of them takes no
+    /// other task that publishes it.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A port published in host mode, which one task per node can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HostPort {
+    pub port: u16,
+    /// UDP rather than TCP.
+    pub udp: bool,
 }
 
 /// A service.

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::model::{
-    Availability, ClusterState, DesiredState, Mode, Node, NodeStatus, RestartCondition, Service,
-    Task, TaskState, UpdateOrder,
+    Availability, ClusterState, DesiredState, HostPort, Mode, Node, NodeStatus, RestartCondition,
+    Service, Task, TaskState, UpdateOrder,
 };
 
 /// Dead tasks kept per slot for `service ps` (Swarm's task history retention).
@@ -37,6 +37,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Plan again at this time (a restart delay ends) even if nothing else changes.
     pub wake_at: Option<u64>,
+    /// Why a service's new tasks found no node, in Docker's words, e.g.
+    /// `no suitable node (host-mode port already in use on 2 nodes)`; by service id.
+    pub pending: BTreeMap<String, String>,
 }
 
 /// Tasks per node, counted as the plan goes so that each decision sees the ones before it.
@@ -44,6 +47,10 @@ pub struct Plan {
 struct Load {
     total: HashMap<String, u64>,
     per_service: HashMap<(String, String), u64>,
+    /// Live tasks holding a host-mode port, per node and port.
+    host_ports: HashMap<(String, HostPort), u64>,
+    /// The host-mode ports of each service.
+    ports_of: HashMap<String, Vec<HostPort>>,
 }
 
 impl Load {
@@ -51,6 +58,17 @@ impl Load {
         let apply = |v: &mut u64| *v = v.saturating_add_signed(delta);
         apply(self.total.entry(node.to_owned()).or_default());
         apply(self.per_service.entry((node.to_owned(), service.to_owned())).or_default());
+        for p in self.ports_of.get(service).into_iter().flatten() {
+            apply(self.host_ports.entry((node.to_owned(), *p)).or_default());
+        }
+    }
+
+    /// Whether a live task on `node` holds one of `svc`'s host-mode ports.
+    fn port_taken(&self, node: &str, svc: &Service) -> bool {
+        svc.spec
+            .host_ports
+            .iter()
+            .any(|p| self.host_ports.get(&(node.to_owned(), *p)).is_some_and(|n| *n > 0))
     }
 
     fn of(&self, node: &str, service: &str) -> (u64, u64) {
@@ -105,12 +123,48 @@ impl<'a> Planner<'a> {
     }
 
     /// The eligible node with the fewest tasks of this service, then fewest overall, then by
-    /// hostname so that the same state always gives the same answer.
-    fn pick(&self, svc: &Service) -> Option<&'a Node> {
-        self.nodes.values().copied().filter(|n| may_take(n, svc)).min_by_key(|n| {
-            let (mine, total) = self.load.of(&n.id, &svc.id);
-            (mine, total, n.hostname.as_str(), n.id.as_str())
-        })
+    /// hostname so that the same state always gives the same answer. A node where one of the
+    /// service's host-mode ports is held is not eligible. With no node, the reason is noted.
+    fn pick(&mut self, svc: &Service) -> Option<&'a Node> {
+        let found = self
+            .nodes
+            .values()
+            .copied()
+            .filter(|n| may_take(n, svc) && !self.load.port_taken(&n.id, svc))
+            .min_by_key(|n| {
+                let (mine, total) = self.load.of(&n.id, &svc.id);
+                (mine, total, n.hostname.as_str(), n.id.as_str())
+            });
+        if found.is_none() {
+            let why = self.why_no_node(svc);
+            self.out.pending.insert(svc.id.clone(), why);
+        }
+        found
+    }
+
+    /// Docker's explanation of a task that no node takes.
+    fn why_no_node(&self, svc: &Service) -> String {
+        let active = || {
+            self.nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Ready && n.availability == Availability::Active)
+        };
+        let unmet = active().filter(|n| !svc.spec.constraints.iter().all(|c| c.matches(n))).count();
+        let ports =
+            active().filter(|n| may_take(n, svc) && self.load.port_taken(&n.id, svc)).count();
+        let on = |n: usize| if n == 1 { "1 node".to_owned() } else { format!("{n} nodes") };
+        let mut parts = Vec::new();
+        if unmet > 0 {
+            parts.push(format!("scheduling constraints not satisfied on {}", on(unmet)));
+        }
+        if ports > 0 {
+            parts.push(format!("host-mode port already in use on {}", on(ports)));
+        }
+        if parts.is_empty() {
+            "no suitable node".into()
+        } else {
+            format!("no suitable node ({})", parts.join("; "))
+        }
     }
 
     fn create(&mut self, svc: &Service, slot: u64, node: Option<&Node>, attempt: u64) {
@@ -323,7 +377,15 @@ pub fn plan(now_ms: u64, state: &ClusterState) -> Plan {
     let mut p = Planner {
         now: now_ms,
         nodes: state.nodes.iter().map(|n| (n.id.as_str(), n)).collect(),
-        load: Load::default(),
+        load: Load {
+            ports_of: state
+                .services
+                .iter()
+                .filter(|s| !s.spec.host_ports.is_empty())
+                .map(|s| (s.id.clone(), s.spec.host_ports.clone()))
+                .collect(),
+            ..Load::default()
+        },
         out: Plan::default(),
     };
     for t in state.tasks.iter().filter(|t| is_live(t) && !t.state.is_terminal()) {

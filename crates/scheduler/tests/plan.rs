@@ -32,6 +32,7 @@ fn service(id: &str, mode: Mode) -> Service {
             update: UpdatePolicy { monitor_ms: 0, ..UpdatePolicy::default() },
             update_paused: false,
             version: 1,
+            host_ports: vec![],
         },
     }
 }
@@ -493,4 +494,34 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_host_mode_port_holds_its_node_and_the_extra_task_waits_with_dockers_message() {
+    let mut svc = service("edge", Mode::Replicated { replicas: 4 });
+    svc.spec.host_ports = vec![HostPort { port: 8300, udp: false }];
+    // Another service on the same port number, but UDP: no conflict.
+    let mut other = service("dns", Mode::Replicated { replicas: 3 });
+    other.spec.host_ports = vec![HostPort { port: 8300, udp: true }];
+    let mut sim = Sim::new(three_nodes(), vec![svc, other]);
+    sim.settle();
+    assert_eq!(sim.running_per_node("edge").values().copied().collect::<Vec<_>>(), [1, 1, 1]);
+    assert_eq!(sim.running("dns"), 3);
+    let pending: Vec<&Task> = sim
+        .state
+        .tasks
+        .iter()
+        .filter(|t| t.service_id == "edge" && t.state == TaskState::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1, "{:#?}", sim.state.tasks);
+    let p = plan(sim.now, &sim.state);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(
+        p.pending.get("edge").map(String::as_str),
+        Some("no suitable node (host-mode port already in use on 3 nodes)")
+    );
+    // A fourth node takes the waiting task.
+    sim.state.nodes.push(node(4, Role::Worker));
+    sim.settle();
+    assert_eq!(sim.running_per_node("edge").len(), 4);
 }
