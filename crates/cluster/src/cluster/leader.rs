@@ -253,19 +253,10 @@ impl Inner {
         node: NodeId,
         csr: &str,
     ) -> Result<Response, Error> {
-        let state = m.sm.state();
-        let rec = state
-            .nodes
-            .get(&node)
-            .ok_or_else(|| Error::NotFound(format!("node {node} is not part of this swarm")))?;
-        let info = state
-            .cluster
-            .as_ref()
-            .ok_or_else(|| Error::NoLeader("the swarm is still initialising".into()))?;
-        let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
-        let cert_pem = ca
-            .sign_csr(csr, node, rec.role)
-            .map_err(|e| Error::BadRequest(format!("certificate signing request refused: {e}")))?;
+        let role =
+            m.sm.with_state(|s| s.nodes.get(&node).map(|n| n.role))
+                .ok_or_else(|| Error::NotFound(format!("node {node} is not part of this swarm")))?;
+        let cert_pem = self.sign_renewal(m, node, role, csr)?;
         Ok(Response::Cert { cert_pem })
     }
 
