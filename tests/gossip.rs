@@ -143,7 +143,8 @@ fn a_crashed_nodes_entries_disappear_and_come_back() {
     }
     let lab = Lab::up(3);
     lab.swarm(3);
-    // Each node publishes its ingress sandbox and one task of a global service: 6 entries.
+    // Each node publishes its ingress sandbox, one task of a global service and its record of
+    // applied changes (the node engine's confirmations): 9 entries.
     lab.on("node1", &["network", "create", "net"]);
     lab.on(
         "node1",
@@ -169,19 +170,19 @@ fn a_crashed_nodes_entries_disappear_and_come_back() {
         }
         t0.elapsed()
     };
-    wait("6 entries on every node", Duration::from_secs(30), &|| {
-        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 6)
+    wait("9 entries on every node", Duration::from_secs(30), &|| {
+        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 9)
     });
 
     let killed = Instant::now();
     assert!(lab.shoal(&["lab", "stop", "node3", "--kill"]).status.success());
     wait("node3's entries gone from node1 and node2", Duration::from_secs(10), &|| {
-        ["node1", "node2"].iter().all(|n| entries(&lab, n) == 4)
+        ["node1", "node2"].iter().all(|n| entries(&lab, n) == 6)
     });
     eprintln!("a crashed node's entries were withdrawn after {:?}", killed.elapsed());
 
     assert!(lab.shoal(&["lab", "start", "node3"]).status.success());
     wait("node3's entries back everywhere", Duration::from_secs(60), &|| {
-        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 6)
+        ["node1", "node2", "node3"].iter().all(|n| entries(&lab, n) == 9)
     });
 }
