@@ -81,8 +81,12 @@ async fn connections_past_the_limit_are_refused_and_counted() -> Result<()> {
     let mut a = TcpStream::connect(front).await?;
     let mut b = TcpStream::connect(front).await?;
     assert!(echoes(&mut a, b"a").await && echoes(&mut b, b"b").await, "two fit");
-    let mut c = TcpStream::connect(front).await?;
-    assert!(!echoes(&mut c, b"c").await, "a third connection got through");
+    // The mesh resets the third at once; the reset may already be there when connect returns.
+    let third_refused = match TcpStream::connect(front).await {
+        Ok(mut c) => !echoes(&mut c, b"c").await,
+        Err(_) => true,
+    };
+    assert!(third_refused, "a third connection got through");
     let refused = || mesh.service_metrics("capped").map_or(0, |m| m.refused_connections);
     assert_eq!(refused(), 1);
     let text = mesh.render_prometheus();
