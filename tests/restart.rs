@@ -67,9 +67,15 @@ fn pids_in(netns: &str) -> Vec<i32> {
 }
 
 /// The nftables ruleset inside a namespace (the task's VIP rules).
-fn nft_rules(netns: &str) -> String {
+/// The namespace's nftables ruleset, one entry per table, sorted: what the rules say, whatever
+/// order the kernel lists the tables in.
+fn nft_rules(netns: &str) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "exec", netns, "nft", "list", "ruleset"]).output();
-    out.map(|o| lossy(&o.stdout)).unwrap_or_default()
+    let text = out.map(|o| lossy(&o.stdout)).unwrap_or_default();
+    let mut tables: Vec<String> =
+        text.split("table ").filter(|t| !t.trim().is_empty()).map(str::to_owned).collect();
+    tables.sort();
+    tables
 }
 
 #[test]
@@ -132,7 +138,8 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
     // The VIP balances over the three tasks, one per node.
     let rules = eventually("the VIP's rules in node2's task", Duration::from_secs(30), || {
         let r = nft_rules(&ns2);
-        (r.contains(&vip) && r.contains("mod 3")).then_some(r)
+        let all = r.concat();
+        (all.contains(&vip) && all.contains("mod 3")).then_some(r)
     });
 
     // Requests through node1 and node3, a few a second, for the whole test.
