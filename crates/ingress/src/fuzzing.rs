@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::mesh::{http_status_ok, read_check_response};
+use crate::control::{http_status_ok, read_check_response};
 use crate::proxy_protocol::{self, Command, Header, MAX_EMIT_LEN};
 
 /// The PROXY protocol parser on arbitrary bytes: never panics, never claims more bytes than it

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod balancer;
+mod control;
 mod error;
 pub mod forward;
 #[doc(hidden)]
@@ -39,7 +40,9 @@ pub mod maglev;
 mod mesh;
 pub mod metrics;
 pub mod proxy_protocol;
+mod service;
 pub mod spec;
+mod tcp;
 mod udp;
 pub mod upstream;
 

@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::balancer::{Backend, Snapshot};
-use crate::mesh::{Ctx, Service};
+use crate::service::{Ctx, Service};
 use crate::spec::{PortSpec, PublishMode};
 
 /// Slot size of the listener's receive batch: any datagram fits.
