@@ -1287,7 +1287,7 @@ async fn dataplane(
     }
     input.standalone = standalone.into_values().collect();
     if lock(&inner.local).dns.as_ref() != Some(&input) {
-        inner.dns.update(dns::Snapshot::build(&input, dns::RecordsConfig::default()));
+        inner.dns.update(dns::Zone::build(&input, dns::RecordsConfig::default()));
         lock(&inner.local).dns = Some(input);
     }
 

@@ -1,7 +1,7 @@
 //! Side-by-side system benchmark (root only): dnsperf from a client namespace against shoal,
 //! unbound and dnsmasq serving the same 1,000 service A records from one server namespace, each
-//! with one serving thread, in the same run (as shared/bench/dns-baseline.sh does for the two
-//! peers). `cargo bench -p shoal-dns`.
+//! with one serving thread, in the same run (the
+//! peers run with the same pinning and record set). `cargo bench -p shoal-dns`.
 //!
 //! Made to hold up on a shared machine: every server is pinned to the same CPU (`SERVER_CPU`,
 //! default the last) and dnsperf to another (`CLIENT_CPU`, default 0), and so is this process
@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use shoal_dns::{
     ClusterRecords, DnsConfig, DnsService, EndpointMode, ForwardConfig, Metrics, NetworkSpec,
-    RecordsConfig, Scope, ServiceNetwork, ServiceSpec, Snapshot,
+    RecordsConfig, Scope, ServiceNetwork, ServiceSpec, Zone,
 };
 use shoal_netns::NetNs;
 use shoal_netns::testing::{Cleanup, unique_prefix};
@@ -98,7 +98,7 @@ fn serve_shoal(
                 ..DnsConfig::default()
             };
             let dns = DnsService::start(config, Metrics::new())?;
-            dns.update(Snapshot::build(&records(), RecordsConfig::default()));
+            dns.update(Zone::build(&records(), RecordsConfig::default()));
             let (udp, tcp) = ns.run(|| -> std::io::Result<_> {
                 let u = std::net::UdpSocket::bind(addr)?;
                 let t = std::net::TcpListener::bind(addr)?;

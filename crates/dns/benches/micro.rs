@@ -13,7 +13,7 @@ use rand::rngs::SmallRng;
 use shoal_dns::wire::SimpleQuery;
 use shoal_dns::{
     Attachment, ClusterRecords, EndpointMode, Lookup, NetworkSpec, RecordsConfig, Scope,
-    ServiceNetwork, ServiceSpec, Snapshot, TaskSpec,
+    ServiceNetwork, ServiceSpec, TaskSpec, Zone,
 };
 
 const SERVICES: u32 = 1000;
@@ -65,7 +65,7 @@ fn query(name: &str) -> Vec<u8> {
 }
 
 fn lookup(c: &mut Criterion) {
-    let snap = Snapshot::build(&records(), RecordsConfig::default());
+    let snap = Zone::build(&records(), RecordsConfig::default());
     let scope = Scope::new(["n1"]);
     let mut rng = SmallRng::seed_from_u64(3);
     assert!(matches!(
@@ -109,7 +109,7 @@ fn build(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements(u64::from(SERVICES)));
     g.bench_function("build (1000 services x 3 tasks)", |b| {
-        b.iter(|| Snapshot::build(black_box(&input), RecordsConfig::default()))
+        b.iter(|| Zone::build(black_box(&input), RecordsConfig::default()))
     });
     g.finish();
 }

@@ -10,7 +10,7 @@ use hickory_proto::serialize::binary::BinEncodable;
 use crate::forward::{Question, check_reply};
 use crate::{
     Attachment, ClusterRecords, DnsConfig, DnsService, EndpointMode, ForwardConfig, Metrics,
-    NetworkSpec, RecordsConfig, Scope, ServiceNetwork, ServiceSpec, Snapshot, TaskSpec,
+    NetworkSpec, RecordsConfig, Scope, ServiceNetwork, ServiceSpec, TaskSpec, Zone,
 };
 
 /// The query id [`forward_reply`] expects; the corpus's replies carry it.
@@ -21,24 +21,31 @@ struct World {
     dns: DnsService,
 }
 
+/// A running service on a current-thread runtime, with RNG seed `seed` and no upstream (its
+/// resolv.conf does not exist), so a name that is not ours ends in SERVFAIL without I/O. It
+/// serves no names until it is given a [`Zone`].
+pub fn offline_service(seed: u64) -> (tokio::runtime::Runtime, DnsService) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let dns = rt.block_on(async {
+        let config = DnsConfig {
+            forward: ForwardConfig {
+                resolv_conf: "/nonexistent/shoal-offline-resolv.conf".into(),
+                ..ForwardConfig::default()
+            },
+            seed: Some(seed),
+            ..DnsConfig::default()
+        };
+        DnsService::start(config, Metrics::new()).expect("start")
+    });
+    (rt, dns)
+}
+
 /// A running service with one network, one VIP service and 60 tasks (some unhealthy), and no
-/// upstream, so a name that is not ours ends in SERVFAIL without I/O.
+/// upstream.
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let rt =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let dns = rt.block_on(async {
-            let config = DnsConfig {
-                forward: ForwardConfig {
-                    resolv_conf: "/nonexistent/shoal-fuzz-resolv.conf".into(),
-                    ..ForwardConfig::default()
-                },
-                seed: Some(1),
-                ..DnsConfig::default()
-            };
-            DnsService::start(config, Metrics::new()).expect("start")
-        });
+        let (rt, dns) = offline_service(1);
         let tasks = (0..60u8)
             .map(|i| TaskSpec {
                 slot: i.to_string(),
@@ -69,7 +76,7 @@ fn world() -> &'static World {
             }],
             standalone: vec![],
         };
-        dns.update(Snapshot::build(&view, RecordsConfig::default()));
+        dns.update(Zone::build(&view, RecordsConfig::default()));
         World { rt, dns }
     })
 }

@@ -2,7 +2,7 @@
 //! error, our records, or a forward) and its execution, and the response handlers that encode
 //! replies.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -268,7 +268,7 @@ async fn send<'a, R: ResponseHandler>(
 
 /// Encodes a reply under the UDP size rules: the EDNS size we answer with, or 512 bytes; what
 /// does not fit is cut and flagged TC (hickory's encoder does the cutting).
-pub(crate) fn encode_udp<'a>(
+fn encode_udp<'a>(
     response: MessageResponse<
         '_,
         'a,
@@ -300,12 +300,17 @@ pub(crate) fn encode_udp<'a>(
     }
 }
 
-/// A response handler that keeps the encoded reply instead of sending it.
-#[derive(Clone, Default)]
-pub(crate) struct Capture(pub(crate) Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+/// Where a reply to a UDP query goes once encoded: the one response handler of the UDP path.
+#[derive(Clone)]
+pub(crate) enum UdpReply {
+    /// Sent to the client from the listener's socket.
+    Client { sock: Arc<tokio::net::UdpSocket>, dst: SocketAddr },
+    /// Kept for the caller instead of sent (the hickory path driven without a socket).
+    Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>),
+}
 
 #[async_trait::async_trait]
-impl ResponseHandler for Capture {
+impl ResponseHandler for UdpReply {
     async fn send_response<'a>(
         &mut self,
         response: MessageResponse<
@@ -319,8 +324,15 @@ impl ResponseHandler for Capture {
     ) -> Result<ResponseInfo, NetError> {
         let mut buf = Vec::with_capacity(512);
         let info = encode_udp(response, &mut buf)?;
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(buf);
+        match self {
+            UdpReply::Client { sock, dst } => {
+                sock.send_to(&buf, *dst).await?;
+            }
+            UdpReply::Capture(slot) => {
+                if let Ok(mut slot) = slot.lock() {
+                    *slot = Some(buf);
+                }
+            }
         }
         Ok(info)
     }

@@ -5,8 +5,8 @@
 //! # Layers
 //!
 //! - [`records`]: the sans-I/O core. Plain input types ([`ClusterRecords`]: networks, services
-//!   with their tasks, standalone tasks, aliases) are built into an immutable [`Snapshot`];
-//!   [`Snapshot::lookup`] answers one question for one [`Scope`] (the networks the asking task is
+//!   with their tasks, standalone tasks, aliases) are built into an immutable [`Zone`];
+//!   [`Zone::lookup`] answers one question for one [`Scope`] (the networks the asking task is
 //!   attached to) with a caller-supplied RNG for the per-reply shuffle. No sockets, no clock.
 //! - [`forward`]: forwarding of names that are not ours to the resolvers of a resolv.conf
 //!   (re-read on change), with a per-attempt timeout, TCP fallback and an in-flight bound.
@@ -23,13 +23,13 @@
 //!
 //! ```no_run
 //! # async fn f(ns: &shoal_netns::NetNs) -> Result<(), shoal_dns::DnsError> {
-//! use shoal_dns::{ClusterRecords, DnsConfig, DnsService, Metrics, RecordsConfig, Scope, Snapshot};
+//! use shoal_dns::{ClusterRecords, DnsConfig, DnsService, Metrics, RecordsConfig, Scope, Zone};
 //! let metrics = Metrics::new();
 //! // metrics.register(&mut registry);
 //! let dns = DnsService::start(DnsConfig::default(), metrics)?;
 //! // Whenever the endpoint tables change:
 //! let view = ClusterRecords::default();
-//! dns.update(Snapshot::build(&view, RecordsConfig::default()));
+//! dns.update(Zone::build(&view, RecordsConfig::default()));
 //! // When a task's namespace is ready (lo up), and when it goes away:
 //! dns.attach_netns("task-id", ns, Scope::new(["net-id"])).await?;
 //! dns.detach("task-id").await?;
@@ -52,6 +52,6 @@ pub use forward::{ForwardConfig, ForwardError, parse_resolv_conf};
 pub use metrics::Metrics;
 pub use records::{
     Attachment, BuildProblem, ClusterRecords, DEFAULT_TTL, EndpointMode, Lookup, NetworkSpec,
-    RecordsConfig, Scope, ServiceNetwork, ServiceSpec, Snapshot, StandaloneSpec, TaskSpec,
+    RecordsConfig, Scope, ServiceNetwork, ServiceSpec, StandaloneSpec, TaskSpec, Zone,
 };
 pub use server::{DnsConfig, DnsError, DnsService, TASK_DNS_ADDR};

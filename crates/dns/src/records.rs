@@ -1,5 +1,5 @@
 //! The resolver core: plain input types describing what the cluster runs, an immutable
-//! [`Snapshot`] built from them, and [`Snapshot::lookup`], the pure answer logic. No sockets, no
+//! [`Zone`] built from them, and [`Zone::lookup`], the pure answer logic. No sockets, no
 //! clock; the shuffle takes the caller's RNG.
 
 use std::collections::HashMap;
@@ -274,13 +274,13 @@ impl NetTable {
 /// An immutable, indexed view of every name the cluster serves; rebuilt off the hot path and
 /// swapped in whole.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub struct Zone {
     config: RecordsConfig,
     nets: FxMap<Box<str>, NetTable>,
     problems: Vec<BuildProblem>,
 }
 
-/// The outcome of a lookup in a [`Snapshot`].
+/// The outcome of a lookup in a [`Zone`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
     /// Addresses for the name, of the asked family (both for ANY), shuffled.
@@ -364,10 +364,10 @@ fn is_reverse_tree(name: &str) -> bool {
     name.ends_with("in-addr.arpa") || name.ends_with("ip6.arpa")
 }
 
-impl Snapshot {
+impl Zone {
     /// Builds a snapshot. Entries that cannot be served (invalid names, unknown networks) are
-    /// left out and listed in [`Snapshot::problems`]; everything else is served.
-    pub fn build(input: &ClusterRecords, config: RecordsConfig) -> Snapshot {
+    /// left out and listed in [`Zone::problems`]; everything else is served.
+    pub fn build(input: &ClusterRecords, config: RecordsConfig) -> Zone {
         let mut problems = Vec::new();
         let mut nets: FxMap<Box<str>, NetTable> = FxMap::default();
         let mut net_names: Vec<String> = Vec::new();
@@ -511,12 +511,12 @@ impl Snapshot {
                 t.insert_ptr(addr, &label);
             }
         }
-        Snapshot { config, nets, problems }
+        Zone { config, nets, problems }
     }
 
     /// An empty snapshot with this policy: every bare name is NXDOMAIN, the rest is forwarded.
-    pub fn empty(config: RecordsConfig) -> Snapshot {
-        Snapshot { config, ..Snapshot::default() }
+    pub fn empty(config: RecordsConfig) -> Zone {
+        Zone { config, ..Zone::default() }
     }
 
     /// The policy this snapshot answers with.
@@ -579,7 +579,7 @@ impl Snapshot {
     }
 
     /// The addresses (both families, unshuffled) a forward name has in `scope`, borrowed from
-    /// the snapshot: what [`Snapshot::lookup`] answers for A/AAAA before filtering and shuffling,
+    /// the snapshot: what [`Zone::lookup`] answers for A/AAAA before filtering and shuffling,
     /// without allocating. `None` for every other outcome (reverse names, misses), which
     /// `lookup` decides.
     pub(crate) fn addrs_of(&self, scope: &Scope, qname: &str) -> Option<&[IpAddr]> {

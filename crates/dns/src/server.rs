@@ -31,9 +31,9 @@ use hickory_server::server::Request;
 use shoal_netns::NetNs;
 
 use crate::forward::{self, ForwardConfig, Forwarder};
-use crate::handler::{Capture, Handler};
+use crate::handler::{Handler, UdpReply};
 use crate::metrics::Metrics;
-use crate::records::{RecordsConfig, Scope, Snapshot};
+use crate::records::{RecordsConfig, Scope, Zone};
 use crate::udp::udp_loop;
 
 /// Where every task's resolver listens.
@@ -94,7 +94,7 @@ pub enum DnsError {
 }
 
 pub(crate) struct Inner {
-    pub(crate) records: ArcSwap<Snapshot>,
+    pub(crate) records: ArcSwap<Zone>,
     pub(crate) forwarder: Arc<Forwarder>,
     pub(crate) metrics: Metrics,
     pub(crate) seed: u64,
@@ -163,7 +163,7 @@ impl DnsService {
         let seed = config.seed.unwrap_or_else(rand::random);
         Ok(DnsService {
             inner: Arc::new(Inner {
-                records: ArcSwap::from_pointee(Snapshot::empty(config.records)),
+                records: ArcSwap::from_pointee(Zone::empty(config.records)),
                 forwarder,
                 metrics,
                 seed,
@@ -177,12 +177,12 @@ impl DnsService {
     }
 
     /// Swaps in a new snapshot; queries already running finish on the old one, none waits.
-    pub fn update(&self, snapshot: Snapshot) {
+    pub fn update(&self, snapshot: Zone) {
         self.inner.records.store(Arc::new(snapshot));
     }
 
     /// The snapshot in use.
-    pub fn records(&self) -> Arc<Snapshot> {
+    pub fn records(&self) -> Arc<Zone> {
         self.inner.records.load_full()
     }
 
@@ -324,9 +324,9 @@ impl DnsService {
         let request = Request::from_bytes(query.to_vec(), src, Protocol::Udp).ok()?;
         let handler =
             Handler { inner: self.inner.clone(), scope: Arc::new(ArcSwap::from_pointee(scope)) };
-        let capture = Capture::default();
-        handler.serve(&request, capture.clone()).await;
-        capture.0.lock().ok()?.take()
+        let slot = Arc::default();
+        handler.serve(&request, UdpReply::Capture(Arc::clone(&slot))).await;
+        slot.lock().ok()?.take()
     }
 
     /// Detaches every listener.

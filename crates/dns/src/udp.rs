@@ -9,44 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::MessageType;
-use hickory_proto::rr::{Record, RecordType};
-use hickory_server::net::NetError;
+use hickory_proto::rr::RecordType;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_server::server::Request;
 use shoal_udp::{Message, RecvBatch};
 use tokio::io::Interest;
 
-use crate::handler::{Handler, Plan, encode_udp};
+use crate::handler::{Handler, Plan, UdpReply};
 use crate::metrics::Outcome;
 use crate::wire::{self};
-
-/// Sends the reply to one UDP client from the listener's socket.
-#[derive(Clone)]
-struct UdpReply {
-    sock: Arc<tokio::net::UdpSocket>,
-    dst: SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpReply {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let mut buf = Vec::with_capacity(512);
-        let info = encode_udp(response, &mut buf)?;
-        self.sock.send_to(&buf, self.dst).await?;
-        Ok(info)
-    }
-}
 
 /// A FORMERR header for bytes that carry a query header but do not parse; `None` when not even
 /// that, or when it is a response (never answer those).
@@ -232,7 +203,7 @@ async fn serve_slow(
     if request.metadata.message_type != MessageType::Query {
         return;
     }
-    let rh = UdpReply { sock: sock.clone(), dst: src };
+    let rh = UdpReply::Client { sock: sock.clone(), dst: src };
     match handler.plan(&request) {
         Plan::Forward => {
             let handler = handler.clone();

@@ -12,7 +12,7 @@ use hickory_proto::rr::RecordType;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shoal_dns::{DnsConfig, DnsService, ForwardConfig, Lookup, Metrics, Scope, Snapshot};
+use shoal_dns::{DnsService, Lookup, Scope, Zone};
 
 struct World {
     rt: tokio::runtime::Runtime,
@@ -22,26 +22,14 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let rt =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let dns = rt.block_on(async {
-            let config = DnsConfig {
-                forward: ForwardConfig {
-                    resolv_conf: "/nonexistent/shoal-props-resolv.conf".into(),
-                    ..ForwardConfig::default()
-                },
-                seed: Some(3),
-                ..DnsConfig::default()
-            };
-            DnsService::start(config, Metrics::new()).expect("start")
-        });
+        let (rt, dns) = shoal_dns::fuzzing::offline_service(3);
         dns.update(snapshot(5, 60));
         World { rt, dns }
     })
 }
 
-fn snap() -> &'static Snapshot {
-    static S: OnceLock<Snapshot> = OnceLock::new();
+fn snap() -> &'static Zone {
+    static S: OnceLock<Zone> = OnceLock::new();
     S.get_or_init(|| snapshot(5, 60))
 }
 

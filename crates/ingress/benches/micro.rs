@@ -11,7 +11,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use shoal_ingress::maglev::MaglevTable;
-use shoal_ingress::{Algorithm, Backend, Snapshot};
+use shoal_ingress::{Algorithm, Backend, BackendSet};
 
 fn backends(n: u8) -> Vec<Arc<Backend>> {
     (0..n)
@@ -34,14 +34,14 @@ fn pick(c: &mut Criterion) {
             ("round-robin", Algorithm::RoundRobin),
             ("source-hash", Algorithm::SourceHash),
         ] {
-            let snap = Snapshot::new(algo, backends(n), Arc::new(AtomicUsize::new(0)));
+            let snap = BackendSet::new(algo, backends(n), Arc::new(AtomicUsize::new(0)));
             let mut rng = SmallRng::seed_from_u64(1);
             g.bench_with_input(BenchmarkId::new(name, n), &snap, |b, snap| {
                 b.iter(|| snap.pick(black_box(client), false, None, &mut rng))
             });
         }
         let snap =
-            Snapshot::new(Algorithm::P2cLeastConn, backends(n), Arc::new(AtomicUsize::new(0)));
+            BackendSet::new(Algorithm::P2cLeastConn, backends(n), Arc::new(AtomicUsize::new(0)));
         let mut rng = SmallRng::seed_from_u64(1);
         g.bench_with_input(BenchmarkId::new("p2c, excluding a failed one", n), &snap, |b, snap| {
             b.iter(|| snap.pick(black_box(client), false, Some("task-001"), &mut rng))

@@ -1,6 +1,6 @@
-//! Sans-I/O balancing over immutable snapshots. The control task builds a [`Snapshot`] of the
+//! Sans-I/O balancing over immutable snapshots. The control task builds a [`BackendSet`] of the
 //! eligible backends whenever health or membership changes and swaps it in whole (arc-swap);
-//! connection handlers load it and call [`Snapshot::pick`] with their own seeded RNG. The only
+//! connection handlers load it and call [`BackendSet::pick`] with their own seeded RNG. The only
 //! shared mutable state a pick reads is each backend's atomic active-connection counter.
 
 use std::net::IpAddr;
@@ -87,7 +87,7 @@ impl Pool {
 
 /// Immutable view of a service's eligible backends.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub struct BackendSet {
     algorithm: Algorithm,
     all: Pool,
     local: Pool,
@@ -95,11 +95,11 @@ pub struct Snapshot {
     rr: Arc<AtomicUsize>,
 }
 
-impl Snapshot {
+impl BackendSet {
     /// Builds a snapshot from the eligible backends. `rr` is the service's rotation counter.
     pub fn new(algorithm: Algorithm, eligible: Vec<Arc<Backend>>, rr: Arc<AtomicUsize>) -> Self {
         let local = eligible.iter().filter(|b| b.local).cloned().collect();
-        Snapshot {
+        BackendSet {
             algorithm,
             all: Pool::new(eligible, algorithm),
             local: Pool::new(local, algorithm),
@@ -227,7 +227,7 @@ mod tests {
         fn spreads_evenly(n in 2usize..9, seed in any::<u64>(), alg in 0u8..3) {
             let algorithm = [Algorithm::P2cLeastConn, Algorithm::RoundRobin, Algorithm::SourceHash][alg as usize];
             let bs = backends(n);
-            let snap = Snapshot::new(algorithm, bs.clone(), Arc::default());
+            let snap = BackendSet::new(algorithm, bs.clone(), Arc::default());
             let mut rng = SmallRng::seed_from_u64(seed);
             let picks = 6000 * n as u32;
             for i in 0..picks {
@@ -247,7 +247,7 @@ mod tests {
         #[test]
         fn p2c_balances_open_connections(n in 2usize..9, seed in any::<u64>()) {
             let bs = backends(n);
-            let snap = Snapshot::new(Algorithm::P2cLeastConn, bs.clone(), Arc::default());
+            let snap = BackendSet::new(Algorithm::P2cLeastConn, bs.clone(), Arc::default());
             let mut rng = SmallRng::seed_from_u64(seed);
             for i in 0..(500 * n as u32) {
                 let b = snap.pick(client(i), false, None, &mut rng).unwrap();
@@ -264,7 +264,7 @@ mod tests {
     fn p2c_avoids_an_overloaded_backend() {
         let bs = backends(4);
         bs[1].stats.active.store(1000, Ordering::Relaxed);
-        let snap = Snapshot::new(Algorithm::P2cLeastConn, bs.clone(), Arc::default());
+        let snap = BackendSet::new(Algorithm::P2cLeastConn, bs.clone(), Arc::default());
         let mut rng = SmallRng::seed_from_u64(7);
         for i in 0..10_000 {
             snap.pick(client(i), false, None, &mut rng).unwrap();
@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn round_robin_is_exact_and_respects_exclude_and_local() {
         let bs = backends(3);
-        let snap = Snapshot::new(Algorithm::RoundRobin, bs.clone(), Arc::default());
+        let snap = BackendSet::new(Algorithm::RoundRobin, bs.clone(), Arc::default());
         let mut rng = SmallRng::seed_from_u64(1);
         let ids: Vec<String> = (0..6)
             .map(|i| snap.pick(client(i), false, None, &mut rng).unwrap().id.clone())
@@ -289,15 +289,15 @@ mod tests {
             let l = snap.pick(client(0), true, None, &mut rng).unwrap();
             assert!(l.local, "host mode picks only local backends");
         }
-        let one = Snapshot::new(Algorithm::RoundRobin, backends(1), Arc::default());
+        let one = BackendSet::new(Algorithm::RoundRobin, backends(1), Arc::default());
         assert!(one.pick(client(0), false, Some("t00"), &mut rng).is_none());
-        assert!(Snapshot::default().pick(client(0), false, None, &mut rng).is_none());
+        assert!(BackendSet::default().pick(client(0), false, None, &mut rng).is_none());
     }
 
     #[test]
     fn source_hash_is_sticky_and_ignores_rng() {
         let bs = backends(5);
-        let snap = Snapshot::new(Algorithm::SourceHash, bs.clone(), Arc::default());
+        let snap = BackendSet::new(Algorithm::SourceHash, bs.clone(), Arc::default());
         let mut r1 = SmallRng::seed_from_u64(1);
         let mut r2 = SmallRng::seed_from_u64(2);
         for i in 0..200 {
@@ -308,7 +308,7 @@ mod tests {
             assert_ne!(c.id, a.id, "a failed backend is skipped on retry");
         }
         // A rebuilt snapshot of the same set maps identically (no per-process state).
-        let again = Snapshot::new(Algorithm::SourceHash, backends(5), Arc::default());
+        let again = BackendSet::new(Algorithm::SourceHash, backends(5), Arc::default());
         for i in 0..200 {
             assert_eq!(
                 snap.pick(client(i), false, None, &mut r1).unwrap().id,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::balancer::{Backend, Snapshot};
+use crate::balancer::{Backend, BackendSet};
 use crate::health::{HealthCore, HealthEvent, HealthState};
 use crate::service::{Ctl, Ctx, Service};
 use crate::spec::{CheckKind, ServiceSpec};
@@ -63,7 +63,7 @@ pub(crate) async fn control(
         if changed {
             let eligible: Vec<Arc<Backend>> =
                 backends.values().filter(|b| core.eligible(&b.id)).cloned().collect();
-            svc.snapshot.store(Arc::new(Snapshot::new(spec.algorithm, eligible, rr.clone())));
+            svc.snapshot.store(Arc::new(BackendSet::new(spec.algorithm, eligible, rr.clone())));
             let view: Vec<(Arc<Backend>, HealthState)> = core
                 .backends()
                 .filter_map(|(id, _, _, h)| backends.get(id).map(|b| (b.clone(), h)))

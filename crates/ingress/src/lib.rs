@@ -3,7 +3,7 @@
 //!
 //! Layers, bottom up:
 //! - **Vocabulary** ([`spec`]): services, published ports, backends, policies — plain data.
-//! - **Sans-I/O cores**: [`balancer`] picks a backend from an immutable [`Snapshot`]
+//! - **Sans-I/O cores**: [`balancer`] picks a backend from an immutable [`BackendSet`]
 //!   (power of two choices on least connections, round robin, or [`maglev`] source affinity)
 //!   with a seeded RNG passed in; [`health`] is the per-service health state machine
 //!   (task state, active checks with rise/fall, passive ejection with backoff, draining).
@@ -46,11 +46,11 @@ mod tcp;
 mod udp;
 pub mod upstream;
 
-pub use balancer::{Backend, BackendStats, Snapshot};
+pub use balancer::{Backend, BackendSet, BackendStats};
 pub use error::Error;
 pub use forward::ForwardMode;
 pub use health::{HealthCore, HealthEvent, HealthState};
-pub use mesh::{ListenerInfo, Mesh, MeshConfig, Transport};
+pub use mesh::{ListenerInfo, ListenerKind, Mesh, MeshConfig};
 pub use metrics::{BackendMetrics, ServiceMetrics};
 pub use spec::{
     Algorithm, BackendSpec, CheckKind, ClientAddr, HealthSpec, PortSpec, Protocol, ProxyProtocol,

@@ -61,9 +61,9 @@ impl Default for MeshConfig {
     }
 }
 
-/// Transport of a listener.
+/// What a listener is: a TCP listener or a UDP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub enum ListenerKind {
     /// TCP listener.
     Tcp,
     /// UDP socket.
@@ -78,7 +78,7 @@ pub struct ListenerInfo {
     /// Published port.
     pub port: u16,
     /// TCP or UDP.
-    pub transport: Transport,
+    pub kind: ListenerKind,
     /// Bound address.
     pub local_addr: SocketAddr,
 }
@@ -97,7 +97,7 @@ struct ServiceHandle {
 
 struct State {
     services: HashMap<String, ServiceHandle>,
-    listeners: HashMap<(u16, Transport), ListenerHandle>,
+    listeners: HashMap<(u16, ListenerKind), ListenerHandle>,
 }
 
 /// The routing mesh of one node. Create it inside a tokio runtime; drive it with
@@ -173,16 +173,16 @@ impl Mesh {
             self.state.lock().map_err(|_| Error::io("mesh state", std::io::ErrorKind::Other))?;
         // Which listeners this service wants.
         let has_local = backends.iter().any(|b| b.local && b.state != TaskState::Stopped);
-        let mut wanted: Vec<(u16, Transport, PortSpec)> = Vec::new();
+        let mut wanted: Vec<(u16, ListenerKind, PortSpec)> = Vec::new();
         for p in &spec.ports {
             if p.mode == PublishMode::Host && !has_local {
                 continue;
             }
             if p.protocol.tcp() {
-                wanted.push((p.published, Transport::Tcp, p.clone()));
+                wanted.push((p.published, ListenerKind::Tcp, p.clone()));
             }
             if p.protocol.udp() {
-                wanted.push((p.published, Transport::Udp, p.clone()));
+                wanted.push((p.published, ListenerKind::Udp, p.clone()));
             }
         }
         for (port, t, _) in &wanted {
@@ -191,13 +191,13 @@ impl Mesh {
             {
                 return Err(Error::PortTaken {
                     port: *port,
-                    proto: if *t == Transport::Tcp { "tcp" } else { "udp" },
+                    proto: if *t == ListenerKind::Tcp { "tcp" } else { "udp" },
                     owner: l.service.clone(),
                 });
             }
         }
         // Bind what is new (or moved to another address) before changing anything.
-        let mut fresh: Vec<(u16, Transport, PortSpec, Bound)> = Vec::new();
+        let mut fresh: Vec<(u16, ListenerKind, PortSpec, Bound)> = Vec::new();
         for (port, t, p) in &wanted {
             let same = st.listeners.get(&(*port, *t)).is_some_and(|l| l.listen == p.listen);
             if same {
@@ -233,13 +233,13 @@ impl Mesh {
             }
         };
         // Update port settings of kept listeners; close unwanted ones of this service.
-        let keep: HashSet<(u16, Transport)> = wanted.iter().map(|(p, t, _)| (*p, *t)).collect();
+        let keep: HashSet<(u16, ListenerKind)> = wanted.iter().map(|(p, t, _)| (*p, *t)).collect();
         for (port, t, p) in &wanted {
             if let Some(l) = st.listeners.get(&(*port, *t)) {
                 l.port.store(Arc::new(p.clone()));
             }
         }
-        let stale: Vec<(u16, Transport)> = st
+        let stale: Vec<(u16, ListenerKind)> = st
             .listeners
             .iter()
             .filter(|(k, l)| l.service == spec.name && !keep.contains(k))
@@ -321,13 +321,13 @@ impl Mesh {
                     .map(|((port, t), l)| ListenerInfo {
                         service: l.service.clone(),
                         port: *port,
-                        transport: *t,
+                        kind: *t,
                         local_addr: l.local_addr,
                     })
                     .collect()
             })
             .unwrap_or_default();
-        v.sort_by_key(|l| (l.port, l.transport == Transport::Udp));
+        v.sort_by_key(|l| (l.port, l.kind == ListenerKind::Udp));
         v
     }
 
@@ -378,27 +378,32 @@ enum Bound {
     Udp(UdpSocket),
 }
 
-fn bind(t: Transport, p: &PortSpec, ns: Option<&NetNs>, reuse_port: bool) -> Result<Bound, Error> {
-    let proto = if t == Transport::Tcp { "tcp" } else { "udp" };
+fn bind(
+    t: ListenerKind,
+    p: &PortSpec,
+    ns: Option<&NetNs>,
+    reuse_port: bool,
+) -> Result<Bound, Error> {
+    let proto = if t == ListenerKind::Tcp { "tcp" } else { "udp" };
     let make = |ip: IpAddr| -> std::io::Result<socket2::Socket> {
         let addr = SocketAddr::new(ip, p.published);
         let domain = socket2::Domain::for_address(addr);
         let (ty, pr) = match t {
-            Transport::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
-            Transport::Udp => (socket2::Type::DGRAM, socket2::Protocol::UDP),
+            ListenerKind::Tcp => (socket2::Type::STREAM, socket2::Protocol::TCP),
+            ListenerKind::Udp => (socket2::Type::DGRAM, socket2::Protocol::UDP),
         };
         let s = socket2::Socket::new(domain, ty.nonblocking().cloexec(), Some(pr))?;
         if ip.is_ipv6() && ip.is_unspecified() {
             s.set_only_v6(false)?;
         }
         s.set_reuse_address(true)?;
-        if reuse_port && t == Transport::Tcp {
+        if reuse_port && t == ListenerKind::Tcp {
             s.set_reuse_port(true)?;
         }
         s.bind(&addr.into())?;
         match t {
-            Transport::Tcp => s.listen(4096)?,
-            Transport::Udp => {
+            ListenerKind::Tcp => s.listen(4096)?,
+            ListenerKind::Udp => {
                 let _ = s.set_recv_buffer_size(4 << 20);
             }
         }
@@ -427,7 +432,7 @@ fn bind(t: Transport, p: &PortSpec, ns: Option<&NetNs>, reuse_port: bool) -> Res
     })?;
     let wrap = |e| Error::io("register listener", e);
     Ok(match t {
-        Transport::Tcp => Bound::Tcp(TcpListener::from_std(s.into()).map_err(wrap)?),
-        Transport::Udp => Bound::Udp(UdpSocket::from_std(s.into()).map_err(wrap)?),
+        ListenerKind::Tcp => Bound::Tcp(TcpListener::from_std(s.into()).map_err(wrap)?),
+        ListenerKind::Udp => Bound::Udp(UdpSocket::from_std(s.into()).map_err(wrap)?),
     })
 }

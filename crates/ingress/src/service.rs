@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-use crate::balancer::{Backend, Snapshot};
+use crate::balancer::{Backend, BackendSet};
 use crate::forward::{ForwardMode, PipePool};
 use crate::health::HealthState;
 use crate::metrics::{BackendMetrics, ServiceMetrics};
@@ -30,7 +30,7 @@ pub(crate) enum Ctl {
 pub(crate) struct Service {
     pub(crate) name: String,
     pub(crate) spec: ArcSwap<ServiceSpec>,
-    pub(crate) snapshot: ArcSwap<Snapshot>,
+    pub(crate) snapshot: ArcSwap<BackendSet>,
     /// The backends with their health, for metrics; rebuilt with the snapshot.
     pub(crate) view: ArcSwap<Vec<(Arc<Backend>, HealthState)>>,
     pub(crate) ctl: mpsc::UnboundedSender<Ctl>,
@@ -63,7 +63,7 @@ impl Service {
         Service {
             name: spec.name.clone(),
             spec: ArcSwap::from_pointee(spec.clone()),
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            snapshot: ArcSwap::from_pointee(BackendSet::default()),
             view: ArcSwap::from_pointee(Vec::new()),
             ctl,
             no_backend: AtomicU64::new(0),

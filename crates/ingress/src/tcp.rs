@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balancer::{Backend, Snapshot};
+use crate::balancer::{Backend, BackendSet};
 use crate::forward;
 use crate::proxy_protocol::{Header, MAX_EMIT_LEN};
 use crate::service::{Ctx, Service};
@@ -86,7 +86,7 @@ async fn handle_tcp(
     client: TcpStream,
     peer: SocketAddr,
     mut choice: Option<Arc<Backend>>,
-    snap: Arc<Snapshot>,
+    snap: Arc<BackendSet>,
     port: Arc<PortSpec>,
     svc: Arc<Service>,
     ctx: Arc<Ctx>,

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::balancer::{Backend, Snapshot};
+use crate::balancer::{Backend, BackendSet};
 use crate::service::{Ctx, Service};
 use crate::spec::{PortSpec, PublishMode};
 
@@ -40,7 +40,7 @@ struct UdpFlow {
     sock: Arc<UdpSocket>,
     backend: Arc<Backend>,
     /// The snapshot against which the backend was last found eligible.
-    checked: Arc<Snapshot>,
+    checked: Arc<BackendSet>,
     /// Milliseconds since `epoch` of the last datagram either way.
     last: Arc<AtomicU64>,
     /// Set by the reply task when the backend refused (flow must be re-picked).
@@ -192,7 +192,7 @@ pub(crate) async fn serve(
 fn flow_for<'a>(
     flows: &'a mut Flows,
     client: SocketAddr,
-    snap: &Arc<Snapshot>,
+    snap: &Arc<BackendSet>,
     port: &PortSpec,
     svc: &Arc<Service>,
     ctx: &Arc<Ctx>,

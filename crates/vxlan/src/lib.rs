@@ -64,7 +64,7 @@ pub use model::{
     RemoteEndpoint, Tables, default_tunnel_addr, tunnel_addr,
 };
 pub use overlay::{Attached, EndpointSpec, NetworkStatus, Overlay};
-pub use wg::{DeviceStats, DropReason, PeerStats};
+pub use wg::{DeviceStats, PacketDrop, PeerStats};
 
 /// What went wrong. Validation errors ([`Error::Invalid`]) change nothing; kernel errors leave
 /// the object being built removed again where the driver could undo it.

@@ -12,7 +12,7 @@ use shoal_netns::testing::require_root;
 use shoal_vxlan::keys::{decode_key, encode_key};
 use shoal_vxlan::wire::{VxlanPacket, VxlanRepr};
 use shoal_vxlan::{
-    DropReason, EncryptionConfig, EndpointSpec, Mac, NetworkSpec, NodeKey, Overlay, OverlayConfig,
+    EncryptionConfig, EndpointSpec, Mac, NetworkSpec, NodeKey, Overlay, OverlayConfig, PacketDrop,
     PeerRecord, Tables,
 };
 
@@ -355,7 +355,7 @@ fn wireguard_go_peer_completes_handshake() {
             o.peer_stats()[0]
                 .drops
                 .iter()
-                .find(|(r, _)| *r == DropReason::NotVxlan)
+                .find(|(r, _)| *r == PacketDrop::NotVxlan)
                 .map_or(0, |(_, n)| *n)
         };
         let before = not_vxlan(&o);

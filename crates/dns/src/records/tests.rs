@@ -72,8 +72,8 @@ fn cluster() -> ClusterRecords {
     }
 }
 
-fn snap() -> Snapshot {
-    let s = Snapshot::build(&cluster(), RecordsConfig::default());
+fn snap() -> Zone {
+    let s = Zone::build(&cluster(), RecordsConfig::default());
     assert!(s.problems().is_empty(), "{:?}", s.problems());
     s
 }
@@ -93,7 +93,7 @@ fn set(v: &[&str]) -> HashSet<IpAddr> {
     v.iter().map(|s| ip(s)).collect()
 }
 
-fn a(s: &Snapshot, scope: &Scope, name: &str) -> Lookup {
+fn a(s: &Zone, scope: &Scope, name: &str) -> Lookup {
     s.lookup(scope, name, RecordType::A, &mut rng())
 }
 
@@ -152,7 +152,7 @@ fn shared_alias_merges_addresses() {
             aliases: vec!["cache".into()],
         }],
     });
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     assert_eq!(addrs(a(&s, &Scope::new(["n2"]), "cache")), set(&["10.0.2.30", "10.0.2.31"]));
 }
 
@@ -160,7 +160,7 @@ fn shared_alias_merges_addresses() {
 fn service_beats_alias_of_the_same_name() {
     let mut c = cluster();
     c.standalone[0].attachments[0].aliases.push("db".into());
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     assert_eq!(addrs(a(&s, &Scope::new(["n2"]), "db")), set(&["10.0.2.20", "10.0.2.21"]));
 }
 
@@ -217,7 +217,7 @@ fn any_returns_all_families() {
         addr: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x30)),
         aliases: vec![],
     });
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     let back = Scope::new(["n2"]);
     assert_eq!(
         addrs(s.lookup(&back, "myredis", RecordType::ANY, &mut rng())),
@@ -232,7 +232,7 @@ fn service_with_no_healthy_tasks_is_nodata_not_forwarded() {
     for t in &mut c.services[1].tasks {
         t.healthy = false;
     }
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     let back = Scope::new(["n2"]);
     assert_eq!(a(&s, &back, "db"), Lookup::NoData);
     assert_eq!(a(&s, &back, "tasks.db"), Lookup::NoData);
@@ -272,7 +272,7 @@ fn ptr_ipv6() {
         addr: ip("fd00::30"),
         aliases: vec![],
     });
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     let q = "0.3.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
     assert_eq!(parse_reverse(q), Some(ip("fd00::30")));
     assert_eq!(
@@ -305,7 +305,7 @@ fn unknown_names_forward_and_bare_names_stay_local_by_default() {
     assert_eq!(a(&s, &front, "example.com."), Lookup::NotOurs);
     assert_eq!(a(&s, &front, "nope"), Lookup::NxDomain);
     assert_eq!(a(&s, &front, "."), Lookup::NotOurs);
-    let fwd = Snapshot::build(
+    let fwd = Zone::build(
         &cluster(),
         RecordsConfig { forward_single_label: true, ..RecordsConfig::default() },
     );
@@ -318,7 +318,7 @@ fn answers_are_shuffled_per_reply_and_seeded() {
     c.services[0].tasks = (0..20)
         .map(|i| task(i, &format!("t{i}"), true, vec![att("n1", &format!("10.0.1.{}", 100 + i))]))
         .collect();
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     let front = Scope::new(["n1"]);
     let mut r = SmallRng::seed_from_u64(1);
     let first = s.lookup(&front, "tasks.web", RecordType::A, &mut r);
@@ -334,7 +334,7 @@ fn answers_are_shuffled_per_reply_and_seeded() {
 #[test]
 fn ttl_is_configurable_default_five() {
     assert_eq!(snap().ttl(), 5);
-    let s = Snapshot::build(&cluster(), RecordsConfig { ttl: 30, ..RecordsConfig::default() });
+    let s = Zone::build(&cluster(), RecordsConfig { ttl: 30, ..RecordsConfig::default() });
     assert_eq!(s.ttl(), 30);
 }
 
@@ -353,7 +353,7 @@ fn bad_entries_are_skipped_and_reported_the_rest_is_served() {
         attachments: vec![att("nope", "10.9.9.9")],
     });
     c.networks.push(net("n1", "dup", "10.0.9.0/24"));
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     assert_eq!(s.problems().len(), 3, "{:?}", s.problems());
     assert!(matches!(a(&s, &Scope::new(["n1"]), "web"), Lookup::Addrs(_)));
     assert_eq!(a(&s, &Scope::new(["n1"]), "lost"), Lookup::NxDomain);
@@ -364,7 +364,7 @@ fn removed_task_disappears_from_a_rebuilt_snapshot() {
     let mut c = cluster();
     let front = Scope::new(["n1"]);
     c.services[0].tasks.remove(0);
-    let s = Snapshot::build(&c, RecordsConfig::default());
+    let s = Zone::build(&c, RecordsConfig::default());
     assert_eq!(addrs(a(&s, &front, "tasks.web")), set(&["10.0.1.11"]));
     // A multi-label name we no longer have is no longer ours (and carries no stale address).
     assert_eq!(a(&s, &front, "web.1.aaa"), Lookup::NotOurs);

@@ -10,7 +10,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use shoal_dns::{
     Attachment, ClusterRecords, EndpointMode, NetworkSpec, RecordsConfig, ServiceNetwork,
-    ServiceSpec, Snapshot, StandaloneSpec, TaskSpec,
+    ServiceSpec, StandaloneSpec, TaskSpec, Zone,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,8 +74,8 @@ pub fn cluster(tasks: u32, big: u32) -> ClusterRecords {
     }
 }
 
-pub fn snapshot(tasks: u32, big: u32) -> Snapshot {
-    Snapshot::build(&cluster(tasks, big), RecordsConfig::default())
+pub fn snapshot(tasks: u32, big: u32) -> Zone {
+    Zone::build(&cluster(tasks, big), RecordsConfig::default())
 }
 
 pub fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {

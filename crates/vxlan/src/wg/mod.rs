@@ -51,7 +51,7 @@ use crate::{EncryptionConfig, Error, NodeNs, keys::NodeKey};
 
 use self::rx::rx_loop;
 use self::stats::{Counters, DeviceCounters, REASONS, reason_of};
-pub use self::stats::{DeviceStats, DropReason, PeerStats};
+pub use self::stats::{DeviceStats, PacketDrop, PeerStats};
 use self::tx::tx_loop;
 
 /// Whether this kernel can make the data path's TUN device: creates `name` in the calling

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
-use super::stats::{DropReason, reason_of};
+use super::stats::{PacketDrop, reason_of};
 use super::{Peer, PeerSet, Shared, TIMER_TICK, batch, gro, run_timers, wait_readable};
 use crate::wire;
 
@@ -126,7 +126,7 @@ impl RxTrain {
             peer.counters.rx_packets.fetch_add(n as u64, Ordering::Relaxed);
             peer.counters.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         } else {
-            peer.counters.drop(DropReason::TunWrite);
+            peer.counters.drop(PacketDrop::TunWrite);
         }
     }
 }
@@ -206,7 +206,7 @@ fn receive_one(
     // boringtun panics when the output is smaller than the ciphertext; an oversized datagram
     // (nothing we send is larger than the TUN MTU + 32) is hostile and dropped here.
     if datagram.len() > out.len() {
-        peer.counters.drop(DropReason::Malformed);
+        peer.counters.drop(PacketDrop::Malformed);
         return;
     }
     let Ok(mut tunn) = peer.tunn.lock() else {
@@ -233,7 +233,7 @@ fn receive_one(
                 train.push(shared, tun, peer, len);
             }
         }
-        TunnResult::WriteToTunnelV6(..) => peer.counters.drop(DropReason::AllowedIps),
+        TunnResult::WriteToTunnelV6(..) => peer.counters.drop(PacketDrop::AllowedIps),
         TunnResult::Done => {}
         TunnResult::Err(e) => peer.counters.drop(reason_of(&e)),
     }
@@ -267,19 +267,19 @@ pub(super) fn check_decrypted(
     own_tunnel: Ipv4Addr,
     data_port: u16,
     vnis: &BTreeSet<u32>,
-) -> Result<(), DropReason> {
+) -> Result<(), PacketDrop> {
     if src != peer_tunnel {
-        return Err(DropReason::AllowedIps);
+        return Err(PacketDrop::AllowedIps);
     }
     // The tunnel carries the encrypted networks' VXLAN and nothing else: anything else would
     // reach the node's own stack (its services, its routing) from a peer's key alone.
     let vxlan = match wire::parse_vxlan_over_ipv4(pkt) {
         Ok(v) if v.dst_port == data_port && v.dst == own_tunnel => v,
-        _ => return Err(DropReason::NotVxlan),
+        _ => return Err(PacketDrop::NotVxlan),
     };
     // The guard trusts the TUN, so a peer must not use it to reach plain networks' VNIs either.
     if !vnis.contains(&vxlan.vni) {
-        return Err(DropReason::VniNotEncrypted);
+        return Err(PacketDrop::VniNotEncrypted);
     }
     Ok(())
 }

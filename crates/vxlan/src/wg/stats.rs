@@ -9,7 +9,7 @@ use serde::Serialize;
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DropReason {
+pub enum PacketDrop {
     /// Decryption or authentication failed (bad tag, bad MAC, wrong key or index).
     Decrypt,
     /// A replayed or too-old counter.
@@ -32,31 +32,31 @@ pub enum DropReason {
     Expired,
 }
 
-pub(super) const REASONS: [DropReason; 10] = [
-    DropReason::Decrypt,
-    DropReason::Replay,
-    DropReason::Handshake,
-    DropReason::AllowedIps,
-    DropReason::VniNotEncrypted,
-    DropReason::NotVxlan,
-    DropReason::Malformed,
-    DropReason::TunWrite,
-    DropReason::UdpSend,
-    DropReason::Expired,
+pub(super) const REASONS: [PacketDrop; 10] = [
+    PacketDrop::Decrypt,
+    PacketDrop::Replay,
+    PacketDrop::Handshake,
+    PacketDrop::AllowedIps,
+    PacketDrop::VniNotEncrypted,
+    PacketDrop::NotVxlan,
+    PacketDrop::Malformed,
+    PacketDrop::TunWrite,
+    PacketDrop::UdpSend,
+    PacketDrop::Expired,
 ];
 
-pub(super) fn reason_of(e: &WireGuardError) -> DropReason {
+pub(super) fn reason_of(e: &WireGuardError) -> PacketDrop {
     match e {
-        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => PacketDrop::Replay,
         WireGuardError::InvalidTai64nTimestamp
         | WireGuardError::WrongTai64nTimestamp
         | WireGuardError::UnexpectedPacket
-        | WireGuardError::UnderLoad => DropReason::Handshake,
-        WireGuardError::ConnectionExpired | WireGuardError::NoCurrentSession => DropReason::Expired,
+        | WireGuardError::UnderLoad => PacketDrop::Handshake,
+        WireGuardError::ConnectionExpired | WireGuardError::NoCurrentSession => PacketDrop::Expired,
         WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
-            DropReason::Malformed
+            PacketDrop::Malformed
         }
-        _ => DropReason::Decrypt,
+        _ => PacketDrop::Decrypt,
     }
 }
 
@@ -71,7 +71,7 @@ pub(super) struct Counters {
 }
 
 impl Counters {
-    pub(super) fn drop(&self, r: DropReason) {
+    pub(super) fn drop(&self, r: PacketDrop) {
         if let Some(i) = REASONS.iter().position(|x| *x == r) {
             self.drops[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -103,7 +103,7 @@ pub struct PeerStats {
     /// Handshake initiations and responses sent.
     pub handshakes_sent: u64,
     /// Dropped packets by reason (only non-zero reasons).
-    pub drops: Vec<(DropReason, u64)>,
+    pub drops: Vec<(PacketDrop, u64)>,
 }
 
 /// Node-wide counters of the encrypted data path.
