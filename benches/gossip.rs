@@ -1,4 +1,4 @@
-//! Gossip side by side with serf (issue 3), in the same run, at 8 and 16 nodes.
+//! Gossip side by side with serf, in the same run, at 8 and 16 nodes.
 //!
 //! Both systems run in the same kind of lab (`shoal lab up --gossip`: one namespace per node on a
 //! bridge, 198.18.X.0/24, no route out). For serf the lab's own agents are killed first and a
@@ -25,14 +25,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use common::{Conditions, Options, Report, Row};
+use openmetrics_parser::OpenMetricsValue;
+use shoal::api::client::Host;
 use shoal::api::{MemberInfo, NodeInfo};
 use shoal::lab::LabState;
 use shoal_netns::NetNs;
@@ -434,35 +437,14 @@ fn poll_all(
     Ok(worst)
 }
 
-/// `GET path` on an agent's API socket; the body.
+/// `GET path` on an agent's API socket, through the CLI's own client; the body.
 fn http_get(sock: &Path, path: &str) -> anyhow::Result<String> {
-    let mut s = UnixStream::connect(sock).with_context(|| format!("{}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
-    }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return dechunk(body);
-    }
-    Ok(body.to_owned())
-}
-
-fn dechunk(mut body: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").context("bad chunk")?;
-        let size = usize::from_str_radix(size.trim(), 16)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..size).context("short chunk")?);
-        body = rest.get(size + 2..).context("short chunk")?;
-    }
+    let host = Host { socket: sock.to_path_buf() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = rt
+        .block_on(tokio::time::timeout(Duration::from_secs(5), host.get(path)))
+        .map_err(|_| anyhow::anyhow!("GET {path} on {}: no answer in 5 s", sock.display()))??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 fn members(sock: &Path) -> anyhow::Result<Vec<MemberInfo>> {
@@ -473,11 +455,18 @@ fn members(sock: &Path) -> anyhow::Result<Vec<MemberInfo>> {
 /// Sum of `shoal_gossip_bytes_total{direction="out"}` over transports.
 fn gossip_bytes_out(sock: &Path) -> anyhow::Result<u64> {
     let text = http_get(sock, "/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("shoal_gossip_bytes_total{") && l.contains("direction=\"out\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .map_err(|e| anyhow::anyhow!("/metrics is not OpenMetrics text: {e:?}"))?;
+    let family = parsed.families.get("shoal_gossip_bytes").context("no shoal_gossip_bytes")?;
+    let mut sum = 0.0;
+    for sample in family.iter_samples() {
+        let labels = sample.get_labelset().ok();
+        let out = labels.as_ref().and_then(|l| l.get_label_value("direction")) == Some("out");
+        if let (true, OpenMetricsValue::Counter(c)) = (out, &sample.value) {
+            sum += c.value.as_f64();
+        }
+    }
+    Ok(sum as u64)
 }
 
 /// serf agents in a lab's namespaces (the lab's own agents killed first). A thread per agent
@@ -513,7 +502,7 @@ impl SerfCluster {
                 bail!("lab stop {}: {}", node.name, String::from_utf8_lossy(&st.stderr));
             }
         }
-        let key = base64(&rand::random::<[u8; 32]>());
+        let key = STANDARD.encode(rand::random::<[u8; 32]>());
         let mut c = SerfCluster { state, key, agents: Vec::new(), events: Default::default() };
         let names: Vec<String> = c.state.nodes.iter().map(|x| x.name.clone()).collect();
         for name in names {
@@ -659,22 +648,4 @@ impl Drop for SerfCluster {
             let _ = c.wait();
         }
     }
-}
-
-fn base64(b: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let v = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[((v >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -1,6 +1,6 @@
-//! The simulations: 1,000-node dissemination and bandwidth, crash detection, false
+//! The gossip simulations at scale: 1,000-node dissemination and bandwidth, crash detection, false
 //! positives under loss with a slow node versus plain SWIM, partition heal.
-//! Figures are printed (run with `--nocapture`) and asserted with the bounds.
+//! Figures are printed (run with `--nocapture`) and asserted against the bounds each test names.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -107,7 +107,7 @@ fn false_positives(config: CoreConfig, seed: u64, n: usize, secs: u64) -> (usize
     (fp, of_slow)
 }
 
-/// The lossy scenario, 100 nodes, 60 s, seed 7: the default (Lifeguard) profile
+/// The lossy scenario, 100 nodes, 60 s, seed 7: the default (Lifeguard) profile
 /// gives no more false deaths than plain SWIM, and, counting only healthy subjects (not the
 /// slow node), no more than the fixed-suspicion LAN profile it replaces.
 #[test]
@@ -238,7 +238,7 @@ fn partition_heals_with_no_lost_or_resurrected_entries() {
     );
 }
 
-/// A heavier load than the single entry: 100 nodes publish at once. Slow in a debug
+/// A heavier load than one entry at a time: 100 nodes publish at once. Slow in a debug
 /// build (foca re-sorts its broadcast queue for every packet), so run it explicitly:
 /// `cargo test --release -p shoal-gossip --test sim_scale -- --ignored --nocapture`.
 #[test]

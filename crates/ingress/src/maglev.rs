@@ -3,7 +3,8 @@
 //! besides its own. Hashes are fixed (FNV-1a + a SplitMix64 finaliser), never std's
 //! `DefaultHasher`, so a table is the same on every node and every build.
 
-/// Smallest table size per backend; the issue asks for a prime ≥ 100 × backends.
+/// Smallest table size per backend: the table is a prime ≥ 100 × backends, the size the
+/// Maglev paper uses to keep each backend's share of slots near 1/N.
 pub const SLOTS_PER_BACKEND: usize = 100;
 
 /// A built lookup table: slot → index into the backend list it was built from.

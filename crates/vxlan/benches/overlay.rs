@@ -1,7 +1,7 @@
 //! Side-by-side overlay throughput, one run, two nodes in namespaces (root only):
 //! underlay, raw kernel VXLAN set up by hand, shoal plain overlay, wireguard-go, shoal encrypted
 //! overlay. iperf3 TCP, `DUR` seconds each (default 5), `ROUNDS` rounds (default 3; the order
-//! rotates per round). Prints Gbit/s per round, the ratios the issue sets goals for, and
+//! rotates per round). Prints Gbit/s per round, the ratios of shoal to its peers, and
 //! user+system CPU seconds per Gbit of the userspace WireGuard implementations (wireguard-go's
 //! two processes; shoal's data-path threads, i.e. this process, which includes the kernel
 //! receive path its TUN writes run inline; softirq work that lands in other contexts is counted
