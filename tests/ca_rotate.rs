@@ -99,28 +99,7 @@ fn certificates_follow_the_expiry_and_a_ca_rotation_keeps_the_swarm_working() {
     }
 
     // A service on the worker, reached through the mesh.
-    let listen = format!("0.0.0.0:{PORT}");
-    let published = format!("{PORT}:{PORT}");
-    let shoal = env!("CARGO_BIN_EXE_shoal");
-    let out = lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "web",
-            "-p",
-            &published,
-            "--constraint",
-            "node.hostname==node3",
-            "--",
-            shoal,
-            "demo",
-            "visitor",
-            "--listen",
-            &listen,
-        ],
-    );
+    let out = lab.create_visitor("web", PORT, &["--constraint", "node.hostname==node3"]);
     assert!(out.contains("converged"), "{out}");
     eventually("the mesh reaches web", Duration::from_secs(60), || {
         visit(&lab, 1, PORT).contains("Hello World").then_some(())

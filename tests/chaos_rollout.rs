@@ -12,91 +12,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Lab, eventually, ps, require_root, running_per_node};
+use common::{Lab, Load, eventually, get_ok, ps, require_root, running_per_node};
 
 const PORT: u16 = 8100;
 /// Clients of the load loop, each one request at a time on a fresh connection.
 const CLIENTS: usize = 8;
 
-/// Requests sent and failed so far, and the first failures (time into the run, what went wrong).
-#[derive(Default)]
-struct Counts {
-    sent: AtomicU64,
-    failed: AtomicU64,
-    errors: std::sync::Mutex<Vec<String>>,
-}
-
-/// A client loop running until dropped: `CLIENTS` threads, each connecting, sending one
-/// `Connection: close` request and reading the whole answer, which must be a 200.
-struct Load {
-    counts: Arc<Counts>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(to: SocketAddr) -> Load {
-        let counts = Arc::new(Counts::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let t0 = Instant::now();
-        eprintln!(
-            "load started at {:?} (errors say seconds from then)",
-            std::time::SystemTime::now()
-        );
-        let threads = (0..CLIENTS)
-            .map(|_| {
-                let (counts, stop) = (counts.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        counts.sent.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = one_request(to) {
-                            counts.failed.fetch_add(1, Ordering::Relaxed);
-                            let mut errs = counts.errors.lock().unwrap();
-                            if errs.len() < 20 {
-                                errs.push(format!("{:.2}s: {e}", t0.elapsed().as_secs_f64()));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { counts, stop, threads }
-    }
-
-    /// (sent, failed) so far.
-    fn now(&self) -> (u64, u64) {
-        (self.counts.sent.load(Ordering::Relaxed), self.counts.failed.load(Ordering::Relaxed))
-    }
-
-    fn errors(&self) -> Vec<String> {
-        self.counts.errors.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
+/// One `Connection: close` request through the mesh; nginx's `ok` page is the only good answer.
 fn one_request(to: SocketAddr) -> Result<(), String> {
-    let limit = Duration::from_secs(10);
-    let mut s = TcpStream::connect_timeout(&to, limit).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).map_err(|e| format!("read: {e}"))?;
-    if answer.starts_with(b"HTTP/1.1 200") && answer.ends_with(b"ok\n") {
+    let answer = get_ok(to, "web", Duration::from_secs(10))?;
+    if answer.ends_with(b"ok\n") {
         Ok(())
     } else {
         Err(format!("answer: {:?}", String::from_utf8_lossy(&answer[..answer.len().min(60)])))
@@ -212,7 +140,7 @@ fn rollout_under_load_loses_no_request() {
     eventually("4 tasks running", Duration::from_secs(60), || (running(&lab) == 4).then_some(()));
     std::thread::sleep(Duration::from_secs(5));
 
-    let load = Load::start(to);
+    let load = Load::start(CLIENTS, Duration::ZERO, move |_| one_request(to));
     let settle = Duration::from_secs(3);
     let mut phases = vec![phase(&lab, &load, "steady", settle, || {})];
 

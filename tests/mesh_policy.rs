@@ -7,10 +7,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, eventually, lossy, require_root, running_per_node};
+use common::{Lab, curl, eventually, lossy, require_root, running_per_node};
 
 /// The task: an HTTP server on 8000 that answers `task=HOSTNAME`.
 const SERVER: &str = r#"
@@ -34,10 +33,10 @@ fn task(lab: &Lab, from: Option<&str>, to: &str) -> Option<String> {
     let url = format!("http://{to}:8100/");
     let argv = ["curl", "-s", "-m", "10", url.as_str()];
     let out = match from {
-        None => Command::new("curl").args(&argv[1..]).output().expect("curl").stdout,
-        Some(n) => lab.exec(n, &argv).stdout,
+        None => curl(&url, 10),
+        Some(n) => lossy(&lab.exec(n, &argv).stdout),
     };
-    lossy(&out).trim().strip_prefix("task=").map(str::to_owned)
+    out.trim().strip_prefix("task=").map(str::to_owned)
 }
 
 /// How many of `sticky`'s backends the node's mesh has up, from its `/metrics`.
@@ -378,8 +377,7 @@ fn a_host_mode_task_waits_for_a_node_whose_port_is_free() {
     for i in 1..=2 {
         eventually(&format!("node{i} answers on 8300"), Duration::from_secs(60), || {
             let url = format!("http://{}:8300/", lab.addr(i));
-            let out = Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl");
-            lossy(&out.stdout).contains("Directory listing").then_some(())
+            curl(&url, 10).contains("Directory listing").then_some(())
         });
     }
     assert_eq!(running_per_node(&lab, "edge").values().sum::<usize>(), 2);

@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, eventually, lossy, require_root, running_per_node};
+use common::{Lab, curl, eventually, lossy, require_root, running_per_node};
 
 /// nginx: one server that needs the header, logs its address and answers with it.
 fn nginx_conf(dir: &std::path::Path) -> String {
@@ -52,17 +51,13 @@ frontend fe
     )
 }
 
-fn curl(url: &str) -> String {
-    lossy(&Command::new("curl").args(["-s", "-m", "10", url]).output().expect("curl").stdout)
-}
-
 /// The first answer of `url` that starts with `prefix`, within 90 s; on failure, what the
 /// mesh and nginx said.
 fn answer_within(lab: &Lab, url: &str, prefix: &str, dir: &std::path::Path) -> String {
     let t0 = std::time::Instant::now();
     let mut last = String::new();
     while t0.elapsed() < Duration::from_secs(90) {
-        last = curl(url);
+        last = curl(url, 10);
         if last.starts_with(prefix) {
             return last;
         }

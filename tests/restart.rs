@@ -8,22 +8,16 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Lab, eventually, lossy, ps, require_root, task_netns};
+use common::{Lab, Load, curl, eventually, lossy, ps, require_root, shoal_at, task_netns};
 use shoal_netns::NetNs;
 
 const PORT: u16 = 8300;
 
 /// One request to nodeN's published port; whether the task answered.
-fn get(lab: &Lab, node: u8, timeout_s: &str) -> bool {
-    let url = format!("http://{}:{PORT}/visitor", lab.addr(node));
-    Command::new("curl")
-        .args(["-s", "-m", timeout_s, &url])
-        .output()
-        .is_ok_and(|o| lossy(&o.stdout).contains("Hello World"))
+fn get(lab: &Lab, node: u8, timeout_s: u32) -> bool {
+    curl(&format!("http://{}:{PORT}/visitor", lab.addr(node)), timeout_s).contains("Hello World")
 }
 
 /// The running tasks of `web` as (id, node).
@@ -33,17 +27,6 @@ fn running(lab: &Lab) -> BTreeSet<(String, String)> {
         .filter(|t| !t.history && t.desired == "Running" && t.state == "Running")
         .map(|t| (t.id, t.node))
         .collect()
-}
-
-/// `shoal` from `binary` (the test's build, or a copy of it standing for an upgrade).
-fn shoal_at(binary: &std::path::Path) -> Command {
-    let mut c = Command::new(binary);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("SHOAL_")) {
-            c.env_remove(k);
-        }
-    }
-    c
 }
 
 /// Removes the upgrade's copy of the binary, also when the test fails.
@@ -94,37 +77,14 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
     lab.swarm(3);
     lab.on("node1", &["network", "create", "appnet"]);
     let shoal = env!("CARGO_BIN_EXE_shoal");
-    let listen = format!("0.0.0.0:{PORT}");
-    let publish = format!("{PORT}:{PORT}");
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "-d",
-            "--name",
-            "web",
-            "--mode",
-            "global",
-            "--network",
-            "appnet",
-            "-p",
-            &publish,
-            "--",
-            shoal,
-            "demo",
-            "visitor",
-            "--listen",
-            &listen,
-        ],
-    );
+    lab.create_visitor("web", PORT, &["-d", "--mode", "global", "--network", "appnet"]);
     let tasks = eventually("a web task running on every node", Duration::from_secs(60), || {
         let r = running(&lab);
         (r.len() == 3).then_some(r)
     });
     for n in 1..=3 {
         eventually("every node's published port answers", Duration::from_secs(30), || {
-            get(&lab, n, "5").then_some(())
+            get(&lab, n, 5).then_some(())
         });
     }
     let (on2, _) = tasks.iter().find(|(_, node)| node == "node2").expect("a task on node2");
@@ -143,29 +103,16 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
     });
 
     // Requests through node1 and node3, a few a second, for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let traffic = {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        let addrs = [lab.addr(1), lab.addr(3)];
-        std::thread::spawn(move || {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let url = format!("http://{}:{PORT}/visitor", addrs[i % 2]);
-                i += 1;
-                let ok = Command::new("curl")
-                    .args(["-s", "-m", "10", &url])
-                    .output()
-                    .is_ok_and(|o| lossy(&o.stdout).contains("Hello World"));
-                sent.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("request {i} to {url} failed");
-                }
-                std::thread::sleep(Duration::from_millis(150));
-            }
-        })
-    };
+    let addrs = [lab.addr(1), lab.addr(3)];
+    let traffic = Load::start(1, Duration::from_millis(150), move |i| {
+        let url = format!("http://{}:{PORT}/visitor", addrs[i as usize % 2]);
+        if curl(&url, 10).contains("Hello World") {
+            Ok(())
+        } else {
+            eprintln!("request {i} to {url} failed");
+            Err(format!("request {i} to {url} failed"))
+        }
+    });
 
     let upgrade_dir = std::env::temp_dir().join(format!("{}-upgrade", lab.name));
     std::fs::create_dir_all(&upgrade_dir).unwrap();
@@ -190,7 +137,7 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         let out = shoal_at(binary).args(["--lab", &lab.name, "lab", "start", "node2"]).output();
         let out = out.expect("lab start");
         assert!(out.status.success(), "{how}: lab start: {}", lossy(&out.stderr));
-        while !get(&lab, 2, "1") {
+        while !get(&lab, 2, 1) {
             assert!(t0.elapsed() < Duration::from_secs(30), "{how}: node2's port never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -216,14 +163,13 @@ fn restarting_an_agent_keeps_its_tasks_and_traffic() {
         assert!(!table.contains("Shutdown"), "{how}: nothing was shut down:\n{table}");
     }
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    traffic.join().unwrap();
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let errors = traffic.errors();
+    let (sent, failed) = traffic.finish();
     eprintln!(
         "through node1 and node3: {sent} requests, {failed} failed; port figures {figures:?}"
     );
     assert!(sent > 50, "the request loop ran ({sent})");
-    assert_eq!(failed, 0, "requests through the other nodes failed during restarts");
+    assert_eq!(failed, 0, "requests through the other nodes failed during restarts: {errors:?}");
     for (how, t) in &figures {
         assert!(*t <= Duration::from_secs(2), "{how}: node2's port took {t:?} (> 2 s)");
     }

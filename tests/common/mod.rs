@@ -4,12 +4,22 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 use std::process::{Command, Output};
 
+pub mod load;
+
+#[allow(unused_imports)]
+pub use load::{Load, curl, get_ok};
 #[allow(unused_imports)]
 pub use shoal_netns::testing::require_root;
 
 /// The `shoal` binary under test.
 pub fn shoal() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    shoal_at(std::path::Path::new(env!("CARGO_BIN_EXE_shoal")))
+}
+
+/// `shoal` from `binary` (the test's build, or a copy of it standing for an upgrade), with
+/// none of this process's `SHOAL_*` settings but the log level.
+pub fn shoal_at(binary: &std::path::Path) -> Command {
+    let mut c = Command::new(binary);
     for (k, _) in std::env::vars_os() {
         // (A log level set for a test run reaches the agents its labs start.)
         if k.to_str().is_some_and(|k| k.starts_with("SHOAL_") && k != "SHOAL_LOG_LEVEL") {
@@ -143,6 +153,16 @@ impl Drop for Lab {
 }
 
 impl Lab {
+    /// `service create NAME` on node1 of `shoal demo visitor` listening on `port` and published
+    /// on the same port, with `flags` (e.g. `-d`, `--mode global`) before the command; its output.
+    pub fn create_visitor(&self, name: &str, port: u16, flags: &[&str]) -> String {
+        let publish = format!("{port}:{port}");
+        let listen = format!("0.0.0.0:{port}");
+        let head = ["service", "create", "--name", name, "-p", &publish];
+        let tail = ["--", env!("CARGO_BIN_EXE_shoal"), "demo", "visitor", "--listen", &listen];
+        self.on("node1", &[&head[..], flags, &tail[..]].concat())
+    }
+
     /// `swarm init` on node1 and `swarm join` as workers on the other `nodes - 1`.
     pub fn swarm(&self, nodes: u8) {
         self.on("node1", &["swarm", "init"]);
@@ -230,8 +250,7 @@ pub fn dig(netns: &str, name: &str) -> String {
 /// `curl http://nodeN:PORT/visitor` from this host (the lab bridge reaches every node); "" when
 /// nothing answers.
 pub fn visit(lab: &Lab, node: u8, port: u16) -> String {
-    let url = format!("http://{}:{port}/visitor", lab.addr(node));
-    lossy(&Command::new("curl").args(["-s", "-m", "10", &url]).output().expect("curl").stdout)
+    curl(&format!("http://{}:{port}/visitor", lab.addr(node)), 10)
 }
 
 /// The namespace of a task: `<lab>-<node>-t-<first 12 of its id>`.
