@@ -4,8 +4,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
@@ -20,11 +20,29 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 
-use crate::forward::Question;
-use crate::metrics::Outcome;
-use crate::records::{Lookup, Scope};
-use crate::server::Inner;
+use crate::forward::{Forwarder, Question};
+use crate::metrics::{Metrics, Outcome};
+use crate::records::{Lookup, Scope, Zone};
 use crate::wire::SimpleQuery;
+
+/// What the service's handlers share: the names served, the forwarder, the metrics and the
+/// reply settings. The server owns it; every listener's handler holds it.
+pub(crate) struct Inner {
+    pub(crate) records: ArcSwap<Zone>,
+    pub(crate) forwarder: Arc<Forwarder>,
+    pub(crate) metrics: Metrics,
+    pub(crate) seed: u64,
+    pub(crate) counter: AtomicU64,
+    pub(crate) edns_payload: u16,
+    pub(crate) tcp_idle_timeout: Duration,
+    pub(crate) watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
 
 /// The per-namespace request handler.
 pub(crate) struct Handler {

@@ -31,7 +31,7 @@ use hickory_server::server::Request;
 use shoal_netns::NetNs;
 
 use crate::forward::{self, ForwardConfig, Forwarder};
-use crate::handler::{Handler, UdpReply};
+use crate::handler::{Handler, Inner, UdpReply};
 use crate::metrics::Metrics;
 use crate::records::{RecordsConfig, Scope, Zone};
 use crate::udp::udp_loop;
@@ -93,29 +93,6 @@ pub enum DnsError {
     NoRuntime,
 }
 
-pub(crate) struct Inner {
-    pub(crate) records: ArcSwap<Zone>,
-    pub(crate) forwarder: Arc<Forwarder>,
-    pub(crate) metrics: Metrics,
-    pub(crate) seed: u64,
-    pub(crate) counter: AtomicU64,
-    pub(crate) edns_payload: u16,
-    pub(crate) tcp_idle_timeout: Duration,
-    pub(crate) watcher: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.udp_task.abort();
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.watcher.abort();
-    }
-}
-
 /// One task namespace's listener. Dropping it stops its tasks (hickory's `Server` aborts its
 /// own on drop; the UDP loop is aborted here).
 struct Listener {
@@ -126,6 +103,12 @@ struct Listener {
     stop: Arc<tokio::sync::Notify>,
     scope: Arc<ArcSwap<Scope>>,
     local: SocketAddr,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.udp_task.abort();
+    }
 }
 
 /// The DNS service the agent owns: attach a listener per task namespace, push snapshots, read
