@@ -19,7 +19,7 @@ pub struct WireEntry {
 
 /// A node's metadata and networks, versioned by its owner.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
+pub struct MemberRecord {
     /// Whose.
     pub node: NodeId,
     /// Owner's process generation.
@@ -32,7 +32,7 @@ pub struct NodeRecord {
     pub networks: Vec<String>,
 }
 
-impl NodeRecord {
+impl MemberRecord {
     /// Order of records of one node: newer generation, then newer version.
     pub fn order(&self) -> (u64, u64) {
         (self.generation, self.version)
@@ -58,7 +58,7 @@ pub enum Item {
     /// A table event.
     Entry(WireEntry),
     /// A node's metadata.
-    Node(NodeRecord),
+    Node(MemberRecord),
     /// An accusation.
     Suspect(Suspect),
 }
@@ -94,8 +94,8 @@ pub struct Sync {
     pub from: Identity,
     /// The sender's membership view.
     pub members: Vec<foca::Member<Identity>>,
-    /// The node records the sender knows.
-    pub nodes: Vec<NodeRecord>,
+    /// The member records the sender knows.
+    pub nodes: Vec<MemberRecord>,
     /// The sender's networks (the reply carries only entries of these).
     pub networks: Vec<String>,
     /// Entries (live and tombstones) of the sender's networks.

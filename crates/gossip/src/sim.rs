@@ -211,7 +211,7 @@ impl Sim {
             sim.after(i);
         }
         let records: Vec<_> =
-            (0..n).filter_map(|i| sim.core(i).and_then(Core::own_node_record)).collect();
+            (0..n).filter_map(|i| sim.core(i).and_then(Core::own_member_record)).collect();
         for i in 0..n {
             sim.with(i, |c, now| c.restore_records(now, records.iter().cloned()));
         }

@@ -32,7 +32,7 @@ pub use self::vocab::{
 };
 use crate::keyring::Keyring;
 use crate::metrics::{Counters, DropReason, MemberCounts, Metrics};
-use crate::msg::{self, Item, NodeRecord, WireEntry};
+use crate::msg::{self, Item, MemberRecord, WireEntry};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 use crate::wire::Kind;
 
@@ -126,9 +126,13 @@ impl Core {
         self.swim.quiet = false;
     }
 
-    /// Restores node records without gossiping them (a saved view, or a simulation that starts
+    /// Restores member records without gossiping them (a saved view, or a simulation that starts
     /// from a formed cluster).
-    pub fn restore_records(&mut self, now: Instant, records: impl IntoIterator<Item = NodeRecord>) {
+    pub fn restore_records(
+        &mut self,
+        now: Instant,
+        records: impl IntoIterator<Item = MemberRecord>,
+    ) {
         self.swim.set_now(now);
         let mut st = lock(&self.swim.state);
         for r in records {
@@ -136,8 +140,8 @@ impl Core {
         }
     }
 
-    /// Our own current node record.
-    pub fn own_node_record(&self) -> Option<NodeRecord> {
+    /// Our own current member record.
+    pub fn own_member_record(&self) -> Option<MemberRecord> {
         let st = lock(&self.swim.state);
         st.nodes.get(&st.me.node).cloned()
     }
@@ -476,7 +480,7 @@ impl Core {
             return;
         }
         if let Err(e) = self.swim.foca.add_broadcast(&msg::encode(&Item::Node(rec))) {
-            tracing::warn!(error = %e, "node record too large to gossip");
+            tracing::warn!(error = %e, "member record too large to gossip");
         }
     }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::vocab::{EntryChange, Event, MemberState, MemberView};
 use crate::config::CoreConfig;
 use crate::metrics::{Counters, DropReason};
-use crate::msg::{self, Item, NodeRecord, Suspect, WireEntry};
+use crate::msg::{self, Item, MemberRecord, Suspect, WireEntry};
 use crate::table::{Merge, Store, Stored};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 
@@ -48,7 +48,7 @@ pub(super) struct State {
     pub(super) store: Store,
     pub(super) networks: BTreeSet<String>,
     pub(super) relay: BTreeMap<EntryKey, (Version, Instant)>,
-    pub(super) nodes: BTreeMap<NodeId, NodeRecord>,
+    pub(super) nodes: BTreeMap<NodeId, MemberRecord>,
     pub(super) live: BTreeMap<NodeId, Identity>,
     pub(super) latest_gen: BTreeMap<NodeId, u64>,
     pub(super) was_down: BTreeSet<NodeId>,
@@ -135,10 +135,10 @@ impl State {
         }
     }
 
-    /// Our next node record, one version above the last.
-    pub(super) fn next_record(&self, meta: NodeMeta, networks: Vec<String>) -> NodeRecord {
+    /// Our next member record, one version above the last.
+    pub(super) fn next_record(&self, meta: NodeMeta, networks: Vec<String>) -> MemberRecord {
         let version = self.nodes.get(&self.me.node).map_or(1, |r| r.version + 1);
-        NodeRecord { node: self.me.node, generation: self.me.generation, version, meta, networks }
+        MemberRecord { node: self.me.node, generation: self.me.generation, version, meta, networks }
     }
 
     /// Drops old tombstones, relay memories and settled suspicions.
@@ -224,7 +224,7 @@ impl State {
             && e.value.as_ref().is_none_or(|v| v.len() <= self.cfg.max_value_len)
     }
 
-    fn valid_record(&self, r: &NodeRecord) -> bool {
+    fn valid_record(&self, r: &MemberRecord) -> bool {
         r.meta.name.len() <= 255
             && r.meta.id.len() <= 255
             && r.networks.len() <= 4096
@@ -299,8 +299,8 @@ impl State {
         }
     }
 
-    /// Applies a node record; `Some` when it is new.
-    pub(super) fn apply_record(&mut self, r: NodeRecord, local: bool) -> Option<BKey> {
+    /// Applies a member record; `Some` when it is new.
+    pub(super) fn apply_record(&mut self, r: MemberRecord, local: bool) -> Option<BKey> {
         if !self.valid_record(&r) {
             self.counters.drop(DropReason::Malformed);
             return None;

@@ -124,7 +124,7 @@ pub(super) fn pick_peer(sw: &mut Swim) -> Option<SocketAddr> {
     Some(pool[sw.rng.random_range(0..pool.len())])
 }
 
-/// Our full state as a plain sync message: members, node records, and the entries of
+/// Our full state as a plain sync message: members, member records, and the entries of
 /// `only` these networks (all if `None`).
 fn build(sw: &Swim, only: Option<&[String]>) -> Vec<u8> {
     let members: Vec<Member<Identity>> = sw.foca.iter_membership_state().cloned().collect();
