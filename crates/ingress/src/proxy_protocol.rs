@@ -53,9 +53,9 @@ pub enum Command {
     Proxy,
 }
 
-/// Transport of the relayed connection.
+/// The transport protocol of the relayed connection, as the header gives it: stream or datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub enum SocketType {
     /// TCP.
     Stream,
     /// UDP.
@@ -68,7 +68,7 @@ pub struct Header {
     /// LOCAL or PROXY (v1 has only PROXY; its UNKNOWN maps to PROXY without addresses).
     pub command: Command,
     /// Stream or datagram.
-    pub transport: Transport,
+    pub transport: SocketType,
     /// Client (source) and proxy-side destination addresses, if known.
     pub addrs: Option<(SocketAddr, SocketAddr)>,
 }
@@ -175,7 +175,7 @@ impl Header {
     pub fn tcp(client: SocketAddr, local: SocketAddr) -> Header {
         Header {
             command: Command::Proxy,
-            transport: Transport::Stream,
+            transport: SocketType::Stream,
             addrs: Some(same_family(client, local)),
         }
     }
@@ -189,9 +189,9 @@ impl Header {
         };
         let fam = p.family();
         let transport = match fam & 0x0f {
-            0 => Transport::Stream,
-            1 => Transport::Stream,
-            2 => Transport::Dgram,
+            0 => SocketType::Stream,
+            1 => SocketType::Stream,
+            2 => SocketType::Dgram,
             _ => return Err(ParseError::Family(fam)),
         };
         let a = p.payload();
@@ -255,8 +255,8 @@ impl Header {
             Command::Proxy => 0x21,
         };
         let tr = match self.transport {
-            Transport::Stream => 1,
-            Transport::Dgram => 2,
+            SocketType::Stream => 1,
+            SocketType::Dgram => 2,
         };
         let addrs = self.addrs.map(|(s, d)| same_family(s, d));
         let fam = match addrs {
@@ -289,7 +289,7 @@ impl Header {
     /// The v1 text line (with CRLF). Datagram transport has no v1 form and yields `UNKNOWN`.
     pub fn to_v1(&self) -> String {
         match (self.transport, self.addrs.map(|(s, d)| same_family(s, d))) {
-            (Transport::Stream, Some((s, d))) => {
+            (SocketType::Stream, Some((s, d))) => {
                 let fam = if s.is_ipv4() { "TCP4" } else { "TCP6" };
                 format!("PROXY {fam} {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port())
             }
@@ -320,7 +320,7 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     if proto == "UNKNOWN" {
         // The rest of an UNKNOWN line is to be ignored.
         return Ok((
-            Header { command: Command::Proxy, transport: Transport::Stream, addrs: None },
+            Header { command: Command::Proxy, transport: SocketType::Stream, addrs: None },
             used,
         ));
     }
@@ -350,7 +350,7 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     Ok((
         Header {
             command: Command::Proxy,
-            transport: Transport::Stream,
+            transport: SocketType::Stream,
             addrs: Some((
                 SocketAddr::new(ip(src)?, port(sport)?),
                 SocketAddr::new(ip(dst)?, port(dport)?),
