@@ -3,7 +3,6 @@
 
 pub mod agent;
 pub mod api;
-pub mod attach;
 pub mod cli;
 pub mod cni;
 pub mod config;
@@ -14,6 +13,4 @@ pub mod lab;
 pub mod metrics;
 pub mod mounts;
 pub mod ui;
-pub mod verbs;
-pub mod volume_verbs;
 pub mod volumes;
