@@ -12,5 +12,6 @@ pub mod from_model;
 pub mod lab;
 pub mod metrics;
 pub mod mounts;
+pub mod swarm;
 pub mod ui;
 pub mod volumes;
