@@ -1,5 +1,6 @@
 //! The `shoal` binary's library: configuration, the agent's API (server and client), the agent
-//! daemon that wires the crates together, the CLI, and the lab. `main.rs` only calls [`cli::main`].
+//! daemon, this node's part in a swarm (which wires the crates together), the CLI, and the lab.
+//! `main.rs` only calls [`cli::main`]. ARCHITECTURE.md says which way the modules import.
 
 pub mod agent;
 pub mod api;

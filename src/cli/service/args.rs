@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shoal_model::{MeshPolicyChange, PublishedPort, ServiceCreate, ServiceUpdate};
+use shoal_model::{MeshPolicyChange, PublishedPort, RolloutChange, ServiceCreate, ServiceUpdate};
 
 use crate::mounts::MountSpec;
 
@@ -22,6 +22,18 @@ pub struct RolloutArgs {
     /// How long after its creation a new task's failure counts (default 5s).
     #[arg(long, value_parser = parse_duration)]
     pub update_monitor: Option<Duration>,
+}
+
+impl RolloutArgs {
+    /// The change these flags ask for.
+    pub fn change(&self) -> anyhow::Result<RolloutChange> {
+        Ok(RolloutChange {
+            update_parallelism: self.update_parallelism,
+            update_delay_ms: ms(self.update_delay),
+            update_failure_action: keyword(&self.update_failure_action)?,
+            update_monitor_ms: ms(self.update_monitor),
+        })
+    }
 }
 
 /// Flags of `service create` and the command after `--`.
@@ -120,10 +132,7 @@ impl CreateArgs {
             restart_delay_ms: ms(self.restart_delay),
             restart_max_attempts: self.restart_max_attempts,
             update_order: keyword(&self.update_order)?,
-            update_parallelism: self.rollout.update_parallelism,
-            update_delay_ms: ms(self.rollout.update_delay),
-            update_failure_action: keyword(&self.rollout.update_failure_action)?,
-            update_monitor_ms: ms(self.rollout.update_monitor),
+            rollout: self.rollout.change()?,
             health_cmd: self.health_cmd.clone(),
             health_interval_ms: ms(self.health_interval),
             health_timeout_ms: ms(self.health_timeout),
@@ -203,10 +212,7 @@ impl UpdateArgs {
             constraint_add: self.constraint_add.clone(),
             constraint_rm: self.constraint_rm.clone(),
             update_order: keyword(&self.update_order)?,
-            update_parallelism: self.rollout.update_parallelism,
-            update_delay_ms: ms(self.rollout.update_delay),
-            update_failure_action: keyword(&self.rollout.update_failure_action)?,
-            update_monitor_ms: ms(self.rollout.update_monitor),
+            rollout: self.rollout.change()?,
             stop_grace_ms: ms(self.stop_grace_period),
             stop_signal: self.stop_signal.clone(),
             force: self.force,
