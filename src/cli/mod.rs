@@ -333,6 +333,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_command_tree_is_consistent() {
+        // clap checks its own rules here (one id per flag, short flags unique within a command,
+        // groups and conflicts that name real arguments), across every noun's module at once.
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
     fn errors_read_as_dockers() {
         let api = |status, message: &str| {
             anyhow::Error::new(ApiError { status, message: message.to_owned() })
