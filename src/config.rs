@@ -15,6 +15,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shoal";
 pub const DEFAULT_UI_PORT: u16 = 8089;
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+/// The file in the data dir holding this node's last gossip generation.
+pub const GOSSIP_GENERATION_FILE: &str = "gossip-generation";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -258,6 +260,26 @@ impl AgentConfig {
         let mut t = self.cluster_tuning.tuning();
         t.gossip_key_rotation = self.gossip_key_rotation;
         t
+    }
+
+    /// Gossip's configuration for this agent at address `addr`, with one key: standalone as
+    /// it is, or the start of a swarm node's (`crate::swarm`), which adds its keyring and
+    /// identity.
+    pub fn gossip(&self, addr: IpAddr, key: [u8; 32]) -> shoal_gossip::GossipConfig {
+        use shoal_gossip::{GossipConfig, NodeId, NodeMeta, Role};
+        let advertise = SocketAddr::new(addr, self.gossip_port);
+        let mut g = GossipConfig::new(NodeId::from_name(&self.node_name), advertise, key);
+        g.seeds = self.gossip_seeds.iter().copied().filter(|s| *s != advertise).collect();
+        g.generation_file = Some(self.data_dir.join(GOSSIP_GENERATION_FILE));
+        g.meta = NodeMeta {
+            id: self.node_name.clone(),
+            name: self.node_name.clone(),
+            role: Role::Worker,
+            underlay: Some(addr),
+            data_port: self.data_path_port,
+            ..NodeMeta::default()
+        };
+        g
     }
 
     /// Merges flags/environment over the file over defaults, then validates.

@@ -1,9 +1,9 @@
 //! The `shoal` binary's library: configuration, the agent's API (server and client), the agent
-//! daemon that wires the crates together, the CLI, and the lab. `main.rs` only calls [`cli::main`].
+//! daemon, this node's part in a swarm (which wires the crates together), the CLI, and the lab.
+//! `main.rs` only calls [`cli::main`]. ARCHITECTURE.md says which way the modules import.
 
 pub mod agent;
 pub mod api;
-pub mod attach;
 pub mod cli;
 pub mod cni;
 pub mod config;
@@ -13,7 +13,6 @@ pub mod from_model;
 pub mod lab;
 pub mod metrics;
 pub mod mounts;
+pub mod swarm;
 pub mod ui;
-pub mod verbs;
-pub mod volume_verbs;
 pub mod volumes;

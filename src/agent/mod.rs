@@ -3,11 +3,8 @@
 //! runs the overlay, DNS, the mesh and the control plane.
 
 pub mod access;
-pub mod addr;
-pub mod gossip;
 pub mod observe;
 pub mod preflight;
-pub mod swarm;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -24,6 +21,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::api::{self, ApiState};
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
+use crate::swarm::{self, addr};
 
 /// Name of the lock file inside the data directory.
 pub const LOCK_FILE: &str = "agent.lock";
@@ -99,7 +97,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let current_gossip = Arc::new(arc_swap::ArcSwapOption::<shoal_gossip::Gossip>::empty());
     metrics
         .registry_mut()
-        .register_collector(Box::new(gossip::CurrentGossip(current_gossip.clone())));
+        .register_collector(Box::new(observe::CurrentGossip(current_gossip.clone())));
     if let Some(path) = &config.gossip_key_file {
         let key = crate::config::load_gossip_key(path).map_err(anyhow::Error::msg)?;
         let ifaces = addr::Interfaces::read();
@@ -109,7 +107,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 anyhow::anyhow!("standalone gossip needs an address: {e}; set advertise_addr")
             })?,
         };
-        let g = shoal_gossip::Gossip::start(gossip::config(&config, ip, key)).await?;
+        let g = shoal_gossip::Gossip::start(config.gossip(ip, key)).await?;
         tracing::info!(addr = %g.local_addr(), seeds = ?config.gossip_seeds, "standalone gossip started");
         current_gossip.store(Some(Arc::new(g)));
     }

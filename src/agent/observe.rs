@@ -1,5 +1,5 @@
-//! What an operator sees of the control plane: Raft metrics on `/metrics`, and the visualizer's
-//! view of the cluster, rebuilt from the managers' store.
+//! What an operator sees of the control plane: gossip's and Raft's metrics on `/metrics`, and the
+//! visualizer's view of the cluster, rebuilt from the managers' store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,20 @@ use shoal_cluster::Cluster;
 use tokio::sync::watch;
 
 use crate::ui::{ClusterView, MeshView, NodeView, ServiceView, TaskView};
+
+/// Forwards a scrape to whichever gossip instance runs now (standalone or the swarm's), so the
+/// registry holds one collector however often the node joins and leaves swarms.
+#[derive(Debug)]
+pub struct CurrentGossip(pub Arc<ArcSwapOption<shoal_gossip::Gossip>>);
+
+impl Collector for CurrentGossip {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        match self.0.load().as_ref() {
+            Some(g) => g.collector().encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Raft figures of this manager, read at scrape time (nothing on workers or outside a swarm).
 #[derive(Debug)]

@@ -107,6 +107,37 @@ pub struct GossipInfo {
     pub entries: usize,
 }
 
+impl GossipInfo {
+    /// What `/info` shows of a gossip snapshot.
+    pub fn of(snap: &shoal_gossip::Snapshot) -> GossipInfo {
+        GossipInfo {
+            members: snap
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    name: m.meta.as_ref().map(|x| x.name.clone()).unwrap_or_default(),
+                    addr: m.id.addr,
+                    state: member_state(m.state).to_owned(),
+                    incarnation: m.incarnation,
+                    generation: m.id.generation,
+                })
+                .collect(),
+            networks: snap.networks.clone(),
+            key_ids: snap.key_ids.clone(),
+            entries: snap.entries.len(),
+        }
+    }
+}
+
+fn member_state(s: shoal_gossip::MemberState) -> &'static str {
+    use shoal_gossip::MemberState;
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
 /// One gossip member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberInfo {
@@ -135,7 +166,7 @@ pub struct ApiState {
     /// The gossip instance running now: standalone (key file) or the swarm's.
     pub gossip: Arc<arc_swap::ArcSwapOption<shoal_gossip::Gossip>>,
     /// Set while this node is in a swarm.
-    pub swarm: tokio::sync::Mutex<Option<crate::agent::swarm::Swarm>>,
+    pub swarm: tokio::sync::Mutex<Option<crate::swarm::Swarm>>,
     /// A copy of the swarm's handle for readers that must not wait on `swarm`'s lock.
     pub cluster: Arc<arc_swap::ArcSwapOption<shoal_cluster::Cluster>>,
     /// This node's tasks and data path, while in a swarm.
@@ -212,7 +243,7 @@ async fn info(State(state): State<Arc<ApiState>>) -> axum::Json<NodeInfo> {
         data_dir: c.data_dir.display().to_string(),
         socket: c.socket.display().to_string(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        gossip: state.gossip.load().as_ref().map(|g| crate::agent::gossip::info(&g.snapshot())),
+        gossip: state.gossip.load().as_ref().map(|g| GossipInfo::of(&g.snapshot())),
         swarm: swarm.map(|i| SwarmInfo {
             node_id: i.node.to_string(),
             role: i.role.to_string(),

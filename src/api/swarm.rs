@@ -19,14 +19,14 @@ use shoal_cluster::{
 };
 
 use super::{ApiState, error};
-use crate::agent::addr::{self, Interfaces};
-use crate::agent::swarm::{Swarm, parse_addr};
+use crate::swarm::Swarm;
+use crate::swarm::addr::{self, Interfaces, parse_addr};
 
 /// Docker's answer when a node outside any swarm is asked a swarm question.
 pub const NOT_IN_SWARM: &str = "This node is not a swarm manager. Use \"shoal swarm init\" or \"shoal swarm join\" to connect this node to swarm and try again.";
 
 /// `POST /swarm/init`. Addresses are `ADDR|IFACE[:PORT]` as Docker takes them (see
-/// [`crate::agent::addr`]).
+/// [`crate::swarm::addr`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InitRequest {
     pub advertise_addr: Option<String>,

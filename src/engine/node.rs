@@ -401,7 +401,7 @@ async fn start_services(
                 ..ing::MeshConfig::default()
             })?;
             // The node's WireGuard public key reaches its peers through its store record,
-            // which its heartbeat keeps (`agent::swarm`), read from the same key file as the
+            // which its heartbeat keeps (`crate::swarm`), read from the same key file as the
             // overlay's.
             anyhow::Ok(mesh)
         };

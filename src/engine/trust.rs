@@ -85,7 +85,7 @@ fn peers(state: &ClusterState, snap: &Snapshot, tunnels: ipnet::Ipv4Net, out: &m
             meta.wg_public_key.map(hex::encode)
         );
         // A node's gossip runs under the id made from its node id, on its control address
-        // (`agent::swarm`); its metadata repeats what its record says.
+        // (`crate::swarm`); its metadata repeats what its record says.
         let impostor = m.id.node != shoal_gossip::NodeId::from_name(&meta.id)
             || m.id.addr.ip() != rec.addr.ip()
             || meta.underlay != Some(rec.data_addr)

@@ -34,7 +34,7 @@ pub use mesh::{MeshCheck, MeshPolicy, MeshPolicyChange};
 pub use mount::{MountKind, MountSpec};
 pub use network::NetworkCreate;
 pub use port::{MeshPath, PortMode, Protocol, ProxyVersion, PublishedPort};
-pub use request::{Context, ServiceCreate, ServiceUpdate};
+pub use request::{Context, RolloutChange, ServiceCreate, ServiceUpdate};
 pub use service::{
     EndpointMode, FailureAction, Health, LbAlgorithm, NetworkRef, Service, UpdateStatus,
 };

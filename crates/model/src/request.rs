@@ -35,6 +35,48 @@ pub mod defaults {
     pub const STOP_GRACE_MS: u64 = 10_000;
 }
 
+/// Docker's `--update-*` flags, the same on `service create` and `service update`: how a
+/// rolling update replaces tasks. A flag left out is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutChange {
+    /// `--update-parallelism` (0: all at once).
+    #[serde(default)]
+    pub update_parallelism: Option<u64>,
+    #[serde(default)]
+    pub update_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub update_failure_action: Option<FailureAction>,
+    #[serde(default)]
+    pub update_monitor_ms: Option<u64>,
+}
+
+impl RolloutChange {
+    /// The update policy of a new service: Docker's defaults for what is left out.
+    fn policy(&self) -> UpdatePolicy {
+        UpdatePolicy {
+            parallelism: self.update_parallelism.unwrap_or(1),
+            delay_ms: self.update_delay_ms.unwrap_or(0),
+            monitor_ms: self.update_monitor_ms.unwrap_or(DEFAULT_UPDATE_MONITOR_MS),
+        }
+    }
+
+    /// Changes what is given on `svc`, and only that.
+    fn apply(&self, svc: &mut Service) {
+        if let Some(n) = self.update_parallelism {
+            svc.update.parallelism = n;
+        }
+        if let Some(ms) = self.update_delay_ms {
+            svc.update.delay_ms = ms;
+        }
+        if let Some(a) = self.update_failure_action {
+            svc.update_failure_action = a;
+        }
+        if let Some(ms) = self.update_monitor_ms {
+            svc.update.monitor_ms = ms;
+        }
+    }
+}
+
 /// `POST /services`: Docker's `service create` flags.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServiceCreate {
@@ -86,15 +128,9 @@ pub struct ServiceCreate {
     /// `--stop-signal`: a name (`SIGQUIT`, `QUIT`) or a number.
     #[serde(default)]
     pub stop_signal: Option<String>,
-    /// `--update-parallelism` (0: all at once).
-    #[serde(default)]
-    pub update_parallelism: Option<u64>,
-    #[serde(default)]
-    pub update_delay_ms: Option<u64>,
-    #[serde(default)]
-    pub update_failure_action: Option<FailureAction>,
-    #[serde(default)]
-    pub update_monitor_ms: Option<u64>,
+    /// `--update-*` flags.
+    #[serde(flatten)]
+    pub rollout: RolloutChange,
     /// `--mount`, parsed by the client; checked again by the node that takes the request.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
@@ -131,14 +167,9 @@ pub struct ServiceUpdate {
     pub stop_grace_ms: Option<u64>,
     #[serde(default)]
     pub stop_signal: Option<String>,
-    #[serde(default)]
-    pub update_parallelism: Option<u64>,
-    #[serde(default)]
-    pub update_delay_ms: Option<u64>,
-    #[serde(default)]
-    pub update_failure_action: Option<FailureAction>,
-    #[serde(default)]
-    pub update_monitor_ms: Option<u64>,
+    /// `--update-*` flags.
+    #[serde(flatten)]
+    pub rollout: RolloutChange,
     /// Replace every task even if nothing changed.
     #[serde(default)]
     pub force: bool,
@@ -221,12 +252,8 @@ impl ServiceCreate {
                 max_attempts: self.restart_max_attempts.unwrap_or(0),
             },
             update_order: self.update_order.unwrap_or_default(),
-            update: UpdatePolicy {
-                parallelism: self.update_parallelism.unwrap_or(1),
-                delay_ms: self.update_delay_ms.unwrap_or(0),
-                monitor_ms: self.update_monitor_ms.unwrap_or(DEFAULT_UPDATE_MONITOR_MS),
-            },
-            update_failure_action: self.update_failure_action.unwrap_or_default(),
+            update: self.rollout.policy(),
+            update_failure_action: self.rollout.update_failure_action.unwrap_or_default(),
             update_status: None,
             health,
             mounts: ctx.check_mounts(&self.mounts)?,
@@ -287,18 +314,7 @@ impl ServiceUpdate {
         if let Some(o) = self.update_order {
             svc.update_order = o;
         }
-        if let Some(n) = self.update_parallelism {
-            svc.update.parallelism = n;
-        }
-        if let Some(ms) = self.update_delay_ms {
-            svc.update.delay_ms = ms;
-        }
-        if let Some(a) = self.update_failure_action {
-            svc.update_failure_action = a;
-        }
-        if let Some(ms) = self.update_monitor_ms {
-            svc.update.monitor_ms = ms;
-        }
+        self.rollout.apply(&mut svc);
         // A new update starts afresh, whatever stopped the last one.
         svc.update_status = None;
         if let Some(ms) = self.stop_grace_ms {
@@ -433,5 +449,39 @@ mod tests {
         assert_eq!(ingress.apply(&rr, &Fake).unwrap_err(), Error::DnsrrWithIngress);
         let too_many = ServiceUpdate { replicas: Some(10_001), ..ServiceUpdate::default() };
         assert_eq!(too_many.apply(&next, &Fake).unwrap_err(), Error::TooManyReplicas(10_001));
+    }
+
+    #[test]
+    fn rollout_flags_travel_as_top_level_fields() {
+        // The API's JSON names each `--update-*` flag at the top level, as before they had a
+        // type of their own; an older client's request reads the same.
+        let json = serde_json::json!({
+            "name": "web", "argv": ["true"],
+            "update_parallelism": 2, "update_delay_ms": 1500,
+            "update_failure_action": "rollback", "update_monitor_ms": 700,
+        });
+        let req: ServiceCreate = serde_json::from_value(json).unwrap();
+        let want = RolloutChange {
+            update_parallelism: Some(2),
+            update_delay_ms: Some(1500),
+            update_failure_action: Some(FailureAction::Rollback),
+            update_monitor_ms: Some(700),
+        };
+        assert_eq!(req.rollout, want);
+        let svc = req.into_service(&Fake, "i".into(), 0).unwrap();
+        assert_eq!(
+            (svc.update.parallelism, svc.update.delay_ms, svc.update.monitor_ms),
+            (2, 1500, 700)
+        );
+        assert_eq!(svc.update_failure_action, FailureAction::Rollback);
+        let up = ServiceUpdate {
+            rollout: RolloutChange { update_delay_ms: Some(9), ..RolloutChange::default() },
+            ..ServiceUpdate::default()
+        };
+        let sent = serde_json::to_value(&up).unwrap();
+        assert_eq!(sent["update_delay_ms"], 9);
+        assert!(sent.get("rollout").is_none(), "{sent}");
+        let next = up.apply(&svc, &Fake).unwrap();
+        assert_eq!((next.update.parallelism, next.update.delay_ms), (2, 9));
     }
 }

@@ -266,6 +266,16 @@ pub fn system_addr(ifaces: &Interfaces) -> Result<IpAddr, String> {
     }
 }
 
+/// A manager's address for `swarm join`: an IP, or IP:PORT; the port defaults to `default_port`.
+pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("invalid address {s:?}: expected IP or IP:PORT"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

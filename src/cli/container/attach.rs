@@ -44,7 +44,7 @@ pub async fn run_attached(host: &Host, name: &str, rm: bool) -> anyhow::Result<E
         stopping = true;
         let stop = host.post_json::<_, ()>(&format!("/containers/{name}/stop"), &()).await;
         if let Err(e) = stop {
-            eprintln!("{}", crate::verbs::describe(&e));
+            eprintln!("{}", crate::cli::describe(&e));
         }
     };
     let ended = match ended {
@@ -55,12 +55,12 @@ pub async fn run_attached(host: &Host, name: &str, rm: bool) -> anyhow::Result<E
         }
     };
     match tokio::time::timeout(OUTPUT_TRAIL, output).await {
-        Ok(Ok(Err(e))) => eprintln!("{}", crate::verbs::describe(&e)),
+        Ok(Ok(Err(e))) => eprintln!("{}", crate::cli::describe(&e)),
         Ok(_) => {}
         Err(_) => eprintln!("Error: the task's output did not end with it; some may be missing"),
     }
     if rm && let Err(e) = host.delete(&format!("/containers/{name}?force=true")).await {
-        eprintln!("{}", crate::verbs::describe(&e));
+        eprintln!("{}", crate::cli::describe(&e));
     }
     if let Some(error) = &ended.error {
         eprintln!("Error response from daemon: {error}");

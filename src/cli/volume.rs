@@ -9,7 +9,7 @@ use crate::api::volumes::VolumeCreate;
 use crate::volumes::{self, Volume};
 
 #[derive(Debug, Subcommand)]
-pub enum VolumeCmd {
+pub(super) enum VolumeCmd {
     /// Create a volume on this node (`<data dir>/volumes/NAME/_data`).
     Create {
         /// Label key=value.
@@ -46,7 +46,8 @@ fn name(s: &str) -> anyhow::Result<&str> {
     Ok(s)
 }
 
-pub async fn run_volume(host: &Host, cmd: &VolumeCmd) -> anyhow::Result<()> {
+/// Runs one `shoal volume` verb against the agent at `host`.
+pub(super) async fn run(host: &Host, cmd: &VolumeCmd) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create { label, name } => {
             let mut req = VolumeCreate { name: name.clone(), ..VolumeCreate::default() };

@@ -1,10 +1,17 @@
-//! The swarm in the agent: `swarm init/join/leave` start and stop the control plane, and while
-//! the node is in a swarm its gossip runs with the cluster's keyring (kept in step as the
-//! leader rotates keys) and reports members up and down back to the control plane, which
-//! marks nodes Ready or Down from it.
+//! This node's part in a swarm, started by `swarm init/join` (or by the agent, for a node that
+//! was in one when it stopped) and stopped by `swarm leave`: the control plane, its gossip, and
+//! the node engine, tied together. While the node is in a swarm its gossip runs with the
+//! cluster's keyring (kept in step as the leader rotates keys) and reports members up and down
+//! back to the control plane, which marks nodes Ready or Down from it. `addr` chooses the
+//! addresses `swarm init/join` use.
+//!
+//! The agent (`crate::agent`) and the API (`crate::api`) both hold a [`Swarm`]; this module
+//! imports neither.
+
+pub mod addr;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -55,7 +62,7 @@ fn gossip_config(
     keys.extend(keyring.keys.iter().filter(|k| k.id != keyring.primary).map(|k| k.key));
     anyhow::ensure!(!keys.is_empty(), "the swarm has no gossip key yet");
     let advertise = SocketAddr::new(info.advertise_addr.ip(), cfg.gossip_port);
-    let mut g = crate::agent::gossip::config(cfg, advertise.ip(), keys[0]);
+    let mut g = cfg.gossip(advertise.ip(), keys[0]);
     g.bind = SocketAddr::new(info.listen_addr.ip(), cfg.gossip_port);
     g.keys = keys;
     g.node = shoal_gossip::NodeId::from_name(&info.node.to_string());
@@ -282,14 +289,4 @@ async fn sync_keyring(g: &Gossip, ring: &shoal_cluster::Keyring) -> anyhow::Resu
         }
     }
     Ok(())
-}
-
-/// A manager's address for `swarm join`: an IP, or IP:PORT; the port defaults to `default_port`.
-pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| format!("invalid address {s:?}: expected IP or IP:PORT"))
 }
