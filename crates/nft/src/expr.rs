@@ -113,6 +113,9 @@ pub enum Expr {
     },
     /// Count the packets and bytes that reach it.
     Counter,
+    /// Count the packets and bytes that reach it in the table's named counter (made with
+    /// [`crate::Batch::add_counter`]), which outlives the rule.
+    CounterRef(String),
     /// Put `data` into register 1.
     Immediate(Vec<u8>),
     /// A verdict for the packet.
@@ -164,6 +167,7 @@ impl Expr {
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
             Expr::Counter => "counter",
+            Expr::CounterRef(_) => "objref",
             Expr::Immediate(_) | Expr::Verdict(_) => "immediate",
             Expr::NumgenRandom { .. } | Expr::NumgenInc { .. } => "numgen",
             Expr::Jhash { .. } => "hash",
@@ -250,6 +254,11 @@ impl Expr {
                 w.u32(4, set.id);
             }
             Expr::Counter => {}
+            Expr::CounterRef(name) => {
+                // NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME.
+                w.u32(1, crate::OBJECT_COUNTER);
+                w.str(2, name);
+            }
             Expr::Immediate(data) => {
                 // NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA.
                 w.u32(1, REG_1);

@@ -12,7 +12,8 @@
 //!   kernel until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
-//!   [`rules`] dumps a table's rules back, with their counters.
+//!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named
+//!   counters.
 //!
 //! # Driving it
 //!
@@ -38,7 +39,7 @@ mod socket;
 mod wire;
 
 pub use expr::{CmpOp, Expr, MetaKey, PayloadBase, Reject, Verdict};
-pub use socket::{DumpedExpr, DumpedRule, Error, rules};
+pub use socket::{DumpedExpr, DumpedRule, Error, counters, rules};
 
 use wire::{F_ACK, F_CREATE, F_REQUEST, SUBSYS_NFTABLES, Writer};
 
@@ -48,8 +49,13 @@ const MSG_DELTABLE: u16 = 2;
 const MSG_NEWCHAIN: u16 = 3;
 const MSG_NEWRULE: u16 = 6;
 const MSG_GETRULE: u16 = 7;
+const MSG_DELRULE: u16 = 8;
 const MSG_NEWSET: u16 = 9;
 const MSG_NEWSETELEM: u16 = 12;
+const MSG_NEWOBJ: u16 = 18;
+const MSG_GETOBJ: u16 = 19;
+/// `NFT_OBJECT_COUNTER`: the type of a named counter.
+pub(crate) const OBJECT_COUNTER: u32 = 1;
 
 /// A set element list is closed and a new message begun past this many bytes, well under the
 /// 64 KiB an attribute can hold.
@@ -248,6 +254,28 @@ impl Batch {
         self.w.end_msg();
     }
 
+    /// Deletes every rule of a chain (and the anonymous sets they hold); the chain stays.
+    pub fn flush_chain(&mut self, family: Family, table: &str, chain: &str) {
+        self.begin(MSG_DELRULE, 0, family, format!("flush chain {chain}"));
+        // NFTA_RULE_TABLE, _CHAIN, and no handle: all of the chain's rules.
+        self.w.str(1, table);
+        self.w.str(2, chain);
+        self.w.end_msg();
+    }
+
+    /// Adds a named counter ([`Expr::CounterRef`] counts into it), or leaves one that exists as
+    /// it is, with its counts: rules may come and go around it.
+    pub fn add_counter(&mut self, family: Family, table: &str, name: &str) {
+        self.begin(MSG_NEWOBJ, F_CREATE, family, format!("add counter {name}"));
+        // NFTA_OBJ_TABLE, _NAME, _TYPE, _DATA (no initial counts).
+        self.w.str(1, table);
+        self.w.str(2, name);
+        self.w.u32(3, OBJECT_COUNTER);
+        self.w.begin_nest(4);
+        self.w.end_nest();
+        self.w.end_msg();
+    }
+
     /// Adds a set or map. A `name` of `None` makes an anonymous, constant set that lives as long
     /// as the rule that looks it up (its elements must come in this batch).
     pub fn add_set(
@@ -373,3 +401,5 @@ impl Batch {
 
 /// The message type of a rule dump request.
 pub(crate) const GETRULE: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETRULE;
+/// The message type of an object dump request.
+pub(crate) const GETOBJ: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETOBJ;
