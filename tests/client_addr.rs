@@ -109,10 +109,10 @@ fn through_every_node(
     }
 }
 
-/// A counter of `/metrics` for the service `peer`.
-fn counter(lab: &Lab, node: &str, name: &str) -> u64 {
+/// A counter of `/metrics` for the service `peer` on one path of the mesh (`proxy`, `kernel`).
+fn counter(lab: &Lab, node: &str, name: &str, path: &str) -> u64 {
     let text = lab.metrics(node);
-    let prefix = format!("{name}{{service=\"peer\"}} ");
+    let prefix = format!("{name}{{service=\"peer\",path=\"{path}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
@@ -181,14 +181,14 @@ fn tasks_see_the_real_client_address_through_every_node() {
     let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
     let said = said[0]["client_address"].as_str().unwrap_or_default().to_owned();
     assert!(said.starts_with("kept") && said.contains("10.0.0.0/24"), "inspect says {inspect}");
-    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total");
+    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total", "proxy");
     assert!(kept > 0, "node1 counted no kept client address");
 
     // Loopback on node1 cannot be spoken for: the task sees node1's ingress sandbox address.
-    let before = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total");
+    let before = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total", "proxy");
     let seen = tcp(&lab, Some("node1"), "127.0.0.1", (1024, 65535)).expect("loopback answer");
     assert!(seen.ip.starts_with("10.0.0."), "loopback client arrived as {seen:?}");
-    let after = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total");
+    let after = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total", "proxy");
     assert!(after > before, "the fallback was not counted ({before} -> {after})");
 }
 

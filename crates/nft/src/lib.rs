@@ -95,6 +95,8 @@ pub enum Hook {
     Prerouting,
     /// Packets for this host.
     Input,
+    /// Packets this host routes onwards.
+    Forward,
     /// Packets this host sends.
     Output,
 }
@@ -130,6 +132,9 @@ pub enum SetKey {
     Integer(u32),
     /// An integer of this many bytes in host order (made by the host, e.g. a random number).
     HostInteger(u32),
+    /// An IPv4 address and a port (`ipv4_addr . inet_service`): loaded by an
+    /// [`Expr::Payload`] and an [`Expr::PayloadNext`].
+    Ipv4AddrPort,
 }
 
 /// The data of a map.
@@ -234,10 +239,11 @@ impl Batch {
         self.w.str(3, chain);
         if let Some(b) = base {
             self.w.begin_nest(4);
-            // NF_INET_PRE_ROUTING 0, NF_INET_LOCAL_IN 1, NF_INET_LOCAL_OUT 3.
+            // NF_INET_PRE_ROUTING 0, NF_INET_LOCAL_IN 1, NF_INET_FORWARD 2, NF_INET_LOCAL_OUT 3.
             let hooknum = match b.hook {
                 Hook::Prerouting => 0,
                 Hook::Input => 1,
+                Hook::Forward => 2,
                 Hook::Output => 3,
             };
             self.w.u32(1, hooknum);
@@ -286,19 +292,50 @@ impl Batch {
         key: SetKey,
         data: Option<SetData>,
     ) -> SetRef {
+        self.set(family, table, name, key, data, None)
+    }
+
+    /// Adds a named set that rules fill from the packet path ([`Expr::AddToSet`]), each element
+    /// expiring `timeout` after it was added; one that exists keeps its elements.
+    pub fn add_dynamic_set(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: &str,
+        key: SetKey,
+        timeout: std::time::Duration,
+    ) -> SetRef {
+        self.set(family, table, Some(name), key, None, Some(timeout))
+    }
+
+    fn set(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: Option<&str>,
+        key: SetKey,
+        data: Option<SetData>,
+        timeout: Option<std::time::Duration>,
+    ) -> SetRef {
         let id = self.next_set_id;
         self.next_set_id += 1;
         let set_name = name.unwrap_or(if data.is_some() { "__map%d" } else { "__set%d" });
         self.begin(MSG_NEWSET, F_CREATE, family, format!("add set {set_name}"));
-        // NFT_SET_ANONYMOUS 0x1, _CONSTANT 0x2, _MAP 0x8.
+        // NFT_SET_ANONYMOUS 0x1, _CONSTANT 0x2, _MAP 0x8, _TIMEOUT 0x10, _EVAL 0x20.
         let mut flags = if name.is_none() { 0x1 | 0x2 } else { 0 };
         if data.is_some() {
             flags |= 0x8;
         }
+        if timeout.is_some() {
+            flags |= 0x10 | 0x20;
+        }
         // Key and data types are what `nft list` prints them as (ipv4_addr 7, integer 4).
+        // A concatenation's type is its fields' types, 6 bits each (inet_service 13); each
+        // field takes a whole 32-bit word.
         let (key_type, key_len) = match key {
             SetKey::Ipv4Addr => (7, 4),
             SetKey::Integer(len) | SetKey::HostInteger(len) => (4, len),
+            SetKey::Ipv4AddrPort => ((7 << 6) | 13, 8),
         };
         // NFTA_SET_TABLE, _NAME, _FLAGS, _KEY_TYPE, _KEY_LEN, _DATA_TYPE, _DATA_LEN, _ID.
         self.w.str(1, table);
@@ -315,6 +352,11 @@ impl Batch {
             None => {}
         }
         self.w.u32(10, id);
+        if let Some(t) = timeout {
+            // NFTA_SET_TIMEOUT, in milliseconds.
+            let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+            self.w.attr(11, &ms.to_be_bytes());
+        }
         // NFTA_SET_USERDATA, read only by `nft list`: the key's byte order (udata type
         // NFTNL_UDATA_SET_KEYBYTEORDER, length 4, BYTEORDER_HOST_ENDIAN 1 or _BIG_ENDIAN 2).
         let order: u32 = if matches!(key, SetKey::HostInteger(_)) { 1 } else { 2 };

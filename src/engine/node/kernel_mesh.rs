@@ -27,6 +27,8 @@ pub(super) struct State {
     link: Option<(Ipv4Addr, u8)>,
     /// The ports last written to the node's table.
     ports: Option<Vec<KernelPort>>,
+    /// The service of each port's flow counter ([`km::counter_name`]), as last written.
+    owners: BTreeMap<String, String>,
     /// Tasks the userspace mesh's checks have seen up: a later `Down` is a failed check, while
     /// a task not checked yet (a new one, or after an agent restart) is trusted on gossip's word.
     seen_up: BTreeSet<String>,
@@ -55,8 +57,9 @@ fn ports(
     services: &BTreeMap<String, Service>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
-) -> Vec<KernelPort> {
+) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
+    let mut owners = BTreeMap::new();
     for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
         let health: BTreeMap<String, HealthState> = inner
             .mesh
@@ -83,10 +86,12 @@ fn ports(
             }
         }
         for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
+            let udp = p.protocol == Protocol::Udp;
+            owners.insert(km::counter_name(udp, p.published), svc.name.clone());
             out.push(KernelPort {
                 published: p.published,
                 target: p.target,
-                udp: p.protocol == Protocol::Udp,
+                udp,
                 pick: pick(svc.lb_algorithm),
                 backends: backends.clone(),
             });
@@ -99,7 +104,7 @@ fn ports(
         p.backends.sort_unstable();
         p.backends.dedup();
     }
-    out
+    (out, owners)
 }
 
 /// Programs the kernel path from this pass's inputs: the link into the ingress sandbox once
@@ -118,7 +123,7 @@ pub(super) async fn sync(
     if lock(&inner.local).sandbox_ip.is_none() {
         return;
     }
-    let want = ports(inner, services, eps, ingress_id);
+    let (want, owners) = ports(inner, services, eps, ingress_id);
     if want.is_empty() && lock(&inner.local).kernel.ports.is_none() {
         return;
     }
@@ -136,7 +141,11 @@ pub(super) async fn sync(
     }
     let ports = want.clone();
     match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
-        Ok(Ok(())) => lock(&inner.local).kernel.ports = Some(want),
+        Ok(Ok(())) => {
+            let mut local = lock(&inner.local);
+            local.kernel.ports = Some(want);
+            local.kernel.owners = owners;
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
         Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
     }
@@ -147,6 +156,30 @@ pub(super) async fn remove() {
     if let Err(e) = km::remove(None).await {
         tracing::warn!(error = %e, "removing the mesh's kernel path");
     }
+}
+
+/// The flows the kernel path has forwarded, per service (every one with the client's own
+/// address: the kernel path never stands in for a client). Read from the table's counters at
+/// the time of asking; a service on the proxy path only is not listed.
+pub(super) fn flows(inner: &Inner) -> Vec<(String, u64)> {
+    let owners = lock(&inner.local).kernel.owners.clone();
+    if owners.is_empty() {
+        return Vec::new();
+    }
+    let counted = match km::flows(None) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the kernel path's counters");
+            Vec::new()
+        }
+    };
+    let mut per: BTreeMap<String, u64> = owners.values().map(|s| (s.clone(), 0)).collect();
+    for (name, n) in counted {
+        if let Some(total) = owners.get(&name).and_then(|svc| per.get_mut(svc)) {
+            *total += n;
+        }
+    }
+    per.into_iter().collect()
 }
 
 /// The backends of each kernel-path port as last written, for the node's diagnostics.
