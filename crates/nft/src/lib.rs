@@ -4,12 +4,13 @@
 //! # Layers
 //!
 //! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
-//!   and mark, setting the conntrack and packet marks,
-//!   bitwise, compare, set and map lookups, counter, immediate values and verdicts, random
-//!   numbers, DNAT, reject) as typed values.
+//!   and mark, setting the conntrack and packet marks, bitwise, compare, set and map lookups,
+//!   adding to a set from the packet path, counters (anonymous and named), immediate values
+//!   and verdicts, random numbers, DNAT, reject) as typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
-//!   with a hook), named and anonymous sets and maps, their elements, rules. Nothing touches the
-//!   kernel until [`Batch::commit`].
+//!   with a hook) and flushing them, named and anonymous sets and maps, sets that rules fill
+//!   with expiring elements, their elements, named counters, rules. Nothing touches the kernel
+//!   until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
 //!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named
