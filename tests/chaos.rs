@@ -1,6 +1,8 @@
 //! Chaos in a lab, under load from this host through a published port: a node killed whole
 //! (`kill -9` of its agent and every task), a node's link cut for 20 s and healed, the leader
-//! killed during `service scale`, and 10 nodes with 50 replicas losing their leader.
+//! killed during `service scale`, and 10 nodes with 50 replicas losing their leader. The node
+//! kill and the link cut run on both paths of the routing mesh (`mesh=proxy` and
+//! `mesh=kernel`), each checked in `/metrics` to have carried the load.
 //!
 //! Root only (network namespaces). Each test prints its figures: requests sent and failed, and
 //! how long failures lasted after the event.
@@ -89,7 +91,52 @@ fn web_root() -> tempfile::TempDir {
     d
 }
 
+/// The path of the routing mesh a test's published port takes.
+#[derive(Clone, Copy)]
+enum Path {
+    /// Whatever a plain `-p 8100:80` gets.
+    Default,
+    Proxy,
+    Kernel,
+}
+
+impl Path {
+    fn publish(self) -> &'static str {
+        match self {
+            Path::Default => "8100:80",
+            Path::Proxy => "published=8100,target=80,mesh=proxy",
+            Path::Kernel => "published=8100,target=80,mesh=kernel",
+        }
+    }
+}
+
+/// Connections and flows `node` forwarded for `web` on `path` (`proxy` or `kernel`).
+fn forwarded(lab: &Lab, node: &str, path: &str) -> u64 {
+    let text = lab.metrics(node);
+    let prefix = format!("shoal_mesh_client_addr_kept_total{{service=\"web\",path=\"{path}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Asserts that `node` forwarded most of `sent` requests on `path`'s side of the mesh.
+fn carried_by(lab: &Lab, node: &str, path: Path, sent: usize) {
+    let (name, other) = match path {
+        Path::Kernel => ("kernel", "proxy"),
+        Path::Proxy => ("proxy", "kernel"),
+        Path::Default => return,
+    };
+    let (on, off) = (forwarded(lab, node, name), forwarded(lab, node, other));
+    eprintln!("{node} forwarded {on} on the {name} path, {off} on the {other} path");
+    assert!(on as usize >= sent / 2, "only {on} of {sent} requests took the {name} path");
+}
+
 fn create_web(lab: &Lab, replicas: u32, root: &tempfile::TempDir) {
+    create_web_on(lab, replicas, root, Path::Default);
+}
+
+fn create_web_on(lab: &Lab, replicas: u32, root: &tempfile::TempDir, path: Path) {
     let root = root.path().to_str().unwrap();
     lab.on(
         "node1",
@@ -102,7 +149,7 @@ fn create_web(lab: &Lab, replicas: u32, root: &tempfile::TempDir) {
             "--replicas",
             &replicas.to_string(),
             "-p",
-            "8100:80",
+            path.publish(),
             "--",
             "busybox",
             "httpd",
@@ -174,14 +221,26 @@ fn link(lab: &Lab, i: u8, up: bool) {
 }
 
 #[test]
-fn a_node_killed_whole_fails_requests_only_until_it_is_detected() {
-    if !require_root("a_node_killed_whole_fails_requests_only_until_it_is_detected") {
+fn a_node_killed_whole_fails_no_request_on_the_proxy_path() {
+    if !require_root("a_node_killed_whole_fails_no_request_on_the_proxy_path") {
         return;
     }
+    node_killed_whole(Path::Proxy);
+}
+
+#[test]
+fn a_node_killed_whole_fails_no_request_on_the_kernel_path() {
+    if !require_root("a_node_killed_whole_fails_no_request_on_the_kernel_path") {
+        return;
+    }
+    node_killed_whole(Path::Kernel);
+}
+
+fn node_killed_whole(path: Path) {
     let lab = Lab::up(3);
     swarm(&lab, 3, 1);
     let root = web_root();
-    create_web(&lab, 3, &root);
+    create_web_on(&lab, 3, &root, path);
     eventually("a web task on every node", Duration::from_secs(60), || {
         (running_per_node(&lab, "web").len() == 3).then_some(())
     });
@@ -211,9 +270,11 @@ fn a_node_killed_whole_fails_requests_only_until_it_is_detected() {
         "kill -9 node3: {sent} requests, {failed} failed, last failure {last:?} after the kill; \
          node3 Down after {down:?}, replaced after {converged:?}"
     );
-    // The mesh retries a failed connect on another backend, so no request fails even before
-    // gossip declares node3 dead; and none at all once it has.
+    // The proxy retries a failed connect on another backend, and the kernel path hands a
+    // refused client's next SYN to the proxy, so no request fails even before gossip declares
+    // node3 dead; and none at all once it has.
     assert!(sent > 100, "the load barely ran: {sent} requests");
+    carried_by(&lab, "node1", path, samples.len());
     assert_eq!(failed_after, 0, "requests failed more than 5 s after the kill (last {last:?})");
     assert_eq!(failed, 0, "requests failed after the kill (last {last:?} after it)");
     let (_, before, _) = tally(&samples[..samples.partition_point(|s| s.0 < killed)], samples[0].0);
@@ -225,11 +286,23 @@ fn a_link_cut_for_20s_heals_without_a_failure_or_an_election() {
     if !require_root("a_link_cut_for_20s_heals_without_a_failure_or_an_election") {
         return;
     }
+    link_cut(Path::Proxy);
+}
+
+#[test]
+fn a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path() {
+    if !require_root("a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path") {
+        return;
+    }
+    link_cut(Path::Kernel);
+}
+
+fn link_cut(path: Path) {
     let lab = Lab::up(3);
     // Three managers: the cut one must not disrupt the leader when it comes back (pre-vote).
     swarm(&lab, 3, 3);
     let root = web_root();
-    create_web(&lab, 3, &root);
+    create_web_on(&lab, 3, &root, path);
     eventually("a web task on every node", Duration::from_secs(60), || {
         (running_per_node(&lab, "web").len() == 3).then_some(())
     });
@@ -258,6 +331,7 @@ fn a_link_cut_for_20s_heals_without_a_failure_or_an_election() {
          from the heal on {at_heal} requests, {failed_at_heal} failed"
     );
     assert_eq!(failed_at_heal, 0, "requests failed at the heal");
+    carried_by(&lab, "node1", path, samples.len());
     assert_eq!(raft_gauge(&lab, "node1", "raft_is_leader"), Some(1), "node1 lost the lead");
     assert_eq!(
         raft_gauge(&lab, "node1", "raft_term"),

@@ -1,9 +1,10 @@
 //! The routing mesh keeps the client's address, end to end on real agents in the lab: a
 //! three-replica service that answers TCP (HTTP) and UDP with the peer address it sees is
 //! reached through every node's published ports, from this host and from another lab node,
-//! and every answer names the real client address and port. A client the sandbox cannot speak
-//! for (loopback on the node) falls back to the node's ingress address, and `/metrics` counts
-//! both kinds.
+//! and every answer names the real client address and port: this host's requests take the
+//! kernel path (the default), a node's requests to its own address the proxy. A client the
+//! sandbox cannot speak for (loopback on the node) falls back to the node's ingress address,
+//! and `/metrics` counts both kinds, by path.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -109,10 +110,14 @@ fn through_every_node(
     }
 }
 
-/// A counter of `/metrics` for the service `peer`.
-fn counter(lab: &Lab, node: &str, name: &str) -> u64 {
+fn said_json(inspect: &str) -> serde_json::Value {
+    serde_json::from_str(inspect).expect("inspect is JSON")
+}
+
+/// A counter of `/metrics` for the service `peer` on one path of the mesh (`proxy`, `kernel`).
+fn counter(lab: &Lab, node: &str, name: &str, path: &str) -> u64 {
     let text = lab.metrics(node);
-    let prefix = format!("{name}{{service=\"peer\"}} ");
+    let prefix = format!("{name}{{service=\"peer\",path=\"{path}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
@@ -178,17 +183,20 @@ fn tasks_see_the_real_client_address_through_every_node() {
         });
     }
     let inspect = lab.on("node1", &["service", "inspect", "peer"]);
-    let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
-    let said = said[0]["client_address"].as_str().unwrap_or_default().to_owned();
+    let said = said_json(&inspect)[0]["client_address"].as_str().unwrap_or_default().to_owned();
     assert!(said.starts_with("kept") && said.contains("10.0.0.0/24"), "inspect says {inspect}");
-    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total");
-    assert!(kept > 0, "node1 counted no kept client address");
+    let ports = &said_json(&inspect)[0]["mesh_paths"];
+    assert_eq!((&ports["8100/tcp"], &ports["8101/udp"]), (&"kernel".into(), &"kernel".into()));
+    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total", "kernel");
+    assert!(kept > 0, "node1 counted no flow on the kernel path");
+    let kept = counter(&lab, "node2", "shoal_mesh_client_addr_kept_total", "proxy");
+    assert!(kept > 0, "node2 counted no kept client address on the proxy path");
 
     // Loopback on node1 cannot be spoken for: the task sees node1's ingress sandbox address.
-    let before = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total");
+    let before = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total", "proxy");
     let seen = tcp(&lab, Some("node1"), "127.0.0.1", (1024, 65535)).expect("loopback answer");
     assert!(seen.ip.starts_with("10.0.0."), "loopback client arrived as {seen:?}");
-    let after = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total");
+    let after = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total", "proxy");
     assert!(after > before, "the fallback was not counted ({before} -> {after})");
 }
 

@@ -3,7 +3,7 @@
 //! reached through every node's published ports, by nftables DNAT and conntrack.
 //!
 //! - every node balances over the tasks on every node, and each task sees this host's own
-//!   address and port, over TCP and UDP;
+//!   address and port, over TCP and UDP; each node's `/metrics` counts those flows;
 //! - an established keep-alive connection keeps answering across a `kill -9` and restart of
 //!   the agent of the node it came through (the flow lives in the kernel);
 //! - a task that turns unhealthy keeps its established connection while new ones avoid it,
@@ -111,6 +111,16 @@ impl KeepAlive {
     }
 }
 
+/// The flows `node` forwarded for `peer` on the kernel path, as its `/metrics` says.
+fn kernel_flows(lab: &Lab, node: &str) -> u64 {
+    let text = lab.metrics(node);
+    let prefix = "shoal_mesh_client_addr_kept_total{service=\"peer\",path=\"kernel\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {node}'s /metrics:\n{text}"))
+}
+
 /// The node's kernel-path table, as the real `nft` lists it.
 fn table(lab: &Lab, node: &str) -> String {
     lossy(&lab.exec(node, &["nft", "list", "table", "ip", "shoal-mesh"]).stdout)
@@ -208,10 +218,14 @@ fn published_ports_on_the_kernel_path() {
             .then_some(())
     });
     let mut udp_port = 47000u16;
-    for to in &nodes {
+    for (i, to) in nodes.iter().enumerate() {
+        let node = format!("node{}", i + 1);
+        let before = kernel_flows(&lab, &node);
+        let mut flows = 0;
         let mut reached = BTreeSet::new();
         let mut reached_udp = BTreeSet::new();
         for _ in 0..60 {
+            flows += 2;
             let seen = get(to).unwrap_or_else(|| panic!("TCP via {to}: no answer"));
             assert_eq!(seen.ip, host, "TCP via {to}: the task saw {seen:?}");
             reached.insert(seen.task);
@@ -227,6 +241,9 @@ fn published_ports_on_the_kernel_path() {
         }
         assert_eq!(reached.len(), 3, "TCP via {to} reached only {reached:?}");
         assert_eq!(reached_udp.len(), 3, "UDP via {to} reached only {reached_udp:?}");
+        // Each request was a new flow, and the node's /metrics counted every one as forwarded
+        // by the kernel with the client's address.
+        assert_eq!(kernel_flows(&lab, &node) - before, flows, "{node}'s kernel-path count");
     }
 
     // An established flow through node2 survives its agent's kill -9 and restart.

@@ -1,6 +1,8 @@
 //! Mesh policy from the CLI, end to end on real agents in the lab: `--lb-algorithm maglev`
 //! sends the same client to the same task through every node (each node builds the same
-//! Maglev table from the same backends), and a bad algorithm is refused.
+//! Maglev table from the same backends, and the kernel path hashes the client over the same
+//! sorted backends), and a bad algorithm is refused. Limits the kernel path cannot enforce put
+//! a plain port on the proxy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,7 +32,12 @@ socketserver.ThreadingTCPServer(("0.0.0.0", 8000), H).serve_forever()
 
 /// The task that answered a request from `from` (None: this host) through `to`.
 fn task(lab: &Lab, from: Option<&str>, to: &str) -> Option<String> {
-    let url = format!("http://{to}:8100/");
+    task_on(lab, from, to, 8100)
+}
+
+/// [`task`] on another published port.
+fn task_on(lab: &Lab, from: Option<&str>, to: &str, port: u16) -> Option<String> {
+    let url = format!("http://{to}:{port}/");
     let argv = ["curl", "-s", "-m", "10", url.as_str()];
     let out = match from {
         None => curl(&url, 10),
@@ -84,8 +91,28 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
             "3",
             "--lb-algorithm",
             "maglev",
+            // Clients on the nodes themselves always take the proxy: pin it for all of them.
             "-p",
-            "8100:8000",
+            "published=8100,target=8000,mesh=proxy",
+            "--",
+            "python3",
+            "-c",
+            SERVER,
+        ],
+    );
+    lab.on(
+        "node1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "sticky-k",
+            "--replicas",
+            "3",
+            "--lb-algorithm",
+            "maglev",
+            "-p",
+            "8102:8000",
             "--",
             "python3",
             "-c",
@@ -122,6 +149,25 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
         chosen.extend(seen);
     }
     assert!(!chosen.is_empty());
+
+    // The same on the kernel path (the default for a plain port), for this host.
+    let inspect = lab.on("node1", &["service", "inspect", "sticky-k"]);
+    let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
+    assert_eq!(said[0]["mesh_paths"]["8102/tcp"], "kernel", "{inspect}");
+    eventually("a task of sticky-k on every node", Duration::from_secs(120), || {
+        (running_per_node(&lab, "sticky-k").len() == 3).then_some(())
+    });
+    eventually("one task for this host via every node's kernel", Duration::from_secs(90), || {
+        let seen: BTreeSet<String> = nodes
+            .iter()
+            .flat_map(|to| (0..4).map(move |_| to))
+            .map(|to| task_on(&lab, None, to, 8102))
+            .collect::<Option<_>>()?;
+        let all = lab.metrics("node1");
+        let kernel = "shoal_mesh_client_addr_kept_total{service=\"sticky-k\",path=\"kernel\"}";
+        (seen.len() == 1 && all.lines().any(|l| l.starts_with(kernel) && !l.ends_with(" 0")))
+            .then_some(())
+    });
 }
 
 /// The task of the policy test: on 8000, `GET /healthz` answers 503 while the file named by
@@ -248,6 +294,9 @@ fn the_mesh_policy_changes_in_place_and_its_limits_refuse() {
     for want in ["\"idle_timeout_ms\": 30000", "\"max_connections\": 2", "\"check\": \"tcp\""] {
         assert!(inspect.contains(want), "{want} in {inspect}");
     }
+    // Only the proxy enforces a connection limit and an idle timeout: the plain port takes it.
+    let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
+    assert_eq!(said[0]["mesh_paths"]["8100/tcp"], "proxy", "{inspect}");
 
     // Two connections through node1 fit; the third is refused and counted.
     let front = std::net::SocketAddr::from((lab.addr(1), 8100));

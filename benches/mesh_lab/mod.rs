@@ -3,8 +3,9 @@
 //! the same lab, HAProxy and nginx stream in node1's namespace forward to plain nginx processes
 //! in node2's and node3's namespaces, and wrk also reaches one of those directly (no proxy).
 //!
-//! shoal runs twice in the same lab: the service publishes 8100 on the userspace proxy path and
-//! 8400 on the kernel path (`mesh=kernel`, nftables DNAT in node1), to the same two tasks.
+//! shoal runs twice in the same lab: the service publishes 8100 on the userspace proxy path
+//! (`mesh=proxy`) and 8400 on the kernel path (`mesh=kernel`, nftables DNAT in node1), to the
+//! same two tasks.
 //!
 //! The mesh's path is the longer one: its backends are tasks behind the VXLAN overlay, while the
 //! peers reach nginx on the underlay. The headline figure is the CPU the whole machine spends per
@@ -180,8 +181,8 @@ pub fn mesh_lab(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
             "2",
             "--constraint",
             "node.hostname!=node1",
-            "-p",
-            "8100:8080",
+            "--publish",
+            "published=8100,target=8080,mesh=proxy",
             "--publish",
             "published=8400,target=8080,mesh=kernel",
             "--",

@@ -517,20 +517,27 @@ impl Collector for EngineCollector {
             mesh.iter()
                 .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.no_backend))),
         )?;
+        // Both paths of the mesh count here, told apart by `path`: the proxy's connections and
+        // flows, and the kernel path's flows (read from its nftables counters).
+        let by_path =
+            |s: &str, path: &str| vec![("service", s.to_owned()), ("path", path.to_owned())];
+        let kernel = engine.kernel_flows();
         family(
             &mut e,
             "mesh_client_addr_kept",
-            "Connections and UDP flows that reached their task from the client's own address",
+            "Connections and UDP flows that reached their task from the client's own address, \
+             by the path that forwarded them (proxy or kernel)",
             mesh.iter()
-                .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.client_kept))),
+                .map(|s| (by_path(&s.name, "proxy"), ConstCounter::new(s.client_kept)))
+                .chain(kernel.iter().map(|(s, n)| (by_path(s, "kernel"), ConstCounter::new(*n)))),
         )?;
         family(
             &mut e,
             "mesh_client_addr_fallback",
             "Connections and UDP flows that reached their task from this node's ingress address \
-             (the client's could not be kept: IPv6, loopback or the ingress subnet)",
-            mesh.iter()
-                .map(|s| (vec![("service", s.name.clone())], ConstCounter::new(s.client_fallback))),
+             (the client's could not be kept: IPv6, loopback or the ingress subnet); only the \
+             proxy path falls back",
+            mesh.iter().map(|s| (by_path(&s.name, "proxy"), ConstCounter::new(s.client_fallback))),
         )?;
         Ok(())
     }

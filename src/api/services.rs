@@ -53,6 +53,9 @@ pub struct ServiceView {
     /// What its tasks see as the peer of a connection to an ingress-mode published port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_address: Option<String>,
+    /// The routing mesh's path per published port (`8100/tcp`: `kernel` or `proxy`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mesh_paths: BTreeMap<String, String>,
 }
 
 /// One row of `service ps` / `ps`.
@@ -161,6 +164,14 @@ pub(super) fn service_view(state: &ClusterState, svc: &Service) -> ServiceView {
             .collect(),
         networks: networks.iter().map(|n| name_of(n)).collect(),
         client_address: client_address(state, svc),
+        mesh_paths: svc
+            .ports
+            .iter()
+            .map(|p| {
+                let port = format!("{}/{}", p.published, p.protocol.as_str());
+                (port, p.path(&svc.mesh).as_str().to_owned())
+            })
+            .collect(),
         service: svc.clone(),
     }
 }

@@ -330,6 +330,11 @@ impl NodeEngine {
         &self.inner.mesh
     }
 
+    /// The flows the mesh's kernel path forwarded, per service (`/metrics`).
+    pub fn kernel_flows(&self) -> Vec<(String, u64)> {
+        kernel_mesh::flows(&self.inner)
+    }
+
     /// The local overlay (network inspect).
     pub fn overlay(&self) -> &Overlay {
         &self.inner.overlay

@@ -50,6 +50,12 @@ pub enum Error {
     DnsrrWithIngress,
     #[error("port {0} is published twice")]
     PublishedTwice(u16),
+    #[error(
+        "port {0} asks for mesh=kernel, which cannot enforce the service's connection limit, \
+         idle timeout or UDP flow limits: leave mesh= out (the proxy then takes the port) or \
+         keep those at their defaults"
+    )]
+    KernelPathPolicy(u16),
     #[error("port {0} is not published by {1}")]
     NotPublished(u16, String),
     #[error("port '{port}' is already in use by service '{service}' ({id})")]

@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::MeshPolicy;
+
 /// Transport of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,9 +78,6 @@ pub enum MeshPath {
 }
 
 impl MeshPath {
-    /// The path of a port that does not name one.
-    pub const DEFAULT: MeshPath = MeshPath::Proxy;
-
     /// `kernel` or `proxy`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -100,8 +99,8 @@ pub struct PublishedPort {
     /// A PROXY protocol header the mesh sends the task before the client's bytes (TCP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyVersion>,
-    /// How the routing mesh forwards this port (`mesh=kernel|proxy`); unset is
-    /// [`MeshPath::DEFAULT`].
+    /// How the routing mesh forwards this port (`mesh=kernel|proxy`); unset lets
+    /// [`PublishedPort::path`] choose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshPath>,
 }
@@ -159,6 +158,26 @@ impl PublishedPort {
     /// Whether every node answers on it (rather than only those running a task).
     pub fn is_ingress(&self) -> bool {
         self.mode == PortMode::Ingress
+    }
+
+    /// The path the routing mesh forwards this port on, for a service with `policy`: the one
+    /// `mesh=` names; else the proxy where only it can do what the port or the policy asks (a
+    /// PROXY header, `mode=host`, a connection or UDP flow limit or an idle timeout other than
+    /// the defaults, which the kernel path does not enforce); else the kernel.
+    pub fn path(&self, policy: &MeshPolicy) -> MeshPath {
+        if let Some(m) = self.mesh {
+            return m;
+        }
+        let d = MeshPolicy::default();
+        let proxy_policy = policy.max_connections != d.max_connections
+            || policy.idle_timeout_ms != d.idle_timeout_ms
+            || policy.max_udp_flows != d.max_udp_flows
+            || policy.max_udp_flows_per_source != d.max_udp_flows_per_source;
+        if self.is_ingress() && self.proxy_protocol.is_none() && !proxy_policy {
+            MeshPath::Kernel
+        } else {
+            MeshPath::Proxy
+        }
     }
 }
 
@@ -283,6 +302,30 @@ mod tests {
         assert_eq!((p.protocol, p.mesh), (Protocol::Udp, Some(MeshPath::Kernel)));
         let p = parse("published=8100,target=80,proxy-protocol=v1,mesh=proxy").unwrap();
         assert_eq!(p.mesh, Some(MeshPath::Proxy));
+    }
+
+    #[test]
+    fn the_kernel_path_is_the_default_where_it_can_do_everything_asked() {
+        let default = MeshPolicy::default();
+        let path = |s: &str, policy: &MeshPolicy| parse(s).unwrap().path(policy);
+        assert_eq!(path("8100:80", &default), MeshPath::Kernel);
+        assert_eq!(path("8100:80/udp", &default), MeshPath::Kernel);
+        assert_eq!(path("published=8100,target=80,mesh=proxy", &default), MeshPath::Proxy);
+        assert_eq!(path("published=8100,target=80,proxy-protocol=v2", &default), MeshPath::Proxy);
+        assert_eq!(path("published=8100,target=80,mode=host", &default), MeshPath::Proxy);
+        for policy in [
+            MeshPolicy { max_connections: 2, ..MeshPolicy::default() },
+            MeshPolicy { idle_timeout_ms: 1_000, ..MeshPolicy::default() },
+            MeshPolicy { max_udp_flows: 5, ..MeshPolicy::default() },
+            MeshPolicy { max_udp_flows_per_source: 5, ..MeshPolicy::default() },
+        ] {
+            assert_eq!(path("8100:80", &policy), MeshPath::Proxy, "{policy:?}");
+            let named = path("published=8100,target=80,mesh=kernel", &policy);
+            assert_eq!(named, MeshPath::Kernel, "mesh= wins: {policy:?}");
+        }
+        // Checks and their timing are the mesh's either way: the kernel path follows them.
+        let checked = MeshPolicy { check_interval_ms: 500, check_fall: 1, ..MeshPolicy::default() };
+        assert_eq!(path("8100:80", &checked), MeshPath::Kernel);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use shoal_scheduler::{Constraint, Mode, RestartPolicy, UpdateOrder, UpdatePolicy};
 
-use crate::{Error, MeshPolicy, MountSpec, PublishedPort};
+use crate::{Error, MeshPath, MeshPolicy, MountSpec, PublishedPort};
 
 /// The most replicas a service may ask for.
 pub const MAX_REPLICAS: u64 = 10_000;
@@ -206,6 +206,12 @@ impl Service {
             if !seen.insert((p.published, p.protocol)) {
                 return Err(Error::PublishedTwice(p.published));
             }
+            // Left to itself a port takes the proxy when the policy needs it; a port that
+            // names the kernel path would silently lose the policy.
+            let unnamed = PublishedPort { mesh: None, ..*p };
+            if p.mesh == Some(MeshPath::Kernel) && unnamed.path(&self.mesh) == MeshPath::Proxy {
+                return Err(Error::KernelPathPolicy(p.published));
+            }
         }
         Ok(())
     }
@@ -313,6 +319,13 @@ mod tests {
         let mut empty = service("s", "web", vec![]);
         empty.argv = vec![String::new()];
         assert_eq!(empty.validate(), Err(Error::EmptyCommand));
+        let mut capped = service("s", "capped", vec![tcp(80, 80)]);
+        capped.mesh.max_connections = 2;
+        assert_eq!(capped.validate(), Ok(()), "the plain port takes the proxy");
+        capped.ports[0].mesh = Some(MeshPath::Kernel);
+        assert_eq!(capped.validate(), Err(Error::KernelPathPolicy(80)));
+        capped.ports[0].mesh = Some(MeshPath::Proxy);
+        assert_eq!(capped.validate(), Ok(()));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The rule expressions shoal uses, and their netlink encoding. Every expression that loads a
 //! value writes register 1 (16 bytes, enough for an interface name) and every one that reads a
 //! value reads it there: shoal's rules are straight lines of load, compare or look up, act. (The
-//! one exception is a translated port: [`Expr::PortImmediate`] puts it in register 2, beside the
-//! address in register 1, for [`Expr::DnatIpv4Port`].)
+//! exceptions: a translated port, which [`Expr::PortImmediate`] puts in register 2 beside the
+//! address in register 1 for [`Expr::DnatIpv4Port`]; and the second field of a concatenated key,
+//! which [`Expr::PayloadNext`] puts in the word after the first field's.)
 
 use crate::wire::Writer;
 
@@ -12,6 +13,8 @@ pub(crate) const LIST_ELEM: u16 = 1;
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
+/// `NFT_REG32_01`: the second 32-bit word of register 1 (`NFT_REG32_00` is its first).
+const REG32_01: u32 = 9;
 /// `NFTA_DATA_VALUE`, `NFTA_DATA_VERDICT`, `NFTA_VERDICT_CODE`, `NFTA_VERDICT_CHAIN`.
 const DATA_VALUE: u16 = 1;
 const DATA_VERDICT: u16 = 2;
@@ -113,6 +116,26 @@ pub enum Expr {
     },
     /// Count the packets and bytes that reach it.
     Counter,
+    /// Count the packets and bytes that reach it in the table's named counter (made with
+    /// [`crate::Batch::add_counter`]), which outlives the rule.
+    CounterRef(String),
+    /// Load `len` (at most 4) bytes at byte `offset` from `base` into the 32-bit word after
+    /// register 1's first: the second field of a concatenated key, after an [`Expr::Payload`]
+    /// of 4 bytes.
+    PayloadNext {
+        /// Where the offset counts from.
+        base: PayloadBase,
+        /// Byte offset.
+        offset: u32,
+        /// Byte length.
+        len: u32,
+    },
+    /// Add the key in register 1 to a set made with [`crate::Batch::add_dynamic_set`] (or
+    /// refresh its timeout), from the packet path.
+    AddToSet {
+        /// The set.
+        set: crate::SetRef,
+    },
     /// Put `data` into register 1.
     Immediate(Vec<u8>),
     /// A verdict for the packet.
@@ -156,7 +179,8 @@ impl Expr {
     /// The kernel's name of the expression type.
     pub fn name(&self) -> &'static str {
         match self {
-            Expr::Payload { .. } => "payload",
+            Expr::Payload { .. } | Expr::PayloadNext { .. } => "payload",
+            Expr::AddToSet { .. } => "dynset",
             Expr::Meta(_) => "meta",
             Expr::CtState | Expr::CtMark | Expr::SetCtMark => "ct",
             Expr::SetMetaMark => "meta",
@@ -164,6 +188,7 @@ impl Expr {
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
             Expr::Counter => "counter",
+            Expr::CounterRef(_) => "objref",
             Expr::Immediate(_) | Expr::Verdict(_) => "immediate",
             Expr::NumgenRandom { .. } | Expr::NumgenInc { .. } => "numgen",
             Expr::Jhash { .. } => "hash",
@@ -181,17 +206,16 @@ impl Expr {
         w.str(1, self.name());
         w.begin_nest(2);
         match self {
-            Expr::Payload { base, offset, len } => {
-                // NFTA_PAYLOAD_DREG, _BASE, _OFFSET, _LEN; NFT_PAYLOAD_NETWORK/TRANSPORT_HEADER.
-                w.u32(1, REG_1);
-                let base = match base {
-                    PayloadBase::LinkLayer => 0,
-                    PayloadBase::Network => 1,
-                    PayloadBase::Transport => 2,
-                };
-                w.u32(2, base);
-                w.u32(3, *offset);
-                w.u32(4, *len);
+            Expr::Payload { base, offset, len } => payload(w, REG_1, *base, *offset, *len),
+            Expr::PayloadNext { base, offset, len } => {
+                payload(w, REG32_01, *base, *offset, *len);
+            }
+            Expr::AddToSet { set } => {
+                // NFTA_DYNSET_SET_NAME, _SET_ID, _OP = NFT_DYNSET_OP_ADD, _SREG_KEY.
+                w.str(1, &set.name);
+                w.u32(2, set.id);
+                w.u32(3, 0);
+                w.u32(4, REG_1);
             }
             Expr::Meta(key) => {
                 // NFTA_META_DREG, NFTA_META_KEY; NFT_META_MARK 3, NFT_META_IIFNAME 6,
@@ -250,6 +274,11 @@ impl Expr {
                 w.u32(4, set.id);
             }
             Expr::Counter => {}
+            Expr::CounterRef(name) => {
+                // NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME.
+                w.u32(1, crate::OBJECT_COUNTER);
+                w.str(2, name);
+            }
             Expr::Immediate(data) => {
                 // NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA.
                 w.u32(1, REG_1);
@@ -317,6 +346,20 @@ impl Expr {
         w.end_nest();
         w.end_nest();
     }
+}
+
+/// A payload load into `reg`.
+fn payload(w: &mut Writer, reg: u32, base: PayloadBase, offset: u32, len: u32) {
+    // NFTA_PAYLOAD_DREG, _BASE, _OFFSET, _LEN; NFT_PAYLOAD_LL/NETWORK/TRANSPORT_HEADER.
+    w.u32(1, reg);
+    let base = match base {
+        PayloadBase::LinkLayer => 0,
+        PayloadBase::Network => 1,
+        PayloadBase::Transport => 2,
+    };
+    w.u32(2, base);
+    w.u32(3, offset);
+    w.u32(4, len);
 }
 
 /// A nested `nft_data` holding a value (`NFTA_DATA_VALUE`).

@@ -4,15 +4,17 @@
 //! # Layers
 //!
 //! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
-//!   and mark, setting the conntrack and packet marks,
-//!   bitwise, compare, set and map lookups, counter, immediate values and verdicts, random
-//!   numbers, DNAT, reject) as typed values.
+//!   and mark, setting the conntrack and packet marks, bitwise, compare, set and map lookups,
+//!   adding to a set from the packet path, counters (anonymous and named), immediate values
+//!   and verdicts, random numbers, DNAT, reject) as typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
-//!   with a hook), named and anonymous sets and maps, their elements, rules. Nothing touches the
-//!   kernel until [`Batch::commit`].
+//!   with a hook) and flushing them, named and anonymous sets and maps, sets that rules fill
+//!   with expiring elements, their elements, named counters, rules. Nothing touches the kernel
+//!   until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
-//!   [`rules`] dumps a table's rules back, with their counters.
+//!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named
+//!   counters.
 //!
 //! # Driving it
 //!
@@ -38,7 +40,7 @@ mod socket;
 mod wire;
 
 pub use expr::{CmpOp, Expr, MetaKey, PayloadBase, Reject, Verdict};
-pub use socket::{DumpedExpr, DumpedRule, Error, rules};
+pub use socket::{DumpedExpr, DumpedRule, Error, counters, rules};
 
 use wire::{F_ACK, F_CREATE, F_REQUEST, SUBSYS_NFTABLES, Writer};
 
@@ -48,8 +50,13 @@ const MSG_DELTABLE: u16 = 2;
 const MSG_NEWCHAIN: u16 = 3;
 const MSG_NEWRULE: u16 = 6;
 const MSG_GETRULE: u16 = 7;
+const MSG_DELRULE: u16 = 8;
 const MSG_NEWSET: u16 = 9;
 const MSG_NEWSETELEM: u16 = 12;
+const MSG_NEWOBJ: u16 = 18;
+const MSG_GETOBJ: u16 = 19;
+/// `NFT_OBJECT_COUNTER`: the type of a named counter.
+pub(crate) const OBJECT_COUNTER: u32 = 1;
 
 /// A set element list is closed and a new message begun past this many bytes, well under the
 /// 64 KiB an attribute can hold.
@@ -89,6 +96,8 @@ pub enum Hook {
     Prerouting,
     /// Packets for this host.
     Input,
+    /// Packets this host routes onwards.
+    Forward,
     /// Packets this host sends.
     Output,
 }
@@ -124,6 +133,9 @@ pub enum SetKey {
     Integer(u32),
     /// An integer of this many bytes in host order (made by the host, e.g. a random number).
     HostInteger(u32),
+    /// An IPv4 address and a port (`ipv4_addr . inet_service`): loaded by an
+    /// [`Expr::Payload`] and an [`Expr::PayloadNext`].
+    Ipv4AddrPort,
 }
 
 /// The data of a map.
@@ -228,10 +240,11 @@ impl Batch {
         self.w.str(3, chain);
         if let Some(b) = base {
             self.w.begin_nest(4);
-            // NF_INET_PRE_ROUTING 0, NF_INET_LOCAL_IN 1, NF_INET_LOCAL_OUT 3.
+            // NF_INET_PRE_ROUTING 0, NF_INET_LOCAL_IN 1, NF_INET_FORWARD 2, NF_INET_LOCAL_OUT 3.
             let hooknum = match b.hook {
                 Hook::Prerouting => 0,
                 Hook::Input => 1,
+                Hook::Forward => 2,
                 Hook::Output => 3,
             };
             self.w.u32(1, hooknum);
@@ -248,6 +261,28 @@ impl Batch {
         self.w.end_msg();
     }
 
+    /// Deletes every rule of a chain (and the anonymous sets they hold); the chain stays.
+    pub fn flush_chain(&mut self, family: Family, table: &str, chain: &str) {
+        self.begin(MSG_DELRULE, 0, family, format!("flush chain {chain}"));
+        // NFTA_RULE_TABLE, _CHAIN, and no handle: all of the chain's rules.
+        self.w.str(1, table);
+        self.w.str(2, chain);
+        self.w.end_msg();
+    }
+
+    /// Adds a named counter ([`Expr::CounterRef`] counts into it), or leaves one that exists as
+    /// it is, with its counts: rules may come and go around it.
+    pub fn add_counter(&mut self, family: Family, table: &str, name: &str) {
+        self.begin(MSG_NEWOBJ, F_CREATE, family, format!("add counter {name}"));
+        // NFTA_OBJ_TABLE, _NAME, _TYPE, _DATA (no initial counts).
+        self.w.str(1, table);
+        self.w.str(2, name);
+        self.w.u32(3, OBJECT_COUNTER);
+        self.w.begin_nest(4);
+        self.w.end_nest();
+        self.w.end_msg();
+    }
+
     /// Adds a set or map. A `name` of `None` makes an anonymous, constant set that lives as long
     /// as the rule that looks it up (its elements must come in this batch).
     pub fn add_set(
@@ -258,19 +293,50 @@ impl Batch {
         key: SetKey,
         data: Option<SetData>,
     ) -> SetRef {
+        self.set(family, table, name, key, data, None)
+    }
+
+    /// Adds a named set that rules fill from the packet path ([`Expr::AddToSet`]), each element
+    /// expiring `timeout` after it was added; one that exists keeps its elements.
+    pub fn add_dynamic_set(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: &str,
+        key: SetKey,
+        timeout: std::time::Duration,
+    ) -> SetRef {
+        self.set(family, table, Some(name), key, None, Some(timeout))
+    }
+
+    fn set(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: Option<&str>,
+        key: SetKey,
+        data: Option<SetData>,
+        timeout: Option<std::time::Duration>,
+    ) -> SetRef {
         let id = self.next_set_id;
         self.next_set_id += 1;
         let set_name = name.unwrap_or(if data.is_some() { "__map%d" } else { "__set%d" });
         self.begin(MSG_NEWSET, F_CREATE, family, format!("add set {set_name}"));
-        // NFT_SET_ANONYMOUS 0x1, _CONSTANT 0x2, _MAP 0x8.
+        // NFT_SET_ANONYMOUS 0x1, _CONSTANT 0x2, _MAP 0x8, _TIMEOUT 0x10, _EVAL 0x20.
         let mut flags = if name.is_none() { 0x1 | 0x2 } else { 0 };
         if data.is_some() {
             flags |= 0x8;
         }
+        if timeout.is_some() {
+            flags |= 0x10 | 0x20;
+        }
         // Key and data types are what `nft list` prints them as (ipv4_addr 7, integer 4).
+        // A concatenation's type is its fields' types, 6 bits each (inet_service 13); each
+        // field takes a whole 32-bit word.
         let (key_type, key_len) = match key {
             SetKey::Ipv4Addr => (7, 4),
             SetKey::Integer(len) | SetKey::HostInteger(len) => (4, len),
+            SetKey::Ipv4AddrPort => ((7 << 6) | 13, 8),
         };
         // NFTA_SET_TABLE, _NAME, _FLAGS, _KEY_TYPE, _KEY_LEN, _DATA_TYPE, _DATA_LEN, _ID.
         self.w.str(1, table);
@@ -287,6 +353,11 @@ impl Batch {
             None => {}
         }
         self.w.u32(10, id);
+        if let Some(t) = timeout {
+            // NFTA_SET_TIMEOUT, in milliseconds.
+            let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+            self.w.attr(11, &ms.to_be_bytes());
+        }
         // NFTA_SET_USERDATA, read only by `nft list`: the key's byte order (udata type
         // NFTNL_UDATA_SET_KEYBYTEORDER, length 4, BYTEORDER_HOST_ENDIAN 1 or _BIG_ENDIAN 2).
         let order: u32 = if matches!(key, SetKey::HostInteger(_)) { 1 } else { 2 };
@@ -373,3 +444,5 @@ impl Batch {
 
 /// The message type of a rule dump request.
 pub(crate) const GETRULE: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETRULE;
+/// The message type of an object dump request.
+pub(crate) const GETOBJ: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETOBJ;

@@ -186,14 +186,50 @@ fn parse_rule(payload: &[u8]) -> Option<(String, DumpedRule)> {
 /// The rules of a table, chain by chain in the kernel's order, read from the calling thread's
 /// network namespace. A table that does not exist has no rules.
 pub fn rules(family: Family, table: &str) -> Result<Vec<DumpedRule>, Error> {
-    let fd = open(0)?;
+    let what = format!("list the rules of table {} {table}", family.name());
     let mut w = Writer::default();
     w.begin_msg(crate::GETRULE, F_REQUEST | F_DUMP, 1, family.proto(), 0);
     w.str(1, table); // NFTA_RULE_TABLE: the kernel dumps only this table.
     w.end_msg();
-    send(fd.as_raw_fd(), w.bytes(), MsgFlags::empty())
+    dump(w.bytes(), &what, |payload| {
+        parse_rule(payload).filter(|(t, _)| t == table).map(|(_, rule)| rule)
+    })
+}
+
+/// The named counters of a table as `(name, packets, bytes)`, read from the calling thread's
+/// network namespace. A table that does not exist has none.
+pub fn counters(family: Family, table: &str) -> Result<Vec<(String, u64, u64)>, Error> {
+    let what = format!("list the counters of table {} {table}", family.name());
+    let mut w = Writer::default();
+    w.begin_msg(crate::GETOBJ, F_REQUEST | F_DUMP, 1, family.proto(), 0);
+    // NFTA_OBJ_TABLE, NFTA_OBJ_TYPE: the kernel dumps only this table's counters.
+    w.str(1, table);
+    w.u32(3, crate::OBJECT_COUNTER);
+    w.end_msg();
+    dump(w.bytes(), &what, |payload| {
+        // NFTA_OBJ_TABLE, _NAME, _DATA; NFTA_COUNTER_BYTES, _PACKETS.
+        let attrs = payload.get(4..)?;
+        if wire::string(wire::attr(attrs, 1)?) != table {
+            return None;
+        }
+        let name = wire::string(wire::attr(attrs, 2)?);
+        let data = wire::attr(attrs, 4)?;
+        let packets = wire::attr(data, 2).and_then(wire::be64).unwrap_or(0);
+        let bytes = wire::attr(data, 1).and_then(wire::be64).unwrap_or(0);
+        Some((name, packets, bytes))
+    })
+}
+
+/// Sends a dump request and collects what `parse` makes of each answer, until the kernel says
+/// it is done.
+fn dump<T>(
+    request: &[u8],
+    what: &str,
+    mut parse: impl FnMut(&[u8]) -> Option<T>,
+) -> Result<Vec<T>, Error> {
+    let fd = open(0)?;
+    send(fd.as_raw_fd(), request, MsgFlags::empty())
         .map_err(|errno| Error::Socket { op: "send", errno })?;
-    let what = || format!("list the rules of table {} {table}", family.name());
     let mut out = Vec::new();
     let mut buf = vec![0u8; RECV_BYTES];
     loop {
@@ -203,7 +239,7 @@ pub fn rules(family: Family, table: &str) -> Result<Vec<DumpedRule>, Error> {
             Err(errno) => return Err(Error::Socket { op: "recv", errno }),
         };
         if n == 0 {
-            return Err(Error::NoVerdict(format!("the dump of {} ended early", what())));
+            return Err(Error::NoVerdict(format!("the dump to {what} ended early")));
         }
         for m in wire::messages(&buf[..n.min(buf.len())]) {
             match m.ty {
@@ -212,16 +248,10 @@ pub fn rules(family: Family, table: &str) -> Result<Vec<DumpedRule>, Error> {
                     Some(0) | None => {}
                     Some(code) => {
                         let errno = Errno::from_raw(code);
-                        return Err(Error::Rejected { what: what(), errno, hint: "" });
+                        return Err(Error::Rejected { what: what.to_owned(), errno, hint: "" });
                     }
                 },
-                _ => {
-                    if let Some((t, rule)) = parse_rule(m.payload)
-                        && t == table
-                    {
-                        out.push(rule);
-                    }
-                }
+                _ => out.extend(parse(m.payload)),
             }
         }
     }

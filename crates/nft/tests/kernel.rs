@@ -8,7 +8,7 @@ use shoal_netns::NetNs;
 use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
 use shoal_nft::{
     BaseChain, Batch, ChainType, CmpOp, Elem, ElemData, Error, Expr, Family, Hook, MetaKey,
-    PayloadBase, Reject, SetData, SetKey, Verdict, rules,
+    PayloadBase, Reject, SetData, SetKey, Verdict, counters, rules,
 };
 
 /// `nft list table ...` in the namespace, or `None` when nft is not installed.
@@ -220,4 +220,70 @@ fn a_refused_batch_changes_nothing_and_says_what_failed() {
     assert!(err.contains("delete table ip no-such-table") && err.contains("ENOENT"), "{err}");
     let none = ns.run(|| rules(Family::Ip, "no-such-table")).expect("netns").expect("dump");
     assert!(none.is_empty(), "{none:?}");
+}
+
+/// A named counter keeps its counts while the rules that count into it are flushed and added
+/// again, and a second `add_counter` leaves it as it is.
+#[test]
+fn a_named_counter_outlives_the_rules_that_count_into_it() {
+    if !require_root("a_named_counter_outlives_the_rules_that_count_into_it") {
+        return;
+    }
+    let mut c = Cleanup::new();
+    let ns = c.netns(&unique_prefix("nc")).expect("netns");
+    let (f, t) = (Family::Ip, "shoal-test");
+    let up = Command::new("ip").args(["-n", ns.name(), "link", "set", "lo", "up"]).status();
+    assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+    // Output to 127.0.0.1 on a port nobody listens on: each datagram passes the rule once.
+    let rules_with_counter = |fresh_table: bool| {
+        let mut b = Batch::new();
+        if fresh_table {
+            fresh(&mut b, f, t);
+        } else {
+            b.add_table(f, t);
+        }
+        let out = BaseChain { kind: ChainType::Filter, hook: Hook::Output, priority: 0 };
+        b.add_chain(f, t, "output", Some(out));
+        b.flush_chain(f, t, "output");
+        b.add_counter(f, t, "udp-9");
+        b.add_rule(
+            f,
+            t,
+            "output",
+            &[
+                Expr::Meta(MetaKey::L4Proto),
+                Expr::Cmp { op: CmpOp::Eq, data: vec![17] },
+                Expr::Payload { base: PayloadBase::Transport, offset: 2, len: 2 },
+                Expr::Cmp { op: CmpOp::Eq, data: 9u16.to_be_bytes().to_vec() },
+                Expr::CounterRef("udp-9".into()),
+            ],
+        );
+        ns.run(|| b.commit()).expect("enter namespace").expect("commit");
+    };
+    let send = |n: usize| {
+        ns.run(|| {
+            let lo = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..n {
+                let _ = lo.send_to(b"x", "127.0.0.1:9");
+            }
+        })
+        .expect("enter namespace");
+    };
+    let packets = || {
+        let all = ns.run(|| counters(f, t)).expect("enter namespace").expect("dump");
+        all.into_iter().find(|(name, _, _)| name == "udp-9").map(|(_, p, _)| p)
+    };
+    rules_with_counter(true);
+    send(3);
+    assert_eq!(packets(), Some(3));
+    rules_with_counter(false);
+    assert_eq!(packets(), Some(3), "flushing the rules reset the counter");
+    send(2);
+    assert_eq!(packets(), Some(5));
+    let dumped = ns.run(|| rules(f, t)).expect("enter namespace").expect("dump");
+    assert_eq!(dumped.len(), 1, "the flush left the old rule: {dumped:?}");
+    if let Some(text) = nft_list(&ns, "ip", t) {
+        assert!(text.contains("counter name \"udp-9\""), "{text}");
+        assert!(text.contains("counter udp-9"), "{text}");
+    }
 }

@@ -22,7 +22,8 @@
 //! prerouting as new).
 //!
 //! The backends are the healthy, non-draining tasks, sorted; the agent replaces the node's
-//! table in one transaction whenever they change. Only a flow's first packet passes a nat
+//! rules in one transaction whenever they change, and each port's rule counts the flows it
+//! forwards in a named counter that stays with the table ([`flows`]). Only a flow's first packet passes a nat
 //! chain, so established flows stay on their task (a draining one too) and new ones use the new
 //! map. Client affinity hashes the client address with a fixed seed over the same sorted list
 //! on every node, so a client lands on the same task through any node.
@@ -31,6 +32,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
@@ -39,7 +41,7 @@ use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, Rou
 use shoal_netns::NetNs;
 use shoal_nft::{
     BaseChain, Batch, ChainType, CmpOp, Elem, ElemData, Expr, Family, Hook, MetaKey, PayloadBase,
-    SetData, SetKey,
+    SetData, SetKey, Verdict,
 };
 
 use crate::Error;
@@ -108,8 +110,15 @@ fn ifname(name: &str) -> Vec<u8> {
     v
 }
 
-/// The transaction that replaces the node's `ip shoal-mesh` table: one DNAT rule per port that
-/// has backends. The same ports give the same batch, in any order.
+/// The name of a port's flow counter in the node's table: `tcp-8100`, `udp-8101`.
+pub fn counter_name(udp: bool, published: u16) -> String {
+    format!("{}-{published}", if udp { "udp" } else { "tcp" })
+}
+
+/// The transaction that rewrites the node's `ip shoal-mesh` table: one DNAT rule per port that
+/// has backends, each counting the flows it forwards in the port's named counter. The table
+/// and the counters stay (so the counts survive), the rules are replaced. The same ports give
+/// the same batch, in any order.
 pub fn node_batch(ports: &[KernelPort]) -> Batch {
     let (f, t) = (Family::Ip, TABLE);
     let mut ports: Vec<KernelPort> = ports
@@ -126,11 +135,13 @@ pub fn node_batch(ports: &[KernelPort]) -> Batch {
     ports.dedup_by_key(|p| (p.udp, p.published));
     let mut b = Batch::new();
     b.add_table(f, t);
-    b.del_table(f, t);
-    b.add_table(f, t);
     let hook = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
     b.add_chain(f, t, "prerouting", Some(hook));
+    b.flush_chain(f, t, "prerouting");
+    refused_to_the_proxy(&mut b);
     for p in ports.iter().filter(|p| !p.backends.is_empty()) {
+        let counter = counter_name(p.udp, p.published);
+        b.add_counter(f, t, &counter);
         let mut rule: Vec<Expr> = conntrack_new().into();
         rule.extend([
             Expr::Meta(MetaKey::L4Proto),
@@ -165,10 +176,61 @@ pub fn node_batch(ports: &[KernelPort]) -> Batch {
             b.add_elements(f, t, &map, &elems);
             rule.push(Expr::Lookup { set: map });
         }
-        rule.extend([Expr::PortImmediate(p.target), Expr::DnatIpv4Port]);
+        // A nat chain sees only a flow's first packet: the counter counts flows.
+        rule.extend([Expr::CounterRef(counter), Expr::PortImmediate(p.target), Expr::DnatIpv4Port]);
         b.add_rule(f, t, "prerouting", &rule);
     }
     b
+}
+
+/// The set of clients (address and port) whose connection a backend refused: their next SYN
+/// goes to the proxy, which retries on another backend.
+pub const REFUSED_SET: &str = "refused";
+/// How long a refused client's address and port go to the proxy: past the client's SYN
+/// retransmissions (1 s, then 3 s, 7 s after the first).
+const REFUSED_FOR: Duration = Duration::from_secs(10);
+
+/// A backend that refuses a kernel-path connection (no listener: its task has just died, or its
+/// node was killed whole and no one has noticed yet) answers the SYN with a reset, which the
+/// kernel cannot retry elsewhere as the proxy does. So the reset is dropped on its way back
+/// through the node, and the client's address and port are remembered: the client's own TCP
+/// sends the SYN again a second later, conntrack starts a new flow (the old one was closed by
+/// the reset), and the nat chain lets that flow through to the proxy's listener on the same
+/// port, which retries on another backend. A reset answering a SYN is the one with sequence
+/// number 0 and RST and ACK set (RFC 9293 3.10.7.1).
+fn refused_to_the_proxy(b: &mut Batch) {
+    let (f, t) = (Family::Ip, TABLE);
+    let refused = b.add_dynamic_set(f, t, REFUSED_SET, SetKey::Ipv4AddrPort, REFUSED_FOR);
+    let tcp = [Expr::Meta(MetaKey::L4Proto), Expr::Cmp { op: CmpOp::Eq, data: vec![6] }];
+    let mut rule: Vec<Expr> = conntrack_new().into();
+    rule.extend(tcp.clone());
+    rule.extend([
+        Expr::Payload { base: PayloadBase::Network, offset: 12, len: 4 },
+        Expr::PayloadNext { base: PayloadBase::Transport, offset: 0, len: 2 },
+        Expr::Lookup { set: refused.clone() },
+        Expr::Verdict(Verdict::Accept),
+    ]);
+    b.add_rule(f, t, "prerouting", &rule);
+    let hook = BaseChain { kind: ChainType::Filter, hook: Hook::Forward, priority: 0 };
+    b.add_chain(f, t, "forward", Some(hook));
+    b.flush_chain(f, t, "forward");
+    let mut rule =
+        vec![Expr::Meta(MetaKey::IifName), Expr::Cmp { op: CmpOp::Eq, data: ifname(NODE_LINK) }];
+    rule.extend(tcp);
+    rule.extend([
+        // TCP flags RST|ACK exactly, sequence number 0.
+        Expr::Payload { base: PayloadBase::Transport, offset: 13, len: 1 },
+        Expr::Cmp { op: CmpOp::Eq, data: vec![0x14] },
+        Expr::Payload { base: PayloadBase::Transport, offset: 4, len: 4 },
+        Expr::Cmp { op: CmpOp::Eq, data: vec![0; 4] },
+        // The reply goes to the client's address and port.
+        Expr::Payload { base: PayloadBase::Network, offset: 16, len: 4 },
+        Expr::PayloadNext { base: PayloadBase::Transport, offset: 2, len: 2 },
+        Expr::AddToSet { set: refused },
+        Expr::Counter,
+        Expr::Verdict(Verdict::Drop),
+    ]);
+    b.add_rule(f, t, "forward", &rule);
 }
 
 /// The sandbox's `ip shoal-mesh` table: a flow that comes in on [`SANDBOX_LINK`] is marked, and
@@ -345,11 +407,20 @@ pub async fn apply_link(
     sandbox.run(|| b.commit())?.map_err(|source| Error::Nft { ns: nsname(s), source })
 }
 
-/// Replaces the node's DNAT table with `ports` (one transaction: on an error the old table
+/// Replaces the node's DNAT rules with `ports` (one transaction: on an error the old rules
 /// stays). `node` is the node's namespace, `None` for the calling process's.
 pub fn apply_ports(node: Option<&NetNs>, ports: &[KernelPort]) -> Result<(), Error> {
     let b = node_batch(ports);
     run_in(node, || b.commit())?.map_err(|source| Error::Nft { ns: nsname(node), source })
+}
+
+/// The flows each port's rule has forwarded, by [`counter_name`], read from the node's table
+/// (`node`, `None` for the calling process's namespace). The counts live in the kernel: they
+/// outlive the agent and the rewrites of the rules, and go with the table.
+pub fn flows(node: Option<&NetNs>) -> Result<Vec<(String, u64)>, Error> {
+    let counters = run_in(node, || shoal_nft::counters(Family::Ip, TABLE))?
+        .map_err(|source| Error::Nft { ns: nsname(node), source })?;
+    Ok(counters.into_iter().map(|(name, packets, _)| (name, packets)).collect())
 }
 
 /// Removes the node's table and its end of the link (the sandbox's end goes with it), for a
@@ -399,15 +470,21 @@ mod tests {
         assert_eq!(a, b);
         let commands = a.commands().join("\n");
         for want in [
-            "add chain prerouting (nat hook prerouting)\n\
+            "add chain prerouting (nat hook prerouting)\nflush chain prerouting\n\
+             add set refused\nadd rule to chain prerouting \
+             (ct bitwise cmp meta cmp payload payload lookup immediate)\n\
+             add chain forward (filter hook forward)\nflush chain forward\n\
+             add rule to chain forward \
+             (meta cmp meta cmp payload cmp payload cmp payload payload dynset counter immediate)\n",
+            "add counter tcp-8100\nadd rule to chain prerouting \
+             (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)\n",
+            "add counter tcp-8101\nadd set __map%d\nadd elements to set __map%d\n\
              add rule to chain prerouting \
-             (ct bitwise cmp meta cmp payload cmp fib cmp immediate immediate nat)\n",
-            "add set __map%d\nadd elements to set __map%d\nadd rule to chain prerouting \
-             (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup immediate nat)",
+             (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup objref immediate nat)",
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");
         }
-        assert_eq!(commands.matches("add rule").count(), 2, "{commands}");
+        assert_eq!(commands.matches("add rule").count(), 4, "{commands}");
     }
 
     #[test]
@@ -455,12 +532,37 @@ mod tests {
         apply_ports(Some(&node), &ports).expect("ports");
         apply_ports(Some(&node), &ports).expect("ports again");
         let rules = node.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
-        assert_eq!(rules.len(), 4, "{rules:?}");
+        let chains: Vec<&str> = rules.iter().map(|r| r.chain.as_str()).collect();
+        assert_eq!(chains, ["prerouting"; 5].into_iter().chain(["forward"]).collect::<Vec<_>>());
+        // The real nft, where installed, reads the table as meant.
+        let listed = std::process::Command::new("ip")
+            .args(["netns", "exec", node.name(), "nft", "list", "table", "ip", TABLE])
+            .output();
+        match listed {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                for want in [
+                    "ct state new ip saddr . tcp sport @refused accept",
+                    "tcp flags == 0x14 tcp sequence 0 add @refused { ip daddr . tcp dport }",
+                    "counter name \"tcp-8100\" dnat to numgen random mod 2 map",
+                    "flags dynamic,timeout",
+                ] {
+                    assert!(text.contains(want), "{want:?} not in\n{text}");
+                }
+            }
+            other => eprintln!("*** nft not runnable ({other:?}): not comparing its listing"),
+        }
+        let mut counted: Vec<(String, u64)> = flows(Some(&node)).expect("flows");
+        counted.sort();
+        let names: Vec<&str> = counted.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["tcp-8100", "tcp-8101", "tcp-8102", "udp-8103"]);
+        assert!(counted.iter().all(|(_, n)| *n == 0), "{counted:?}");
         let rules =
             sandbox.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
         assert_eq!(rules.len(), 2, "{rules:?}");
         rt.block_on(remove(Some(&node))).expect("remove");
         rt.block_on(remove(Some(&node))).expect("remove again");
+        assert!(flows(Some(&node)).expect("flows").is_empty(), "the counters stayed");
         let gone = rt.block_on(async {
             let h = node.netlink().expect("netlink");
             shoal_netns::link_index(&h, NODE_LINK).await

@@ -1,7 +1,8 @@
-//! The routing mesh's kernel path (`--publish …,mesh=kernel`, see `shoal_return::kernel` and
-//! ARCHITECTURE.md): the node DNATs new flows to a task's ingress address, and the userspace
-//! mesh keeps its listener on the same port for what the kernel path leaves to it (clients on
-//! the node itself, and ports without a backend).
+//! The routing mesh's kernel path (the default where [`PublishedPort::path`] says it applies;
+//! see `shoal_return::kernel` and ARCHITECTURE.md): the node DNATs new flows to a task's
+//! ingress address, and the userspace mesh keeps its listener on the same port for what the
+//! kernel path leaves to it (clients on the node itself, refused clients' retries, and ports
+//! without a backend).
 //!
 //! A backend is in a port's map while gossip says its task serves (running, healthy, not
 //! withdrawn) and the userspace mesh's checks have not ruled it out; the table is rewritten
@@ -27,17 +28,19 @@ pub(super) struct State {
     link: Option<(Ipv4Addr, u8)>,
     /// The ports last written to the node's table.
     ports: Option<Vec<KernelPort>>,
-    /// Tasks the userspace mesh's checks have seen up: a later `Down` is a failed check, while
-    /// a task not checked yet (a new one, or after an agent restart) is trusted on gossip's word.
+    /// The service of each port's flow counter ([`km::counter_name`]), as last written.
+    owners: BTreeMap<String, String>,
+    /// Tasks the userspace mesh's checks have seen up: a later `Down` is a failed check (or a
+    /// task whose node comes back after a partition, checked again before it gets traffic),
+    /// while a task not checked yet (a new one, or after an agent restart) is trusted on
+    /// gossip's word. Kept while the store has the task, so a partition does not erase it.
     seen_up: BTreeSet<String>,
 }
 
-/// Whether a published port is forwarded by the kernel: an ingress port without a PROXY
-/// header (which needs the userspace proxy), on the kernel path by choice or by default.
-pub(super) fn on_kernel_path(p: &PublishedPort) -> bool {
-    p.is_ingress()
-        && p.proxy_protocol.is_none()
-        && p.mesh.unwrap_or(MeshPath::DEFAULT) == MeshPath::Kernel
+/// Whether a published port of `svc` is forwarded by the kernel (the model decides:
+/// [`PublishedPort::path`]).
+fn on_kernel_path(svc: &Service, p: &PublishedPort) -> bool {
+    p.path(&svc.mesh) == MeshPath::Kernel
 }
 
 fn pick(algorithm: LbAlgorithm) -> Pick {
@@ -52,12 +55,14 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
 /// The kernel-path ports of every service, with the backends new flows may go to.
 fn ports(
     inner: &Inner,
+    state: &ClusterState,
     services: &BTreeMap<String, Service>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
-) -> Vec<KernelPort> {
+) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
-    for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
+    let mut owners = BTreeMap::new();
+    for svc in services.values().filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p))) {
         let health: BTreeMap<String, HealthState> = inner
             .mesh
             .service_metrics(&svc.name)
@@ -82,24 +87,26 @@ fn ports(
                 backends.push(e.ip);
             }
         }
-        for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
+        for p in svc.ports.iter().filter(|p| on_kernel_path(svc, p)) {
+            let udp = p.protocol == Protocol::Udp;
+            owners.insert(km::counter_name(udp, p.published), svc.name.clone());
             out.push(KernelPort {
                 published: p.published,
                 target: p.target,
-                udp: p.protocol == Protocol::Udp,
+                udp,
                 pick: pick(svc.lb_algorithm),
                 backends: backends.clone(),
             });
         }
     }
-    // Forget tasks that are gone, so the set stays as small as the cluster.
-    let live: BTreeSet<&str> = eps.iter().map(|(_, e)| e.task.as_str()).collect();
-    lock(&inner.local).kernel.seen_up.retain(|t| live.contains(t.as_str()));
+    // Forget tasks the store no longer has, so the set stays as small as the cluster.
+    let tasks = records::tasks(state);
+    lock(&inner.local).kernel.seen_up.retain(|t| tasks.contains_key(t));
     for p in &mut out {
         p.backends.sort_unstable();
         p.backends.dedup();
     }
-    out
+    (out, owners)
 }
 
 /// Programs the kernel path from this pass's inputs: the link into the ingress sandbox once
@@ -118,7 +125,7 @@ pub(super) async fn sync(
     if lock(&inner.local).sandbox_ip.is_none() {
         return;
     }
-    let want = ports(inner, services, eps, ingress_id);
+    let (want, owners) = ports(inner, state, services, eps, ingress_id);
     if want.is_empty() && lock(&inner.local).kernel.ports.is_none() {
         return;
     }
@@ -136,7 +143,11 @@ pub(super) async fn sync(
     }
     let ports = want.clone();
     match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
-        Ok(Ok(())) => lock(&inner.local).kernel.ports = Some(want),
+        Ok(Ok(())) => {
+            let mut local = lock(&inner.local);
+            local.kernel.ports = Some(want);
+            local.kernel.owners = owners;
+        }
         Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
         Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
     }
@@ -147,6 +158,30 @@ pub(super) async fn remove() {
     if let Err(e) = km::remove(None).await {
         tracing::warn!(error = %e, "removing the mesh's kernel path");
     }
+}
+
+/// The flows the kernel path has forwarded, per service (every one with the client's own
+/// address: the kernel path never stands in for a client). Read from the table's counters at
+/// the time of asking; a service on the proxy path only is not listed.
+pub(super) fn flows(inner: &Inner) -> Vec<(String, u64)> {
+    let owners = lock(&inner.local).kernel.owners.clone();
+    if owners.is_empty() {
+        return Vec::new();
+    }
+    let counted = match km::flows(None) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the kernel path's counters");
+            Vec::new()
+        }
+    };
+    let mut per: BTreeMap<String, u64> = owners.values().map(|s| (s.clone(), 0)).collect();
+    for (name, n) in counted {
+        if let Some(total) = owners.get(&name).and_then(|svc| per.get_mut(svc)) {
+            *total += n;
+        }
+    }
+    per.into_iter().collect()
 }
 
 /// The backends of each kernel-path port as last written, for the node's diagnostics.
