@@ -5,6 +5,10 @@
 //! gossip snapshot and the local runtime — and is re-run whenever any of them changes and once a
 //! second. It is level-triggered: a report or a gossip write that was lost is made again by the
 //! next pass, and a restart of the agent converges from whatever it finds.
+//!
+//! A pass gathers those views and what the node holds of its own tasks, calls the pure
+//! `project::project` for the whole desired state, and lets each subsystem apply its part
+//! against what it last applied (`apply`, `tasks`, `kernel_mesh`, `client_addr`, `confirm`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
