@@ -36,7 +36,7 @@ mod kernel_mesh;
 mod project;
 mod tasks;
 
-use applied::{Applied, AppliedMap};
+use applied::{LastApplied, LastAppliedMap};
 use project::VipRules;
 use tasks::WITHDRAW_TIMEOUT;
 
@@ -108,20 +108,20 @@ struct Local {
     /// When to stop waiting for gossip to catch up, whatever it holds by then.
     held_until: Option<std::time::Instant>,
     /// Our entries in the gossip endpoint tables.
-    published: AppliedMap<EntryKey, EndpointRecord>,
+    published: LastAppliedMap<EntryKey, EndpointRecord>,
     /// VIP rules installed per task.
-    vips: AppliedMap<String, VipRules>,
+    vips: LastAppliedMap<String, VipRules>,
     /// The ingress sandboxes each task sends mesh replies back through.
-    returns: AppliedMap<String, Vec<Ipv4Addr>>,
+    returns: LastAppliedMap<String, Vec<Ipv4Addr>>,
     /// The mesh's services with their backends.
-    mesh: AppliedMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
+    mesh: LastAppliedMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
     /// The mesh's kernel path (`kernel_mesh`), and the tasks its checks have seen up.
     kernel: kernel_mesh::State,
     seen_up: BTreeSet<String>,
-    dns: Applied<dns::ClusterRecords>,
-    tables: Applied<vx::Tables>,
-    sandbox_ip: Applied<Ipv4Addr>,
-    networks: Applied<BTreeSet<String>>,
+    dns: LastApplied<dns::ClusterRecords>,
+    tables: LastApplied<vx::Tables>,
+    sandbox_ip: LastApplied<Ipv4Addr>,
+    networks: LastApplied<BTreeSet<String>>,
     /// Containers a CNI runtime attached here (see `cni`).
     cni: BTreeMap<String, cni::Attached>,
     /// Gossip claims the store contradicted in the last pass, and how many were dropped so far
@@ -509,10 +509,10 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
 }
 
 /// What the projection needs of this node's own state, taken in one look.
-fn local_inputs(inner: &Inner, services: &BTreeMap<String, Service>) -> project::Local {
+fn local_inputs(inner: &Inner, services: &BTreeMap<String, Service>) -> project::LocalView {
     let mesh_health = kernel_mesh::mesh_health(inner, services);
     let l = lock(&inner.local);
-    project::Local {
+    project::LocalView {
         busy: l.busy.clone(),
         attached: l.attached.clone(),
         cni: l.cni.keys().cloned().collect(),

@@ -1,6 +1,6 @@
 //! What each subsystem last applied, so a pass applies only what changed: the projection says
-//! what should be, and an [`Applied`] (or, for a subsystem keyed by service or task, an
-//! [`AppliedMap`]) says what the subsystem last took. A value is recorded only once the
+//! what should be, and a [`LastApplied`] (or, for a subsystem keyed by service or task, a
+//! [`LastAppliedMap`]) says what the subsystem last took. A value is recorded only once the
 //! subsystem took it, so a failed apply is tried again by the next pass.
 
 use std::borrow::Borrow;
@@ -8,15 +8,15 @@ use std::collections::BTreeMap;
 
 /// The last value one subsystem took.
 #[derive(Debug)]
-pub(super) struct Applied<T>(Option<T>);
+pub(super) struct LastApplied<T>(Option<T>);
 
-impl<T> Default for Applied<T> {
+impl<T> Default for LastApplied<T> {
     fn default() -> Self {
-        Applied(None)
+        LastApplied(None)
     }
 }
 
-impl<T: PartialEq> Applied<T> {
+impl<T: PartialEq> LastApplied<T> {
     /// What was applied last, if anything.
     pub(super) fn get(&self) -> Option<&T> {
         self.0.as_ref()
@@ -35,15 +35,15 @@ impl<T: PartialEq> Applied<T> {
 
 /// The last value a subsystem took per key (a service, a task).
 #[derive(Debug)]
-pub(super) struct AppliedMap<K, V>(BTreeMap<K, V>);
+pub(super) struct LastAppliedMap<K, V>(BTreeMap<K, V>);
 
-impl<K, V> Default for AppliedMap<K, V> {
+impl<K, V> Default for LastAppliedMap<K, V> {
     fn default() -> Self {
-        AppliedMap(BTreeMap::new())
+        LastAppliedMap(BTreeMap::new())
     }
 }
 
-impl<K: Ord + Clone, V: PartialEq> AppliedMap<K, V> {
+impl<K: Ord + Clone, V: PartialEq> LastAppliedMap<K, V> {
     /// Whether `want` is what was applied last for `k`.
     pub(super) fn is<Q: Ord + ?Sized>(&self, k: &Q, want: &V) -> bool
     where
@@ -95,12 +95,12 @@ mod tests {
 
     #[test]
     fn only_a_taken_value_counts_as_applied() {
-        let mut a = Applied::default();
+        let mut a = LastApplied::default();
         assert!(!a.is(&1) && a.get().is_none());
         a.set(1);
         assert!(a.is(&1) && !a.is(&2));
 
-        let mut m = AppliedMap::default();
+        let mut m = LastAppliedMap::default();
         m.set("web", 1);
         m.set("db", 2);
         assert!(m.is(&"web", &1) && !m.is(&"db", &1));

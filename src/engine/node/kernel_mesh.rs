@@ -14,7 +14,7 @@ use std::sync::Arc;
 use shoal_ingress::HealthState;
 use shoal_return::kernel::{self as km, KernelPort, Pick};
 
-use super::applied::Applied;
+use super::applied::LastApplied;
 use super::project::KernelMesh;
 use super::{Inner, client_addr, lock};
 use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service};
@@ -25,9 +25,9 @@ use crate::engine::records::EndpointRecord;
 #[derive(Default)]
 pub(super) struct State {
     /// The ingress subnet the link into the sandbox routes, once it is set up.
-    link: Applied<(Ipv4Addr, u8)>,
+    link: LastApplied<(Ipv4Addr, u8)>,
     /// The ports last written to the node's table.
-    ports: Applied<Vec<KernelPort>>,
+    ports: LastApplied<Vec<KernelPort>>,
 }
 
 /// Whether a published port is forwarded by the kernel: an ingress port without a PROXY

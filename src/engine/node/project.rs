@@ -30,7 +30,7 @@ pub(crate) type VipRules = Vec<(Ipv4Addr, Vec<Ipv4Addr>)>;
 /// What this node holds that the store and gossip do not say: the state of its own tasks and
 /// of what it set up for them.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Local {
+pub(crate) struct LocalView {
     /// Tasks with a start or stop in flight: no new action is taken on them.
     pub busy: BTreeSet<String>,
     /// Tasks with things of ours in their namespace, and the networks they are on.
@@ -65,7 +65,7 @@ pub(crate) struct Inputs<'a> {
     pub gossip: &'a Snapshot,
     /// The local runtime's and the CNI containers' tasks.
     pub statuses: &'a BTreeMap<String, rt::TaskStatus>,
-    pub local: &'a Local,
+    pub local: &'a LocalView,
     pub now: Instant,
     /// Wall-clock milliseconds, for the state times in reports.
     pub now_ms: u64,

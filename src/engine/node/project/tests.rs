@@ -14,7 +14,7 @@ use shoal_model::{Error, MountSpec, ServiceCreate, ServiceUpdate};
 use shoal_runtime as rt;
 use shoal_scheduler::{DesiredState, TaskState};
 
-use super::{DesiredDataPlane, Inputs, Local, project};
+use super::{DesiredDataPlane, Inputs, LocalView, project};
 use crate::engine::leader;
 use crate::engine::records::{self, EndpointRecord};
 
@@ -39,7 +39,7 @@ impl shoal_model::Context for Ctx<'_> {
 struct Node {
     id: String,
     statuses: BTreeMap<String, rt::TaskStatus>,
-    local: Local,
+    local: LocalView,
     published: BTreeMap<EntryKey, EndpointRecord>,
 }
 
