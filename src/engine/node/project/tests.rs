@@ -428,3 +428,37 @@ fn a_task_record_the_store_does_not_know_is_removed() {
     let d = swarm.project(0);
     assert_eq!(d.tasks.remove, ["stray"]);
 }
+
+#[test]
+fn an_adopted_task_s_vips_wait_for_gossip_to_catch_up_or_the_deadline() {
+    let mut swarm = Swarm::new(2);
+    let mut net = simulated::network(1);
+    net.name = "backend".into();
+    swarm.write(Command::PutNetwork(net));
+    swarm.create_service(ServiceCreate {
+        name: "api".into(),
+        argv: vec!["serve".into()],
+        replicas: Some(2),
+        networks: vec!["backend".into()],
+        ..ServiceCreate::default()
+    });
+    swarm.settle();
+    let mine = swarm.running("api")[&0].iter().next().unwrap().clone();
+    // Node 1's agent restarted: it adopted its task, and gossip has not brought node 2's yet.
+    swarm.nodes[0].local.held_vips = BTreeSet::from([mine.clone()]);
+    swarm.nodes[0].local.held_until = Some(swarm.now + Duration::from_secs(10));
+    let others = std::mem::take(&mut swarm.nodes[1].published);
+    let d = swarm.project(0);
+    assert!(d.hold_vips && !d.vips.contains_key(&mine), "{:?}", d.vips);
+
+    // Once the deadline passed, the rules are rewritten from what gossip holds by then.
+    swarm.now += Duration::from_secs(11);
+    let d = swarm.project(0);
+    assert!(!d.hold_vips && d.vips[&mine][0].1.len() == 1, "{:?}", d.vips);
+
+    // Before it, gossip catching up ends the wait as well, with both backends.
+    swarm.now -= Duration::from_secs(11);
+    swarm.nodes[1].published = others;
+    let d = swarm.project(0);
+    assert!(!d.hold_vips && d.vips[&mine][0].1.len() == 2, "{:?}", d.vips);
+}
