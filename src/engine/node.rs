@@ -38,7 +38,6 @@ mod tasks;
 
 use applied::{LastApplied, LastAppliedMap};
 use project::VipRules;
-use tasks::WITHDRAW_TIMEOUT;
 
 use super::records::{self, EndpointRecord, Service, TaskRecord};
 use super::trust;
@@ -94,7 +93,7 @@ struct Local {
     /// Why a task could not be started.
     errors: BTreeMap<String, String>,
     /// Running tasks without a health command whose published TCP ports accept connections:
-    /// only then are they serving (see [`readiness`]).
+    /// only then are they serving (see [`tasks::readiness`]).
     ready: BTreeSet<String>,
     /// Tasks whose ports are being tried now.
     probing: BTreeSet<String>,

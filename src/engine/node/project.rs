@@ -468,7 +468,8 @@ fn mesh(
         let mut spec = crate::from_model::mesh_service(svc);
         // A withdrawn task's open connections may run as long as the task itself may: the
         // withdrawal wait, then its stop grace.
-        spec.drain_grace = super::WITHDRAW_TIMEOUT + Duration::from_millis(svc.stop_grace_ms);
+        spec.drain_grace =
+            super::tasks::WITHDRAW_TIMEOUT + Duration::from_millis(svc.stop_grace_ms);
         let mut backends: Vec<ing::BackendSpec> = eps
             .iter()
             .filter(|(net, e)| *net == ingress_id && e.service == svc.id && !e.task.is_empty())
