@@ -117,6 +117,8 @@ struct Local {
     /// The mesh's kernel path (`kernel_mesh`), and the tasks its checks have seen up.
     kernel: kernel_mesh::State,
     seen_up: BTreeSet<String>,
+    /// What service DNS, the overlay's forwarding tables, the ingress sandbox and gossip's
+    /// networks last took.
     dns: LastApplied<dns::ClusterRecords>,
     tables: LastApplied<vx::Tables>,
     sandbox_ip: LastApplied<Ipv4Addr>,
