@@ -153,7 +153,19 @@ fn hold_restarting(view: &mut sched::ClusterState, state: &ClusterState, now: u6
 
 /// One scheduling pass; returns when to plan again at the latest.
 async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<u64>> {
-    let now = now_ms();
+    let (writes, wake_at) = plan_writes(state, now_ms())?;
+    for w in writes {
+        cluster.write(w).await?;
+    }
+    Ok(wake_at)
+}
+
+/// The store writes of one scheduling pass at `now`, in order, and when to plan again at the
+/// latest. Pure, so a simulated swarm can run the leader without a cluster.
+pub(crate) fn plan_writes(
+    state: &ClusterState,
+    now: u64,
+) -> anyhow::Result<(Vec<Command>, Option<u64>)> {
     let services = records::services(state);
     let tasks = records::tasks(state);
     let held = records::held(state);
@@ -191,12 +203,14 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
     // pass plans from the spec written here.
     let stopped = super::rollout::failure_actions(&services, &tasks, now);
     if !stopped.is_empty() {
+        // Only the stopped updates: the addresses above are planned again next pass.
+        let mut writes = Vec::new();
         for svc in stopped {
             let status = svc.update_status.as_ref().map(|s| s.message.clone()).unwrap_or_default();
             tracing::warn!(service = %svc.name, %status, "rolling update stopped");
-            cluster.write(put(tables::SERVICES, &svc.id, records::to_value(&svc))).await?;
+            writes.push(put(tables::SERVICES, &svc.id, records::to_value(&svc)));
         }
-        return Ok(Some(now));
+        return Ok((writes, Some(now)));
     }
 
     let mut view = records::sched_state(state);
@@ -293,10 +307,7 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
         }
     }
 
-    for w in writes {
-        cluster.write(w).await?;
-    }
-    Ok(plan.wake_at)
+    Ok((writes, plan.wake_at))
 }
 
 /// The next free VXLAN id (Swarm's start at 4096, the ingress network's).

@@ -22,7 +22,8 @@ use shoal_runtime as rt;
 use shoal_scheduler::DesiredState;
 use shoal_vxlan as vx;
 
-use super::{Inner, NodeEngine, detach, lock};
+use super::tasks::detach;
+use super::{Inner, NodeEngine, lock};
 use crate::engine::records::{self, TaskRecord};
 
 /// A container attached here: its namespace, held open.
@@ -119,12 +120,6 @@ pub(super) fn reconcile(
             });
         }
     }
-}
-
-/// Whether `id` is a container attached here (the pass lets it go, not the runtime, when the
-/// store forgets it).
-pub(super) fn is_attached(inner: &Inner, id: &str) -> bool {
-    lock(&inner.local).cni.contains_key(id)
 }
 
 /// Lets go of an attached container in the background (the pass's way).

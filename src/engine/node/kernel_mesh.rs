@@ -12,29 +12,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use shoal_cluster::model::ClusterState;
 use shoal_ingress::HealthState;
 use shoal_return::kernel::{self as km, KernelPort, Pick};
 
+use super::applied::LastApplied;
+use super::project::KernelMesh;
 use super::{Inner, client_addr, lock};
-use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service};
+use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service, TaskRecord};
 
-use crate::engine::records::{self, EndpointRecord};
+use crate::engine::records::EndpointRecord;
 
 /// What this node has programmed on the kernel path.
 #[derive(Default)]
 pub(super) struct State {
     /// The ingress subnet the link into the sandbox routes, once it is set up.
-    link: Option<(Ipv4Addr, u8)>,
+    link: LastApplied<(Ipv4Addr, u8)>,
     /// The ports last written to the node's table.
-    ports: Option<Vec<KernelPort>>,
+    ports: LastApplied<Vec<KernelPort>>,
     /// The service of each port's flow counter ([`km::counter_name`]), as last written.
     owners: BTreeMap<String, String>,
-    /// Tasks the userspace mesh's checks have seen up: a later `Down` is a failed check (or a
-    /// task whose node comes back after a partition, checked again before it gets traffic),
-    /// while a task not checked yet (a new one, or after an agent restart) is trusted on
-    /// gossip's word. Kept while the store has the task, so a partition does not erase it.
-    seen_up: BTreeSet<String>,
 }
 
 /// Whether a published port of `svc` is forwarded by the kernel (the model decides:
@@ -52,29 +48,29 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
     }
 }
 
-/// The kernel-path ports of every service, with the backends new flows may go to.
-fn ports(
-    inner: &Inner,
-    state: &ClusterState,
+/// The kernel-path ports of every service, with the backends new flows may go to. `health`
+/// is the userspace mesh's view of each kernel-path service's tasks; `seen_up` the tasks its
+/// checks have seen up: a later `Down` is a failed check, while a task not checked yet (a new
+/// one, or after an agent restart) is trusted on gossip's word. A task stays in `seen_up` while
+/// the store has it (`stored`), so a partition does not erase it and a node coming back is
+/// checked again before it gets traffic. Also returns the service of each port's flow counter.
+pub(super) fn ports(
     services: &BTreeMap<String, Service>,
+    stored: &BTreeMap<String, TaskRecord>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
+    health: &BTreeMap<String, BTreeMap<String, HealthState>>,
+    seen_up: &mut BTreeSet<String>,
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut owners = BTreeMap::new();
     for svc in services.values().filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p))) {
-        let health: BTreeMap<String, HealthState> = inner
-            .mesh
-            .service_metrics(&svc.name)
-            .map(|m| m.backends.into_iter().map(|b| (b.id, b.health)).collect())
-            .unwrap_or_default();
+        let health = health.get(&svc.name);
         let mut backends = Vec::new();
         for (_, e) in eps.iter().filter(|(net, e)| {
             net == ingress_id && e.service == svc.id && !e.task.is_empty() && e.serving
         }) {
-            let mut local = lock(&inner.local);
-            let seen_up = &mut local.kernel.seen_up;
-            let usable = match health.get(&e.task) {
+            let usable = match health.and_then(|h| h.get(&e.task)) {
                 Some(HealthState::Up) => {
                     seen_up.insert(e.task.clone());
                     true
@@ -100,8 +96,7 @@ fn ports(
         }
     }
     // Forget tasks the store no longer has, so the set stays as small as the cluster.
-    let tasks = records::tasks(state);
-    lock(&inner.local).kernel.seen_up.retain(|t| tasks.contains_key(t));
+    seen_up.retain(|t| stored.contains_key(t));
     for p in &mut out {
         p.backends.sort_unstable();
         p.backends.dedup();
@@ -109,44 +104,45 @@ fn ports(
     (out, owners)
 }
 
-/// Programs the kernel path from this pass's inputs: the link into the ingress sandbox once
-/// there is a kernel-path port and the sandbox is on the ingress network, then the node's DNAT
-/// table whenever its ports or backends change.
-pub(super) async fn sync(
-    inner: &Arc<Inner>,
-    state: &ClusterState,
+/// The userspace mesh's health of the tasks of each kernel-path service (input of [`ports`]).
+pub(super) fn mesh_health(
+    inner: &Inner,
     services: &BTreeMap<String, Service>,
-    eps: &[(String, EndpointRecord)],
-    ingress_id: &str,
-) {
-    let Some(ipnet::IpNet::V4(subnet)) = records::ingress(state).map(|n| n.subnet) else {
-        return;
-    };
-    if lock(&inner.local).sandbox_ip.is_none() {
+) -> BTreeMap<String, BTreeMap<String, HealthState>> {
+    services
+        .values()
+        .filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p)))
+        .filter_map(|s| {
+            let m = inner.mesh.service_metrics(&s.name)?;
+            Some((s.name.clone(), m.backends.into_iter().map(|b| (b.id, b.health)).collect()))
+        })
+        .collect()
+}
+
+/// Programs the kernel path as projected: the link into the ingress sandbox once there is a
+/// kernel-path port, then the node's DNAT table whenever its ports or backends change.
+pub(super) async fn sync(inner: &Arc<Inner>, want: Option<&KernelMesh>) {
+    let Some(want) = want else { return };
+    if want.ports.is_empty() && lock(&inner.local).kernel.ports.get().is_none() {
         return;
     }
-    let (want, owners) = ports(inner, state, services, eps, ingress_id);
-    if want.is_empty() && lock(&inner.local).kernel.ports.is_none() {
-        return;
-    }
-    let subnet = (subnet.network(), subnet.prefix_len());
-    if lock(&inner.local).kernel.link != Some(subnet) {
+    if !lock(&inner.local).kernel.link.is(&want.subnet) {
         let ifname = client_addr::SANDBOX_IFNAME;
-        if let Err(e) = km::apply_link(None, &inner.sandbox, ifname, subnet).await {
+        if let Err(e) = km::apply_link(None, &inner.sandbox, ifname, want.subnet).await {
             tracing::warn!(error = %e, "the mesh's kernel path (the proxy answers meanwhile)");
             return;
         }
-        lock(&inner.local).kernel.link = Some(subnet);
+        lock(&inner.local).kernel.link.set(want.subnet);
     }
-    if lock(&inner.local).kernel.ports.as_ref() == Some(&want) {
+    if lock(&inner.local).kernel.ports.is(&want.ports) {
         return;
     }
-    let ports = want.clone();
+    let ports = want.ports.clone();
     match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
         Ok(Ok(())) => {
             let mut local = lock(&inner.local);
-            local.kernel.ports = Some(want);
-            local.kernel.owners = owners;
+            local.kernel.ports.set(want.ports.clone());
+            local.kernel.owners = want.owners.clone();
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
         Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
@@ -190,7 +186,8 @@ pub(super) fn describe(inner: &Inner) -> serde_json::Value {
     let ports: Vec<serde_json::Value> = local
         .kernel
         .ports
-        .iter()
+        .get()
+        .into_iter()
         .flatten()
         .map(|p| {
             let backends: Vec<IpAddr> = p.backends.iter().map(|a| IpAddr::V4(*a)).collect();
