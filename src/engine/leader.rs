@@ -182,7 +182,12 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
     for key in held.keys().filter(|k| !wanted.contains_key(*k)) {
         writes.push(del(tables::IPAM, key));
     }
-    for (key, net) in wanted.iter().filter(|(k, _)| !held.contains_key(*k)) {
+    // An address outside its network's subnet is one a replaced ingress network gave.
+    let fits = |key: &String, net: &String| {
+        let subnet = state.networks.get(net).map(|n| n.subnet);
+        held.get(key).is_some_and(|ip| subnet.is_some_and(|s| s.contains(&IpAddr::V4(*ip))))
+    };
+    for (key, net) in wanted.iter().filter(|(k, net)| !fits(k, net)) {
         let ip = ipam.allocate(net, key).with_context(|| format!("allocating {key}"))?;
         writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
     }

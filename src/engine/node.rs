@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 mod client_addr;
 mod confirm;
 mod kernel_mesh;
+mod sandbox;
 
 use super::records::{self, ENDPOINT_TABLE, EndpointRecord, Service, TaskRecord};
 use super::trust;
@@ -107,6 +108,8 @@ struct Local {
     dns: Option<dns::ClusterRecords>,
     tables: Option<vx::Tables>,
     sandbox_ip: Option<Ipv4Addr>,
+    /// The ingress network the sandbox is on (`sandbox`).
+    sandbox_net: Option<String>,
     networks: BTreeSet<String>,
     /// Containers a CNI runtime attached here (see `cni`).
     cni: BTreeMap<String, cni::Attached>,
@@ -591,7 +594,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     }
     lock(&inner.local).networks = want;
 
-    sandbox(inner, &state).await?;
+    sandbox::sync(inner, &state).await?;
 
     // Tasks an earlier run started: take them up again where the store still wants them.
     let adopted: Vec<String> =
@@ -729,28 +732,6 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         dataplane(inner, &state, &services, &statuses).await;
     };
     tokio::join!(report, local);
-    Ok(())
-}
-
-/// The ingress sandbox: attached to the ingress network with the address the leader gave it.
-async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()> {
-    let Some(ingress) = records::ingress(state) else { return Ok(()) };
-    let Some(ip) = records::held(state).get(&records::sandbox_key(&inner.me)).copied() else {
-        return Ok(());
-    };
-    if lock(&inner.local).sandbox_ip == Some(ip) {
-        return Ok(());
-    }
-    let spec = records::overlay_spec(ingress).context("the ingress network is not IPv4")?;
-    let old = lock(&inner.local).sandbox_ip;
-    if old.is_some() {
-        let _ = inner.overlay.detach(&ingress.id, "sbox").await;
-    }
-    let ifname = Some(client_addr::SANDBOX_IFNAME);
-    let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname };
-    inner.overlay.attach(&spec, &ep).await.context("attaching the ingress sandbox")?;
-    client_addr::sandbox_ready(inner, ingress).await;
-    lock(&inner.local).sandbox_ip = Some(ip);
     Ok(())
 }
 
