@@ -209,7 +209,7 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
     let plan = sched::plan(now, &view);
     for action in plan.actions {
         match action {
-            Action::Create { service_id, slot, node_id, spec_version, attempt } => {
+            Action::Create { service_id, slot, node_id, spec_version, attempt, port_held } => {
                 let Some(svc) = services.get(&service_id) else { continue };
                 let id = new_id();
                 let networks = records::task_networks(state, svc);
@@ -220,8 +220,8 @@ async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<
                         .with_context(|| format!("an address for a task of {}", svc.name))?;
                     addresses.insert(net.clone(), ip);
                 }
-                let state =
-                    if node_id.is_some() { TaskState::Assigned } else { TaskState::Pending };
+                let placed = node_id.is_some() && !port_held;
+                let state = if placed { TaskState::Assigned } else { TaskState::Pending };
                 let rec = TaskRecord {
                     task: sched::Task {
                         id: id.clone(),

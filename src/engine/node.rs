@@ -637,7 +637,9 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         }
         let status = statuses.get(*id);
         let want_run = t.task.desired == DesiredState::Running;
-        if want_run && status.is_none() && !t.task.state.is_terminal() && t.addressed() {
+        // A pending task here is a global one waiting for a host-mode port (the scheduler's).
+        let placed = t.task.state != TaskState::Pending;
+        if want_run && placed && status.is_none() && !t.task.state.is_terminal() && t.addressed() {
             let svc = services.get(&t.task.service_id).cloned();
             if svc.is_none() && t.standalone.is_none() {
                 continue;
