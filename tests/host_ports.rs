@@ -94,8 +94,11 @@ fn a_global_host_mode_task_waits_where_another_service_holds_the_port() {
         });
         (waiting && running.keys().map(String::as_str).eq(["node1", "node3"])).then_some(())
     });
+    // A task reported running may not listen yet.
     for (node, who) in [(1, "edge"), (2, "web"), (3, "edge")] {
-        assert_eq!(answer(&lab, node), who, "node{node}:8200");
+        eventually(&format!("{who} answering on node{node}"), Duration::from_secs(60), || {
+            (answer(&lab, node) == who).then_some(())
+        });
     }
     // The waiting task stays so: nothing of edge starts on node2 while web holds the port.
     std::thread::sleep(Duration::from_secs(3));
