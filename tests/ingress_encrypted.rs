@@ -76,7 +76,11 @@ impl Drop for Capture {
 fn capture(iface: &str, file: &std::path::Path) -> Capture {
     use std::io::BufRead;
     let mut child = Command::new("tcpdump")
-        .args(["-n", "-U", "-i", iface, "-w"])
+        // `-Z root`: tcpdump would otherwise drop to its own user, who cannot write in the
+        // test's private temporary directory.
+        // `--immediate-mode` with `-U`: each packet reaches the file as it is seen, so the
+        // file can be read while tcpdump still runs.
+        .args(["-n", "-U", "--immediate-mode", "-Z", "root", "-i", iface, "-w"])
         .arg(file)
         .arg("udp")
         .stdout(Stdio::null())
@@ -220,6 +224,10 @@ fn an_encrypted_ingress_keeps_client_addresses_and_hides_the_traffic() {
             assert_eq!(reached.len(), 3, "from {who} via {to}: reached only {reached:?}");
         }
     }
+    // The WireGuard datagrams of those requests are in the file before tcpdump is stopped.
+    eventually("WireGuard in the capture", Duration::from_secs(30), || {
+        (!packets(&file, "udp port 51820").is_empty()).then_some(())
+    });
     drop(cap);
     let inspect = lab.on("node1", &["service", "inspect", "peer"]);
     let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
