@@ -71,6 +71,12 @@ async fn network_create(
                     format!("network with name {} already exists", req.name),
                 ));
             }
+            if let Some(ing) = records::ingress(&state).filter(|_| req.ingress) {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    format!("ingress network ({}, {}) is already present", ing.name, ing.id),
+                ));
+            }
             let mut ipam = leader::ipam_of(&state).map_err(|e| bad_request(format!("{e:#}")))?;
             let id = new_id();
             let subnet =
@@ -82,7 +88,7 @@ async fn network_create(
                 subnet: ipnet::IpNet::V4(subnet),
                 gateway: leader::gateway_of(subnet),
                 vni: leader::next_vni(&state),
-                ingress: false,
+                ingress: req.ingress,
                 attachable: req.attachable,
                 encrypted: req.encrypted,
                 labels: req.labels.clone(),
@@ -189,26 +195,24 @@ async fn network_rm(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> 
         let c = cluster(&st)?;
         let state = store(&c).await?;
         let n = find_network(&state, &id)?.clone();
-        if n.ingress {
-            return Err(bad_request("the ingress network cannot be removed"));
-        }
         let view = network_view(&state, &n);
         let in_use = records::tasks(&state)
             .values()
             .any(|t| t.holds_addresses() && t.addresses.contains_key(&n.id));
         if !view.services.is_empty() || in_use {
-            return Err(error(
-                StatusCode::CONFLICT,
-                format!(
-                    "network {} is in use by {}",
-                    n.name,
-                    if view.services.is_empty() {
-                        "tasks".to_owned()
-                    } else {
-                        format!("service(s) {}", view.services.join(", "))
-                    }
-                ),
-            ));
+            let users = if view.services.is_empty() {
+                "tasks".to_owned()
+            } else {
+                format!("service(s) {}", view.services.join(", "))
+            };
+            // The ingress network goes like any other once nothing publishes through it; the
+            // nodes then take their sandboxes off it (and onto the next one made `--ingress`).
+            let message = if n.ingress {
+                format!("ingress network cannot be removed because {users} depend on it")
+            } else {
+                format!("network {} is in use by {users}", n.name)
+            };
+            return Err(error(StatusCode::CONFLICT, message));
         }
         write(&c, Command::RemoveNetwork(n.id)).await?;
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -105,6 +105,11 @@ pub(super) async fn put_service(
     let network =
         |id: &str| state.networks.get(id).map(|n| NetworkRef { name: &n.name, ingress: n.ingress });
     svc.check_against(services.values(), network).map_err(model_error)?;
+    // Between `network rm ingress` and the next `network create --ingress` the mesh has no
+    // network to reach tasks through.
+    if records::ingress(state).is_none() && svc.ports.iter().any(|p| p.is_ingress()) {
+        return Err(model_error(shoal_model::Error::NoIngress));
+    }
     let cmd = Command::PutEntry {
         table: tables::SERVICES.into(),
         key: svc.id.clone(),

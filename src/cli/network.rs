@@ -24,6 +24,10 @@ pub(super) enum NetworkCmd {
         /// Standalone tasks (`shoal run`) may attach.
         #[arg(long)]
         attachable: bool,
+        /// The routing mesh's network (once `network rm ingress` removed the one `swarm init`
+        /// made).
+        #[arg(long)]
+        ingress: bool,
         /// Subnet in CIDR form [default: the next free /24 of the pool].
         #[arg(long)]
         subnet: Option<ipnet::Ipv4Net>,
@@ -55,12 +59,13 @@ pub(super) enum NetworkCmd {
 pub(super) async fn run(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<ExitCode> {
     let mut each = EachName::default();
     match cmd {
-        NetworkCmd::Create { driver, opt, attachable, subnet, label, name } => {
+        NetworkCmd::Create { driver, opt, attachable, ingress, subnet, label, name } => {
             let mut req = NetworkCreate {
                 name: name.clone(),
                 driver: Some(driver.clone()),
                 subnet: *subnet,
                 attachable: *attachable,
+                ingress: *ingress,
                 ..NetworkCreate::default()
             };
             for o in opt {

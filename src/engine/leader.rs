@@ -194,7 +194,12 @@ pub(crate) fn plan_writes(
     for key in held.keys().filter(|k| !wanted.contains_key(*k)) {
         writes.push(del(tables::IPAM, key));
     }
-    for (key, net) in wanted.iter().filter(|(k, _)| !held.contains_key(*k)) {
+    // An address outside its network's subnet is one a replaced ingress network gave.
+    let fits = |key: &String, net: &String| {
+        let subnet = state.networks.get(net).map(|n| n.subnet);
+        held.get(key).is_some_and(|ip| subnet.is_some_and(|s| s.contains(&IpAddr::V4(*ip))))
+    };
+    for (key, net) in wanted.iter().filter(|(k, net)| !fits(k, net)) {
         let ip = ipam.allocate(net, key).with_context(|| format!("allocating {key}"))?;
         writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
     }
@@ -218,7 +223,7 @@ pub(crate) fn plan_writes(
     let plan = sched::plan(now, &view);
     for action in plan.actions {
         match action {
-            Action::Create { service_id, slot, node_id, spec_version, attempt } => {
+            Action::Create { service_id, slot, node_id, spec_version, attempt, port_held } => {
                 let Some(svc) = services.get(&service_id) else { continue };
                 let id = new_id();
                 let networks = records::task_networks(state, svc);
@@ -229,8 +234,8 @@ pub(crate) fn plan_writes(
                         .with_context(|| format!("an address for a task of {}", svc.name))?;
                     addresses.insert(net.clone(), ip);
                 }
-                let state =
-                    if node_id.is_some() { TaskState::Assigned } else { TaskState::Pending };
+                let placed = node_id.is_some() && !port_held;
+                let state = if placed { TaskState::Assigned } else { TaskState::Pending };
                 let rec = TaskRecord {
                     task: sched::Task {
                         id: id.clone(),

@@ -122,6 +122,8 @@ struct Local {
     dns: LastApplied<dns::ClusterRecords>,
     tables: LastApplied<vx::Tables>,
     sandbox_ip: LastApplied<Ipv4Addr>,
+    /// The ingress network the sandbox is on (`apply::sandbox`).
+    sandbox_net: Option<String>,
     networks: LastApplied<BTreeSet<String>>,
     /// Containers a CNI runtime attached here (see `cni`).
     cni: BTreeMap<String, cni::Attached>,

@@ -523,15 +523,23 @@ impl ClusterState {
     /// decided here, so two concurrent creates that each checked first cannot both land.
     fn check_service_unique(&self, key: &str, value: &serde_json::Value) -> Result<(), String> {
         let Some(others) = self.entries.get(tables::SERVICES) else { return Ok(()) };
-        let ports = |v: &serde_json::Value| -> Vec<(u64, String)> {
+        // (port, protocol, whether host-mode): two host-mode ports of one number may both
+        // exist (the scheduler keeps their tasks on different nodes); an ingress port is
+        // every node's.
+        let ports = |v: &serde_json::Value| -> Vec<(u64, String, bool)> {
             v.get("ports")
                 .and_then(|p| p.as_array())
                 .into_iter()
                 .flatten()
                 .filter_map(|p| {
-                    Some((p.get("published")?.as_u64()?, p.get("protocol")?.as_str()?.to_owned()))
+                    let host = p.get("host_mode").and_then(|h| h.as_bool()).unwrap_or(false);
+                    let proto = p.get("protocol")?.as_str()?.to_owned();
+                    Some((p.get("published")?.as_u64()?, proto, host))
                 })
                 .collect()
+        };
+        let clash = |a: &(u64, String, bool), b: &(u64, String, bool)| {
+            a.0 == b.0 && a.1 == b.1 && !(a.2 && b.2)
         };
         let name = value.get("name").and_then(|v| v.as_str());
         let mine = ports(value);
@@ -540,7 +548,9 @@ impl ClusterState {
             if name.is_some() && name == Some(other_name) {
                 return Err(format!("service with name {other_name} already exists"));
             }
-            if let Some((port, _)) = ports(other).into_iter().find(|p| mine.contains(p)) {
+            if let Some((port, ..)) =
+                ports(other).into_iter().find(|p| mine.iter().any(|m| clash(m, p)))
+            {
                 return Err(format!(
                     "port '{port}' is already in use by service '{other_name}' ({k})"
                 ));

@@ -70,6 +70,12 @@ pub enum Error {
     NetworkNotFound(String),
     #[error("network {0} is the routing mesh's; publish a port instead of attaching to it")]
     IngressAttached(String),
+    #[error(
+        "an ingress network cannot be attachable: standalone tasks do not join the routing mesh"
+    )]
+    IngressAttachable,
+    #[error("service needs ingress network, but no ingress network is present")]
+    NoIngress,
     #[error("service {service} is not attached to network {network}")]
     NotAttached { service: String, network: String },
     #[error("service {service} is already attached to network {network}")]

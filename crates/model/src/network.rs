@@ -26,6 +26,10 @@ pub struct NetworkCreate {
     /// WireGuard between the nodes for this network's traffic.
     #[serde(default)]
     pub encrypted: bool,
+    /// The routing mesh's network, replacing the one `swarm init` made (which must be removed
+    /// first: there is one at a time).
+    #[serde(default)]
+    pub ingress: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -35,10 +39,13 @@ impl NetworkCreate {
     /// store's to decide).
     pub fn validate(&self) -> Result<(), Error> {
         crate::check_name("network", &self.name)?;
-        match self.driver.as_deref() {
-            None | Some(OVERLAY) => Ok(()),
-            Some(d) => Err(Error::UnsupportedDriver(d.to_owned())),
+        if let Some(d) = self.driver.as_deref().filter(|d| *d != OVERLAY) {
+            return Err(Error::UnsupportedDriver(d.to_owned()));
         }
+        if self.ingress && self.attachable {
+            return Err(Error::IngressAttachable);
+        }
+        Ok(())
     }
 }
 
@@ -55,7 +62,14 @@ mod tests {
             bridge.validate().unwrap_err().to_string(),
             "driver \"bridge\" is not supported: shoal networks are overlay networks"
         );
-        let bad = NetworkCreate { name: "a.b".into(), ..ok };
+        let bad = NetworkCreate { name: "a.b".into(), ..ok.clone() };
         assert!(matches!(bad.validate(), Err(Error::InvalidName { .. })));
+        let ingress = NetworkCreate { ingress: true, encrypted: true, ..ok.clone() };
+        assert_eq!(ingress.validate(), Ok(()));
+        let both = NetworkCreate { attachable: true, ..ingress };
+        assert_eq!(
+            both.validate().unwrap_err().to_string(),
+            "an ingress network cannot be attachable: standalone tasks do not join the routing mesh"
+        );
     }
 }

@@ -238,7 +238,13 @@ impl Service {
             }
         }
         for p in &self.ports {
-            let taken = |q: &PublishedPort| q.published == p.published && q.protocol == p.protocol;
+            // The mesh holds an ingress port on every node; two host-mode ports of the same
+            // number are kept on different nodes by the scheduler instead.
+            let taken = |q: &PublishedPort| {
+                q.published == p.published
+                    && q.protocol == p.protocol
+                    && (p.is_ingress() || q.is_ingress())
+            };
             if let Some(other) = others.iter().find(|o| o.ports.iter().any(taken)) {
                 return Err(Error::PortInUse {
                     port: p.published,
@@ -345,6 +351,14 @@ mod tests {
         let mut udp = api.clone();
         udp.ports[0].protocol = Protocol::Udp;
         assert_eq!(udp.check_against(&others, networks), Ok(()));
+        // Host-mode ports of one number may be shared (the scheduler keeps their tasks apart),
+        // never with an ingress port, which the mesh holds on every node.
+        let mut host = api.clone();
+        host.ports[0].mode = crate::PortMode::Host;
+        assert!(matches!(host.check_against(&others, networks), Err(Error::PortInUse { .. })));
+        let mut web_host = web.clone();
+        web_host.ports[0].mode = crate::PortMode::Host;
+        assert_eq!(host.check_against(&[web_host], networks), Ok(()));
         let mut on_ingress = service("s4", "x", vec![]);
         on_ingress.networks = vec!["ing".into()];
         let e = on_ingress.check_against(&others, networks).unwrap_err();

@@ -22,6 +22,9 @@ pub enum Action {
         node_id: Option<String>,
         spec_version: u64,
         attempt: u64,
+        /// A global task's node is its own, but another live task holds one of the service's
+        /// host-mode ports there: the task stays pending on that node until an `Assign`.
+        port_held: bool,
     },
     /// Put a pending task on a node.
     Assign { task_id: String, node_id: String },
@@ -41,6 +44,10 @@ pub struct Plan {
     /// `no suitable node (host-mode port already in use on 2 nodes)`; by service id.
     pub pending: BTreeMap<String, String>,
 }
+
+/// Why a global task waits on its node: swarmkit's words for a pre-assigned task whose node
+/// fails the host-port filter.
+const PORT_HELD_ON_ITS_NODE: &str = "no suitable node (host-mode port already in use on 1 node)";
 
 /// Tasks per node, counted as the plan goes so that each decision sees the ones before it.
 #[derive(Debug, Default)]
@@ -177,12 +184,33 @@ impl<'a> Planner<'a> {
             node_id: node.map(|n| n.id.clone()),
             spec_version: svc.spec.version,
             attempt,
+            port_held: false,
+        });
+    }
+
+    /// A new global task on its node, or, while another live task holds one of the service's
+    /// host-mode ports there, a task that waits on that node (swarmkit's pre-assigned tasks).
+    fn create_global(&mut self, svc: &Service, n: &Node, attempt: u64) {
+        if !self.load.port_taken(&n.id, svc) {
+            self.create(svc, 0, Some(n), attempt);
+            return;
+        }
+        self.out.pending.insert(svc.id.clone(), PORT_HELD_ON_ITS_NODE.into());
+        self.out.actions.push(Action::Create {
+            service_id: svc.id.clone(),
+            slot: 0,
+            node_id: Some(n.id.clone()),
+            spec_version: svc.spec.version,
+            attempt,
+            port_held: true,
         });
     }
 
     fn shutdown(&mut self, t: &Task, reason: &'static str) {
+        // A pending task (a global one waiting on its node) was never counted there.
         if let Some(n) = &t.node_id
             && !t.state.is_terminal()
+            && t.state != TaskState::Pending
         {
             self.load.add(n, &t.service_id, -1);
         }
@@ -210,11 +238,13 @@ impl<'a> Planner<'a> {
         let Some(newest) = live.last().copied() else {
             // Nothing wants to run here: start one. Global slots live on their own node.
             let attempt = tasks.iter().map(|t| t.attempt + 1).max().unwrap_or(0);
-            let node = match global_node {
-                Some(n) => Some(n),
-                None => self.pick(svc),
-            };
-            self.create(svc, slot, node, attempt);
+            match global_node {
+                Some(n) => self.create_global(svc, n, attempt),
+                None => {
+                    let node = self.pick(svc);
+                    self.create(svc, slot, node, attempt);
+                }
+            }
             return;
         };
 
@@ -254,13 +284,26 @@ impl<'a> Planner<'a> {
                 let node_takes = global_node.is_none_or(|n| may_take(n, svc));
                 if node_takes && self.restart_due(svc, t) {
                     self.shutdown(t, "restarting");
-                    let n = match global_node {
-                        Some(n) => Some(n),
-                        None => self.pick(svc),
-                    };
-                    self.create(svc, slot, n, t.attempt + 1);
+                    match global_node {
+                        Some(n) => self.create_global(svc, n, t.attempt + 1),
+                        None => {
+                            let n = self.pick(svc);
+                            self.create(svc, slot, n, t.attempt + 1);
+                        }
+                    }
                 }
             }
+            // A global task waiting on its node for a host-mode port: placed once it is free.
+            Some(_) if t.state == TaskState::Pending => match node {
+                Some(n) if may_take(n, svc) && !self.load.port_taken(&n.id, svc) => {
+                    self.load.add(&n.id, &svc.id, 1);
+                    let (task_id, node_id) = (t.id.clone(), n.id.clone());
+                    self.out.actions.push(Action::Assign { task_id, node_id });
+                }
+                _ => {
+                    self.out.pending.insert(svc.id.clone(), PORT_HELD_ON_ITS_NODE.into());
+                }
+            },
             Some(_) => {}
         }
     }
@@ -344,8 +387,13 @@ impl<'a> Planner<'a> {
         match svc.spec.update_order {
             UpdateOrder::StopFirst => {
                 self.shutdown(old, "updating to a new version");
-                let n = global_node.or_else(|| self.pick(svc));
-                self.create(svc, old.slot, n, old.attempt);
+                match global_node {
+                    Some(n) => self.create_global(svc, n, old.attempt),
+                    None => {
+                        let n = self.pick(svc);
+                        self.create(svc, old.slot, n, old.attempt);
+                    }
+                }
             }
             UpdateOrder::StartFirst => {
                 let n = global_node.or_else(|| self.pick(svc));
@@ -388,7 +436,9 @@ pub fn plan(now_ms: u64, state: &ClusterState) -> Plan {
         },
         out: Plan::default(),
     };
-    for t in state.tasks.iter().filter(|t| is_live(t) && !t.state.is_terminal()) {
+    // A task still pending (a global one may wait on its node) holds nothing there.
+    let holding = |t: &&Task| t.state != TaskState::Pending;
+    for t in state.tasks.iter().filter(|t| is_live(t) && !t.state.is_terminal()).filter(holding) {
         if let Some(n) = &t.node_id {
             p.load.add(n, &t.service_id, 1);
         }

@@ -58,7 +58,7 @@ impl Sim {
     fn apply(&mut self, actions: &[Action]) {
         for a in actions {
             match a {
-                Action::Create { service_id, slot, node_id, spec_version, attempt } => {
+                Action::Create { service_id, slot, node_id, spec_version, attempt, port_held } => {
                     self.next += 1;
                     self.state.tasks.push(Task {
                         id: format!("t{:03}", self.next),
@@ -67,7 +67,11 @@ impl Sim {
                         node_id: node_id.clone(),
                         spec_version: *spec_version,
                         desired: DesiredState::Running,
-                        state: if node_id.is_some() { self.start_as } else { TaskState::Pending },
+                        state: if node_id.is_some() && !port_held {
+                            self.start_as
+                        } else {
+                            TaskState::Pending
+                        },
                         state_since_ms: self.now,
                         created_ms: self.now + self.next,
                         attempt: *attempt,
@@ -524,4 +528,70 @@ fn a_host_mode_port_holds_its_node_and_the_extra_task_waits_with_dockers_message
     sim.state.nodes.push(node(4, Role::Worker));
     sim.settle();
     assert_eq!(sim.running_per_node("edge").len(), 4);
+}
+
+#[test]
+fn a_global_host_mode_task_waits_on_a_node_whose_port_another_service_holds() {
+    let mut edge = service("edge", Mode::Global);
+    edge.spec.host_ports = vec![HostPort { port: 8300, udp: false }];
+    // A replicated service already holds tcp/8300 on one node.
+    let mut web = service("web", Mode::Replicated { replicas: 1 });
+    web.spec.host_ports = vec![HostPort { port: 8300, udp: false }];
+    let mut sim = Sim::new(three_nodes(), vec![web]);
+    sim.settle();
+    let held_on = sim.running_per_node("web").into_keys().next().unwrap();
+    sim.state.services.push(edge);
+    sim.settle();
+
+    // One task per node; the one on the held node is pending there with swarmkit's message.
+    let edge_tasks: Vec<&Task> =
+        sim.state.tasks.iter().filter(|t| t.service_id == "edge").collect();
+    assert_eq!(edge_tasks.len(), 3, "{edge_tasks:#?}");
+    let running = sim.running_per_node("edge");
+    assert_eq!(running.len(), 2);
+    assert!(!running.contains_key(&held_on), "edge runs beside web's port: {running:?}");
+    let waiting: Vec<Task> =
+        edge_tasks.iter().filter(|t| t.state == TaskState::Pending).map(|t| (*t).clone()).collect();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].node_id.as_deref(), Some(held_on.as_str()));
+    let p = plan(sim.now, &sim.state);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(
+        p.pending.get("edge").map(String::as_str),
+        Some("no suitable node (host-mode port already in use on 1 node)")
+    );
+
+    // The same port over UDP, or another port, is no conflict.
+    let mut dns = service("dns", Mode::Global);
+    dns.spec.host_ports = vec![HostPort { port: 8300, udp: true }];
+    sim.state.services.push(dns);
+    sim.settle();
+    assert_eq!(sim.running_per_node("dns").len(), 3);
+
+    // Once web is gone the waiting task is placed on its own node, and nothing else moves.
+    sim.state.services.retain(|s| s.id != "web");
+    let actions = sim.settle();
+    assert!(
+        actions
+            .contains(&Action::Assign { task_id: waiting[0].id.clone(), node_id: held_on.clone() }),
+        "{actions:?}"
+    );
+    assert_eq!(sim.running_per_node("edge").len(), 3);
+    assert_eq!(sim.state.tasks.iter().filter(|t| t.service_id == "edge").count(), 3);
+}
+
+#[test]
+fn a_global_host_mode_task_restarting_does_not_wait_on_its_own_port() {
+    let mut edge = service("edge", Mode::Global);
+    edge.spec.host_ports = vec![HostPort { port: 8300, udp: false }];
+    let mut sim = Sim::new(three_nodes(), vec![edge]);
+    sim.settle();
+    assert_eq!(sim.running_per_node("edge").len(), 3);
+    // A task dies: its replacement takes the port its predecessor held.
+    let dead = sim.state.tasks[0].id.clone();
+    sim.task_mut(&dead).state = TaskState::Failed;
+    sim.now += 60_000;
+    sim.settle();
+    assert_eq!(sim.running_per_node("edge").len(), 3);
+    assert!(plan(sim.now, &sim.state).pending.is_empty());
 }

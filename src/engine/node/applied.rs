@@ -31,6 +31,11 @@ impl<T: PartialEq> LastApplied<T> {
     pub(super) fn set(&mut self, v: T) {
         self.0 = Some(v);
     }
+
+    /// Records that nothing is applied any more.
+    pub(super) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The last value a subsystem took per key (a service, a task).

@@ -33,25 +33,39 @@ pub(super) async fn networks(inner: &Arc<Inner>, want: BTreeSet<String>) -> anyh
     Ok(())
 }
 
-/// The ingress sandbox: attached to the ingress network with the address the leader gave it.
+/// The ingress sandbox follows the store's ingress network (ARCHITECTURE.md, "Routing mesh"):
+/// it is attached with the address the leader gave this node, moved when the ingress network
+/// is replaced (`network rm ingress`, then `network create --ingress`), and taken off a removed
+/// one.
 pub(super) async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()> {
-    let (Some(ingress), Some(ip)) = (records::ingress(state), project::sandbox(state, &inner.me))
-    else {
-        return Ok(());
+    let ingress = records::ingress(state);
+    let want = ingress.zip(project::sandbox(state, &inner.me)).map(|(n, ip)| (n.id.clone(), ip));
+    let have = {
+        let l = lock(&inner.local);
+        l.sandbox_net.clone().zip(l.sandbox_ip.get().copied())
     };
-    let old = lock(&inner.local).sandbox_ip.get().copied();
-    if old == Some(ip) {
+    if want == have {
         return Ok(());
     }
-    let spec = records::overlay_spec(ingress).context("the ingress network is not IPv4")?;
-    if old.is_some() {
-        let _ = inner.overlay.detach(&ingress.id, "sbox").await;
+    if let Some((old, _)) = have {
+        // A detach that fails leaves an endpoint on a network gone from the store; the next
+        // attach still works (its interface name is free once the old network's device is).
+        if let Err(e) = inner.overlay.detach(&old, "sbox").await {
+            tracing::warn!(network = %old, error = %e, "taking the ingress sandbox off");
+        }
+        let mut l = lock(&inner.local);
+        l.sandbox_ip.clear();
+        l.sandbox_net = None;
     }
+    let (Some(ingress), Some((_, ip))) = (ingress, want) else { return Ok(()) };
+    let spec = records::overlay_spec(ingress).context("the ingress network is not IPv4")?;
     let ifname = Some(client_addr::SANDBOX_IFNAME);
     let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname };
     inner.overlay.attach(&spec, &ep).await.context("attaching the ingress sandbox")?;
     client_addr::sandbox_ready(inner, ingress).await;
-    lock(&inner.local).sandbox_ip.set(ip);
+    let mut l = lock(&inner.local);
+    l.sandbox_ip.set(ip);
+    l.sandbox_net = Some(ingress.id.clone());
     Ok(())
 }
 

@@ -205,8 +205,10 @@ pub(crate) fn networks(state: &ClusterState) -> BTreeSet<String> {
 
 /// The address the store holds for this node's ingress sandbox, if there is an ingress network.
 pub(crate) fn sandbox(state: &ClusterState, me: &str) -> Option<Ipv4Addr> {
-    records::ingress(state)?;
-    records::held(state).get(&records::sandbox_key(me)).copied()
+    let ingress = records::ingress(state)?;
+    let ip = records::held(state).get(&records::sandbox_key(me)).copied()?;
+    // An address the leader gave on an earlier ingress network is not one to attach with.
+    ingress.subnet.contains(&std::net::IpAddr::V4(ip)).then_some(ip)
 }
 
 /// Start what should run, stop what should not, forget what the store forgot. The CNI
@@ -219,7 +221,9 @@ fn task_plan(i: &Inputs<'_>, mine: &BTreeMap<&String, &TaskRecord>) -> TaskPlan 
         }
         let status = i.statuses.get(*id);
         let want_run = t.task.desired == DesiredState::Running;
-        if want_run && status.is_none() && !t.task.state.is_terminal() && t.addressed() {
+        // A pending task here is a global one waiting for a host-mode port (the scheduler's).
+        let placed = t.task.state != TaskState::Pending;
+        if want_run && placed && status.is_none() && !t.task.state.is_terminal() && t.addressed() {
             if i.services.contains_key(&t.task.service_id) || t.standalone.is_some() {
                 plan.start.push((*id).clone());
             }
