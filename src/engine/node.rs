@@ -699,19 +699,17 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
             inner.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if state_changed || (health != t.health && !regress) {
-            let mut f = serde_json::Map::new();
-            f.insert("state".into(), records::to_value(&observed));
-            if state_changed {
-                f.insert("state_since_ms".into(), now_ms().into());
-            }
-            f.insert("exit_code".into(), records::to_value(&exit));
-            f.insert("health".into(), records::to_value(&health));
-            if let Some(m) = message {
-                f.insert("message".into(), m.into());
-            } else if observed == TaskState::Running && state_changed {
-                f.insert("message".into(), "started".into());
-            }
-            reports.push(((*id).clone(), f));
+            let started = observed == TaskState::Running && state_changed;
+            reports.push((
+                (*id).clone(),
+                shoal_cluster::model::TaskReport {
+                    state: observed,
+                    state_since_ms: state_changed.then(now_ms),
+                    exit_code: exit,
+                    health,
+                    message: message.or_else(|| started.then(|| "started".into())),
+                },
+            ));
         }
     }
     let report = async {
@@ -724,9 +722,9 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     // The data path does not wait for the leader to take the reports (a task that now runs is
     // published as serving in the same moment it is reported running).
     let local = async {
-        readiness(inner, &services, &mine, &statuses);
-        publish(inner, &state, &services, &mine, &statuses).await;
-        dataplane(inner, &state, &services, &statuses).await;
+        readiness(inner, services, &mine, &statuses);
+        publish(inner, &state, services, &mine, &statuses).await;
+        dataplane(inner, &state, services, &statuses).await;
     };
     tokio::join!(report, local);
     Ok(())
@@ -821,7 +819,7 @@ async fn start_task(
     let state = inner.store.borrow().clone();
     if let Some(state) = state {
         let eps = trust::verify(&state, &inner.gossip.snapshot(), inner.tunnels).endpoints;
-        let rules = vip_rules(&vip_table(&state, &records::services(&state), &eps), &attached);
+        let rules = vip_rules(&vip_table(&state, records::services(&state), &eps), &attached);
         if !rules.is_empty() {
             install_vips(inner, id, Arc::new(inner.runtime.netns(id)?), rules)
                 .await

@@ -514,7 +514,7 @@ mod tests {
     }
 
     fn put(i: u64) -> Command {
-        Command::PutEntry { table: "t".into(), key: format!("k{i}"), value: serde_json::json!(i) }
+        Command::PutAddress { key: format!("k{i}"), ip: [10, 0, 0, i as u8].into() }
     }
 
     #[tokio::test]
@@ -579,13 +579,11 @@ mod tests {
         assert_eq!(cur.meta.snapshot_id, snap.meta.snapshot_id);
         // Installing a snapshot replaces the state.
         let mut st = ClusterState::default();
-        st.entries
-            .entry("t".into())
-            .or_default()
-            .insert("from-snapshot".into(), serde_json::json!(1));
+        st.ipam
+            .insert("from-snapshot".into(), crate::model::HeldAddress { ip: [10, 0, 0, 1].into() });
         let data = serde_json::to_vec(&st).expect("ser");
         sm.install_snapshot(&cur.meta, Box::new(Cursor::new(data))).await.expect("install");
-        assert_eq!(sm.state().entries["t"]["from-snapshot"], 1);
+        assert!(sm.state().ipam.contains_key("from-snapshot"));
         assert!(!sm.state().nodes.contains_key(&NodeId(1)));
         // A garbage snapshot is refused and changes nothing.
         let before = sm.applied_state().await.expect("applied");
