@@ -15,6 +15,7 @@ pub use shoal_model::{Service, TaskRecord};
 use shoal_scheduler::TaskState;
 
 mod apply;
+pub mod schema;
 #[cfg(test)]
 mod tests;
 

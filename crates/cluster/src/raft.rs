@@ -28,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms};
+use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms, schema};
 use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
 openraft::declare_raft_types!(
@@ -238,7 +238,8 @@ pub struct Applied {
     pub last_applied: Option<LogId<u64>>,
     /// Last applied membership.
     pub membership: StoredMembership<u64, BasicNode>,
-    /// The cluster store.
+    /// The cluster store, with its schema version (see `model::schema`).
+    #[serde(with = "crate::model::schema")]
     pub state: ClusterState,
     /// Which entries the recent revisions changed (kept in memory only: after a restart, nodes
     /// resync once).
@@ -357,7 +358,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (data, last_applied, membership) = {
             let a = self.applied.read().map_err(rd)?;
-            (serde_json::to_vec(&a.state).map_err(rd)?, a.last_applied, a.membership.clone())
+            (schema::encode(&a.state).map_err(rd)?, a.last_applied, a.membership.clone())
         };
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, now_ms()),
@@ -431,7 +432,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let state: ClusterState = serde_json::from_slice(&data)
+        let state = schema::decode(&data)
             .map_err(|e| io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         let next = Applied {
             last_applied: meta.last_log_id,
@@ -581,7 +582,7 @@ mod tests {
         let mut st = ClusterState::default();
         st.ipam
             .insert("from-snapshot".into(), crate::model::HeldAddress { ip: [10, 0, 0, 1].into() });
-        let data = serde_json::to_vec(&st).expect("ser");
+        let data = schema::encode(&st).expect("ser");
         sm.install_snapshot(&cur.meta, Box::new(Cursor::new(data))).await.expect("install");
         assert!(sm.state().ipam.contains_key("from-snapshot"));
         assert!(!sm.state().nodes.contains_key(&NodeId(1)));
@@ -591,5 +592,31 @@ mod tests {
             sm.install_snapshot(&cur.meta, Box::new(Cursor::new(b"nope".to_vec()))).await.is_err()
         );
         assert_eq!(sm.applied_state().await.expect("applied").0, before.0);
+    }
+
+    #[test]
+    fn a_state_machine_written_before_typed_tables_opens_upgraded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = open_db(&dir.path().join("raft.redb")).expect("db");
+        // `Applied` as the agent before schema 2 wrote it: the tables under `entries`.
+        let old = serde_json::json!({
+            "last_applied": null,
+            "membership": StoredMembership::<u64, BasicNode>::default(),
+            "state": {
+                "cluster": null, "nodes": {}, "networks": {},
+                "keyring": {"keys": [], "primary": 0, "version": 0},
+                "entries": {"ipam": {"sbox/n1": {"ip": "10.0.0.2"}}},
+            }
+        });
+        put_meta(&db, K_SM, &old).expect("write");
+        let (ev, _) = broadcast::channel(1);
+        let (kr, _) = watch::channel(Keyring::default());
+        let sm = StateMachine::open(db.clone(), ev.clone(), kr.clone()).expect("open");
+        assert_eq!(sm.state().ipam["sbox/n1"].ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
+        let mut newer = old;
+        newer["state"] = serde_json::json!({"schema": 99});
+        put_meta(&db, K_SM, &newer).expect("write");
+        let e = StateMachine::open(db, ev, kr).expect_err("a newer schema");
+        assert!(e.to_string().contains("schema version 99"), "{e}");
     }
 }
