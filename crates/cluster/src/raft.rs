@@ -386,7 +386,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut next = self.applied.read().map_err(rd)?.clone();
+        // Applied in place: a refused command changes nothing, so no copy is kept to roll back.
+        // A failed write to redb below is a storage error, which stops this Raft node; it never
+        // goes on from a state that memory has and the disk has not.
+        let mut guard = self.applied.write().map_err(wr)?;
+        let next = &mut *guard;
         let mut out = Vec::new();
         let mut events = Vec::new();
         let now = now_ms();
@@ -408,10 +412,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        put_meta(&self.db, K_SM, &next)
+        put_meta(&self.db, K_SM, &*next)
             .map_err(|e| io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         self.publish_keyring(&next.state);
-        *self.applied.write().map_err(wr)? = next;
+        drop(guard);
         for ev in events {
             let _ = self.events.send(ev);
         }
