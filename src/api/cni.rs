@@ -141,10 +141,11 @@ async fn read_store(c: &shoal_cluster::Cluster) -> Result<ClusterState, CniFailu
 
 /// This node's record of the container `container_id`.
 fn find(state: &ClusterState, me: &str, container_id: &str) -> Option<TaskRecord> {
-    records::tasks(state).into_values().find(|t| {
+    let mine = |t: &&TaskRecord| {
         t.task.node_id.as_deref() == Some(me)
             && t.cni().is_some_and(|c| c.container_id == container_id)
-    })
+    };
+    records::tasks(state).values().find(mine).cloned()
 }
 
 /// The name under `/run/netns` of the namespace at `path`: the overlay and a restarted agent
@@ -322,7 +323,7 @@ async fn create(
         }),
     };
     let rec = TaskRecord::standalone(&id, me, &net.id, standalone, now_ms());
-    c.put_standalone(&id, Some(records::to_value(&rec)))
+    c.put_standalone(&id, Some(rec))
         .await
         .map_err(|e| later(format!("writing the container's record: {e}")))?;
     Ok(id)

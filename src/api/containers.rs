@@ -89,7 +89,7 @@ async fn container_run(
             cni: None,
         };
         let rec = TaskRecord::standalone(&id, engine.node_id(), &net.id, standalone, now_ms());
-        c.put_standalone(&id, Some(records::to_value(&rec))).await.map_err(cluster_error)?;
+        c.put_standalone(&id, Some(rec)).await.map_err(cluster_error)?;
         engine.kick();
         Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "id": id }))).into_response())
     };
@@ -105,11 +105,12 @@ pub(super) async fn own_container(
     let engine = st.engine.load_full().ok_or_else(|| bad_request("this node runs no tasks"))?;
     let state = c.task_state().await.map_err(cluster_error)?;
     let t = records::tasks(&state)
-        .into_values()
+        .values()
         .find(|t| {
             t.standalone.as_ref().is_some_and(|s| s.name == name)
                 && t.task.node_id.as_deref() == Some(engine.node_id())
         })
+        .cloned()
         .ok_or_else(|| not_found("container", name))?;
     Ok((c, t))
 }
@@ -146,7 +147,7 @@ async fn container_stop(State(st): State<Arc<ApiState>>, Path(name): Path<String
     let run = async {
         let (c, mut t) = own_container(&st, &name).await?;
         t.task.desired = DesiredState::Shutdown;
-        c.put_standalone(&t.task.id, Some(records::to_value(&t))).await.map_err(cluster_error)?;
+        c.put_standalone(&t.task.id.clone(), Some(t)).await.map_err(cluster_error)?;
         if let Some(e) = st.engine.load_full() {
             e.kick();
         }

@@ -60,7 +60,7 @@ pub(super) fn find_network<'a>(
 }
 
 pub(super) fn find_service(state: &ClusterState, what: &str) -> Result<Service, Response> {
-    find_one("service", what, &records::services(state), |s| &s.name).cloned().map_err(model_error)
+    find_one("service", what, records::services(state), |s| &s.name).cloned().map_err(model_error)
 }
 
 /// The model's error as the API's answer: nothing was written.

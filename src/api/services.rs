@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use shoal_cluster::Cluster;
-use shoal_cluster::model::{ClusterState, Command, now_ms, tables};
+use shoal_cluster::model::{ClusterState, Command, now_ms};
 use shoal_model::NetworkRef;
 use shoal_model::{Service, ServiceCreate, ServiceUpdate, TaskRecord};
 use shoal_scheduler::{self as sched, DesiredState, TaskState};
@@ -110,12 +110,7 @@ pub(super) async fn put_service(
     if records::ingress(state).is_none() && svc.ports.iter().any(|p| p.is_ingress()) {
         return Err(model_error(shoal_model::Error::NoIngress));
     }
-    let cmd = Command::PutEntry {
-        table: tables::SERVICES.into(),
-        key: svc.id.clone(),
-        value: records::to_value(svc),
-    };
-    write(c, cmd).await
+    write(c, Command::PutService(Box::new(svc.clone()))).await
 }
 
 async fn service_create(
@@ -220,7 +215,7 @@ pub(super) fn task_views(
 ) -> Vec<TaskView> {
     let services = records::services(state);
     let mut out: Vec<TaskView> = records::tasks(state)
-        .into_values()
+        .values()
         .filter(|t| filter(t))
         .map(|t| TaskView {
             name: t.display_name(services.get(&t.task.service_id)),
@@ -236,7 +231,7 @@ pub(super) fn task_views(
                 .iter()
                 .map(|(n, ip)| (state.networks.get(n).map_or(n.clone(), |x| x.name.clone()), *ip))
                 .collect(),
-            task: t,
+            task: t.clone(),
         })
         .collect();
     // Docker's order: by slot, the current task first, then newest history first.
@@ -274,7 +269,7 @@ async fn service_logs(
         let svc = find_service(&state, &id)?;
         let mut out = LogsResponse::default();
         let mut per_time: Vec<(u64, LogEntry)> = Vec::new();
-        for t in records::tasks(&state).into_values().filter(|t| t.task.service_id == svc.id) {
+        for t in records::tasks(&state).values().filter(|t| t.task.service_id == svc.id) {
             let Some(node) = t
                 .task
                 .node_id
@@ -357,7 +352,7 @@ async fn service_rm(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> 
         let c = cluster(&st)?;
         let state = store(&c).await?;
         let svc = find_service(&state, &id)?;
-        write(&c, Command::DeleteEntry { table: tables::SERVICES.into(), key: svc.id }).await?;
+        write(&c, Command::RemoveService(svc.id)).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     };
     run.await.unwrap_or_else(|r| r)

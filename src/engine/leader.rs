@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::Context;
-use shoal_cluster::model::{ClusterState, Command, now_ms, tables};
+use shoal_cluster::model::{ClusterState, Command, now_ms};
 use shoal_cluster::{Cluster, NodeId};
 use shoal_scheduler::{self as sched, Action, DesiredState, Ipam, TaskState};
 
@@ -171,13 +171,6 @@ pub(crate) fn plan_writes(
     let held = records::held(state);
     let mut ipam = Allocator::of(state)?;
     let mut writes: Vec<Command> = Vec::new();
-    let put = |table: &str, key: &str, value: serde_json::Value| Command::PutEntry {
-        table: table.into(),
-        key: key.into(),
-        value,
-    };
-    let del =
-        |table: &str, key: &str| Command::DeleteEntry { table: table.into(), key: key.into() };
 
     // Addresses that belong to no task: each node's ingress sandbox, each service's VIPs.
     let mut wanted: BTreeMap<String, String> = BTreeMap::new();
@@ -192,7 +185,7 @@ pub(crate) fn plan_writes(
         }
     }
     for key in held.keys().filter(|k| !wanted.contains_key(*k)) {
-        writes.push(del(tables::IPAM, key));
+        writes.push(Command::RemoveAddress(key.clone()));
     }
     // An address outside its network's subnet is one a replaced ingress network gave.
     let fits = |key: &String, net: &String| {
@@ -201,19 +194,19 @@ pub(crate) fn plan_writes(
     };
     for (key, net) in wanted.iter().filter(|(k, net)| !fits(k, net)) {
         let ip = ipam.allocate(net, key).with_context(|| format!("allocating {key}"))?;
-        writes.push(put(tables::IPAM, key, serde_json::json!({ "ip": ip })));
+        writes.push(Command::PutAddress { key: key.clone(), ip });
     }
 
     // A rolling update whose new tasks fail stops first (paused, or rolled back); the next
     // pass plans from the spec written here.
-    let stopped = super::rollout::failure_actions(&services, &tasks, now);
+    let stopped = super::rollout::failure_actions(services, tasks, now);
     if !stopped.is_empty() {
         // Only the stopped updates: the addresses above are planned again next pass.
         let mut writes = Vec::new();
         for svc in stopped {
             let status = svc.update_status.as_ref().map(|s| s.message.clone()).unwrap_or_default();
             tracing::warn!(service = %svc.name, %status, "rolling update stopped");
-            writes.push(put(tables::SERVICES, &svc.id, records::to_value(&svc)));
+            writes.push(Command::PutService(Box::new(svc)));
         }
         return Ok((writes, Some(now)));
     }
@@ -263,7 +256,7 @@ pub(crate) fn plan_writes(
                     health: None,
                     standalone: None,
                 };
-                writes.push(put(tables::TASKS, &id, records::to_value(&rec)));
+                writes.push(Command::PutTask(Box::new(rec)));
             }
             Action::Assign { task_id, node_id } => {
                 let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
@@ -271,7 +264,7 @@ pub(crate) fn plan_writes(
                 t.task.state = TaskState::Assigned;
                 t.task.state_since_ms = now;
                 t.message.clear();
-                writes.push(put(tables::TASKS, &task_id, records::to_value(&t)));
+                writes.push(Command::PutTask(Box::new(t)));
             }
             Action::Shutdown { task_id, reason } => {
                 let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
@@ -282,9 +275,9 @@ pub(crate) fn plan_writes(
                     t.task.state_since_ms = now;
                 }
                 t.message = reason.to_owned();
-                writes.push(put(tables::TASKS, &task_id, records::to_value(&t)));
+                writes.push(Command::PutTask(Box::new(t)));
             }
-            Action::Delete { task_id } => writes.push(del(tables::TASKS, &task_id)),
+            Action::Delete { task_id } => writes.push(Command::RemoveTask(task_id)),
         }
     }
 
@@ -299,7 +292,7 @@ pub(crate) fn plan_writes(
         let ended =
             t.task.state.is_terminal() && t.standalone.as_ref().is_some_and(|s| s.auto_remove);
         if gone || ended {
-            writes.push(del(tables::TASKS, &t.task.id));
+            writes.push(Command::RemoveTask(t.task.id.clone()));
         } else if !t.addressed() && t.task.desired == DesiredState::Running {
             let mut t = t.clone();
             for net in t.networks.clone() {
@@ -308,7 +301,7 @@ pub(crate) fn plan_writes(
                     t.addresses.insert(net, ip);
                 }
             }
-            writes.push(put(tables::TASKS, &t.task.id, records::to_value(&t)));
+            writes.push(Command::PutTask(Box::new(t)));
         }
     }
 
@@ -328,7 +321,7 @@ pub fn gateway_of(subnet: ipnet::Ipv4Net) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_cluster::model::NetworkRecord;
+    use shoal_cluster::model::{HeldAddress, NetworkRecord};
 
     fn state_with_ingress() -> ClusterState {
         let mut s = ClusterState::default();
@@ -415,25 +408,14 @@ mod tests {
             health: None,
             standalone: None,
         };
-        let t = s.entries.entry(tables::TASKS.into()).or_default();
-        t.insert(
-            "a".into(),
-            records::to_value(&task("a", "10.0.0.2", TaskState::Running, DesiredState::Running)),
-        );
+        let t = &mut s.tasks;
+        t.insert("a".into(), task("a", "10.0.0.2", TaskState::Running, DesiredState::Running));
         // Stopping, not yet stopped: still holds its address.
-        t.insert(
-            "b".into(),
-            records::to_value(&task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown)),
-        );
+        t.insert("b".into(), task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown));
         // Ended: its address is free again.
-        t.insert(
-            "c".into(),
-            records::to_value(&task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown)),
-        );
-        s.entries
-            .entry(tables::IPAM.into())
-            .or_default()
-            .insert(records::sandbox_key("n"), serde_json::json!({ "ip": "10.0.0.5" }));
+        t.insert("c".into(), task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown));
+        let held = HeldAddress { ip: Ipv4Addr::new(10, 0, 0, 5) };
+        s.ipam.insert(records::sandbox_key("n"), held);
         let mut ipam = ipam_of(&s).unwrap();
         let got: Vec<Ipv4Addr> =
             (0..3).map(|i| ipam.allocate("ing", &format!("new{i}")).unwrap()).collect();

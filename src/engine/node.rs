@@ -497,7 +497,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let failed = desired.reports.iter().filter(|r| r.failed).count() as u64;
     inner.failures.fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
     let reports: Vec<_> =
-        desired.reports.iter().map(|r| (r.task.clone(), r.fields.clone())).collect();
+        desired.reports.iter().map(|r| (r.task.clone(), r.report.clone())).collect();
     let report = async {
         if !reports.is_empty()
             && let Err(e) = inner.cluster.report_tasks(reports).await

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
-use shoal_cluster::model::{ClusterState, NetworkRecord, tables};
+use shoal_cluster::model::{ClusterState, NetworkRecord};
 pub use shoal_model::{
     CniAttachment, FailureAction, Protocol, ProxyVersion, Service, Standalone, TaskRecord,
     UpdateStatus, sandbox_key, vip_key,
@@ -65,33 +65,19 @@ pub fn ingress(state: &ClusterState) -> Option<&NetworkRecord> {
     state.networks.values().find(|n| n.ingress)
 }
 
-/// The services in the store (malformed entries are skipped).
-pub fn services(state: &ClusterState) -> BTreeMap<String, Service> {
-    state
-        .table(tables::SERVICES)
-        .filter_map(|(k, v)| serde_json::from_value(v.clone()).ok().map(|s| (k.clone(), s)))
-        .collect()
+/// The services in the store, by id.
+pub fn services(state: &ClusterState) -> &BTreeMap<String, Service> {
+    &state.services
 }
 
-/// The tasks in the store (malformed entries are skipped).
-pub fn tasks(state: &ClusterState) -> BTreeMap<String, TaskRecord> {
-    state
-        .table(tables::TASKS)
-        .filter_map(|(k, v)| serde_json::from_value(v.clone()).ok().map(|t| (k.clone(), t)))
-        .collect()
+/// The tasks in the store, by id.
+pub fn tasks(state: &ClusterState) -> &BTreeMap<String, TaskRecord> {
+    &state.tasks
 }
 
 /// The `ipam` table: key → address.
 pub fn held(state: &ClusterState) -> BTreeMap<String, Ipv4Addr> {
-    state
-        .table(tables::IPAM)
-        .filter_map(|(k, v)| {
-            v.get("ip")
-                .and_then(|ip| ip.as_str())
-                .and_then(|ip| ip.parse().ok())
-                .map(|ip| (k.clone(), ip))
-        })
-        .collect()
+    state.ipam.iter().map(|(k, a)| (k.clone(), a.ip)).collect()
 }
 
 /// A service's VIP on a network, if allocated.
@@ -128,9 +114,9 @@ pub fn sched_state(state: &ClusterState) -> sched::ClusterState {
         nodes,
         services: services(state).values().map(crate::from_model::sched_service).collect(),
         tasks: tasks(state)
-            .into_values()
+            .values()
             .filter(|t| t.standalone.is_none())
-            .map(|t| t.task)
+            .map(|t| t.task.clone())
             .collect(),
     }
 }
@@ -147,10 +133,4 @@ pub fn overlay_spec(n: &NetworkRecord) -> Option<shoal_vxlan::NetworkSpec> {
         gateway,
         encrypted: n.encrypted,
     })
-}
-
-/// Serializes a record for the store.
-pub fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
-    // Our records are plain data: serializing them cannot fail.
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }

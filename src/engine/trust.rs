@@ -172,7 +172,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use shoal_cluster::NodeId;
-    use shoal_cluster::model::{Availability, NodeRecord, NodeStatus, Role, tables};
+    use shoal_cluster::model::{Availability, NodeRecord, NodeStatus, Role};
     use shoal_gossip::{EntryKey, Identity, MemberView, NodeMeta};
     use shoal_scheduler as sched;
 
@@ -230,10 +230,7 @@ mod tests {
             health: None,
             standalone: None,
         };
-        s.entries
-            .entry(tables::TASKS.into())
-            .or_default()
-            .insert("t1".into(), records::to_value(&rec));
+        s.tasks.insert("t1".into(), rec);
         s
     }
 

@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use shoal_cluster::model::{ClusterState, Command, tables};
+use shoal_cluster::model::{ClusterState, Command, TaskReport};
 use shoal_cluster::simulated::{self, node_id};
 use shoal_cluster::watch::{ChangeLog, Mirror, Placement, Position, Reader, Slot, delta};
 use shoal_cluster::wire::encode_frame;
@@ -50,15 +50,16 @@ fn swarm() -> Swarm {
 
 /// A report on one task, from the node that runs it.
 fn report(s: &ClusterState, n: usize) -> Command {
-    let key = simulated::task(n / 10, n % 10 + 1, node_id(1), NETWORKS).0;
-    let owner = s.entries[tables::TASKS][&key]["node_id"]
-        .as_str()
-        .and_then(|o| o.parse().ok())
-        .expect("owner");
-    let mut fields = serde_json::Map::new();
-    fields.insert("state".into(), "failed".into());
-    fields.insert("message".into(), format!("exit status {n}").into());
-    Command::ReportTask { owner, key, fields }
+    let key = simulated::task(n / 10, n % 10 + 1, node_id(1), NETWORKS).task.id;
+    let owner = s.tasks[&key].task.node_id.as_deref().and_then(|o| o.parse().ok()).expect("owner");
+    let report = TaskReport {
+        state: shoal_scheduler::TaskState::Failed,
+        state_since_ms: None,
+        exit_code: Some(1),
+        health: None,
+        message: Some(format!("exit status {n}")),
+    };
+    Command::ReportTask { owner, key, report }
 }
 
 /// One leader pass for one change: apply and log it, then encode every node's answer.

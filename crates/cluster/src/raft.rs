@@ -28,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms};
+use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms, schema};
 use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
 openraft::declare_raft_types!(
@@ -238,7 +238,8 @@ pub struct Applied {
     pub last_applied: Option<LogId<u64>>,
     /// Last applied membership.
     pub membership: StoredMembership<u64, BasicNode>,
-    /// The cluster store.
+    /// The cluster store, with its schema version (see `model::schema`).
+    #[serde(with = "crate::model::schema")]
     pub state: ClusterState,
     /// Which entries the recent revisions changed (kept in memory only: after a restart, nodes
     /// resync once).
@@ -357,7 +358,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (data, last_applied, membership) = {
             let a = self.applied.read().map_err(rd)?;
-            (serde_json::to_vec(&a.state).map_err(rd)?, a.last_applied, a.membership.clone())
+            (schema::encode(&a.state).map_err(rd)?, a.last_applied, a.membership.clone())
         };
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, now_ms()),
@@ -385,7 +386,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut next = self.applied.read().map_err(rd)?.clone();
+        // Applied in place: a refused command changes nothing, so no copy is kept to roll back.
+        // A failed write to redb below is a storage error, which stops this Raft node; it never
+        // goes on from a state that memory has and the disk has not.
+        let mut guard = self.applied.write().map_err(wr)?;
+        let next = &mut *guard;
         let mut out = Vec::new();
         let mut events = Vec::new();
         let now = now_ms();
@@ -407,10 +412,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        put_meta(&self.db, K_SM, &next)
+        put_meta(&self.db, K_SM, &*next)
             .map_err(|e| io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         self.publish_keyring(&next.state);
-        *self.applied.write().map_err(wr)? = next;
+        drop(guard);
         for ev in events {
             let _ = self.events.send(ev);
         }
@@ -431,7 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let state: ClusterState = serde_json::from_slice(&data)
+        let state = schema::decode(&data)
             .map_err(|e| io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         let next = Applied {
             last_applied: meta.last_log_id,
@@ -514,7 +519,7 @@ mod tests {
     }
 
     fn put(i: u64) -> Command {
-        Command::PutEntry { table: "t".into(), key: format!("k{i}"), value: serde_json::json!(i) }
+        Command::PutAddress { key: format!("k{i}"), ip: [10, 0, 0, i as u8].into() }
     }
 
     #[tokio::test]
@@ -579,13 +584,11 @@ mod tests {
         assert_eq!(cur.meta.snapshot_id, snap.meta.snapshot_id);
         // Installing a snapshot replaces the state.
         let mut st = ClusterState::default();
-        st.entries
-            .entry("t".into())
-            .or_default()
-            .insert("from-snapshot".into(), serde_json::json!(1));
-        let data = serde_json::to_vec(&st).expect("ser");
+        st.ipam
+            .insert("from-snapshot".into(), crate::model::HeldAddress { ip: [10, 0, 0, 1].into() });
+        let data = schema::encode(&st).expect("ser");
         sm.install_snapshot(&cur.meta, Box::new(Cursor::new(data))).await.expect("install");
-        assert_eq!(sm.state().entries["t"]["from-snapshot"], 1);
+        assert!(sm.state().ipam.contains_key("from-snapshot"));
         assert!(!sm.state().nodes.contains_key(&NodeId(1)));
         // A garbage snapshot is refused and changes nothing.
         let before = sm.applied_state().await.expect("applied");
@@ -593,5 +596,31 @@ mod tests {
             sm.install_snapshot(&cur.meta, Box::new(Cursor::new(b"nope".to_vec()))).await.is_err()
         );
         assert_eq!(sm.applied_state().await.expect("applied").0, before.0);
+    }
+
+    #[test]
+    fn a_state_machine_written_before_typed_tables_opens_upgraded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = open_db(&dir.path().join("raft.redb")).expect("db");
+        // `Applied` as the agent before schema 2 wrote it: the tables under `entries`.
+        let old = serde_json::json!({
+            "last_applied": null,
+            "membership": StoredMembership::<u64, BasicNode>::default(),
+            "state": {
+                "cluster": null, "nodes": {}, "networks": {},
+                "keyring": {"keys": [], "primary": 0, "version": 0},
+                "entries": {"ipam": {"sbox/n1": {"ip": "10.0.0.2"}}},
+            }
+        });
+        put_meta(&db, K_SM, &old).expect("write");
+        let (ev, _) = broadcast::channel(1);
+        let (kr, _) = watch::channel(Keyring::default());
+        let sm = StateMachine::open(db.clone(), ev.clone(), kr.clone()).expect("open");
+        assert_eq!(sm.state().ipam["sbox/n1"].ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
+        let mut newer = old;
+        newer["state"] = serde_json::json!({"schema": 99});
+        put_meta(&db, K_SM, &newer).expect("write");
+        let e = StateMachine::open(db, ev, kr).expect_err("a newer schema");
+        assert!(e.to_string().contains("schema version 99"), "{e}");
     }
 }

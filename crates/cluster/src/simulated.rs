@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::model::{
     Availability, ClusterInfo, ClusterState, Command, GossipKey, Keyring, NetworkRecord, NodeId,
-    NodeRecord, NodeStatus, Role, tables,
+    NodeRecord, NodeStatus, Role, Service, TaskRecord,
 };
 
 /// The CA key the simulated store holds: no delta to a node may carry it.
@@ -85,7 +85,7 @@ pub fn bootstrap(nodes: usize, networks: usize) -> Vec<Command> {
 }
 
 /// Service `i` on network `(i % (networks - 1)) + 1`; every fifth one publishes a port.
-pub fn service(i: usize, networks: usize) -> (String, serde_json::Value) {
+pub fn service(i: usize, networks: usize) -> Service {
     let id = format!("svc{i:05}");
     let net = network(i % (networks - 1).max(1) + 1).id;
     let ports = if i.is_multiple_of(5) {
@@ -96,22 +96,23 @@ pub fn service(i: usize, networks: usize) -> (String, serde_json::Value) {
     let env: Vec<(String, String)> =
         (0..8).map(|k| (format!("APP_VAR_{k}"), format!("{ENV_SECRET}-{i}-{k}"))).collect();
     let v = json!({
-        "id": id, "name": format!("web-{i}"), "version": 1, "mode": {"replicated": 10},
+        "id": id, "name": format!("web-{i}"), "version": 1, "mode": {"replicated": {"replicas": 10}},
         "argv": ["/usr/bin/server", "--listen", ":80", "--workers", "4"], "env": env,
         "workdir": "/srv", "networks": [net], "ports": ports, "dnsrr": false,
         "lb_algorithm": "round-robin", "constraints": [],
-        "restart": {"condition": "any", "delay_ms": 5000, "max_attempts": null, "window_ms": null},
+        "restart": {"condition": "any", "delay_ms": 5000, "max_attempts": 0},
         "update_order": "stop-first",
-        "update": {"parallelism": 1, "delay_ms": 0, "monitor_ms": 5000, "max_failure_ratio": 0.0},
+        "update": {"parallelism": 1, "delay_ms": 0, "monitor_ms": 5000},
         "update_failure_action": "pause", "health": null,
-        "mounts": [{"type": "bind", "src": "/etc/app", "dst": "/etc/app", "readonly": true}],
+        "mounts": [{"type": "bind", "source": "/etc/app", "target": "/etc/app", "readonly": true}],
         "stop_grace_ms": 10000, "stop_signal": null, "created_ms": 1, "updated_ms": 1,
     });
-    (id, v)
+    // Written as the JSON the store keeps, so the simulation also pins the record's shape.
+    serde_json::from_value(v).expect("simulated service")
 }
 
 /// Task `slot` (1-based) of service `i`, on `node`.
-pub fn task(i: usize, slot: usize, node: NodeId, networks: usize) -> (String, serde_json::Value) {
+pub fn task(i: usize, slot: usize, node: NodeId, networks: usize) -> TaskRecord {
     let id = format!("task{i:05}x{slot:02}");
     let net = network(i % (networks - 1).max(1) + 1).id;
     let host = i * 10 + slot;
@@ -122,32 +123,28 @@ pub fn task(i: usize, slot: usize, node: NodeId, networks: usize) -> (String, se
         "created_ms": 1, "attempt": 0, "addresses": {net.clone(): addr}, "networks": [net],
         "message": "", "exit_code": null, "health": null,
     });
-    (id, v)
+    serde_json::from_value(v).expect("simulated task")
 }
 
 /// The commands that build a swarm of `nodes` nodes (one manager), `services` services and
 /// `tasks` tasks spread round-robin over the nodes, over `networks` networks, with a VIP per
 /// service.
 pub fn swarm(nodes: usize, services: usize, tasks: usize, networks: usize) -> Vec<Command> {
-    let put = |table: &str, (key, value): (String, serde_json::Value)| Command::PutEntry {
-        table: table.into(),
-        key,
-        value,
-    };
     let mut out = bootstrap(nodes, networks);
     for i in 0..services {
-        out.push(put(tables::SERVICES, service(i, networks)));
+        out.push(Command::PutService(Box::new(service(i, networks))));
         let net = network(i % (networks - 1).max(1) + 1).id;
-        let vip = json!({"ip": format!("10.{}.{}.250", i / 256, i % 256)});
-        out.push(put(tables::IPAM, (format!("vip/svc{i:05}/{net}"), vip)));
+        let ip = Ipv4Addr::new(10, (i / 256) as u8, (i % 256) as u8, 250);
+        out.push(Command::PutAddress {
+            key: shoal_model::vip_key(&format!("svc{i:05}"), &net),
+            ip,
+        });
     }
     let per_service = tasks / services.max(1);
     for n in 0..tasks {
         let (i, slot) = (n / per_service.max(1), n % per_service.max(1) + 1);
-        out.push(put(
-            tables::TASKS,
-            task(i % services.max(1), slot, node_id(n % nodes + 1), networks),
-        ));
+        let t = task(i % services.max(1), slot, node_id(n % nodes + 1), networks);
+        out.push(Command::PutTask(Box::new(t)));
     }
     out
 }

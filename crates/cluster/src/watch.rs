@@ -17,11 +17,10 @@
 //! record, network, service name, port and VIP, and every task's node and addresses, because its
 //! mesh, DNS and gossip trust check are built from them.
 
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
-use crate::model::{ClusterInfo, ClusterState, Command, NodeId, Role, tables};
+use crate::model::{ClusterInfo, ClusterState, Command, NodeId, Role, Service};
 
 /// One entry of the store: the unit a change names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -34,19 +33,17 @@ pub enum Slot {
     Node(NodeId),
     /// One network record.
     Network(String),
-    /// One generic entry (services, tasks, IP allocations).
-    Entry {
-        /// Table name (see [`tables`]).
-        table: String,
-        /// Key in the table.
-        key: String,
-    },
+    /// One service.
+    Service(String),
+    /// One task.
+    Task(String),
+    /// One held address.
+    Address(String),
 }
 
 impl Slot {
     /// The entries `cmd` may change; applying it changes nothing else.
     pub fn touched_by(cmd: &Command) -> Vec<Slot> {
-        let entry = |table: &str, key: &str| Slot::Entry { table: table.into(), key: key.into() };
         match cmd {
             Command::Init { node, ingress, .. } => vec![
                 Slot::Cluster,
@@ -67,11 +64,14 @@ impl Slot {
             | Command::RetireGossipKey(_) => vec![Slot::Keyring],
             Command::PutNetwork(n) => vec![Slot::Network(n.id.clone())],
             Command::RemoveNetwork(id) => vec![Slot::Network(id.clone())],
-            Command::PutEntry { table, key, .. } | Command::DeleteEntry { table, key } => {
-                vec![entry(table, key)]
-            }
-            Command::ReportTask { key, .. } | Command::PutStandalone { key, .. } => {
-                vec![entry(tables::TASKS, key)]
+            Command::PutService(s) => vec![Slot::Service(s.id.clone())],
+            Command::RemoveService(id) => vec![Slot::Service(id.clone())],
+            Command::PutTask(t) => vec![Slot::Task(t.task.id.clone())],
+            Command::RemoveTask(id)
+            | Command::ReportTask { key: id, .. }
+            | Command::PutStandalone { key: id, .. } => vec![Slot::Task(id.clone())],
+            Command::PutAddress { key, .. } | Command::RemoveAddress(key) => {
+                vec![Slot::Address(key.clone())]
             }
         }
     }
@@ -200,12 +200,11 @@ impl Placement {
     /// The placement in store `s`.
     pub fn of(s: &ClusterState) -> Placement {
         let mut by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (_, t) in s.table(tables::TASKS) {
-            let field = |f: &str| t.get(f).and_then(|v| v.as_str());
-            if let (Some(node), Some(service)) = (field("node_id"), field("service_id"))
-                && !service.is_empty()
+        for t in s.tasks.values() {
+            if let Some(node) = &t.task.node_id
+                && !t.task.service_id.is_empty()
             {
-                by_node.entry(node.to_owned()).or_default().insert(service.to_owned());
+                by_node.entry(node.clone()).or_default().insert(t.task.service_id.clone());
             }
         }
         Placement(by_node)
@@ -222,20 +221,24 @@ pub fn whole_services(s: &ClusterState, node: NodeId) -> BTreeSet<String> {
     Placement::of(s).whole(node)
 }
 
-/// Fields of a service record (and of a standalone task's `standalone`) that say how its tasks
-/// run. Blanked, a list becomes empty and anything else null: the records still parse.
-const HOW_IT_RUNS: [&str; 5] = ["argv", "env", "workdir", "mounts", "health"];
-
-fn blank(v: &mut serde_json::Value) {
-    let Some(obj) = v.as_object_mut() else { return };
-    for field in HOW_IT_RUNS {
-        if let Some(f) = obj.get_mut(field) {
-            *f = match f {
-                serde_json::Value::Array(_) => serde_json::Value::Array(Vec::new()),
-                _ => serde_json::Value::Null,
-            };
-        }
+/// Blanks what says how a service's tasks run (command, environment, working directory,
+/// mounts, health command), here and in the spec it keeps for a rollback.
+fn blank_service(s: &mut Service) {
+    s.argv.clear();
+    s.env.clear();
+    s.workdir = None;
+    s.mounts.clear();
+    s.health = None;
+    if let Some(p) = s.previous.as_mut() {
+        blank_service(p);
     }
+}
+
+/// Blanks what says how a standalone task runs.
+fn blank_standalone(s: &mut shoal_model::Standalone) {
+    s.argv.clear();
+    s.env.clear();
+    s.mounts.clear();
 }
 
 fn without_secrets(c: &mut ClusterInfo) {
@@ -248,22 +251,20 @@ fn without_secrets(c: &mut ClusterInfo) {
     c.retired_secrets.clear();
 }
 
-/// What `reader` may see of one generic entry (`whole`: the services it sees whole).
-fn redact_entry(
-    reader: Reader,
-    whole: &BTreeSet<String>,
-    table: &str,
-    key: &str,
-    v: &mut serde_json::Value,
-) {
+/// What `reader` may see of a service (`whole`: the services it sees whole).
+fn redact_service(reader: Reader, whole: &BTreeSet<String>, s: &mut Service) {
+    if matches!(reader, Reader::Worker(_)) && !whole.contains(&s.id) {
+        blank_service(s);
+    }
+}
+
+/// What `reader` may see of a task: a worker sees how only its own standalone tasks run.
+fn redact_task(reader: Reader, t: &mut crate::model::TaskRecord) {
     let Reader::Worker(me) = reader else { return };
-    if table == tables::SERVICES && !whole.contains(key) {
-        blank(v);
-    } else if table == tables::TASKS
-        && v.get("node_id").and_then(|n| n.as_str()) != Some(me.to_string().as_str())
-        && let Some(standalone) = v.get_mut("standalone")
+    if t.task.node_id.as_deref() != Some(me.to_string().as_str())
+        && let Some(s) = t.standalone.as_mut()
     {
-        blank(standalone);
+        blank_standalone(s);
     }
 }
 
@@ -276,10 +277,11 @@ pub fn view(mut s: ClusterState, reader: Reader) -> ClusterState {
         Reader::Worker(me) => whole_services(&s, me),
         Reader::Manager => BTreeSet::new(),
     };
-    for (table, rows) in s.entries.iter_mut() {
-        for (key, v) in rows.iter_mut() {
-            redact_entry(reader, &whole, table, key, v);
-        }
+    for svc in s.services.values_mut() {
+        redact_service(reader, &whole, svc);
+    }
+    for t in s.tasks.values_mut() {
+        redact_task(reader, t);
     }
     s
 }
@@ -304,11 +306,17 @@ fn project(
         Slot::Keyring => to_json(&s.keyring),
         Slot::Node(id) => s.nodes.get(id).and_then(to_json),
         Slot::Network(id) => s.networks.get(id).and_then(to_json),
-        Slot::Entry { table, key } => s.entries.get(table)?.get(key).map(|v| {
+        Slot::Service(id) => s.services.get(id).and_then(|v| {
             let mut v = v.clone();
-            redact_entry(reader, whole, table, key, &mut v);
-            v
+            redact_service(reader, whole, &mut v);
+            to_json(&v)
         }),
+        Slot::Task(id) => s.tasks.get(id).and_then(|v| {
+            let mut v = v.clone();
+            redact_task(reader, &mut v);
+            to_json(&v)
+        }),
+        Slot::Address(key) => s.ipam.get(key).and_then(to_json),
     }
 }
 
@@ -338,9 +346,7 @@ pub fn delta(
     if matches!(reader, Reader::Worker(_)) {
         // A service the node started or stopped running a task of is resent whole or blanked.
         let moved = whole.symmetric_difference(&pos.whole);
-        slots.extend(
-            moved.map(|id| Slot::Entry { table: tables::SERVICES.into(), key: id.clone() }),
-        );
+        slots.extend(moved.map(|id| Slot::Service(id.clone())));
     }
     let changes = slots
         .into_iter()
@@ -460,13 +466,17 @@ fn set(s: &mut ClusterState, c: Change) -> Result<(), WatchError> {
             let v = value.map(|v| parse(&slot, v)).transpose()?;
             put_or_remove(&mut s.networks, id.clone(), v);
         }
-        Slot::Entry { table, key } => {
-            // The store drops a table with its last entry; so does the copy, to stay equal.
-            let rows = s.entries.entry(table.clone()).or_default();
-            put_or_remove(rows, key.clone(), value);
-            if rows.is_empty() {
-                s.entries.remove(table);
-            }
+        Slot::Service(id) => {
+            let v = value.map(|v| parse(&slot, v)).transpose()?;
+            put_or_remove(&mut s.services, id.clone(), v);
+        }
+        Slot::Task(id) => {
+            let v = value.map(|v| parse(&slot, v)).transpose()?;
+            put_or_remove(&mut s.tasks, id.clone(), v);
+        }
+        Slot::Address(key) => {
+            let v = value.map(|v| parse(&slot, v)).transpose()?;
+            put_or_remove(&mut s.ipam, key.clone(), v);
         }
     }
     Ok(())

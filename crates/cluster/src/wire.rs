@@ -251,14 +251,14 @@ pub enum TaskRequest {
     /// once if the store has moved past the position, else as soon as it does or after a while
     /// with no changes).
     Watch(crate::watch::Position),
-    /// Observed state of tasks the caller hosts (see [`crate::model::tasks::REPORTED`]).
-    Report(Vec<(String, serde_json::Map<String, serde_json::Value>)>),
+    /// Observed state of tasks the caller hosts, by task id.
+    Report(Vec<(String, crate::model::TaskReport)>),
     /// Create, replace (`Some`) or remove (`None`) a standalone task on the caller.
     Standalone {
         /// Task id.
         key: String,
         /// The task record.
-        value: Option<serde_json::Value>,
+        value: Option<Box<crate::model::TaskRecord>>,
     },
 }
 

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_cluster::model::{Command, tables};
+use shoal_cluster::model::Command;
 use shoal_cluster::pki::NodeIdentity;
+use shoal_cluster::simulated;
 use shoal_cluster::transport::{Transport, call_pinned, call_pinned_raw};
 use shoal_cluster::wire::{ErrorKind, ManageRequest, RaftRequest, Request, Response};
 use shoal_cluster::{
@@ -212,13 +213,7 @@ async fn promote_failover_and_restart() -> anyhow::Result<()> {
     let mut upd = NodeUpdate::default();
     upd.label_add.push(("zone".into(), "a".into()));
     n2.cluster.node_update("node3", upd).await?;
-    n3.cluster
-        .write(Command::PutEntry {
-            table: tables::SERVICES.into(),
-            key: "web".into(),
-            value: serde_json::json!({"replicas": 3}),
-        })
-        .await?;
+    n3.cluster.write(Command::PutService(Box::new(simulated::service(3, 4)))).await?;
 
     let old_leader = n1.cluster.info().node;
     n1.cluster.shutdown().await;
@@ -243,7 +238,7 @@ async fn promote_failover_and_restart() -> anyhow::Result<()> {
     .await?;
     assert_eq!(by_name(&nodes, "node3").record.labels.get("zone").map(String::as_str), Some("a"));
     let store = n2.cluster.store().await?;
-    assert_eq!(store.entries[tables::SERVICES]["web"]["replicas"], 3);
+    assert_eq!(store.services["svc00003"].name, "web-3");
 
     // Restart node1 from its data dir: it comes back as a Reachable manager.
     let dir = n1.data_dir();
@@ -258,7 +253,7 @@ async fn promote_failover_and_restart() -> anyhow::Result<()> {
     .await?;
     // Its own store caught up, including the write made before the kill.
     let seen = restarted.store().await?;
-    assert_eq!(seen.entries[tables::SERVICES]["web"]["replicas"], 3);
+    assert_eq!(seen.services["svc00003"].name, "web-3");
     restarted.shutdown().await;
     shutdown_all(&[&n2, &n3]).await;
     drop(n1);
@@ -639,11 +634,7 @@ async fn snapshots_compact_the_log_and_ship_to_new_managers() -> anyhow::Result<
     let n1 = init_with("node1", tuning).await?;
     for i in 0..60 {
         n1.cluster
-            .write(Command::PutEntry {
-                table: "t".into(),
-                key: format!("k{i}"),
-                value: serde_json::json!(i),
-            })
+            .write(Command::PutAddress { key: format!("k{i}"), ip: [10, 0, 0, i].into() })
             .await?;
     }
     let st = eventually("a snapshot and a purge", || async {
@@ -659,7 +650,7 @@ async fn snapshots_compact_the_log_and_ship_to_new_managers() -> anyhow::Result<
     let n1b = Cluster::open(&dir, Tuning::fast()).await?.context("state present")?;
     n1b.wait_voter(PATIENCE).await?;
     let store = n1b.store().await?;
-    assert_eq!(store.entries["t"].len(), 60);
+    assert_eq!(store.ipam.len(), 60);
 
     // Two managers join after compaction: they can only catch up from the snapshot.
     let token = n1b.join_token(Role::Manager, false).await?;
@@ -676,8 +667,8 @@ async fn snapshots_compact_the_log_and_ship_to_new_managers() -> anyhow::Result<
         n2.cluster.store().await.map(Some).map_err(|e| e.to_string())
     })
     .await?;
-    assert_eq!(store.entries["t"].len(), 60);
-    assert_eq!(store.entries["t"]["k59"], 59);
+    assert_eq!(store.ipam.len(), 60);
+    assert_eq!(store.ipam["k59"].ip, std::net::Ipv4Addr::new(10, 0, 0, 59));
     shutdown_all(&[&n2, &n3]).await;
     Ok(())
 }
@@ -847,24 +838,22 @@ async fn wireguard_keys_come_from_each_node_and_workers_read_only_their_tasks() 
     assert_eq!(rec.wg_public_key, Some([7; 32]));
     assert_eq!(m.cluster.node("keys-m").await?.record.wg_public_key, None);
 
-    let env = serde_json::json!([["PASSWORD", "hunter2"]]);
-    for (svc, node) in [("mine", wid.to_string()), ("theirs", "someone".to_owned())] {
-        let value = serde_json::json!({"id": svc, "argv": ["run", svc], "env": env});
-        m.cluster
-            .write(Command::PutEntry { table: tables::SERVICES.into(), key: svc.into(), value })
-            .await?;
-        let value =
-            serde_json::json!({"id": format!("t-{svc}"), "service_id": svc, "node_id": node});
-        let key = format!("t-{svc}");
-        m.cluster.write(Command::PutEntry { table: tables::TASKS.into(), key, value }).await?;
+    let env = vec![("PASSWORD".to_owned(), "hunter2".to_owned())];
+    for (i, (svc, node)) in
+        [("mine", wid), ("theirs", shoal_cluster::NodeId(7))].into_iter().enumerate()
+    {
+        let mut s = simulated::service(i + 1, 4);
+        (s.id, s.name, s.env) = (svc.into(), svc.into(), env.clone());
+        m.cluster.write(Command::PutService(Box::new(s))).await?;
+        let mut t = simulated::task(i + 1, 1, node, 4);
+        (t.task.id, t.task.service_id) = (format!("t-{svc}"), svc.into());
+        m.cluster.write(Command::PutTask(Box::new(t))).await?;
     }
     let seen = w.cluster.task_state().await?;
-    let svc = |s: &shoal_cluster::model::ClusterState, id: &str| {
-        s.entries[tables::SERVICES][id]["env"].clone()
-    };
+    let svc = |s: &shoal_cluster::model::ClusterState, id: &str| s.services[id].env.clone();
     assert_eq!(svc(&seen, "mine"), env, "a worker reads its own service whole");
-    assert_eq!(svc(&seen, "theirs"), serde_json::json!([]), "and not how others run");
-    assert_eq!(seen.entries[tables::SERVICES]["theirs"]["argv"], serde_json::json!([]));
+    assert_eq!(svc(&seen, "theirs"), [], "and not how others run");
+    assert!(seen.services["theirs"].argv.is_empty());
     assert_eq!(svc(&m.cluster.task_state().await?, "theirs"), env, "a manager reads it all");
     w.cluster.shutdown().await;
     m.cluster.shutdown().await;
@@ -890,11 +879,7 @@ async fn writes_acknowledged_before_a_leader_kill_survive_it() -> anyhow::Result
             if Instant::now() >= stop {
                 break;
             }
-            let cmd = Command::PutEntry {
-                table: "acked".into(),
-                key: format!("k{i}"),
-                value: serde_json::json!(i),
-            };
+            let cmd = Command::PutAddress { key: format!("k{i}"), ip: [10, 0, 0, 1].into() };
             match writer.write(cmd).await {
                 Ok(()) => acked.push((format!("k{i}"), Instant::now())),
                 Err(e) => failed.push(e.to_string()),
@@ -922,7 +907,7 @@ async fn writes_acknowledged_before_a_leader_kill_survive_it() -> anyhow::Result
     assert!(acked.iter().any(|(_, t)| *t > killed), "no write went through after the kill");
     let store = n2.cluster.store().await?;
     let missing: Vec<&String> =
-        acked.iter().map(|(k, _)| k).filter(|k| !store.entries["acked"].contains_key(*k)).collect();
+        acked.iter().map(|(k, _)| k).filter(|k| !store.ipam.contains_key(*k)).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
     shutdown_all(&[&n2, &n3]).await;
     Ok(())
@@ -953,8 +938,12 @@ async fn a_worker_follows_the_store_by_deltas_without_secrets() -> anyhow::Resul
     let info = mirror.state().cluster.clone().context("cluster info")?;
     assert_eq!((info.worker_secret, info.manager_secret), ([0; 16], [0; 16]));
 
-    let value = serde_json::json!({"id": "t1", "service_id": "", "node_id": "elsewhere"});
-    let write = Command::PutEntry { table: tables::TASKS.into(), key: "t1".into(), value };
+    let mut t1 = simulated::task(1, 1, shoal_cluster::NodeId(7), 4);
+    (t1.task.id, t1.task.service_id) = ("t1".into(), String::new());
+    t1.standalone = Some(serde_json::from_value(serde_json::json!(
+        {"name": "t1", "argv": ["secret-command"], "env": [["K", "hunter2"]]}
+    ))?);
+    let write = Command::PutTask(Box::new(t1));
     m.cluster.write(write).await?;
     m.cluster.join_token(Role::Worker, true).await?;
     let changes = eventually("the write and the rotation as changes", || async {
@@ -972,12 +961,14 @@ async fn a_worker_follows_the_store_by_deltas_without_secrets() -> anyhow::Resul
     let info = mirror.state().cluster.clone().context("cluster info")?;
     assert_eq!(info.worker_secret, [0; 16], "a rotated join secret reached a worker");
     assert!(info.retired_secrets.is_empty());
-    assert_eq!(mirror.state().entries[tables::TASKS]["t1"]["node_id"], "elsewhere");
+    let t1 = &mirror.state().tasks["t1"];
+    assert_eq!(t1.task.node_id.as_deref(), Some(shoal_cluster::NodeId(7).to_string().as_str()));
+    assert!(t1.standalone.as_ref().is_some_and(|s| s.env.is_empty()), "another node's standalone");
 
     let (rev, seen) = w.cluster.task_state_after(0).await?;
     assert!(rev >= mirror.revision(), "{rev} < {}", mirror.revision());
     assert!(seen.cluster.as_ref().is_some_and(|c| c.ca_key_pem.is_empty()));
-    assert_eq!(seen.entries[tables::TASKS]["t1"], mirror.state().entries[tables::TASKS]["t1"]);
+    assert_eq!(seen.tasks["t1"], mirror.state().tasks["t1"]);
     client.close().await;
     shutdown_all(&[&m, &w]).await;
     Ok(())

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use shoal_cluster::NodeId;
-use shoal_cluster::model::{ClusterState, Command, NodeStatus, Role, tables};
+use shoal_cluster::model::{ClusterState, Command, NodeStatus, Role, TaskReport};
 use shoal_cluster::simulated::{self, CA_KEY, ENV_SECRET, WORKER_SECRET, node_id};
 use shoal_cluster::watch::{
     ChangeLog, Delta, DeltaBody, LOG_CAPACITY, Mirror, Placement, Reader, Slot, delta, view,
@@ -69,17 +69,11 @@ const NETWORKS: usize = 3;
 /// One random change to a small swarm: (what, which service or task, which node).
 fn command((what, i, n): (u8, usize, usize)) -> Command {
     let node = node_id(n % NODES + 1);
-    let put = |table: &str, (key, value)| Command::PutEntry { table: table.into(), key, value };
     match what % 7 {
-        0 => put(tables::SERVICES, simulated::service(i % 6, NETWORKS)),
-        1 | 2 => put(tables::TASKS, simulated::task(i % 6, i % 3 + 1, node, NETWORKS)),
-        3 => Command::DeleteEntry {
-            table: tables::TASKS.into(),
-            key: format!("task{:05}x{:02}", i % 6, i % 3 + 1),
-        },
-        4 => {
-            Command::DeleteEntry { table: tables::SERVICES.into(), key: format!("svc{:05}", i % 6) }
-        }
+        0 => Command::PutService(Box::new(simulated::service(i % 6, NETWORKS))),
+        1 | 2 => Command::PutTask(Box::new(simulated::task(i % 6, i % 3 + 1, node, NETWORKS))),
+        3 => Command::RemoveTask(format!("task{:05}x{:02}", i % 6, i % 3 + 1)),
+        4 => Command::RemoveService(format!("svc{:05}", i % 6)),
         5 => Command::SetStatus {
             id: node,
             status: if i % 2 == 0 { NodeStatus::Down } else { NodeStatus::Ready },
@@ -185,24 +179,20 @@ fn a_worker_sees_a_service_whole_only_while_it_runs_one_of_its_tasks() {
     let reader = Reader::Worker(me);
     let mut m = Mirror::default();
     m.apply(store.answer(reader, &m, me)).expect("apply");
-    let env = |m: &Mirror| m.state().entries[tables::SERVICES]["svc00000"]["env"].clone();
-    assert_eq!(env(&m), serde_json::json!([]));
+    let env = |m: &Mirror| m.state().services["svc00000"].env.clone();
+    assert_eq!(env(&m), []);
 
     let moved = simulated::task(0, 1, me, 2);
-    store.apply(&Command::PutEntry {
-        table: tables::TASKS.into(),
-        key: moved.0.clone(),
-        value: moved.1,
-    });
+    store.apply(&Command::PutTask(Box::new(moved)));
     m.apply(store.answer(reader, &m, me)).expect("apply");
-    assert!(env(&m).to_string().contains(ENV_SECRET), "its task's service comes whole");
+    assert!(env(&m).iter().any(|(_, v)| v.contains(ENV_SECRET)), "its task's service comes whole");
 
     let away = simulated::task(0, 1, node_id(1), 2);
-    store.apply(&Command::PutEntry { table: tables::TASKS.into(), key: away.0, value: away.1 });
+    store.apply(&Command::PutTask(Box::new(away)));
     let d = store.answer(reader, &m, me);
     no_secrets(&d, &store.state, me);
     m.apply(d).expect("apply");
-    assert_eq!(env(&m), serde_json::json!([]), "and blanked again once the task left");
+    assert_eq!(env(&m), [], "and blanked again once the task left");
     assert_eq!(m.state(), &view(store.state.clone(), reader));
     assert!(!serde_json::to_string(m.state()).expect("json").contains(CA_KEY));
 }
@@ -223,22 +213,21 @@ fn a_single_task_change_costs_a_worker_under_2_kib() {
     m.apply(copy).expect("apply");
 
     // Another node's task changes state.
-    let mut fields = serde_json::Map::new();
-    fields.insert("state".into(), "failed".into());
-    fields.insert("message".into(), "exit status 1".into());
-    let key = simulated::task(6, 1, me, 20).0;
-    let owner: NodeId = store.state.entries[tables::TASKS][&key]["node_id"]
-        .as_str()
+    let report: TaskReport =
+        serde_json::from_value(serde_json::json!({"state": "failed", "message": "exit status 1"}))
+            .expect("report");
+    let key = simulated::task(6, 1, me, 20).task.id;
+    let owner: NodeId = store.state.tasks[&key]
+        .task
+        .node_id
+        .as_deref()
         .and_then(|n| n.parse().ok())
         .expect("owner");
     assert_ne!(owner, me);
-    store.apply(&Command::ReportTask { owner, key: key.clone(), fields });
+    store.apply(&Command::ReportTask { owner, key: key.clone(), report });
     let d = store.answer(reader, &m, me);
     let DeltaBody::Changes(changes) = &d.body else { panic!("expected changes") };
-    assert_eq!(
-        changes.iter().map(|c| &c.slot).collect::<Vec<_>>(),
-        [&Slot::Entry { table: tables::TASKS.into(), key }]
-    );
+    assert_eq!(changes.iter().map(|c| &c.slot).collect::<Vec<_>>(), [&Slot::Task(key)]);
     let bytes = serde_json::to_vec(&d).expect("json").len();
     eprintln!("worker receives {bytes} B per single-task change (a full copy is {copy_bytes} B)");
     assert!(bytes <= 2048, "{bytes} B per single-task change");

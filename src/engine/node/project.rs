@@ -17,6 +17,7 @@ use shoal_gossip::{EntryKey, Snapshot};
 use shoal_ingress::{self as ing, HealthState};
 use shoal_return::kernel::KernelPort;
 use shoal_runtime as rt;
+use shoal_cluster::model::TaskReport;
 use shoal_scheduler::{DesiredState, TaskState};
 use shoal_vxlan as vx;
 
@@ -135,7 +136,7 @@ pub(crate) struct TaskPlan {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Report {
     pub task: String,
-    pub fields: serde_json::Map<String, serde_json::Value>,
+    pub report: TaskReport,
     /// Whether it reports a new failure (counted on `/metrics`).
     pub failed: bool,
 }
@@ -285,20 +286,16 @@ fn reports(i: &Inputs<'_>, mine: &BTreeMap<&String, &TaskRecord>) -> Vec<Report>
         let regress = t.task.state.is_terminal() && !observed.is_terminal();
         let state_changed = observed != t.task.state && !regress;
         if state_changed || (health != t.health && !regress) {
-            let mut f = serde_json::Map::new();
-            f.insert("state".into(), records::to_value(&observed));
-            if state_changed {
-                f.insert("state_since_ms".into(), i.now_ms.into());
-            }
-            f.insert("exit_code".into(), records::to_value(&exit));
-            f.insert("health".into(), records::to_value(&health));
-            if let Some(m) = message {
-                f.insert("message".into(), m.into());
-            } else if observed == TaskState::Running && state_changed {
-                f.insert("message".into(), "started".into());
-            }
+            let started = observed == TaskState::Running && state_changed;
+            let f = TaskReport {
+                state: observed,
+                state_since_ms: state_changed.then_some(i.now_ms),
+                exit_code: exit,
+                health,
+                message: message.or_else(|| started.then(|| "started".into())),
+            };
             let failed = state_changed && observed == TaskState::Failed;
-            reports.push(Report { task: (*id).clone(), fields: f, failed });
+            reports.push(Report { task: (*id).clone(), report: f, failed });
         }
     }
     reports

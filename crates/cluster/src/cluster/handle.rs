@@ -159,7 +159,7 @@ impl Cluster {
     /// refused one (a task reassigned meanwhile) does not stop the others.
     pub async fn report_tasks(
         &self,
-        reports: Vec<(String, serde_json::Map<String, serde_json::Value>)>,
+        reports: Vec<(String, crate::model::TaskReport)>,
     ) -> Result<(), Error> {
         self.done(Request::Tasks(TaskRequest::Report(reports))).await.map(|_| ())
     }
@@ -168,9 +168,9 @@ impl Cluster {
     pub async fn put_standalone(
         &self,
         key: &str,
-        value: Option<serde_json::Value>,
+        value: Option<crate::model::TaskRecord>,
     ) -> Result<(), Error> {
-        let req = TaskRequest::Standalone { key: key.to_owned(), value };
+        let req = TaskRequest::Standalone { key: key.to_owned(), value: value.map(Box::new) };
         self.done(Request::Tasks(req)).await.map(|_| ())
     }
 

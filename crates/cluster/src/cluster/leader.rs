@@ -101,8 +101,8 @@ impl Inner {
             }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
-                for (key, fields) in reports {
-                    let cmd = Command::ReportTask { owner: node, key, fields };
+                for (key, report) in reports {
+                    let cmd = Command::ReportTask { owner: node, key, report };
                     if let Err(e) = self.write(m, cmd).await {
                         refused.push(e.to_string());
                     }

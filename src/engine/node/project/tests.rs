@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
-use shoal_cluster::model::{Availability, ClusterState, Command, NetworkRecord, tables};
+use shoal_cluster::model::{Availability, ClusterState, Command, NetworkRecord};
 use shoal_cluster::simulated;
 use shoal_gossip::{EntryKey, Identity, MemberState, MemberView, NodeMeta, Snapshot};
 use shoal_model::{Error, MountSpec, ServiceCreate, ServiceUpdate};
@@ -166,8 +166,8 @@ impl Swarm {
         n.published = d.endpoints.clone();
         let owner = self.state.nodes.keys().find(|k| k.to_string() == n.id).copied().unwrap();
         for r in &d.reports {
-            let (key, fields) = (r.task.clone(), r.fields.clone());
-            self.write(Command::ReportTask { owner, key, fields });
+            let (key, report) = (r.task.clone(), r.report.clone());
+            self.write(Command::ReportTask { owner, key, report });
         }
     }
 
@@ -217,8 +217,7 @@ impl Swarm {
 
     fn create_service(&mut self, req: ServiceCreate) {
         let svc = req.into_service(&Ctx(&self.state), leader::new_id(), self.now_ms).unwrap();
-        let (table, key) = (tables::SERVICES.to_owned(), svc.id.clone());
-        self.write(Command::PutEntry { table, key, value: records::to_value(&svc) });
+        self.write(Command::PutService(Box::new(svc)));
     }
 }
 
@@ -346,11 +345,7 @@ fn a_simulated_three_node_swarm_runs_the_tutorial() {
     let scale = ServiceUpdate { replicas: Some(5), ..ServiceUpdate::default() };
     let services = records::services(&swarm.state);
     let scaled = scale.apply(&services[&svc], &Ctx(&swarm.state)).unwrap();
-    swarm.write(Command::PutEntry {
-        table: tables::SERVICES.into(),
-        key: svc.clone(),
-        value: records::to_value(&scaled),
-    });
+    swarm.write(Command::PutService(Box::new(scaled)));
     swarm.settle();
     let tasks = all(&swarm.running("myhelloworld"));
     assert_eq!(tasks.len(), 5);
