@@ -154,8 +154,13 @@ fn hold_restarting(view: &mut sched::ClusterState, state: &ClusterState, now: u6
 /// One scheduling pass; returns when to plan again at the latest.
 async fn pass(cluster: &Cluster, state: &ClusterState) -> anyhow::Result<Option<u64>> {
     let (writes, wake_at) = plan_writes(state, now_ms())?;
-    for w in writes {
-        cluster.write(w).await?;
+    // Submitted together, in order: Raft appends and commits them in one round rather than
+    // one round (and one log sync on each manager) per write, so every task of a new service
+    // reaches its node at once. Each write stands alone (no two touch the same entry); one
+    // that fails leaves the others, and the next pass plans from what the store then holds.
+    let results = futures::future::join_all(writes.into_iter().map(|w| cluster.write(w))).await;
+    for r in results {
+        r?;
     }
     Ok(wake_at)
 }

@@ -9,7 +9,8 @@
 //! - [`table`]: the last-writer-wins store, ordered by Lamport [`Version`]s, with tombstones.
 //! - [`Core`]: the sans-I/O state machine. It wraps [foca](https://docs.rs/foca) (SWIM with
 //!   suspicion, unmodified) and carries member records and table events as foca custom
-//!   broadcasts (piggybacked on probes and gossip), plus a periodic full-state push-pull with a
+//!   broadcasts (piggybacked on probes and gossip; this node's own entry changes also start a
+//!   gossip round at once), plus a periodic full-state push-pull with a
 //!   random peer over TCP (on join, on network join, every `sync_interval`). Entries of a node
 //!   that is down are withdrawn from consumers and come back with it; a restarted node (larger
 //!   generation) replaces its previous run's entries.

@@ -41,6 +41,11 @@ use crate::wire::Kind;
 pub struct Core {
     swim: Swim,
     lifeguard: Lifeguard,
+    /// Our own entry changes go out at once rather than on the next gossip round (see
+    /// [`Core::spread_soon`]); this is when the next such spread may go.
+    next_spread: Instant,
+    /// A [`Tick::Spread`] is scheduled: writes until then go with it.
+    spread_due: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -68,6 +73,8 @@ impl Core {
         let cfg = opts.config;
         let sized_for = (cfg.retransmits(1), cfg.suspicion_timeout(1));
         let mut core = Core {
+            next_spread: now,
+            spread_due: false,
             lifeguard: Lifeguard::new(me, &cfg),
             swim: Swim {
                 foca,
@@ -231,6 +238,7 @@ impl Core {
                 Tick::ProbeOverdue(number) => {
                     self.lifeguard.probe_overdue(&mut self.swim, now, number);
                 }
+                Tick::Spread => self.spread(now),
             }
             self.flush(now);
         }
@@ -462,8 +470,37 @@ impl Core {
         let bytes = msg::encode(&item);
         // The handler merges it (sender None) and foca queues it for dissemination.
         self.swim.foca.add_broadcast(&bytes).map_err(|e| TableError::Broadcast(e.to_string()))?;
+        self.spread_soon(now);
         self.flush(now);
         Ok(())
+    }
+
+    /// Sends our pending broadcasts to `gossip_fanout` members now instead of on the next
+    /// gossip round: a node's own changes (a task's endpoints, what its data path applied) are
+    /// what other nodes wait on, and a round is up to `gossip_interval` away. A burst of writes
+    /// costs at most one extra round every tenth of `gossip_interval`; the rounds that follow
+    /// carry the changes on as before, so each one still goes out its retransmit budget's
+    /// number of times.
+    fn spread_soon(&mut self, now: Instant) {
+        if self.swim.quiet || self.spread_due {
+            return;
+        }
+        if now >= self.next_spread {
+            self.spread(now);
+        } else {
+            self.spread_due = true;
+            self.swim.schedule(self.next_spread, Tick::Spread);
+        }
+    }
+
+    fn spread(&mut self, now: Instant) {
+        self.spread_due = false;
+        self.next_spread = now + self.swim.cfg.gossip_interval / 10;
+        if self.swim.foca.num_members() > 0
+            && let Err(e) = self.swim.foca.gossip(&mut self.swim.rt)
+        {
+            tracing::debug!(error = %e, "spreading our own changes");
+        }
     }
 
     fn own_record(&self) -> (NodeMeta, Vec<String>) {

@@ -51,6 +51,8 @@ pub(super) enum Tick {
     Scan,
     /// The indirect probes of our probe with that number should have been answered by now.
     ProbeOverdue(u8),
+    /// Our own entry changes written since the last spread go out (`Core::spread_soon`).
+    Spread,
 }
 
 /// foca with its runtime requests, the shared state, timers, keys and outbox.
