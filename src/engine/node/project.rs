@@ -11,13 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use shoal_cluster::model::ClusterState;
+use shoal_cluster::model::{ClusterState, TaskReport};
 use shoal_dns as dns;
 use shoal_gossip::{EntryKey, Snapshot};
 use shoal_ingress::{self as ing, HealthState};
 use shoal_return::kernel::KernelPort;
 use shoal_runtime as rt;
-use shoal_cluster::model::TaskReport;
 use shoal_scheduler::{DesiredState, TaskState};
 use shoal_vxlan as vx;
 
