@@ -132,7 +132,7 @@ impl LogStore {
         };
         match table.last().map_err(rd)? {
             Some((_, v)) => {
-                let e: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(rd)?;
+                let e: Entry<TypeConfig> = schema::decode_entry(v.value()).map_err(rd)?;
                 Ok(Some(e.log_id))
             }
             None => Ok(None),
@@ -154,7 +154,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in table.range::<u64>(range).map_err(rd)? {
             let (_, v) = item.map_err(rd)?;
-            out.push(serde_json::from_slice(v.value()).map_err(rd)?);
+            out.push(schema::decode_entry(v.value()).map_err(rd)?);
         }
         Ok(out)
     }

@@ -67,6 +67,41 @@ pub fn upgrade(mut v: serde_json::Value) -> Result<ClusterState, String> {
     serde_json::from_value(v).map_err(|e| format!("the store state (schema {version}): {e}"))
 }
 
+/// Reads a Raft log entry written by this or an older agent. Entries from before typed tables
+/// carry `PutEntry`, `DeleteEntry` and `ReportTask { fields }`; they are rewritten to the typed
+/// commands they meant, so a log not yet compacted into a snapshot replays after an upgrade.
+pub fn decode_entry<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
+    if let Some(cmd) = v.pointer_mut("/payload/Normal") {
+        upgrade_command(cmd);
+    }
+    serde_json::from_value(v)
+}
+
+/// One schema-1 command as its schema-2 form; any other command is left as it is.
+fn upgrade_command(cmd: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let Some((name, body)) = cmd.as_object().and_then(|o| o.iter().next()) else { return };
+    let field = |k: &str| body.get(k).cloned().unwrap_or(Value::Null);
+    let table = body.get("table").and_then(Value::as_str);
+    let new = match (name.as_str(), table) {
+        ("PutEntry", Some("services")) => json!({ "PutService": field("value") }),
+        ("PutEntry", Some("tasks")) => json!({ "PutTask": field("value") }),
+        ("PutEntry", Some("ipam")) => {
+            let ip = body.pointer("/value/ip").cloned().unwrap_or(Value::Null);
+            json!({ "PutAddress": { "key": field("key"), "ip": ip } })
+        }
+        ("DeleteEntry", Some("services")) => json!({ "RemoveService": field("key") }),
+        ("DeleteEntry", Some("tasks")) => json!({ "RemoveTask": field("key") }),
+        ("DeleteEntry", Some("ipam")) => json!({ "RemoveAddress": field("key") }),
+        ("ReportTask", _) if body.get("fields").is_some() => json!({ "ReportTask": {
+            "owner": field("owner"), "key": field("key"), "report": field("fields"),
+        }}),
+        _ => return,
+    };
+    *cmd = new;
+}
+
 /// For `#[serde(with)]`: a state field written with its version and upgraded when read.
 pub fn serialize<S: Serializer>(s: &ClusterState, ser: S) -> Result<S::Ok, S::Error> {
     Versioned { schema: SCHEMA, state: s }.serialize(ser)
@@ -80,6 +115,54 @@ pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<ClusterState, D::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Command, NodeId, TaskReport};
+    use openraft::{Entry, EntryPayload, LogId};
+
+    /// A schema-1 log entry (its command given as JSON) reads as the typed command it meant.
+    fn reads_as(old: serde_json::Value, want: Command) {
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(3, 1), 7);
+        let entry: Entry<crate::raft::TypeConfig> =
+            Entry { log_id, payload: EntryPayload::Normal(want) };
+        let mut json = serde_json::to_value(&entry).expect("json");
+        *json.pointer_mut("/payload/Normal").expect("a normal entry") = old;
+        let bytes = serde_json::to_vec(&json).expect("bytes");
+        let read: Entry<crate::raft::TypeConfig> = decode_entry(&bytes).expect("upgraded");
+        assert_eq!(read.log_id, entry.log_id);
+        assert_eq!(format!("{:?}", read.payload), format!("{:?}", entry.payload));
+    }
+
+    #[test]
+    fn log_entries_from_before_typed_tables_replay_as_typed_commands() {
+        let svc = crate::simulated::service(0, 4);
+        let svc_json = serde_json::to_value(&svc).expect("json");
+        let table = |t: &str, k: &str, v: serde_json::Value| serde_json::json!({"PutEntry": {"table": t, "key": k, "value": v}});
+        reads_as(table("services", &svc.id, svc_json), Command::PutService(Box::new(svc)));
+        let task = crate::simulated::task(0, 1, NodeId(9), 4);
+        let task_json = serde_json::to_value(&task).expect("json");
+        reads_as(table("tasks", "t1", task_json), Command::PutTask(Box::new(task)));
+        reads_as(
+            table("ipam", "vip/s/n", serde_json::json!({"ip": "10.0.0.250"})),
+            Command::PutAddress { key: "vip/s/n".into(), ip: "10.0.0.250".parse().unwrap() },
+        );
+        for (t, want) in [
+            ("services", Command::RemoveService("k".into())),
+            ("tasks", Command::RemoveTask("k".into())),
+            ("ipam", Command::RemoveAddress("k".into())),
+        ] {
+            reads_as(serde_json::json!({"DeleteEntry": {"table": t, "key": "k"}}), want);
+        }
+        let fields = serde_json::json!({
+            "state": "running", "state_since_ms": 5, "exit_code": null, "health": null,
+            "message": "started",
+        });
+        let report: TaskReport = serde_json::from_value(fields.clone()).expect("a report");
+        reads_as(
+            serde_json::json!({"ReportTask": {"owner": NodeId(9), "key": "t1", "fields": fields}}),
+            Command::ReportTask { owner: NodeId(9), key: "t1".into(), report },
+        );
+        // A command of this schema passes through unchanged.
+        reads_as(serde_json::json!({"RemoveNetwork": "n1"}), Command::RemoveNetwork("n1".into()));
+    }
 
     /// A store as the agent before typed tables wrote it: the tables under `entries`.
     fn schema_1() -> serde_json::Value {
