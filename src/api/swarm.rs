@@ -256,7 +256,7 @@ async fn init(
     let expiry = super::swarm_ca::duration_secs(
         "--cert-expiry",
         req.cert_expiry.as_deref(),
-        shoal_cluster::ca::check_cert_expiry,
+        shoal_cluster::model::security::check_cert_expiry,
     );
     let cert_expiry = match expiry {
         Ok(e) => e.map(std::time::Duration::from_secs),

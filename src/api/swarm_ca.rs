@@ -9,7 +9,8 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use shoal_cluster::ca::{self, CaAnswer, SwarmUpdate};
+use shoal_cluster::ca::CaAnswer;
+use shoal_cluster::model::security::{self, SwarmUpdate};
 
 use super::ApiState;
 use super::swarm::{bad_request, cluster, cluster_error};
@@ -53,7 +54,7 @@ pub fn duration_secs(
     check: fn(std::time::Duration) -> Result<(), String>,
 ) -> Result<Option<u64>, String> {
     let Some(text) = text else { return Ok(None) };
-    let d = ca::parse_duration(text).map_err(|e| format!("{flag}: {e}"))?;
+    let d = security::parse_duration(text).map_err(|e| format!("{flag}: {e}"))?;
     check(d)?;
     Ok(Some(d.as_secs()))
 }
@@ -66,15 +67,16 @@ async fn update(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let parsed = duration_secs("--cert-expiry", req.cert_expiry.as_deref(), ca::check_cert_expiry)
-        .and_then(|cert_expiry_secs| {
-            let rotation = duration_secs(
-                "--gossip-key-rotation",
-                req.gossip_key_rotation.as_deref(),
-                ca::check_gossip_key_rotation,
-            )?;
-            Ok(SwarmUpdate { cert_expiry_secs, gossip_key_rotation_secs: rotation })
-        });
+    let parsed =
+        duration_secs("--cert-expiry", req.cert_expiry.as_deref(), security::check_cert_expiry)
+            .and_then(|cert_expiry_secs| {
+                let rotation = duration_secs(
+                    "--gossip-key-rotation",
+                    req.gossip_key_rotation.as_deref(),
+                    security::check_gossip_key_rotation,
+                )?;
+                Ok(SwarmUpdate { cert_expiry_secs, gossip_key_rotation_secs: rotation })
+            });
     let update = match parsed {
         Ok(u) if u == SwarmUpdate::default() => {
             return bad_request("nothing to update: give --cert-expiry or --gossip-key-rotation");

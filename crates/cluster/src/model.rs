@@ -16,6 +16,7 @@ use shoal_scheduler::TaskState;
 
 mod apply;
 pub mod schema;
+pub mod security;
 #[cfg(test)]
 mod tests;
 
@@ -276,9 +277,9 @@ pub struct ClusterInfo {
     pub data_path_port: u16,
     /// Unix milliseconds of creation.
     pub created_ms: u64,
-    /// Certificate expiry, gossip key rotation and any CA rotation under way (see `ca`).
+    /// Certificate expiry, gossip key rotation and any CA rotation under way (see `security` and `crate::ca`).
     #[serde(default)]
-    pub security: crate::ca::SecurityConfig,
+    pub security: security::SecurityConfig,
 }
 
 /// The whole replicated state.
@@ -418,8 +419,8 @@ pub enum Command {
         /// What it observed.
         report: TaskReport,
     },
-    /// `swarm update` and the steps of `swarm ca --rotate` (see `ca`).
-    Security(crate::ca::CaStep),
+    /// `swarm update` and the steps of `swarm ca --rotate` (see `security` and `crate::ca`).
+    Security(security::CaStep),
     /// A node creates or removes one of its standalone tasks (`shoal run`): the task (if any)
     /// must be assigned to `owner` and belong to no service; an existing one must be `owner`'s.
     PutStandalone {

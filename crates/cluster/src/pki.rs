@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+use crate::model::security::CA_VALIDITY;
 use crate::model::{NodeId, Role};
 use crate::token::ca_digest;
 
@@ -22,8 +23,6 @@ use crate::token::ca_digest;
 pub const SERVER_NAME: &str = "shoal-node";
 /// ALPN protocol of the control plane.
 pub const ALPN: &[u8] = b"shoal-ctl/1";
-/// Root CA validity (Swarm: 20 years).
-pub const CA_VALIDITY: Duration = Duration::from_secs(630_720_000);
 /// Node certificate validity (Swarm: 90 days).
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Certificates are backdated by this much against clock skew (Swarm: 1 h).
@@ -284,11 +283,11 @@ impl NodeIdentity {
     }
 
     /// Whether the node certificate should be renewed at `now` (Unix seconds) under the
-    /// swarm's `cert_expiry` (see [`crate::ca::renewal_due`]); an unreadable one should.
+    /// swarm's `cert_expiry` (see [`renewal_due`]); an unreadable one should.
     pub fn needs_renewal(&self, now: i64, cert_expiry: Duration) -> bool {
         let Ok(der) = cert_der_from_pem(&self.cert_pem) else { return true };
         let Some((from, to)) = validity_of(&der) else { return true };
-        crate::ca::renewal_due(from, to, now, cert_expiry)
+        renewal_due(from, to, now, cert_expiry)
     }
 
     /// The CA that signed this node's certificate, DER (the bundle's first if none did).
@@ -488,6 +487,20 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
+/// Whether a node should renew a certificate valid from `not_before` to `not_after` (Unix
+/// seconds) at `now`: past two thirds of its life (Swarm renews at a random point in 50–80 %),
+/// or issued for longer than the swarm's `cert_expiry` now allows (after `swarm update`), so a
+/// shorter expiry takes effect at the next heartbeat rather than months later.
+pub fn renewal_due(not_before: i64, not_after: i64, now: i64, cert_expiry: Duration) -> bool {
+    let life = not_after - not_before;
+    if now >= not_before + life * 2 / 3 {
+        return true;
+    }
+    // Certificates are backdated; an hour of slack on top absorbs clock skew.
+    let allowed = cert_expiry.as_secs() as i64 + (BACKDATE.as_secs() * 2) as i64;
+    life > allowed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,5 +568,29 @@ mod tests {
         assert!(cert_der_from_pem("junk").is_err());
         // The CA certificate itself is no node certificate.
         assert!(matches!(cert_info(ca.cert_der()), Err(PkiError::NotNodeCert(_))));
+    }
+
+    const DAY: i64 = 24 * 3600;
+
+    #[test]
+    fn renewal_at_two_thirds_of_the_configured_life() {
+        let expiry = Duration::from_secs(90 * DAY as u64);
+        let (nb, na) = (0, 90 * DAY);
+        assert!(!renewal_due(nb, na, 59 * DAY, expiry));
+        assert!(renewal_due(nb, na, 60 * DAY, expiry));
+        // A 1 h certificate renews after 40 minutes.
+        let hour = Duration::from_secs(3600);
+        assert!(!renewal_due(0, 3600, 39 * 60, hour));
+        assert!(renewal_due(0, 3600, 40 * 60, hour));
+    }
+
+    #[test]
+    fn a_shorter_expiry_renews_longer_certificates_at_once() {
+        // Issued for 90 days (plus the hour it is backdated), the swarm now says 24 h.
+        let (nb, na) = (0, 90 * DAY + 3600);
+        assert!(!renewal_due(nb, na, 10, Duration::from_secs(90 * DAY as u64)));
+        assert!(renewal_due(nb, na, 10, Duration::from_secs(DAY as u64)));
+        // A 24 h certificate (backdated 1 h) under a 24 h expiry is fine.
+        assert!(!renewal_due(0, DAY + 3600, 10, Duration::from_secs(DAY as u64)));
     }
 }

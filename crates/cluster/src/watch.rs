@@ -243,7 +243,9 @@ fn blank_standalone(s: &mut shoal_model::Standalone) {
 
 fn without_secrets(c: &mut ClusterInfo) {
     c.ca_key_pem.clear();
-    if let Some(crate::ca::CaRotation::Trust { key_pem, .. }) = &mut c.security.ca_rotation {
+    if let Some(crate::model::security::CaRotation::Trust { key_pem, .. }) =
+        &mut c.security.ca_rotation
+    {
         key_pem.clear();
     }
     c.worker_secret = [0; 16];

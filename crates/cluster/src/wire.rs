@@ -225,7 +225,7 @@ pub enum ManageRequest {
     /// Leader-driven gossip key rotation.
     RotateGossipKey,
     /// `swarm update`.
-    UpdateSwarm(crate::ca::SwarmUpdate),
+    UpdateSwarm(crate::model::security::SwarmUpdate),
     /// `swarm ca [--rotate]`: the CA certificate (after rotating the CA), as a
     /// [`crate::ca::CaAnswer`] in a `Value`.
     Ca {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use shoal_cluster::ca::SwarmUpdate;
+use shoal_cluster::model::security::SwarmUpdate;
 use shoal_cluster::pki::{NodeIdentity, cert_der_from_pem, certs_from_pem, issuer_index};
 use shoal_cluster::transport::Transport;
 use shoal_cluster::wire::{ErrorKind, NodeRequest, RaftRequest, Request, Response, TaskRequest};

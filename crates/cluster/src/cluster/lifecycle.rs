@@ -60,7 +60,7 @@ impl Cluster {
                 opts.subnet_size
             )));
         }
-        crate::ca::check_cert_expiry(opts.cert_expiry).map_err(Error::BadRequest)?;
+        crate::model::security::check_cert_expiry(opts.cert_expiry).map_err(Error::BadRequest)?;
         let ca = ClusterCa::generate()?;
         let node = NodeId::random();
         create_private_dir(&dir)?;
@@ -108,7 +108,7 @@ impl Cluster {
                 subnet_size: opts.subnet_size,
                 data_path_port: opts.data_path_port,
                 created_ms: now,
-                security: crate::ca::SecurityConfig {
+                security: crate::model::security::SecurityConfig {
                     cert_expiry_secs: opts.cert_expiry.as_secs(),
                     ..Default::default()
                 },

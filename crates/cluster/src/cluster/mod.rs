@@ -108,7 +108,7 @@ impl InitOptions {
             )],
             subnet_size: 24,
             engine_version: env!("CARGO_PKG_VERSION").to_owned(),
-            cert_expiry: crate::ca::DEFAULT_CERT_EXPIRY,
+            cert_expiry: crate::model::security::DEFAULT_CERT_EXPIRY,
             tuning: Tuning::default(),
         }
     }

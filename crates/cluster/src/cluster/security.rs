@@ -9,7 +9,8 @@ use super::lifecycle::write_file;
 use super::rpc::{rpc_err, unexpected};
 use super::{CA_FILE, Cluster, Inner, ManagerParts};
 use crate::Error;
-use crate::ca::{self, CaAnswer, CaReport, CaRotation, CaStep, SwarmUpdate};
+use crate::ca::{self, CaAnswer, CaReport};
+use crate::model::security::{self, CaRotation, CaStep, SwarmUpdate};
 use crate::model::{Command, NodeId, Role, now_ms};
 use crate::pki::{ClusterCa, NodeIdentity, certs_from_pem, issuer_index};
 use crate::token::ca_digest;
@@ -34,7 +35,7 @@ impl Cluster {
     }
 
     /// The swarm settings as this manager's store has them (`None` on a worker).
-    pub fn security_config(&self) -> Option<ca::SecurityConfig> {
+    pub fn security_config(&self) -> Option<security::SecurityConfig> {
         let m = self.inner.manager()?;
         m.sm.with_state(|s| s.cluster.as_ref().map(|c| c.security.clone()))
     }
@@ -64,10 +65,11 @@ impl Inner {
         update: SwarmUpdate,
     ) -> Result<Response, Error> {
         if let Some(s) = update.cert_expiry_secs {
-            ca::check_cert_expiry(Duration::from_secs(s)).map_err(Error::BadRequest)?;
+            security::check_cert_expiry(Duration::from_secs(s)).map_err(Error::BadRequest)?;
         }
         if let Some(s) = update.gossip_key_rotation_secs {
-            ca::check_gossip_key_rotation(Duration::from_secs(s)).map_err(Error::BadRequest)?;
+            security::check_gossip_key_rotation(Duration::from_secs(s))
+                .map_err(Error::BadRequest)?;
         }
         self.write(m, Command::Security(CaStep::Update(update))).await?;
         Ok(Response::Done { warnings: Vec::new() })
@@ -160,7 +162,7 @@ impl Inner {
             next
         };
         let expiry = match s.cert_expiry_secs {
-            0 => ca::DEFAULT_CERT_EXPIRY,
+            0 => security::DEFAULT_CERT_EXPIRY,
             secs => Duration::from_secs(secs),
         };
         let stale = wanted.first().is_some_and(|d| id.ca_digest().ok().as_ref() != Some(d));

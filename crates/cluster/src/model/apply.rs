@@ -134,7 +134,7 @@ impl ClusterState {
             }
             Command::Security(step) => {
                 let c = self.cluster.as_mut().ok_or("the cluster is not initialised")?;
-                crate::ca::apply(c, step)?;
+                super::security::apply(c, step)?;
             }
             Command::AddGossipKey(k) => {
                 if self.keyring.keys.iter().any(|x| x.id == k.id) {
