@@ -1,10 +1,9 @@
 //! The routing mesh keeps the client's address, end to end on real agents in the lab: a
 //! three-replica service that answers TCP (HTTP) and UDP with the peer address it sees is
 //! reached through every node's published ports, from this host and from another lab node,
-//! and every answer names the real client address and port: this host's requests take the
-//! kernel path (the default), a node's requests to its own address the proxy. A client the
-//! sandbox cannot speak for (loopback on the node) falls back to the node's ingress address,
-//! and `/metrics` counts both kinds, by path.
+//! and every answer names the real client address and port. A client the sandbox cannot speak
+//! for (loopback on the node) falls back to the node's ingress address, and `/metrics` counts
+//! both kinds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -186,11 +185,9 @@ fn tasks_see_the_real_client_address_through_every_node() {
     let said = said_json(&inspect)[0]["client_address"].as_str().unwrap_or_default().to_owned();
     assert!(said.starts_with("kept") && said.contains("10.0.0.0/24"), "inspect says {inspect}");
     let ports = &said_json(&inspect)[0]["mesh_paths"];
-    assert_eq!((&ports["8100/tcp"], &ports["8101/udp"]), (&"kernel".into(), &"kernel".into()));
-    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total", "kernel");
-    assert!(kept > 0, "node1 counted no flow on the kernel path");
-    let kept = counter(&lab, "node2", "shoal_mesh_client_addr_kept_total", "proxy");
-    assert!(kept > 0, "node2 counted no kept client address on the proxy path");
+    assert_eq!((&ports["8100/tcp"], &ports["8101/udp"]), (&"proxy".into(), &"proxy".into()));
+    let kept = counter(&lab, "node1", "shoal_mesh_client_addr_kept_total", "proxy");
+    assert!(kept > 0, "node1 counted no kept client address");
 
     // Loopback on node1 cannot be spoken for: the task sees node1's ingress sandbox address.
     let before = counter(&lab, "node1", "shoal_mesh_client_addr_fallback_total", "proxy");

@@ -1,8 +1,8 @@
 //! Mesh policy from the CLI, end to end on real agents in the lab: `--lb-algorithm maglev`
 //! sends the same client to the same task through every node (each node builds the same
 //! Maglev table from the same backends, and the kernel path hashes the client over the same
-//! sorted backends), and a bad algorithm is refused. Limits the kernel path cannot enforce put
-//! a plain port on the proxy.
+//! sorted backends), and a bad algorithm is refused. Limits are the proxy's: a service that sets
+//! them has its ports there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -112,7 +112,7 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
             "--lb-algorithm",
             "maglev",
             "-p",
-            "8102:8000",
+            "published=8102,target=8000,mesh=kernel",
             "--",
             "python3",
             "-c",
@@ -150,7 +150,7 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
     }
     assert!(!chosen.is_empty());
 
-    // The same on the kernel path (the default for a plain port), for this host.
+    // The same on the kernel path (`mesh=kernel`), for this host.
     let inspect = lab.on("node1", &["service", "inspect", "sticky-k"]);
     let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
     assert_eq!(said[0]["mesh_paths"]["8102/tcp"], "kernel", "{inspect}");

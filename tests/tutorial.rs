@@ -205,9 +205,10 @@ fn the_tutorial_runs_end_to_end() {
             .sum()
     };
     assert!(value("shoal_overlay_peer_established{") >= 1.0, "{metrics}");
-    // The visits from this host took the kernel path, the default for a plain port.
-    let kernel = "shoal_mesh_client_addr_kept_total{service=\"myhelloworld\",path=\"kernel\"}";
-    assert!(value(kernel) >= 1.0, "{metrics}");
+    assert!(
+        value("shoal_mesh_backend_connections_total{service=\"myhelloworld\"") >= 1.0,
+        "{metrics}"
+    );
     assert!(value("shoal_tasks{state=\"running\"}") >= 1.0, "{metrics}");
     assert!(metrics.contains("shoal_dns_"), "{metrics}");
     // It is valid OpenMetrics text, and has every family an operator needs.

@@ -160,24 +160,23 @@ impl PublishedPort {
         self.mode == PortMode::Ingress
     }
 
-    /// The path the routing mesh forwards this port on, for a service with `policy`: the one
-    /// `mesh=` names; else the proxy where only it can do what the port or the policy asks (a
-    /// PROXY header, `mode=host`, a connection or UDP flow limit or an idle timeout other than
-    /// the defaults, which the kernel path does not enforce); else the kernel.
-    pub fn path(&self, policy: &MeshPolicy) -> MeshPath {
-        if let Some(m) = self.mesh {
-            return m;
-        }
+    /// The path the routing mesh forwards this port on: the one `mesh=` names, else the proxy.
+    /// The kernel path is opt-in until it loses no request when a backend's node dies or comes
+    /// back from a partition (ARCHITECTURE.md, "The kernel path").
+    pub fn path(&self) -> MeshPath {
+        self.mesh.unwrap_or(MeshPath::Proxy)
+    }
+
+    /// Whether the kernel path can do everything this port and a service's `policy` ask: no
+    /// PROXY header, not `mode=host`, and no connection or UDP flow limit or idle timeout
+    /// other than the defaults (only the proxy enforces them).
+    pub fn kernel_can(&self, policy: &MeshPolicy) -> bool {
         let d = MeshPolicy::default();
         let proxy_policy = policy.max_connections != d.max_connections
             || policy.idle_timeout_ms != d.idle_timeout_ms
             || policy.max_udp_flows != d.max_udp_flows
             || policy.max_udp_flows_per_source != d.max_udp_flows_per_source;
-        if self.is_ingress() && self.proxy_protocol.is_none() && !proxy_policy {
-            MeshPath::Kernel
-        } else {
-            MeshPath::Proxy
-        }
+        self.is_ingress() && self.proxy_protocol.is_none() && !proxy_policy
     }
 }
 
@@ -305,27 +304,27 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_path_is_the_default_where_it_can_do_everything_asked() {
+    fn the_kernel_path_is_taken_when_named_and_only_where_it_can_do_everything_asked() {
         let default = MeshPolicy::default();
-        let path = |s: &str, policy: &MeshPolicy| parse(s).unwrap().path(policy);
-        assert_eq!(path("8100:80", &default), MeshPath::Kernel);
-        assert_eq!(path("8100:80/udp", &default), MeshPath::Kernel);
-        assert_eq!(path("published=8100,target=80,mesh=proxy", &default), MeshPath::Proxy);
-        assert_eq!(path("published=8100,target=80,proxy-protocol=v2", &default), MeshPath::Proxy);
-        assert_eq!(path("published=8100,target=80,mode=host", &default), MeshPath::Proxy);
+        let port = |s: &str| parse(s).unwrap();
+        assert_eq!(port("8100:80").path(), MeshPath::Proxy);
+        assert_eq!(port("published=8100,target=80,mesh=kernel").path(), MeshPath::Kernel);
+        assert_eq!(port("published=8100,target=80,mesh=proxy").path(), MeshPath::Proxy);
+        assert!(port("8100:80").kernel_can(&default));
+        assert!(port("8100:80/udp").kernel_can(&default));
+        assert!(!port("published=8100,target=80,proxy-protocol=v2").kernel_can(&default));
+        assert!(!port("published=8100,target=80,mode=host").kernel_can(&default));
         for policy in [
             MeshPolicy { max_connections: 2, ..MeshPolicy::default() },
             MeshPolicy { idle_timeout_ms: 1_000, ..MeshPolicy::default() },
             MeshPolicy { max_udp_flows: 5, ..MeshPolicy::default() },
             MeshPolicy { max_udp_flows_per_source: 5, ..MeshPolicy::default() },
         ] {
-            assert_eq!(path("8100:80", &policy), MeshPath::Proxy, "{policy:?}");
-            let named = path("published=8100,target=80,mesh=kernel", &policy);
-            assert_eq!(named, MeshPath::Kernel, "mesh= wins: {policy:?}");
+            assert!(!port("8100:80").kernel_can(&policy), "{policy:?}");
         }
         // Checks and their timing are the mesh's either way: the kernel path follows them.
         let checked = MeshPolicy { check_interval_ms: 500, check_fall: 1, ..MeshPolicy::default() };
-        assert_eq!(path("8100:80", &checked), MeshPath::Kernel);
+        assert!(port("8100:80").kernel_can(&checked));
     }
 
     #[test]

@@ -206,10 +206,8 @@ impl Service {
             if !seen.insert((p.published, p.protocol)) {
                 return Err(Error::PublishedTwice(p.published));
             }
-            // Left to itself a port takes the proxy when the policy needs it; a port that
-            // names the kernel path would silently lose the policy.
-            let unnamed = PublishedPort { mesh: None, ..*p };
-            if p.mesh == Some(MeshPath::Kernel) && unnamed.path(&self.mesh) == MeshPath::Proxy {
+            // A port that names the kernel path would silently lose what only the proxy does.
+            if p.path() == MeshPath::Kernel && !p.kernel_can(&self.mesh) {
                 return Err(Error::KernelPathPolicy(p.published));
             }
         }
@@ -327,7 +325,7 @@ mod tests {
         assert_eq!(empty.validate(), Err(Error::EmptyCommand));
         let mut capped = service("s", "capped", vec![tcp(80, 80)]);
         capped.mesh.max_connections = 2;
-        assert_eq!(capped.validate(), Ok(()), "the plain port takes the proxy");
+        assert_eq!(capped.validate(), Ok(()), "a plain port takes the proxy");
         capped.ports[0].mesh = Some(MeshPath::Kernel);
         assert_eq!(capped.validate(), Err(Error::KernelPathPolicy(80)));
         capped.ports[0].mesh = Some(MeshPath::Proxy);
