@@ -441,8 +441,9 @@ fn poll_all(
 fn http_get(sock: &Path, path: &str) -> anyhow::Result<String> {
     let host = Host { socket: sock.to_path_buf() };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The timeout's timer needs the runtime at its creation: made inside `block_on`.
     let body = rt
-        .block_on(tokio::time::timeout(Duration::from_secs(5), host.get(path)))
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), host.get(path)).await })
         .map_err(|_| anyhow::anyhow!("GET {path} on {}: no answer in 5 s", sock.display()))??;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
