@@ -121,9 +121,8 @@ struct Local {
     /// networks last took.
     dns: LastApplied<dns::ClusterRecords>,
     tables: LastApplied<vx::Tables>,
-    sandbox_ip: LastApplied<Ipv4Addr>,
-    /// The ingress network the sandbox is on (`apply::sandbox`).
-    sandbox_net: Option<String>,
+    /// The ingress network the sandbox is on, and its address there (`apply::sandbox`).
+    sandbox: LastApplied<(String, Ipv4Addr)>,
     networks: LastApplied<BTreeSet<String>>,
     /// Containers a CNI runtime attached here (see `cni`).
     cni: BTreeMap<String, cni::Attached>,
@@ -528,7 +527,7 @@ fn local_inputs(inner: &Inner, services: &BTreeMap<String, Service>) -> project:
         ready: l.ready.clone(),
         held_vips: l.held_vips.clone(),
         held_until: l.held_until,
-        sandbox_ip: l.sandbox_ip.get().copied(),
+        sandbox_ip: l.sandbox.get().map(|(_, ip)| *ip),
         mesh_health,
         seen_up: l.seen_up.clone(),
     }

@@ -40,10 +40,7 @@ pub(super) async fn networks(inner: &Arc<Inner>, want: BTreeSet<String>) -> anyh
 pub(super) async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow::Result<()> {
     let ingress = records::ingress(state);
     let want = ingress.zip(project::sandbox(state, &inner.me)).map(|(n, ip)| (n.id.clone(), ip));
-    let have = {
-        let l = lock(&inner.local);
-        l.sandbox_net.clone().zip(l.sandbox_ip.get().copied())
-    };
+    let have = lock(&inner.local).sandbox.get().cloned();
     if want == have {
         return Ok(());
     }
@@ -53,9 +50,7 @@ pub(super) async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow:
         if let Err(e) = inner.overlay.detach(&old, "sbox").await {
             tracing::warn!(network = %old, error = %e, "taking the ingress sandbox off");
         }
-        let mut l = lock(&inner.local);
-        l.sandbox_ip.clear();
-        l.sandbox_net = None;
+        lock(&inner.local).sandbox.clear();
     }
     let (Some(ingress), Some((_, ip))) = (ingress, want) else { return Ok(()) };
     let spec = records::overlay_spec(ingress).context("the ingress network is not IPv4")?;
@@ -63,9 +58,7 @@ pub(super) async fn sandbox(inner: &Arc<Inner>, state: &ClusterState) -> anyhow:
     let ep = vx::EndpointSpec { id: "sbox", task: &inner.sandbox, ip, ifname };
     inner.overlay.attach(&spec, &ep).await.context("attaching the ingress sandbox")?;
     client_addr::sandbox_ready(inner, ingress).await;
-    let mut l = lock(&inner.local);
-    l.sandbox_ip.set(ip);
-    l.sandbox_net = Some(ingress.id.clone());
+    lock(&inner.local).sandbox.set((ingress.id.clone(), ip));
     Ok(())
 }
 
