@@ -207,6 +207,24 @@ fn kill_node(lab: &Lab, node: &str) {
     for pid in &pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
     }
+    // kill(2) returns before the process is torn down; until then its listening sockets still
+    // complete handshakes. The node is dead once every process has exited (a zombie has).
+    let t0 = Instant::now();
+    while !pids.iter().all(|pid| exited(*pid)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{node}'s processes outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether a process has exited: gone from /proc, or a zombie waiting to be reaped.
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => true,
+    }
 }
 
 /// A Raft gauge of a node's agent (`raft_term`, `raft_is_leader`), when it answers.
@@ -277,7 +295,8 @@ fn node_killed_whole(path: Path) {
     let samples = load.finish();
     // A request that node3's task had taken when its processes died cannot be answered by
     // anyone: the bytes were delivered to a process that is gone. Those are the requests
-    // whose lifetime overlaps the kill, at most one per client.
+    // whose lifetime overlaps the kill (from the first signal until the last process exited),
+    // at most one per client.
     let (in_flight, others): (Vec<Sample>, Vec<Sample>) =
         samples.iter().partition(|s| s.start < killed && s.end > killing);
     let lost_in_flight = in_flight.iter().filter(|s| !s.ok).count();
