@@ -140,6 +140,10 @@ struct Local {
 /// before it rewrites the VIP rules of the tasks it adopted.
 const GOSSIP_CATCH_UP: Duration = Duration::from_secs(10);
 
+/// The least time between two reconcile passes, so that a burst of store, runtime and gossip
+/// events is applied in a few passes rather than one per event.
+const PASS_SPACING: Duration = Duration::from_millis(50);
+
 fn lock(m: &Mutex<Local>) -> std::sync::MutexGuard<'_, Local> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -298,6 +302,7 @@ impl NodeEngine {
         out.push(tokio::spawn(async move {
             let mut rt_events = inner.runtime.subscribe();
             let mut g_events = inner.gossip.subscribe();
+            let mut last_pass = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = inner.kick.notified() => {}
@@ -305,8 +310,10 @@ impl NodeEngine {
                     _ = g_events.recv() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                // Let a burst of changes settle into one pass.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A change after a quiet spell is applied at once; a burst of changes is taken
+                // in passes at most PASS_SPACING apart, each covering everything before it.
+                tokio::time::sleep_until(last_pass + PASS_SPACING).await;
+                last_pass = tokio::time::Instant::now();
                 if let Err(e) = pass(&inner).await {
                     tracing::warn!(error = %format!("{e:#}"), "node reconcile pass");
                 }
