@@ -2,6 +2,13 @@
 //! every backend owns an almost equal share of slots, and removing one backend moves few keys
 //! besides its own. Hashes are fixed (FNV-1a + a SplitMix64 finaliser), never std's
 //! `DefaultHasher`, so a table is the same on every node and every build.
+//!
+//! Both paths of the routing mesh use one table per service and one client hash: the kernel
+//! path's nft rule computes `jhash ip saddr mod M seed CLIENT_SEED`, and [`MaglevTable::lookup_client`]
+//! computes the same slot in Rust ([`jhash_ipv4`], [`scale`]), so a client that falls back from
+//! the kernel path to the proxy keeps its task.
+
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Smallest table size per backend: the table is a prime ≥ 100 × backends, the size the
 /// Maglev paper uses to keep each backend's share of slots near 1/N.
@@ -26,6 +33,38 @@ pub fn hash64(seed: u64, bytes: &[u8]) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
+}
+
+/// The seed of the client-address hash, the same on every node and in the kernel path's rule.
+pub const CLIENT_SEED: u32 = 0x5348_4f41;
+
+/// The Linux kernel's `jhash()` (include/linux/jhash.h) of an IPv4 address's four bytes, as
+/// nft's `jhash ip saddr seed S` computes it: the bytes are read as a little-endian word into
+/// `a`, then `__jhash_final`.
+pub fn jhash_ipv4(addr: Ipv4Addr, seed: u32) -> u32 {
+    let init = 0xdead_beef_u32.wrapping_add(4).wrapping_add(seed);
+    let (mut a, mut b, mut c) = (init, init, init);
+    a = a.wrapping_add(u32::from_le_bytes(addr.octets()));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
+/// The slot of a 32-bit hash in a table of `m` slots as nft's `hash … mod m` picks it: the
+/// kernel scales the hash into `0..m` (`reciprocal_scale`), it does not take the remainder.
+pub fn scale(hash: u32, m: usize) -> usize {
+    ((u64::from(hash) * m as u64) >> 32) as usize
 }
 
 fn is_prime(n: usize) -> bool {
@@ -120,6 +159,19 @@ impl MaglevTable {
         Some(self.slots[(key_hash % self.slots.len() as u64) as usize] as usize)
     }
 
+    /// The backend index for a client's address. An IPv4 client's slot is the one the kernel
+    /// path's rule picks (`jhash ip saddr mod M seed CLIENT_SEED`); IPv6 has no kernel path
+    /// and hashes with [`hash64`].
+    pub fn lookup_client(&self, client: IpAddr) -> Option<usize> {
+        match client {
+            IpAddr::V4(a) => {
+                let slot = scale(jhash_ipv4(a, CLIENT_SEED), self.slots.len());
+                self.slots.get(slot).map(|&i| i as usize)
+            }
+            IpAddr::V6(a) => self.lookup(hash64(0, &a.octets())),
+        }
+    }
+
     /// The raw slots (backend indices), for tests and diagnostics.
     pub fn slots(&self) -> &[u32] {
         &self.slots
@@ -177,6 +229,43 @@ mod tests {
         [2, 0, 0, 2, 2, 1, 0, 2, 1, 2, 1, 1, 0, 0, 2, 0, 1, 0, 2, 1, 0, 2, 1, 2];
     const FROZEN_DIGEST: u64 = 18247852100382509262;
     const FROZEN_KEY_HASH: u64 = 1037965669502947158;
+
+    /// Values the kernel computed (6.18) for nft rules `meta mark set jhash ip saddr mod M seed
+    /// S` on the packets of a UDP socket bound to each address, read back bit by bit through
+    /// counters. With `mod 2^32-1` the kernel's scaling yields the hash minus one.
+    const KERNEL: [(&str, u32, u32, u32); 6] = [
+        // (address, jhash seed 0, jhash seed CLIENT_SEED, slot of mod 65 537 seed CLIENT_SEED)
+        ("10.9.0.1", 1_313_169_624, 342_069_872, 5219),
+        ("10.9.0.2", 1_274_103_857, 1_877_644_506, 28_651),
+        ("198.18.0.254", 3_613_400_335, 731_685_360, 11_164),
+        ("192.168.7.200", 4_164_546_941, 3_382_279_469, 51_610),
+        ("1.2.3.4", 71_290_333, 973_684_360, 14_857),
+        ("255.255.255.254", 1_399_917_414, 4_156_539_437, 63_424),
+    ];
+
+    #[test]
+    fn the_client_hash_is_the_kernels_jhash() {
+        for (addr, seed0, seeded, slot) in KERNEL {
+            let a: Ipv4Addr = addr.parse().expect("test literal");
+            assert_eq!(jhash_ipv4(a, 0), seed0, "{addr} seed 0");
+            assert_eq!(jhash_ipv4(a, CLIENT_SEED), seeded, "{addr} seed {CLIENT_SEED:#x}");
+            assert_eq!(scale(seeded, 65_537), slot as usize, "{addr} mod 65537");
+        }
+    }
+
+    #[test]
+    fn a_client_lands_in_the_kernels_slot() {
+        let t = MaglevTable::build(&["10.0.0.5", "10.0.0.7", "10.0.0.9"]);
+        for (addr, _, _, slot) in KERNEL {
+            let a: Ipv4Addr = addr.parse().expect("test literal");
+            let want = t.slots()[slot as usize] as usize;
+            assert_eq!(t.lookup_client(IpAddr::V4(a)), Some(want), "{addr}");
+        }
+        assert_eq!(
+            MaglevTable::build::<&str>(&[]).lookup_client(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            None
+        );
+    }
 
     #[test]
     fn removing_one_of_many_moves_little_besides_its_share() {
