@@ -185,10 +185,10 @@ impl MaglevTable {
     }
 
     /// The backend index for a client's address. An IPv4 client's slot is the one the kernel
-    /// path's rule picks (`jhash ip saddr mod M seed CLIENT_SEED`); IPv6 has no kernel path
-    /// and hashes with [`hash64`].
+    /// path's rule picks (`jhash ip saddr mod M seed CLIENT_SEED`), also when a dual-stack
+    /// listener reports it IPv4-mapped; IPv6 has no kernel path and hashes with [`hash64`].
     pub fn lookup_client(&self, client: IpAddr) -> Option<usize> {
-        match client {
+        match client.to_canonical() {
             IpAddr::V4(a) => {
                 let slot = scale(jhash_ipv4(a, CLIENT_SEED), self.slots.len());
                 self.slots.get(slot).map(|&i| i as usize)
@@ -304,6 +304,8 @@ mod tests {
             let a: Ipv4Addr = addr.parse().expect("test literal");
             let want = t.slots()[slot as usize] as usize;
             assert_eq!(t.lookup_client(IpAddr::V4(a)), Some(want), "{addr}");
+            // As a dual-stack listener reports it.
+            assert_eq!(t.lookup_client(IpAddr::V6(a.to_ipv6_mapped())), Some(want), "{addr}");
         }
         assert_eq!(
             MaglevTable::build::<&str>(&[]).lookup_client(IpAddr::V4(Ipv4Addr::LOCALHOST)),
