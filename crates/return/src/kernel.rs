@@ -6,7 +6,8 @@
 //! ```text
 //! client ─▶ node: table ip shoal-mesh, nat prerouting:
 //!             ct state new, l4proto, dport 8100, fib daddr type local
-//!             dnat to (numgen | jhash ip saddr) mod N map { 0: 10.0.0.5, 1: 10.0.0.7 } : 8000
+//!             dnat to numgen mod N map { 0: 10.0.0.5, 1: 10.0.0.7 } : 8000
+//!             (maglev: jhash ip saddr mod M map { slot: task, … }, crate::maglev_map)
 //!        ─▶ veth shoal-mesh ⇄ mesh0 (169.254.53.1/30 ⇄ .2) into the ingress sandbox,
 //!           which forwards out eth0, its source MAC naming this node, over the ingress overlay
 //!        ─▶ task; its shoal-return table sends the reply back to that sandbox (crate docs)

@@ -174,8 +174,7 @@ mod tests {
             let out = std::process::Command::new("ip").args(&full).output().expect("run ip");
             assert!(out.status.success(), "ip {full:?}: {}", String::from_utf8_lossy(&out.stderr));
         };
-        let (n, cn, bn) =
-            (node.name().to_owned(), clients_ns.name().to_owned(), backends_ns.name());
+        let (cn, bn) = (clients_ns.name(), backends_ns.name());
         ip(&node, &format!("link add nc type veth peer name cv netns {cn}"));
         ip(&node, &format!("link add nb type veth peer name bv netns {bn}"));
         for cmd in ["addr add 198.18.4.1/24 dev nc", "addr add 198.18.6.1/24 dev nb"] {
@@ -199,7 +198,6 @@ mod tests {
             ip(&clients_ns, &format!("addr add {a}/24 dev cv"));
         }
         ip(&clients_ns, "link set cv up");
-        let _ = n;
 
         let port = KernelPort {
             published: 8100,
@@ -214,6 +212,30 @@ mod tests {
         eprintln!("maglev: a table of {} slots written in {took:?}", table_size(3));
         // Generous: the machine may be busy, and a rewrite happens only when backends change.
         assert!(took < Duration::from_secs(10), "writing the table took {took:?}");
+        // The real nft, where installed, reads the rule as meant.
+        let listed = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                node.name(),
+                "nft",
+                "list",
+                "table",
+                "ip",
+                crate::kernel::TABLE,
+            ])
+            .output();
+        match listed {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let want = format!(
+                    "dnat to jhash ip saddr mod {} seed {CLIENT_SEED:#x} map",
+                    table_size(3)
+                );
+                assert!(text.contains(&want), "{want:?} not in the listing");
+            }
+            other => eprintln!("*** nft not runnable ({other:?}): not comparing its listing"),
+        }
 
         let listening: Vec<UdpSocket> = backends_ns
             .run(|| {
