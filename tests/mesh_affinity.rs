@@ -1,6 +1,8 @@
 //! Routing-mesh flows when a backend leaves, end to end on real agents in the lab:
 //! - with `--lb-algorithm maglev`, sixty client addresses each reach one task through every
-//!   node, and when one of four tasks goes only about a quarter of the clients move;
+//!   node, and when one of four tasks goes only about a quarter of the clients move; on the
+//!   proxy path and on the kernel path (`mesh=kernel`), where each client's task is also the
+//!   one the proxy gives it through a second port of the same service;
 //! - a UDP flow pinned to a task whose process is killed is answered by another task within
 //!   the mesh's check interval (plus slack for a busy machine).
 
@@ -73,9 +75,9 @@ fn add_addresses(lab: &Lab) -> Addresses {
     held
 }
 
-/// The task that answered an HTTP request from `client` through `to`.
-fn task(client: Ipv4Addr, to: Ipv4Addr) -> Option<String> {
-    let url = format!("http://{to}:8100/");
+/// The task that answered an HTTP request from `client` through `to`'s `port`.
+fn task(client: Ipv4Addr, to: Ipv4Addr, port: u16) -> Option<String> {
+    let url = format!("http://{to}:{port}/");
     let out = Command::new("curl")
         .args(["-s", "-m", "10", "--interface", &client.to_string(), &url])
         .output()
@@ -83,12 +85,13 @@ fn task(client: Ipv4Addr, to: Ipv4Addr) -> Option<String> {
     lossy(&out.stdout).trim().strip_prefix("task=").map(str::to_owned)
 }
 
-/// Each client's task, when every client reaches the same task through every node.
-fn placement(lab: &Lab, clients: &[Ipv4Addr]) -> Option<BTreeMap<Ipv4Addr, String>> {
+/// Each client's task through `port`, when every client reaches the same task through every
+/// node.
+fn placement(lab: &Lab, clients: &[Ipv4Addr], port: u16) -> Option<BTreeMap<Ipv4Addr, String>> {
     let mut placed = BTreeMap::new();
     for c in clients {
         let seen: BTreeSet<String> =
-            (1..=3).map(|n| task(*c, lab.addr(n))).collect::<Option<_>>()?;
+            (1..=3).map(|n| task(*c, lab.addr(n), port)).collect::<Option<_>>()?;
         if seen.len() != 1 {
             return None;
         }
@@ -107,20 +110,56 @@ fn backends_up(lab: &Lab, node: &str, service: &str) -> usize {
         .count()
 }
 
-fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str]) {
-    let head = ["service", "create", "--name", name, "--replicas", replicas];
-    let tail = ["-p", "8100:8000", "-p", "8101:8001/udp", "--", "python3", "-c", SERVER];
-    lab.on("node1", &[&head[..], extra, &tail[..]].concat());
+/// The flows the kernel path has forwarded for `service` on `node`, from its `/metrics`.
+fn kernel_flows(lab: &Lab, node: &str, service: &str) -> u64 {
+    let prefix =
+        format!("shoal_mesh_client_addr_kept_total{{service=\"{service}\",path=\"kernel\"}} ");
+    lab.metrics(node)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
 }
+
+fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str], ports: &[&str]) {
+    let head = ["service", "create", "--name", name, "--replicas", replicas];
+    let tail = ["--", "python3", "-c", SERVER];
+    lab.on("node1", &[&head[..], extra, ports, &tail[..]].concat());
+}
+
+/// The port of the kernel-path test that the proxy serves, for the same service's tasks.
+const PROXY_TWIN: u16 = 8102;
 
 #[test]
 fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
     if !require_root("maglev_moves_about_one_in_n_clients_when_a_backend_leaves") {
         return;
     }
+    maglev_moves_about_one_in_n(&["-p", "8100:8000"], false);
+}
+
+/// The kernel path's twin: 8100 is forwarded by each node's kernel, and the same tasks are
+/// published on 8102 through the proxy; each client's task must be the same on both.
+#[test]
+fn maglev_on_the_kernel_path_moves_about_one_in_n_and_agrees_with_the_proxy() {
+    if !require_root("maglev_on_the_kernel_path_moves_about_one_in_n_and_agrees_with_the_proxy") {
+        return;
+    }
+    let ports = [
+        "-p",
+        "published=8100,target=8000,mesh=kernel",
+        "-p",
+        "published=8102,target=8000,mesh=proxy",
+    ];
+    maglev_moves_about_one_in_n(&ports, true);
+}
+
+/// Sixty clients on four tasks of a maglev service published on 8100 with `ports`; one task
+/// leaves. With `kernel`, 8100 must be on the kernel path, and [`PROXY_TWIN`] on the proxy
+/// must give every client the task 8100 gives it, before and after.
+fn maglev_moves_about_one_in_n(ports: &[&str], kernel: bool) {
     let lab = Lab::up(3);
     lab.swarm(3);
-    create(&lab, "sticky", "4", &["--lb-algorithm", "maglev"]);
+    create(&lab, "sticky", "4", &["--lb-algorithm", "maglev"], ports);
     eventually("four tasks of sticky running", Duration::from_secs(120), || {
         (running_per_node(&lab, "sticky").values().sum::<usize>() == 4).then_some(())
     });
@@ -131,24 +170,49 @@ fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
     let clients = held.addrs.clone();
     let before =
         eventually("every client on one task through every node", Duration::from_secs(120), || {
-            placement(&lab, &clients)
+            placement(&lab, &clients, 8100)
         });
     let tasks: BTreeSet<&String> = before.values().collect();
     assert!(tasks.len() >= 3, "sixty clients reached only {tasks:?}");
+    let same_on_the_proxy = |kernel_placed: &BTreeMap<Ipv4Addr, String>| {
+        if !kernel {
+            return;
+        }
+        for i in 1..=3 {
+            let node = format!("node{i}");
+            assert!(kernel_flows(&lab, &node, "sticky") > 0, "{node}'s kernel forwarded nothing");
+        }
+        let proxied = eventually(
+            "every client on one task through the proxy",
+            Duration::from_secs(60),
+            || placement(&lab, &clients, PROXY_TWIN),
+        );
+        let differ: Vec<_> = clients
+            .iter()
+            .filter(|c| proxied[c] != kernel_placed[c])
+            .map(|c| format!("{c}: kernel {} proxy {}", kernel_placed[c], proxied[c]))
+            .collect();
+        assert!(differ.is_empty(), "the paths disagree for {} clients: {differ:?}", differ.len());
+    };
+    same_on_the_proxy(&before);
 
     lab.on("node1", &["service", "scale", "sticky=3"]);
     eventually("three backends up on every node", Duration::from_secs(120), || {
         (1..=3).all(|i| backends_up(&lab, &format!("node{i}"), "sticky") == 3).then_some(())
     });
     let after = eventually("every client on one task again", Duration::from_secs(120), || {
-        placement(&lab, &clients)
+        placement(&lab, &clients, 8100)
     });
+    same_on_the_proxy(&after);
     let left: BTreeSet<&String> =
         before.values().filter(|t| !after.values().any(|a| a == *t)).collect();
     assert_eq!(left.len(), 1, "not exactly one task left: {before:?} -> {after:?}");
     let orphans = before.values().filter(|t| left.contains(t)).count();
     let moved = clients.iter().filter(|c| before[c] != after[c]).count();
-    eprintln!("maglev: {moved} of {CLIENTS} clients moved; the task that left had {orphans}");
+    let path = if kernel { "kernel" } else { "proxy" };
+    eprintln!(
+        "maglev ({path}): {moved} of {CLIENTS} clients moved; the task that left had {orphans}"
+    );
     // Those of the task that left must move; Maglev moves few others, so the share stays near
     // 1/4 (the bound is 2/N).
     assert!(moved >= orphans, "{moved} moved but {orphans} lost their task");
@@ -163,7 +227,7 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
     let lab = Lab::up(3);
     lab.swarm(3);
     let interval = Duration::from_secs(2);
-    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"]);
+    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"], &["-p", "8101:8001/udp"]);
     eventually("two tasks of echo running", Duration::from_secs(120), || {
         (running_per_node(&lab, "echo").values().sum::<usize>() == 2).then_some(())
     });

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use rand::{Rng, RngExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::maglev::{MaglevTable, hash64};
+use crate::maglev::MaglevTable;
 use crate::spec::Algorithm;
 
 /// Counters of one backend, shared by the data path (atomics, relaxed).
@@ -72,9 +72,11 @@ pub struct Pool {
 impl Pool {
     fn new(mut backends: Vec<Arc<Backend>>, algorithm: Algorithm) -> Pool {
         backends.sort_by(|a, b| a.id.cmp(&b.id));
+        // The table names backends by address, as the kernel path's map does (it knows no task
+        // ids): both paths build the same table from the same backends.
         let maglev = (algorithm == Algorithm::SourceHash).then(|| {
-            let ids: Vec<&str> = backends.iter().map(|b| b.id.as_str()).collect();
-            MaglevTable::build(&ids)
+            let names: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+            MaglevTable::build(&names)
         });
         Pool { backends, maglev }
     }
@@ -177,11 +179,7 @@ fn pick_in<R: Rng + ?Sized>(
             Some(if lb < la { b.clone() } else { a.clone() })
         }
         Algorithm::SourceHash => {
-            let key = match client {
-                IpAddr::V4(a) => hash64(0, &a.octets()),
-                IpAddr::V6(a) => hash64(0, &a.octets()),
-            };
-            let slot = pool.maglev.as_ref()?.lookup(key)?;
+            let slot = pool.maglev.as_ref()?.lookup_client(client)?;
             if excluded == Some(slot) {
                 // Its backend just failed: fall back to the next usable one in id order.
                 return usable(pool, exclude).nth(slot % n).cloned();

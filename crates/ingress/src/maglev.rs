@@ -2,6 +2,13 @@
 //! every backend owns an almost equal share of slots, and removing one backend moves few keys
 //! besides its own. Hashes are fixed (FNV-1a + a SplitMix64 finaliser), never std's
 //! `DefaultHasher`, so a table is the same on every node and every build.
+//!
+//! Both paths of the routing mesh use one table per service and one client hash: the kernel
+//! path's nft rule computes `jhash ip saddr mod M seed CLIENT_SEED`, and [`MaglevTable::lookup_client`]
+//! computes the same slot in Rust ([`jhash_ipv4`], [`scale`]), so a client that falls back from
+//! the kernel path to the proxy keeps its task.
+
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Smallest table size per backend: the table is a prime ≥ 100 × backends, the size the
 /// Maglev paper uses to keep each backend's share of slots near 1/N.
@@ -28,6 +35,38 @@ pub fn hash64(seed: u64, bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The seed of the client-address hash, the same on every node and in the kernel path's rule.
+pub const CLIENT_SEED: u32 = 0x5348_4f41;
+
+/// The Linux kernel's `jhash()` (include/linux/jhash.h) of an IPv4 address's four bytes, as
+/// nft's `jhash ip saddr seed S` computes it: the bytes are read as a little-endian word into
+/// `a`, then `__jhash_final`.
+pub fn jhash_ipv4(addr: Ipv4Addr, seed: u32) -> u32 {
+    let init = 0xdead_beef_u32.wrapping_add(4).wrapping_add(seed);
+    let (mut a, mut b, mut c) = (init, init, init);
+    a = a.wrapping_add(u32::from_le_bytes(addr.octets()));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
+/// The slot of a 32-bit hash in a table of `m` slots as nft's `hash … mod m` picks it: the
+/// kernel scales the hash into `0..m` (`reciprocal_scale`), it does not take the remainder.
+pub fn scale(hash: u32, m: usize) -> usize {
+    ((u64::from(hash) * m as u64) >> 32) as usize
+}
+
 fn is_prime(n: usize) -> bool {
     if n < 2 {
         return false;
@@ -45,13 +84,25 @@ fn is_prime(n: usize) -> bool {
     true
 }
 
-/// Default table size (a prime): enough for 655 backends at 100 slots each.
+/// The table size (a prime) up to [`SMALL_MAX`] backends: the kernel path writes one map
+/// element per slot, and a table this size is a transaction of milliseconds and well under a
+/// megabyte of kernel memory per service.
+pub const SMALL_SIZE: usize = 4_093;
+
+/// The most backends a [`SMALL_SIZE`] table holds at 100 slots each.
+pub const SMALL_MAX: usize = SMALL_SIZE / SLOTS_PER_BACKEND;
+
+/// The table size (a prime) from [`SMALL_MAX`] + 1 up to 655 backends.
 pub const DEFAULT_SIZE: usize = 65_537;
 
-/// The table size used for `n` backends: a prime ≥ 100 × n that does not change when a
-/// backend comes or goes (a size change would remap nearly every key). 65 537 up to 655
-/// backends, beyond that the smallest prime ≥ 100 × the next power of two.
+/// The table size used for `n` backends: a prime ≥ 100 × n, from a few fixed sizes so that it
+/// does not change when a backend comes or goes (a size change remaps nearly every key):
+/// 4 093 up to 40 backends, 65 537 up to 655, beyond that the smallest prime ≥ 100 × the next
+/// power of two. Crossing from one size to the next remaps the clients once.
 pub fn table_size(n: usize) -> usize {
+    if n <= SMALL_MAX {
+        return SMALL_SIZE;
+    }
     if SLOTS_PER_BACKEND * n <= DEFAULT_SIZE {
         return DEFAULT_SIZE;
     }
@@ -63,9 +114,22 @@ pub fn table_size(n: usize) -> usize {
 }
 
 impl MaglevTable {
-    /// Builds the table for backends named by `ids` (their order defines the returned indices;
-    /// placement depends only on the names, so callers should pass them sorted). Empty → empty.
+    /// Builds the table for backends named by `ids`: their order defines the returned indices,
+    /// while placement depends on the names only (the table is filled in the names' sorted
+    /// order), so callers that list the same backends in different orders agree on every
+    /// slot's backend. Empty → empty.
     pub fn build<S: AsRef<str>>(ids: &[S]) -> MaglevTable {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by(|&a, &b| ids[a].as_ref().cmp(ids[b].as_ref()));
+        let sorted: Vec<&str> = order.iter().map(|&i| ids[i].as_ref()).collect();
+        let mut table = MaglevTable::build_sorted(&sorted);
+        for s in &mut table.slots {
+            *s = order[*s as usize] as u32;
+        }
+        table
+    }
+
+    fn build_sorted(ids: &[&str]) -> MaglevTable {
         let n = ids.len();
         if n == 0 {
             return MaglevTable { slots: Vec::new() };
@@ -74,7 +138,7 @@ impl MaglevTable {
         let perms: Vec<(usize, usize)> = ids
             .iter()
             .map(|id| {
-                let b = id.as_ref().as_bytes();
+                let b = id.as_bytes();
                 let offset = (hash64(0x6d61_676c, b) % m as u64) as usize;
                 let skip = (hash64(0x736b_6970, b) % (m as u64 - 1)) as usize + 1;
                 (offset, skip)
@@ -120,6 +184,19 @@ impl MaglevTable {
         Some(self.slots[(key_hash % self.slots.len() as u64) as usize] as usize)
     }
 
+    /// The backend index for a client's address. An IPv4 client's slot is the one the kernel
+    /// path's rule picks (`jhash ip saddr mod M seed CLIENT_SEED`), also when a dual-stack
+    /// listener reports it IPv4-mapped; IPv6 has no kernel path and hashes with [`hash64`].
+    pub fn lookup_client(&self, client: IpAddr) -> Option<usize> {
+        match client.to_canonical() {
+            IpAddr::V4(a) => {
+                let slot = scale(jhash_ipv4(a, CLIENT_SEED), self.slots.len());
+                self.slots.get(slot).map(|&i| i as usize)
+            }
+            IpAddr::V6(a) => self.lookup(hash64(0, &a.octets())),
+        }
+    }
+
     /// The raw slots (backend indices), for tests and diagnostics.
     pub fn slots(&self) -> &[u32] {
         &self.slots
@@ -140,9 +217,25 @@ mod tests {
             let m = table_size(n);
             assert!(is_prime(m) && m >= 100 * n, "{n} -> {m}");
         }
-        assert_eq!(table_size(1), 65_537);
+        assert!(is_prime(SMALL_SIZE) && is_prime(DEFAULT_SIZE));
+        assert_eq!(table_size(1), 4_093);
+        assert_eq!(table_size(40), 4_093);
+        assert_eq!(table_size(41), 65_537);
         assert_eq!(table_size(655), 65_537);
         assert_eq!(table_size(700), table_size(1000), "stable within a power of two");
+    }
+
+    #[test]
+    fn the_order_of_the_names_does_not_move_a_slot() {
+        let sorted = MaglevTable::build(&["10.0.0.11", "10.0.0.5", "10.0.0.7"]);
+        let other = MaglevTable::build(&["10.0.0.7", "10.0.0.11", "10.0.0.5"]);
+        let names = |t: &MaglevTable, ids: [&'static str; 3]| -> Vec<&'static str> {
+            t.slots().iter().map(|&i| ids[i as usize]).collect()
+        };
+        assert_eq!(
+            names(&sorted, ["10.0.0.11", "10.0.0.5", "10.0.0.7"]),
+            names(&other, ["10.0.0.7", "10.0.0.11", "10.0.0.5"])
+        );
     }
 
     #[test]
@@ -163,7 +256,7 @@ mod tests {
     #[test]
     fn frozen_table_guards_against_silent_remapping() {
         let t = MaglevTable::build(&["alpha", "bravo", "charlie"]);
-        assert_eq!(t.len(), 65_537);
+        assert_eq!(t.len(), 4_093);
         let head: Vec<u32> = t.slots()[..24].to_vec();
         let digest = hash64(0, &t.slots().iter().map(|&s| s as u8).collect::<Vec<u8>>());
         assert_eq!(
@@ -174,9 +267,51 @@ mod tests {
         assert_eq!(hash64(0, &[198, 19, 0, 7]), FROZEN_KEY_HASH);
     }
     const FROZEN_HEAD: [u32; 24] =
-        [2, 0, 0, 2, 2, 1, 0, 2, 1, 2, 1, 1, 0, 0, 2, 0, 1, 0, 2, 1, 0, 2, 1, 2];
-    const FROZEN_DIGEST: u64 = 18247852100382509262;
+        [0, 2, 0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 1, 2, 0, 0, 2, 1, 2, 0, 0, 2, 1];
+    const FROZEN_DIGEST: u64 = 11944609530598010862;
     const FROZEN_KEY_HASH: u64 = 1037965669502947158;
+
+    /// Values the kernel computed (6.18) for nft rules `meta mark set jhash ip saddr mod M seed
+    /// S` on the packets of a UDP socket bound to each address, read back bit by bit through
+    /// counters. With `mod 2^32-1` the kernel's scaling yields the hash minus one.
+    const KERNEL: [(&str, u32, u32, u32); 6] = [
+        // (address, jhash seed 0, jhash seed CLIENT_SEED, slot of mod 4 093 seed CLIENT_SEED)
+        ("10.9.0.1", 1_313_169_624, 342_069_872, 325),
+        ("10.9.0.2", 1_274_103_857, 1_877_644_506, 1789),
+        ("198.18.0.254", 3_613_400_335, 731_685_360, 697),
+        ("192.168.7.200", 4_164_546_941, 3_382_279_469, 3223),
+        ("1.2.3.4", 71_290_333, 973_684_360, 927),
+        ("255.255.255.254", 1_399_917_414, 4_156_539_437, 3961),
+    ];
+    /// The kernel's slots of the same addresses for `mod 65 537`, in [`KERNEL`]'s order.
+    const KERNEL_65537: [usize; 6] = [5219, 28_651, 11_164, 51_610, 14_857, 63_424];
+
+    #[test]
+    fn the_client_hash_is_the_kernels_jhash() {
+        for ((addr, seed0, seeded, slot), big) in KERNEL.into_iter().zip(KERNEL_65537) {
+            let a: Ipv4Addr = addr.parse().expect("test literal");
+            assert_eq!(jhash_ipv4(a, 0), seed0, "{addr} seed 0");
+            assert_eq!(jhash_ipv4(a, CLIENT_SEED), seeded, "{addr} seed {CLIENT_SEED:#x}");
+            assert_eq!(scale(seeded, SMALL_SIZE), slot as usize, "{addr} mod {SMALL_SIZE}");
+            assert_eq!(scale(seeded, DEFAULT_SIZE), big, "{addr} mod {DEFAULT_SIZE}");
+        }
+    }
+
+    #[test]
+    fn a_client_lands_in_the_kernels_slot() {
+        let t = MaglevTable::build(&["10.0.0.5", "10.0.0.7", "10.0.0.9"]);
+        for (addr, _, _, slot) in KERNEL {
+            let a: Ipv4Addr = addr.parse().expect("test literal");
+            let want = t.slots()[slot as usize] as usize;
+            assert_eq!(t.lookup_client(IpAddr::V4(a)), Some(want), "{addr}");
+            // As a dual-stack listener reports it.
+            assert_eq!(t.lookup_client(IpAddr::V6(a.to_ipv6_mapped())), Some(want), "{addr}");
+        }
+        assert_eq!(
+            MaglevTable::build::<&str>(&[]).lookup_client(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            None
+        );
+    }
 
     #[test]
     fn removing_one_of_many_moves_little_besides_its_share() {
@@ -198,7 +333,10 @@ mod tests {
                 }
             }
             let frac = moved as f64 / keys as f64;
-            let bound = 0.01 + 1.0 / n as f64;
+            // Beyond its own share, a 4 093-slot table moves about 0.5 % of the keys at 4
+            // backends and 2-3 % at 25 to 40 (depending on the names); a 65 537-slot one well
+            // under 1 % at 50.
+            let bound = if table_size(n) == SMALL_SIZE { 0.04 } else { 0.01 } + 1.0 / n as f64;
             assert!(frac <= bound, "n={n}: moved {frac:.4} > {bound:.4}");
             assert!(frac >= 1.0 / n as f64 * 0.8, "n={n}: its own share must move ({frac:.4})");
         }

@@ -306,9 +306,10 @@ pub enum TaskState {
 /// One backend (task) of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendSpec {
-    /// Stable id (the task id); metrics and Maglev placement are keyed by it.
+    /// Stable id (the task id); metrics are keyed by it.
     pub id: String,
-    /// Task address on the ingress network (the port is the service's `target`).
+    /// Task address on the ingress network (the port is the service's `target`). Maglev
+    /// placement is keyed by it, as on the kernel path, which knows no task ids.
     pub addr: IpAddr,
     /// Task state from the tables.
     pub state: TaskState,

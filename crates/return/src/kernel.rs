@@ -6,7 +6,8 @@
 //! ```text
 //! client ─▶ node: table ip shoal-mesh, nat prerouting:
 //!             ct state new, l4proto, dport 8100, fib daddr type local
-//!             dnat to (numgen | jhash ip saddr) mod N map { 0: 10.0.0.5, 1: 10.0.0.7 } : 8000
+//!             dnat to numgen mod N map { 0: 10.0.0.5, 1: 10.0.0.7 } : 8000
+//!             (maglev: jhash ip saddr mod M map { slot: task, … }, crate::maglev_map)
 //!        ─▶ veth shoal-mesh ⇄ mesh0 (169.254.53.1/30 ⇄ .2) into the ingress sandbox,
 //!           which forwards out eth0, its source MAC naming this node, over the ingress overlay
 //!        ─▶ task; its shoal-return table sends the reply back to that sandbox (crate docs)
@@ -25,8 +26,9 @@
 //! rules in one transaction whenever they change, and each port's rule counts the flows it
 //! forwards in a named counter that stays with the table ([`flows`]). Only a flow's first packet passes a nat
 //! chain, so established flows stay on their task (a draining one too) and new ones use the new
-//! map. Client affinity hashes the client address with a fixed seed over the same sorted list
-//! on every node, so a client lands on the same task through any node.
+//! map. Client affinity (`maglev`) looks the client's address up in the service's Maglev table,
+//! the same on every node and in the proxy ([`crate::maglev_map`]), so a client lands on the
+//! same task through any node and through either path.
 //!
 //! Everything is netlink (rtnetlink and `shoal-nft`) and `/proc/sys`, no `ip` or `nft` binary.
 
@@ -62,8 +64,6 @@ pub const FLOW_MARK: u32 = 0x6d65_7368;
 pub const REPLY_TABLE: u32 = 9001;
 /// The priority of the sandbox's reply rule: before [`crate::RULE_PRIORITY`].
 pub const REPLY_RULE_PRIORITY: u32 = 8990;
-/// The seed of client-affinity hashing: the same on every node.
-const AFFINITY_SEED: u32 = 0x5348_4f41;
 
 /// How a port's new flows pick a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,8 @@ pub enum Pick {
     Random,
     /// Strict rotation (per node).
     RoundRobin,
-    /// A hash of the client's address: the same client, the same backend, through any node.
+    /// The service's Maglev table, looked up by a hash of the client's address: the same client,
+    /// the same backend, through any node and through the proxy ([`crate::maglev_map`]).
     ClientHash,
 }
 
@@ -159,22 +160,21 @@ pub fn node_batch(ports: &[KernelPort]) -> Batch {
             match p.pick {
                 Pick::Random => rule.push(Expr::NumgenRandom { modulus }),
                 Pick::RoundRobin => rule.push(Expr::NumgenInc { modulus }),
-                Pick::ClientHash => rule.extend([
-                    Expr::Payload { base: PayloadBase::Network, offset: 12, len: 4 },
-                    Expr::Jhash { len: 4, modulus, seed: AFFINITY_SEED },
-                ]),
+                Pick::ClientHash => rule.extend(crate::maglev_map::pick(&mut b, &p.backends)),
             }
-            // numgen's and jhash's results are host-order u32s, so the map's keys are too.
-            let map = b.add_set(f, t, None, SetKey::HostInteger(4), Some(SetData::Ipv4Addr));
-            let elems: Vec<Elem> = (0u32..)
-                .zip(&p.backends)
-                .map(|(i, a)| Elem {
-                    key: i.to_ne_bytes().to_vec(),
-                    data: Some(ElemData::Value(a.octets().to_vec())),
-                })
-                .collect();
-            b.add_elements(f, t, &map, &elems);
-            rule.push(Expr::Lookup { set: map });
+            if p.pick != Pick::ClientHash {
+                // numgen's results are host-order u32s, so the map's keys are too.
+                let map = b.add_set(f, t, None, SetKey::HostInteger(4), Some(SetData::Ipv4Addr));
+                let elems: Vec<Elem> = (0u32..)
+                    .zip(&p.backends)
+                    .map(|(i, a)| Elem {
+                        key: i.to_ne_bytes().to_vec(),
+                        data: Some(ElemData::Value(a.octets().to_vec())),
+                    })
+                    .collect();
+                b.add_elements(f, t, &map, &elems);
+                rule.push(Expr::Lookup { set: map });
+            }
         }
         // A nat chain sees only a flow's first packet: the counter counts flows.
         rule.extend([Expr::CounterRef(counter), Expr::PortImmediate(p.target), Expr::DnatIpv4Port]);
@@ -478,8 +478,8 @@ mod tests {
              (meta cmp meta cmp payload cmp payload cmp payload payload dynset counter immediate)\n",
             "add counter tcp-8100\nadd rule to chain prerouting \
              (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)\n",
-            "add counter tcp-8101\nadd set __map%d\nadd elements to set __map%d\n\
-             add rule to chain prerouting \
+            "add counter tcp-8101\nadd set __map%d\nadd elements to set __map%d\n",
+            "add elements to set __map%d\nadd rule to chain prerouting \
              (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup objref immediate nat)",
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");

@@ -46,6 +46,7 @@
 #![warn(missing_docs)]
 
 pub mod kernel;
+pub mod maglev_map;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
