@@ -41,6 +41,8 @@ mod mesh;
 pub mod metrics;
 pub mod proxy_protocol;
 mod service;
+#[cfg(feature = "sockmap")]
+pub mod sockmap;
 pub mod spec;
 mod tcp;
 mod udp;
