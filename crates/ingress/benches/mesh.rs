@@ -30,10 +30,10 @@
 //! `ForwardMode::Sockmap` runs as system `sockmap` in the same rounds; its rows compare it
 //! with `shoal` (splice). Without clang and libbpf-dev it is left out with a note.
 
-#[path = "../../../benches/common/mod.rs"]
-mod suite;
 #[path = "mesh/sockmap.rs"]
 mod sockmap_exp;
+#[path = "../../../benches/common/mod.rs"]
+mod suite;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -852,7 +852,11 @@ fn main() {
     for (i, mesh) in sockmap_meshes.iter().flatten().enumerate() {
         for svc in &mesh.metrics() {
             let errors: u64 = svc.backends.iter().map(|b| b.errors).sum();
-            println!("sockmap mesh {i} metrics {}: total {} errors {errors}", svc.name, svc.total());
+            println!(
+                "sockmap mesh {i} metrics {}: total {} errors {errors}",
+                svc.name,
+                svc.total()
+            );
         }
     }
     if opts.out_given {

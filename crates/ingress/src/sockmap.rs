@@ -143,10 +143,7 @@ pub(crate) async fn relay(
     kick(b)?;
     let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
     let both = async {
-        tokio::try_join!(
-            one_way(a, b, &b0, ab, &a_done),
-            one_way(b, a, &a0, ba, &b_done)
-        )
+        tokio::try_join!(one_way(a, b, &b0, ab, &a_done), one_way(b, a, &a0, ba, &b_done))
     };
     let watchdog = async {
         let Some(idle) = idle else {
