@@ -334,9 +334,14 @@ pub async fn relay(
     ba: &AtomicU64,
 ) -> io::Result<RelayEnd> {
     #[cfg(feature = "sockmap")]
-    if mode == ForwardMode::Sockmap {
-        return crate::sockmap::relay(a, b, idle, reset, ab, ba).await;
-    }
+    let mode = match mode {
+        ForwardMode::Sockmap => match crate::sockmap::relay(a, b, idle, reset, ab, ba).await? {
+            Some(end) => return Ok(end),
+            // Not linked (a side is no longer established): the bytes take the usual path.
+            None => ForwardMode::Auto,
+        },
+        m => m,
+    };
     let activity = AtomicU64::new(0);
     let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
     let flow = &activity;

@@ -5,10 +5,12 @@
 //! reach this process; the relay task only watches for end of stream, idle time and reset.
 //!
 //! What userspace still does, and why:
-//! - **Bytes that arrived before the pair was in the map** sit in the socket's receive queue,
-//!   and the verdict program runs only when the kernel signals new data. Setting `SO_RCVLOWAT`
-//!   makes TCP signal "data ready" at once, so the queued bytes go through the program too,
-//!   in order, ahead of anything that arrives later.
+//! - **Bytes that arrived before the pair was in the map** sit in the socket's receive queue
+//!   (a client writes its request as soon as its connect returns). The kernel here (6.18)
+//!   runs them through the program when the socket is linked (`tests/sockmap.rs` stalls the
+//!   mesh to make them wait); setting `SO_RCVLOWAT` afterwards makes TCP signal "data ready"
+//!   once more, so no queued byte depends on that, and any that remain still go through the
+//!   program in order, ahead of later arrivals.
 //! - **End of stream.** A redirect moves bytes, not FIN. When a side reads EOF, the relay
 //!   waits until every byte that side received has been written into its peer (a kernel
 //!   worker does those writes after the redirect), then shuts the peer's write side.
@@ -106,14 +108,11 @@ pub fn install(object: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether [`install`] has succeeded in this process.
-pub fn installed() -> bool {
-    REDIRECTOR.get().is_some()
-}
-
 /// `forward::relay` for [`crate::ForwardMode::Sockmap`]: puts `a` and `b` into the map as
 /// each other's peer and waits for both ends of stream, the idle timeout or `reset`, with
-/// the same results and counters.
+/// the same results and counters. `Ok(None)`: the pair could not be linked (only an
+/// established socket can join a sockmap, and a client may have closed already) and nothing
+/// was changed: the caller relays it itself.
 pub(crate) async fn relay(
     a: &TcpStream,
     b: &TcpStream,
@@ -121,7 +120,7 @@ pub(crate) async fn relay(
     reset: &CancellationToken,
     ab: &AtomicU64,
     ba: &AtomicU64,
-) -> io::Result<RelayEnd> {
+) -> io::Result<Option<RelayEnd>> {
     let Some(r) = REDIRECTOR.get() else {
         return Err(io::Error::other("sockmap forwarding asked for, but not installed"));
     };
@@ -130,14 +129,17 @@ pub(crate) async fn relay(
     // relayed: bytes that arrived before the link wait in the queue and go through the
     // program after `kick`.
     let (a0, b0) = (Counters::read(a)?, Counters::read(b)?);
+    let (ka, kb) = (socket2::SockRef::from(a).cookie()?, socket2::SockRef::from(b).cookie()?);
     {
         let mut peers = r.peers.lock().map_err(|_| io::Error::other("sockmap map poisoned"))?;
-        let ins = |peers: &mut SockHash<MapData, u64>, from: &TcpStream, to: &TcpStream| {
-            let key = socket2::SockRef::from(from).cookie()?;
-            peers.insert(key, to.as_raw_fd(), 0).map_err(|e| io::Error::other(e.to_string()))
-        };
-        ins(&mut peers, a, b)?;
-        ins(&mut peers, b, a)?;
+        if peers.insert(ka, b.as_raw_fd(), 0).is_err() {
+            return Ok(None);
+        }
+        if peers.insert(kb, a.as_raw_fd(), 0).is_err() {
+            // Unlinking `b` from its only map entry detaches the program from it again.
+            peers.remove(&ka).map_err(|e| io::Error::other(e.to_string()))?;
+            return Ok(None);
+        }
     }
     kick(a)?;
     kick(b)?;
@@ -164,7 +166,7 @@ pub(crate) async fn relay(
             seen = now;
         }
     };
-    let end = tokio::select! {
+    let end: io::Result<RelayEnd> = tokio::select! {
         r = both => r.map(|_| RelayEnd::Closed),
         () = watchdog => Ok(RelayEnd::IdleTimeout),
         () = reset.cancelled() => Ok(RelayEnd::Reset),
@@ -183,7 +185,7 @@ pub(crate) async fn relay(
             }
         }
     }
-    end
+    end.map(Some)
 }
 
 /// One direction: waits for `from`'s EOF, then for its bytes to be in `to`, then shuts

@@ -269,3 +269,36 @@ async fn sockmap_idle_timeout_resets_quiet_connections() -> Result<()> {
         other => bail!("want a reset, got {other:?} after {} bytes", rest.len()),
     }
 }
+
+/// A client that has sent its request and its FIN before the mesh accepts cannot join a
+/// sockmap (its socket is no longer established): the mesh relays it the usual way, and the
+/// backend still sees the request, then EOF, and the reply comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_relays_a_client_that_closed_before_the_link_the_usual_way() -> Result<()> {
+    if !ready("sockmap_relays_a_client_that_closed_before_the_link_the_usual_way")? {
+        return Ok(());
+    }
+    let (base, port, target) = (lo_block(), free_port(), free_port());
+    let backend = TcpListener::bind((lo(base + 1), target)).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = s.write_all(format!("got {} bytes then EOF", got.len()).as_bytes()).await;
+            });
+        }
+    });
+    let mesh = mesh(base, port, target, None).await?;
+    mesh.stall(Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut c = TcpStream::connect((lo(base), port)).await?;
+    c.write_all(b"hello world").await?;
+    c.shutdown().await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut out)).await??;
+    assert_eq!(out, "got 11 bytes then EOF");
+    let m = mesh.mesh.service_metrics("sm").context("metrics")?;
+    assert_eq!(m.backend("b1").map(|b| b.errors), Some(0));
+    Ok(())
+}
