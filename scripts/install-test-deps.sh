@@ -8,6 +8,7 @@ PACKAGES=(
   redis-server tcpdump tshark iperf3 wrk socat bc
   haproxy nginx-light libnginx-mod-stream dnsmasq-base unbound dnsperf
   serf wireguard-go wireguard-tools python3 chromium
+  clang llvm libbpf-dev # crates/ingress's sockmap test and bench compile its BPF program
   # Real containers on shoal networks (tests/cni.rs): podman with CNI.
   podman runc containernetworking-plugins
   # The Docker Swarm peer (benches/swarm, tests/docker_parity.rs): dockerd 20.10 and the static

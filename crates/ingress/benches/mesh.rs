@@ -25,7 +25,13 @@
 //! iperf3 or wrk (the load generators) or root, the report holds one failed row saying why.
 //! Every system runs once for 1 s per test before the recorded rounds (warm-up; `WARMUP=0`
 //! skips it).
+//!
+//! The sockmap experiment (`benches/mesh/sockmap.rs`): a second shoal mesh forwarding with
+//! `ForwardMode::Sockmap` runs as system `sockmap` in the same rounds; its rows compare it
+//! with `shoal` (splice). Without clang and libbpf-dev it is left out with a note.
 
+#[path = "mesh/sockmap.rs"]
+mod sockmap_exp;
 #[path = "../../../benches/common/mod.rs"]
 mod suite;
 
@@ -607,6 +613,12 @@ fn main() {
             mesh
         })
         .collect();
+    let sockmap_meshes =
+        sockmap_exp::start(&handles, &s.proxy_ns, listen, beip, rt_kind == "percore");
+    if let Err(e) = &sockmap_meshes {
+        eprintln!("sockmap experiment not run: {e}");
+    }
+    let sockmap_ok = sockmap_meshes.is_ok();
     std::thread::sleep(Duration::from_millis(1500));
     let ha_pid: u32 = std::fs::read_to_string(s.tmp.join("ha.pid"))
         .ok()
@@ -616,6 +628,7 @@ fn main() {
     let systems: Vec<System> = vec![
         ("direct", None, Box::new(|| 0.0)),
         ("shoal", Some((45201, 48080)), Box::new(cpu_self)),
+        ("sockmap", Some(sockmap_exp::PORTS), Box::new(cpu_self)),
         ("haproxy", Some((15201, 18080)), Box::new(move || cpu_of(ha_pid))),
         ("nginx", Some((25201, 28080)), {
             let ns = proxy_ns.clone();
@@ -630,6 +643,7 @@ fn main() {
         "haproxy" => haproxy_ok,
         "nginx" => nginx_ok,
         "socat" => socat_ok,
+        "sockmap" => sockmap_ok,
         _ => true,
     };
     let pinning = if s.pin {
@@ -756,6 +770,14 @@ fn main() {
             println!("shoal/haproxy: {}", parts.join("  "));
             per_round.push(r);
         }
+        if let (Some(sm), Some(sh)) = (res.get("sockmap"), res.get("shoal")) {
+            let parts: Vec<String> = RATIO_NAMES
+                .iter()
+                .zip(ratios(sm, sh))
+                .map(|(n, x)| format!("{} {x:.2}x", n.split(" (").next().unwrap_or(n)))
+                .collect();
+            println!("sockmap/shoal (splice): {}", parts.join("  "));
+        }
         all.push(res);
     }
     if all.len() > 1 {
@@ -783,6 +805,14 @@ fn main() {
             };
             row(name, &f);
             meds.insert(*name, f);
+        }
+        if let (Some(sm), Some(sh)) = (meds.get("sockmap"), meds.get("shoal")) {
+            let parts: Vec<String> = RATIO_NAMES
+                .iter()
+                .zip(ratios(sm, sh))
+                .map(|(n, x)| format!("{} {x:.2}x", n.split(" (").next().unwrap_or(n)))
+                .collect();
+            println!("sockmap/shoal (splice), ratio of the medians: {}", parts.join("  "));
         }
         if let (Some(sh), Some(ha)) = (meds.get("shoal"), meds.get("haproxy")) {
             let r = ratios(sh, ha);
@@ -819,6 +849,16 @@ fn main() {
         }
         println!("shoal mesh {i} splice pipes created: {}", mesh.pipes_created());
     }
+    for (i, mesh) in sockmap_meshes.iter().flatten().enumerate() {
+        for svc in &mesh.metrics() {
+            let errors: u64 = svc.backends.iter().map(|b| b.errors).sum();
+            println!(
+                "sockmap mesh {i} metrics {}: total {} errors {errors}",
+                svc.name,
+                svc.total()
+            );
+        }
+    }
     if opts.out_given {
         let placement = if overlay {
             "backend on another node: the proxy reaches it across kernel VXLAN"
@@ -838,6 +878,7 @@ fn main() {
         cond.notes.push(format!(
             "one thread each: shoal {rt_name} (forward {mode:?}), HAProxy nbthread {threads} with splice-auto, nginx stream {threads} worker(s), socat fork"
         ));
+        cond.notes.push(sockmap_exp::note(&sockmap_meshes));
         if !nginx_ok && tools.nginx {
             cond.notes.push("nginx is installed but its stream module would not load".into());
         }
@@ -892,6 +933,13 @@ fn main() {
                 let peer_samples = installed.then_some(theirs.as_slice());
                 rows.push(suite::Row::new(metric, unit, lower, &shoal, label, peer_samples, how));
             }
+            if sockmap_ok {
+                // The experiment in the shoal column, the splice mesh as its peer.
+                let metric = format!("{metric}, shoal sockmap vs splice");
+                let sm = samples("sockmap", get);
+                let splice = Some(shoal.as_slice());
+                rows.push(suite::Row::new(metric, unit, lower, &sm, "shoal splice", splice, how));
+            }
         }
         let report = suite::Report::new("mesh", opts.quick, rounds as usize, cond, rows);
         report.print();
@@ -900,6 +948,7 @@ fn main() {
         }
     }
     drop(meshes);
+    drop(sockmap_meshes);
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();

@@ -30,6 +30,11 @@ pub enum ForwardMode {
     /// (bulk transfer). The default.
     #[default]
     Auto,
+    /// The kernel moves the bytes: both sockets go into a sockmap whose sk_skb program
+    /// redirects each one's input to the other's output ([`crate::sockmap`]; an experiment,
+    /// measured beside splice by `benches/mesh.rs`).
+    #[cfg(feature = "sockmap")]
+    Sockmap,
 }
 
 /// Size of the copy buffer of one direction (also the Auto threshold).
@@ -328,6 +333,15 @@ pub async fn relay(
     ab: &AtomicU64,
     ba: &AtomicU64,
 ) -> io::Result<RelayEnd> {
+    #[cfg(feature = "sockmap")]
+    let mode = match mode {
+        ForwardMode::Sockmap => match crate::sockmap::relay(a, b, idle, reset, ab, ba).await? {
+            Some(end) => return Ok(end),
+            // Not linked (a side is no longer established): the bytes take the usual path.
+            None => ForwardMode::Auto,
+        },
+        m => m,
+    };
     let activity = AtomicU64::new(0);
     let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
     let flow = &activity;

@@ -11,7 +11,9 @@
 //! - **I/O**: [`forward`] moves TCP bytes with splice(2) through pooled, sized pipes (or a
 //!   copy for small exchanges), with half-close, idle timeout and RST on reset; [`upstream`]
 //!   makes upstream sockets inside the ingress sandbox namespace; `udp` runs per-flow UDP
-//!   sessions with recvmmsg/sendmmsg (the `shoal-udp` crate).
+//!   sessions with recvmmsg/sendmmsg (the `shoal-udp` crate). With the `sockmap` feature,
+//!   `sockmap` is an experimental TCP forwarder that leaves the bytes to a BPF sk_skb
+//!   redirect (`ForwardMode::Sockmap`; measured beside splice by `benches/mesh.rs`).
 //! - **Driver** ([`Mesh`]): listeners per published port, one control task per service that
 //!   owns its health core, runs checks and swaps snapshots (arc-swap) that the data path reads
 //!   without locks; [`metrics`] per service and backend.
@@ -41,6 +43,8 @@ mod mesh;
 pub mod metrics;
 pub mod proxy_protocol;
 mod service;
+#[cfg(feature = "sockmap")]
+pub mod sockmap;
 pub mod spec;
 mod tcp;
 mod udp;
