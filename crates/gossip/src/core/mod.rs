@@ -4,10 +4,13 @@
 //! drain [`Core::poll_transmit`] and [`Core::poll_event`]; sleep until [`Core::poll_timeout`].
 //! Time is always passed in; randomness comes from the seed in [`CoreOptions`].
 //!
-//! Its rooms: [`vocab`] (what it takes and gives), `shared` (the tables, records and
-//! accusations foca's broadcast handler merges into), `swim` (foca and the plumbing the other
-//! rooms share), `lifeguard` (suspicions, checks, local health) and `sync` (push-pull).
+//! Its rooms: [`vocab`] (what it takes and gives), `shared` (the tables and records foca's
+//! broadcast handler merges into), `swim` (foca and the plumbing the other rooms share),
+//! `lifeguard` (suspicions, checks, local health; told what happens, it answers with orders),
+//! `accusations` (Lifeguard's book of suspicions, which the handler also writes) and `sync`
+//! (push-pull).
 
+mod accusations;
 mod lifeguard;
 mod shared;
 mod swim;
@@ -17,14 +20,14 @@ pub(crate) mod vocab;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use foca::{Foca, Member, OwnedNotification, PostcardCodec, State as SwimState, Timer};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use self::lifeguard::Lifeguard;
+use self::lifeguard::{Ctx, Lifeguard, Order};
 use self::shared::{Handler, State, lock};
 use self::swim::{Rt, Swim, Tick};
 pub use self::vocab::{
@@ -32,12 +35,12 @@ pub use self::vocab::{
 };
 use crate::keyring::Keyring;
 use crate::metrics::{Counters, DropReason, MemberCounts, Metrics};
-use crate::msg::{self, Item, MemberRecord, WireEntry};
+use crate::msg::{self, Check, Item, MemberRecord, WireEntry};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 use crate::wire::Kind;
 
 /// The gossip state machine of one node: foca and what it shares with its handler, plus
-/// this node's Lifeguard.
+/// this node's Lifeguard, which keeps its own state and timers and acts through [`Order`]s.
 pub struct Core {
     swim: Swim,
     lifeguard: Lifeguard,
@@ -63,19 +66,20 @@ impl Core {
         let me =
             Identity { addr: opts.addr, node: opts.node, generation: opts.generation, bump: 0 };
         let state = Arc::new(Mutex::new(State::new(me.clone(), opts.config.clone(), now)));
+        let lifeguard = Lifeguard::new(me.clone(), &opts.config);
         let foca = Foca::with_custom_broadcast(
-            me.clone(),
+            me,
             opts.config.foca(1),
             SmallRng::seed_from_u64(rng.random()),
             PostcardCodec,
-            Handler(state.clone()),
+            Handler { state: state.clone(), accusations: lifeguard.accusations() },
         );
         let cfg = opts.config;
         let sized_for = (cfg.retransmits(1), cfg.suspicion_timeout(1));
         let mut core = Core {
             next_spread: now,
             spread_due: false,
-            lifeguard: Lifeguard::new(me, &cfg),
+            lifeguard,
             swim: Swim {
                 foca,
                 state,
@@ -87,6 +91,7 @@ impl Core {
                 quiet: false,
                 outbox: VecDeque::new(),
                 sized_for,
+                probe_debt: Duration::ZERO,
                 cfg,
             },
         };
@@ -206,47 +211,53 @@ impl Core {
         reply
     }
 
-    /// Runs every timer due at `now`.
+    /// Runs every timer due at `now`, foca's and Lifeguard's, in order of their due times.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.swim.set_now(now);
-        while let Some(entry) = self.swim.timers.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let tick = entry.remove();
-            match tick {
-                Tick::Foca(t) => {
-                    if let Err(e) = self.swim.foca.handle_timer(t, &mut self.swim.rt) {
-                        tracing::trace!(error = %e, "foca timer");
-                    }
+        loop {
+            let swim_at = self.swim.timers.keys().next().map(|(t, _)| *t);
+            match (swim_at, self.lifeguard.poll_timeout()) {
+                (_, Some(at)) if at <= now && swim_at.is_none_or(|s| at < s) => {
+                    self.with_lifeguard(now, |lg, cx| lg.handle_timeout(cx, now));
                 }
-                Tick::Sync => {
-                    if let Some(peer) = sync::pick_peer(&mut self.swim) {
-                        sync::push(&mut self.swim, peer, None);
-                    }
-                    self.swim.schedule(now + self.swim.cfg.sync_interval, Tick::Sync);
+                (Some(at), _) if at <= now => {
+                    let Some((_, tick)) = self.swim.timers.pop_first() else { break };
+                    self.run_tick(now, tick);
                 }
-                Tick::Reap => {
-                    self.reap(now);
-                    self.swim.schedule(now + self.swim.cfg.reap_interval, Tick::Reap);
-                }
-                Tick::Suspicion(subject, incarnation) => {
-                    self.lifeguard.expire(&mut self.swim, now, &subject, incarnation);
-                }
-                Tick::Check(nonce) => self.lifeguard.check_step(&mut self.swim, now, nonce),
-                Tick::Scan => self.lifeguard.scan(&mut self.swim, now),
-                Tick::ProbeOverdue(number) => {
-                    self.lifeguard.probe_overdue(&mut self.swim, now, number);
-                }
-                Tick::Spread => self.spread(now),
+                _ => break,
             }
             self.flush(now);
         }
     }
 
+    fn run_tick(&mut self, now: Instant, tick: Tick) {
+        match tick {
+            Tick::Foca(t) => {
+                if let Err(e) = self.swim.foca.handle_timer(t, &mut self.swim.rt) {
+                    tracing::trace!(error = %e, "foca timer");
+                }
+            }
+            Tick::Sync => {
+                if let Some(peer) = sync::pick_peer(&mut self.swim) {
+                    sync::push(&mut self.swim, peer, None);
+                }
+                self.swim.schedule(now + self.swim.cfg.sync_interval, Tick::Sync);
+            }
+            Tick::Reap => {
+                self.reap(now);
+                self.swim.schedule(now + self.swim.cfg.reap_interval, Tick::Reap);
+            }
+            Tick::Spread => self.spread(now),
+        }
+    }
+
     /// When [`Core::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.swim.timers.keys().next().map(|(t, _)| *t)
+        let swim_at = self.swim.timers.keys().next().map(|(t, _)| *t);
+        match (swim_at, self.lifeguard.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next message to send.
@@ -531,17 +542,12 @@ impl Core {
     fn flush(&mut self, now: Instant) {
         loop {
             let rt = std::mem::take(&mut self.swim.rt);
-            let news = self.lifeguard.rearm_pending() || {
-                let st = lock(&self.swim.state);
-                !st.suspect_news.is_empty()
-                    || st.self_suspected.is_some()
-                    || !st.stale_timers.is_empty()
-            };
+            let news = self.lifeguard.has_news();
             if rt.send.is_empty() && rt.timers.is_empty() && rt.notes.is_empty() && !news {
                 return;
             }
             self.absorb(now, rt);
-            self.lifeguard.process_suspicions(&mut self.swim, now);
+            self.with_lifeguard(now, |lg, cx| lg.process_suspicions(cx, now));
         }
     }
 
@@ -560,7 +566,7 @@ impl Core {
                 t @ Timer::ProbeRandomMember(_) => {
                     let at = now
                         + after * self.lifeguard.health_mult()
-                        + self.lifeguard.take_probe_debt();
+                        + std::mem::take(&mut self.swim.probe_debt);
                     self.swim.schedule(at, Tick::Foca(t));
                 }
                 t @ Timer::SendIndirectProbe { .. } => {
@@ -615,17 +621,19 @@ impl Core {
                     // what we said while they held us dead, so our lone accusations were never
                     // checked, and our view of who refuted is stale.
                     self.lifeguard.health_up();
-                    self.lifeguard.forget_suspicions(&mut self.swim);
+                    self.lifeguard.forget_suspicions();
                 }
                 OwnedNotification::Idle | OwnedNotification::Defunct => {
-                    self.lifeguard.forget_suspicions(&mut self.swim);
+                    self.lifeguard.forget_suspicions();
                 }
                 // Joined: now that foca knows the cluster's size, spread our record again with
                 // a retransmit count sized for it.
                 OwnedNotification::Active => republish = true,
-                OwnedNotification::DataSent(h) => self.lifeguard.sent(&mut self.swim, now, &h),
+                OwnedNotification::DataSent(h) => {
+                    self.with_lifeguard(now, |lg, cx| lg.sent(cx, now, &h));
+                }
                 OwnedNotification::DataReceived(h) => {
-                    self.lifeguard.received(&mut self.swim, now, &h);
+                    self.with_lifeguard(now, |lg, cx| lg.received(cx, now, &h));
                 }
                 OwnedNotification::ProbeFailed(..) => {}
             }
@@ -647,17 +655,78 @@ impl Core {
             self.swim.send_udp(to.addr, Kind::Swim, &data);
         }
         for (subject, incarnation) in accusations {
-            self.lifeguard.accuse(&mut self.swim, subject, incarnation);
+            self.lifeguard.accuse(subject, incarnation);
         }
+        self.run_orders(now);
     }
 
     /// A suspicion check (or its answer) arrived.
     fn handle_check(&mut self, now: Instant, from: SocketAddr, plain: &[u8]) {
-        if let Some(nonce) = self.lifeguard.handle_check(&mut self.swim, now, from, plain) {
+        let check = match msg::decode_check(plain, self.swim.cfg.max_datagram) {
+            Ok(Check::Ping { target, .. }) if target != *self.swim.foca.identity() => {
+                // About a previous identity of ours (or not us at all): that one is gone.
+                self.swim.count_drop(DropReason::Rejected);
+                None
+            }
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::trace!(%from, error = %e, "malformed check");
+                self.swim.count_drop(DropReason::Malformed);
+                None
+            }
+        };
+        let ping =
+            check.and_then(|c| self.with_lifeguard(now, |lg, cx| lg.handle_check(cx, now, c)));
+        if let Some(nonce) = ping {
             // foca's refutation goes out first, so the answer carries our new incarnation.
             self.flush(now);
-            self.lifeguard.answer(&mut self.swim, from, nonce);
+            self.lifeguard.answer(from, nonce);
+            self.run_orders(now);
         }
         self.flush(now);
+    }
+
+    /// Runs `f` on Lifeguard with foca's view, the RNG and the counters, then carries out
+    /// what it ordered. Lifeguard calls nothing of foca's, so the state's lock may be held.
+    fn with_lifeguard<R>(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(&mut Lifeguard, &mut Ctx<'_>) -> R,
+    ) -> R {
+        let out = {
+            let mut st = lock(&self.swim.state);
+            let mut cx =
+                Ctx { foca: &self.swim.foca, rng: &mut self.swim.rng, counters: &mut st.counters };
+            f(&mut self.lifeguard, &mut cx)
+        };
+        self.run_orders(now);
+        out
+    }
+
+    /// Carries out Lifeguard's orders, in the order given.
+    fn run_orders(&mut self, now: Instant) {
+        while let Some(order) = self.lifeguard.poll_order() {
+            match order {
+                Order::Apply(update, what) => {
+                    let rt = &mut self.swim.rt;
+                    if let Err(e) = self.swim.foca.apply_many(std::iter::once(update), true, rt) {
+                        tracing::debug!(error = %e, "{what} failed");
+                    }
+                }
+                Order::Accuse(suspect) => {
+                    let item = msg::encode(&Item::Suspect(suspect));
+                    if let Ok(true) = self.swim.foca.add_broadcast(&item) {
+                        lock(&self.swim.state).counters.suspicions_raised += 1;
+                        if let Err(e) = self.swim.foca.gossip(&mut self.swim.rt) {
+                            tracing::debug!(error = %e, "gossip of an accusation failed");
+                        }
+                    }
+                }
+                Order::Check(to, check) => {
+                    self.swim.send_udp(to, Kind::Check, &msg::encode(&check));
+                }
+                Order::EndProbeCycle => self.swim.end_probe_cycle(now),
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use foca::{Foca, OwnedNotification, PostcardCodec, State as SwimState, Timer};
+use foca::{Foca, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::SmallRng;
 
 use super::shared::{Handler, State, lock};
@@ -43,22 +43,17 @@ pub(super) enum Tick {
     Foca(Timer<Identity>),
     Sync,
     Reap,
-    /// A suspicion's (Lifeguard) timeout: the suspect at that incarnation goes down.
-    Suspicion(Identity, u16),
-    /// The next ask (or the end) of a suspicion check.
-    Check(u32),
-    /// Looks for refuted or settled suspicions while any is in progress.
-    Scan,
-    /// The indirect probes of our probe with that number should have been answered by now.
-    ProbeOverdue(u8),
     /// Our own entry changes written since the last spread go out (`Core::spread_soon`).
     Spread,
 }
 
+/// foca as the core runs it, with our broadcast handler.
+pub(super) type SwimFoca = Foca<Identity, PostcardCodec, SmallRng, Handler>;
+
 /// foca with its runtime requests, the shared state, timers, keys and outbox.
 pub(super) struct Swim {
     pub(super) cfg: CoreConfig,
-    pub(super) foca: Foca<Identity, PostcardCodec, SmallRng, Handler>,
+    pub(super) foca: SwimFoca,
     pub(super) state: Arc<Mutex<State>>,
     pub(super) rt: Rt,
     /// Keyed by due time and a sequence number (two timers may be due at once).
@@ -71,6 +66,9 @@ pub(super) struct Swim {
     pub(super) outbox: VecDeque<Transmit>,
     /// Cluster size figures foca's config was last sized for.
     pub(super) sized_for: (u8, Duration),
+    /// How much earlier than planned the last probe cycle ended: added to the next one, so
+    /// the probe rate stays one per probe period.
+    pub(super) probe_debt: Duration,
 }
 
 impl Swim {
@@ -96,12 +94,22 @@ impl Swim {
         self.outbox.push_back(Transmit::Udp { to, data: sealed });
     }
 
-    /// foca's view of a member: its incarnation and state.
-    pub(super) fn view_of(&self, id: &Identity) -> Option<(u16, SwimState)> {
-        self.foca
-            .iter_membership_state()
-            .find(|m| m.id() == id)
-            .map(|m| (m.incarnation(), m.state()))
+    /// Ends foca's probe cycle now rather than when its timer says (Lifeguard saw the probe
+    /// fail early); the next cycle is made longer by as much, so the probe rate does not change.
+    pub(super) fn end_probe_cycle(&mut self, now: Instant) {
+        let pending = self
+            .timers
+            .iter()
+            .find(|(_, t)| matches!(t, Tick::Foca(Timer::ProbeRandomMember(_))))
+            .map(|(k, _)| *k);
+        let Some(key) = pending else { return };
+        if key.0 <= now {
+            return;
+        }
+        if let Some(tick) = self.timers.remove(&key) {
+            self.probe_debt = key.0 - now;
+            self.schedule(now, tick);
+        }
     }
 
     /// Scales retransmissions and the suspicion timeout with the cluster, as memberlist does.
