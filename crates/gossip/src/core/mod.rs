@@ -5,12 +5,13 @@
 //! Time is always passed in; randomness comes from the seed in [`CoreOptions`].
 //!
 //! Its rooms: [`vocab`] (what it takes and gives), `shared` (the tables and records foca's
-//! broadcast handler merges into), `swim` (foca and the plumbing the other rooms share),
-//! `lifeguard` (suspicions, checks, local health; told what happens, it answers with orders),
-//! `accusations` (Lifeguard's book of suspicions, which the handler also writes) and `sync`
-//! (push-pull).
+//! broadcast handler merges into), `handler` (that handler), `swim` (foca and the plumbing the
+//! other rooms share), `lifeguard` (suspicions, checks, local health; told what happens, it
+//! answers with orders), `accusations` (Lifeguard's book of suspicions, which the handler also
+//! writes) and `sync` (push-pull).
 
 mod accusations;
+mod handler;
 mod lifeguard;
 mod shared;
 mod swim;
@@ -27,8 +28,9 @@ use foca::{Foca, Member, OwnedNotification, PostcardCodec, State as SwimState, T
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
+use self::handler::Handler;
 use self::lifeguard::{Ctx, Lifeguard, Order};
-use self::shared::{Handler, State, lock};
+use self::shared::{State, lock};
 use self::swim::{Rt, Swim, Tick};
 pub use self::vocab::{
     CoreError, CoreOptions, EntryChange, Event, MemberState, MemberView, TableError, Transmit,

@@ -1,18 +1,17 @@
-//! The table state the core shares with foca's broadcast handler: the replicated tables, node
-//! records and who is live (foca delivers every piggybacked item to the handler, so merging
-//! happens here). Accusations go to Lifeguard's book instead (`accusations`).
+//! The table state the core shares with foca's broadcast handler (`handler`): the replicated
+//! tables, node records and who is live. foca delivers every piggybacked item to the handler,
+//! so merging happens here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::accusations::Accusations;
 use super::vocab::{EntryChange, Event, MemberState, MemberView};
 use crate::config::CoreConfig;
 use crate::metrics::{Counters, DropReason};
-use crate::msg::{self, Item, MemberRecord, WireEntry};
+use crate::msg::{MemberRecord, WireEntry};
 use crate::table::{Merge, Store, Stored};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 
@@ -345,43 +344,6 @@ impl State {
         self.was_down.insert(id.node);
         let view = self.member_view(id, MemberState::Down, 0);
         self.events.push_back(Event::MemberDown(view));
-    }
-}
-
-/// foca's custom broadcast handler: decodes items and merges them into the table state, or
-/// records them in Lifeguard's book of accusations.
-pub(super) struct Handler {
-    pub(super) state: Arc<Mutex<State>>,
-    pub(super) accusations: Arc<Mutex<Accusations>>,
-}
-
-/// Never returned: malformed items are counted and skipped so the rest of a packet still counts.
-#[derive(Debug, thiserror::Error)]
-#[error("unreachable broadcast error")]
-pub(super) struct NoError;
-
-impl foca::BroadcastHandler<Identity> for Handler {
-    type Key = BKey;
-    type Error = NoError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        sender: Option<&Identity>,
-    ) -> Result<Option<BKey>, NoError> {
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        match msg::decode_item(data, st.cfg.max_datagram) {
-            Ok(Item::Entry(e)) => Ok(st.apply_entry(e, true)),
-            Ok(Item::Node(r)) => Ok(st.apply_record(r, sender.is_none())),
-            Ok(Item::Suspect(s)) => {
-                Ok(lock(&self.accusations).hear(s, &st.me, st.now, &mut st.counters))
-            }
-            Err(_) => {
-                st.counters.drop(DropReason::Malformed);
-                Ok(None)
-            }
-        }
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use foca::{Foca, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::SmallRng;
 
-use super::shared::{Handler, State, lock};
+use super::handler::Handler;
+use super::shared::{State, lock};
 use super::vocab::Transmit;
 use crate::config::CoreConfig;
 use crate::keyring::Keyring;
