@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::lifecycle::write_file;
-use super::rpc::{rpc_err, unexpected};
-use super::{CA_FILE, Cluster, Inner, ManagerParts};
+use super::errors::{rpc_err, unexpected};
+use super::files::write_file;
+use super::manager::ManagerParts;
+use super::{CA_FILE, Cluster, Inner};
 use crate::Error;
 use crate::ca::{self, CaAnswer, CaReport};
 use crate::model::security::{self, CaRotation, CaStep, SwarmUpdate};
@@ -71,7 +72,7 @@ impl Inner {
             security::check_gossip_key_rotation(Duration::from_secs(s))
                 .map_err(Error::BadRequest)?;
         }
-        self.write(m, Command::Security(CaStep::Update(update))).await?;
+        m.write(Command::Security(CaStep::Update(update))).await?;
         Ok(Response::Done { warnings: Vec::new() })
     }
 
@@ -90,20 +91,20 @@ impl Inner {
             } else {
                 let new = ClusterCa::generate()?;
                 let step = CaStep::Trust { cert_pem: new.cert_pem, key_pem: new.key_pem };
-                self.write(m, Command::Security(step)).await?;
+                m.write(Command::Security(step)).await?;
             }
             if let Some(CaRotation::Trust { cert_pem, .. }) = info_of(m)?.security.ca_rotation {
                 let new = ca::pem_digest(&cert_pem)?;
                 let lag = self.wait_ca(m, |r| r.trusts.contains(&new)).await;
                 note(&mut warnings, "new CA trusted", lag);
-                self.write(m, Command::Security(CaStep::Renew)).await?;
+                m.write(Command::Security(CaStep::Renew)).await?;
             }
             let info = info_of(m)?;
             if let Some(CaRotation::Renew { .. }) = info.security.ca_rotation {
                 let new = ca::pem_digest(&info.ca_cert_pem)?;
                 let lag = self.wait_ca(m, |r| r.signed_by == Some(new)).await;
                 note(&mut warnings, "certificate from the new CA", lag);
-                self.write(m, Command::Security(CaStep::Finish)).await?;
+                m.write(Command::Security(CaStep::Finish)).await?;
             }
         }
         let answer = CaAnswer { cert_pem: info_of(m)?.ca_cert_pem, warnings };
