@@ -142,7 +142,7 @@ impl Inner {
             updated_ms: now,
         };
         m.write(Command::AddNode(record)).await?;
-        if let Ok(mut b) = self.book.lock() {
+        if let Ok(mut b) = self.leader.heartbeats.lock() {
             b.handle_join(Instant::now(), id);
         }
         let state = m.sm.state();
@@ -182,7 +182,7 @@ impl Inner {
         {
             m.write(Command::SetWgKey { id: node, key }).await?;
         }
-        if let Ok(mut b) = self.book.lock() {
+        if let Ok(mut b) = self.leader.heartbeats.lock() {
             b.handle_heartbeat(Instant::now(), node, version);
         }
         let back = rec.status == NodeStatus::Unknown
@@ -245,7 +245,7 @@ impl Inner {
         m: &ManagerParts,
         node: NodeId,
     ) -> Result<Response, Error> {
-        let _g = self.membership_lock.lock().await;
+        let _g = self.leader.membership.lock().await;
         let state = m.sm.state();
         let rec = state
             .nodes
@@ -309,7 +309,7 @@ impl Inner {
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::Promote(what) => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?;
                 if n.role == Role::Manager {
@@ -322,7 +322,7 @@ impl Inner {
                 Ok(Response::Done { warnings: even_warning(count).into_iter().collect() })
             }
             ManageRequest::Demote(what) => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?.clone();
                 if n.role == Role::Worker {
@@ -385,7 +385,7 @@ impl Inner {
             ManageRequest::UpdateSwarm(update) => self.leader_update_swarm(m, update).await,
             ManageRequest::Ca { rotate } => self.leader_ca(m, rotate).await,
             ManageRequest::JoinRaft => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state
                     .nodes
@@ -446,7 +446,7 @@ impl Inner {
         let deadline = Instant::now() + self.tuning.heartbeat * 10 + Duration::from_secs(2);
         loop {
             let state = m.sm.state();
-            let lagging = match self.book.lock() {
+            let lagging = match self.leader.heartbeats.lock() {
                 Ok(b) => b.lagging(&state, version),
                 Err(p) => p.into_inner().lagging(&state, version),
             };
@@ -482,7 +482,7 @@ impl Inner {
     }
 
     pub(super) async fn leader_rotate(&self, m: &ManagerParts) -> Result<Response, Error> {
-        let _g = self.rotation_lock.lock().await;
+        let _g = self.leader.rotation.lock().await;
         let state = m.sm.state();
         let new_id = state.keyring.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let old: Vec<u32> = state.keyring.keys.iter().map(|k| k.id).collect();

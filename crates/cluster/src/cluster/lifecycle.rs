@@ -10,12 +10,12 @@ use openraft::BasicNode;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
+use super::books::{LeaderBooks, SessionBook};
 use crate::model::{
     ClusterInfo, Command, GossipKey, Keyring, NetworkRecord, NodeId, NodeRecord, NodeStatus, Role,
     now_ms,
 };
 use crate::pki::{ClusterCa, NodeIdentity, PinFailure, new_key_and_csr};
-use crate::policy::HeartbeatBook;
 use crate::token::{JoinToken, new_secret};
 use crate::transport::{CallError, Transport, call_pinned};
 use crate::wire::{JoinRequest, JoinResponse, Request, Response};
@@ -257,14 +257,10 @@ impl Cluster {
             manager: RwLock::new(None),
             events,
             keyring,
-            book: Mutex::new(HeartbeatBook::default()),
-            membership_lock: tokio::sync::Mutex::new(()),
-            rotation_lock: tokio::sync::Mutex::new(()),
-            reconcile_lock: tokio::sync::Mutex::new(()),
+            leader: LeaderBooks::default(),
+            session: SessionBook::default(),
             node_handler: RwLock::new(HandlerSlot::default()),
             tasks: Mutex::new(Vec::new()),
-            ca_book: Mutex::new(crate::ca::CaBook::default()),
-            manager_ids: Mutex::new(Vec::new()),
             refusals: crate::authz::Refusals::default(),
             mirror: Default::default(),
         });
@@ -295,7 +291,7 @@ impl Cluster {
     pub async fn leave(&self, force: bool) -> Result<(), Error> {
         // Hold the session off: it would otherwise renew this node's certificate for its new
         // role while the leave is in flight.
-        let session = self.inner.reconcile_lock.lock().await;
+        let session = self.inner.session.round.lock().await;
         let r = self.inner.request(Request::Leave).await;
         match r {
             Err(e) if !force && self.inner.manager().is_some() => return Err(e),

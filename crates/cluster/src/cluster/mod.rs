@@ -9,6 +9,7 @@
 //! - [`leader`]: the leader's handlers and its writes through Raft;
 //! - [`sessions`]: the session, pre-vote and liveness loops.
 
+mod books;
 mod errors;
 mod files;
 mod handle;
@@ -18,6 +19,7 @@ mod manager;
 mod rpc;
 mod sessions;
 
+use self::books::{LeaderBooks, SessionBook};
 use self::manager::ManagerParts;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,7 +34,6 @@ use tokio::task::JoinHandle;
 use crate::Tuning;
 use crate::model::{ClusterEvent, Keyring, NodeId, Role};
 use crate::pki::NodeIdentity;
-use crate::policy::HeartbeatBook;
 use crate::transport::Transport;
 use crate::wire::NodeRequest;
 
@@ -240,15 +241,11 @@ struct Inner {
     manager: RwLock<Option<Arc<ManagerParts>>>,
     events: broadcast::Sender<ClusterEvent>,
     keyring: watch::Sender<Keyring>,
-    book: Mutex<HeartbeatBook>,
-    membership_lock: tokio::sync::Mutex<()>,
-    rotation_lock: tokio::sync::Mutex<()>,
-    reconcile_lock: tokio::sync::Mutex<()>,
+    /// What this node keeps for when it leads (`leader`).
+    leader: LeaderBooks,
+    /// What this node's session with the leader keeps (`sessions`).
+    session: SessionBook,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// On the leader: each node's word on its certificate (CA rotation).
-    ca_book: Mutex<crate::ca::CaBook>,
-    /// The store's managers as the last session said (direct requests).
-    manager_ids: Mutex<Vec<NodeId>>,
     refusals: crate::authz::Refusals,
     /// This node's copy of the store, as the leader's deltas build it.
     mirror: tokio::sync::Mutex<crate::watch::Mirror>,

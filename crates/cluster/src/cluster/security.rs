@@ -85,7 +85,7 @@ impl Inner {
     ) -> Result<Response, Error> {
         let mut warnings = Vec::new();
         if rotate {
-            let _g = self.rotation_lock.lock().await;
+            let _g = self.leader.rotation.lock().await;
             if info_of(m)?.security.ca_rotation.is_some() {
                 warnings.push("a CA rotation was under way; it was carried on".into());
             } else {
@@ -115,7 +115,8 @@ impl Inner {
     async fn wait_ca(&self, m: &ManagerParts, done: impl Fn(&CaReport) -> bool) -> Vec<String> {
         let deadline = Instant::now() + self.tuning.heartbeat * 10 + Duration::from_secs(2);
         loop {
-            let lagging = m.sm.with_state(|s| super::lock(&self.ca_book).lagging(s, &done));
+            let lagging =
+                m.sm.with_state(|s| super::lock(&self.leader.ca_reports).lagging(s, &done));
             if lagging.is_empty() || Instant::now() >= deadline {
                 return lagging;
             }
@@ -132,7 +133,7 @@ impl Inner {
         report: CaReport,
         session: &mut SessionInfo,
     ) {
-        super::lock(&self.ca_book).handle_report(node, report);
+        super::lock(&self.leader.ca_reports).handle_report(node, report);
         m.sm.with_state(|s| {
             session.manager_ids = s.managers().map(|n| n.id).collect();
             if let Some(info) = &s.cluster {
@@ -147,7 +148,7 @@ impl Inner {
     /// issued for longer than the swarm's expiry now allows, or from a CA that no longer signs).
     pub(super) fn follow_session(&self, s: &SessionInfo) -> Result<bool, Error> {
         if !s.manager_ids.is_empty() {
-            *super::lock(&self.manager_ids) = s.manager_ids.clone();
+            *super::lock(&self.session.manager_ids) = s.manager_ids.clone();
         }
         let id = self.identity.read().map(|i| i.clone()).map_err(|_| poisoned())?;
         let wanted: Vec<[u8; 32]> =
@@ -212,7 +213,7 @@ impl Inner {
                 m.sm.with_state(|s| s.nodes.get(&caller).map(|n| n.role)) == Some(Role::Manager)
             }
             None => {
-                let ids = super::lock(&self.manager_ids);
+                let ids = super::lock(&self.session.manager_ids);
                 ids.is_empty() || ids.contains(&caller)
             }
         };

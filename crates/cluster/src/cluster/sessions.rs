@@ -99,7 +99,7 @@ pub(super) async fn liveness_loop(inner: Arc<Inner>) {
             Some(_) => {}
         }
         let stale: Vec<NodeId> = {
-            let mut b = match inner.book.lock() {
+            let mut b = match inner.leader.heartbeats.lock() {
                 Ok(b) => b,
                 Err(p) => p.into_inner(),
             };
@@ -123,7 +123,7 @@ impl Inner {
     /// One round of the session: heartbeat, then bring the certificate and Raft in line with the
     /// role the store wants.
     pub(super) async fn reconcile_once(self: &Arc<Self>) -> Result<(), Error> {
-        let _g = self.reconcile_lock.lock().await;
+        let _g = self.session.round.lock().await;
         let version = self.keyring.borrow().version;
         let wg_public_key = self.local().wg_public_key;
         let ca = self.identity.read().map(|i| security::ca_report(&i)).unwrap_or_default();
