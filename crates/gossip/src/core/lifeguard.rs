@@ -13,13 +13,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use foca::{Header, Member, Message, State as SwimState};
+use foca::{Foca, Header, Member, Message, PostcardCodec, State as SwimState};
 use rand::RngExt;
 use rand::rngs::SmallRng;
 
 use super::accusations::Accusations;
+use super::handler::Handler;
 use super::shared::lock;
-use super::swim::SwimFoca;
 use crate::config::CoreConfig;
 use crate::metrics::Counters;
 use crate::msg::{Check, Suspect};
@@ -33,7 +33,7 @@ const PING_MEMORY: Duration = Duration::from_secs(10);
 /// What a Lifeguard call may look at and draw from: foca's view (read only), the core's
 /// seeded RNG and the counters.
 pub(super) struct Ctx<'a> {
-    pub(super) foca: &'a SwimFoca,
+    pub(super) foca: &'a Foca<Identity, PostcardCodec, SmallRng, Handler>,
     pub(super) rng: &'a mut SmallRng,
     pub(super) counters: &'a mut Counters,
 }

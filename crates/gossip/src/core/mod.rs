@@ -29,7 +29,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use self::handler::Handler;
-use self::lifeguard::{Ctx, Lifeguard, Order};
+use self::lifeguard::{Ctx, Lifeguard};
 use self::shared::{State, lock};
 use self::swim::{Rt, Swim, Tick};
 pub use self::vocab::{
@@ -46,11 +46,6 @@ use crate::wire::Kind;
 pub struct Core {
     swim: Swim,
     lifeguard: Lifeguard,
-    /// Our own entry changes go out at once rather than on the next gossip round (see
-    /// [`Core::spread_soon`]); this is when the next such spread may go.
-    next_spread: Instant,
-    /// A [`Tick::Spread`] is scheduled: writes until then go with it.
-    spread_due: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -79,8 +74,6 @@ impl Core {
         let cfg = opts.config;
         let sized_for = (cfg.retransmits(1), cfg.suspicion_timeout(1));
         let mut core = Core {
-            next_spread: now,
-            spread_due: false,
             lifeguard,
             swim: Swim {
                 foca,
@@ -94,6 +87,8 @@ impl Core {
                 outbox: VecDeque::new(),
                 sized_for,
                 probe_debt: Duration::ZERO,
+                next_spread: now,
+                spread_due: false,
                 cfg,
             },
         };
@@ -249,7 +244,7 @@ impl Core {
                 self.reap(now);
                 self.swim.schedule(now + self.swim.cfg.reap_interval, Tick::Reap);
             }
-            Tick::Spread => self.spread(now),
+            Tick::Spread => self.swim.spread(now),
         }
     }
 
@@ -483,37 +478,9 @@ impl Core {
         let bytes = msg::encode(&item);
         // The handler merges it (sender None) and foca queues it for dissemination.
         self.swim.foca.add_broadcast(&bytes).map_err(|e| TableError::Broadcast(e.to_string()))?;
-        self.spread_soon(now);
+        self.swim.spread_soon(now);
         self.flush(now);
         Ok(())
-    }
-
-    /// Sends our pending broadcasts to `gossip_fanout` members now instead of on the next
-    /// gossip round: a node's own changes (a task's endpoints, what its data path applied) are
-    /// what other nodes wait on, and a round is up to `gossip_interval` away. A burst of writes
-    /// costs at most one extra round every tenth of `gossip_interval`; the rounds that follow
-    /// carry the changes on as before, so each one still goes out its retransmit budget's
-    /// number of times.
-    fn spread_soon(&mut self, now: Instant) {
-        if self.swim.quiet || self.spread_due {
-            return;
-        }
-        if now >= self.next_spread {
-            self.spread(now);
-        } else {
-            self.spread_due = true;
-            self.swim.schedule(self.next_spread, Tick::Spread);
-        }
-    }
-
-    fn spread(&mut self, now: Instant) {
-        self.spread_due = false;
-        self.next_spread = now + self.swim.cfg.gossip_interval / 10;
-        if self.swim.foca.num_members() > 0
-            && let Err(e) = self.swim.foca.gossip(&mut self.swim.rt)
-        {
-            tracing::debug!(error = %e, "spreading our own changes");
-        }
     }
 
     fn own_record(&self) -> (NodeMeta, Vec<String>) {
@@ -708,27 +675,7 @@ impl Core {
     /// Carries out Lifeguard's orders, in the order given.
     fn run_orders(&mut self, now: Instant) {
         while let Some(order) = self.lifeguard.poll_order() {
-            match order {
-                Order::Apply(update, what) => {
-                    let rt = &mut self.swim.rt;
-                    if let Err(e) = self.swim.foca.apply_many(std::iter::once(update), true, rt) {
-                        tracing::debug!(error = %e, "{what} failed");
-                    }
-                }
-                Order::Accuse(suspect) => {
-                    let item = msg::encode(&Item::Suspect(suspect));
-                    if let Ok(true) = self.swim.foca.add_broadcast(&item) {
-                        lock(&self.swim.state).counters.suspicions_raised += 1;
-                        if let Err(e) = self.swim.foca.gossip(&mut self.swim.rt) {
-                            tracing::debug!(error = %e, "gossip of an accusation failed");
-                        }
-                    }
-                }
-                Order::Check(to, check) => {
-                    self.swim.send_udp(to, Kind::Check, &msg::encode(&check));
-                }
-                Order::EndProbeCycle => self.swim.end_probe_cycle(now),
-            }
+            self.swim.carry_out(now, order);
         }
     }
 }

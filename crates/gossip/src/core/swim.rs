@@ -1,5 +1,6 @@
 //! foca and the plumbing every part of the core shares: the state foca's handler writes, what
-//! foca asked for during a call, the timers, the keyring and the outbox of sealed messages.
+//! foca asked for during a call, the timers, the keyring and the outbox of sealed messages;
+//! and the foca calls Lifeguard's orders and this node's own writes ask for.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -10,11 +11,13 @@ use foca::{Foca, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::SmallRng;
 
 use super::handler::Handler;
+use super::lifeguard::Order;
 use super::shared::{State, lock};
 use super::vocab::Transmit;
 use crate::config::CoreConfig;
 use crate::keyring::Keyring;
 use crate::metrics::DropReason;
+use crate::msg::{self, Item};
 use crate::types::Identity;
 use crate::wire::Kind;
 
@@ -70,6 +73,11 @@ pub(super) struct Swim {
     /// How much earlier than planned the last probe cycle ended: added to the next one, so
     /// the probe rate stays one per probe period.
     pub(super) probe_debt: Duration,
+    /// Our own entry changes go out at once rather than on the next gossip round (see
+    /// [`Swim::spread_soon`]); this is when the next such spread may go.
+    pub(super) next_spread: Instant,
+    /// A [`Tick::Spread`] is scheduled: writes until then go with it.
+    pub(super) spread_due: bool,
 }
 
 impl Swim {
@@ -122,6 +130,60 @@ impl Swim {
             if let Err(e) = self.foca.set_config(self.cfg.foca(n)) {
                 tracing::warn!(error = %e, "foca refused resized config");
             }
+        }
+    }
+
+    /// Sends our pending broadcasts to `gossip_fanout` members now instead of on the next
+    /// gossip round: a node's own changes (a task's endpoints, what its data path applied) are
+    /// what other nodes wait on, and a round is up to `gossip_interval` away. A burst of writes
+    /// costs at most one extra round every tenth of `gossip_interval`; the rounds that follow
+    /// carry the changes on as before, so each one still goes out its retransmit budget's
+    /// number of times.
+    pub(super) fn spread_soon(&mut self, now: Instant) {
+        if self.quiet || self.spread_due {
+            return;
+        }
+        if now >= self.next_spread {
+            self.spread(now);
+        } else {
+            self.spread_due = true;
+            self.schedule(self.next_spread, Tick::Spread);
+        }
+    }
+
+    /// Starts a gossip round now with what foca has queued.
+    pub(super) fn spread(&mut self, now: Instant) {
+        self.spread_due = false;
+        self.next_spread = now + self.cfg.gossip_interval / 10;
+        if self.foca.num_members() > 0
+            && let Err(e) = self.foca.gossip(&mut self.rt)
+        {
+            tracing::debug!(error = %e, "spreading our own changes");
+        }
+    }
+
+    /// Carries out one of Lifeguard's orders.
+    pub(super) fn carry_out(&mut self, now: Instant, order: Order) {
+        match order {
+            Order::Apply(update, what) => {
+                let rt = &mut self.rt;
+                if let Err(e) = self.foca.apply_many(std::iter::once(update), true, rt) {
+                    tracing::debug!(error = %e, "{what} failed");
+                }
+            }
+            Order::Accuse(suspect) => {
+                let item = msg::encode(&Item::Suspect(suspect));
+                if let Ok(true) = self.foca.add_broadcast(&item) {
+                    lock(&self.state).counters.suspicions_raised += 1;
+                    if let Err(e) = self.foca.gossip(&mut self.rt) {
+                        tracing::debug!(error = %e, "gossip of an accusation failed");
+                    }
+                }
+            }
+            Order::Check(to, check) => {
+                self.send_udp(to, Kind::Check, &msg::encode(&check));
+            }
+            Order::EndProbeCycle => self.end_probe_cycle(now),
         }
     }
 }
