@@ -31,11 +31,13 @@ const CHECK_TRIES: u32 = 3;
 const PING_MEMORY: Duration = Duration::from_secs(10);
 
 /// What a Lifeguard call may look at and draw from: foca's view (read only), the core's
-/// seeded RNG and the counters.
+/// seeded RNG, the counters, and the core's timer sequence (so that Lifeguard's timers and
+/// foca's due at the same instant run in the order they were set).
 pub(super) struct Ctx<'a> {
     pub(super) foca: &'a Foca<Identity, PostcardCodec, SmallRng, Handler>,
     pub(super) rng: &'a mut SmallRng,
     pub(super) counters: &'a mut Counters,
+    pub(super) timer_seq: &'a mut u64,
 }
 
 impl Ctx<'_> {
@@ -112,9 +114,8 @@ pub(super) struct Lifeguard {
     probe: Option<ProbeWatch>,
     /// Our probes by target and number, for their round-trip times.
     pings: HashMap<(SocketAddr, u8), Instant>,
-    /// Keyed by due time and a sequence number (two timers may be due at once).
+    /// Keyed by due time and the core's timer sequence number (two timers may be due at once).
     timers: BTreeMap<(Instant, u64), Due>,
-    timer_seq: u64,
     orders: VecDeque<Order>,
 }
 
@@ -133,7 +134,6 @@ impl Lifeguard {
             probe: None,
             pings: HashMap::new(),
             timers: BTreeMap::new(),
-            timer_seq: 0,
             orders: VecDeque::new(),
         }
     }
@@ -149,9 +149,9 @@ impl Lifeguard {
         self.rearm || lock(&self.accusations).has_news()
     }
 
-    /// When [`Lifeguard::handle_timeout`] wants to run next.
-    pub(super) fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.keys().next().map(|(t, _)| *t)
+    /// When [`Lifeguard::handle_timeout`] wants to run next, and the timer's sequence number.
+    pub(super) fn poll_timeout(&self) -> Option<(Instant, u64)> {
+        self.timers.keys().next().copied()
     }
 
     /// The next thing Lifeguard asks of the core.
@@ -167,15 +167,15 @@ impl Lifeguard {
         }
         match entry.remove() {
             Due::Suspicion(subject, incarnation) => self.expire(cx, now, &subject, incarnation),
-            Due::Check(nonce) => self.check_step(now, nonce),
+            Due::Check(nonce) => self.check_step(cx, now, nonce),
             Due::Scan => self.scan(cx, now),
             Due::ProbeOverdue(number) => self.probe_overdue(number),
         }
     }
 
-    fn schedule(&mut self, at: Instant, due: Due) {
-        self.timer_seq += 1;
-        self.timers.insert((at, self.timer_seq), due);
+    fn schedule(&mut self, cx: &mut Ctx<'_>, at: Instant, due: Due) {
+        *cx.timer_seq += 1;
+        self.timers.insert((at, *cx.timer_seq), due);
     }
 
     /// foca sent a message: follow our probe and our own incarnation.
@@ -229,7 +229,7 @@ impl Lifeguard {
     /// The indirect stage of probe `number` began: if nobody answers within a few round
     /// trips, the probe has failed, and waiting out the rest of the probe period (as foca
     /// does) only delays the suspicion.
-    fn indirect_started(&mut self, cx: &Ctx<'_>, now: Instant, number: u8) {
+    fn indirect_started(&mut self, cx: &mut Ctx<'_>, now: Instant, number: u8) {
         if !self.cfg.lifeguard() {
             return;
         }
@@ -244,7 +244,7 @@ impl Lifeguard {
         let timeout = self.cfg.probe_timeout;
         let rtt = cx.counters.probe_rtt_mean().unwrap_or(timeout);
         let wait = (rtt * 4).clamp(timeout / 10, timeout / 2) * self.health_mult();
-        self.schedule(now + wait, Due::ProbeOverdue(number));
+        self.schedule(cx, now + wait, Due::ProbeOverdue(number));
     }
 
     /// Nobody answered probe `number`, directly or indirectly, in time: have the core end
@@ -379,12 +379,12 @@ impl Lifeguard {
         }
         if !self.scan_armed {
             self.scan_armed = true;
-            self.schedule(now + self.cfg.gossip_interval, Due::Scan);
+            self.schedule(cx, now + self.cfg.gossip_interval, Due::Scan);
         }
     }
 
     /// (Re)schedules a suspicion's timeout from its start and its confirmations so far.
-    fn arm(&mut self, cx: &Ctx<'_>, now: Instant, subject: &Identity) {
+    fn arm(&mut self, cx: &mut Ctx<'_>, now: Instant, subject: &Identity) {
         let n = cx.foca.num_members() + 1;
         let mult = self.health_mult();
         let mut book = lock(&self.accusations);
@@ -398,8 +398,8 @@ impl Lifeguard {
         if let Some(k) = r.timer.take() {
             self.timers.remove(&k);
         }
-        self.timer_seq += 1;
-        let key = (at, self.timer_seq);
+        *cx.timer_seq += 1;
+        let key = (at, *cx.timer_seq);
         r.timer = Some(key);
         let incarnation = r.incarnation;
         drop(book);
@@ -448,7 +448,7 @@ impl Lifeguard {
     }
 
     /// Periodically ends suspicions that foca's view shows refuted or down.
-    fn scan(&mut self, cx: &Ctx<'_>, now: Instant) {
+    fn scan(&mut self, cx: &mut Ctx<'_>, now: Instant) {
         let open: Vec<(Identity, u16)> =
             lock(&self.accusations).open.iter().map(|(k, r)| (k.clone(), r.incarnation)).collect();
         if open.is_empty() {
@@ -471,7 +471,7 @@ impl Lifeguard {
                 Some(_) => {}
             }
         }
-        self.schedule(now + self.cfg.gossip_interval, Due::Scan);
+        self.schedule(cx, now + self.cfg.gossip_interval, Due::Scan);
     }
 
     /// Time between two asks of a suspicion check.
@@ -486,18 +486,19 @@ impl Lifeguard {
         self.orders.push_back(Order::Check(subject.addr, ping));
         self.checks.insert(nonce, PendingCheck { subject, incarnation, tries: 1 });
         cx.counters.checks_sent += 1;
-        self.schedule(now + self.check_interval(), Due::Check(nonce));
+        let at = now + self.check_interval();
+        self.schedule(cx, at, Due::Check(nonce));
     }
 
     /// The next ask of a check, or, after the last one went unanswered, our own accusation.
-    fn check_step(&mut self, now: Instant, nonce: u32) {
+    fn check_step(&mut self, cx: &mut Ctx<'_>, now: Instant, nonce: u32) {
         let interval = self.check_interval();
         let Some(c) = self.checks.get_mut(&nonce) else { return };
         if c.tries < CHECK_TRIES {
             c.tries += 1;
             let ping = Check::Ping { nonce, target: c.subject.clone(), incarnation: c.incarnation };
             self.orders.push_back(Order::Check(c.subject.addr, ping));
-            self.schedule(now + interval, Due::Check(nonce));
+            self.schedule(cx, now + interval, Due::Check(nonce));
             return;
         }
         let Some(c) = self.checks.remove(&nonce) else { return };

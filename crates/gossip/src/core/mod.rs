@@ -208,16 +208,17 @@ impl Core {
         reply
     }
 
-    /// Runs every timer due at `now`, foca's and Lifeguard's, in order of their due times.
+    /// Runs every timer due at `now`, foca's and Lifeguard's, in the order they are due and were set.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.swim.set_now(now);
         loop {
-            let swim_at = self.swim.timers.keys().next().map(|(t, _)| *t);
-            match (swim_at, self.lifeguard.poll_timeout()) {
-                (_, Some(at)) if at <= now && swim_at.is_none_or(|s| at < s) => {
+            // Both sets of timers are keyed by due time and one sequence: the earlier key runs.
+            let swim_next = self.swim.timers.keys().next().copied();
+            match (swim_next, self.lifeguard.poll_timeout()) {
+                (_, Some(key)) if key.0 <= now && swim_next.is_none_or(|s| key < s) => {
                     self.with_lifeguard(now, |lg, cx| lg.handle_timeout(cx, now));
                 }
-                (Some(at), _) if at <= now => {
+                (Some(key), _) if key.0 <= now => {
                     let Some((_, tick)) = self.swim.timers.pop_first() else { break };
                     self.run_tick(now, tick);
                 }
@@ -251,7 +252,7 @@ impl Core {
     /// When [`Core::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let swim_at = self.swim.timers.keys().next().map(|(t, _)| *t);
-        match (swim_at, self.lifeguard.poll_timeout()) {
+        match (swim_at, self.lifeguard.poll_timeout().map(|(t, _)| t)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -664,8 +665,12 @@ impl Core {
     ) -> R {
         let out = {
             let mut st = lock(&self.swim.state);
-            let mut cx =
-                Ctx { foca: &self.swim.foca, rng: &mut self.swim.rng, counters: &mut st.counters };
+            let mut cx = Ctx {
+                foca: &self.swim.foca,
+                rng: &mut self.swim.rng,
+                counters: &mut st.counters,
+                timer_seq: &mut self.swim.timer_seq,
+            };
             f(&mut self.lifeguard, &mut cx)
         };
         self.run_orders(now);
