@@ -208,7 +208,8 @@ impl Core {
         reply
     }
 
-    /// Runs every timer due at `now`, foca's and Lifeguard's, in the order they are due and were set.
+    /// Runs every timer due at `now`, foca's and Lifeguard's, in the order they are due and
+    /// were set.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.swim.set_now(now);
         loop {
