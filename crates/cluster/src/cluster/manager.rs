@@ -211,8 +211,8 @@ impl ManagerParts {
         let voters = self.voters();
         let now = Instant::now();
         let window = self.tuning.manager_window();
-        let me = self.me;
-        quorum_after_removal(&voters, target, |v| v == me || self.contacts.reachable(v, now, window)).map_err(|q| {
+        let reachable = |v: u64| v == self.me || self.contacts.reachable(v, now, window);
+        quorum_after_removal(&voters, target, reachable).map_err(|q| {
             Error::Refused(format!(
                 "{what} would result in a loss of quorum: {} of the {} remaining managers are reachable, {} needed (nothing was changed)",
                 q.reachable, q.remaining, q.need
