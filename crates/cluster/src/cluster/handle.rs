@@ -2,7 +2,19 @@
 //! tokens, raw store writes and reads, the per-node watch of the store, task reports, and what
 //! this node knows of itself and of Raft.
 
-use super::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch};
+
+use crate::Error;
+use crate::model::{ClusterEvent, ClusterState, Command, Keyring, NodeId, Role};
+use crate::wire::{
+    ManageRequest, NodeRequest, NodeUpdate, NodeView, Request, Response, TaskRequest,
+};
+
+use super::errors::{from_rpc, unexpected};
+use super::{Cluster, HandlerSlot, LocalInfo, NodeHandler, RaftStatus};
 
 impl Cluster {
     /// `swarm join-token [--rotate] worker|manager`: the current token (after rotating it).
@@ -207,7 +219,7 @@ impl Cluster {
             hostname: local.hostname,
             role,
             raft: m.is_some(),
-            leader: m.and_then(|m| Inner::leader_of(&m)).map(|l| NodeId(l.0)),
+            leader: m.and_then(|m| m.leader()).map(|l| NodeId(l.0)),
             managers: local.managers,
             ca_digest: digest,
             advertise_addr: local.advertise_addr,
@@ -224,7 +236,7 @@ impl Cluster {
             tokio::time::sleep(timeout).await;
             return after;
         };
-        wait_applied(&m, after, timeout).await
+        m.wait_applied(after, timeout).await
     }
 
     /// Raft's view on this node (`None` on a worker): for metrics and tests.
@@ -232,7 +244,7 @@ impl Cluster {
         let m = self.inner.manager()?;
         let metrics = m.raft.metrics().borrow().clone();
         Some(RaftStatus {
-            leader: Inner::leader_of(&m).map(|l| NodeId(l.0)),
+            leader: m.leader().map(|l| NodeId(l.0)),
             term: metrics.current_term,
             voters: metrics.membership_config.membership().voter_ids().map(NodeId).collect(),
             last_applied: metrics.last_applied.map(|l| l.index),

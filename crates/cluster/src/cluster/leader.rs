@@ -2,49 +2,27 @@
 //! certificate renewal, liveness, leaving, the manager API, the dispatcher's task requests and
 //! gossip key rotation.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Waits (at most `timeout`) until the manager's store has applied past log index `after`;
-/// returns the applied index then.
-pub(super) async fn wait_applied(m: &ManagerParts, after: u64, timeout: Duration) -> u64 {
-    let mut metrics = m.raft.metrics();
-    let applied = |m: &openraft::RaftMetrics<u64, BasicNode>| m.last_applied.map_or(0, |l| l.index);
-    let _ = tokio::time::timeout(timeout, async {
-        while applied(&metrics.borrow_and_update()) <= after {
-            if metrics.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    applied(&metrics.borrow())
-}
+use openraft::{BasicNode, ChangeMembers};
+
+use crate::model::{Command, GossipKey, NodeId, NodeRecord, NodeStatus, Role, now_ms};
+use crate::pki::ClusterCa;
+use crate::policy::even_warning;
+use crate::token::{JoinToken, new_secret, role_of_secret};
+use crate::wire::{
+    Caller, JoinRequest, JoinResponse, ManageRequest, Request, Response, SessionInfo, TaskRequest,
+};
+use crate::{Error, NOT_MANAGER};
+
+use super::errors::to_rpc;
+use super::manager::ManagerParts;
+use super::security;
+use super::{HEARTBEAT_FAILURE, Inner, random_key};
 
 impl Inner {
-    pub(super) async fn write(&self, m: &ManagerParts, cmd: Command) -> Result<(), Error> {
-        let Ok(res) = tokio::time::timeout(self.tuning.rpc_timeout, m.raft.client_write(cmd)).await
-        else {
-            return Err(Error::NoLeader(format!(
-                "the change was not committed within {:?}: too few managers are reachable (it may still apply once they are back)",
-                self.tuning.rpc_timeout
-            )));
-        };
-        match res {
-            Ok(resp) => match resp.data.error {
-                Some(e) => Err(Error::Refused(e)),
-                None => Ok(()),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(Error::NoLeader("leadership changed; retry".into()))
-            }
-            // A leader shutting down (agent restart): the next leader takes the retry.
-            Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => {
-                Err(Error::NoLeader("the leader is shutting down; retry".into()))
-            }
-            Err(e) => Err(Error::Store(e.to_string())),
-        }
-    }
-
     pub(super) async fn handle_leader(
         self: &Arc<Self>,
         m: &Arc<ManagerParts>,
@@ -54,7 +32,7 @@ impl Inner {
         if let Request::Join(j) = req {
             return self.leader_join(m, j).await.unwrap_or_else(to_rpc);
         }
-        let (n, role) = match authorize(m, caller) {
+        let (n, role) = match m.authorize(caller) {
             Ok(who) => who,
             Err(e) => return to_rpc(e),
         };
@@ -96,38 +74,24 @@ impl Inner {
             }
             TaskRequest::Watch(pos) => {
                 // Half the RPC timeout, so the answer always beats the caller's deadline.
-                wait_applied(m, pos.revision, self.tuning.rpc_timeout / 2).await;
+                m.wait_applied(pos.revision, self.tuning.rpc_timeout / 2).await;
                 Ok(Response::Delta(m.sm.delta(crate::watch::Reader::new(node, role), &pos)))
             }
             TaskRequest::Report(reports) => {
                 let mut refused = Vec::new();
                 for (key, report) in reports {
                     let cmd = Command::ReportTask { owner: node, key, report };
-                    if let Err(e) = self.write(m, cmd).await {
+                    if let Err(e) = m.write(cmd).await {
                         refused.push(e.to_string());
                     }
                 }
                 Ok(Response::Done { warnings: refused })
             }
             TaskRequest::Standalone { key, value } => {
-                self.write(m, Command::PutStandalone { owner: node, key, value }).await?;
+                m.write(Command::PutStandalone { owner: node, key, value }).await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
         }
-    }
-
-    pub(super) fn voters(m: &ManagerParts) -> BTreeSet<u64> {
-        m.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
-    }
-
-    /// Control addresses of the Raft voters (the managers that can answer).
-    pub(super) fn manager_addrs(m: &ManagerParts) -> Vec<SocketAddr> {
-        let metrics = m.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        membership
-            .voter_ids()
-            .filter_map(|v| membership.get_node(&v).and_then(crate::raft::node_addr))
-            .collect()
     }
 
     pub(super) async fn leader_join(
@@ -177,8 +141,8 @@ impl Inner {
             created_ms: now,
             updated_ms: now,
         };
-        self.write(m, Command::AddNode(record)).await?;
-        if let Ok(mut b) = self.book.lock() {
+        m.write(Command::AddNode(record)).await?;
+        if let Ok(mut b) = self.leader.heartbeats.lock() {
             b.handle_join(Instant::now(), id);
         }
         let state = m.sm.state();
@@ -188,7 +152,7 @@ impl Inner {
             cert_pem,
             ca_pem: security::bundle(&crate::ca::trusted_ca_pems(info)),
             keyring: state.keyring.clone(),
-            managers: Inner::manager_addrs(m),
+            managers: m.manager_addrs(),
             seeds: state
                 .nodes
                 .values()
@@ -216,28 +180,25 @@ impl Inner {
         if let Some(key) = wg_public_key
             && rec.wg_public_key != Some(key)
         {
-            self.write(m, Command::SetWgKey { id: node, key }).await?;
+            m.write(Command::SetWgKey { id: node, key }).await?;
         }
-        if let Ok(mut b) = self.book.lock() {
+        if let Ok(mut b) = self.leader.heartbeats.lock() {
             b.handle_heartbeat(Instant::now(), node, version);
         }
         let back = rec.status == NodeStatus::Unknown
             || (rec.status == NodeStatus::Down && rec.status_message == HEARTBEAT_FAILURE);
         if back {
-            self.write(
-                m,
-                Command::SetStatus {
-                    id: node,
-                    status: NodeStatus::Ready,
-                    message: "heartbeat".into(),
-                },
-            )
+            m.write(Command::SetStatus {
+                id: node,
+                status: NodeStatus::Ready,
+                message: "heartbeat".into(),
+            })
             .await?;
         }
         let mut session = SessionInfo {
             desired_role: rec.role,
-            voter: Inner::voters(m).contains(&node.0),
-            managers: Inner::manager_addrs(m),
+            voter: m.voters().contains(&node.0),
+            managers: m.manager_addrs(),
             keyring: state.keyring.clone(),
             manager_ids: Vec::new(),
             ca_pems: Vec::new(),
@@ -274,44 +235,9 @@ impl Inner {
         let status = if up { NodeStatus::Ready } else { NodeStatus::Down };
         if rec.status != status {
             let message = if up { "gossip: member alive" } else { "gossip: member down" };
-            self.write(m, Command::SetStatus { id: node, status, message: message.into() }).await?;
+            m.write(Command::SetStatus { id: node, status, message: message.into() }).await?;
         }
         Ok(Response::Done { warnings: Vec::new() })
-    }
-
-    /// Refuses removing `target` from the voters when that would lose quorum.
-    pub(super) fn check_quorum_after_removal(
-        &self,
-        m: &ManagerParts,
-        target: u64,
-        what: &str,
-    ) -> Result<(), Error> {
-        let voters = Inner::voters(m);
-        let me = self.me().0;
-        let now = Instant::now();
-        let window = self.tuning.manager_window();
-        quorum_after_removal(&voters, target, |v| v == me || m.contacts.reachable(v, now, window)).map_err(|q| {
-            Error::Refused(format!(
-                "{what} would result in a loss of quorum: {} of the {} remaining managers are reachable, {} needed (nothing was changed)",
-                q.reachable, q.remaining, q.need
-            ))
-        })
-    }
-
-    pub(super) async fn remove_voter(&self, m: &ManagerParts, id: u64) -> Result<(), Error> {
-        if !Inner::voters(m).contains(&id) {
-            return Ok(());
-        }
-        let mut set = BTreeSet::new();
-        set.insert(id);
-        let change = m.raft.change_membership(ChangeMembers::RemoveVoters(set), false);
-        match tokio::time::timeout(self.tuning.rpc_timeout * 2, change).await {
-            Ok(r) => r.map(|_| ()).map_err(|e| Error::Store(format!("removing a Raft voter: {e}"))),
-            Err(_) => Err(Error::NoLeader(
-                "removing the Raft voter was not committed in time: too few managers are reachable"
-                    .into(),
-            )),
-        }
     }
 
     pub(super) async fn leader_leave(
@@ -319,7 +245,7 @@ impl Inner {
         m: &ManagerParts,
         node: NodeId,
     ) -> Result<Response, Error> {
-        let _g = self.membership_lock.lock().await;
+        let _g = self.leader.membership.lock().await;
         let state = m.sm.state();
         let rec = state
             .nodes
@@ -330,25 +256,20 @@ impl Inner {
             if state.managers().count() <= 1 {
                 return Err(Error::Refused("You are attempting to leave the swarm on a node that is participating as a manager. Removing the last manager erases all current state of the swarm. Use `--force` to ignore this message.".into()));
             }
-            self.check_quorum_after_removal(m, node.0, "leaving the swarm")?;
-            self.write(m, Command::SetRole { id: node, role: Role::Worker }).await?;
-            if let Err(e) = self.remove_voter(m, node.0).await {
-                let _ = self.write(m, Command::SetRole { id: node, role: Role::Manager }).await;
+            m.check_quorum_after_removal(node.0, "leaving the swarm")?;
+            m.write(Command::SetRole { id: node, role: Role::Worker }).await?;
+            if let Err(e) = m.remove_voter(node.0).await {
+                let _ = m.write(Command::SetRole { id: node, role: Role::Manager }).await;
                 return Err(e);
             }
         }
         // The leader may have just removed itself; a follower would refuse this write.
-        if let Err(e) = self
-            .write(
-                m,
-                Command::SetStatus {
-                    id: node,
-                    status: NodeStatus::Down,
-                    message: "node left the swarm".into(),
-                },
-            )
-            .await
-        {
+        let down = Command::SetStatus {
+            id: node,
+            status: NodeStatus::Down,
+            message: "node left the swarm".into(),
+        };
+        if let Err(e) = m.write(down).await {
             tracing::debug!(error = %e, "marking a leaving node down");
         }
         Ok(Response::Done { warnings: Vec::new() })
@@ -363,12 +284,12 @@ impl Inner {
         match req {
             ManageRequest::NodeList => {
                 let state = m.sm.state();
-                Ok(Response::Nodes(state.nodes.values().map(|n| self.view(m, n)).collect()))
+                Ok(Response::Nodes(state.nodes.values().map(|n| m.view(n)).collect()))
             }
             ManageRequest::NodeInspect(what) => {
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?;
-                Ok(Response::Node(self.view(m, n)))
+                Ok(Response::Node(m.view(n)))
             }
             ManageRequest::NodeUpdate { node, update } => {
                 let state = m.sm.state();
@@ -378,20 +299,17 @@ impl Inner {
                         return Err(Error::BadRequest("a label key must not be empty".into()));
                     }
                 }
-                self.write(
-                    m,
-                    Command::UpdateNode {
-                        id: n.id,
-                        availability: update.availability,
-                        label_add: update.label_add.into_iter().collect(),
-                        label_rm: update.label_rm,
-                    },
-                )
+                m.write(Command::UpdateNode {
+                    id: n.id,
+                    availability: update.availability,
+                    label_add: update.label_add.into_iter().collect(),
+                    label_rm: update.label_rm,
+                })
                 .await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::Promote(what) => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?;
                 if n.role == Role::Manager {
@@ -399,12 +317,12 @@ impl Inner {
                         warnings: vec![format!("Node {} is already a manager.", n.hostname)],
                     });
                 }
-                self.write(m, Command::SetRole { id: n.id, role: Role::Manager }).await?;
+                m.write(Command::SetRole { id: n.id, role: Role::Manager }).await?;
                 let count = state.managers().count() + 1;
                 Ok(Response::Done { warnings: even_warning(count).into_iter().collect() })
             }
             ManageRequest::Demote(what) => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?.clone();
                 if n.role == Role::Worker {
@@ -419,10 +337,10 @@ impl Inner {
                         n.hostname
                     )));
                 }
-                self.check_quorum_after_removal(m, n.id.0, &format!("demoting {}", n.hostname))?;
-                self.write(m, Command::SetRole { id: n.id, role: Role::Worker }).await?;
-                if let Err(e) = self.remove_voter(m, n.id.0).await {
-                    let _ = self.write(m, Command::SetRole { id: n.id, role: Role::Manager }).await;
+                m.check_quorum_after_removal(n.id.0, &format!("demoting {}", n.hostname))?;
+                m.write(Command::SetRole { id: n.id, role: Role::Worker }).await?;
+                if let Err(e) = m.remove_voter(n.id.0).await {
+                    let _ = m.write(Command::SetRole { id: n.id, role: Role::Manager }).await;
                     return Err(e);
                 }
                 self.rotate_after_leaving("node demoted");
@@ -431,7 +349,7 @@ impl Inner {
             ManageRequest::NodeRm { node, force } => {
                 let state = m.sm.state();
                 let n = state.find_node(&node).map_err(Error::NotFound)?;
-                if n.role == Role::Manager || Inner::voters(m).contains(&n.id.0) {
+                if n.role == Role::Manager || m.voters().contains(&n.id.0) {
                     return Err(Error::Refused(format!(
                         "node {} is a cluster manager and is a member of the raft cluster. It must be demoted to worker before removal",
                         n.hostname
@@ -443,13 +361,13 @@ impl Inner {
                         n.hostname
                     )));
                 }
-                self.write(m, Command::RemoveNode(n.id)).await?;
+                m.write(Command::RemoveNode(n.id)).await?;
                 self.rotate_after_leaving("node removed");
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::JoinToken { role, rotate } => {
                 if rotate {
-                    self.write(m, Command::SetJoinSecret { role, secret: new_secret() }).await?;
+                    m.write(Command::SetJoinSecret { role, secret: new_secret() }).await?;
                 }
                 let state = m.sm.state();
                 let info = state
@@ -467,7 +385,7 @@ impl Inner {
             ManageRequest::UpdateSwarm(update) => self.leader_update_swarm(m, update).await,
             ManageRequest::Ca { rotate } => self.leader_ca(m, rotate).await,
             ManageRequest::JoinRaft => {
-                let _g = self.membership_lock.lock().await;
+                let _g = self.leader.membership.lock().await;
                 let state = m.sm.state();
                 let n = state
                     .nodes
@@ -479,7 +397,7 @@ impl Inner {
                         n.hostname
                     )));
                 }
-                if Inner::voters(m).contains(&caller.0) {
+                if m.voters().contains(&caller.0) {
                     return Ok(Response::Done { warnings: Vec::new() });
                 }
                 let limit = self.tuning.rpc_timeout * 2;
@@ -513,7 +431,7 @@ impl Inner {
                 if matches!(cmd, Command::Init { .. }) {
                     return Err(Error::BadRequest("the cluster is already initialised".into()));
                 }
-                self.write(m, cmd).await?;
+                m.write(cmd).await?;
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::State => {
@@ -523,31 +441,12 @@ impl Inner {
         }
     }
 
-    pub(super) fn view(&self, m: &ManagerParts, n: &NodeRecord) -> NodeView {
-        let metrics = m.raft.metrics().borrow().clone();
-        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
-        let status = if n.role == Role::Manager || voters.contains(&n.id.0) {
-            Some(if metrics.current_leader == Some(n.id.0) {
-                ManagerStatus::Leader
-            } else if voters.contains(&n.id.0)
-                && m.contacts.reachable(n.id.0, Instant::now(), self.tuning.manager_window())
-            {
-                ManagerStatus::Reachable
-            } else {
-                ManagerStatus::Unreachable
-            })
-        } else {
-            None
-        };
-        NodeView { record: n.clone(), manager_status: status }
-    }
-
     /// Waits until every Ready node reports keyring `version`; returns the ones that did not.
     pub(super) async fn wait_acks(&self, m: &ManagerParts, version: u64) -> Vec<String> {
         let deadline = Instant::now() + self.tuning.heartbeat * 10 + Duration::from_secs(2);
         loop {
             let state = m.sm.state();
-            let lagging = match self.book.lock() {
+            let lagging = match self.leader.heartbeats.lock() {
                 Ok(b) => b.lagging(&state, version),
                 Err(p) => p.into_inner().lagging(&state, version),
             };
@@ -583,7 +482,7 @@ impl Inner {
     }
 
     pub(super) async fn leader_rotate(&self, m: &ManagerParts) -> Result<Response, Error> {
-        let _g = self.rotation_lock.lock().await;
+        let _g = self.leader.rotation.lock().await;
         let state = m.sm.state();
         let new_id = state.keyring.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let old: Vec<u32> = state.keyring.keys.iter().map(|k| k.id).collect();
@@ -593,12 +492,12 @@ impl Inner {
                 warnings.push(format!("{step}: no confirmation in time from {}", lag.join(", ")));
             }
         };
-        self.write(m, Command::AddGossipKey(GossipKey { id: new_id, key: random_key() })).await?;
+        m.write(Command::AddGossipKey(GossipKey { id: new_id, key: random_key() })).await?;
         note("new gossip key distributed", self.wait_acks(m, m.sm.state().keyring.version).await);
-        self.write(m, Command::SetPrimaryGossipKey(new_id)).await?;
+        m.write(Command::SetPrimaryGossipKey(new_id)).await?;
         note("new gossip key made primary", self.wait_acks(m, m.sm.state().keyring.version).await);
         for id in old {
-            self.write(m, Command::RetireGossipKey(id)).await?;
+            m.write(Command::RetireGossipKey(id)).await?;
         }
         Ok(Response::Done { warnings })
     }

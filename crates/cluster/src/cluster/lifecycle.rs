@@ -2,44 +2,34 @@
 //! shutdown and `leave`, and starting or stopping this node's Raft when it becomes or stops
 //! being a manager.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
-/// Writes a file of the swarm directory atomically. Every one of them is the node's own
-/// (keys, certificates, the keyring in the node file), so all are 0600, in a 0700 directory.
-pub(super) fn write_file(path: &Path, data: &str) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(format!("writing {}", tmp.display())))?;
-        f.write_all(data.as_bytes()).map_err(io_err(format!("writing {}", tmp.display())))?;
-        f.sync_all().map_err(io_err(format!("syncing {}", tmp.display())))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
-}
+use openraft::BasicNode;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 
-/// Creates the swarm directory (and the data dir above it) readable by root alone, and makes
-/// an existing one so.
-pub(super) fn create_private_dir(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err(format!("creating {}", dir.display())))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(io_err(format!("chmod 0700 {}", dir.display())))
-}
+use super::books::{LeaderBooks, SessionBook};
+use crate::model::{
+    ClusterInfo, Command, GossipKey, Keyring, NetworkRecord, NodeId, NodeRecord, NodeStatus, Role,
+    now_ms,
+};
+use crate::pki::{ClusterCa, NodeIdentity, PinFailure, new_key_and_csr};
+use crate::token::{JoinToken, new_secret};
+use crate::transport::{CallError, Transport, call_pinned};
+use crate::wire::{JoinRequest, JoinResponse, Request, Response};
+use crate::{Error, Tuning};
 
-pub(super) fn read_file(path: &Path) -> Result<String, Error> {
-    std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))
-}
+use super::errors::{from_rpc, unexpected};
+use super::files::{create_private_dir, io_err, read_file, write_file};
+use super::manager::ManagerParts;
+use super::rpc::serve;
+use super::sessions::{liveness_loop, probe_loop, session_loop};
+use super::{
+    CA_FILE, CERT_FILE, Cluster, HandlerSlot, InitOptions, Inner, JoinOptions, KEY_FILE,
+    LocalState, NODE_FILE, RAFT_FILE, SWARM_DIR, random_hex, random_key,
+};
 
 impl Cluster {
     /// `swarm init`: creates the CA, this node's manager certificate, a Raft group of one, the
@@ -140,7 +130,7 @@ impl Cluster {
                 encrypted: false,
                 labels: BTreeMap::new(),
             };
-            cluster.inner.write(&m, Command::Init { info, node: record, keyring, ingress }).await
+            m.write(Command::Init { info, node: record, keyring, ingress }).await
         }
         .await;
         if let Err(e) = result {
@@ -267,14 +257,10 @@ impl Cluster {
             manager: RwLock::new(None),
             events,
             keyring,
-            book: Mutex::new(HeartbeatBook::default()),
-            membership_lock: tokio::sync::Mutex::new(()),
-            rotation_lock: tokio::sync::Mutex::new(()),
-            reconcile_lock: tokio::sync::Mutex::new(()),
+            leader: LeaderBooks::default(),
+            session: SessionBook::default(),
             node_handler: RwLock::new(HandlerSlot::default()),
             tasks: Mutex::new(Vec::new()),
-            ca_book: Mutex::new(crate::ca::CaBook::default()),
-            manager_ids: Mutex::new(Vec::new()),
             refusals: crate::authz::Refusals::default(),
             mirror: Default::default(),
         });
@@ -305,7 +291,7 @@ impl Cluster {
     pub async fn leave(&self, force: bool) -> Result<(), Error> {
         // Hold the session off: it would otherwise renew this node's certificate for its new
         // role while the leave is in flight.
-        let session = self.inner.reconcile_lock.lock().await;
+        let session = self.inner.session.round.lock().await;
         let r = self.inner.request(Request::Leave).await;
         match r {
             Err(e) if !force && self.inner.manager().is_some() => return Err(e),
@@ -330,33 +316,16 @@ impl Inner {
             return Ok(m);
         }
         let path = self.dir.join(RAFT_FILE);
-        // A previous instance in this process may still be letting go of the file.
-        let mut tries = 0;
-        let db = loop {
-            match open_db(&path) {
-                Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 50 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(Error::Store(format!("opening {}: {e}", path.display()))),
-            }
-        };
-        let sm = StateMachine::open(db.clone(), self.events.clone(), self.keyring.clone())
-            .map_err(|e| Error::Store(e.to_string()))?;
-        let contacts = PeerContacts::default();
-        let net = RaftNet { transport: self.transport.clone(), contacts: contacts.clone() };
-        let cfg = raft_config(&self.tuning).map_err(|e| Error::Store(e.to_string()))?;
-        let raft = Raft::new(self.me().0, cfg, net, LogStore::new(db), sm.clone())
-            .await
-            .map_err(|e| Error::Store(e.to_string()))?;
-        let parts = Arc::new(ManagerParts {
-            raft,
-            sm,
-            contacts,
-            leader_seen: Mutex::new(None),
-            prevote: Mutex::new(PreVote::default()),
-        });
+        let parts = ManagerParts::open(
+            &path,
+            self.me(),
+            &self.tuning,
+            self.transport.clone(),
+            self.events.clone(),
+            self.keyring.clone(),
+        )
+        .await?;
+        let parts = Arc::new(parts);
         if let Ok(mut m) = self.manager.write() {
             *m = Some(parts.clone());
         }
@@ -366,7 +335,7 @@ impl Inner {
     pub(super) async fn stop_raft(&self) {
         let parts = self.manager.write().ok().and_then(|mut m| m.take());
         if let Some(p) = parts {
-            let _ = p.raft.shutdown().await;
+            p.shutdown().await;
         }
     }
 

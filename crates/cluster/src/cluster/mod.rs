@@ -9,46 +9,33 @@
 //! - [`leader`]: the leader's handlers and its writes through Raft;
 //! - [`sessions`]: the session, pre-vote and liveness loops.
 
+mod books;
+mod errors;
+mod files;
 mod handle;
 mod leader;
 mod lifecycle;
+mod manager;
 mod rpc;
 mod sessions;
 
-use self::leader::wait_applied;
-use self::lifecycle::write_file;
-use self::rpc::{authorize, from_rpc, serve, to_rpc, unexpected};
-use self::sessions::{leader_alive, lease, liveness_loop, probe_loop, session_loop};
+use self::books::{LeaderBooks, SessionBook};
+use self::manager::ManagerParts;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::raft::AppendEntriesResponse;
-use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::failover::{self, PreVote};
-use crate::model::{
-    ClusterEvent, ClusterInfo, ClusterState, Command, GossipKey, Keyring, NetworkRecord, NodeId,
-    NodeRecord, NodeStatus, Role, now_ms,
-};
-use crate::pki::{ClusterCa, NodeIdentity, PinFailure, new_key_and_csr};
-use crate::policy::{HeartbeatBook, even_warning, quorum_after_removal};
-use crate::raft::{LogStore, PeerContacts, Raft, StateMachine, open_db, raft_config};
-use crate::token::{JoinToken, new_secret, role_of_secret};
-use crate::transport::{CallError, RaftNet, Transport, call_pinned};
-use crate::wire::{
-    Caller, ErrorKind, FrameError, JoinRequest, JoinResponse, MAX_ANON_FRAME, MAX_FRAME,
-    ManageRequest, ManagerStatus, NodeRequest, NodeUpdate, NodeView, RaftRequest, RaftResponse,
-    Request, Response, RpcError, SessionInfo, TaskRequest, decode_frame, encode_frame,
-};
-use crate::{Error, NOT_MANAGER, Tuning};
+use crate::Tuning;
+use crate::model::{ClusterEvent, Keyring, NodeId, Role};
+use crate::pki::NodeIdentity;
+use crate::transport::Transport;
+use crate::wire::NodeRequest;
 
 // Certificate settings, CA rotation and request authorization (see `ca`, `authz`).
 mod security;
@@ -224,22 +211,6 @@ struct LocalState {
     wg_public_key: Option<[u8; 32]>,
 }
 
-struct ManagerParts {
-    raft: Raft,
-    sm: StateMachine,
-    contacts: PeerContacts,
-    /// When an append from a current leader last reached this manager (pre-vote answers).
-    leader_seen: Mutex<Option<Instant>>,
-    /// The other voters' probe answers: whether this manager may campaign.
-    prevote: Mutex<PreVote>,
-}
-
-impl std::fmt::Debug for ManagerParts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ManagerParts")
-    }
-}
-
 /// Answers [`NodeRequest`]s for the agent (e.g. a task's logs from its runtime).
 pub type NodeHandler = Arc<
     dyn Fn(
@@ -270,15 +241,11 @@ struct Inner {
     manager: RwLock<Option<Arc<ManagerParts>>>,
     events: broadcast::Sender<ClusterEvent>,
     keyring: watch::Sender<Keyring>,
-    book: Mutex<HeartbeatBook>,
-    membership_lock: tokio::sync::Mutex<()>,
-    rotation_lock: tokio::sync::Mutex<()>,
-    reconcile_lock: tokio::sync::Mutex<()>,
+    /// What this node keeps for when it leads (`leader`).
+    leader: LeaderBooks,
+    /// What this node's session with the leader keeps (`sessions`).
+    session: SessionBook,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// On the leader: each node's word on its certificate (CA rotation).
-    ca_book: Mutex<crate::ca::CaBook>,
-    /// The store's managers as the last session said (direct requests).
-    manager_ids: Mutex<Vec<NodeId>>,
     refusals: crate::authz::Refusals,
     /// This node's copy of the store, as the leader's deltas build it.
     mirror: tokio::sync::Mutex<crate::watch::Mirror>,
@@ -288,11 +255,6 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let what = what.into();
-    move |source| Error::Io { what, source }
 }
 
 fn random_key() -> [u8; 32] {
@@ -330,9 +292,7 @@ impl Inner {
     /// Whether this node runs Raft as a voter.
     fn is_voter(&self) -> bool {
         let me = self.me().0;
-        self.manager().is_some_and(|m| {
-            m.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == me)
-        })
+        self.manager().is_some_and(|m| m.voters().contains(&me))
     }
 }
 

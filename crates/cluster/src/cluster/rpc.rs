@@ -2,65 +2,19 @@
 //! store), dispatching a request to this node, to Raft or to the leader, sending this node's
 //! own requests (riding out leader elections), and the mapping of errors to and from the wire.
 
-use super::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub(super) fn rpc_err(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error(RpcError { kind, message: message.into() })
-}
+use crate::model::Role;
+use crate::wire::{
+    Caller, ErrorKind, FrameError, MAX_ANON_FRAME, MAX_FRAME, ManageRequest, NodeRequest,
+    RaftRequest, Request, Response, RpcError, decode_frame, encode_frame,
+};
+use crate::{Error, NOT_MANAGER};
 
-pub(super) fn to_rpc(e: Error) -> Response {
-    let kind = match &e {
-        Error::Token(_) | Error::WrongToken(_) | Error::CaMismatch => ErrorKind::WrongToken,
-        Error::RotatedToken(_) => ErrorKind::RotatedToken,
-        Error::NotManager(_) => ErrorKind::NotManager,
-        Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
-        Error::NotFound(_) => ErrorKind::NotFound,
-        Error::Refused(_) | Error::AlreadyInSwarm(_) => ErrorKind::Refused,
-        Error::NoLeader(_) | Error::Transport(_) => ErrorKind::NoLeader,
-        Error::BadRequest(_) | Error::Pki(_) => ErrorKind::BadRequest,
-        Error::Io { .. } | Error::Store(_) => ErrorKind::Internal,
-    };
-    let message = match e {
-        Error::PermissionDenied(m) => m,
-        other => other.to_string(),
-    };
-    Response::Error(RpcError { kind, message })
-}
-
-pub(super) fn from_rpc(e: RpcError) -> Error {
-    match e.kind {
-        ErrorKind::NotManager => Error::NotManager(e.message),
-        ErrorKind::PermissionDenied => Error::PermissionDenied(e.message),
-        ErrorKind::WrongToken => Error::WrongToken(e.message),
-        ErrorKind::RotatedToken => Error::RotatedToken(e.message),
-        ErrorKind::NotFound => Error::NotFound(e.message),
-        ErrorKind::Refused => Error::Refused(e.message),
-        ErrorKind::NoLeader => Error::NoLeader(e.message),
-        ErrorKind::BadRequest => Error::BadRequest(e.message),
-        ErrorKind::Internal => Error::Store(e.message),
-    }
-}
-
-pub(super) fn unexpected(r: &Response) -> Error {
-    Error::BadRequest(format!(
-        "unexpected answer: {}",
-        match r {
-            Response::Joined(_) => "Joined",
-            Response::Session(_) => "Session",
-            Response::Cert { .. } => "Cert",
-            Response::Nodes(_) => "Nodes",
-            Response::Node(_) => "Node",
-            Response::Token(_) => "Token",
-            Response::Done { .. } => "Done",
-            Response::State(_) => "State",
-            Response::Delta(_) => "Delta",
-            Response::Raft(_) => "Raft",
-            Response::Value(_) => "Value",
-            Response::Probe { .. } => "Probe",
-            Response::Error(_) => "Error",
-        }
-    ))
-}
+use super::errors::{from_rpc, rpc_err, to_rpc};
+use super::security;
+use super::{Inner, NO_LEADER};
 
 pub(super) async fn serve(inner: Arc<Inner>) {
     let Some(endpoint) = inner.transport.endpoint() else { return };
@@ -110,22 +64,6 @@ pub(super) fn caller_of(conn: &quinn::Connection) -> Caller {
     }
 }
 
-/// The caller as the store knows it now: a node of the swarm, with the role the store gives it.
-/// The certificate names the node, but its role is only what the node was when the certificate
-/// was issued, and it outlives a removal or a demotion.
-pub(super) fn authorize(m: &ManagerParts, caller: Caller) -> Result<(NodeId, Role), Error> {
-    let Caller::Member { node, .. } = caller else {
-        return Err(Error::PermissionDenied("this request needs a cluster certificate".into()));
-    };
-    m.sm.with_state(|s| s.nodes.get(&node).map(|n| n.role)).map(|role| (node, role)).ok_or_else(
-        || {
-            Error::PermissionDenied(format!(
-                "node {node} is not a member of this swarm (it was removed); join again"
-            ))
-        },
-    )
-}
-
 pub(super) async fn handle_stream(
     inner: Arc<Inner>,
     caller: Caller,
@@ -150,25 +88,6 @@ pub(super) async fn handle_stream(
 }
 
 impl Inner {
-    /// The Raft leader as this manager sees it; `None` while there is none, and on a leader that
-    /// lost its quorum (check-quorum, see `failover`).
-    pub(super) fn leader_of(m: &ManagerParts) -> Option<(u64, Option<SocketAddr>)> {
-        let metrics = m.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        let voters = metrics.membership_config.membership().voter_ids().count();
-        if leader == metrics.id
-            && failover::deposed(voters, metrics.millis_since_quorum_ack, lease(&m.raft))
-        {
-            return None;
-        }
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .and_then(crate::raft::node_addr);
-        Some((leader, addr))
-    }
-
     pub(super) fn timeout_for(&self, req: &Request) -> Duration {
         match req {
             Request::Manage(ManageRequest::RotateGossipKey)
@@ -276,9 +195,9 @@ impl Inner {
                     return rpc_err(ErrorKind::BadRequest, "nested forwarding");
                 }
                 match self.manager() {
-                    Some(m) if Inner::leader_of(&m).map(|l| l.0) == Some(self.me().0) => {
+                    Some(m) if m.leads() => {
                         // The origin is the forwarder's word: only a current manager's counts.
-                        match authorize(&m, caller) {
+                        match m.authorize(caller) {
                             Ok((_, Role::Manager)) => {}
                             Ok(_) => {
                                 return rpc_err(
@@ -297,7 +216,7 @@ impl Inner {
                 }
             }
             (Caller::Member { role: Role::Manager, .. }, Request::Probe) => match self.manager() {
-                Some(m) => Response::Probe { leader_alive: leader_alive(&m) },
+                Some(m) => Response::Probe { leader_alive: m.leader_alive() },
                 None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
             },
             (Caller::Member { .. }, Request::Probe) => {
@@ -333,7 +252,7 @@ impl Inner {
                 "this node does not run Raft (yet); ask another manager",
             );
         };
-        match Inner::leader_of(&m) {
+        match m.leader() {
             Some((l, _)) if l == self.me().0 => self.handle_leader(&m, caller, req).await,
             Some((leader, Some(addr))) => {
                 let timeout = self.timeout_for(&req);
@@ -377,19 +296,10 @@ impl Inner {
     }
 
     pub(super) async fn handle_raft(&self, r: RaftRequest) -> Response {
-        let Some(m) = self.manager() else { return rpc_err(ErrorKind::NotManager, NOT_MANAGER) };
-        Response::Raft(match r {
-            RaftRequest::Append(a) => {
-                let r = m.raft.append_entries(a).await;
-                // Anything but a higher vote means the sender is the current leader.
-                if matches!(&r, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_))) {
-                    *lock(&m.leader_seen) = Some(Instant::now());
-                }
-                RaftResponse::Append(r)
-            }
-            RaftRequest::Vote(v) => RaftResponse::Vote(m.raft.vote(v).await),
-            RaftRequest::Snapshot(s) => RaftResponse::Snapshot(m.raft.install_snapshot(s).await),
-        })
+        match self.manager() {
+            Some(m) => Response::Raft(m.handle_raft(r).await),
+            None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
+        }
     }
 
     // Boxed to break the async recursion through `call_leader` → `dispatch`.

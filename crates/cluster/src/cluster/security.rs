@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::lifecycle::write_file;
-use super::rpc::{rpc_err, unexpected};
-use super::{CA_FILE, Cluster, Inner, ManagerParts};
+use super::errors::{rpc_err, unexpected};
+use super::files::write_file;
+use super::manager::ManagerParts;
+use super::{CA_FILE, Cluster, Inner};
 use crate::Error;
 use crate::ca::{self, CaAnswer, CaReport};
 use crate::model::security::{self, CaRotation, CaStep, SwarmUpdate};
@@ -71,7 +72,7 @@ impl Inner {
             security::check_gossip_key_rotation(Duration::from_secs(s))
                 .map_err(Error::BadRequest)?;
         }
-        self.write(m, Command::Security(CaStep::Update(update))).await?;
+        m.write(Command::Security(CaStep::Update(update))).await?;
         Ok(Response::Done { warnings: Vec::new() })
     }
 
@@ -84,26 +85,26 @@ impl Inner {
     ) -> Result<Response, Error> {
         let mut warnings = Vec::new();
         if rotate {
-            let _g = self.rotation_lock.lock().await;
+            let _g = self.leader.rotation.lock().await;
             if info_of(m)?.security.ca_rotation.is_some() {
                 warnings.push("a CA rotation was under way; it was carried on".into());
             } else {
                 let new = ClusterCa::generate()?;
                 let step = CaStep::Trust { cert_pem: new.cert_pem, key_pem: new.key_pem };
-                self.write(m, Command::Security(step)).await?;
+                m.write(Command::Security(step)).await?;
             }
             if let Some(CaRotation::Trust { cert_pem, .. }) = info_of(m)?.security.ca_rotation {
                 let new = ca::pem_digest(&cert_pem)?;
                 let lag = self.wait_ca(m, |r| r.trusts.contains(&new)).await;
                 note(&mut warnings, "new CA trusted", lag);
-                self.write(m, Command::Security(CaStep::Renew)).await?;
+                m.write(Command::Security(CaStep::Renew)).await?;
             }
             let info = info_of(m)?;
             if let Some(CaRotation::Renew { .. }) = info.security.ca_rotation {
                 let new = ca::pem_digest(&info.ca_cert_pem)?;
                 let lag = self.wait_ca(m, |r| r.signed_by == Some(new)).await;
                 note(&mut warnings, "certificate from the new CA", lag);
-                self.write(m, Command::Security(CaStep::Finish)).await?;
+                m.write(Command::Security(CaStep::Finish)).await?;
             }
         }
         let answer = CaAnswer { cert_pem: info_of(m)?.ca_cert_pem, warnings };
@@ -114,7 +115,8 @@ impl Inner {
     async fn wait_ca(&self, m: &ManagerParts, done: impl Fn(&CaReport) -> bool) -> Vec<String> {
         let deadline = Instant::now() + self.tuning.heartbeat * 10 + Duration::from_secs(2);
         loop {
-            let lagging = m.sm.with_state(|s| super::lock(&self.ca_book).lagging(s, &done));
+            let lagging =
+                m.sm.with_state(|s| super::lock(&self.leader.ca_reports).lagging(s, &done));
             if lagging.is_empty() || Instant::now() >= deadline {
                 return lagging;
             }
@@ -131,7 +133,7 @@ impl Inner {
         report: CaReport,
         session: &mut SessionInfo,
     ) {
-        super::lock(&self.ca_book).handle_report(node, report);
+        super::lock(&self.leader.ca_reports).handle_report(node, report);
         m.sm.with_state(|s| {
             session.manager_ids = s.managers().map(|n| n.id).collect();
             if let Some(info) = &s.cluster {
@@ -146,7 +148,7 @@ impl Inner {
     /// issued for longer than the swarm's expiry now allows, or from a CA that no longer signs).
     pub(super) fn follow_session(&self, s: &SessionInfo) -> Result<bool, Error> {
         if !s.manager_ids.is_empty() {
-            *super::lock(&self.manager_ids) = s.manager_ids.clone();
+            *super::lock(&self.session.manager_ids) = s.manager_ids.clone();
         }
         let id = self.identity.read().map(|i| i.clone()).map_err(|_| poisoned())?;
         let wanted: Vec<[u8; 32]> =
@@ -211,7 +213,7 @@ impl Inner {
                 m.sm.with_state(|s| s.nodes.get(&caller).map(|n| n.role)) == Some(Role::Manager)
             }
             None => {
-                let ids = super::lock(&self.manager_ids);
+                let ids = super::lock(&self.session.manager_ids);
                 ids.is_empty() || ids.contains(&caller)
             }
         };

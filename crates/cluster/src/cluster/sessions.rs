@@ -1,23 +1,19 @@
 //! The loops every node runs: its session with the leader (heartbeats, role changes,
 //! certificate renewal, keyring), the managers' pre-vote probe, and the leader's liveness check.
 
-use super::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// openraft's leader lease: how long a voter that heard from a leader refuses to vote.
-pub(super) fn lease(raft: &Raft) -> Duration {
-    Duration::from_millis(raft.config().election_timeout_max)
-}
+use crate::Error;
+use crate::model::{Command, NodeId, NodeStatus, Role};
+use crate::pki::{NodeIdentity, new_key_and_csr};
+use crate::wire::{ManageRequest, Request, Response};
 
-/// This manager's answer to a pre-vote probe: it leads with a quorum, or an append from the
-/// leader reached it within the lease.
-pub(super) fn leader_alive(m: &ManagerParts) -> bool {
-    let metrics = m.raft.metrics().borrow().clone();
-    if metrics.current_leader == Some(metrics.id) {
-        let voters = metrics.membership_config.membership().voter_ids().count();
-        return !failover::deposed(voters, metrics.millis_since_quorum_ack, lease(&m.raft));
-    }
-    lock(&m.leader_seen).is_some_and(|t| t.elapsed() <= lease(&m.raft))
-}
+use super::errors::{from_rpc, unexpected};
+use super::files::{io_err, write_file};
+use super::security;
+use super::{CERT_FILE, HEARTBEAT_FAILURE, Inner, KEY_FILE, RAFT_FILE, lock};
 
 /// On managers: probes the other voters every Raft heartbeat and lets this one campaign only
 /// while a majority has no live leader (pre-vote, see `failover`).
@@ -86,7 +82,7 @@ pub(super) async fn liveness_loop(inner: Arc<Inner>) {
         tokio::time::sleep(inner.tuning.heartbeat).await;
         let Some(m) = inner.manager() else { continue };
         let me = inner.me();
-        let leading = Inner::leader_of(&m).map(|l| l.0) == Some(me.0);
+        let leading = m.leads();
         let now = Instant::now();
         // `swarm update --gossip-key-rotation` overrides the agent's setting.
         let period = m
@@ -103,7 +99,7 @@ pub(super) async fn liveness_loop(inner: Arc<Inner>) {
             Some(_) => {}
         }
         let stale: Vec<NodeId> = {
-            let mut b = match inner.book.lock() {
+            let mut b = match inner.leader.heartbeats.lock() {
                 Ok(b) => b,
                 Err(p) => p.into_inner(),
             };
@@ -116,7 +112,7 @@ pub(super) async fn liveness_loop(inner: Arc<Inner>) {
                 status: NodeStatus::Down,
                 message: HEARTBEAT_FAILURE.into(),
             };
-            if let Err(e) = inner.write(&m, cmd).await {
+            if let Err(e) = m.write(cmd).await {
                 tracing::debug!(error = %e, "marking a node down");
             }
         }
@@ -127,7 +123,7 @@ impl Inner {
     /// One round of the session: heartbeat, then bring the certificate and Raft in line with the
     /// role the store wants.
     pub(super) async fn reconcile_once(self: &Arc<Self>) -> Result<(), Error> {
-        let _g = self.reconcile_lock.lock().await;
+        let _g = self.session.round.lock().await;
         let version = self.keyring.borrow().version;
         let wg_public_key = self.local().wg_public_key;
         let ca = self.identity.read().map(|i| security::ca_report(&i)).unwrap_or_default();

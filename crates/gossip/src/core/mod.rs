@@ -4,10 +4,14 @@
 //! drain [`Core::poll_transmit`] and [`Core::poll_event`]; sleep until [`Core::poll_timeout`].
 //! Time is always passed in; randomness comes from the seed in [`CoreOptions`].
 //!
-//! Its rooms: [`vocab`] (what it takes and gives), `shared` (the tables, records and
-//! accusations foca's broadcast handler merges into), `swim` (foca and the plumbing the other
-//! rooms share), `lifeguard` (suspicions, checks, local health) and `sync` (push-pull).
+//! Its rooms: [`vocab`] (what it takes and gives), `shared` (the tables and records foca's
+//! broadcast handler merges into), `handler` (that handler), `swim` (foca and the plumbing the
+//! other rooms share), `lifeguard` (suspicions, checks, local health; told what happens, it
+//! answers with orders), `accusations` (Lifeguard's book of suspicions, which the handler also
+//! writes) and `sync` (push-pull).
 
+mod accusations;
+mod handler;
 mod lifeguard;
 mod shared;
 mod swim;
@@ -17,35 +21,31 @@ pub(crate) mod vocab;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use foca::{Foca, Member, OwnedNotification, PostcardCodec, State as SwimState, Timer};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use self::lifeguard::Lifeguard;
-use self::shared::{Handler, State, lock};
+use self::handler::Handler;
+use self::lifeguard::{Ctx, Lifeguard};
+use self::shared::{State, lock};
 use self::swim::{Rt, Swim, Tick};
 pub use self::vocab::{
     CoreError, CoreOptions, EntryChange, Event, MemberState, MemberView, TableError, Transmit,
 };
 use crate::keyring::Keyring;
 use crate::metrics::{Counters, DropReason, MemberCounts, Metrics};
-use crate::msg::{self, Item, MemberRecord, WireEntry};
+use crate::msg::{self, Check, Item, MemberRecord, WireEntry};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 use crate::wire::Kind;
 
 /// The gossip state machine of one node: foca and what it shares with its handler, plus
-/// this node's Lifeguard.
+/// this node's Lifeguard, which keeps its own state and timers and acts through [`Order`]s.
 pub struct Core {
     swim: Swim,
     lifeguard: Lifeguard,
-    /// Our own entry changes go out at once rather than on the next gossip round (see
-    /// [`Core::spread_soon`]); this is when the next such spread may go.
-    next_spread: Instant,
-    /// A [`Tick::Spread`] is scheduled: writes until then go with it.
-    spread_due: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -63,19 +63,18 @@ impl Core {
         let me =
             Identity { addr: opts.addr, node: opts.node, generation: opts.generation, bump: 0 };
         let state = Arc::new(Mutex::new(State::new(me.clone(), opts.config.clone(), now)));
+        let lifeguard = Lifeguard::new(me.clone(), &opts.config);
         let foca = Foca::with_custom_broadcast(
-            me.clone(),
+            me,
             opts.config.foca(1),
             SmallRng::seed_from_u64(rng.random()),
             PostcardCodec,
-            Handler(state.clone()),
+            Handler { state: state.clone(), accusations: lifeguard.accusations() },
         );
         let cfg = opts.config;
         let sized_for = (cfg.retransmits(1), cfg.suspicion_timeout(1));
         let mut core = Core {
-            next_spread: now,
-            spread_due: false,
-            lifeguard: Lifeguard::new(me, &cfg),
+            lifeguard,
             swim: Swim {
                 foca,
                 state,
@@ -87,6 +86,9 @@ impl Core {
                 quiet: false,
                 outbox: VecDeque::new(),
                 sized_for,
+                probe_debt: Duration::ZERO,
+                next_spread: now,
+                spread_due: false,
                 cfg,
             },
         };
@@ -206,47 +208,55 @@ impl Core {
         reply
     }
 
-    /// Runs every timer due at `now`.
+    /// Runs every timer due at `now`, foca's and Lifeguard's, in the order they are due and
+    /// were set.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.swim.set_now(now);
-        while let Some(entry) = self.swim.timers.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let tick = entry.remove();
-            match tick {
-                Tick::Foca(t) => {
-                    if let Err(e) = self.swim.foca.handle_timer(t, &mut self.swim.rt) {
-                        tracing::trace!(error = %e, "foca timer");
-                    }
+        loop {
+            // Both sets of timers are keyed by due time and one sequence: the earlier key runs.
+            let swim_next = self.swim.timers.keys().next().copied();
+            match (swim_next, self.lifeguard.poll_timeout()) {
+                (_, Some(key)) if key.0 <= now && swim_next.is_none_or(|s| key < s) => {
+                    self.with_lifeguard(now, |lg, cx| lg.handle_timeout(cx, now));
                 }
-                Tick::Sync => {
-                    if let Some(peer) = sync::pick_peer(&mut self.swim) {
-                        sync::push(&mut self.swim, peer, None);
-                    }
-                    self.swim.schedule(now + self.swim.cfg.sync_interval, Tick::Sync);
+                (Some(key), _) if key.0 <= now => {
+                    let Some((_, tick)) = self.swim.timers.pop_first() else { break };
+                    self.run_tick(now, tick);
                 }
-                Tick::Reap => {
-                    self.reap(now);
-                    self.swim.schedule(now + self.swim.cfg.reap_interval, Tick::Reap);
-                }
-                Tick::Suspicion(subject, incarnation) => {
-                    self.lifeguard.expire(&mut self.swim, now, &subject, incarnation);
-                }
-                Tick::Check(nonce) => self.lifeguard.check_step(&mut self.swim, now, nonce),
-                Tick::Scan => self.lifeguard.scan(&mut self.swim, now),
-                Tick::ProbeOverdue(number) => {
-                    self.lifeguard.probe_overdue(&mut self.swim, now, number);
-                }
-                Tick::Spread => self.spread(now),
+                _ => break,
             }
             self.flush(now);
         }
     }
 
+    fn run_tick(&mut self, now: Instant, tick: Tick) {
+        match tick {
+            Tick::Foca(t) => {
+                if let Err(e) = self.swim.foca.handle_timer(t, &mut self.swim.rt) {
+                    tracing::trace!(error = %e, "foca timer");
+                }
+            }
+            Tick::Sync => {
+                if let Some(peer) = sync::pick_peer(&mut self.swim) {
+                    sync::push(&mut self.swim, peer, None);
+                }
+                self.swim.schedule(now + self.swim.cfg.sync_interval, Tick::Sync);
+            }
+            Tick::Reap => {
+                self.reap(now);
+                self.swim.schedule(now + self.swim.cfg.reap_interval, Tick::Reap);
+            }
+            Tick::Spread => self.swim.spread(now),
+        }
+    }
+
     /// When [`Core::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.swim.timers.keys().next().map(|(t, _)| *t)
+        let swim_at = self.swim.timers.keys().next().map(|(t, _)| *t);
+        match (swim_at, self.lifeguard.poll_timeout().map(|(t, _)| t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next message to send.
@@ -470,37 +480,9 @@ impl Core {
         let bytes = msg::encode(&item);
         // The handler merges it (sender None) and foca queues it for dissemination.
         self.swim.foca.add_broadcast(&bytes).map_err(|e| TableError::Broadcast(e.to_string()))?;
-        self.spread_soon(now);
+        self.swim.spread_soon(now);
         self.flush(now);
         Ok(())
-    }
-
-    /// Sends our pending broadcasts to `gossip_fanout` members now instead of on the next
-    /// gossip round: a node's own changes (a task's endpoints, what its data path applied) are
-    /// what other nodes wait on, and a round is up to `gossip_interval` away. A burst of writes
-    /// costs at most one extra round every tenth of `gossip_interval`; the rounds that follow
-    /// carry the changes on as before, so each one still goes out its retransmit budget's
-    /// number of times.
-    fn spread_soon(&mut self, now: Instant) {
-        if self.swim.quiet || self.spread_due {
-            return;
-        }
-        if now >= self.next_spread {
-            self.spread(now);
-        } else {
-            self.spread_due = true;
-            self.swim.schedule(self.next_spread, Tick::Spread);
-        }
-    }
-
-    fn spread(&mut self, now: Instant) {
-        self.spread_due = false;
-        self.next_spread = now + self.swim.cfg.gossip_interval / 10;
-        if self.swim.foca.num_members() > 0
-            && let Err(e) = self.swim.foca.gossip(&mut self.swim.rt)
-        {
-            tracing::debug!(error = %e, "spreading our own changes");
-        }
     }
 
     fn own_record(&self) -> (NodeMeta, Vec<String>) {
@@ -531,17 +513,12 @@ impl Core {
     fn flush(&mut self, now: Instant) {
         loop {
             let rt = std::mem::take(&mut self.swim.rt);
-            let news = self.lifeguard.rearm_pending() || {
-                let st = lock(&self.swim.state);
-                !st.suspect_news.is_empty()
-                    || st.self_suspected.is_some()
-                    || !st.stale_timers.is_empty()
-            };
+            let news = self.lifeguard.has_news();
             if rt.send.is_empty() && rt.timers.is_empty() && rt.notes.is_empty() && !news {
                 return;
             }
             self.absorb(now, rt);
-            self.lifeguard.process_suspicions(&mut self.swim, now);
+            self.with_lifeguard(now, |lg, cx| lg.process_suspicions(cx, now));
         }
     }
 
@@ -560,7 +537,7 @@ impl Core {
                 t @ Timer::ProbeRandomMember(_) => {
                     let at = now
                         + after * self.lifeguard.health_mult()
-                        + self.lifeguard.take_probe_debt();
+                        + std::mem::take(&mut self.swim.probe_debt);
                     self.swim.schedule(at, Tick::Foca(t));
                 }
                 t @ Timer::SendIndirectProbe { .. } => {
@@ -615,17 +592,19 @@ impl Core {
                     // what we said while they held us dead, so our lone accusations were never
                     // checked, and our view of who refuted is stale.
                     self.lifeguard.health_up();
-                    self.lifeguard.forget_suspicions(&mut self.swim);
+                    self.lifeguard.forget_suspicions();
                 }
                 OwnedNotification::Idle | OwnedNotification::Defunct => {
-                    self.lifeguard.forget_suspicions(&mut self.swim);
+                    self.lifeguard.forget_suspicions();
                 }
                 // Joined: now that foca knows the cluster's size, spread our record again with
                 // a retransmit count sized for it.
                 OwnedNotification::Active => republish = true,
-                OwnedNotification::DataSent(h) => self.lifeguard.sent(&mut self.swim, now, &h),
+                OwnedNotification::DataSent(h) => {
+                    self.with_lifeguard(now, |lg, cx| lg.sent(cx, now, &h));
+                }
                 OwnedNotification::DataReceived(h) => {
-                    self.lifeguard.received(&mut self.swim, now, &h);
+                    self.with_lifeguard(now, |lg, cx| lg.received(cx, now, &h));
                 }
                 OwnedNotification::ProbeFailed(..) => {}
             }
@@ -647,17 +626,62 @@ impl Core {
             self.swim.send_udp(to.addr, Kind::Swim, &data);
         }
         for (subject, incarnation) in accusations {
-            self.lifeguard.accuse(&mut self.swim, subject, incarnation);
+            self.lifeguard.accuse(subject, incarnation);
         }
+        self.run_orders(now);
     }
 
     /// A suspicion check (or its answer) arrived.
     fn handle_check(&mut self, now: Instant, from: SocketAddr, plain: &[u8]) {
-        if let Some(nonce) = self.lifeguard.handle_check(&mut self.swim, now, from, plain) {
+        let check = match msg::decode_check(plain, self.swim.cfg.max_datagram) {
+            Ok(Check::Ping { target, .. }) if target != *self.swim.foca.identity() => {
+                // About a previous identity of ours (or not us at all): that one is gone.
+                self.swim.count_drop(DropReason::Rejected);
+                None
+            }
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::trace!(%from, error = %e, "malformed check");
+                self.swim.count_drop(DropReason::Malformed);
+                None
+            }
+        };
+        let ping =
+            check.and_then(|c| self.with_lifeguard(now, |lg, cx| lg.handle_check(cx, now, c)));
+        if let Some(nonce) = ping {
             // foca's refutation goes out first, so the answer carries our new incarnation.
             self.flush(now);
-            self.lifeguard.answer(&mut self.swim, from, nonce);
+            self.lifeguard.answer(from, nonce);
+            self.run_orders(now);
         }
         self.flush(now);
+    }
+
+    /// Runs `f` on Lifeguard with foca's view, the RNG and the counters, then carries out
+    /// what it ordered. Lifeguard calls nothing of foca's, so the state's lock may be held.
+    fn with_lifeguard<R>(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(&mut Lifeguard, &mut Ctx<'_>) -> R,
+    ) -> R {
+        let out = {
+            let mut st = lock(&self.swim.state);
+            let mut cx = Ctx {
+                foca: &self.swim.foca,
+                rng: &mut self.swim.rng,
+                counters: &mut st.counters,
+                timer_seq: &mut self.swim.timer_seq,
+            };
+            f(&mut self.lifeguard, &mut cx)
+        };
+        self.run_orders(now);
+        out
+    }
+
+    /// Carries out Lifeguard's orders, in the order given.
+    fn run_orders(&mut self, now: Instant) {
+        while let Some(order) = self.lifeguard.poll_order() {
+            self.swim.carry_out(now, order);
+        }
     }
 }

@@ -1,9 +1,9 @@
-//! The state the core shares with foca's broadcast handler: the replicated tables, node
-//! records, who is live, and the accusations heard (foca delivers every piggybacked item to the
-//! handler, so merging happens here).
+//! The table state the core shares with foca's broadcast handler (`handler`): the replicated
+//! tables, node records and who is live. foca delivers every piggybacked item to the handler,
+//! so merging happens here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::vocab::{EntryChange, Event, MemberState, MemberView};
 use crate::config::CoreConfig;
 use crate::metrics::{Counters, DropReason};
-use crate::msg::{self, Item, MemberRecord, Suspect, WireEntry};
+use crate::msg::{MemberRecord, WireEntry};
 use crate::table::{Merge, Store, Stored};
 use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 
@@ -54,29 +54,6 @@ pub(super) struct State {
     pub(super) was_down: BTreeSet<NodeId>,
     pub(super) events: VecDeque<Event>,
     pub(super) counters: Counters,
-    /// Lifeguard suspicions in progress, by suspect.
-    pub(super) suspicions: BTreeMap<Identity, Suspicion>,
-    /// Suspicions that ended (refuted at that incarnation, or `u16::MAX`: down): accusations
-    /// at or below it are stale.
-    pub(super) settled: BTreeMap<Identity, (u16, Instant)>,
-    /// Suspects with new accusations, for the core to act on after the current foca call.
-    pub(super) suspect_news: Vec<Identity>,
-    /// The highest incarnation at which someone accused us (we refute it).
-    pub(super) self_suspected: Option<u16>,
-    /// Timers of replaced suspicions, for the core to cancel.
-    pub(super) stale_timers: Vec<(Instant, u64)>,
-}
-
-/// What this node knows of one suspicion: its incarnation, since when, who accuses.
-#[derive(Debug)]
-pub(super) struct Suspicion {
-    pub(super) incarnation: u16,
-    pub(super) started: Instant,
-    pub(super) accusers: BTreeSet<NodeId>,
-    /// The key of its timeout in the core's timers.
-    pub(super) timer: Option<(Instant, u64)>,
-    /// Whether this node already decided to check it (or not).
-    pub(super) reviewed: bool,
 }
 
 impl State {
@@ -95,11 +72,6 @@ impl State {
             was_down: BTreeSet::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
-            suspicions: BTreeMap::new(),
-            settled: BTreeMap::new(),
-            suspect_news: Vec::new(),
-            self_suspected: None,
-            stale_timers: Vec::new(),
         }
     }
 
@@ -141,11 +113,10 @@ impl State {
         MemberRecord { node: self.me.node, generation: self.me.generation, version, meta, networks }
     }
 
-    /// Drops old tombstones, relay memories and settled suspicions.
+    /// Drops old tombstones and relay memories.
     pub(super) fn reap(&mut self, now: Instant) {
         self.store.reap(now, self.cfg.tombstone_reap);
         self.relay.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
-        self.settled.retain(|_, (_, t)| now.saturating_duration_since(*t) < RELAY_MEMORY);
     }
 
     pub(super) fn owner_live(&self, node: NodeId, generation: u64) -> bool {
@@ -330,64 +301,6 @@ impl State {
         Some(key)
     }
 
-    fn apply_item(&mut self, item: Item, local: bool) -> Option<BKey> {
-        match item {
-            Item::Entry(e) => self.apply_entry(e, true),
-            Item::Node(r) => self.apply_record(r, local),
-            Item::Suspect(s) => self.apply_suspect(s),
-        }
-    }
-
-    /// Records an accusation; `Some` when it is new and should be relayed.
-    fn apply_suspect(&mut self, s: Suspect) -> Option<BKey> {
-        if !self.cfg.lifeguard() {
-            return None;
-        }
-        if s.subject == self.me {
-            // Someone suspects us: refute (foca also does when its own update arrives).
-            self.self_suspected =
-                Some(self.self_suspected.map_or(s.incarnation, |i| i.max(s.incarnation)));
-            return None;
-        }
-        // Late copies of accusations about settled suspicions are normal in epidemic
-        // dissemination: counted as duplicates, not dropped.
-        if self.settled.get(&s.subject).is_some_and(|(i, _)| *i >= s.incarnation) {
-            self.counters.duplicates += 1;
-            return None;
-        }
-        let key = BKey::Suspect(s.subject.clone(), s.incarnation, s.accuser);
-        let now = self.now;
-        match self.suspicions.get_mut(&s.subject) {
-            Some(r) if r.incarnation > s.incarnation => {
-                self.counters.duplicates += 1;
-                return None;
-            }
-            Some(r) if r.incarnation == s.incarnation => {
-                if !r.accusers.insert(s.accuser) {
-                    self.counters.duplicates += 1;
-                    return None;
-                }
-            }
-            _ => {
-                // A newer incarnation replaces an older suspicion; the core cancels its timer.
-                let r = Suspicion {
-                    incarnation: s.incarnation,
-                    started: now,
-                    accusers: BTreeSet::from([s.accuser]),
-                    timer: None,
-                    reviewed: false,
-                };
-                if let Some(old) = self.suspicions.insert(s.subject.clone(), r)
-                    && let Some(k) = old.timer
-                {
-                    self.stale_timers.push(k);
-                }
-            }
-        }
-        self.suspect_news.push(s.subject);
-        Some(key)
-    }
-
     pub(super) fn member_view(
         &self,
         id: &Identity,
@@ -434,36 +347,7 @@ impl State {
     }
 }
 
-/// foca's custom broadcast handler: decodes items and merges them into the shared state.
-pub(super) struct Handler(pub(super) Arc<Mutex<State>>);
-
-/// Never returned: malformed items are counted and skipped so the rest of a packet still counts.
-#[derive(Debug, thiserror::Error)]
-#[error("unreachable broadcast error")]
-pub(super) struct NoError;
-
-impl foca::BroadcastHandler<Identity> for Handler {
-    type Key = BKey;
-    type Error = NoError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        sender: Option<&Identity>,
-    ) -> Result<Option<BKey>, NoError> {
-        let mut st = lock(&self.0);
-        let max = st.cfg.max_datagram;
-        match msg::decode_item(data, max) {
-            Ok(item) => Ok(st.apply_item(item, sender.is_none())),
-            Err(_) => {
-                st.counters.drop(DropReason::Malformed);
-                Ok(None)
-            }
-        }
-    }
-}
-
-pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Only this thread ever holds the lock and no code path panics while holding it.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Only this thread ever holds the locks and no code path panics while holding one.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

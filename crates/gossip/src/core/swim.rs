@@ -1,19 +1,23 @@
 //! foca and the plumbing every part of the core shares: the state foca's handler writes, what
-//! foca asked for during a call, the timers, the keyring and the outbox of sealed messages.
+//! foca asked for during a call, the timers, the keyring and the outbox of sealed messages;
+//! and the foca calls Lifeguard's orders and this node's own writes ask for.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use foca::{Foca, OwnedNotification, PostcardCodec, State as SwimState, Timer};
+use foca::{Foca, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::SmallRng;
 
-use super::shared::{Handler, State, lock};
+use super::handler::Handler;
+use super::lifeguard::Order;
+use super::shared::{State, lock};
 use super::vocab::Transmit;
 use crate::config::CoreConfig;
 use crate::keyring::Keyring;
 use crate::metrics::DropReason;
+use crate::msg::{self, Item};
 use crate::types::Identity;
 use crate::wire::Kind;
 
@@ -43,22 +47,17 @@ pub(super) enum Tick {
     Foca(Timer<Identity>),
     Sync,
     Reap,
-    /// A suspicion's (Lifeguard) timeout: the suspect at that incarnation goes down.
-    Suspicion(Identity, u16),
-    /// The next ask (or the end) of a suspicion check.
-    Check(u32),
-    /// Looks for refuted or settled suspicions while any is in progress.
-    Scan,
-    /// The indirect probes of our probe with that number should have been answered by now.
-    ProbeOverdue(u8),
     /// Our own entry changes written since the last spread go out (`Core::spread_soon`).
     Spread,
 }
 
+/// foca as the core runs it, with our broadcast handler.
+pub(super) type SwimFoca = Foca<Identity, PostcardCodec, SmallRng, Handler>;
+
 /// foca with its runtime requests, the shared state, timers, keys and outbox.
 pub(super) struct Swim {
     pub(super) cfg: CoreConfig,
-    pub(super) foca: Foca<Identity, PostcardCodec, SmallRng, Handler>,
+    pub(super) foca: SwimFoca,
     pub(super) state: Arc<Mutex<State>>,
     pub(super) rt: Rt,
     /// Keyed by due time and a sequence number (two timers may be due at once).
@@ -71,6 +70,14 @@ pub(super) struct Swim {
     pub(super) outbox: VecDeque<Transmit>,
     /// Cluster size figures foca's config was last sized for.
     pub(super) sized_for: (u8, Duration),
+    /// How much earlier than planned the last probe cycle ended: added to the next one, so
+    /// the probe rate stays one per probe period.
+    pub(super) probe_debt: Duration,
+    /// Our own entry changes go out at once rather than on the next gossip round (see
+    /// [`Swim::spread_soon`]); this is when the next such spread may go.
+    pub(super) next_spread: Instant,
+    /// A [`Tick::Spread`] is scheduled: writes until then go with it.
+    pub(super) spread_due: bool,
 }
 
 impl Swim {
@@ -96,12 +103,22 @@ impl Swim {
         self.outbox.push_back(Transmit::Udp { to, data: sealed });
     }
 
-    /// foca's view of a member: its incarnation and state.
-    pub(super) fn view_of(&self, id: &Identity) -> Option<(u16, SwimState)> {
-        self.foca
-            .iter_membership_state()
-            .find(|m| m.id() == id)
-            .map(|m| (m.incarnation(), m.state()))
+    /// Ends foca's probe cycle now rather than when its timer says (Lifeguard saw the probe
+    /// fail early); the next cycle is made longer by as much, so the probe rate does not change.
+    pub(super) fn end_probe_cycle(&mut self, now: Instant) {
+        let pending = self
+            .timers
+            .iter()
+            .find(|(_, t)| matches!(t, Tick::Foca(Timer::ProbeRandomMember(_))))
+            .map(|(k, _)| *k);
+        let Some(key) = pending else { return };
+        if key.0 <= now {
+            return;
+        }
+        if let Some(tick) = self.timers.remove(&key) {
+            self.probe_debt = key.0 - now;
+            self.schedule(now, tick);
+        }
     }
 
     /// Scales retransmissions and the suspicion timeout with the cluster, as memberlist does.
@@ -113,6 +130,60 @@ impl Swim {
             if let Err(e) = self.foca.set_config(self.cfg.foca(n)) {
                 tracing::warn!(error = %e, "foca refused resized config");
             }
+        }
+    }
+
+    /// Sends our pending broadcasts to `gossip_fanout` members now instead of on the next
+    /// gossip round: a node's own changes (a task's endpoints, what its data path applied) are
+    /// what other nodes wait on, and a round is up to `gossip_interval` away. A burst of writes
+    /// costs at most one extra round every tenth of `gossip_interval`; the rounds that follow
+    /// carry the changes on as before, so each one still goes out its retransmit budget's
+    /// number of times.
+    pub(super) fn spread_soon(&mut self, now: Instant) {
+        if self.quiet || self.spread_due {
+            return;
+        }
+        if now >= self.next_spread {
+            self.spread(now);
+        } else {
+            self.spread_due = true;
+            self.schedule(self.next_spread, Tick::Spread);
+        }
+    }
+
+    /// Starts a gossip round now with what foca has queued.
+    pub(super) fn spread(&mut self, now: Instant) {
+        self.spread_due = false;
+        self.next_spread = now + self.cfg.gossip_interval / 10;
+        if self.foca.num_members() > 0
+            && let Err(e) = self.foca.gossip(&mut self.rt)
+        {
+            tracing::debug!(error = %e, "spreading our own changes");
+        }
+    }
+
+    /// Carries out one of Lifeguard's orders.
+    pub(super) fn carry_out(&mut self, now: Instant, order: Order) {
+        match order {
+            Order::Apply(update, what) => {
+                let rt = &mut self.rt;
+                if let Err(e) = self.foca.apply_many(std::iter::once(update), true, rt) {
+                    tracing::debug!(error = %e, "{what} failed");
+                }
+            }
+            Order::Accuse(suspect) => {
+                let item = msg::encode(&Item::Suspect(suspect));
+                if let Ok(true) = self.foca.add_broadcast(&item) {
+                    lock(&self.state).counters.suspicions_raised += 1;
+                    if let Err(e) = self.foca.gossip(&mut self.rt) {
+                        tracing::debug!(error = %e, "gossip of an accusation failed");
+                    }
+                }
+            }
+            Order::Check(to, check) => {
+                self.send_udp(to, Kind::Check, &msg::encode(&check));
+            }
+            Order::EndProbeCycle => self.end_probe_cycle(now),
         }
     }
 }
