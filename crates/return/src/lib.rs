@@ -45,6 +45,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conntrack;
 pub mod kernel;
 
 use std::collections::BTreeSet;
@@ -91,6 +92,15 @@ pub enum Error {
     /// The kernel refused the nftables transaction (the old table stays).
     #[error("could not apply table ip {TABLE} in namespace {ns:?}: {source}")]
     Nft {
+        /// The namespace.
+        ns: String,
+        /// What the kernel said.
+        source: shoal_nft::Error,
+    },
+    /// The conntrack table could not be read, or a flow in it not deleted (the flows not yet
+    /// deleted stay; purging again finishes the job).
+    #[error("could not purge conntrack flows in namespace {ns:?}: {source}")]
+    Conntrack {
         /// The namespace.
         ns: String,
         /// What the kernel said.

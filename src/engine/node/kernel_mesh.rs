@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use shoal_ingress::HealthState;
+use shoal_return::conntrack;
 use shoal_return::kernel::{self as km, KernelPort, Pick};
 
 use super::applied::LastApplied;
@@ -30,6 +31,32 @@ pub(super) struct State {
     ports: LastApplied<Vec<KernelPort>>,
     /// The service of each port's flow counter ([`km::counter_name`]), as last written.
     owners: BTreeMap<String, String>,
+    /// The conntrack flows deleted because their backend left, per service.
+    purged: BTreeMap<String, u64>,
+}
+
+/// The backends that left each port's map between `old` and `new` (a port that is gone loses
+/// all of them), with the service that owned the port (`owners`, as of `old`).
+fn left(
+    old: &[KernelPort],
+    new: &[KernelPort],
+    owners: &BTreeMap<String, String>,
+) -> Vec<(conntrack::Left, String)> {
+    let mut out = Vec::new();
+    for o in old {
+        let now = new.iter().find(|n| (n.udp, n.published) == (o.udp, o.published));
+        let Some(service) = owners.get(&km::counter_name(o.udp, o.published)) else { continue };
+        for addr in &o.backends {
+            let stays = now.is_some_and(|n| n.target == o.target && n.backends.contains(addr));
+            if !stays {
+                let l = conntrack::Left { addr: *addr, port: o.target, udp: o.udp };
+                out.push((l, service.clone()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Whether a published port is forwarded by the kernel (the model decides:
@@ -136,16 +163,48 @@ pub(super) async fn sync(inner: &Arc<Inner>, want: Option<&KernelMesh>) {
     if lock(&inner.local).kernel.ports.is(&want.ports) {
         return;
     }
+    let gone = {
+        let local = lock(&inner.local);
+        let old = local.kernel.ports.get().map(Vec::as_slice).unwrap_or_default();
+        left(old, &want.ports, &local.kernel.owners)
+    };
     let ports = want.ports.clone();
-    match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
-        Ok(Ok(())) => {
+    let backends: Vec<conntrack::Left> = gone.iter().map(|(l, _)| *l).collect();
+    // The new maps first, then the purge: a flow that starts in between already picks anew.
+    let applied = tokio::task::spawn_blocking(move || {
+        km::apply_ports(None, &ports)?;
+        Ok::<_, shoal_return::Error>(conntrack::purge(None, &backends))
+    })
+    .await;
+    let purged = match applied {
+        Ok(Ok(purged)) => {
             let mut local = lock(&inner.local);
             local.kernel.ports.set(want.ports.clone());
             local.kernel.owners = want.owners.clone();
+            purged
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
-        Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
+        Ok(Err(e)) => return tracing::warn!(error = %e, "programming the mesh's kernel path"),
+        Err(e) => return tracing::warn!(error = %e, "programming the mesh's kernel path"),
+    };
+    match purged {
+        Ok(counts) => {
+            let mut local = lock(&inner.local);
+            for ((l, service), n) in gone.iter().zip(counts) {
+                if n > 0 {
+                    tracing::debug!(service, backend = %l.addr, flows = n, "purged flows");
+                }
+                *local.kernel.purged.entry(service.clone()).or_default() += n as u64;
+            }
+        }
+        // The rules are in place; flows of the backends that left time out on their own.
+        Err(e) => tracing::warn!(error = %e, "purging the flows of backends that left"),
     }
+}
+
+/// The conntrack flows the kernel path deleted because their backend left, per service
+/// (`/metrics`).
+pub(super) fn purged(inner: &Inner) -> Vec<(String, u64)> {
+    lock(&inner.local).kernel.purged.iter().map(|(s, n)| (s.clone(), *n)).collect()
 }
 
 /// Takes the kernel path down (the node leaves the swarm).
