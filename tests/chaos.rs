@@ -238,7 +238,6 @@ fn a_node_killed_whole_fails_no_request_on_the_proxy_path() {
 }
 
 #[test]
-#[ignore = "the kernel path (opt-in) still fails a request or two at a node kill and at a heal; it becomes the default once this passes"]
 fn a_node_killed_whole_fails_no_request_on_the_kernel_path() {
     if !require_root("a_node_killed_whole_fails_no_request_on_the_kernel_path") {
         return;
@@ -311,7 +310,9 @@ fn a_link_cut_for_20s_heals_without_a_failure_or_an_election() {
 }
 
 #[test]
-#[ignore = "the kernel path (opt-in) still fails a request or two at a node kill and at a heal; it becomes the default once this passes"]
+#[ignore = "at the heal, gossip holds node1 down on node2 for a moment (the cut node's old \
+            verdict); node2 then drops node1's sandbox and a SYN-ACK of node2's task to a \
+            client of node1 is lost: the proxy retries another task, the kernel path cannot"]
 fn a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path() {
     if !require_root("a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path") {
         return;

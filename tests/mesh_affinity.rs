@@ -2,7 +2,7 @@
 //! - with `--lb-algorithm maglev`, sixty client addresses each reach one task through every
 //!   node, and when one of four tasks goes only about a quarter of the clients move;
 //! - a UDP flow pinned to a task whose process is killed is answered by another task within
-//!   the mesh's check interval (plus slack for a busy machine).
+//!   the mesh's check interval (plus slack for a busy machine), on both paths of the mesh.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -107,9 +107,18 @@ fn backends_up(lab: &Lab, node: &str, service: &str) -> usize {
         .count()
 }
 
-fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str]) {
+/// The service on 8100 (HTTP) and 8101 (UDP), on the mesh path `mesh` names (`None`: the
+/// default one).
+fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str], mesh: Option<&str>) {
     let head = ["service", "create", "--name", name, "--replicas", replicas];
-    let tail = ["-p", "8100:8000", "-p", "8101:8001/udp", "--", "python3", "-c", SERVER];
+    let (tcp, udp) = match mesh {
+        None => ("8100:8000".to_owned(), "8101:8001/udp".to_owned()),
+        Some(m) => (
+            format!("published=8100,target=8000,mesh={m}"),
+            format!("published=8101,target=8001,protocol=udp,mesh={m}"),
+        ),
+    };
+    let tail = ["-p", &tcp, "-p", &udp, "--", "python3", "-c", SERVER];
     lab.on("node1", &[&head[..], extra, &tail[..]].concat());
 }
 
@@ -120,7 +129,7 @@ fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
     }
     let lab = Lab::up(3);
     lab.swarm(3);
-    create(&lab, "sticky", "4", &["--lb-algorithm", "maglev"]);
+    create(&lab, "sticky", "4", &["--lb-algorithm", "maglev"], None);
     eventually("four tasks of sticky running", Duration::from_secs(120), || {
         (running_per_node(&lab, "sticky").values().sum::<usize>() == 4).then_some(())
     });
@@ -160,10 +169,26 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
     if !require_root("a_udp_flow_of_a_killed_task_moves_within_a_check_interval") {
         return;
     }
+    udp_flow_moves("proxy");
+}
+
+#[test]
+fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval_on_the_kernel_path() {
+    let name = "a_udp_flow_of_a_killed_task_moves_within_a_check_interval_on_the_kernel_path";
+    if !require_root(name) {
+        return;
+    }
+    udp_flow_moves("kernel");
+}
+
+/// On the proxy path the flow's next datagram finds its backend down and is sent to another;
+/// on the kernel path the node deletes the flow's conntrack entry when the backend leaves the
+/// map, so the next datagram is a new flow.
+fn udp_flow_moves(mesh: &str) {
     let lab = Lab::up(3);
     lab.swarm(3);
     let interval = Duration::from_secs(2);
-    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"]);
+    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"], Some(mesh));
     eventually("two tasks of echo running", Duration::from_secs(120), || {
         (running_per_node(&lab, "echo").values().sum::<usize>() == 2).then_some(())
     });
@@ -206,9 +231,15 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
         assert!(killed.elapsed() < interval + Duration::from_secs(10), "the flow never moved");
     };
     let took = killed.elapsed();
-    eprintln!("udp: the flow moved from {pinned} to {other} after {took:?}");
+    eprintln!("udp ({mesh}): the flow moved from {pinned} to {other} after {took:?}");
     assert!(
         took <= interval + Duration::from_secs(3),
         "the flow moved after {took:?}, not within the {interval:?} check interval (+3s)"
     );
+    if mesh == "kernel" {
+        let purged = "shoal_mesh_flows_purged_total{service=\"echo\",path=\"kernel\"} ";
+        let metrics = lab.metrics("node1");
+        let n = metrics.lines().find_map(|l| l.strip_prefix(purged)?.trim().parse::<u64>().ok());
+        assert!(n >= Some(1), "node1 purged no flow of echo ({n:?}):\n{metrics}");
+    }
 }

@@ -168,6 +168,7 @@ pub(super) async fn sync(inner: &Arc<Inner>, want: Option<&KernelMesh>) {
         let old = local.kernel.ports.get().map(Vec::as_slice).unwrap_or_default();
         left(old, &want.ports, &local.kernel.owners)
     };
+    tracing::debug!(ports = ?want.ports, left = ?gone, "rewriting the kernel path's maps");
     let ports = want.ports.clone();
     let backends: Vec<conntrack::Left> = gone.iter().map(|(l, _)| *l).collect();
     // The new maps first, then the purge: a flow that starts in between already picks anew.
