@@ -310,9 +310,6 @@ fn a_link_cut_for_20s_heals_without_a_failure_or_an_election() {
 }
 
 #[test]
-#[ignore = "at the heal, gossip holds node1 down on node2 for a moment (the cut node's old \
-            verdict); node2 then drops node1's sandbox and a SYN-ACK of node2's task to a \
-            client of node1 is lost: the proxy retries another task, the kernel path cannot"]
 fn a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path() {
     if !require_root("a_link_cut_for_20s_heals_without_a_failure_on_the_kernel_path") {
         return;
