@@ -256,3 +256,45 @@ pub(super) fn describe(inner: &Inner) -> serde_json::Value {
         .collect();
     serde_json::Value::Array(ports)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(published: u16, target: u16, backends: &[[u8; 4]]) -> KernelPort {
+        KernelPort {
+            published,
+            target,
+            udp: false,
+            pick: Pick::Random,
+            backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_backends_that_left_are_those_no_longer_behind_the_same_port_and_target() {
+        let owners: BTreeMap<String, String> = [("tcp-8100", "web"), ("tcp-8200", "api")]
+            .into_iter()
+            .map(|(c, s)| (c.to_owned(), s.to_owned()))
+            .collect();
+        let (a, b) = ([10, 0, 0, 5], [10, 0, 0, 6]);
+        let old = [port(8100, 80, &[a, b]), port(8200, 80, &[a])];
+        let left_of = |new: &[KernelPort]| -> Vec<(Ipv4Addr, u16, String)> {
+            left(&old, new, &owners).into_iter().map(|(l, s)| (l.addr, l.port, s)).collect()
+        };
+        assert!(left_of(&old).is_empty(), "nothing changed");
+        // One backend gone from one port.
+        let new = [port(8100, 80, &[a]), port(8200, 80, &[a])];
+        assert_eq!(left_of(&new), [(b.into(), 80, "web".to_owned())]);
+        // A port gone takes all its backends; a new target is a new flow destination.
+        let new = [port(8100, 81, &[a, b])];
+        assert_eq!(
+            left_of(&new),
+            [
+                (a.into(), 80, "api".to_owned()),
+                (a.into(), 80, "web".to_owned()),
+                (b.into(), 80, "web".to_owned()),
+            ]
+        );
+    }
+}
