@@ -1,11 +1,14 @@
-//! The routing mesh's kernel path (the default for an ingress port, `mesh=kernel`; see `shoal_return::kernel` and
-//! ARCHITECTURE.md): the node DNATs new flows to a task's ingress address, and the userspace mesh keeps its listener on the same port for what the
-//! kernel path leaves to it (clients on the node itself, refused clients' retries, and ports
-//! without a backend).
+//! The routing mesh's kernel path (the default for an ingress port, `mesh=kernel`; see
+//! `shoal_return::kernel` and ARCHITECTURE.md): the node DNATs new flows to a task's ingress
+//! address, and the userspace mesh keeps its listener on the same port for what the kernel path
+//! leaves to it (clients on the node itself, refused clients' retries, and ports without a
+//! backend).
 //!
 //! A backend is in a port's map while gossip says its task serves (running, healthy, not
 //! withdrawn) and the userspace mesh's checks have not ruled it out; the table is rewritten
-//! whenever that set changes, and established flows stay where they are.
+//! whenever that set changes, and established flows stay where they are. The flows of a
+//! backend that left and that would otherwise keep going to it (UDP, and TCP short of
+//! established) are deleted from conntrack (`shoal_return::conntrack`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
