@@ -194,7 +194,9 @@ fn all_answer(lab: &Lab, nodes: impl IntoIterator<Item = u8>) -> Result<(), Vec<
 }
 
 /// Kills a lab node whole, as a power cut would: SIGKILL to its agent and to every process in
-/// its namespaces (task shims and tasks), nothing else of the lab.
+/// its namespaces (task shims and tasks), nothing else of the lab. Returns once every one of
+/// them has exited (gone or a zombie): a process dies some time after its SIGKILL, and until
+/// then its listening sockets still take connections that its death then resets.
 fn kill_node(lab: &Lab, node: &str) {
     let own = format!("{}-{node}", lab.name);
     let mut pids = Vec::new();
@@ -206,6 +208,18 @@ fn kill_node(lab: &Lab, node: &str) {
     assert!(!pids.is_empty(), "no process of {node} to kill");
     for pid in &pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
+    }
+    let exited = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            // The state follows the parenthesised command name, which may hold spaces.
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    // Polled closely: the wait is part of the window whose requests count as in flight.
+    let since = Instant::now();
+    while !pids.iter().all(exited) {
+        assert!(since.elapsed() < Duration::from_secs(30), "killed processes still alive");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
