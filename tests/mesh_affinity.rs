@@ -4,7 +4,7 @@
 //!   proxy path and on the kernel path (`mesh=kernel`), where each client's task is also the
 //!   one the proxy gives it through a second port of the same service;
 //! - a UDP flow pinned to a task whose process is killed is answered by another task within
-//!   the mesh's check interval (plus slack for a busy machine).
+//!   the mesh's check interval (plus slack for a busy machine), on both paths of the mesh.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -134,7 +134,7 @@ fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
     if !require_root("maglev_moves_about_one_in_n_clients_when_a_backend_leaves") {
         return;
     }
-    maglev_moves_about_one_in_n(&["-p", "8100:8000"], false);
+    maglev_moves_about_one_in_n(&["-p", "published=8100,target=8000,mesh=proxy"], false);
 }
 
 /// The kernel path's twin: 8100 is forwarded by each node's kernel, and the same tasks are
@@ -224,10 +224,27 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
     if !require_root("a_udp_flow_of_a_killed_task_moves_within_a_check_interval") {
         return;
     }
+    udp_flow_moves("proxy");
+}
+
+#[test]
+fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval_on_the_kernel_path() {
+    let name = "a_udp_flow_of_a_killed_task_moves_within_a_check_interval_on_the_kernel_path";
+    if !require_root(name) {
+        return;
+    }
+    udp_flow_moves("kernel");
+}
+
+/// On the proxy path the flow's next datagram finds its backend down and is sent to another;
+/// on the kernel path the node deletes the flow's conntrack entry when the backend leaves the
+/// map, so the next datagram is a new flow.
+fn udp_flow_moves(mesh: &str) {
     let lab = Lab::up(3);
     lab.swarm(3);
     let interval = Duration::from_secs(2);
-    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"], &["-p", "8101:8001/udp"]);
+    let port = format!("published=8101,target=8001,protocol=udp,mesh={mesh}");
+    create(&lab, "echo", "2", &["--mesh-check-interval", "2s"], &["-p", &port]);
     eventually("two tasks of echo running", Duration::from_secs(120), || {
         (running_per_node(&lab, "echo").values().sum::<usize>() == 2).then_some(())
     });
@@ -270,9 +287,15 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
         assert!(killed.elapsed() < interval + Duration::from_secs(10), "the flow never moved");
     };
     let took = killed.elapsed();
-    eprintln!("udp: the flow moved from {pinned} to {other} after {took:?}");
+    eprintln!("udp ({mesh}): the flow moved from {pinned} to {other} after {took:?}");
     assert!(
         took <= interval + Duration::from_secs(3),
         "the flow moved after {took:?}, not within the {interval:?} check interval (+3s)"
     );
+    if mesh == "kernel" {
+        let purged = "shoal_mesh_flows_purged_total{service=\"echo\",path=\"kernel\"} ";
+        let metrics = lab.metrics("node1");
+        let n = metrics.lines().find_map(|l| l.strip_prefix(purged)?.trim().parse::<u64>().ok());
+        assert!(n >= Some(1), "node1 purged no flow of echo ({n:?}):\n{metrics}");
+    }
 }

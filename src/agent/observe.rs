@@ -533,6 +533,16 @@ impl Collector for EngineCollector {
         )?;
         family(
             &mut e,
+            "mesh_flows_purged",
+            "Kernel-path conntrack flows deleted because their backend left the service's map \
+             (UDP flows, and TCP flows whose handshake had not completed), by path",
+            engine
+                .kernel_purged()
+                .into_iter()
+                .map(|(s, n)| (by_path(&s, "kernel"), ConstCounter::new(n))),
+        )?;
+        family(
+            &mut e,
             "mesh_client_addr_fallback",
             "Connections and UDP flows that reached their task from this node's ingress address \
              (the client's could not be kept: IPv6, loopback or the ingress subnet); only the \

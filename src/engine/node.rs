@@ -358,6 +358,11 @@ impl NodeEngine {
         kernel_mesh::flows(&self.inner)
     }
 
+    /// The conntrack flows the kernel path deleted with their backend, per service (`/metrics`).
+    pub fn kernel_purged(&self) -> Vec<(String, u64)> {
+        kernel_mesh::purged(&self.inner)
+    }
+
     /// The local overlay (network inspect).
     pub fn overlay(&self) -> &Overlay {
         &self.inner.overlay

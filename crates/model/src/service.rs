@@ -207,7 +207,7 @@ impl Service {
                 return Err(Error::PublishedTwice(p.published));
             }
             // A port that names the kernel path would silently lose what only the proxy does.
-            if p.path() == MeshPath::Kernel && !p.kernel_can(&self.mesh) {
+            if p.mesh == Some(MeshPath::Kernel) && !p.kernel_can(&self.mesh) {
                 return Err(Error::KernelPathPolicy(p.published));
             }
         }

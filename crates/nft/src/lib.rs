@@ -15,6 +15,8 @@
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
 //!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named
 //!   counters.
+//! - [`conntrack`]: the kernel's connection tracking table over ctnetlink (same socket family):
+//!   its IPv4 TCP and UDP flows, and deleting chosen ones.
 //!
 //! # Driving it
 //!
@@ -35,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conntrack;
 mod expr;
 mod socket;
 mod wire;

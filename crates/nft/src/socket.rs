@@ -145,6 +145,33 @@ pub(crate) fn commit(batch: &[u8], what: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Sends requests that each ask for an ack, and returns each answer's `(sequence, errno)`
+/// (errno 0 for done). A request the kernel refuses does not stop the ones after it.
+pub(crate) fn requests(request: &[u8]) -> Result<Vec<(u32, i32)>, Error> {
+    let fd = open(request.len())?;
+    match send(fd.as_raw_fd(), request, MsgFlags::empty()) {
+        Ok(n) if n == request.len() => {}
+        Ok(n) => return Err(Error::NoVerdict(format!("sent {n} of {} bytes", request.len()))),
+        Err(errno) => return Err(Error::Socket { op: "send", errno }),
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; RECV_BYTES];
+    loop {
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(Errno::EAGAIN) => break,
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(Error::NoVerdict(format!("reading the answers: {errno}"))),
+        };
+        for m in wire::messages(&buf[..n.min(buf.len())]) {
+            if m.ty == NLMSG_ERROR {
+                out.extend(wire::error_code(m.payload).map(|code| (m.seq, code)));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One rule as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpedRule {
@@ -222,7 +249,7 @@ pub fn counters(family: Family, table: &str) -> Result<Vec<(String, u64, u64)>, 
 
 /// Sends a dump request and collects what `parse` makes of each answer, until the kernel says
 /// it is done.
-fn dump<T>(
+pub(crate) fn dump<T>(
     request: &[u8],
     what: &str,
     mut parse: impl FnMut(&[u8]) -> Option<T>,

@@ -278,7 +278,7 @@ fn handle(ns: Option<&NetNs>) -> Result<Handle, Error> {
     }
 }
 
-fn nsname(ns: Option<&NetNs>) -> String {
+pub(crate) fn nsname(ns: Option<&NetNs>) -> String {
     ns.map_or_else(|| "(the agent's)".to_owned(), |n| n.name().to_owned())
 }
 
@@ -288,7 +288,10 @@ fn nl(op: impl Into<String>, ns: Option<&NetNs>) -> impl FnOnce(rtnetlink::Error
 }
 
 /// Runs `f` in `ns`, or right here for `None`.
-fn run_in<R: Send>(ns: Option<&NetNs>, f: impl FnOnce() -> R + Send) -> Result<R, Error> {
+pub(crate) fn run_in<R: Send>(
+    ns: Option<&NetNs>,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, Error> {
     match ns {
         Some(ns) => Ok(ns.run(f)?),
         None => Ok(f()),

@@ -13,8 +13,8 @@
 //! - **In each task on the ingress network** ([`apply_task`]): the task cannot tell from the IP
 //!   header which node a client's connection came through, but the Ethernet source can: every
 //!   endpoint's MAC is `02:42` followed by its IPv4 address, so the last four bytes of an ingress
-//!   sandbox's MAC are its address. An nftables table `ip shoal-return` marks each new
-//!   connection that arrives from a known sandbox MAC with that sandbox's address (conntrack
+//!   sandbox's MAC are its address. An nftables table `ip shoal-return` marks each
+//!   connection not yet marked whose packet arrives from a known sandbox MAC with that sandbox's address (conntrack
 //!   mark), copies the mark onto every packet the task sends on that connection (a `route`
 //!   chain, so the kernel routes the packet again), and a policy rule per sandbox sends marked
 //!   packets to a table whose one route is `default via <sandbox>`.
@@ -24,7 +24,7 @@
 //!     set sandboxes { type ipv4_addr; elements = { 10.0.0.2, 10.0.0.3 } }
 //!     chain prerouting {
 //!         type filter hook prerouting priority mangle;
-//!         ct state new @ll,64,32 @sandboxes ct mark set @ll,64,32
+//!         ct mark 0 @ll,64,32 @sandboxes ct mark set @ll,64,32
 //!     }
 //!     chain output {
 //!         type route hook output priority mangle;
@@ -45,6 +45,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod conntrack;
 pub mod kernel;
 pub mod maglev_map;
 
@@ -92,6 +93,15 @@ pub enum Error {
     /// The kernel refused the nftables transaction (the old table stays).
     #[error("could not apply table ip {TABLE} in namespace {ns:?}: {source}")]
     Nft {
+        /// The namespace.
+        ns: String,
+        /// What the kernel said.
+        source: shoal_nft::Error,
+    },
+    /// The conntrack table could not be read, or a flow in it not deleted (the flows not yet
+    /// deleted stay; purging again finishes the job).
+    #[error("could not purge conntrack flows in namespace {ns:?}: {source}")]
+    Conntrack {
         /// The namespace.
         ns: String,
         /// What the kernel said.
@@ -151,17 +161,18 @@ pub fn batch(sandboxes: &[Ipv4Addr]) -> Result<Batch, Error> {
     b.add_chain(f, t, "prerouting", Some(pre));
     let out = BaseChain { kind: ChainType::Route, hook: Hook::Output, priority: -150 };
     b.add_chain(f, t, "output", Some(out));
-    // `ct state new` (bit 3 of the host-order state word): the mark is decided once, by the
-    // connection's first packet. The source MAC's last four bytes are bytes 8..12 of the
-    // Ethernet header.
+    // The mark is decided once, by the first packet from a known sandbox: the connection's
+    // first, or (if the sandbox was briefly not in the set, as when gossip holds its node down
+    // for a moment) the next one, such as the client's retransmitted SYN, so the task's
+    // answer to it goes back the right way. The source MAC's last four bytes are bytes 8..12
+    // of the Ethernet header.
     b.add_rule(
         f,
         t,
         "prerouting",
         &[
-            Expr::CtState,
-            Expr::Bitwise { mask: 8u32.to_ne_bytes().to_vec(), xor: vec![0; 4] },
-            Expr::Cmp { op: CmpOp::Neq, data: vec![0; 4] },
+            Expr::CtMark,
+            Expr::Cmp { op: CmpOp::Eq, data: vec![0; 4] },
             Expr::Payload { base: PayloadBase::LinkLayer, offset: 8, len: 4 },
             Expr::Lookup { set: known.clone() },
             Expr::SetCtMark,
@@ -296,7 +307,7 @@ mod tests {
         for want in [
             "add chain prerouting (filter hook prerouting)",
             "add chain output (route hook output)",
-            "add rule to chain prerouting (ct bitwise cmp payload lookup ct)",
+            "add rule to chain prerouting (ct cmp payload lookup ct)",
             "add rule to chain output (ct lookup meta)",
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");

@@ -1,17 +1,21 @@
-//! The routing mesh's kernel path (`--publish …,mesh=kernel`; see `shoal_return::kernel` and
-//! ARCHITECTURE.md): the node DNATs new flows to a task's ingress address, and the userspace mesh keeps its listener on the same port for what the
-//! kernel path leaves to it (clients on the node itself, refused clients' retries, and ports
-//! without a backend).
+//! The routing mesh's kernel path (the default for an ingress port, `mesh=kernel`; see
+//! `shoal_return::kernel` and ARCHITECTURE.md): the node DNATs new flows to a task's ingress
+//! address, and the userspace mesh keeps its listener on the same port for what the kernel path
+//! leaves to it (clients on the node itself, refused clients' retries, and ports without a
+//! backend).
 //!
 //! A backend is in a port's map while gossip says its task serves (running, healthy, not
 //! withdrawn) and the userspace mesh's checks have not ruled it out; the table is rewritten
-//! whenever that set changes, and established flows stay where they are.
+//! whenever that set changes, and established flows stay where they are. The flows of a
+//! backend that left and that would otherwise keep going to it (UDP, and TCP short of
+//! established) are deleted from conntrack (`shoal_return::conntrack`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use shoal_ingress::HealthState;
+use shoal_return::conntrack;
 use shoal_return::kernel::{self as km, KernelPort, Pick};
 
 use super::applied::LastApplied;
@@ -30,12 +34,38 @@ pub(super) struct State {
     ports: LastApplied<Vec<KernelPort>>,
     /// The service of each port's flow counter ([`km::counter_name`]), as last written.
     owners: BTreeMap<String, String>,
+    /// The conntrack flows deleted because their backend left, per service.
+    purged: BTreeMap<String, u64>,
 }
 
-/// Whether a published port is forwarded by the kernel (the model decides:
+/// The backends that left each port's map between `old` and `new` (a port that is gone loses
+/// all of them), with the service that owned the port (`owners`, as of `old`).
+fn left(
+    old: &[KernelPort],
+    new: &[KernelPort],
+    owners: &BTreeMap<String, String>,
+) -> Vec<(conntrack::Left, String)> {
+    let mut out = Vec::new();
+    for o in old {
+        let now = new.iter().find(|n| (n.udp, n.published) == (o.udp, o.published));
+        let Some(service) = owners.get(&km::counter_name(o.udp, o.published)) else { continue };
+        for addr in &o.backends {
+            let stays = now.is_some_and(|n| n.target == o.target && n.backends.contains(addr));
+            if !stays {
+                let l = conntrack::Left { addr: *addr, port: o.target, udp: o.udp };
+                out.push((l, service.clone()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a published port of `svc` is forwarded by the kernel (the model decides:
 /// [`PublishedPort::path`]).
-fn on_kernel_path(p: &PublishedPort) -> bool {
-    p.path() == MeshPath::Kernel
+fn on_kernel_path(svc: &Service, p: &PublishedPort) -> bool {
+    p.path(&svc.mesh) == MeshPath::Kernel
 }
 
 fn pick(algorithm: LbAlgorithm) -> Pick {
@@ -63,7 +93,7 @@ pub(super) fn ports(
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut owners = BTreeMap::new();
-    for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
+    for svc in services.values().filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p))) {
         let health = health.get(&svc.name);
         let mut backends = Vec::new();
         for (_, e) in eps.iter().filter(|(net, e)| {
@@ -82,7 +112,7 @@ pub(super) fn ports(
                 backends.push(e.ip);
             }
         }
-        for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
+        for p in svc.ports.iter().filter(|p| on_kernel_path(svc, p)) {
             let udp = p.protocol == Protocol::Udp;
             owners.insert(km::counter_name(udp, p.published), svc.name.clone());
             out.push(KernelPort {
@@ -110,7 +140,7 @@ pub(super) fn mesh_health(
 ) -> BTreeMap<String, BTreeMap<String, HealthState>> {
     services
         .values()
-        .filter(|s| s.ports.iter().any(on_kernel_path))
+        .filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p)))
         .filter_map(|s| {
             let m = inner.mesh.service_metrics(&s.name)?;
             Some((s.name.clone(), m.backends.into_iter().map(|b| (b.id, b.health)).collect()))
@@ -136,16 +166,49 @@ pub(super) async fn sync(inner: &Arc<Inner>, want: Option<&KernelMesh>) {
     if lock(&inner.local).kernel.ports.is(&want.ports) {
         return;
     }
+    let gone = {
+        let local = lock(&inner.local);
+        let old = local.kernel.ports.get().map(Vec::as_slice).unwrap_or_default();
+        left(old, &want.ports, &local.kernel.owners)
+    };
+    tracing::debug!(ports = ?want.ports, left = ?gone, "rewriting the kernel path's maps");
     let ports = want.ports.clone();
-    match tokio::task::spawn_blocking(move || km::apply_ports(None, &ports)).await {
-        Ok(Ok(())) => {
+    let backends: Vec<conntrack::Left> = gone.iter().map(|(l, _)| *l).collect();
+    // The new maps first, then the purge: a flow that starts in between already picks anew.
+    let applied = tokio::task::spawn_blocking(move || {
+        km::apply_ports(None, &ports)?;
+        Ok::<_, shoal_return::Error>(conntrack::purge(None, &backends))
+    })
+    .await;
+    let purged = match applied {
+        Ok(Ok(purged)) => {
             let mut local = lock(&inner.local);
             local.kernel.ports.set(want.ports.clone());
             local.kernel.owners = want.owners.clone();
+            purged
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
-        Err(e) => tracing::warn!(error = %e, "programming the mesh's kernel path"),
+        Ok(Err(e)) => return tracing::warn!(error = %e, "programming the mesh's kernel path"),
+        Err(e) => return tracing::warn!(error = %e, "programming the mesh's kernel path"),
+    };
+    match purged {
+        Ok(counts) => {
+            let mut local = lock(&inner.local);
+            for ((l, service), n) in gone.iter().zip(counts) {
+                if n > 0 {
+                    tracing::debug!(service, backend = %l.addr, flows = n, "purged flows");
+                }
+                *local.kernel.purged.entry(service.clone()).or_default() += n as u64;
+            }
+        }
+        // The rules are in place; flows of the backends that left time out on their own.
+        Err(e) => tracing::warn!(error = %e, "purging the flows of backends that left"),
     }
+}
+
+/// The conntrack flows the kernel path deleted because their backend left, per service
+/// (`/metrics`).
+pub(super) fn purged(inner: &Inner) -> Vec<(String, u64)> {
+    lock(&inner.local).kernel.purged.iter().map(|(s, n)| (s.clone(), *n)).collect()
 }
 
 /// Takes the kernel path down (the node leaves the swarm).
@@ -195,4 +258,46 @@ pub(super) fn describe(inner: &Inner) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(published: u16, target: u16, backends: &[[u8; 4]]) -> KernelPort {
+        KernelPort {
+            published,
+            target,
+            udp: false,
+            pick: Pick::Random,
+            backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_backends_that_left_are_those_no_longer_behind_the_same_port_and_target() {
+        let owners: BTreeMap<String, String> = [("tcp-8100", "web"), ("tcp-8200", "api")]
+            .into_iter()
+            .map(|(c, s)| (c.to_owned(), s.to_owned()))
+            .collect();
+        let (a, b) = ([10, 0, 0, 5], [10, 0, 0, 6]);
+        let old = [port(8100, 80, &[a, b]), port(8200, 80, &[a])];
+        let left_of = |new: &[KernelPort]| -> Vec<(Ipv4Addr, u16, String)> {
+            left(&old, new, &owners).into_iter().map(|(l, s)| (l.addr, l.port, s)).collect()
+        };
+        assert!(left_of(&old).is_empty(), "nothing changed");
+        // One backend gone from one port.
+        let new = [port(8100, 80, &[a]), port(8200, 80, &[a])];
+        assert_eq!(left_of(&new), [(b.into(), 80, "web".to_owned())]);
+        // A port gone takes all its backends; a new target is a new flow destination.
+        let new = [port(8100, 81, &[a, b])];
+        assert_eq!(
+            left_of(&new),
+            [
+                (a.into(), 80, "api".to_owned()),
+                (a.into(), 80, "web".to_owned()),
+                (b.into(), 80, "web".to_owned()),
+            ]
+        );
+    }
 }
