@@ -461,6 +461,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let mine: BTreeMap<&String, &TaskRecord> = tasks
         .iter()
         .filter(|(_, t)| t.task.node_id.as_deref() == Some(inner.me.as_str()))
+        .map(|(id, t)| (id, t.as_ref()))
         .collect();
 
     // What the rest of the data path stands on: the gossip networks and the ingress sandbox.
@@ -516,7 +517,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
 }
 
 /// What the projection needs of this node's own state, taken in one look.
-fn local_inputs(inner: &Inner, services: &BTreeMap<String, Service>) -> project::LocalView {
+fn local_inputs(inner: &Inner, services: &BTreeMap<String, Arc<Service>>) -> project::LocalView {
     let mesh_health = kernel_mesh::mesh_health(inner, services);
     let l = lock(&inner.local);
     project::LocalView {
