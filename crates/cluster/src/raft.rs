@@ -32,6 +32,10 @@ use tokio::sync::{broadcast, watch};
 use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms, schema};
 use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
+mod tables;
+#[cfg(test)]
+mod tests;
+
 openraft::declare_raft_types!(
     /// The Raft type configuration of the cluster store.
     pub TypeConfig:
@@ -230,8 +234,6 @@ fn remove_logs(db: &Database, range: impl RangeBounds<u64>) -> Result<(), SErr> 
     }
     txn.commit().map_err(wr)
 }
-
-mod tables;
 
 /// The applied state plus the Raft bookkeeping applied with it.
 #[derive(Debug, Clone, Default)]
@@ -532,6 +534,3 @@ pub fn raft_config(t: &crate::Tuning) -> Result<Arc<openraft::Config>, openraft:
 pub fn node_addr(node: &BasicNode) -> Option<SocketAddr> {
     node.addr.parse().ok()
 }
-
-#[cfg(test)]
-mod tests;

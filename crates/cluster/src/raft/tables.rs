@@ -202,8 +202,9 @@ pub(super) fn load(db: &Database) -> Result<(Bookkeeping, ClusterState), SErr> {
         let mut out = BTreeMap::new();
         for row in txn.open_table(table).map_err(rd)?.iter().map_err(rd)? {
             let (k, v) = row.map_err(rd)?;
-            let k = key(k.value())
-                .ok_or_else(|| rd(format!("the store's {what} key {:?}", k.value())))?;
+            let k = key(k.value()).ok_or_else(|| {
+                rd(format!("the store has a {what} under a malformed key {:?}", k.value()))
+            })?;
             out.insert(k, parse(what, v.value())?);
         }
         Ok(out)

@@ -210,6 +210,12 @@ async fn an_applied_batch_rewrites_only_the_records_it_touched() {
     let res =
         sm.apply(batch(n + 1, vec![report(&a.task.id, owner, "touched")])).await.expect("apply");
     assert!(res[0].error.is_none(), "{res:?}");
+    // What such a batch writes: one task record and the bookkeeping, not the store.
+    let bytes = {
+        let applied = sm.applied.read().expect("lock");
+        sm.persist(&applied, &BTreeSet::from([Slot::Task(a.task.id.clone())])).expect("persist")
+    };
+    assert!(bytes < 2048, "a single-task batch wrote {bytes} B");
     drop(sm);
     let sm = open_sm(&path);
     assert_eq!(sm.state().tasks[&a.task.id].message, "touched");
