@@ -477,14 +477,14 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         .map(|s| (s.id.clone(), s))
         .collect();
 
-    let local = local_inputs(inner, &services);
+    let local = local_inputs(inner, services);
     let gossip = inner.gossip.snapshot();
     let desired = project::project(&project::Inputs {
         me: &inner.me,
         tunnels: inner.tunnels,
         state: &state,
-        services: &services,
-        tasks: &tasks,
+        services,
+        tasks,
         gossip: &gossip,
         statuses: &statuses,
         local: &local,
@@ -493,7 +493,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     });
     lock(&inner.local).seen_up = desired.seen_up.clone();
 
-    tasks::apply(inner, &state, &services, &tasks, &desired.tasks).await;
+    tasks::apply(inner, &state, services, tasks, &desired.tasks).await;
     let failed = desired.reports.iter().filter(|r| r.failed).count() as u64;
     inner.failures.fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
     let reports: Vec<_> =
@@ -508,7 +508,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     // The data path does not wait for the leader to take the reports (a task that now runs is
     // published as serving in the same moment it is reported running).
     let local = async {
-        tasks::readiness(inner, &services, &mine, &statuses);
+        tasks::readiness(inner, services, &mine, &statuses);
         apply::endpoints(inner, &desired.endpoints).await;
         apply::dataplane(inner, &desired).await;
     };

@@ -171,7 +171,7 @@ async fn start_task(
     let state = inner.store.borrow().clone();
     if let Some(state) = state {
         let eps = trust::verify(&state, &inner.gossip.snapshot(), inner.tunnels).endpoints;
-        let table = project::vip_table(&state, &records::services(&state), &eps);
+        let table = project::vip_table(&state, records::services(&state), &eps);
         let rules = project::vip_rules(&table, &attached);
         if !rules.is_empty() {
             install_vips(inner, id, Arc::new(inner.runtime.netns(id)?), rules)
