@@ -144,7 +144,7 @@ pub async fn cluster_view(
         }
         let svc = services.get(&t.task.service_id);
         col.tasks.push(TaskView {
-            name: t.display_name(svc),
+            name: t.display_name(svc.map(Arc::as_ref)),
             // A standalone task is coloured and filtered by its own name.
             service: svc.map_or_else(|| t.display_name(None), |s| s.name.clone()),
             slot: t.task.slot,

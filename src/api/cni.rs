@@ -141,11 +141,11 @@ async fn read_store(c: &shoal_cluster::Cluster) -> Result<ClusterState, CniFailu
 
 /// This node's record of the container `container_id`.
 fn find(state: &ClusterState, me: &str, container_id: &str) -> Option<TaskRecord> {
-    let mine = |t: &&TaskRecord| {
+    let mine = |t: &&Arc<TaskRecord>| {
         t.task.node_id.as_deref() == Some(me)
             && t.cni().is_some_and(|c| c.container_id == container_id)
     };
-    records::tasks(state).values().find(mine).cloned()
+    records::tasks(state).values().find(mine).cloned().map(Arc::unwrap_or_clone)
 }
 
 /// The name under `/run/netns` of the namespace at `path`: the overlay and a restarted agent

@@ -112,7 +112,7 @@ pub(super) async fn own_container(
         })
         .cloned()
         .ok_or_else(|| not_found("container", name))?;
-    Ok((c, t))
+    Ok((c, Arc::unwrap_or_clone(t)))
 }
 
 /// This node's standalone tasks, as `docker ps` lists one engine's containers: the ones that

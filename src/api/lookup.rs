@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -56,11 +57,13 @@ pub(super) fn find_network<'a>(
     state: &'a ClusterState,
     what: &str,
 ) -> Result<&'a NetworkRecord, Response> {
-    find_one("network", what, &state.networks, |n| &n.name).map_err(model_error)
+    find_one("network", what, &state.networks, |n| &n.name).map(Arc::as_ref).map_err(model_error)
 }
 
 pub(super) fn find_service(state: &ClusterState, what: &str) -> Result<Service, Response> {
-    find_one("service", what, records::services(state), |s| &s.name).cloned().map_err(model_error)
+    find_one("service", what, records::services(state), |s| &s.name)
+        .map(|s| Service::clone(s))
+        .map_err(model_error)
 }
 
 /// The model's error as the API's answer: nothing was written.

@@ -127,7 +127,7 @@ fn network_view(state: &ClusterState, n: &NetworkRecord) -> NetworkView {
             continue;
         }
         if let (Some(ip), Some(node)) = (t.addresses.get(&n.id), &t.task.node_id) {
-            let name = t.display_name(services.get(&t.task.service_id));
+            let name = t.display_name(services.get(&t.task.service_id).map(Arc::as_ref));
             match t.cni() {
                 Some(c) => containers.entry(hostname(node)).or_default().push((
                     name,

@@ -104,7 +104,7 @@ pub(super) async fn put_service(
     let services = records::services(state);
     let network =
         |id: &str| state.networks.get(id).map(|n| NetworkRef { name: &n.name, ingress: n.ingress });
-    svc.check_against(services.values(), network).map_err(model_error)?;
+    svc.check_against(services.values().map(Arc::as_ref), network).map_err(model_error)?;
     // Between `network rm ingress` and the next `network create --ingress` the mesh has no
     // network to reach tasks through.
     if records::ingress(state).is_none() && svc.ports.iter().any(|p| p.is_ingress()) {
@@ -218,7 +218,7 @@ pub(super) fn task_views(
         .values()
         .filter(|t| filter(t))
         .map(|t| TaskView {
-            name: t.display_name(services.get(&t.task.service_id)),
+            name: t.display_name(services.get(&t.task.service_id).map(Arc::as_ref)),
             node: t
                 .task
                 .node_id
@@ -231,7 +231,7 @@ pub(super) fn task_views(
                 .iter()
                 .map(|(n, ip)| (state.networks.get(n).map_or(n.clone(), |x| x.name.clone()), *ip))
                 .collect(),
-            task: t.clone(),
+            task: TaskRecord::clone(t),
         })
         .collect();
     // Docker's order: by slot, the current task first, then newest history first.

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -264,7 +265,9 @@ pub(crate) fn plan_writes(
                 writes.push(Command::PutTask(Box::new(rec)));
             }
             Action::Assign { task_id, node_id } => {
-                let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
+                let Some(mut t) = tasks.get(&task_id).cloned().map(Arc::unwrap_or_clone) else {
+                    continue;
+                };
                 t.task.node_id = Some(node_id);
                 t.task.state = TaskState::Assigned;
                 t.task.state_since_ms = now;
@@ -272,7 +275,9 @@ pub(crate) fn plan_writes(
                 writes.push(Command::PutTask(Box::new(t)));
             }
             Action::Shutdown { task_id, reason } => {
-                let Some(mut t) = tasks.get(&task_id).cloned() else { continue };
+                let Some(mut t) = tasks.get(&task_id).cloned().map(Arc::unwrap_or_clone) else {
+                    continue;
+                };
                 t.task.desired = DesiredState::Shutdown;
                 if t.task.state < TaskState::Assigned || t.task.node_id.is_none() {
                     // Never reached a node: nothing to stop.
@@ -299,7 +304,7 @@ pub(crate) fn plan_writes(
         if gone || ended {
             writes.push(Command::RemoveTask(t.task.id.clone()));
         } else if !t.addressed() && t.task.desired == DesiredState::Running {
-            let mut t = t.clone();
+            let mut t = TaskRecord::clone(t);
             for net in t.networks.clone() {
                 if !t.addresses.contains_key(&net) {
                     let ip = ipam.allocate(&net, &t.task.id)?;
@@ -342,7 +347,7 @@ mod tests {
             encrypted: false,
             labels: Default::default(),
         };
-        s.networks.insert("ing".into(), ingress);
+        s.networks.insert("ing".into(), ingress.into());
         s
     }
 
@@ -372,7 +377,7 @@ mod tests {
             node(3, NodeStatus::Down, "heartbeat failure", now - RESTART_GRACE_MS),
             node(4, NodeStatus::Down, "node left the swarm", now - 1_000),
         ] {
-            s.nodes.insert(n.id, n);
+            s.nodes.insert(n.id, n.into());
         }
         let mut view = records::sched_state(&s);
         hold_restarting(&mut view, &s, now);
@@ -414,11 +419,20 @@ mod tests {
             standalone: None,
         };
         let t = &mut s.tasks;
-        t.insert("a".into(), task("a", "10.0.0.2", TaskState::Running, DesiredState::Running));
+        t.insert(
+            "a".into(),
+            task("a", "10.0.0.2", TaskState::Running, DesiredState::Running).into(),
+        );
         // Stopping, not yet stopped: still holds its address.
-        t.insert("b".into(), task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown));
+        t.insert(
+            "b".into(),
+            task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown).into(),
+        );
         // Ended: its address is free again.
-        t.insert("c".into(), task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown));
+        t.insert(
+            "c".into(),
+            task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown).into(),
+        );
         let held = HeldAddress { ip: Ipv4Addr::new(10, 0, 0, 5) };
         s.ipam.insert(records::sandbox_key("n"), held);
         let mut ipam = ipam_of(&s).unwrap();

@@ -473,6 +473,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     let mine: BTreeMap<&String, &TaskRecord> = tasks
         .iter()
         .filter(|(_, t)| t.task.node_id.as_deref() == Some(inner.me.as_str()))
+        .map(|(id, t)| (id, t.as_ref()))
         .collect();
 
     // What the rest of the data path stands on: the gossip networks and the ingress sandbox.
@@ -488,14 +489,14 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         .map(|s| (s.id.clone(), s))
         .collect();
 
-    let local = local_inputs(inner, &services);
+    let local = local_inputs(inner, services);
     let gossip = inner.gossip.snapshot();
     let desired = project::project(&project::Inputs {
         me: &inner.me,
         tunnels: inner.tunnels,
         state: &state,
-        services: &services,
-        tasks: &tasks,
+        services,
+        tasks,
         gossip: &gossip,
         statuses: &statuses,
         local: &local,
@@ -504,7 +505,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     });
     lock(&inner.local).seen_up = desired.seen_up.clone();
 
-    tasks::apply(inner, &state, &services, &tasks, &desired.tasks).await;
+    tasks::apply(inner, &state, services, tasks, &desired.tasks).await;
     let failed = desired.reports.iter().filter(|r| r.failed).count() as u64;
     inner.failures.fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
     let reports: Vec<_> =
@@ -519,7 +520,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
     // The data path does not wait for the leader to take the reports (a task that now runs is
     // published as serving in the same moment it is reported running).
     let local = async {
-        tasks::readiness(inner, &services, &mine, &statuses);
+        tasks::readiness(inner, services, &mine, &statuses);
         apply::endpoints(inner, &desired.endpoints).await;
         apply::dataplane(inner, &desired).await;
     };
@@ -528,7 +529,7 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
 }
 
 /// What the projection needs of this node's own state, taken in one look.
-fn local_inputs(inner: &Inner, services: &BTreeMap<String, Service>) -> project::LocalView {
+fn local_inputs(inner: &Inner, services: &BTreeMap<String, Arc<Service>>) -> project::LocalView {
     let mesh_health = kernel_mesh::mesh_health(inner, services);
     let l = lock(&inner.local);
     project::LocalView {

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_cluster::model::{ClusterState, NetworkRecord};
@@ -62,16 +63,16 @@ pub struct EndpointRecord {
 
 /// The ingress network.
 pub fn ingress(state: &ClusterState) -> Option<&NetworkRecord> {
-    state.networks.values().find(|n| n.ingress)
+    state.networks.values().map(Arc::as_ref).find(|n| n.ingress)
 }
 
 /// The services in the store, by id.
-pub fn services(state: &ClusterState) -> &BTreeMap<String, Service> {
+pub fn services(state: &ClusterState) -> &BTreeMap<String, Arc<Service>> {
     &state.services
 }
 
 /// The tasks in the store, by id.
-pub fn tasks(state: &ClusterState) -> &BTreeMap<String, TaskRecord> {
+pub fn tasks(state: &ClusterState) -> &BTreeMap<String, Arc<TaskRecord>> {
     &state.tasks
 }
 
@@ -112,7 +113,7 @@ pub fn sched_state(state: &ClusterState) -> sched::ClusterState {
         .collect();
     sched::ClusterState {
         nodes,
-        services: services(state).values().map(crate::from_model::sched_service).collect(),
+        services: services(state).values().map(|s| crate::from_model::sched_service(s)).collect(),
         tasks: tasks(state)
             .values()
             .filter(|t| t.standalone.is_none())

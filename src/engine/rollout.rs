@@ -5,6 +5,7 @@
 //! Pure functions of the store; the leader writes what they return.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use shoal_scheduler::TaskState;
 
@@ -54,8 +55,8 @@ pub fn same_tasks(a: &Service, b: &Service) -> bool {
 /// service's current spec, made by an update, failed within the monitor period of its creation
 /// and after the update began; a service already paused or rolling back is left alone.
 pub fn failure_actions(
-    services: &BTreeMap<String, Service>,
-    tasks: &BTreeMap<String, TaskRecord>,
+    services: &BTreeMap<String, Arc<Service>>,
+    tasks: &BTreeMap<String, Arc<TaskRecord>>,
     now: u64,
 ) -> Vec<Service> {
     let mut out = Vec::new();
@@ -78,7 +79,7 @@ pub fn failure_actions(
         let why = format!("failure or early termination of task {}", failed.id);
         match svc.update_failure_action {
             FailureAction::Pause => {
-                let mut s = svc.clone();
+                let mut s = Service::clone(svc);
                 s.update_status =
                     Some(UpdateStatus::new("paused", format!("update paused due to {why}")));
                 s.updated_ms = now;
@@ -140,17 +141,18 @@ mod tests {
         serde_json::from_value(value).expect("a task record")
     }
 
-    fn updated(action: FailureAction) -> BTreeMap<String, Service> {
+    fn updated(action: FailureAction) -> BTreeMap<String, Arc<Service>> {
         let mut cur = svc(2, &[("V", "2")], 2);
         cur.updated_ms = 1_000;
         cur.update_failure_action = action;
         cur.previous = Some(Box::new(svc(2, &[], 1)));
-        BTreeMap::from([("s1".to_owned(), cur)])
+        BTreeMap::from([("s1".to_owned(), Arc::new(cur))])
     }
 
     #[test]
     fn a_failed_new_task_pauses_or_rolls_back_the_update() {
-        let early = BTreeMap::from([("t1".to_owned(), task("t1", 2, "failed", 1_100, 3_000))]);
+        let early =
+            BTreeMap::from([("t1".to_owned(), Arc::new(task("t1", 2, "failed", 1_100, 3_000)))]);
         let paused = failure_actions(&updated(FailureAction::Pause), &early, 4_000);
         assert_eq!(paused.len(), 1);
         let status = paused[0].update_status.clone().expect("a status");
@@ -158,8 +160,12 @@ mod tests {
         assert!(status.message.contains("t1"), "{status:?}");
         assert!(crate::from_model::sched_service(&paused[0]).spec.update_paused);
         assert!(
-            failure_actions(&BTreeMap::from([("s1".into(), paused[0].clone())]), &early, 5_000)
-                .is_empty(),
+            failure_actions(
+                &BTreeMap::from([("s1".into(), Arc::new(paused[0].clone()))]),
+                &early,
+                5_000
+            )
+            .is_empty(),
             "acted on once"
         );
 
@@ -178,15 +184,16 @@ mod tests {
     #[test]
     fn failures_that_do_not_count() {
         let none = |tasks: &[TaskRecord]| {
-            let tasks = tasks.iter().map(|t| (t.task.id.clone(), t.clone())).collect();
+            let tasks = tasks.iter().map(|t| (t.task.id.clone(), Arc::new(t.clone()))).collect();
             failure_actions(&updated(FailureAction::Pause), &tasks, 99_000).is_empty()
         };
         assert!(none(&[task("t1", 2, "failed", 1_100, 9_000)]), "after the monitor period");
         assert!(none(&[task("t1", 1, "failed", 1_100, 2_000)]), "a task of the old spec");
         assert!(none(&[task("t1", 2, "failed", 100, 900)]), "before the update began");
         assert!(none(&[task("t1", 2, "running", 1_100, 2_000)]), "running");
-        let fresh = BTreeMap::from([("s1".to_owned(), svc(2, &[], 1))]);
-        let t = BTreeMap::from([("t1".to_owned(), task("t1", 1, "failed", 1_100, 2_000))]);
+        let fresh = BTreeMap::from([("s1".to_owned(), Arc::new(svc(2, &[], 1)))]);
+        let t =
+            BTreeMap::from([("t1".to_owned(), Arc::new(task("t1", 1, "failed", 1_100, 2_000)))]);
         assert!(failure_actions(&fresh, &t, 3_000).is_empty(), "a new service is no update");
     }
 

@@ -207,8 +207,8 @@ mod tests {
     /// A store with nodes A and B, task `t1` of service `s` on B with 10.0.1.5 on network `n`.
     fn store() -> ClusterState {
         let mut s = ClusterState::default();
-        s.nodes.insert(NodeId(A), node(A, 1, Some([1; 32])));
-        s.nodes.insert(NodeId(B), node(B, 2, Some([2; 32])));
+        s.nodes.insert(NodeId(A), node(A, 1, Some([1; 32])).into());
+        s.nodes.insert(NodeId(B), node(B, 2, Some([2; 32])).into());
         let task = sched::Task {
             id: "t1".into(),
             service_id: "s".into(),
@@ -230,7 +230,7 @@ mod tests {
             health: None,
             standalone: None,
         };
-        s.tasks.insert("t1".into(), rec);
+        s.tasks.insert("t1".into(), rec.into());
         s
     }
 

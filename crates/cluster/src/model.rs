@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 pub use shoal_model::{Service, TaskRecord};
@@ -285,23 +286,25 @@ pub struct ClusterInfo {
 /// The whole replicated state.
 ///
 /// Every table is typed; `raft` applies each batch to it in place (a refused command changes
-/// nothing, so no copy is needed to roll back).
+/// nothing, so no copy is needed to roll back). Records sit behind [`Arc`], so a copy of the
+/// state (a read of the store, a node's resync) shares them and costs a pointer per record;
+/// apply changes a shared record through [`Arc::make_mut`], which copies that one record only.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Settings; `None` before init has been applied.
     pub cluster: Option<ClusterInfo>,
     /// Nodes by id.
-    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub nodes: BTreeMap<NodeId, Arc<NodeRecord>>,
     /// Networks by id.
-    pub networks: BTreeMap<String, NetworkRecord>,
+    pub networks: BTreeMap<String, Arc<NetworkRecord>>,
     /// Gossip keyring.
     pub keyring: Keyring,
     /// Services by id.
     #[serde(default)]
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<String, Arc<Service>>,
     /// Tasks by id: the service tasks the leader schedules and the nodes' standalone tasks.
     #[serde(default)]
-    pub tasks: BTreeMap<String, TaskRecord>,
+    pub tasks: BTreeMap<String, Arc<TaskRecord>>,
     /// The addresses no task holds (service VIPs, node sandboxes), keyed as
     /// [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] say.
     #[serde(default)]

@@ -121,13 +121,14 @@ mod tests {
     use super::*;
     use crate::model::{Availability, NodeRecord, Role};
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     fn state(nodes: &[(u64, NodeStatus)]) -> ClusterState {
         let mut s = ClusterState::default();
         for (id, status) in nodes {
             s.nodes.insert(
                 NodeId(*id),
-                NodeRecord {
+                Arc::new(NodeRecord {
                     id: NodeId(*id),
                     hostname: format!("n{id}"),
                     role: Role::Worker,
@@ -141,7 +142,7 @@ mod tests {
                     engine_version: String::new(),
                     created_ms: 0,
                     updated_ms: 0,
-                },
+                }),
             );
         }
         s

@@ -2,14 +2,15 @@
 //! network over the control plane's QUIC transport.
 //!
 //! One redb file (`raft.redb`) holds the log, the vote, the committed id, the applied state
-//! machine (written in the same transaction as each applied batch) and the current snapshot.
-//! After a restart openraft reads back the vote and the log, and the state machine resumes from
-//! where it was applied; snapshots let the log be purged (compaction).
+//! machine (a table per record kind, see `tables`: each applied batch writes the records it
+//! touched in one transaction) and the current snapshot. After a restart openraft reads back the
+//! vote and the log, and the state machine resumes from where it was applied; snapshots let the
+//! log be purged (compaction).
 
 // openraft's storage traits fix the error type (`StorageError`, 224 bytes); the helpers share it.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -31,6 +32,10 @@ use tokio::sync::{broadcast, watch};
 use crate::model::{ClusterEvent, ClusterState, Command, CommandResponse, Keyring, now_ms, schema};
 use crate::watch::{ChangeLog, Delta, Placement, Position, Reader, Slot};
 
+mod tables;
+#[cfg(test)]
+mod tests;
+
 openraft::declare_raft_types!(
     /// The Raft type configuration of the cluster store.
     pub TypeConfig:
@@ -51,7 +56,6 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const K_VOTE: &str = "vote";
 const K_COMMITTED: &str = "committed";
 const K_PURGED: &str = "purged";
-const K_SM: &str = "state_machine";
 const K_SNAPSHOT: &str = "snapshot";
 
 type SErr = StorageError<u64>;
@@ -231,23 +235,25 @@ fn remove_logs(db: &Database, range: impl RangeBounds<u64>) -> Result<(), SErr> 
     txn.commit().map_err(wr)
 }
 
-/// What the state machine persists: the state plus the Raft bookkeeping applied with it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The applied state plus the Raft bookkeeping applied with it.
+#[derive(Debug, Clone, Default)]
 pub struct Applied {
     /// Last applied log id.
     pub last_applied: Option<LogId<u64>>,
     /// Last applied membership.
     pub membership: StoredMembership<u64, BasicNode>,
-    /// The cluster store, with its schema version (see `model::schema`).
-    #[serde(with = "crate::model::schema")]
+    /// The cluster store.
     pub state: ClusterState,
     /// Which entries the recent revisions changed (kept in memory only: after a restart, nodes
     /// resync once).
-    #[serde(skip)]
     pub changes: ChangeLog,
 }
 
 impl Applied {
+    fn bookkeeping(&self) -> tables::Bookkeeping {
+        tables::Bookkeeping { last_applied: self.last_applied, membership: self.membership.clone() }
+    }
+
     /// The revision of the store: the index of the last applied log entry.
     pub fn revision(&self) -> u64 {
         self.last_applied.map_or(0, |l| l.index)
@@ -275,14 +281,21 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Loads the applied state from `db` (empty on a fresh file).
+    /// Loads the applied state from `db` (empty on a fresh file), first rewriting a state
+    /// machine an older agent kept as one blob into the tables.
     pub fn open(
         db: Arc<Database>,
         events: broadcast::Sender<ClusterEvent>,
         keyring: watch::Sender<Keyring>,
     ) -> Result<StateMachine, SErr> {
-        let mut applied: Applied = get_meta(&db, K_SM)?.unwrap_or_default();
-        applied.changes = ChangeLog::new(applied.revision());
+        tables::upgrade_blob(&db)?;
+        let (book, state) = tables::load(&db)?;
+        let applied = Applied {
+            changes: ChangeLog::new(book.last_applied.map_or(0, |l| l.index)),
+            last_applied: book.last_applied,
+            membership: book.membership,
+            state,
+        };
         if !applied.state.keyring.keys.is_empty() {
             keyring.send_replace(applied.state.keyring.clone());
         }
@@ -295,7 +308,7 @@ impl StateMachine {
         })
     }
 
-    /// A copy of the current state.
+    /// A copy of the current state (it shares the records, see [`ClusterState`]).
     pub fn state(&self) -> ClusterState {
         self.applied.read().map(|a| a.state.clone()).unwrap_or_default()
     }
@@ -341,6 +354,15 @@ impl StateMachine {
         }
     }
 
+    /// Writes the records `touched` names and the bookkeeping of `a`, in one transaction.
+    /// Returns the bytes of the values written.
+    fn persist(&self, a: &Applied, touched: &BTreeSet<Slot>) -> Result<usize, SErr> {
+        let txn = self.db.begin_write().map_err(wr)?;
+        let bytes = tables::write_slots(&txn, &a.bookkeeping(), &a.state, touched)?;
+        txn.commit().map_err(wr)?;
+        Ok(bytes)
+    }
+
     fn publish_keyring(&self, state: &ClusterState) {
         let kr = state.keyring.clone();
         self.keyring.send_if_modified(|cur| {
@@ -356,10 +378,12 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let (data, last_applied, membership) = {
+        // The copy shares the records, so the encoding below does not hold up apply.
+        let (state, last_applied, membership) = {
             let a = self.applied.read().map_err(rd)?;
-            (schema::encode(&a.state).map_err(rd)?, a.last_applied, a.membership.clone())
+            (a.state.clone(), a.last_applied, a.membership.clone())
         };
+        let data = schema::encode(&state).map_err(rd)?;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, now_ms()),
             None => format!("empty-{}", now_ms()),
@@ -393,6 +417,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let next = &mut *guard;
         let mut out = Vec::new();
         let mut events = Vec::new();
+        let mut touched = BTreeSet::new();
         let now = now_ms();
         for e in entries {
             next.last_applied = Some(e.log_id);
@@ -400,7 +425,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => out.push(CommandResponse::default()),
                 EntryPayload::Normal(cmd) => match next.state.apply(&cmd, now) {
                     Ok(ev) => {
-                        next.changes.record(e.log_id.index, Slot::touched_by(&cmd));
+                        let slots = Slot::touched_by(&cmd);
+                        touched.extend(slots.iter().cloned());
+                        next.changes.record(e.log_id.index, slots);
                         events.extend(ev);
                         out.push(CommandResponse::default());
                     }
@@ -412,7 +439,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        put_meta(&self.db, K_SM, &*next)
+        self.persist(next, &touched)
             .map_err(|e| io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         self.publish_keyring(&next.state);
         drop(guard);
@@ -445,8 +472,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // What changed up to the snapshot is not known: nodes behind it resync.
             changes: ChangeLog::new(meta.last_log_id.map_or(0, |l| l.index)),
         };
-        put_meta(&self.db, K_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
-        put_meta(&self.db, K_SM, &next)?;
+        let stored =
+            serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data }).map_err(wr)?;
+        let txn = self.db.begin_write().map_err(wr)?;
+        txn.open_table(META).map_err(wr)?.insert(K_SNAPSHOT, stored.as_slice()).map_err(wr)?;
+        tables::write_all(&txn, &next.bookkeeping(), &next.state)?;
+        txn.commit().map_err(wr)?;
         self.publish_keyring(&next.state);
         *self.applied.write().map_err(wr)? = next;
         Ok(())
@@ -502,125 +533,4 @@ pub fn raft_config(t: &crate::Tuning) -> Result<Arc<openraft::Config>, openraft:
 /// Parses a manager's control address out of its Raft node record.
 pub fn node_addr(node: &BasicNode) -> Option<SocketAddr> {
     node.addr.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Command, NodeId};
-    use openraft::{CommittedLeaderId, Membership};
-    use std::collections::{BTreeMap, BTreeSet};
-
-    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(cmd),
-        }
-    }
-
-    fn put(i: u64) -> Command {
-        Command::PutAddress { key: format!("k{i}"), ip: [10, 0, 0, i as u8].into() }
-    }
-
-    #[tokio::test]
-    async fn log_survives_reopen_and_truncates_and_purges() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("raft.redb");
-        {
-            let mut ls = LogStore::new(open_db(&path).expect("db"));
-            let entries: Vec<_> = (1..=10).map(|i| entry(i, put(i))).collect();
-            // Write directly (the flush callback needs a running Raft core).
-            let txn = ls.db.begin_write().expect("w");
-            {
-                let mut t = txn.open_table(LOGS).expect("t");
-                for e in &entries {
-                    t.insert(e.log_id.index, serde_json::to_vec(e).expect("ser").as_slice())
-                        .expect("ins");
-                }
-            }
-            txn.commit().expect("commit");
-            ls.save_vote(&Vote::new(3, 1)).await.expect("vote");
-            ls.truncate(LogId::new(CommittedLeaderId::new(1, 1), 9)).await.expect("truncate");
-            ls.purge(LogId::new(CommittedLeaderId::new(1, 1), 3)).await.expect("purge");
-        }
-        let mut ls = LogStore::new(open_db(&path).expect("db"));
-        assert_eq!(ls.read_vote().await.expect("vote"), Some(Vote::new(3, 1)));
-        let st = ls.get_log_state().await.expect("state");
-        assert_eq!(st.last_log_id.map(|l| l.index), Some(8));
-        assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(3));
-        let got = ls.try_get_log_entries(0..100).await.expect("read");
-        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
-    }
-
-    #[tokio::test]
-    async fn state_machine_persists_and_snapshots() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("raft.redb");
-        let (ev, _) = broadcast::channel(16);
-        let (kr, _) = watch::channel(Keyring::default());
-        let snap;
-        {
-            let mut sm = StateMachine::open(open_db(&path).expect("db"), ev.clone(), kr.clone())
-                .expect("sm");
-            let mut members = BTreeMap::new();
-            members.insert(1u64, BasicNode::new("127.0.0.1:1"));
-            let m = Membership::new(vec![BTreeSet::from([1u64])], members);
-            let mut batch = vec![Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
-                payload: EntryPayload::Membership(m),
-            }];
-            // Uninitialised store: a put is refused (and reported), the batch still applies.
-            batch.push(entry(2, put(2)));
-            let res = sm.apply(batch).await.expect("apply");
-            assert!(res[1].error.as_deref().is_some_and(|e| e.contains("not initialised")));
-            snap = sm.build_snapshot().await.expect("snapshot");
-            assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
-        }
-        let mut sm = StateMachine::open(open_db(&path).expect("db"), ev, kr).expect("sm");
-        let (applied, membership) = sm.applied_state().await.expect("applied");
-        assert_eq!(applied.map(|l| l.index), Some(2));
-        assert!(membership.membership().voter_ids().any(|v| v == 1));
-        let cur = sm.get_current_snapshot().await.expect("cur").expect("some");
-        assert_eq!(cur.meta.snapshot_id, snap.meta.snapshot_id);
-        // Installing a snapshot replaces the state.
-        let mut st = ClusterState::default();
-        st.ipam
-            .insert("from-snapshot".into(), crate::model::HeldAddress { ip: [10, 0, 0, 1].into() });
-        let data = schema::encode(&st).expect("ser");
-        sm.install_snapshot(&cur.meta, Box::new(Cursor::new(data))).await.expect("install");
-        assert!(sm.state().ipam.contains_key("from-snapshot"));
-        assert!(!sm.state().nodes.contains_key(&NodeId(1)));
-        // A garbage snapshot is refused and changes nothing.
-        let before = sm.applied_state().await.expect("applied");
-        assert!(
-            sm.install_snapshot(&cur.meta, Box::new(Cursor::new(b"nope".to_vec()))).await.is_err()
-        );
-        assert_eq!(sm.applied_state().await.expect("applied").0, before.0);
-    }
-
-    #[test]
-    fn a_state_machine_written_before_typed_tables_opens_upgraded() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let db = open_db(&dir.path().join("raft.redb")).expect("db");
-        // `Applied` as the agent before schema 2 wrote it: the tables under `entries`.
-        let old = serde_json::json!({
-            "last_applied": null,
-            "membership": StoredMembership::<u64, BasicNode>::default(),
-            "state": {
-                "cluster": null, "nodes": {}, "networks": {},
-                "keyring": {"keys": [], "primary": 0, "version": 0},
-                "entries": {"ipam": {"sbox/n1": {"ip": "10.0.0.2"}}},
-            }
-        });
-        put_meta(&db, K_SM, &old).expect("write");
-        let (ev, _) = broadcast::channel(1);
-        let (kr, _) = watch::channel(Keyring::default());
-        let sm = StateMachine::open(db.clone(), ev.clone(), kr.clone()).expect("open");
-        assert_eq!(sm.state().ipam["sbox/n1"].ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
-        let mut newer = old;
-        newer["state"] = serde_json::json!({"schema": 99});
-        put_meta(&db, K_SM, &newer).expect("write");
-        let e = StateMachine::open(db, ev, kr).expect_err("a newer schema");
-        assert!(e.to_string().contains("schema version 99"), "{e}");
-    }
 }

@@ -19,8 +19,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
-use crate::model::{ClusterInfo, ClusterState, Command, NodeId, Role, Service};
+use crate::model::{ClusterInfo, ClusterState, Command, NodeId, Role, Service, TaskRecord};
 
 /// One entry of the store: the unit a change names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -253,18 +254,20 @@ fn without_secrets(c: &mut ClusterInfo) {
     c.retired_secrets.clear();
 }
 
-/// What `reader` may see of a service (`whole`: the services it sees whole).
-fn redact_service(reader: Reader, whole: &BTreeSet<String>, s: &mut Service) {
+/// What `reader` may see of a service (`whole`: the services it sees whole). The record is
+/// copied only when something is blanked; otherwise the copy shares it with the store.
+fn redact_service(reader: Reader, whole: &BTreeSet<String>, s: &mut Arc<Service>) {
     if matches!(reader, Reader::Worker(_)) && !whole.contains(&s.id) {
-        blank_service(s);
+        blank_service(Arc::make_mut(s));
     }
 }
 
 /// What `reader` may see of a task: a worker sees how only its own standalone tasks run.
-fn redact_task(reader: Reader, t: &mut crate::model::TaskRecord) {
+fn redact_task(reader: Reader, t: &mut Arc<TaskRecord>) {
     let Reader::Worker(me) = reader else { return };
     if t.task.node_id.as_deref() != Some(me.to_string().as_str())
-        && let Some(s) = t.standalone.as_mut()
+        && t.standalone.is_some()
+        && let Some(s) = Arc::make_mut(t).standalone.as_mut()
     {
         blank_standalone(s);
     }

@@ -84,8 +84,8 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
 /// the store has it (`stored`), so a partition does not erase it and a node coming back is
 /// checked again before it gets traffic. Also returns the service of each port's flow counter.
 pub(super) fn ports(
-    services: &BTreeMap<String, Service>,
-    stored: &BTreeMap<String, TaskRecord>,
+    services: &BTreeMap<String, Arc<Service>>,
+    stored: &BTreeMap<String, Arc<TaskRecord>>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
     health: &BTreeMap<String, BTreeMap<String, HealthState>>,
@@ -136,7 +136,7 @@ pub(super) fn ports(
 /// The userspace mesh's health of the tasks of each kernel-path service (input of [`ports`]).
 pub(super) fn mesh_health(
     inner: &Inner,
-    services: &BTreeMap<String, Service>,
+    services: &BTreeMap<String, Arc<Service>>,
 ) -> BTreeMap<String, BTreeMap<String, HealthState>> {
     services
         .values()

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_cluster::model::{ClusterState, TaskReport};
@@ -60,8 +61,8 @@ pub(crate) struct Inputs<'a> {
     /// The WireGuard tunnel range (peers' tunnel addresses are made in it).
     pub tunnels: ipnet::Ipv4Net,
     pub state: &'a ClusterState,
-    pub services: &'a BTreeMap<String, Service>,
-    pub tasks: &'a BTreeMap<String, TaskRecord>,
+    pub services: &'a BTreeMap<String, Arc<Service>>,
+    pub tasks: &'a BTreeMap<String, Arc<TaskRecord>>,
     pub gossip: &'a Snapshot,
     /// The local runtime's and the CNI containers' tasks.
     pub statuses: &'a BTreeMap<String, rt::TaskStatus>,
@@ -150,8 +151,12 @@ pub(crate) struct Confirm {
 
 /// The whole desired state of one node.
 pub(crate) fn project(i: &Inputs<'_>) -> DesiredDataPlane {
-    let mine: BTreeMap<&String, &TaskRecord> =
-        i.tasks.iter().filter(|(_, t)| t.task.node_id.as_deref() == Some(i.me)).collect();
+    let mine: BTreeMap<&String, &TaskRecord> = i
+        .tasks
+        .iter()
+        .filter(|(_, t)| t.task.node_id.as_deref() == Some(i.me))
+        .map(|(id, t)| (id, t.as_ref()))
+        .collect();
     let tasks = task_plan(i, &mine);
     // Ended tasks detached this pass have nothing of ours left for the data path to set.
     let mut attached = i.local.attached.clone();
@@ -367,7 +372,8 @@ fn endpoints(
             continue;
         }
         // Readiness holds only while the task runs.
-        let port_ready = awaited_ports(i.services.get(&t.task.service_id)).is_empty()
+        let port_ready = awaited_ports(i.services.get(&t.task.service_id).map(Arc::as_ref))
+            .is_empty()
             || (running && i.local.ready.contains(*id));
         want.extend(endpoint_records(i.me, t, s.is_serving() && port_ready));
     }
@@ -559,7 +565,7 @@ fn vips(
 /// Every VIP per network, with the serving tasks behind it, from the store and gossip.
 pub(crate) fn vip_table(
     state: &ClusterState,
-    services: &BTreeMap<String, Service>,
+    services: &BTreeMap<String, Arc<Service>>,
     eps: &[(String, EndpointRecord)],
 ) -> BTreeMap<String, VipRules> {
     let held = records::held(state);

@@ -28,20 +28,24 @@ use crate::engine::trust;
 pub(super) async fn apply(
     inner: &Arc<Inner>,
     state: &ClusterState,
-    services: &BTreeMap<String, Service>,
-    tasks: &BTreeMap<String, TaskRecord>,
+    services: &BTreeMap<String, Arc<Service>>,
+    tasks: &BTreeMap<String, Arc<TaskRecord>>,
     plan: &TaskPlan,
 ) {
     for id in &plan.start {
         let Some(t) = tasks.get(id) else { continue };
         let svc = services.get(&t.task.service_id).cloned();
-        let nets: Vec<NetworkRecord> =
-            t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
+        let nets: Vec<NetworkRecord> = t
+            .networks
+            .iter()
+            .filter_map(|n| state.networks.get(n))
+            .map(|n| (**n).clone())
+            .collect();
         lock(&inner.local).busy.insert(id.clone());
         let (inner, t) = (inner.clone(), t.clone());
         tokio::spawn(async move {
             let id = t.task.id.clone();
-            if let Err(e) = start_task(&inner, &t, svc.as_ref(), &nets).await {
+            if let Err(e) = start_task(&inner, &t, svc.as_deref(), &nets).await {
                 tracing::warn!(task = %id, error = %format!("{e:#}"), "starting a task");
                 lock(&inner.local).errors.insert(id.clone(), format!("{e:#}"));
                 if inner.runtime.inspect(&id).is_ok_and(|s| !s.state.is_terminal()) {
@@ -82,8 +86,12 @@ pub(super) fn take_up_adopted(
             lock(&inner.local).attached.insert(id, all);
             continue;
         };
-        let nets: Vec<NetworkRecord> =
-            t.networks.iter().filter_map(|n| state.networks.get(n).cloned()).collect();
+        let nets: Vec<NetworkRecord> = t
+            .networks
+            .iter()
+            .filter_map(|n| state.networks.get(n))
+            .map(|n| (**n).clone())
+            .collect();
         lock(&inner.local).busy.insert(id.clone());
         let (inner, t) = (inner.clone(), (*t).clone());
         tokio::spawn(async move {
@@ -163,7 +171,7 @@ async fn start_task(
     let state = inner.store.borrow().clone();
     if let Some(state) = state {
         let eps = trust::verify(&state, &inner.gossip.snapshot(), inner.tunnels).endpoints;
-        let table = project::vip_table(&state, &records::services(&state), &eps);
+        let table = project::vip_table(&state, records::services(&state), &eps);
         let rules = project::vip_rules(&table, &attached);
         if !rules.is_empty() {
             install_vips(inner, id, Arc::new(inner.runtime.netns(id)?), rules)
@@ -327,13 +335,13 @@ async fn unpublish(inner: &Arc<Inner>, id: &str) {
 /// program listens.
 pub(super) fn readiness(
     inner: &Arc<Inner>,
-    services: &BTreeMap<String, Service>,
+    services: &BTreeMap<String, Arc<Service>>,
     mine: &BTreeMap<&String, &TaskRecord>,
     statuses: &BTreeMap<String, rt::TaskStatus>,
 ) {
     for (id, t) in mine {
         let running = statuses.get(*id).is_some_and(|s| s.state == rt::TaskState::Running);
-        let ports = project::awaited_ports(services.get(&t.task.service_id));
+        let ports = project::awaited_ports(services.get(&t.task.service_id).map(Arc::as_ref));
         {
             let mut l = lock(&inner.local);
             if !running {

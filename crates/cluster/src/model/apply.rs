@@ -59,14 +59,14 @@ impl ClusterState {
                     return Err("the cluster is already initialised".into());
                 }
                 self.cluster = Some(info.clone());
-                self.nodes.insert(node.id, node.clone());
+                self.nodes.insert(node.id, Arc::new(node.clone()));
                 self.keyring = keyring.clone();
-                self.networks.insert(ingress.id.clone(), ingress.clone());
+                self.networks.insert(ingress.id.clone(), Arc::new(ingress.clone()));
                 ev.push(ClusterEvent::NodeAdded { id: node.id, hostname: node.hostname.clone() });
                 ev.push(ClusterEvent::Keyring { version: keyring.version });
             }
             Command::AddNode(n) => {
-                self.nodes.insert(n.id, n.clone());
+                self.nodes.insert(n.id, Arc::new(n.clone()));
                 ev.push(ClusterEvent::NodeAdded { id: n.id, hostname: n.hostname.clone() });
             }
             Command::UpdateNode { id, availability, label_add, label_rm } => {
@@ -185,7 +185,7 @@ impl ClusterState {
                         ));
                     }
                 }
-                self.networks.insert(n.id.clone(), n.clone());
+                self.networks.insert(n.id.clone(), Arc::new(n.clone()));
             }
             Command::RemoveNetwork(id) => {
                 if self.networks.remove(id).is_none() {
@@ -194,13 +194,13 @@ impl ClusterState {
             }
             Command::PutService(svc) => {
                 self.check_service_unique(svc)?;
-                self.services.insert(svc.id.clone(), (**svc).clone());
+                self.services.insert(svc.id.clone(), Arc::new((**svc).clone()));
             }
             Command::RemoveService(id) => {
                 self.services.remove(id).ok_or_else(|| format!("service {id} not found"))?;
             }
             Command::PutTask(t) => {
-                self.tasks.insert(t.task.id.clone(), (**t).clone());
+                self.tasks.insert(t.task.id.clone(), Arc::new((**t).clone()));
             }
             Command::RemoveTask(id) => {
                 self.tasks.remove(id).ok_or_else(|| format!("task {id} not found"))?;
@@ -217,7 +217,7 @@ impl ClusterState {
                 if !assigned_to(t, *owner) {
                     return Err(format!("task {key} is not assigned to node {owner}"));
                 }
-                report.apply_to(t);
+                report.apply_to(Arc::make_mut(t));
             }
             Command::PutStandalone { owner, key, value } => {
                 if let Some(old) = self.tasks.get(key) {
@@ -230,7 +230,7 @@ impl ClusterState {
                 match value {
                     Some(t) => {
                         check_standalone(key, t, *owner)?;
-                        self.tasks.insert(key.clone(), (**t).clone());
+                        self.tasks.insert(key.clone(), Arc::new((**t).clone()));
                     }
                     None => {
                         self.tasks.remove(key);
@@ -242,7 +242,7 @@ impl ClusterState {
     }
 
     fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, String> {
-        self.nodes.get_mut(&id).ok_or_else(|| format!("node {id} not found"))
+        self.nodes.get_mut(&id).map(Arc::make_mut).ok_or_else(|| format!("node {id} not found"))
     }
 
     /// Finds a node by full id, unique id prefix or host name (as `docker node inspect` does).
@@ -253,7 +253,7 @@ impl ClusterState {
             return Ok(n);
         }
         let by_name: Vec<&NodeRecord> =
-            self.nodes.values().filter(|n| n.hostname == what).collect();
+            self.nodes.values().map(Arc::as_ref).filter(|n| n.hostname == what).collect();
         if by_name.len() == 1 {
             return Ok(by_name[0]);
         }
@@ -263,6 +263,7 @@ impl ClusterState {
         let by_prefix: Vec<&NodeRecord> = self
             .nodes
             .values()
+            .map(Arc::as_ref)
             .filter(|n| !what.is_empty() && n.id.to_string().starts_with(what))
             .collect();
         match by_prefix.len() {
@@ -274,6 +275,6 @@ impl ClusterState {
 
     /// The managers (desired role).
     pub fn managers(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.nodes.values().filter(|n| n.role == Role::Manager)
+        self.nodes.values().map(Arc::as_ref).filter(|n| n.role == Role::Manager)
     }
 }

@@ -4,7 +4,9 @@
 //! - Version 1 (no `schema` field) kept services, tasks and held addresses as JSON under
 //!   `entries: {table: {key: value}}`; each value already had the record's shape, so the
 //!   upgrade moves the three tables to their typed homes and parses them.
-//! - Version 2 is [`ClusterState`] as it is.
+//! - Version 2 is [`ClusterState`] as it is. Snapshots carry it as one JSON document; the state
+//!   machine on disk keeps the same records a row each (`raft/tables.rs`), and rewrites into
+//!   rows a whole document of version 1 or 2 that an older agent stored.
 //!
 //! A newer version than [`SCHEMA`] is refused: an older agent must not rewrite what it cannot read.
 

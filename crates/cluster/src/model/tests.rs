@@ -132,7 +132,7 @@ fn refused_commands_change_nothing() {
                 info: before.cluster.clone().expect("info"),
                 node: node(3, "x", Role::Manager),
                 keyring: Keyring::default(),
-                ingress: before.networks["ing"].clone()
+                ingress: (*before.networks["ing"]).clone()
             },
             0
         )
