@@ -30,7 +30,7 @@ impl From<IpamError> for Refusal {
 
 /// The network an `ipam` key's address is on: `vip/<service>/<network>`, or the ingress network
 /// for `sbox/<node>` (as [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] write them).
-pub fn held_network<'a>(state: &'a ClusterState, key: &'a str) -> Option<&'a str> {
+fn held_network<'a>(state: &'a ClusterState, key: &'a str) -> Option<&'a str> {
     match key.split('/').collect::<Vec<_>>()[..] {
         ["vip", _, net] => Some(net),
         ["sbox", _] => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
@@ -83,14 +83,14 @@ fn view(
 
 /// Hands out addresses nothing in the store holds, preferring ones no remembered task had.
 #[derive(Debug)]
-pub struct Allocator {
+struct Allocator {
     strict: Ipam,
     fresh: Ipam,
 }
 
 impl Allocator {
     /// Both views of `state`, over the networks in `only`.
-    pub fn of(state: &ClusterState, only: &BTreeSet<&str>) -> Result<Allocator, IpamError> {
+    fn of(state: &ClusterState, only: &BTreeSet<&str>) -> Result<Allocator, IpamError> {
         Ok(Allocator {
             strict: view(state, Some(only), false)?,
             fresh: view(state, Some(only), true)?,
@@ -98,7 +98,7 @@ impl Allocator {
     }
 
     /// An address on `net` for `owner`.
-    pub fn allocate(&mut self, net: &str, owner: &str) -> Result<Ipv4Addr, IpamError> {
+    fn allocate(&mut self, net: &str, owner: &str) -> Result<Ipv4Addr, IpamError> {
         match self.fresh.allocate(net, owner) {
             Ok(ip) => {
                 self.strict.allocate_exact(net, ip, owner)?;
@@ -342,11 +342,8 @@ mod tests {
         stop.task.desired = DesiredState::Shutdown;
         s.apply(&put(1, stop), 3).expect("stop");
         assert_eq!(s.tasks["c1"].addresses, before.tasks["c1"].addresses);
-        // Services and containers share one namespace of names.
+        // A container may not take a service's name.
         let mut svc = crate::simulated::service(1, 4);
-        svc.name = "x".into();
-        let e = s.apply(&Command::PutService(Box::new(svc.clone())), 4).unwrap_err();
-        assert!(matches!(e, Refusal::Conflict(_)), "{e}");
         svc.name = "web".into();
         s.apply(&Command::PutService(Box::new(svc)), 4).expect("web");
         assert!(matches!(s.apply(&put(2, run(2, "c3", "web")), 5), Err(Refusal::Conflict(_))));

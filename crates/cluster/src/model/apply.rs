@@ -74,14 +74,6 @@ impl ClusterState {
                 )));
             }
         }
-        // A record that keeps its name is never refused for it.
-        let renamed = self.services.get(&svc.id).is_none_or(|old| old.name != svc.name);
-        if renamed && let Some(t) = self.standalone_named(&svc.name) {
-            return Err(Refusal::Conflict(format!(
-                "the name {} is already in use by container {}",
-                svc.name, t.task.id
-            )));
-        }
         Ok(())
     }
 
@@ -121,8 +113,9 @@ impl ClusterState {
         self.tasks.values().find(|t| t.standalone.as_ref().is_some_and(|s| s.name == name))
     }
 
-    /// A standalone task's name is its DNS name, shared with the services': a new name, or a
-    /// changed one, must be free.
+    /// A standalone task's name is its DNS name: a new name, or a changed one, must be no other
+    /// standalone task's and no service's. `service create` does not look at containers' names,
+    /// as in Docker.
     fn check_standalone_unique(&self, key: &str, t: &TaskRecord) -> Result<(), Refusal> {
         let Some(name) = t.standalone.as_ref().map(|s| s.name.as_str()) else { return Ok(()) };
         let old = self.tasks.get(key).and_then(|o| o.standalone.as_ref());
