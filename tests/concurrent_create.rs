@@ -1,6 +1,8 @@
 //! Creates that race: 24 `network create` and `service create` calls at once, spread over three
 //! managers, leave no two networks with one subnet or VNI, no two services with one name or one
-//! published port, and the scheduler keeps working afterwards. The store decides; the API only proposes.
+//! published port, and the scheduler keeps working afterwards. Then `shoal run` races: six runs
+//! of one name on three nodes make one container, and twelve of different names twelve
+//! containers with twelve addresses. The store decides; the API only proposes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +12,34 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Lab, eventually, lossy, require_root, running_per_node};
+
+/// Runs every argv at once, the i-th on node i % 3 + 1: (argv, success, stderr) each.
+fn race(lab: &Lab, runs: &[Vec<String>]) -> Vec<(String, bool, String)> {
+    std::thread::scope(|s| {
+        let calls: Vec<_> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, args)| {
+                let node = format!("node{}", i % 3 + 1);
+                s.spawn(move || {
+                    let argv: Vec<&str> = ["--node", node.as_str()]
+                        .into_iter()
+                        .chain(args.iter().map(String::as_str))
+                        .collect();
+                    let out = lab.shoal(&argv);
+                    (args.join(" "), out.status.success(), lossy(&out.stderr))
+                })
+            })
+            .collect();
+        calls.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn run_argv(name: &str) -> Vec<String> {
+    ["run", "-d", "--name", name, "--network", "race0", "--", "sleep", "100000"]
+        .map(String::from)
+        .to_vec()
+}
 
 #[test]
 fn racing_creates_leave_no_duplicate() {
@@ -24,42 +54,30 @@ fn racing_creates_leave_no_duplicate() {
         (ls.matches("Reachable").count() + ls.matches("Leader").count() == 3).then_some(())
     });
 
-    let outcomes: Vec<(String, bool, String)> = std::thread::scope(|s| {
-        let calls: Vec<_> = (0..24)
-            .map(|i| {
-                let node = format!("node{}", i % 3 + 1);
-                let args: Vec<String> = if i < 10 {
-                    ["network", "create", "-d", "overlay", "--attachable", &format!("race{i}")]
-                        .map(String::from)
-                        .to_vec()
-                } else if i < 20 {
-                    let name = format!("dup{}", i % 2);
-                    ["service", "create", "-d", "--name", &name, "--", "sleep", "100000"]
-                        .map(String::from)
-                        .to_vec()
-                } else {
-                    // Four services, one published port.
-                    let name = format!("port{i}");
-                    [
-                        "service", "create", "-d", "--name", &name, "-p", "8500:80", "--", "sleep",
-                        "100000",
-                    ]
+    let calls: Vec<Vec<String>> = (0..24)
+        .map(|i| {
+            if i < 10 {
+                ["network", "create", "-d", "overlay", "--attachable", &format!("race{i}")]
                     .map(String::from)
                     .to_vec()
-                };
-                let lab = &lab;
-                s.spawn(move || {
-                    let argv: Vec<&str> = ["--node", node.as_str()]
-                        .into_iter()
-                        .chain(args.iter().map(String::as_str))
-                        .collect();
-                    let out = lab.shoal(&argv);
-                    (args.join(" "), out.status.success(), lossy(&out.stderr))
-                })
-            })
-            .collect();
-        calls.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+            } else if i < 20 {
+                let name = format!("dup{}", i % 2);
+                ["service", "create", "-d", "--name", &name, "--", "sleep", "100000"]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                // Four services, one published port.
+                let name = format!("port{i}");
+                [
+                    "service", "create", "-d", "--name", &name, "-p", "8500:80", "--", "sleep",
+                    "100000",
+                ]
+                .map(String::from)
+                .to_vec()
+            }
+        })
+        .collect();
+    let outcomes = race(&lab, &calls);
 
     // Every network create lands, each with its own subnet and VNI.
     for (call, ok, err) in outcomes.iter().filter(|(c, ..)| c.starts_with("network")) {
@@ -99,4 +117,33 @@ fn racing_creates_leave_no_duplicate() {
         &["service", "create", "--replicas", "3", "--name", "after", "--", "sleep", "100000"],
     );
     assert!(out.contains("converged"), "{out}");
+
+    // `shoal run --name solo` six times at once on three nodes: one container, five conflicts.
+    let same: Vec<Vec<String>> = (0..6).map(|_| run_argv("solo")).collect();
+    let outcomes = race(&lab, &same);
+    assert_eq!(outcomes.iter().filter(|(_, ok, _)| *ok).count(), 1, "{outcomes:?}");
+    for (call, ok, err) in &outcomes {
+        assert!(
+            *ok || err.starts_with("Error response from daemon: Conflict. The container name \"/solo\" is already in use"),
+            "{call}: {err}"
+        );
+    }
+    // Twelve different names at once: twelve containers, each with its own address.
+    let many: Vec<Vec<String>> = (0..12).map(|i| run_argv(&format!("many{i}"))).collect();
+    for (call, ok, err) in race(&lab, &many) {
+        assert!(ok, "{call}: {err}");
+    }
+    eventually("13 containers running on race0", Duration::from_secs(90), || {
+        let views: Vec<serde_json::Value> =
+            serde_json::from_str(&lab.on("node1", &["network", "inspect", "race0"])).unwrap();
+        let addrs: Vec<&str> = views[0]["tasks"]
+            .as_object()?
+            .values()
+            .flat_map(|rows| rows.as_array().into_iter().flatten())
+            .filter_map(|row| row[1].as_str())
+            .collect();
+        let unique: BTreeSet<&str> = addrs.iter().copied().collect();
+        assert_eq!(unique.len(), addrs.len(), "an address given twice: {addrs:?}");
+        (addrs.len() == 13).then_some(())
+    });
 }

@@ -305,9 +305,6 @@ async fn create(
     if records::overlay_spec(net).is_none() {
         return invalid(format!("network {} is not IPv4", net.name));
     }
-    if records::name_taken(state, &req.name) {
-        return invalid(format!("the name {} is already in use in the swarm", req.name));
-    }
     let id = new_id();
     let standalone = Standalone {
         name: req.name.clone(),
@@ -323,9 +320,14 @@ async fn create(
         }),
     };
     let rec = TaskRecord::standalone(&id, me, &net.id, standalone, now_ms());
-    c.put_standalone(&id, Some(rec))
-        .await
-        .map_err(|e| later(format!("writing the container's record: {e}")))?;
+    // The store decides whether the name is free.
+    match c.put_standalone(&id, Some(rec)).await {
+        Ok(()) => {}
+        Err(shoal_cluster::Error::Conflict(_)) => {
+            return invalid(format!("the name {} is already in use in the swarm", req.name));
+        }
+        Err(e) => return Err(later(format!("writing the container's record: {e}"))),
+    }
     Ok(id)
 }
 

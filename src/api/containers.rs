@@ -73,12 +73,6 @@ async fn container_run(
                 req.network, net.name
             )));
         }
-        if records::name_taken(&state, &req.name) {
-            return Err(error(
-                StatusCode::CONFLICT,
-                format!("Conflict. The container name \"/{}\" is already in use", req.name),
-            ));
-        }
         let id = new_id();
         let standalone = Standalone {
             name: req.name.clone(),
@@ -89,6 +83,7 @@ async fn container_run(
             cni: None,
         };
         let rec = TaskRecord::standalone(&id, engine.node_id(), &net.id, standalone, now_ms());
+        // The store refuses a name in use (409) and gives the addresses.
         c.put_standalone(&id, Some(rec)).await.map_err(cluster_error)?;
         engine.kick();
         Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "id": id }))).into_response())

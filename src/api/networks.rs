@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use shoal_cluster::model::{ClusterState, Command, NetworkRecord};
+use shoal_cluster::model::{ClusterState, Command, NetworkRecord, alloc};
 use shoal_model::NetworkCreate;
 use shoal_scheduler::TaskState;
 
@@ -59,25 +59,14 @@ async fn network_create(
     let run = async {
         let c = cluster(&st)?;
         req.validate().map_err(model_error)?;
-        // The store refuses a subnet or VNI another create took after we read it; then the
-        // next attempt reads again and picks past it (a name taken meanwhile is a conflict).
+        // The store decides: a name taken (or a second ingress network) is a conflict; a
+        // subnet or VNI another create took after we read is refused, and the next attempt
+        // reads again and picks past it.
         let mut attempts = 0;
         loop {
             attempts += 1;
             let state = store(&c).await?;
-            if state.networks.values().any(|n| n.name == req.name) {
-                return Err(error(
-                    StatusCode::CONFLICT,
-                    format!("network with name {} already exists", req.name),
-                ));
-            }
-            if let Some(ing) = records::ingress(&state).filter(|_| req.ingress) {
-                return Err(error(
-                    StatusCode::CONFLICT,
-                    format!("ingress network ({}, {}) is already present", ing.name, ing.id),
-                ));
-            }
-            let mut ipam = leader::ipam_of(&state).map_err(|e| bad_request(format!("{e:#}")))?;
+            let mut ipam = alloc::ipam(&state).map_err(|e| bad_request(e.to_string()))?;
             let id = new_id();
             let subnet =
                 ipam.add_network(&id, req.subnet).map_err(|e| bad_request(e.to_string()))?;

@@ -113,7 +113,7 @@ pub(super) fn cluster_error(e: ClusterError) -> Response {
         ClusterError::NotManager(_) | ClusterError::NoLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
         ClusterError::NotFound(_) => StatusCode::NOT_FOUND,
         ClusterError::PermissionDenied(_) => StatusCode::FORBIDDEN,
-        ClusterError::AlreadyInSwarm(_) => StatusCode::CONFLICT,
+        ClusterError::AlreadyInSwarm(_) | ClusterError::Conflict(_) => StatusCode::CONFLICT,
         ClusterError::Token(_)
         | ClusterError::WrongToken(_)
         | ClusterError::RotatedToken(_)

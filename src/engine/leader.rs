@@ -1,19 +1,19 @@
-//! The leader's loop: the scheduler's plan turned into store writes, and IP address management.
+//! The leader's loop: the scheduler's plan turned into store writes.
 //!
-//! Only the Raft leader runs a pass, and passes never overlap, so the allocator it rebuilds from
-//! the store at the start of each pass sees every address handed out before: an address is
-//! never given twice. An address is free again when nothing in the store holds it: a task that
-//! ended, a VIP of a service that is gone, the sandbox of a node that left.
+//! The pass says which addresses are wanted (a VIP per service and network, a sandbox address
+//! per node, an address per network of each new task); the store picks them when it applies the
+//! writes (`shoal_cluster::model::alloc`), so a pass never decides an address from a copy of the
+//! store that may be stale. An address is free again when nothing in the store holds it: a task
+//! that ended, a VIP of a service that is gone, the sandbox of a node that left.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use shoal_cluster::model::{ClusterState, Command, now_ms};
 use shoal_cluster::{Cluster, NodeId};
-use shoal_scheduler::{self as sched, Action, DesiredState, Ipam, TaskState};
+use shoal_scheduler::{self as sched, Action, DesiredState, TaskState};
 
 use super::records::{self, TaskRecord};
 
@@ -51,82 +51,6 @@ pub async fn run(cluster: Cluster, wake: std::sync::Arc<tokio::sync::Notify>) {
             Err(e) => tracing::debug!(error = %e, "reading the store for a scheduling pass"),
         }
     }
-}
-
-/// The allocator as the store has it: every network's subnet and every held address.
-pub fn ipam_of(state: &ClusterState) -> anyhow::Result<Ipam> {
-    ipam_with(state, false)
-}
-
-/// Hands out addresses that nothing holds, preferring ones no remembered task (the history
-/// `service ps` shows) had either: a task's address is not given to its successor while the
-/// old one's connections may still be draining, unless the subnet has nothing else.
-#[derive(Debug)]
-pub struct Allocator {
-    strict: Ipam,
-    fresh: Ipam,
-}
-
-impl Allocator {
-    /// Both views of the store.
-    pub fn of(state: &ClusterState) -> anyhow::Result<Allocator> {
-        Ok(Allocator { strict: ipam_with(state, false)?, fresh: ipam_with(state, true)? })
-    }
-
-    /// An address on `net` for `owner`.
-    pub fn allocate(&mut self, net: &str, owner: &str) -> anyhow::Result<Ipv4Addr> {
-        match self.fresh.allocate(net, owner) {
-            Ok(ip) => {
-                self.strict.allocate_exact(net, ip, owner)?;
-                Ok(ip)
-            }
-            Err(_) => {
-                let ip = self.strict.allocate(net, owner)?;
-                let _ = self.fresh.allocate_exact(net, ip, owner);
-                Ok(ip)
-            }
-        }
-    }
-}
-
-fn ipam_with(state: &ClusterState, history: bool) -> anyhow::Result<Ipam> {
-    let (pool, mask) = state
-        .cluster
-        .as_ref()
-        .and_then(|c| match c.default_addr_pool.first() {
-            Some(ipnet::IpNet::V4(p)) => Some((*p, c.subnet_size)),
-            _ => None,
-        })
-        .unwrap_or(("10.0.0.0/8".parse().expect("literal"), 24));
-    let mut ipam = Ipam::new(pool, mask)?;
-    for n in state.networks.values() {
-        if let ipnet::IpNet::V4(s) = n.subnet {
-            ipam.add_network(&n.id, Some(s))?;
-        }
-    }
-    let mut hold = |net: &str, ip: Ipv4Addr, owner: &str| {
-        if let Err(e) = ipam.allocate_exact(net, ip, owner) {
-            tracing::warn!(network = net, %ip, owner, error = %e, "an address in the store is not valid");
-        }
-    };
-    for t in records::tasks(state).values().filter(|t| history || t.holds_addresses()) {
-        for (net, ip) in &t.addresses {
-            hold(net, *ip, &t.task.id);
-        }
-    }
-    for (key, ip) in records::held(state) {
-        // `vip/<service>/<network>` and `sbox/<node>` (network: the ingress network).
-        let net = match key.split('/').collect::<Vec<_>>()[..] {
-            ["vip", _, net] => net.to_owned(),
-            ["sbox", _] => match records::ingress(state) {
-                Some(n) => n.id.clone(),
-                None => continue,
-            },
-            _ => continue,
-        };
-        hold(&net, ip, &key);
-    }
-    Ok(ipam)
 }
 
 /// How long a node may be down before its tasks are moved away. An agent restart, crash or
@@ -175,7 +99,6 @@ pub(crate) fn plan_writes(
     let services = records::services(state);
     let tasks = records::tasks(state);
     let held = records::held(state);
-    let mut ipam = Allocator::of(state)?;
     let mut writes: Vec<Command> = Vec::new();
 
     // Addresses that belong to no task: each node's ingress sandbox, each service's VIPs.
@@ -198,9 +121,8 @@ pub(crate) fn plan_writes(
         let subnet = state.networks.get(net).map(|n| n.subnet);
         held.get(key).is_some_and(|ip| subnet.is_some_and(|s| s.contains(&IpAddr::V4(*ip))))
     };
-    for (key, net) in wanted.iter().filter(|(k, net)| !fits(k, net)) {
-        let ip = ipam.allocate(net, key).with_context(|| format!("allocating {key}"))?;
-        writes.push(Command::PutAddress { key: key.clone(), ip });
+    for (key, net) in wanted.into_iter().filter(|(k, net)| !fits(k, net)) {
+        writes.push(Command::AllocateAddress { key, network: net });
     }
 
     // A rolling update whose new tasks fail stops first (paused, or rolled back); the next
@@ -226,13 +148,6 @@ pub(crate) fn plan_writes(
                 let Some(svc) = services.get(&service_id) else { continue };
                 let id = new_id();
                 let networks = records::task_networks(state, svc);
-                let mut addresses = BTreeMap::new();
-                for net in &networks {
-                    let ip = ipam
-                        .allocate(net, &id)
-                        .with_context(|| format!("an address for a task of {}", svc.name))?;
-                    addresses.insert(net.clone(), ip);
-                }
                 let placed = node_id.is_some() && !port_held;
                 let state = if placed { TaskState::Assigned } else { TaskState::Pending };
                 let rec = TaskRecord {
@@ -248,7 +163,8 @@ pub(crate) fn plan_writes(
                         created_ms: now,
                         attempt,
                     },
-                    addresses,
+                    // The store gives the addresses when it applies the write.
+                    addresses: BTreeMap::new(),
                     networks,
                     message: if state == TaskState::Pending {
                         plan.pending
@@ -291,8 +207,8 @@ pub(crate) fn plan_writes(
         }
     }
 
-    // Standalone tasks: addresses for new ones; forget ended `--rm` ones and those of nodes
-    // that are gone.
+    // Standalone tasks: forget ended `--rm` ones and those of nodes that are gone; one written
+    // without addresses (by an older agent) is written again for the store to give them.
     for t in tasks.values().filter(|t| t.standalone.is_some()) {
         let gone = t
             .task
@@ -304,14 +220,7 @@ pub(crate) fn plan_writes(
         if gone || ended {
             writes.push(Command::RemoveTask(t.task.id.clone()));
         } else if !t.addressed() && t.task.desired == DesiredState::Running {
-            let mut t = TaskRecord::clone(t);
-            for net in t.networks.clone() {
-                if !t.addresses.contains_key(&net) {
-                    let ip = ipam.allocate(&net, &t.task.id)?;
-                    t.addresses.insert(net, ip);
-                }
-            }
-            writes.push(Command::PutTask(Box::new(t)));
+            writes.push(Command::PutTask(Box::new(TaskRecord::clone(t))));
         }
     }
 
@@ -331,25 +240,6 @@ pub fn gateway_of(subnet: ipnet::Ipv4Net) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_cluster::model::{HeldAddress, NetworkRecord};
-
-    fn state_with_ingress() -> ClusterState {
-        let mut s = ClusterState::default();
-        let ingress = NetworkRecord {
-            id: "ing".into(),
-            name: "ingress".into(),
-            driver: "overlay".into(),
-            subnet: "10.0.0.0/24".parse().unwrap(),
-            gateway: "10.0.0.1".parse().unwrap(),
-            vni: 4096,
-            ingress: true,
-            attachable: false,
-            encrypted: false,
-            labels: Default::default(),
-        };
-        s.networks.insert("ing".into(), ingress.into());
-        s
-    }
 
     #[test]
     fn a_node_just_down_keeps_its_tasks_for_a_grace() {
@@ -393,64 +283,5 @@ mod tests {
                 ("node4".to_string(), S::Down, A::Active),
             ]
         );
-    }
-
-    #[test]
-    fn the_allocator_sees_every_held_address() {
-        let mut s = state_with_ingress();
-        let task = |id: &str, ip: &str, state: TaskState, desired: DesiredState| TaskRecord {
-            task: sched::Task {
-                id: id.into(),
-                service_id: "s1".into(),
-                slot: 1,
-                node_id: Some("n".into()),
-                spec_version: 1,
-                desired,
-                state,
-                state_since_ms: 0,
-                created_ms: 0,
-                attempt: 0,
-            },
-            addresses: [("ing".to_owned(), ip.parse().unwrap())].into(),
-            networks: vec!["ing".into()],
-            message: String::new(),
-            exit_code: None,
-            health: None,
-            standalone: None,
-        };
-        let t = &mut s.tasks;
-        t.insert(
-            "a".into(),
-            task("a", "10.0.0.2", TaskState::Running, DesiredState::Running).into(),
-        );
-        // Stopping, not yet stopped: still holds its address.
-        t.insert(
-            "b".into(),
-            task("b", "10.0.0.3", TaskState::Running, DesiredState::Shutdown).into(),
-        );
-        // Ended: its address is free again.
-        t.insert(
-            "c".into(),
-            task("c", "10.0.0.4", TaskState::Failed, DesiredState::Shutdown).into(),
-        );
-        let held = HeldAddress { ip: Ipv4Addr::new(10, 0, 0, 5) };
-        s.ipam.insert(records::sandbox_key("n"), held);
-        let mut ipam = ipam_of(&s).unwrap();
-        let got: Vec<Ipv4Addr> =
-            (0..3).map(|i| ipam.allocate("ing", &format!("new{i}")).unwrap()).collect();
-        // The pass's allocator keeps the ended task's address for last.
-        let mut alloc = Allocator::of(&s).unwrap();
-        assert_eq!(alloc.allocate("ing", "x").unwrap(), "10.0.0.6".parse::<Ipv4Addr>().unwrap());
-        for i in 7..=254 {
-            assert_eq!(
-                alloc.allocate("ing", &format!("y{i}")).unwrap(),
-                Ipv4Addr::new(10, 0, 0, i)
-            );
-        }
-        assert_eq!(alloc.allocate("ing", "z").unwrap(), "10.0.0.4".parse::<Ipv4Addr>().unwrap());
-        assert!(alloc.allocate("ing", "full").is_err());
-        let want: Vec<Ipv4Addr> =
-            ["10.0.0.4", "10.0.0.6", "10.0.0.7"].iter().map(|a| a.parse().unwrap()).collect();
-        assert_eq!(got, want);
     }
 }

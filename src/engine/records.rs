@@ -27,13 +27,6 @@ pub fn task_networks(state: &ClusterState, svc: &Service) -> Vec<String> {
     svc.task_networks(ingress(state).map(|n| n.id.as_str()))
 }
 
-/// Whether a service or a standalone task already has `name`: the two share one namespace of
-/// DNS names in the swarm.
-pub fn name_taken(state: &ClusterState, name: &str) -> bool {
-    tasks(state).values().any(|t| t.standalone.as_ref().is_some_and(|s| s.name == name))
-        || services(state).values().any(|s| s.name == name)
-}
-
 /// One endpoint in a network's gossip `endpoint_table` (key: task id, or `sbox-<node>` for a
 /// node's ingress sandbox).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -185,6 +185,9 @@ pub enum Error {
     /// Refused by a rule; nothing changed.
     #[error("{0}")]
     Refused(String),
+    /// A name or published port another record has; nothing changed.
+    #[error("{0}")]
+    Conflict(String),
     /// No leader now (an election is running or quorum is lost); retrying can help.
     #[error("{0}")]
     NoLeader(String),

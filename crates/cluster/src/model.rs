@@ -11,10 +11,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use apply::Refusal;
 use serde::{Deserialize, Serialize};
 pub use shoal_model::{Service, TaskRecord};
 use shoal_scheduler::TaskState;
 
+pub mod alloc;
 mod apply;
 pub mod schema;
 pub mod security;
@@ -400,11 +402,19 @@ pub enum Command {
     PutService(Box<Service>),
     /// Remove a service.
     RemoveService(String),
-    /// Create or replace a task (the leader's scheduling and address assignment).
+    /// Create or replace a task (the leader's scheduling); a task to run gets an address on each
+    /// of its networks it has none on (see `alloc`).
     PutTask(Box<TaskRecord>),
     /// Remove a task.
     RemoveTask(String),
-    /// Hold an address that belongs to no task.
+    /// Hold an address that belongs to no task, picked by the store (see `alloc`).
+    AllocateAddress {
+        /// Key in [`ClusterState::ipam`].
+        key: String,
+        /// The network the address is on.
+        network: String,
+    },
+    /// Hold a given address that belongs to no task (as agents before `AllocateAddress` wrote).
     PutAddress {
         /// Key in [`ClusterState::ipam`].
         key: String,
@@ -426,6 +436,7 @@ pub enum Command {
     Security(security::CaStep),
     /// A node creates or removes one of its standalone tasks (`shoal run`): the task (if any)
     /// must be assigned to `owner` and belong to no service; an existing one must be `owner`'s.
+    /// A new name must be free; the store picks the addresses.
     PutStandalone {
         /// The node that runs it.
         owner: NodeId,
@@ -501,7 +512,7 @@ pub const MAX_STANDALONE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CommandResponse {
     /// `Some(reason)` when the command was refused (and changed nothing).
-    pub error: Option<String>,
+    pub error: Option<Refusal>,
 }
 
 /// Something that changed, for the agent (and the scheduler later).

@@ -71,7 +71,9 @@ impl Slot {
             Command::RemoveTask(id)
             | Command::ReportTask { key: id, .. }
             | Command::PutStandalone { key: id, .. } => vec![Slot::Task(id.clone())],
-            Command::PutAddress { key, .. } | Command::RemoveAddress(key) => {
+            Command::PutAddress { key, .. }
+            | Command::AllocateAddress { key, .. }
+            | Command::RemoveAddress(key) => {
                 vec![Slot::Address(key.clone())]
             }
         }

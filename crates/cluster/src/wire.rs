@@ -353,6 +353,8 @@ pub enum ErrorKind {
     NotFound,
     /// Refused by a rule (quorum, last manager, …); nothing changed.
     Refused,
+    /// A name or published port another record has; nothing changed.
+    Conflict,
     /// There is no leader right now; retry.
     NoLeader,
     /// A malformed request.

@@ -1,6 +1,7 @@
 //! Addresses for overlay networks: a /24 (by default) per network from the cluster's pool, and
-//! within a network one address per task and one VIP per service. The allocator is plain data
-//! inside the replicated store, so only the leader hands out addresses and never one twice.
+//! within a network one address per task and one VIP per service. The allocator is plain data,
+//! rebuilt from the replicated store by its state machine each time it picks an address, so
+//! every replica picks the same one and none is handed out twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;

@@ -1,8 +1,9 @@
 //! The leader's decisions, as pure functions over the cluster's desired state: no sockets, no
 //! clocks, no Raft. The control plane calls [`plan`] with the current state and the time, applies
 //! the returned [`Action`]s through Raft, and calls again after any change or at
-//! [`Plan::wake_at`]. [`Ipam`] hands out subnets, task addresses and VIPs from the cluster's pool,
-//! and lives inside the replicated store so no address is ever handed out twice.
+//! [`Plan::wake_at`]. [`Ipam`] is the arithmetic of subnets, task addresses and VIPs from the
+//! cluster's pool; the store's state machine uses it to pick each address as it applies a
+//! command, so no address is ever handed out twice.
 //!
 //! Swarm's behaviour is the reference: spread by fewest tasks of the service then fewest tasks
 //! overall; only Ready + Active nodes take new tasks; `pause` keeps what runs, `drain` and `Down`

@@ -192,7 +192,8 @@ impl ManagerParts {
         };
         match res {
             Ok(resp) => match resp.data.error {
-                Some(e) => Err(Error::Refused(e)),
+                Some(crate::model::Refusal::Conflict(e)) => Err(Error::Conflict(e)),
+                Some(e) => Err(Error::Refused(e.to_string())),
                 None => Ok(()),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {

@@ -1,7 +1,34 @@
 //! [`ClusterState::apply`]: every command validated against the store, then applied; a refused
-//! command changes nothing.
+//! command changes nothing. What must be unique (names, published ports, addresses) is decided
+//! here, so two writers that each checked the store first cannot both land.
 
 use super::*;
+
+/// Why the state machine refused a command; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// A name or published port that another record has.
+    #[error("{0}")]
+    Conflict(String),
+    /// The network (or the pool of subnets) has no free address left.
+    #[error("{0}")]
+    Exhausted(String),
+    /// Any other rule: a record not found, a write a node may not make, a malformed value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for Refusal {
+    fn from(m: String) -> Refusal {
+        Refusal::Invalid(m)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(m: &str) -> Refusal {
+        Refusal::Invalid(m.to_owned())
+    }
+}
 
 fn assigned_to(t: &TaskRecord, node: NodeId) -> bool {
     t.task.node_id.as_deref() == Some(node.to_string().as_str())
@@ -23,7 +50,7 @@ fn check_standalone(key: &str, t: &TaskRecord, owner: NodeId) -> Result<(), Stri
 impl ClusterState {
     /// A service's name is its DNS name and a published port belongs to one service: both are
     /// decided here, so two concurrent creates that each checked first cannot both land.
-    fn check_service_unique(&self, svc: &Service) -> Result<(), String> {
+    fn check_service_unique(&self, svc: &Service) -> Result<(), Refusal> {
         // Two host-mode ports of one number may both exist (the scheduler keeps their tasks on
         // different nodes); an ingress port is every node's.
         let taken = |p: &shoal_model::PublishedPort, other: &Service| {
@@ -35,20 +62,80 @@ impl ClusterState {
         };
         for (k, other) in self.services.iter().filter(|(k, _)| **k != svc.id) {
             if other.name == svc.name {
-                return Err(format!("service with name {} already exists", other.name));
+                return Err(Refusal::Conflict(format!(
+                    "service with name {} already exists",
+                    other.name
+                )));
             }
             if let Some(p) = svc.ports.iter().find(|p| taken(p, other)) {
-                return Err(format!(
+                return Err(Refusal::Conflict(format!(
                     "port '{}' is already in use by service '{}' ({k})",
                     p.published, other.name
-                ));
+                )));
             }
         }
         Ok(())
     }
 
+    /// Decided here, not by the writer: two creates that read the same store and picked the same
+    /// name, subnet or VNI must not both land. A taken name is a conflict; a taken subnet or VNI
+    /// is a pick the writer may make again from a newer store.
+    fn check_network_unique(&self, n: &NetworkRecord) -> Result<(), Refusal> {
+        let others = || self.networks.values().filter(|x| x.id != n.id);
+        if others().any(|x| x.name == n.name) {
+            return Err(Refusal::Conflict(format!("network with name {} already exists", n.name)));
+        }
+        if let Some(x) = others().find(|x| x.ingress && n.ingress) {
+            return Err(Refusal::Conflict(format!(
+                "ingress network ({}, {}) is already present",
+                x.name, x.id
+            )));
+        }
+        for x in others() {
+            if x.vni == n.vni {
+                return Err(Refusal::Invalid(format!(
+                    "VNI {} is already used by network {}",
+                    n.vni, x.name
+                )));
+            }
+            if x.subnet.contains(&n.subnet.network()) || n.subnet.contains(&x.subnet.network()) {
+                return Err(Refusal::Invalid(format!(
+                    "subnet {} overlaps {} of network {}",
+                    n.subnet, x.subnet, x.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The standalone task (a `shoal run` container or a CNI attachment) called `name`.
+    fn standalone_named(&self, name: &str) -> Option<&TaskRecord> {
+        self.tasks
+            .values()
+            .map(Arc::as_ref)
+            .find(|t| t.standalone.as_ref().is_some_and(|s| s.name == name))
+    }
+
+    /// A standalone task's name is its DNS name: a new name, or a changed one, must be no other
+    /// standalone task's and no service's. `service create` does not look at containers' names,
+    /// as in Docker.
+    fn check_standalone_unique(&self, key: &str, t: &TaskRecord) -> Result<(), Refusal> {
+        let Some(name) = t.standalone.as_ref().map(|s| s.name.as_str()) else { return Ok(()) };
+        let old = self.tasks.get(key).and_then(|o| o.standalone.as_ref());
+        if old.is_some_and(|o| o.name == name) {
+            return Ok(());
+        }
+        let container = self.standalone_named(name).is_some_and(|o| o.task.id != key);
+        if container || self.services.values().any(|s| s.name == name) {
+            return Err(Refusal::Conflict(format!(
+                "Conflict. The container name \"/{name}\" is already in use"
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies a command: validates, then changes; on error nothing changed.
-    pub fn apply(&mut self, cmd: &Command, now_ms: u64) -> Result<Vec<ClusterEvent>, String> {
+    pub fn apply(&mut self, cmd: &Command, now_ms: u64) -> Result<Vec<ClusterEvent>, Refusal> {
         if self.cluster.is_none() && !matches!(cmd, Command::Init { .. }) {
             return Err("the cluster is not initialised".into());
         }
@@ -117,7 +204,7 @@ impl ClusterState {
             }
             Command::RemoveNode(id) => {
                 if self.nodes.remove(id).is_none() {
-                    return Err(format!("node {id} not found"));
+                    return Err(Refusal::Invalid(format!("node {id} not found")));
                 }
                 ev.push(ClusterEvent::NodeRemoved { id: *id });
             }
@@ -138,7 +225,7 @@ impl ClusterState {
             }
             Command::AddGossipKey(k) => {
                 if self.keyring.keys.iter().any(|x| x.id == k.id) {
-                    return Err(format!("gossip key {} already exists", k.id));
+                    return Err(Refusal::Invalid(format!("gossip key {} already exists", k.id)));
                 }
                 self.keyring.keys.push(k.clone());
                 self.keyring.version += 1;
@@ -146,7 +233,7 @@ impl ClusterState {
             }
             Command::SetPrimaryGossipKey(id) => {
                 if !self.keyring.keys.iter().any(|x| x.id == *id) {
-                    return Err(format!("gossip key {id} is not in the keyring"));
+                    return Err(Refusal::Invalid(format!("gossip key {id} is not in the keyring")));
                 }
                 self.keyring.primary = *id;
                 self.keyring.version += 1;
@@ -154,42 +241,25 @@ impl ClusterState {
             }
             Command::RetireGossipKey(id) => {
                 if self.keyring.primary == *id {
-                    return Err(format!(
+                    return Err(Refusal::Invalid(format!(
                         "gossip key {id} is the primary key and cannot be retired"
-                    ));
+                    )));
                 }
                 let before = self.keyring.keys.len();
                 self.keyring.keys.retain(|k| k.id != *id);
                 if self.keyring.keys.len() == before {
-                    return Err(format!("gossip key {id} is not in the keyring"));
+                    return Err(Refusal::Invalid(format!("gossip key {id} is not in the keyring")));
                 }
                 self.keyring.version += 1;
                 ev.push(ClusterEvent::Keyring { version: self.keyring.version });
             }
             Command::PutNetwork(n) => {
-                // Decided here, not by the writer: two creates that read the same store and
-                // picked the same subnet or VNI must not both land.
-                for x in self.networks.values().filter(|x| x.id != n.id) {
-                    if x.name == n.name {
-                        return Err(format!("network with name {} already exists", n.name));
-                    }
-                    if x.vni == n.vni {
-                        return Err(format!("VNI {} is already used by network {}", n.vni, x.name));
-                    }
-                    if x.subnet.contains(&n.subnet.network())
-                        || n.subnet.contains(&x.subnet.network())
-                    {
-                        return Err(format!(
-                            "subnet {} overlaps {} of network {}",
-                            n.subnet, x.subnet, x.name
-                        ));
-                    }
-                }
+                self.check_network_unique(n)?;
                 self.networks.insert(n.id.clone(), Arc::new(n.clone()));
             }
             Command::RemoveNetwork(id) => {
                 if self.networks.remove(id).is_none() {
-                    return Err(format!("network {id} not found"));
+                    return Err(Refusal::Invalid(format!("network {id} not found")));
                 }
             }
             Command::PutService(svc) => {
@@ -200,7 +270,9 @@ impl ClusterState {
                 self.services.remove(id).ok_or_else(|| format!("service {id} not found"))?;
             }
             Command::PutTask(t) => {
-                self.tasks.insert(t.task.id.clone(), Arc::new((**t).clone()));
+                let mut t = (**t).clone();
+                self.address_task(&mut t)?;
+                self.tasks.insert(t.task.id.clone(), Arc::new(t));
             }
             Command::RemoveTask(id) => {
                 self.tasks.remove(id).ok_or_else(|| format!("task {id} not found"))?;
@@ -208,6 +280,7 @@ impl ClusterState {
             Command::PutAddress { key, ip } => {
                 self.ipam.insert(key.clone(), HeldAddress { ip: *ip });
             }
+            Command::AllocateAddress { key, network } => self.allocate_address(key, network)?,
             Command::RemoveAddress(key) => {
                 self.ipam.remove(key).ok_or_else(|| format!("address {key} not found"))?;
             }
@@ -215,22 +288,38 @@ impl ClusterState {
                 report.check()?;
                 let t = self.tasks.get_mut(key).ok_or_else(|| format!("task {key} not found"))?;
                 if !assigned_to(t, *owner) {
-                    return Err(format!("task {key} is not assigned to node {owner}"));
+                    return Err(Refusal::Invalid(format!(
+                        "task {key} is not assigned to node {owner}"
+                    )));
                 }
                 report.apply_to(Arc::make_mut(t));
             }
             Command::PutStandalone { owner, key, value } => {
                 if let Some(old) = self.tasks.get(key) {
                     if !(assigned_to(old, *owner) && old.task.service_id.is_empty()) {
-                        return Err(format!("task {key} is not a standalone task of node {owner}"));
+                        return Err(Refusal::Invalid(format!(
+                            "task {key} is not a standalone task of node {owner}"
+                        )));
                     }
                 } else if value.is_none() {
-                    return Err(format!("task {key} not found"));
+                    return Err(Refusal::Invalid(format!("task {key} not found")));
                 }
                 match value {
                     Some(t) => {
                         check_standalone(key, t, *owner)?;
-                        self.tasks.insert(key.clone(), Arc::new((**t).clone()));
+                        self.check_standalone_unique(key, t)?;
+                        // Addresses are the store's to give: a node keeps those it was given,
+                        // and the others are picked here.
+                        let mut t = (**t).clone();
+                        let given = self.tasks.get(key).map(|o| &o.addresses);
+                        t.addresses = given.map_or_else(Default::default, |g| {
+                            g.iter()
+                                .filter(|(net, _)| t.networks.contains(net))
+                                .map(|(net, ip)| (net.clone(), *ip))
+                                .collect()
+                        });
+                        self.address_task(&mut t)?;
+                        self.tasks.insert(key.clone(), Arc::new(t));
                     }
                     None => {
                         self.tasks.remove(key);

@@ -166,6 +166,31 @@ mod tests {
         reads_as(serde_json::json!({"RemoveNetwork": "n1"}), Command::RemoveNetwork("n1".into()));
     }
 
+    /// Before the store picked addresses, the leader wrote them into `PutTask` and `PutAddress`;
+    /// such a log replays to the addresses it carried, on every replica alike.
+    #[test]
+    fn log_entries_from_before_store_allocation_keep_their_addresses() {
+        let vip = serde_json::json!({"PutAddress": {"key": "vip/s/ing", "ip": "10.0.0.250"}});
+        let mut task = super::super::tests::task("t1", NodeId(1), "s");
+        task.networks = vec!["ing".into()];
+        task.addresses = [("ing".to_owned(), "10.0.0.77".parse().unwrap())].into();
+        let put = serde_json::json!({"PutTask": serde_json::to_value(&task).expect("json")});
+        let alloc = Command::AllocateAddress { key: "sbox/n".into(), network: "ing".into() };
+        let new = serde_json::to_value(&alloc).expect("json");
+        let mut s = super::super::tests::init_state();
+        for (old, want) in [
+            (vip, Command::PutAddress { key: "vip/s/ing".into(), ip: [10, 0, 0, 250].into() }),
+            (put, Command::PutTask(Box::new(task))),
+            (new, alloc),
+        ] {
+            reads_as(old, want.clone());
+            s.apply(&want, 1).expect("replays");
+        }
+        assert_eq!(s.ipam["vip/s/ing"].ip, std::net::Ipv4Addr::new(10, 0, 0, 250));
+        assert_eq!(s.tasks["t1"].addresses["ing"], std::net::Ipv4Addr::new(10, 0, 0, 77));
+        assert_eq!(s.ipam["sbox/n"].ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
+    }
+
     /// A store as the agent before typed tables wrote it: the tables under `entries`.
     fn schema_1() -> serde_json::Value {
         let svc = serde_json::to_value(crate::simulated::service(0, 4)).expect("json");

@@ -94,7 +94,7 @@ async fn state_machine_persists_and_snapshots() {
         // Uninitialised store: a put is refused (and reported), the batch still applies.
         batch.push(entry(2, put(2)));
         let res = sm.apply(batch).await.expect("apply");
-        assert!(res[1].error.as_deref().is_some_and(|e| e.contains("not initialised")));
+        assert!(res[1].error.as_ref().is_some_and(|e| e.to_string().contains("not initialised")));
         snap = sm.build_snapshot().await.expect("snapshot");
         assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
     }

@@ -1,0 +1,356 @@
+//! Addresses are picked inside the state machine: a task's address on each of its networks, a
+//! service's VIP and a node's ingress sandbox address are chosen by [`ClusterState::apply`] from
+//! the state it applies to. Every replica picks the same address from the same log, and two
+//! commands of one batch (or of two leaders' overlapping passes) never get the same one: the
+//! second sees what the first took.
+//!
+//! An address is held while the store holds it: by a task that has not ended or is still
+//! desired running, or by an entry of the `ipam` table. Among the free ones, those that no
+//! remembered task (the history `service ps` shows) had are handed out first, so a task's address
+//! is not given to its successor while the old one's connections may still be draining, unless
+//! the subnet has nothing else.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use shoal_scheduler::{DesiredState, Ipam, IpamError};
+
+use super::{ClusterState, HeldAddress, Refusal, TaskRecord};
+
+impl From<IpamError> for Refusal {
+    fn from(e: IpamError) -> Refusal {
+        match e {
+            IpamError::SubnetExhausted { .. } | IpamError::PoolExhausted(_) => {
+                Refusal::Exhausted(e.to_string())
+            }
+            _ => Refusal::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// The network an `ipam` key's address is on: `vip/<service>/<network>`, or the ingress network
+/// for `sbox/<node>` (as [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] write them).
+fn held_network<'a>(state: &'a ClusterState, key: &'a str) -> Option<&'a str> {
+    match key.split('/').collect::<Vec<_>>()[..] {
+        ["vip", _, net] => Some(net),
+        ["sbox", _] => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
+        _ => None,
+    }
+}
+
+/// The allocator over every network as `state` holds it: what `network create` picks a
+/// subnet from.
+pub fn ipam(state: &ClusterState) -> Result<Ipam, IpamError> {
+    view(state, None, false)
+}
+
+/// `state`'s networks (those in `only`, when given) with their held addresses; with `history`,
+/// also those of every remembered task.
+fn view(
+    state: &ClusterState,
+    only: Option<&BTreeSet<&str>>,
+    history: bool,
+) -> Result<Ipam, IpamError> {
+    let (pool, mask) = state
+        .cluster
+        .as_ref()
+        .and_then(|c| match c.default_addr_pool.first() {
+            Some(ipnet::IpNet::V4(p)) => Some((*p, c.subnet_size)),
+            _ => None,
+        })
+        .unwrap_or((ipnet::Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("a /8"), 24));
+    let mut ipam = Ipam::new(pool, mask)?;
+    let wanted = |net: &str| only.is_none_or(|o| o.contains(net));
+    for n in state.networks.values().filter(|n| wanted(&n.id)) {
+        if let ipnet::IpNet::V4(s) = n.subnet {
+            ipam.add_network(&n.id, Some(s))?;
+        }
+    }
+    // An address the store holds twice, or outside its subnet (one a replaced ingress network
+    // gave), cannot be held again; it is left out rather than refusing every later allocation.
+    for t in state.tasks.values().filter(|t| history || t.holds_addresses()) {
+        for (net, ip) in t.addresses.iter().filter(|(net, _)| wanted(net)) {
+            let _ = ipam.allocate_exact(net, *ip, &t.task.id);
+        }
+    }
+    for (key, held) in &state.ipam {
+        if let Some(net) = held_network(state, key).filter(|n| wanted(n)) {
+            let _ = ipam.allocate_exact(net, held.ip, key);
+        }
+    }
+    Ok(ipam)
+}
+
+/// Hands out addresses nothing in the store holds, preferring ones no remembered task had.
+#[derive(Debug)]
+struct Allocator {
+    strict: Ipam,
+    fresh: Ipam,
+}
+
+impl Allocator {
+    /// Both views of `state`, over the networks in `only`.
+    fn of(state: &ClusterState, only: &BTreeSet<&str>) -> Result<Allocator, IpamError> {
+        Ok(Allocator {
+            strict: view(state, Some(only), false)?,
+            fresh: view(state, Some(only), true)?,
+        })
+    }
+
+    /// An address on `net` for `owner`.
+    fn allocate(&mut self, net: &str, owner: &str) -> Result<Ipv4Addr, IpamError> {
+        match self.fresh.allocate(net, owner) {
+            Ok(ip) => {
+                self.strict.allocate_exact(net, ip, owner)?;
+                Ok(ip)
+            }
+            Err(_) => {
+                let ip = self.strict.allocate(net, owner)?;
+                let _ = self.fresh.allocate_exact(net, ip, owner);
+                Ok(ip)
+            }
+        }
+    }
+}
+
+impl ClusterState {
+    /// Gives a task that is to run an address on each of its networks it has none on. The
+    /// addresses it has are kept: they are the ones this store gave it before.
+    pub(super) fn address_task(&self, t: &mut TaskRecord) -> Result<(), Refusal> {
+        if t.addressed() || t.task.desired != DesiredState::Running {
+            return Ok(());
+        }
+        let missing: BTreeSet<&str> = t
+            .networks
+            .iter()
+            .filter(|n| !t.addresses.contains_key(*n))
+            .map(String::as_str)
+            .collect();
+        let mut alloc = Allocator::of(self, &missing)?;
+        let mut given = Vec::new();
+        for net in &missing {
+            given.push((net.to_string(), alloc.allocate(net, &t.task.id)?));
+        }
+        t.addresses.extend(given);
+        Ok(())
+    }
+
+    /// An address for the `ipam` key, on `network`; a key that holds one in the network's
+    /// subnet keeps it, so asking twice gives one address.
+    pub(super) fn allocate_address(&mut self, key: &str, network: &str) -> Result<(), Refusal> {
+        if held_network(self, key) != Some(network) {
+            return Err(Refusal::Invalid(format!(
+                "address {key} does not belong on network {network}"
+            )));
+        }
+        let subnet = self
+            .networks
+            .get(network)
+            .map(|n| n.subnet)
+            .ok_or_else(|| Refusal::Invalid(format!("network {network} not found")))?;
+        if self.ipam.get(key).is_some_and(|h| subnet.contains(&IpAddr::V4(h.ip))) {
+            return Ok(());
+        }
+        let ip = Allocator::of(self, &BTreeSet::from([network]))?.allocate(network, key)?;
+        self.ipam.insert(key.to_owned(), HeldAddress { ip });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::tests::{init_state, task};
+    use super::super::{Command, NetworkRecord, NodeId};
+    use super::*;
+
+    /// An attachable network `a` on 10.0.1.0/`prefix` beside the ingress network `ing`.
+    fn with_network(prefix: u8) -> ClusterState {
+        let mut s = init_state();
+        let a = NetworkRecord {
+            id: "a".into(),
+            name: "a".into(),
+            driver: "overlay".into(),
+            subnet: format!("10.0.1.0/{prefix}").parse().expect("net"),
+            gateway: "10.0.1.1".parse().expect("ip"),
+            vni: 4097,
+            ingress: false,
+            attachable: true,
+            encrypted: false,
+            labels: BTreeMap::new(),
+        };
+        s.apply(&Command::PutNetwork(a), 1).expect("network a");
+        s
+    }
+
+    /// A task of service `svc` to run on `networks`, with no address yet (as a pass writes it).
+    fn new_task(id: &str, networks: &[&str]) -> Command {
+        let mut t = task(id, NodeId(1), "svc");
+        t.networks = networks.iter().map(|n| n.to_string()).collect();
+        t.addresses.clear();
+        Command::PutTask(Box::new(t))
+    }
+
+    /// Every held address: (network, address) → holder, failing on one held twice.
+    fn holders(s: &ClusterState) -> BTreeMap<(String, Ipv4Addr), String> {
+        let mut out = BTreeMap::new();
+        let mut hold = |net: &str, ip: Ipv4Addr, who: &str| {
+            let subnet = s.networks[net].subnet;
+            assert!(subnet.contains(&IpAddr::V4(ip)), "{who}: {ip} outside {subnet}");
+            assert_ne!(IpAddr::V4(ip), s.networks[net].gateway, "{who} got the gateway");
+            let old = out.insert((net.to_owned(), ip), who.to_owned());
+            assert!(old.is_none(), "{ip} on {net} given to {old:?} and {who}");
+        };
+        for t in s.tasks.values().filter(|t| t.holds_addresses()) {
+            for (net, ip) in &t.addresses {
+                hold(net, *ip, &t.task.id);
+            }
+        }
+        for (key, h) in &s.ipam {
+            hold(held_network(s, key).expect("a known key"), h.ip, key);
+        }
+        out
+    }
+
+    /// One leader pass's worth of writes, applied as one Raft batch: 60 tasks on two networks,
+    /// 20 VIPs, 5 sandboxes.
+    fn batch() -> Vec<Command> {
+        let mut log = Vec::new();
+        for i in 0..60 {
+            log.push(new_task(&format!("t{i:02}"), &["ing", "a"]));
+            if i % 3 == 0 {
+                let key = shoal_model::vip_key(&format!("s{i}"), "a");
+                log.push(Command::AllocateAddress { key, network: "a".into() });
+            }
+            if i % 12 == 0 {
+                let key = shoal_model::sandbox_key(&format!("n{i}"));
+                log.push(Command::AllocateAddress { key, network: "ing".into() });
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn one_batch_of_allocations_never_collides() {
+        let mut s = with_network(24);
+        for c in batch() {
+            s.apply(&c, 2).expect("allocated");
+        }
+        assert!(s.tasks.values().all(|t| t.addressed()));
+        assert_eq!(holders(&s).len(), 60 * 2 + 20 + 5);
+        // Asking again for a held key keeps its address.
+        let vip = s.ipam["vip/s0/a"];
+        s.apply(&Command::AllocateAddress { key: "vip/s0/a".into(), network: "a".into() }, 3)
+            .expect("again");
+        assert_eq!(s.ipam["vip/s0/a"], vip);
+        // A key that names another network is refused.
+        let wrong = Command::AllocateAddress { key: "vip/s1/a".into(), network: "ing".into() };
+        assert!(matches!(s.apply(&wrong, 3), Err(Refusal::Invalid(_))));
+    }
+
+    #[test]
+    fn replicas_fed_one_log_pick_the_same_addresses() {
+        let (mut one, mut two) = (with_network(24), with_network(24));
+        let mut log = batch();
+        // Tasks end and others start: what is freed is handed out again the same way.
+        log.push(Command::RemoveTask("t07".into()));
+        log.push(Command::RemoveAddress("vip/s3/a".into()));
+        log.extend((60..70).map(|i| new_task(&format!("t{i}"), &["a"])));
+        for (i, c) in log.iter().enumerate() {
+            // The replicas apply at different wall-clock times.
+            one.apply(c, 10 + i as u64).expect("one");
+            two.apply(c, 99_000 + i as u64).expect("two");
+        }
+        assert_eq!((&one.tasks, &one.ipam), (&two.tasks, &two.ipam));
+        holders(&one);
+    }
+
+    #[test]
+    fn a_full_subnet_is_a_clean_refusal() {
+        // A /29: .1 is the gateway, .2 to .6 are the five usable addresses.
+        let mut s = with_network(29);
+        for i in 0..5 {
+            s.apply(&new_task(&format!("t{i}"), &["a"]), 2).expect("fits");
+        }
+        let before = s.clone();
+        let e = s.apply(&new_task("t5", &["ing", "a"]), 3).unwrap_err();
+        assert!(matches!(&e, Refusal::Exhausted(m) if m.contains("no free address")), "{e}");
+        let vip = Command::AllocateAddress { key: "vip/s/a".into(), network: "a".into() };
+        assert!(matches!(s.apply(&vip, 3), Err(Refusal::Exhausted(_))));
+        assert_eq!(s, before, "a refused allocation changed the store");
+        // A task that ended frees its address.
+        s.apply(&Command::RemoveTask("t2".into()), 4).expect("rm");
+        s.apply(&new_task("t5", &["a"]), 5).expect("fits again");
+        assert_eq!(s.tasks["t5"].addresses["a"], Ipv4Addr::new(10, 0, 1, 4));
+    }
+
+    #[test]
+    fn addresses_no_remembered_task_had_go_first() {
+        use shoal_scheduler::TaskState;
+        let mut s = with_network(24);
+        for i in 0..3 {
+            s.apply(&new_task(&format!("t{i}"), &["a"]), 2).expect("task");
+        }
+        // t1 (10.0.1.3) ended and is remembered: its address is handed out last.
+        let mut ended = TaskRecord::clone(&s.tasks["t1"]);
+        (ended.task.state, ended.task.desired) = (TaskState::Failed, DesiredState::Shutdown);
+        s.apply(&Command::PutTask(Box::new(ended)), 3).expect("ended");
+        s.apply(&new_task("t3", &["a"]), 4).expect("t3");
+        assert_eq!(s.tasks["t3"].addresses["a"], Ipv4Addr::new(10, 0, 1, 5));
+        for i in 4..253 {
+            s.apply(&new_task(&format!("t{i}"), &["a"]), 5).expect("fill");
+        }
+        s.apply(&new_task("last", &["a"]), 6).expect("the remembered one");
+        assert_eq!(s.tasks["last"].addresses["a"], Ipv4Addr::new(10, 0, 1, 3));
+        assert!(s.apply(&new_task("full", &["a"]), 7).is_err());
+    }
+
+    #[test]
+    fn names_of_containers_and_services_are_decided_by_the_store() {
+        let mut s = with_network(24);
+        let run = |owner: u64, key: &str, name: &str| {
+            let mut t = task(key, NodeId(owner), "");
+            t.networks = vec!["a".into()];
+            t.addresses.clear();
+            t.standalone = Some(shoal_model::Standalone {
+                name: name.into(),
+                argv: vec!["sleep".into()],
+                env: vec![],
+                auto_remove: false,
+                mounts: vec![],
+                cni: None,
+            });
+            t
+        };
+        let put = |owner: u64, t: TaskRecord| Command::PutStandalone {
+            owner: NodeId(owner),
+            key: t.task.id.clone(),
+            value: Some(Box::new(t)),
+        };
+        // Two nodes that each found the name free: the first lands, the second is a conflict.
+        s.apply(&put(1, run(1, "c1", "x")), 2).expect("first x");
+        let before = s.clone();
+        let e = s.apply(&put(2, run(2, "c2", "x")), 2).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::Conflict("Conflict. The container name \"/x\" is already in use".into())
+        );
+        assert_eq!(s, before);
+        // Rewriting one's own record (a stop) keeps its name and its address.
+        let mut stop = TaskRecord::clone(&s.tasks["c1"]);
+        stop.task.desired = DesiredState::Shutdown;
+        s.apply(&put(1, stop), 3).expect("stop");
+        assert_eq!(s.tasks["c1"].addresses, before.tasks["c1"].addresses);
+        // A container may not take a service's name.
+        let mut svc = crate::simulated::service(1, 4);
+        svc.name = "web".into();
+        s.apply(&Command::PutService(Box::new(svc)), 4).expect("web");
+        assert!(matches!(s.apply(&put(2, run(2, "c3", "web")), 5), Err(Refusal::Conflict(_))));
+        // A second ingress network is a conflict too.
+        let mut ing = NetworkRecord::clone(&s.networks["ing"]);
+        (ing.id, ing.name, ing.vni, ing.subnet) =
+            ("ing2".into(), "ing2".into(), 5000, "10.0.9.0/24".parse().expect("net"));
+        assert!(matches!(s.apply(&Command::PutNetwork(ing), 6), Err(Refusal::Conflict(_))));
+    }
+}
