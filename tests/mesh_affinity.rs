@@ -15,30 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::{Lab, eventually, lossy, ps, require_root, running_per_node, task_netns};
 
-/// The task: HTTP on 8000 and UDP on 8001, both answering `task=HOSTNAME` (the task's short id).
-const SERVER: &str = r#"
-import http.server, socketserver, socket, threading
-me = socket.gethostname()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("task=%s\n" % me).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a):
-        pass
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 8001))
-    while True:
-        d, a = s.recvfrom(2048)
-        s.sendto(("task=%s\n" % me).encode(), a)
-threading.Thread(target=udp, daemon=True).start()
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
-
 /// How many clients the Maglev test has, each its own address.
 const CLIENTS: u32 = 60;
 
@@ -74,13 +50,9 @@ fn add_addresses(lab: &Lab) -> Addresses {
 }
 
 /// The task that answered an HTTP request from `client` through `to`.
-fn task(client: Ipv4Addr, to: Ipv4Addr) -> Option<String> {
+fn task(lab: &Lab, client: Ipv4Addr, to: Ipv4Addr) -> Option<String> {
     let url = format!("http://{to}:8100/");
-    let out = Command::new("curl")
-        .args(["-s", "-m", "10", "--interface", &client.to_string(), &url])
-        .output()
-        .expect("curl");
-    lossy(&out.stdout).trim().strip_prefix("task=").map(str::to_owned)
+    lab.ask(None, &url, &["--interface", &client.to_string()]).map(|a| a.task)
 }
 
 /// Each client's task, when every client reaches the same task through every node.
@@ -88,7 +60,7 @@ fn placement(lab: &Lab, clients: &[Ipv4Addr]) -> Option<BTreeMap<Ipv4Addr, Strin
     let mut placed = BTreeMap::new();
     for c in clients {
         let seen: BTreeSet<String> =
-            (1..=3).map(|n| task(*c, lab.addr(n))).collect::<Option<_>>()?;
+            (1..=3).map(|n| task(lab, *c, lab.addr(n))).collect::<Option<_>>()?;
         if seen.len() != 1 {
             return None;
         }
@@ -97,20 +69,9 @@ fn placement(lab: &Lab, clients: &[Ipv4Addr]) -> Option<BTreeMap<Ipv4Addr, Strin
     Some(placed)
 }
 
-/// How many of the service's backends the node's mesh has up, from its `/metrics`.
-fn backends_up(lab: &Lab, node: &str, service: &str) -> usize {
-    let label = format!("service=\"{service}\"");
-    lab.metrics(node)
-        .lines()
-        .filter(|l| l.starts_with("shoal_mesh_backend_up{") && l.contains(&label))
-        .filter(|l| l.ends_with(" 1"))
-        .count()
-}
-
 fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str]) {
-    let head = ["service", "create", "--name", name, "--replicas", replicas];
-    let tail = ["-p", "8100:8000", "-p", "8101:8001/udp", "--", "python3", "-c", SERVER];
-    lab.on("node1", &[&head[..], extra, &tail[..]].concat());
+    let ports = ["--replicas", replicas, "-p", "8100:8000", "-p", "8101:8001/udp"];
+    lab.create_answering(name, &[&ports[..], extra].concat(), &[]);
 }
 
 #[test]
@@ -125,7 +86,7 @@ fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
         (running_per_node(&lab, "sticky").values().sum::<usize>() == 4).then_some(())
     });
     eventually("four backends up on every node", Duration::from_secs(120), || {
-        (1..=3).all(|i| backends_up(&lab, &format!("node{i}"), "sticky") == 4).then_some(())
+        (1..=3).all(|i| lab.backends_up(&format!("node{i}"), "sticky") == 4).then_some(())
     });
     let held = add_addresses(&lab);
     let clients = held.addrs.clone();
@@ -138,7 +99,7 @@ fn maglev_moves_about_one_in_n_clients_when_a_backend_leaves() {
 
     lab.on("node1", &["service", "scale", "sticky=3"]);
     eventually("three backends up on every node", Duration::from_secs(120), || {
-        (1..=3).all(|i| backends_up(&lab, &format!("node{i}"), "sticky") == 3).then_some(())
+        (1..=3).all(|i| lab.backends_up(&format!("node{i}"), "sticky") == 3).then_some(())
     });
     let after = eventually("every client on one task again", Duration::from_secs(120), || {
         placement(&lab, &clients)
@@ -168,11 +129,11 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
         (running_per_node(&lab, "echo").values().sum::<usize>() == 2).then_some(())
     });
     eventually("two backends up on node1", Duration::from_secs(120), || {
-        (backends_up(&lab, "node1", "echo") >= 2).then_some(())
+        (lab.backends_up("node1", "echo") >= 2).then_some(())
     });
 
     // One flow: one socket of this host to node1's published UDP port.
-    let host = Ipv4Addr::from(u32::from(lab.subnet.network()) + 254);
+    let host = lab.host();
     let sock = UdpSocket::bind((host, 0)).expect("bind");
     sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let to = (lab.addr(1), 8101);
@@ -180,7 +141,7 @@ fn a_udp_flow_of_a_killed_task_moves_within_a_check_interval() {
         sock.send_to(b"hi\n", to).ok()?;
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).ok()?;
-        lossy(&buf[..n]).trim().strip_prefix("task=").map(str::to_owned)
+        common::answer::parse(&lossy(&buf[..n])).map(|a| a.task)
     };
     let pinned = eventually("an answer on the flow", Duration::from_secs(60), &ask);
     for _ in 0..5 {
