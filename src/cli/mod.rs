@@ -368,7 +368,7 @@ fn segment<'a>(what: &str, s: &'a str) -> anyhow::Result<&'a str> {
 #[derive(Debug, clap::Args)]
 struct Labels {
     /// Label KEY=VALUE.
-    #[arg(long = "label", value_parser = label)]
+    #[arg(long = "label", value_name = "LABEL", value_parser = label)]
     labels: Vec<(String, String)>,
 }
 
