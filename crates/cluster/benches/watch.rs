@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
     );
     let rows = vec![
         against_goal(
-            "bytes a node receives per single-task change (largest of 100 nodes)",
+            "bytes to a node per task change (largest)",
             "B",
             &bytes,
             GOAL_BYTES,
@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
             &setup,
         ),
         against_goal(
-            "leader pass: apply one task report, answer 100 nodes",
+            "leader pass, one task change to 100 nodes",
             "ms",
             &ms,
             GOAL_PASS_MS,
