@@ -19,6 +19,10 @@
 //! - `dns`: shoal's DNS vs unbound and dnsmasq (`crates/dns/benches/dns.rs`);
 //! - `gossip`: failure detection, join propagation and bytes at rest vs serf at 8 and 16 nodes
 //!   (`benches/gossip.rs`; 8 nodes only with `--quick`);
+//! - `fanout`: what one single-task change costs on a simulated swarm of 100 nodes, 500
+//!   services and 5,000 tasks, each figure against its goal: the bytes a node receives (at
+//!   most 2 KiB) and the leader's pass (under 50 ms) (`crates/cluster/benches/watch.rs`; no
+//!   peer, in memory);
 //! - `deploy`: from `service create --replicas 3 -p 8100:8100` on a fresh 3-node lab to all
 //!   three nodes answering curl on the published port (no peer);
 //! - `rss`: VmRSS of each lab agent (`lab up --demo`) at rest and under a wrk run through the
@@ -242,6 +246,20 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Bench { pkg: "shoal", bench: "gossip", dir: ".", env: &[] },
         full_rounds: 5,
         limit: Duration::from_secs(40 * 60),
+    },
+    Spec {
+        name: "fanout",
+        title: "Watch fan-out",
+        what: "A simulated swarm in memory (100 nodes, 500 services, 5,000 tasks, 20 networks): \
+               one task report at a time is applied and logged by the leader, which then answers \
+               every node with its encoded delta from the node's last revision. The largest \
+               delta any node receives per single-task change (goal: at most 2 KiB) and the \
+               time of the whole leader pass (goal: under 50 ms), each compared with its goal; a \
+               figure that misses its goal is a failed row.",
+        rerun: "cargo bench -p shoal-cluster --bench watch",
+        kind: Kind::Bench { pkg: "shoal-cluster", bench: "watch", dir: "crates/cluster", env: &[] },
+        full_rounds: 5,
+        limit: Duration::from_secs(10 * 60),
     },
     Spec {
         name: "deploy",

@@ -9,49 +9,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::capture::{capture, count};
 use common::{Lab, dig, eventually, lossy, ps, require_root, shoal, task_netns, visit};
-
-/// A capture stopped (SIGTERM, so it writes out what it holds) when the test ends, however it
-/// ends.
-struct Capture(Child);
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts tcpdump on a host interface and returns once it is capturing.
-fn capture(iface: &str, file: &std::path::Path) -> Capture {
-    use std::io::BufRead;
-    let mut child = Command::new("tcpdump")
-        .args(["-n", "-U", "-i", iface, "-w"])
-        .arg(file)
-        .arg("udp")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    let stderr = child.stderr.take().expect("stderr");
-    let capture = Capture(child);
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("listening on"));
-    assert!(ready, "tcpdump on {iface} did not start");
-    // Keep draining, so its last words never block it.
-    std::thread::spawn(move || lines.for_each(drop));
-    capture
-}
-
-/// Packets in a capture file that match a tcpdump filter.
-fn count(file: &std::path::Path, filter: &str) -> usize {
-    let out = Command::new("tcpdump").args(["-n", "-r"]).arg(file).arg(filter).output().unwrap();
-    lossy(&out.stdout).lines().count()
-}
 
 /// A lab whose nodes also have `eth1` on a second bridge; returns it and the data subnet.
 fn lab_with_data_underlay(nodes: u8) -> (Lab, ipnet::Ipv4Net) {

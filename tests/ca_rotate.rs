@@ -52,12 +52,6 @@ fn read_store_as(lab: &Lab, id: &NodeIdentity) -> Result<(), String> {
     })
 }
 
-fn fails(lab: &Lab, node: &str, args: &[&str]) -> String {
-    let out = lab.shoal(&[&["--node", node], args].concat());
-    assert!(!out.status.success(), "{args:?} succeeded: {}", lossy(&out.stdout));
-    lossy(&out.stderr)
-}
-
 #[test]
 fn certificates_follow_the_expiry_and_a_ca_rotation_keeps_the_swarm_working() {
     if !require_root("certificates_follow_the_expiry_and_a_ca_rotation_keeps_the_swarm_working") {
@@ -75,15 +69,15 @@ fn certificates_follow_the_expiry_and_a_ca_rotation_keeps_the_swarm_working() {
     }
 
     // Bad input is refused with its reason and changes nothing.
-    let e = fails(&lab, "node1", &["swarm", "update", "--cert-expiry", "90d"]);
+    let e = lab.refused("node1", &["swarm", "update", "--cert-expiry", "90d"]);
     assert!(e.contains("--cert-expiry: invalid duration \"90d\""), "{e}");
-    let e = fails(&lab, "node1", &["swarm", "update", "--cert-expiry", "10m"]);
+    let e = lab.refused("node1", &["swarm", "update", "--cert-expiry", "10m"]);
     assert!(e.contains("--cert-expiry 10m is out of range"), "{e}");
-    let e = fails(&lab, "node1", &["swarm", "update", "--gossip-key-rotation", "5s"]);
+    let e = lab.refused("node1", &["swarm", "update", "--gossip-key-rotation", "5s"]);
     assert!(e.contains("at least 1m"), "{e}");
-    let e = fails(&lab, "node3", &["swarm", "update", "--cert-expiry", "24h"]);
+    let e = lab.refused("node3", &["swarm", "update", "--cert-expiry", "24h"]);
     assert!(e.contains("not a swarm manager"), "a worker updates the swarm: {e}");
-    let e = fails(&lab, "node3", &["swarm", "ca", "--rotate"]);
+    let e = lab.refused("node3", &["swarm", "ca", "--rotate"]);
     assert!(e.contains("not a swarm manager"), "a worker rotates the CA: {e}");
     std::thread::sleep(Duration::from_secs(2));
     for node in ["node1", "node2", "node3"] {

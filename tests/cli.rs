@@ -7,20 +7,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, eventually, lossy, require_root};
-
-/// A process killed when the test ends, however it ends.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Lab, Reaper, eventually, lossy, require_root};
 
 /// `shoal --node node1 ARGS` with its output, whether it succeeded or not.
 fn on1(lab: &Lab, args: &[&str]) -> Output {

@@ -23,16 +23,6 @@ fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&lab.on("node1", args)).unwrap()
 }
 
-/// A metric's value on node1, 0 when absent.
-fn metric(lab: &Lab, line_prefix: &str) -> u64 {
-    lab.metrics("node1")
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// What node1's data path holds for `web`: DNS from the probe task, the mesh's backend
 /// addresses, the VIP rules in the probe task, and its WireGuard peers on `secnet`.
 #[derive(Debug, PartialEq, Eq)]
@@ -243,9 +233,10 @@ fn a_member_with_the_gossip_key_cannot_redirect_another_node_s_traffic() {
     // node1 refuses all of it, and counts it.
     eventually("node1 counting the forged claims", Duration::from_secs(30), || {
         let (peer, endpoint, overwrite) = (
-            metric(&lab, "shoal_gossip_claims_dropped_total{kind=\"peer\"}"),
-            metric(&lab, "shoal_gossip_claims_dropped_total{kind=\"endpoint\"}"),
-            metric(&lab, "shoal_gossip_dropped_total{reason=\"not_owner\"}"),
+            lab.metric("node1", "shoal_gossip_claims_dropped_total{kind=\"peer\"}").unwrap_or(0),
+            lab.metric("node1", "shoal_gossip_claims_dropped_total{kind=\"endpoint\"}")
+                .unwrap_or(0),
+            lab.metric("node1", "shoal_gossip_dropped_total{reason=\"not_owner\"}").unwrap_or(0),
         );
         eprintln!("dropped: {peer} peer, {endpoint} endpoint, {overwrite} overwrites");
         (peer >= 1 && endpoint >= 1 && overwrite >= 1).then_some(())

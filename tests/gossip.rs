@@ -45,15 +45,6 @@ fn until(
     }
 }
 
-fn metric(lab: &Lab, node: &str, line_prefix: &str) -> u64 {
-    let text = lab.metrics(node);
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line_prefix} in:\n{text}"))
-}
-
 #[test]
 fn five_agents_converge_detect_a_crash_and_take_it_back() {
     if !require_root("five_agents_converge_detect_a_crash_and_take_it_back") {
@@ -98,7 +89,8 @@ fn hostile_datagrams_are_dropped_and_counted() {
     let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).unwrap();
 
     let before = |reason: &str| {
-        metric(&lab, "node1", &format!("shoal_gossip_dropped_total{{reason=\"{reason}\"}}"))
+        let name = format!("shoal_gossip_dropped_total{{reason=\"{reason}\"}}");
+        lab.metric("node1", &name).unwrap_or_else(|| panic!("no metric {name} on node1"))
     };
     let (trunc0, hdr0, key0) = (before("truncated"), before("bad_header"), before("unknown_key"));
 

@@ -7,33 +7,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Lab, eventually, lossy, require_root, running_per_node};
+use common::{Lab, eventually, require_root, running_per_node};
 
-/// The task: an HTTP server on 8000 answering `NAME` (its first argument).
-const SERVER: &str = r#"
-import http.server, socketserver, sys
-me = sys.argv[1]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = (me + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a):
-        pass
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
-
-/// What answers on nodeN:8200 ("" when nothing does).
+/// The name of the task that answers on nodeN:8200 ("" when nothing does).
 fn answer(lab: &Lab, node: u8) -> String {
     let url = format!("http://{}:8200/", lab.addr(node));
-    let out = Command::new("curl").args(["-s", "-m", "3", &url]).output().expect("curl");
-    lossy(&out.stdout).trim().to_owned()
+    lab.ask(None, &url, &["-m", "3"]).map(|a| a.name).unwrap_or_default()
 }
 
 #[test]
@@ -44,46 +25,15 @@ fn a_global_host_mode_task_waits_where_another_service_holds_the_port() {
     let lab = Lab::up(3);
     lab.swarm(3);
     let port = "published=8200,target=8000,mode=host";
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "web",
-            "--constraint",
-            "node.hostname==node2",
-            "--publish",
-            port,
-            "--",
-            "python3",
-            "-c",
-            SERVER,
-            "web",
-        ],
+    lab.create_answering(
+        "web",
+        &["--constraint", "node.hostname==node2", "--publish", port],
+        &["web"],
     );
     eventually("web answering on node2", Duration::from_secs(120), || {
         (answer(&lab, 2) == "web").then_some(())
     });
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "edge",
-            "--detach",
-            "--mode",
-            "global",
-            "--publish",
-            port,
-            "--",
-            "python3",
-            "-c",
-            SERVER,
-            "edge",
-        ],
-    );
+    lab.create_answering("edge", &["--detach", "--mode", "global", "--publish", port], &["edge"]);
     eventually("edge on node1 and node3, pending on node2", Duration::from_secs(120), || {
         let running = running_per_node(&lab, "edge");
         let ps = lab.on("node1", &["service", "ps", "edge"]);

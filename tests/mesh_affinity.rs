@@ -100,24 +100,11 @@ fn placement(lab: &Lab, clients: &[Ipv4Addr], port: u16) -> Option<BTreeMap<Ipv4
     Some(placed)
 }
 
-/// How many of the service's backends the node's mesh has up, from its `/metrics`.
-fn backends_up(lab: &Lab, node: &str, service: &str) -> usize {
-    let label = format!("service=\"{service}\"");
-    lab.metrics(node)
-        .lines()
-        .filter(|l| l.starts_with("shoal_mesh_backend_up{") && l.contains(&label))
-        .filter(|l| l.ends_with(" 1"))
-        .count()
-}
-
 /// The flows the kernel path has forwarded for `service` on `node`, from its `/metrics`.
 fn kernel_flows(lab: &Lab, node: &str, service: &str) -> u64 {
     let prefix =
         format!("shoal_mesh_client_addr_kept_total{{service=\"{service}\",path=\"kernel\"}} ");
-    lab.metrics(node)
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
+    lab.metric(node, &prefix).unwrap_or(0)
 }
 
 fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str], ports: &[&str]) {
@@ -164,7 +151,7 @@ fn maglev_moves_about_one_in_n(ports: &[&str], kernel: bool) {
         (running_per_node(&lab, "sticky").values().sum::<usize>() == 4).then_some(())
     });
     eventually("four backends up on every node", Duration::from_secs(120), || {
-        (1..=3).all(|i| backends_up(&lab, &format!("node{i}"), "sticky") == 4).then_some(())
+        (1..=3).all(|i| lab.backends_up(&format!("node{i}"), "sticky") == 4).then_some(())
     });
     let held = add_addresses(&lab);
     let clients = held.addrs.clone();
@@ -198,7 +185,7 @@ fn maglev_moves_about_one_in_n(ports: &[&str], kernel: bool) {
 
     lab.on("node1", &["service", "scale", "sticky=3"]);
     eventually("three backends up on every node", Duration::from_secs(120), || {
-        (1..=3).all(|i| backends_up(&lab, &format!("node{i}"), "sticky") == 3).then_some(())
+        (1..=3).all(|i| lab.backends_up(&format!("node{i}"), "sticky") == 3).then_some(())
     });
     let after = eventually("every client on one task again", Duration::from_secs(120), || {
         placement(&lab, &clients, 8100)
@@ -249,7 +236,7 @@ fn udp_flow_moves(mesh: &str) {
         (running_per_node(&lab, "echo").values().sum::<usize>() == 2).then_some(())
     });
     eventually("two backends up on node1", Duration::from_secs(120), || {
-        (backends_up(&lab, "node1", "echo") >= 2).then_some(())
+        (lab.backends_up("node1", "echo") >= 2).then_some(())
     });
 
     // One flow: one socket of this host to node1's published UDP port.

@@ -11,24 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Lab, curl, eventually, lossy, require_root, running_per_node};
-
-/// The task: an HTTP server on 8000 that answers `task=HOSTNAME`.
-const SERVER: &str = r#"
-import http.server, socketserver, socket
-me = socket.gethostname()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("task=%s\n" % me).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a):
-        pass
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
+use common::{Lab, curl, eventually, lossy, require_root, running_per_node, wait_on_nodes};
 
 /// The task that answered a request from `from` (None: this host) through `to`.
 fn task(lab: &Lab, from: Option<&str>, to: &str) -> Option<String> {
@@ -37,25 +20,7 @@ fn task(lab: &Lab, from: Option<&str>, to: &str) -> Option<String> {
 
 /// [`task`] on another published port.
 fn task_on(lab: &Lab, from: Option<&str>, to: &str, port: u16) -> Option<String> {
-    let url = format!("http://{to}:{port}/");
-    let argv = ["curl", "-s", "-m", "10", url.as_str()];
-    let out = match from {
-        None => curl(&url, 10),
-        Some(n) => lossy(&lab.exec(n, &argv).stdout),
-    };
-    out.trim().strip_prefix("task=").map(str::to_owned)
-}
-
-/// How many of `sticky`'s backends the node's mesh has up, from its `/metrics`.
-fn backends_up(lab: &Lab, node: &str) -> usize {
-    lab.metrics(node)
-        .lines()
-        .filter(|l| {
-            l.starts_with("shoal_mesh_backend_up{")
-                && l.contains("service=\"sticky\"")
-                && l.ends_with(" 1")
-        })
-        .count()
+    lab.ask(from, &format!("http://{to}:{port}/"), &[]).map(|a| a.task)
 }
 
 #[test]
@@ -65,70 +30,25 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
     }
     let lab = Lab::up(3);
     lab.swarm(3);
-    let bad = lab.shoal(&[
-        "--node",
+    lab.refused(
         "node1",
-        "service",
-        "create",
-        "--name",
-        "bad",
-        "--lb-algorithm",
-        "random",
-        "--",
-        "sleep",
-        "100",
-    ]);
-    assert!(!bad.status.success(), "--lb-algorithm random was accepted");
+        &["service", "create", "--name", "bad", "--lb-algorithm", "random", "--", "sleep", "100"],
+    );
 
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "sticky",
-            "--replicas",
-            "3",
-            "--lb-algorithm",
-            "maglev",
-            // Clients on the nodes themselves always take the proxy: pin it for all of them.
-            "-p",
-            "published=8100,target=8000,mesh=proxy",
-            "--",
-            "python3",
-            "-c",
-            SERVER,
-        ],
-    );
-    lab.on(
-        "node1",
-        &[
-            "service",
-            "create",
-            "--name",
-            "sticky-k",
-            "--replicas",
-            "3",
-            "--lb-algorithm",
-            "maglev",
-            "-p",
-            "published=8102,target=8000,mesh=kernel",
-            "--",
-            "python3",
-            "-c",
-            SERVER,
-        ],
-    );
-    eventually("a task of sticky on every node", Duration::from_secs(120), || {
-        (running_per_node(&lab, "sticky").len() == 3).then_some(())
-    });
+    let maglev = ["--replicas", "3", "--lb-algorithm", "maglev"];
+    // Clients on the nodes themselves always take the proxy: pin it for all of them.
+    let proxy = ["-p", "published=8100,target=8000,mesh=proxy"];
+    lab.create_answering("sticky", &[&maglev[..], &proxy[..]].concat(), &[]);
+    let kernel = ["-p", "published=8102,target=8000,mesh=kernel"];
+    lab.create_answering("sticky-k", &[&maglev[..], &kernel[..]].concat(), &[]);
+    wait_on_nodes(&lab, "sticky", 3);
     let inspect = lab.on("node1", &["service", "inspect", "sticky"]);
     assert!(inspect.contains("\"lb_algorithm\": \"maglev\""), "{inspect}");
 
     // Once every node's mesh has all three backends up, a client's task is the same through
     // every node and on every request; different clients may land on different tasks.
     eventually("three backends up on every node", Duration::from_secs(120), || {
-        (1..=3).all(|i| backends_up(&lab, &format!("node{i}")) == 3).then_some(())
+        (1..=3).all(|i| lab.backends_up(&format!("node{i}"), "sticky") == 3).then_some(())
     });
     let nodes: Vec<String> = (1..=3).map(|i| lab.addr(i).to_string()).collect();
     let mut chosen = BTreeSet::new();
@@ -154,9 +74,7 @@ fn maglev_sends_a_client_to_the_same_task_through_every_node() {
     let inspect = lab.on("node1", &["service", "inspect", "sticky-k"]);
     let said: serde_json::Value = serde_json::from_str(&inspect).expect("inspect is JSON");
     assert_eq!(said[0]["mesh_paths"]["8102/tcp"], "kernel", "{inspect}");
-    eventually("a task of sticky-k on every node", Duration::from_secs(120), || {
-        (running_per_node(&lab, "sticky-k").len() == 3).then_some(())
-    });
+    wait_on_nodes(&lab, "sticky-k", 3);
     eventually("one task for this host via every node's kernel", Duration::from_secs(90), || {
         let seen: BTreeSet<String> = nodes
             .iter()
@@ -284,9 +202,7 @@ fn the_mesh_policy_changes_in_place_and_its_limits_refuse() {
             sick.to_str().unwrap(),
         ],
     );
-    eventually("a task of keep on each node", Duration::from_secs(120), || {
-        (running_per_node(&lab, "keep").len() == 2).then_some(())
-    });
+    wait_on_nodes(&lab, "keep", 2);
     eventually("both backends up on both nodes", Duration::from_secs(60), || {
         all_backends(&lab, "up")
     });

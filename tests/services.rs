@@ -7,20 +7,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Lab, dig, eventually, lossy, ps, require_root, running_per_node, task_netns, visit};
-
-/// A process killed when the test ends, however it ends.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{
+    Lab, Reaper, dig, eventually, lossy, ps, require_root, running_per_node, task_netns, visit,
+};
 
 #[test]
 fn services_beyond_the_tutorial() {

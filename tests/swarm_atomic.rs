@@ -27,13 +27,6 @@ fn hold_gossip_tcp(lab: &Lab, node: &str) -> TcpListener {
     netns(lab, node).run(|| TcpListener::bind(("0.0.0.0", 7946))).unwrap().unwrap()
 }
 
-/// The command must fail; returns its stderr.
-fn fails(lab: &Lab, node: &str, args: &[&str]) -> String {
-    let out = lab.shoal(&[&["--node", node], args].concat());
-    assert!(!out.status.success(), "{args:?} succeeded: {}", lossy(&out.stdout));
-    lossy(&out.stderr)
-}
-
 /// The node is outside any swarm and nothing of a swarm is left: the agent answers, no swarm
 /// state in its data dir, control-plane and gossip ports free, no ingress sandbox, no WireGuard
 /// TUN (its port may be the one the test holds).
@@ -82,14 +75,14 @@ fn a_failed_init_or_join_changes_nothing() {
 
     // A listen address this host does not have.
     let listen = format!("{nowhere}:2377");
-    let err = fails(&lab, "node1", &["swarm", "init", "--listen-addr", &listen]);
+    let err = lab.refused("node1", &["swarm", "init", "--listen-addr", &listen]);
     assert!(err.contains(&listen), "{err}");
     assert_outside(&lab, "node1");
 
     // Gossip cannot start (another program holds its TCP port) after the control plane and its
     // certificates were already made: all of it is undone.
     let held = hold_gossip_tcp(&lab, "node1");
-    let err = fails(&lab, "node1", &["swarm", "init"]);
+    let err = lab.refused("node1", &["swarm", "init"]);
     assert!(err.contains("gossip") && err.contains("still outside any swarm"), "{err}");
     drop(held);
     assert_outside(&lab, "node1");
@@ -117,17 +110,17 @@ fn a_failed_init_or_join_changes_nothing() {
     assert!(info.swarm.is_some(), "{info:?}");
 
     // Joins that never get in: a token that is not one, a manager that is not there.
-    let err = fails(&lab, "node2", &["swarm", "join", "--token", "SWMTKN-1-nonsense", &manager]);
+    let err = lab.refused("node2", &["swarm", "join", "--token", "SWMTKN-1-nonsense", &manager]);
     assert!(err.to_lowercase().contains("token"), "{err}");
     assert_outside(&lab, "node2");
     let err =
-        fails(&lab, "node2", &["swarm", "join", "--token", token, &format!("{nowhere}:2377")]);
+        lab.refused("node2", &["swarm", "join", "--token", token, &format!("{nowhere}:2377")]);
     assert!(err.contains(&nowhere.to_string()) || err.contains("timed out"), "{err}");
     assert_outside(&lab, "node2");
 
     // A join the manager admitted, then gossip failed to start: the node leaves again.
     let held = hold_gossip_tcp(&lab, "node2");
-    let err = fails(&lab, "node2", &["swarm", "join", "--token", token, &manager]);
+    let err = lab.refused("node2", &["swarm", "join", "--token", token, &manager]);
     assert!(err.contains("gossip") && err.contains("still outside any swarm"), "{err}");
     drop(held);
     assert_outside(&lab, "node2");
@@ -153,7 +146,7 @@ fn a_failed_init_or_join_changes_nothing() {
         (nowhere.to_string(), "is not an address of this host"),
     ] {
         let agent = hand_agent(&lab, "node2", &advertise);
-        let err = fails(&lab, "node2", &["swarm", "init"]);
+        let err = lab.refused("node2", &["swarm", "init"]);
         assert!(err.contains(why) && err.contains("--data-path-addr"), "{err}");
         assert_outside(&lab, "node2");
         drop(agent);

@@ -319,6 +319,42 @@ impl EachName {
     }
 }
 
+impl EachName {
+    /// Docker's `inspect` of several names: each one's JSON as the agent has it, all in one
+    /// array on stdout; `path(name)` is where the agent has it. A name that fails is reported
+    /// and the others still printed.
+    pub async fn inspect(
+        &mut self,
+        host: &Host,
+        names: &[String],
+        path: impl Fn(&str) -> anyhow::Result<String>,
+    ) -> anyhow::Result<()> {
+        let mut found = Vec::new();
+        for name in names {
+            let v = async { host.get_json::<serde_json::Value>(&path(name)?).await };
+            found.extend(self.check(v.await));
+        }
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        Ok(())
+    }
+
+    /// Docker's `rm` of several names: DELETE each at `path(name)`, printing the name of each
+    /// one removed; a name that fails is reported and the others still removed.
+    pub async fn remove(
+        &mut self,
+        host: &Host,
+        names: &[String],
+        path: impl Fn(&str) -> anyhow::Result<String>,
+    ) {
+        for name in names {
+            let r = async { host.delete(&path(name)?).await };
+            if self.check(r.await).is_some() {
+                println!("{name}");
+            }
+        }
+    }
+}
+
 /// A name or id from the command line, checked before it goes into a URL path; `what` names it
 /// in the error.
 fn segment<'a>(what: &str, s: &'a str) -> anyhow::Result<&'a str> {
@@ -328,9 +364,40 @@ fn segment<'a>(what: &str, s: &'a str) -> anyhow::Result<&'a str> {
     Ok(s)
 }
 
+/// `--label KEY=VALUE`, repeated, as `network create` and `volume create` take it.
+#[derive(Debug, clap::Args)]
+struct Labels {
+    /// Label KEY=VALUE.
+    #[arg(long = "label", value_name = "LABEL", value_parser = label)]
+    labels: Vec<(String, String)>,
+}
+
+/// A label as `--label`/`--label-add` take it, Docker's way: `KEY=VALUE`, or `KEY` alone for an
+/// empty value; an empty key is refused (by clap, before anything is sent).
+fn label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() {
+        return Err(format!("invalid label {s:?}: want KEY=VALUE"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_read_as_dockers() {
+        assert_eq!(label("zone=a=b"), Ok(("zone".to_owned(), "a=b".to_owned())));
+        assert_eq!(label("zone"), Ok(("zone".to_owned(), String::new())));
+        assert_eq!(label("zone="), Ok(("zone".to_owned(), String::new())));
+        assert!(label("=a").is_err());
+        assert!(label("").is_err());
+        // Through the command line: the flag's name and the reason, nothing run.
+        let err = Cli::try_parse_from(["shoal", "volume", "create", "--label", "=a", "v"])
+            .expect_err("an empty key is refused");
+        assert!(err.to_string().contains("--label") && err.to_string().contains("want KEY=VALUE"));
+    }
 
     #[test]
     fn the_command_tree_is_consistent() {

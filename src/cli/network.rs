@@ -31,9 +31,8 @@ pub(super) enum NetworkCmd {
         /// Subnet in CIDR form [default: the next free /24 of the pool].
         #[arg(long)]
         subnet: Option<ipnet::Ipv4Net>,
-        /// Label key=value.
-        #[arg(long)]
-        label: Vec<String>,
+        #[command(flatten)]
+        label: super::Labels,
         name: String,
     },
     /// List networks.
@@ -74,10 +73,7 @@ pub(super) async fn run(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<ExitCod
                     _ => bail!("unknown network option {o:?}: shoal overlays take 'encrypted'"),
                 }
             }
-            for l in label {
-                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
-                req.labels.insert(k.to_owned(), v.to_owned());
-            }
+            req.labels.extend(label.labels.iter().cloned());
             let r: serde_json::Value = host.post_json("/networks", &req).await?;
             println!("{}", r["id"].as_str().unwrap_or_default());
         }
@@ -118,27 +114,12 @@ pub(super) async fn run(host: &Host, cmd: &NetworkCmd) -> anyhow::Result<ExitCod
             }
         }
         NetworkCmd::Inspect { networks } => {
-            let mut found = Vec::new();
-            for n in networks {
-                let v = async {
-                    host.get_json::<serde_json::Value>(&format!(
-                        "/networks/{}",
-                        segment("network", n)?
-                    ))
-                    .await
-                };
-                found.extend(each.check(v.await));
-            }
-            println!("{}", serde_json::to_string_pretty(&found)?);
+            let path = |n: &str| Ok(format!("/networks/{}", segment("network", n)?));
+            each.inspect(host, networks, path).await?;
         }
         NetworkCmd::Rm { networks } => {
-            for n in networks {
-                let r =
-                    async { host.delete(&format!("/networks/{}", segment("network", n)?)).await };
-                if each.check(r.await).is_some() {
-                    println!("{n}");
-                }
-            }
+            let path = |n: &str| Ok(format!("/networks/{}", segment("network", n)?));
+            each.remove(host, networks, path).await;
         }
     }
     Ok(each.exit_code())

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
 use clap::Subcommand;
 
 use crate::api::NodeInfo;
@@ -33,9 +32,9 @@ pub(super) enum NodeCmd {
     Update {
         #[arg(long, value_parser = ["active", "pause", "drain"])]
         availability: Option<String>,
-        /// Add or change a label, key=value.
-        #[arg(long = "label-add")]
-        label_add: Vec<String>,
+        /// Add or change a label, KEY=VALUE.
+        #[arg(long = "label-add", value_parser = super::label)]
+        label_add: Vec<(String, String)>,
         /// Remove a label.
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
@@ -109,15 +108,8 @@ pub(super) async fn run(host: &Host, cmd: &NodeCmd) -> anyhow::Result<ExitCode> 
             }
         }
         NodeCmd::Inspect { nodes, pretty: false } => {
-            let mut found = Vec::new();
-            for node in nodes {
-                let n = async {
-                    host.get_json::<serde_json::Value>(&format!("/nodes/{}", node_segment(node)?))
-                        .await
-                };
-                found.extend(each.check(n.await));
-            }
-            println!("{}", serde_json::to_string_pretty(&found)?);
+            let path = |n: &str| Ok(format!("/nodes/{}", node_segment(n)?));
+            each.inspect(host, nodes, path).await?;
         }
         NodeCmd::Inspect { nodes, pretty: true } => {
             for (i, node) in nodes.iter().enumerate() {
@@ -138,22 +130,15 @@ pub(super) async fn run(host: &Host, cmd: &NodeCmd) -> anyhow::Result<ExitCode> 
             }
         }
         NodeCmd::Update { availability, label_add, label_rm, node } => {
-            let mut update = shoal_cluster::NodeUpdate {
+            let update = shoal_cluster::NodeUpdate {
                 availability: availability
                     .as_deref()
                     .map(str::parse)
                     .transpose()
                     .map_err(|_| anyhow::anyhow!("invalid availability"))?,
-                label_add: Vec::new(),
+                label_add: label_add.clone(),
                 label_rm: label_rm.clone(),
             };
-            for kv in label_add {
-                let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-                if k.is_empty() {
-                    bail!("invalid label {kv:?}: use key=value");
-                }
-                update.label_add.push((k.to_owned(), v.to_owned()));
-            }
             let () =
                 host.post_json(&format!("/nodes/{}/update", node_segment(node)?), &update).await?;
             println!("{node}");
@@ -181,14 +166,8 @@ pub(super) async fn run(host: &Host, cmd: &NodeCmd) -> anyhow::Result<ExitCode> 
             }
         }
         NodeCmd::Rm { force, nodes } => {
-            for node in nodes {
-                let r = async {
-                    host.delete(&format!("/nodes/{}?force={force}", node_segment(node)?)).await
-                };
-                if each.check(r.await).is_some() {
-                    println!("{node}");
-                }
-            }
+            let path = |n: &str| Ok(format!("/nodes/{}?force={force}", node_segment(n)?));
+            each.remove(host, nodes, path).await;
         }
     }
     Ok(each.exit_code())

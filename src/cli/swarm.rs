@@ -1,24 +1,31 @@
 //! `shoal swarm`: create, join and leave a swarm; its join tokens, gossip key, settings and CA.
 
 use anyhow::bail;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use crate::api::client::Host;
+
+/// The node's addresses, as `swarm init` and `swarm join` take them.
+#[derive(Debug, Args)]
+pub(super) struct AddrFlags {
+    /// Address other nodes reach this node's control plane at: ADDR|IFACE[:PORT]
+    /// [default: the address of the only interface, else of the default-route one].
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Where this node's control plane listens: ADDR|IFACE[:PORT] [default: 0.0.0.0:2377].
+    #[arg(long)]
+    listen_addr: Option<String>,
+    /// Address VXLAN and WireGuard traffic uses: ADDR|IFACE [default: the advertise address].
+    #[arg(long)]
+    data_path_addr: Option<String>,
+}
 
 #[derive(Debug, Subcommand)]
 pub(super) enum SwarmCmd {
     /// Make this node the first manager of a new swarm.
     Init {
-        /// Address other nodes reach this node's control plane at: ADDR|IFACE[:PORT]
-        /// [default: the address of the only interface, else of the default-route one].
-        #[arg(long)]
-        advertise_addr: Option<String>,
-        /// Where the control plane listens: ADDR|IFACE[:PORT] [default: 0.0.0.0:2377].
-        #[arg(long)]
-        listen_addr: Option<String>,
-        /// Address VXLAN and WireGuard traffic uses: ADDR|IFACE [default: the advertise address].
-        #[arg(long)]
-        data_path_addr: Option<String>,
+        #[command(flatten)]
+        addrs: AddrFlags,
         /// VXLAN data-path port for the whole swarm, 1024-49151 [default: 4789].
         #[arg(long)]
         data_path_port: Option<u16>,
@@ -34,16 +41,8 @@ pub(super) enum SwarmCmd {
     Join {
         #[arg(long)]
         token: String,
-        /// Address other nodes reach this node's control plane at: ADDR|IFACE[:PORT]
-        /// [default: the address of the only interface, else of the default-route one].
-        #[arg(long)]
-        advertise_addr: Option<String>,
-        /// Where this node's control plane listens: ADDR|IFACE[:PORT] [default: 0.0.0.0:2377].
-        #[arg(long)]
-        listen_addr: Option<String>,
-        /// Address VXLAN and WireGuard traffic uses: ADDR|IFACE [default: the advertise address].
-        #[arg(long)]
-        data_path_addr: Option<String>,
+        #[command(flatten)]
+        addrs: AddrFlags,
         /// A manager, HOST:PORT.
         remote: String,
     },
@@ -92,18 +91,11 @@ pub(super) async fn run(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
         InitRequest, JoinRequest, JoinToken, LeaveRequest, SwarmJoined, Warnings,
     };
     match cmd {
-        SwarmCmd::Init {
-            advertise_addr,
-            listen_addr,
-            data_path_addr,
-            data_path_port,
-            default_addr_pool,
-            cert_expiry,
-        } => {
+        SwarmCmd::Init { addrs, data_path_port, default_addr_pool, cert_expiry } => {
             let req = InitRequest {
-                advertise_addr: advertise_addr.clone(),
-                listen_addr: listen_addr.clone(),
-                data_path_addr: data_path_addr.clone(),
+                advertise_addr: addrs.advertise_addr.clone(),
+                listen_addr: addrs.listen_addr.clone(),
+                data_path_addr: addrs.data_path_addr.clone(),
                 data_path_port: *data_path_port,
                 default_addr_pool: *default_addr_pool,
                 cert_expiry: cert_expiry.clone(),
@@ -119,13 +111,13 @@ pub(super) async fn run(host: &Host, cmd: &SwarmCmd) -> anyhow::Result<()> {
                 "To add a manager to this swarm, run 'shoal swarm join-token manager' and follow the instructions."
             );
         }
-        SwarmCmd::Join { token, advertise_addr, listen_addr, data_path_addr, remote } => {
+        SwarmCmd::Join { token, addrs, remote } => {
             let req = JoinRequest {
                 token: token.clone(),
                 remote_addr: remote.clone(),
-                advertise_addr: advertise_addr.clone(),
-                listen_addr: listen_addr.clone(),
-                data_path_addr: data_path_addr.clone(),
+                advertise_addr: addrs.advertise_addr.clone(),
+                listen_addr: addrs.listen_addr.clone(),
+                data_path_addr: addrs.data_path_addr.clone(),
             };
             let r: SwarmJoined = host.post_json("/swarm/join", &req).await?;
             println!("This node joined a swarm as a {}.", r.role);

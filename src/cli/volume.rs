@@ -12,9 +12,8 @@ use crate::volumes::{self, Volume};
 pub(super) enum VolumeCmd {
     /// Create a volume on this node (`<data dir>/volumes/NAME/_data`).
     Create {
-        /// Label key=value.
-        #[arg(long)]
-        label: Vec<String>,
+        #[command(flatten)]
+        label: super::Labels,
         name: String,
     },
     /// List this node's volumes.
@@ -51,13 +50,7 @@ pub(super) async fn run(host: &Host, cmd: &VolumeCmd) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create { label, name } => {
             let mut req = VolumeCreate { name: name.clone(), ..VolumeCreate::default() };
-            for l in label {
-                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
-                if k.is_empty() {
-                    bail!("invalid label {l:?}: want KEY=VALUE");
-                }
-                req.labels.insert(k.to_owned(), v.to_owned());
-            }
+            req.labels.extend(label.labels.iter().cloned());
             let v: Volume = host.post_json("/volumes", &req).await?;
             println!("{}", v.name);
         }

@@ -2,8 +2,10 @@
 //! tears it down in `Drop`, also when the test fails; helpers run `shoal` and commands in nodes.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
+pub mod answer;
+pub mod capture;
 pub mod load;
 
 #[allow(unused_imports)]
@@ -126,6 +128,48 @@ impl Lab {
     pub fn addr(&self, i: u8) -> std::net::Ipv4Addr {
         std::net::Ipv4Addr::from(u32::from(self.subnet.network()) + u32::from(i))
     }
+
+    /// This host's address on the lab bridge: where the lab sees a client on this host come
+    /// from.
+    pub fn host(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(u32::from(self.subnet.network()) + 254)
+    }
+
+    /// `shoal --lab NAME --node NODE ARGS...`, which must fail; returns its stderr.
+    pub fn refused(&self, node: &str, args: &[&str]) -> String {
+        let out = self.shoal(&[&["--node", node], args].concat());
+        assert!(!out.status.success(), "{args:?} was accepted: {}", lossy(&out.stdout));
+        lossy(&out.stderr)
+    }
+
+    /// The value of the first line of a node's `/metrics` that starts with `line_prefix`.
+    pub fn metric(&self, node: &str, line_prefix: &str) -> Option<u64> {
+        self.metrics(node)
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// How many of the service's backends the node's mesh has up, from its `/metrics`.
+    pub fn backends_up(&self, node: &str, service: &str) -> usize {
+        let label = format!("service=\"{service}\"");
+        self.metrics(node)
+            .lines()
+            .filter(|l| l.starts_with("shoal_mesh_backend_up{") && l.contains(&label))
+            .filter(|l| l.ends_with(" 1"))
+            .count()
+    }
+}
+
+/// A child process killed and reaped when dropped, also when the test fails.
+pub struct Reaper(pub Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Drop for Lab {
@@ -225,6 +269,14 @@ pub fn ps(lab: &Lab, service: &str) -> Vec<TaskRow> {
             }
         })
         .collect()
+}
+
+/// Waits until a task of the service's current spec runs on `nodes` different nodes.
+pub fn wait_on_nodes(lab: &Lab, service: &str, nodes: usize) {
+    let what = format!("a task of {service} on {nodes} nodes");
+    eventually(&what, std::time::Duration::from_secs(120), || {
+        (running_per_node(lab, service).len() == nodes).then_some(())
+    });
 }
 
 /// Running tasks of the service's current spec per node.

@@ -102,15 +102,8 @@ pub(super) async fn stop(host: &Host, names: &[String]) -> anyhow::Result<ExitCo
 /// `shoal rm`: removes each task named (`force`: stops it first); exit 1 if any failed.
 pub(super) async fn rm(host: &Host, force: bool, names: &[String]) -> anyhow::Result<ExitCode> {
     let mut each = EachName::default();
-    for n in names {
-        let r = async {
-            host.delete(&format!("/containers/{}?force={force}", segment("container name", n)?))
-                .await
-        };
-        if each.check(r.await).is_some() {
-            println!("{n}");
-        }
-    }
+    let path = |n: &str| Ok(format!("/containers/{}?force={force}", segment("container name", n)?));
+    each.remove(host, names, path).await;
     Ok(each.exit_code())
 }
 

@@ -148,18 +148,8 @@ pub(super) async fn run(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCod
             }
         }
         ServiceCmd::Inspect { services } => {
-            let mut found = Vec::new();
-            for s in services {
-                let v = async {
-                    host.get_json::<serde_json::Value>(&format!(
-                        "/services/{}",
-                        segment("service", s)?
-                    ))
-                    .await
-                };
-                found.extend(each.check(v.await));
-            }
-            println!("{}", serde_json::to_string_pretty(&found)?);
+            let path = |s: &str| Ok(format!("/services/{}", segment("service", s)?));
+            each.inspect(host, services, path).await?;
         }
         ServiceCmd::Update(a) => {
             let req = a.request()?;
@@ -231,13 +221,8 @@ pub(super) async fn run(host: &Host, cmd: &ServiceCmd) -> anyhow::Result<ExitCod
             }
         }
         ServiceCmd::Rm { services } => {
-            for s in services {
-                let r =
-                    async { host.delete(&format!("/services/{}", segment("service", s)?)).await };
-                if each.check(r.await).is_some() {
-                    println!("{s}");
-                }
-            }
+            let path = |s: &str| Ok(format!("/services/{}", segment("service", s)?));
+            each.remove(host, services, path).await;
         }
     }
     Ok(each.exit_code())
