@@ -97,37 +97,15 @@ fn hint(what: &str, errno: Errno) -> &'static str {
 /// Sends a framed batch (begin at sequence 0, commands 1..=n with an ack asked on n, end at
 /// n + 1) and reads the kernel's answers.
 pub(crate) fn commit(batch: &[u8], what: &[String]) -> Result<(), Error> {
-    let fd = open(batch.len())?;
-    match send(fd.as_raw_fd(), batch, MsgFlags::empty()) {
-        Ok(n) if n == batch.len() => {}
-        Ok(n) => {
-            return Err(Error::NoVerdict(format!("sent {n} of {} bytes", batch.len())));
-        }
-        Err(errno) => return Err(Error::Socket { op: "send", errno }),
-    }
     let last = u32::try_from(what.len()).unwrap_or(u32::MAX);
-    let mut buf = vec![0u8; RECV_BYTES];
     let mut acked = false;
     // The first refused message is the cause; later ones usually only follow from it.
     let mut refused: Option<(u32, i32)> = None;
-    loop {
-        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) | Err(Errno::EAGAIN) => break,
-            Ok(n) => n,
-            Err(Errno::EINTR) => continue,
-            Err(errno) => return Err(Error::NoVerdict(format!("reading the answers: {errno}"))),
-        };
-        for m in wire::messages(&buf[..n.min(buf.len())]) {
-            if m.ty != NLMSG_ERROR {
-                continue;
-            }
-            match wire::error_code(m.payload) {
-                Some(0) => acked |= m.seq == last,
-                Some(code) if refused.is_none_or(|(seq, _)| m.seq < seq) => {
-                    refused = Some((m.seq, code));
-                }
-                _ => {}
-            }
+    for (seq, code) in requests(batch)? {
+        match code {
+            0 => acked |= seq == last,
+            code if refused.is_none_or(|(first, _)| seq < first) => refused = Some((seq, code)),
+            _ => {}
         }
     }
     if let Some((seq, code)) = refused {
@@ -145,8 +123,8 @@ pub(crate) fn commit(batch: &[u8], what: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sends requests that each ask for an ack, and returns each answer's `(sequence, errno)`
-/// (errno 0 for done). A request the kernel refuses does not stop the ones after it.
+/// Sends requests (or a framed batch) and returns each answer's `(sequence, errno)` (errno 0
+/// for done). A request the kernel refuses does not stop the ones after it.
 pub(crate) fn requests(request: &[u8]) -> Result<Vec<(u32, i32)>, Error> {
     let fd = open(request.len())?;
     match send(fd.as_raw_fd(), request, MsgFlags::empty()) {
