@@ -92,12 +92,7 @@ pub(super) fn reconcile(
         if attached && t.task.desired != DesiredState::Running {
             release(inner, id);
         } else if !attached && !failed && t.task.desired == DesiredState::Running && t.addressed() {
-            let nets: Vec<NetworkRecord> = t
-                .networks
-                .iter()
-                .filter_map(|n| state.networks.get(n))
-                .map(|n| (**n).clone())
-                .collect();
+            let nets = super::tasks::networks_of(state, t);
             lock(&inner.local).busy.insert((*id).clone());
             let (inner, t, cni) = (inner.clone(), (*t).clone(), cni.clone());
             tokio::spawn(async move {

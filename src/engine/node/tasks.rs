@@ -35,12 +35,7 @@ pub(super) async fn apply(
     for id in &plan.start {
         let Some(t) = tasks.get(id) else { continue };
         let svc = services.get(&t.task.service_id).cloned();
-        let nets: Vec<NetworkRecord> = t
-            .networks
-            .iter()
-            .filter_map(|n| state.networks.get(n))
-            .map(|n| (**n).clone())
-            .collect();
+        let nets = networks_of(state, t);
         lock(&inner.local).busy.insert(id.clone());
         let (inner, t) = (inner.clone(), t.clone());
         tokio::spawn(async move {
@@ -86,12 +81,7 @@ pub(super) fn take_up_adopted(
             lock(&inner.local).attached.insert(id, all);
             continue;
         };
-        let nets: Vec<NetworkRecord> = t
-            .networks
-            .iter()
-            .filter_map(|n| state.networks.get(n))
-            .map(|n| (**n).clone())
-            .collect();
+        let nets = networks_of(state, t);
         lock(&inner.local).busy.insert(id.clone());
         let (inner, t) = (inner.clone(), (*t).clone());
         tokio::spawn(async move {
@@ -439,4 +429,9 @@ pub(super) async fn install_vips(
     tokio::task::spawn_blocking(move || shoal_vip::apply(&ns, &vip_rules)).await??;
     lock(&inner.local).vips.set(id.to_owned(), rules);
     Ok(())
+}
+
+/// The records of the networks a task is attached to, as the store has them.
+pub(super) fn networks_of(state: &ClusterState, t: &TaskRecord) -> Vec<NetworkRecord> {
+    t.networks.iter().filter_map(|n| state.networks.get(n)).map(|n| (**n).clone()).collect()
 }
