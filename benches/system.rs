@@ -5,8 +5,8 @@
 //!                                        [--strict] [--list] [--from-json FILE]
 //! ```
 //!
-//! Run as root (everything happens in network namespaces on this machine). Sections, in run
-//! order (`--only` takes their names, space- or comma-separated):
+//! Run as root: every section but `fanout` builds network namespaces on this machine.
+//! Sections, in run order (`--only` takes their names, space- or comma-separated):
 //!
 //! - `mesh`, `mesh-remote`: the routing mesh vs HAProxy, nginx stream, socat and no proxy
 //!   (`crates/ingress/benches/mesh.rs` with `PIN=1`, and `OVERLAY=1` for the backend on another
@@ -160,6 +160,8 @@ struct Spec {
     full_rounds: usize,
     /// Longest a full run may take before it is stopped.
     limit: Duration,
+    /// Whether the section builds network namespaces (and so runs only as root).
+    needs_root: bool,
 }
 
 const SECTIONS: &[Spec] = &[
@@ -180,6 +182,7 @@ const SECTIONS: &[Spec] = &[
         },
         full_rounds: 3,
         limit: Duration::from_secs(40 * 60),
+        needs_root: true,
     },
     Spec {
         name: "mesh-remote",
@@ -196,6 +199,7 @@ const SECTIONS: &[Spec] = &[
         },
         full_rounds: 3,
         limit: Duration::from_secs(40 * 60),
+        needs_root: true,
     },
     Spec {
         name: "mesh-lab",
@@ -210,6 +214,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::MeshLab,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
+        needs_root: true,
     },
     Spec {
         name: "overlay",
@@ -222,6 +227,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Bench { pkg: "shoal-vxlan", bench: "overlay", dir: "crates/vxlan", env: &[] },
         full_rounds: 5,
         limit: Duration::from_secs(30 * 60),
+        needs_root: true,
     },
     Spec {
         name: "dns",
@@ -234,6 +240,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Bench { pkg: "shoal-dns", bench: "dns", dir: "crates/dns", env: &[] },
         full_rounds: 5,
         limit: Duration::from_secs(30 * 60),
+        needs_root: true,
     },
     Spec {
         name: "gossip",
@@ -246,6 +253,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Bench { pkg: "shoal", bench: "gossip", dir: ".", env: &[] },
         full_rounds: 5,
         limit: Duration::from_secs(40 * 60),
+        needs_root: true,
     },
     Spec {
         name: "fanout",
@@ -260,6 +268,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Bench { pkg: "shoal-cluster", bench: "watch", dir: "crates/cluster", env: &[] },
         full_rounds: 5,
         limit: Duration::from_secs(10 * 60),
+        needs_root: false,
     },
     Spec {
         name: "deploy",
@@ -273,6 +282,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Deploy,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
+        needs_root: true,
     },
     Spec {
         name: "rss",
@@ -286,6 +296,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Rss,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
+        needs_root: true,
     },
     Spec {
         name: "swarm",
@@ -300,6 +311,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Swarm,
         full_rounds: 3,
         limit: Duration::from_secs(30 * 60),
+        needs_root: true,
     },
     Spec {
         name: "reliability",
@@ -314,6 +326,7 @@ const SECTIONS: &[Spec] = &[
         kind: Kind::Reliability,
         full_rounds: 3,
         limit: Duration::from_secs(20 * 60),
+        needs_root: true,
     },
 ];
 
@@ -414,16 +427,17 @@ fn run(args: &Args, argv: &[String]) -> anyhow::Result<usize> {
             _ => None,
         })
         .collect();
-    let needs_build = specs.iter().any(|s| matches!(s.kind, Kind::Bench { .. }));
+    let needs_build =
+        specs.iter().any(|s| matches!(s.kind, Kind::Bench { .. }) && (root_user || !s.needs_root));
     let built = Instant::now();
-    let exes = if root_user && needs_build { build_benches(&wanted) } else { Ok(BTreeMap::new()) };
+    let exes = if needs_build { build_benches(&wanted) } else { Ok(BTreeMap::new()) };
     let build_seconds = built.elapsed().as_secs_f64();
 
     let mut sections = Vec::new();
     for spec in &specs {
         let started = Instant::now();
         println!("\n=== [{}] {} ===", spec.name, spec.title);
-        let mut section = if !root_user {
+        let mut section = if spec.needs_root && !root_user {
             Section::failed(
                 spec.name,
                 spec.title,

@@ -15,31 +15,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Lab, eventually, lossy, ps, require_root, running_per_node, task_netns};
-
-/// The task: HTTP on 8000 and UDP on 8001, both answering `task=HOSTNAME` (the task's short id).
-const SERVER: &str = r#"
-import http.server, socketserver, socket, threading
-me = socket.gethostname()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("task=%s\n" % me).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def log_message(self, *a):
-        pass
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 8001))
-    while True:
-        d, a = s.recvfrom(2048)
-        s.sendto(("task=%s\n" % me).encode(), a)
-threading.Thread(target=udp, daemon=True).start()
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 8000), H).serve_forever()
-"#;
+use common::{Lab, answer, eventually, lossy, ps, require_root, running_per_node, task_netns};
 
 /// How many clients the Maglev test has, each its own address.
 const CLIENTS: u32 = 60;
@@ -78,11 +54,11 @@ fn add_addresses(lab: &Lab) -> Addresses {
 /// The task that answered an HTTP request from `client` through `to`'s `port`.
 fn task(client: Ipv4Addr, to: Ipv4Addr, port: u16) -> Option<String> {
     let url = format!("http://{to}:{port}/");
-    let out = Command::new("curl")
+    let reply = Command::new("curl")
         .args(["-s", "-m", "10", "--interface", &client.to_string(), &url])
         .output()
         .expect("curl");
-    lossy(&out.stdout).trim().strip_prefix("task=").map(str::to_owned)
+    answer::parse(&lossy(&reply.stdout)).map(|a| a.task)
 }
 
 /// Each client's task through `port`, when every client reaches the same task through every
@@ -108,9 +84,8 @@ fn kernel_flows(lab: &Lab, node: &str, service: &str) -> u64 {
 }
 
 fn create(lab: &Lab, name: &str, replicas: &str, extra: &[&str], ports: &[&str]) {
-    let head = ["service", "create", "--name", name, "--replicas", replicas];
-    let tail = ["--", "python3", "-c", SERVER];
-    lab.on("node1", &[&head[..], extra, ports, &tail[..]].concat());
+    let flags = [&["--replicas", replicas][..], extra, ports].concat();
+    lab.create_answering(name, &flags, &[]);
 }
 
 /// The port of the kernel-path test that the proxy serves, for the same service's tasks.
@@ -248,7 +223,7 @@ fn udp_flow_moves(mesh: &str) {
         sock.send_to(b"hi\n", to).ok()?;
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).ok()?;
-        lossy(&buf[..n]).trim().strip_prefix("task=").map(str::to_owned)
+        answer::parse(&lossy(&buf[..n])).map(|a| a.task)
     };
     let pinned = eventually("an answer on the flow", Duration::from_secs(60), &ask);
     for _ in 0..5 {
