@@ -149,7 +149,8 @@ impl Router {
         }
     }
 
-    async fn call_leader(&self, req: Request) -> Result<Response, Error> {
+    /// A request to the leader, once: through this manager, or else to the known managers.
+    pub(super) async fn call_leader(&self, req: Request) -> Result<Response, Error> {
         // A node just demoted still runs Raft until its session notices, but its worker
         // certificate may no longer forward: it asks the managers as the worker it is.
         if self.node.manager().is_some() && self.node.cert_role() == Role::Manager {
@@ -325,15 +326,6 @@ impl Router {
             Some(m) => Response::Raft(m.handle_raft(r).await),
             None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
         }
-    }
-
-    // Boxed to break the async recursion through `call_leader` → `dispatch`.
-    pub(super) fn call_leader_plain(
-        &self,
-        req: Request,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + '_>>
-    {
-        Box::pin(self.call_leader(req))
     }
 
     /// Raft messages only from Raft's own membership (see `authz`).

@@ -157,12 +157,11 @@ impl Session {
 
     async fn renew(&self, role: Role) -> Result<(), Error> {
         let (key, csr) = new_key_and_csr()?;
-        let cert_pem =
-            match self.router.call_leader_plain(Request::RenewCert { csr_pem: csr }).await? {
-                Response::Cert { cert_pem } => cert_pem,
-                Response::Error(e) => return Err(from_rpc(e)),
-                r => return Err(unexpected(&r)),
-            };
+        let cert_pem = match self.router.call_leader(Request::RenewCert { csr_pem: csr }).await? {
+            Response::Cert { cert_pem } => cert_pem,
+            Response::Error(e) => return Err(from_rpc(e)),
+            r => return Err(unexpected(&r)),
+        };
         let ca = self.node.identity.read().map(|i| i.ca_pem.clone()).map_err(|_| poisoned())?;
         let id = NodeIdentity::from_pem(key, cert_pem, ca)?;
         if id.info.role != role || id.info.node != self.node.me() {
