@@ -16,7 +16,9 @@
 //! - [`raft`]: openraft 0.9 storage on redb (log, vote, state machine, snapshots).
 //! - [`failover`]: pre-vote and check-quorum on top of openraft's leader lease, pure.
 //! - [`transport`]: QUIC (quinn) endpoint, RPC calls, and the Raft network over it.
-//! - [`Cluster`]: the handle the agent drives.
+//! - [`Cluster`]: the handle the agent drives. Inside it, owned parts over one shared node
+//!   context: the leader's handlers and books, the RPC router (serving, authorization,
+//!   forwarding to the leader), this node's session with the leader, and on managers Raft.
 //!
 //! ## How the agent drives it
 //! - At start: [`Cluster::open`] with the data dir; `Some(cluster)` means this node is in a swarm

@@ -5,6 +5,14 @@ use std::path::Path;
 
 use crate::Error;
 
+/// The swarm directory under the data dir, and its files.
+pub(super) const SWARM_DIR: &str = "swarm";
+pub(super) const NODE_FILE: &str = "node.json";
+pub(super) const KEY_FILE: &str = "node-key.pem";
+pub(super) const CERT_FILE: &str = "node-cert.pem";
+pub(super) const CA_FILE: &str = "ca.pem";
+pub(super) const RAFT_FILE: &str = "raft.redb";
+
 /// Maps an I/O error to [`Error::Io`], saying what was being done.
 pub(super) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();

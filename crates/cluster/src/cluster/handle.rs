@@ -1,6 +1,7 @@
 //! What the agent asks of the [`Cluster`] handle once it is in a swarm: the node API, join
-//! tokens, raw store writes and reads, the per-node watch of the store, task reports, and what
-//! this node knows of itself and of Raft.
+//! tokens, raw store writes and reads, the per-node watch of the store, task reports, the swarm's
+//! certificate settings (`swarm update`, `swarm ca`), and what this node knows of itself, of
+//! Raft and of the requests it refused.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -8,18 +9,24 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 use crate::Error;
+use crate::ca::CaAnswer;
+use crate::model::security::{SecurityConfig, SwarmUpdate};
 use crate::model::{ClusterEvent, ClusterState, Command, Keyring, NodeId, Role};
 use crate::wire::{
     ManageRequest, NodeRequest, NodeUpdate, NodeView, Request, Response, TaskRequest,
 };
 
 use super::errors::{from_rpc, unexpected};
-use super::{Cluster, HandlerSlot, LocalInfo, NodeHandler, RaftStatus};
+use super::{Cluster, LocalInfo, NodeHandler, RaftStatus};
 
 impl Cluster {
     /// `swarm join-token [--rotate] worker|manager`: the current token (after rotating it).
     pub async fn join_token(&self, role: Role, rotate: bool) -> Result<String, Error> {
-        match self.inner.request(Request::Manage(ManageRequest::JoinToken { role, rotate })).await?
+        match self
+            .inner
+            .router
+            .request(Request::Manage(ManageRequest::JoinToken { role, rotate }))
+            .await?
         {
             Response::Token(t) => Ok(t),
             r => Err(unexpected(&r)),
@@ -29,13 +36,13 @@ impl Cluster {
     /// The command `swarm init`/`join-token` print: `shoal swarm join --token T ADDR`.
     pub async fn join_command(&self, role: Role) -> Result<String, Error> {
         let token = self.join_token(role, false).await?;
-        let addr = self.inner.local().advertise_addr;
+        let addr = self.inner.node.local().advertise_addr;
         Ok(format!("shoal swarm join --token {token} {addr}"))
     }
 
     /// `node ls`.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, Error> {
-        match self.inner.request(Request::Manage(ManageRequest::NodeList)).await? {
+        match self.inner.router.request(Request::Manage(ManageRequest::NodeList)).await? {
             Response::Nodes(n) => Ok(n),
             r => Err(unexpected(&r)),
         }
@@ -45,6 +52,7 @@ impl Cluster {
     pub async fn node(&self, node: &str) -> Result<NodeView, Error> {
         match self
             .inner
+            .router
             .request(Request::Manage(ManageRequest::NodeInspect(node.to_owned())))
             .await?
         {
@@ -96,7 +104,7 @@ impl Cluster {
 
     /// The whole store as the leader has it.
     pub async fn store(&self) -> Result<ClusterState, Error> {
-        match self.inner.request(Request::Manage(ManageRequest::State)).await? {
+        match self.inner.router.request(Request::Manage(ManageRequest::State)).await? {
             Response::State(s) => Ok(*s),
             r => Err(unexpected(&r)),
         }
@@ -105,19 +113,19 @@ impl Cluster {
     /// Sets this node's WireGuard public key: the leader records it in the node's store record
     /// at the next heartbeat (sent at once when the key is new), and peers take it from there.
     pub async fn set_wg_public_key(&self, key: [u8; 32]) -> Result<(), Error> {
-        let changed = match self.inner.local.lock() {
+        let changed = match self.inner.node.local.lock() {
             Ok(mut l) => l.wg_public_key.replace(key) != Some(key),
             Err(p) => p.into_inner().wg_public_key.replace(key) != Some(key),
         };
         if changed {
-            self.inner.save_local()?;
+            self.inner.node.save_local()?;
         }
-        self.inner.reconcile_once().await
+        self.inner.session.reconcile_once().await
     }
 
     /// Registers what answers [`NodeRequest`]s from managers on this node.
     pub fn set_node_handler(&self, handler: Option<NodeHandler>) {
-        *self.inner.node_handler.write().unwrap_or_else(|e| e.into_inner()) = HandlerSlot(handler);
+        self.inner.router.set_handler(handler);
     }
 
     /// Asks the node at control address `addr` (this node too) a [`NodeRequest`]; managers only.
@@ -126,14 +134,14 @@ impl Cluster {
         addr: SocketAddr,
         req: NodeRequest,
     ) -> Result<serde_json::Value, Error> {
-        if addr == self.inner.local().advertise_addr {
-            return match self.inner.node_request(req).await? {
+        if addr == self.inner.node.local().advertise_addr {
+            return match self.inner.router.node_request(req).await? {
                 Response::Value(v) => Ok(v),
                 r => Err(unexpected(&r)),
             };
         }
-        let timeout = self.inner.tuning.rpc_timeout;
-        match self.inner.transport.call(addr, &Request::Node(req), timeout).await {
+        let timeout = self.inner.node.tuning.rpc_timeout;
+        match self.inner.node.transport.call(addr, &Request::Node(req), timeout).await {
             Ok(Response::Value(v)) => Ok(v),
             Ok(Response::Error(e)) => Err(from_rpc(e)),
             Ok(r) => Err(unexpected(&r)),
@@ -143,7 +151,7 @@ impl Cluster {
 
     /// The store as the leader has it, secrets blanked: any node may read it (the dispatcher).
     pub async fn task_state(&self) -> Result<ClusterState, Error> {
-        match self.inner.request(Request::Tasks(TaskRequest::State)).await? {
+        match self.inner.router.request(Request::Tasks(TaskRequest::State)).await? {
             Response::State(s) => Ok(*s),
             r => Err(unexpected(&r)),
         }
@@ -154,17 +162,7 @@ impl Cluster {
     /// follows the leader's deltas, so each answer carries only what changed (see
     /// [`crate::watch`]); a caller behind the copy gets the copy at once.
     pub async fn task_state_after(&self, index: u64) -> Result<(u64, ClusterState), Error> {
-        let mut mirror = self.inner.mirror.lock().await;
-        if mirror.revision() <= index {
-            let pos = mirror.position(self.inner.me());
-            match self.inner.request(Request::Tasks(TaskRequest::Watch(pos))).await? {
-                Response::Delta(d) => {
-                    mirror.apply(d).map_err(|e| Error::BadRequest(e.to_string()))?;
-                }
-                r => return Err(unexpected(&r)),
-            }
-        }
-        Ok((mirror.revision(), mirror.state().clone()))
+        self.inner.session.state_after(index).await
     }
 
     /// Reports the observed state of tasks this node hosts; each is one store write, and a
@@ -186,8 +184,34 @@ impl Cluster {
         self.done(Request::Tasks(req)).await.map(|_| ())
     }
 
-    pub(super) async fn done(&self, req: Request) -> Result<Vec<String>, Error> {
-        match self.inner.request(req).await? {
+    /// `swarm update`: changes the swarm's certificate expiry and gossip key rotation period.
+    pub async fn update_swarm(&self, update: SwarmUpdate) -> Result<(), Error> {
+        self.done(Request::Manage(ManageRequest::UpdateSwarm(update))).await.map(|_| ())
+    }
+
+    /// `swarm ca [--rotate]`: the swarm's CA certificate, after a rotation (see `ca`) when
+    /// `rotate`; the warnings name nodes that did not follow a step in time.
+    pub async fn ca(&self, rotate: bool) -> Result<CaAnswer, Error> {
+        match self.inner.router.request(Request::Manage(ManageRequest::Ca { rotate })).await? {
+            Response::Value(v) => serde_json::from_value(v)
+                .map_err(|e| Error::BadRequest(format!("malformed CA answer: {e}"))),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// The swarm settings as this manager's store has them (`None` on a worker).
+    pub fn security_config(&self) -> Option<SecurityConfig> {
+        let m = self.inner.node.manager()?;
+        m.sm.with_state(|s| s.cluster.as_ref().map(|c| c.security.clone()))
+    }
+
+    /// Requests this node refused since it started (see `authz`), for `/metrics`.
+    pub fn refusals(&self) -> crate::authz::RefusalCounts {
+        self.inner.router.refusals()
+    }
+
+    async fn done(&self, req: Request) -> Result<Vec<String>, Error> {
+        match self.inner.router.request(req).await? {
             Response::Done { warnings } => Ok(warnings),
             r => Err(unexpected(&r)),
         }
@@ -195,25 +219,25 @@ impl Cluster {
 
     /// The gossip keyring as a watch: feed it into gossip (every key decrypts, the primary encrypts).
     pub fn gossip_keys(&self) -> watch::Receiver<Keyring> {
-        self.inner.keyring.subscribe()
+        self.inner.node.keyring.subscribe()
     }
 
     /// Node events applied by this manager's store (none on workers).
     pub fn events(&self) -> broadcast::Receiver<ClusterEvent> {
-        self.inner.events.subscribe()
+        self.inner.node.events.subscribe()
     }
 
     /// This node's view of itself.
     pub fn info(&self) -> LocalInfo {
-        let local = self.inner.local();
-        let (role, digest) = match self.inner.identity.read() {
+        let local = self.inner.node.local();
+        let (role, digest) = match self.inner.node.identity.read() {
             Ok(i) => (
                 i.info.role,
                 i.ca_digest().map(|d| crate::base36::encode_base36(&d, 50)).unwrap_or_default(),
             ),
             Err(_) => (Role::Worker, String::new()),
         };
-        let m = self.inner.manager();
+        let m = self.inner.node.manager();
         LocalInfo {
             node: local.node,
             hostname: local.hostname,
@@ -232,7 +256,7 @@ impl Cluster {
     /// Waits (at most `timeout`) until this manager's store has applied past log index `after`;
     /// returns the applied index then. On a worker it just waits and returns `after`.
     pub async fn applied_after(&self, after: u64, timeout: Duration) -> u64 {
-        let Some(m) = self.inner.manager() else {
+        let Some(m) = self.inner.node.manager() else {
             tokio::time::sleep(timeout).await;
             return after;
         };
@@ -241,7 +265,7 @@ impl Cluster {
 
     /// Raft's view on this node (`None` on a worker): for metrics and tests.
     pub fn raft_status(&self) -> Option<RaftStatus> {
-        let m = self.inner.manager()?;
+        let m = self.inner.node.manager()?;
         let metrics = m.raft.metrics().borrow().clone();
         Some(RaftStatus {
             leader: m.leader().map(|l| NodeId(l.0)),
@@ -256,7 +280,7 @@ impl Cluster {
 
     /// The control-plane socket's bound address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.inner.transport.local_addr()
+        self.inner.node.transport.local_addr()
     }
 
     /// Waits until this node runs Raft as a voter with a known leader (after init, a manager
@@ -264,8 +288,8 @@ impl Cluster {
     pub async fn wait_voter(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(m) = self.inner.manager() {
-                let me = self.inner.local().node.0;
+            if let Some(m) = self.inner.node.manager() {
+                let me = self.inner.node.local().node.0;
                 let metrics = m.raft.metrics().borrow().clone();
                 if metrics.current_leader.is_some()
                     && metrics.membership_config.membership().voter_ids().any(|v| v == me)

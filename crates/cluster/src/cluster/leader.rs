@@ -1,16 +1,16 @@
-//! What only the leader does: writes through Raft, and its handlers for joins, heartbeats,
+//! What only the leader does: [`Leader`], its books and its handlers for joins, heartbeats,
 //! certificate renewal, liveness, leaving, the manager API, the dispatcher's task requests and
-//! gossip key rotation.
+//! gossip key rotation; the certificate side it hands to [`Security`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers};
 
 use crate::model::{Command, GossipKey, NodeId, NodeRecord, NodeStatus, Role, now_ms};
 use crate::pki::ClusterCa;
-use crate::policy::even_warning;
+use crate::policy::{HeartbeatBook, even_warning};
 use crate::token::{JoinToken, new_secret, role_of_secret};
 use crate::wire::{
     Caller, JoinRequest, JoinResponse, ManageRequest, Request, Response, SessionInfo, TaskRequest,
@@ -19,18 +19,47 @@ use crate::{Error, NOT_MANAGER};
 
 use super::errors::to_rpc;
 use super::manager::ManagerParts;
-use super::security;
-use super::{HEARTBEAT_FAILURE, Inner, random_key};
+use super::node::Node;
+use super::security::{self, Security};
+use super::{lock, random_key};
 
-impl Inner {
-    pub(super) async fn handle_leader(
+/// The status message of a node the leader marked Down for missed heartbeats.
+const HEARTBEAT_FAILURE: &str = "heartbeat failure";
+
+/// What this node keeps and does for when it leads: each node's heartbeats and keyring version,
+/// the locks that let one membership change and one rotation (gossip key or CA) run at a time,
+/// and the certificate side ([`Security`]). Its handlers answer requests the RPC edge routed to
+/// this node while it leads; its liveness loop runs on every manager and acts while it leads.
+#[derive(Debug)]
+pub(super) struct Leader {
+    node: Arc<Node>,
+    heartbeats: Mutex<HeartbeatBook>,
+    membership: tokio::sync::Mutex<()>,
+    rotation: tokio::sync::Mutex<()>,
+    security: Security,
+}
+
+impl Leader {
+    pub(super) fn new(node: Arc<Node>) -> Leader {
+        let security = Security::new(node.tuning.clone());
+        Leader {
+            node,
+            heartbeats: Mutex::default(),
+            membership: tokio::sync::Mutex::default(),
+            rotation: tokio::sync::Mutex::default(),
+            security,
+        }
+    }
+
+    /// A request for the leader, from `caller` (the origin of a forwarded one).
+    pub(super) async fn handle(
         self: &Arc<Self>,
         m: &Arc<ManagerParts>,
         caller: Caller,
         req: Request,
     ) -> Response {
         if let Request::Join(j) = req {
-            return self.leader_join(m, j).await.unwrap_or_else(to_rpc);
+            return self.join(m, j).await.unwrap_or_else(to_rpc);
         }
         let (n, role) = match m.authorize(caller) {
             Ok(who) => who,
@@ -38,17 +67,17 @@ impl Inner {
         };
         let r = match req {
             Request::Heartbeat { keyring_version, wg_public_key, ca } => {
-                self.leader_heartbeat(m, n, keyring_version, wg_public_key, ca).await
+                self.heartbeat(m, n, keyring_version, wg_public_key, ca).await
             }
-            Request::RenewCert { csr_pem } => self.leader_renew(m, n, &csr_pem),
+            Request::RenewCert { csr_pem } => self.renew(m, n, &csr_pem),
             // Liveness moves tasks, so only managers (whose gossip sees every member) report it.
             Request::MemberStatus { .. } | Request::Manage(_) if role != Role::Manager => {
                 Err(Error::NotManager(NOT_MANAGER.into()))
             }
-            Request::MemberStatus { node, up } => self.leader_member_status(m, node, up).await,
-            Request::Leave => self.leader_leave(m, n).await,
-            Request::Manage(req) => self.leader_manage(m, n, req).await,
-            Request::Tasks(req) => self.leader_tasks(m, n, role, req).await,
+            Request::MemberStatus { node, up } => self.member_status(m, node, up).await,
+            Request::Leave => self.leave(m, n).await,
+            Request::Manage(req) => self.manage(m, n, req).await,
+            Request::Tasks(req) => self.tasks(m, n, role, req).await,
             Request::Join(_)
             | Request::Node(_)
             | Request::Raft(_)
@@ -60,7 +89,7 @@ impl Inner {
         r.unwrap_or_else(to_rpc)
     }
 
-    pub(super) async fn leader_tasks(
+    async fn tasks(
         &self,
         m: &ManagerParts,
         node: NodeId,
@@ -74,7 +103,7 @@ impl Inner {
             }
             TaskRequest::Watch(pos) => {
                 // Half the RPC timeout, so the answer always beats the caller's deadline.
-                m.wait_applied(pos.revision, self.tuning.rpc_timeout / 2).await;
+                m.wait_applied(pos.revision, self.node.tuning.rpc_timeout / 2).await;
                 Ok(Response::Delta(m.sm.delta(crate::watch::Reader::new(node, role), &pos)))
             }
             TaskRequest::Report(reports) => {
@@ -94,11 +123,7 @@ impl Inner {
         }
     }
 
-    pub(super) async fn leader_join(
-        &self,
-        m: &ManagerParts,
-        j: JoinRequest,
-    ) -> Result<Response, Error> {
+    async fn join(&self, m: &ManagerParts, j: JoinRequest) -> Result<Response, Error> {
         let token = JoinToken::parse(&j.token)?;
         let state = m.sm.state();
         let info = state
@@ -124,7 +149,7 @@ impl Inner {
             return Err(Error::BadRequest("the host name must be 1 to 253 characters".into()));
         }
         let id = NodeId::random();
-        let cert_pem = self.sign_renewal(m, id, role, &j.csr_pem)?;
+        let cert_pem = security::sign_renewal(m, id, role, &j.csr_pem)?;
         let now = now_ms();
         let record = NodeRecord {
             id,
@@ -142,7 +167,7 @@ impl Inner {
             updated_ms: now,
         };
         m.write(Command::AddNode(record)).await?;
-        if let Ok(mut b) = self.leader.heartbeats.lock() {
+        if let Ok(mut b) = self.heartbeats.lock() {
             b.handle_join(Instant::now(), id);
         }
         let state = m.sm.state();
@@ -163,7 +188,7 @@ impl Inner {
         }))
     }
 
-    pub(super) async fn leader_heartbeat(
+    async fn heartbeat(
         &self,
         m: &ManagerParts,
         node: NodeId,
@@ -182,7 +207,7 @@ impl Inner {
         {
             m.write(Command::SetWgKey { id: node, key }).await?;
         }
-        if let Ok(mut b) = self.leader.heartbeats.lock() {
+        if let Ok(mut b) = self.heartbeats.lock() {
             b.handle_heartbeat(Instant::now(), node, version);
         }
         let back = rec.status == NodeStatus::Unknown
@@ -204,24 +229,19 @@ impl Inner {
             ca_pems: Vec::new(),
             cert_expiry_secs: 0,
         };
-        self.session_security(m, node, ca, &mut session);
+        self.security.session(m, node, ca, &mut session);
         Ok(Response::Session(session))
     }
 
-    pub(super) fn leader_renew(
-        &self,
-        m: &ManagerParts,
-        node: NodeId,
-        csr: &str,
-    ) -> Result<Response, Error> {
+    fn renew(&self, m: &ManagerParts, node: NodeId, csr: &str) -> Result<Response, Error> {
         let role =
             m.sm.with_state(|s| s.nodes.get(&node).map(|n| n.role))
                 .ok_or_else(|| Error::NotFound(format!("node {node} is not part of this swarm")))?;
-        let cert_pem = self.sign_renewal(m, node, role, csr)?;
+        let cert_pem = security::sign_renewal(m, node, role, csr)?;
         Ok(Response::Cert { cert_pem })
     }
 
-    pub(super) async fn leader_member_status(
+    async fn member_status(
         &self,
         m: &ManagerParts,
         node: NodeId,
@@ -240,12 +260,8 @@ impl Inner {
         Ok(Response::Done { warnings: Vec::new() })
     }
 
-    pub(super) async fn leader_leave(
-        &self,
-        m: &ManagerParts,
-        node: NodeId,
-    ) -> Result<Response, Error> {
-        let _g = self.leader.membership.lock().await;
+    async fn leave(&self, m: &ManagerParts, node: NodeId) -> Result<Response, Error> {
+        let _g = self.membership.lock().await;
         let state = m.sm.state();
         let rec = state
             .nodes
@@ -275,7 +291,7 @@ impl Inner {
         Ok(Response::Done { warnings: Vec::new() })
     }
 
-    pub(super) async fn leader_manage(
+    async fn manage(
         self: &Arc<Self>,
         m: &ManagerParts,
         caller: NodeId,
@@ -309,7 +325,7 @@ impl Inner {
                 Ok(Response::Done { warnings: Vec::new() })
             }
             ManageRequest::Promote(what) => {
-                let _g = self.leader.membership.lock().await;
+                let _g = self.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?;
                 if n.role == Role::Manager {
@@ -322,7 +338,7 @@ impl Inner {
                 Ok(Response::Done { warnings: even_warning(count).into_iter().collect() })
             }
             ManageRequest::Demote(what) => {
-                let _g = self.leader.membership.lock().await;
+                let _g = self.membership.lock().await;
                 let state = m.sm.state();
                 let n = state.find_node(&what).map_err(Error::NotFound)?.clone();
                 if n.role == Role::Worker {
@@ -381,11 +397,18 @@ impl Inner {
                 };
                 Ok(Response::Token(JoinToken { ca_digest: ca.digest(), secret }.to_string()))
             }
-            ManageRequest::RotateGossipKey => self.leader_rotate(m).await,
-            ManageRequest::UpdateSwarm(update) => self.leader_update_swarm(m, update).await,
-            ManageRequest::Ca { rotate } => self.leader_ca(m, rotate).await,
+            ManageRequest::RotateGossipKey => self.rotate(m).await,
+            ManageRequest::UpdateSwarm(update) => self.security.update_swarm(m, update).await,
+            ManageRequest::Ca { rotate } => {
+                let mut warnings = Vec::new();
+                if rotate {
+                    let _g = self.rotation.lock().await;
+                    warnings = self.security.rotate_ca(m).await?;
+                }
+                security::ca_answer(m, warnings)
+            }
             ManageRequest::JoinRaft => {
-                let _g = self.leader.membership.lock().await;
+                let _g = self.membership.lock().await;
                 let state = m.sm.state();
                 let n = state
                     .nodes
@@ -400,7 +423,7 @@ impl Inner {
                 if m.voters().contains(&caller.0) {
                     return Ok(Response::Done { warnings: Vec::new() });
                 }
-                let limit = self.tuning.rpc_timeout * 2;
+                let limit = self.node.tuning.rpc_timeout * 2;
                 let late = || {
                     Error::NoLeader(format!(
                         "{} did not catch up with the Raft log in time; it will retry",
@@ -442,26 +465,23 @@ impl Inner {
     }
 
     /// Waits until every Ready node reports keyring `version`; returns the ones that did not.
-    pub(super) async fn wait_acks(&self, m: &ManagerParts, version: u64) -> Vec<String> {
-        let deadline = Instant::now() + self.tuning.heartbeat * 10 + Duration::from_secs(2);
+    async fn wait_acks(&self, m: &ManagerParts, version: u64) -> Vec<String> {
+        let deadline = Instant::now() + self.node.tuning.heartbeat * 10 + Duration::from_secs(2);
         loop {
             let state = m.sm.state();
-            let lagging = match self.leader.heartbeats.lock() {
-                Ok(b) => b.lagging(&state, version),
-                Err(p) => p.into_inner().lagging(&state, version),
-            };
+            let lagging = lock(&self.heartbeats).lagging(&state, version);
             if lagging.is_empty() || Instant::now() >= deadline {
                 return lagging;
             }
-            tokio::time::sleep(self.tuning.heartbeat / 3).await;
+            tokio::time::sleep(self.node.tuning.heartbeat / 3).await;
         }
     }
 
     /// A node lost its place (removed) or its manager rights (demoted): what it knew of the
     /// gossip key must stop opening the cluster's gossip. It cannot fetch the new key, since
     /// the store no longer lets it in (see `authorize`).
-    pub(super) fn rotate_after_leaving(self: &Arc<Self>, why: &'static str) {
-        if let Some(m) = self.manager() {
+    fn rotate_after_leaving(self: &Arc<Self>, why: &'static str) {
+        if let Some(m) = self.node.manager() {
             self.rotate_in_background(&m, why);
         }
     }
@@ -469,9 +489,9 @@ impl Inner {
     /// Replaces the gossip key without holding up the caller (the rotation waits for every
     /// node to confirm each step).
     pub(super) fn rotate_in_background(self: &Arc<Self>, m: &Arc<ManagerParts>, why: &'static str) {
-        let (inner, m) = (self.clone(), m.clone());
+        let (leader, m) = (self.clone(), m.clone());
         tokio::spawn(async move {
-            match inner.leader_rotate(&m).await {
+            match leader.rotate(&m).await {
                 Ok(Response::Done { warnings }) if !warnings.is_empty() => {
                     tracing::warn!(why, ?warnings, "gossip key rotated, with warnings");
                 }
@@ -481,8 +501,8 @@ impl Inner {
         });
     }
 
-    pub(super) async fn leader_rotate(&self, m: &ManagerParts) -> Result<Response, Error> {
-        let _g = self.leader.rotation.lock().await;
+    async fn rotate(&self, m: &ManagerParts) -> Result<Response, Error> {
+        let _g = self.rotation.lock().await;
         let state = m.sm.state();
         let new_id = state.keyring.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let old: Vec<u32> = state.keyring.keys.iter().map(|k| k.id).collect();
@@ -500,5 +520,51 @@ impl Inner {
             m.write(Command::RetireGossipKey(id)).await?;
         }
         Ok(Response::Done { warnings })
+    }
+
+    /// On the leader: nodes that stop heartbeating are marked Down (3 periods; 6 for nodes not yet
+    /// heard from since this node became leader).
+    pub(super) async fn liveness_loop(self: Arc<Self>) {
+        // When this node, as leader, last replaced the gossip key or began to lead (None while it
+        // does not lead: a new leader waits one whole period). The period is read each round, so a
+        // `swarm update --gossip-key-rotation` takes effect at once.
+        let mut rotated: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(self.node.tuning.heartbeat).await;
+            let Some(m) = self.node.manager() else { continue };
+            let me = self.node.me();
+            let leading = m.leads();
+            let now = Instant::now();
+            // `swarm update --gossip-key-rotation` overrides the agent's setting.
+            let period =
+                m.sm.with_state(|s| {
+                    s.cluster.as_ref().and_then(|c| c.security.gossip_key_rotation_secs)
+                })
+                .map_or(self.node.tuning.gossip_key_rotation, Duration::from_secs);
+            match rotated {
+                _ if !leading => rotated = None,
+                None => rotated = Some(now),
+                Some(last) if now >= last + period => {
+                    rotated = Some(now);
+                    self.rotate_in_background(&m, "scheduled");
+                }
+                Some(_) => {}
+            }
+            let stale: Vec<NodeId> = {
+                let mut b = lock(&self.heartbeats);
+                b.handle_leadership(now, leading);
+                m.sm.with_state(|s| b.poll_stale(now, self.node.tuning.heartbeat, s, me))
+            };
+            for id in stale {
+                let cmd = Command::SetStatus {
+                    id,
+                    status: NodeStatus::Down,
+                    message: HEARTBEAT_FAILURE.into(),
+                };
+                if let Err(e) = m.write(cmd).await {
+                    tracing::debug!(error = %e, "marking a node down");
+                }
+            }
+        }
     }
 }

@@ -4,13 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use openraft::BasicNode;
-use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use super::books::{LeaderBooks, SessionBook};
 use crate::model::{
     ClusterInfo, Command, GossipKey, Keyring, NetworkRecord, NodeId, NodeRecord, NodeStatus, Role,
     now_ms,
@@ -22,14 +20,15 @@ use crate::wire::{JoinRequest, JoinResponse, Request, Response};
 use crate::{Error, Tuning};
 
 use super::errors::{from_rpc, unexpected};
-use super::files::{create_private_dir, io_err, read_file, write_file};
-use super::manager::ManagerParts;
-use super::rpc::serve;
-use super::sessions::{liveness_loop, probe_loop, session_loop};
-use super::{
-    CA_FILE, CERT_FILE, Cluster, HandlerSlot, InitOptions, Inner, JoinOptions, KEY_FILE,
-    LocalState, NODE_FILE, RAFT_FILE, SWARM_DIR, random_hex, random_key,
+use super::files::{
+    CA_FILE, CERT_FILE, KEY_FILE, NODE_FILE, RAFT_FILE, SWARM_DIR, create_private_dir, io_err,
+    read_file, write_file,
 };
+use super::leader::Leader;
+use super::node::{LocalState, Node};
+use super::rpc::Router;
+use super::sessions::{Session, probe_loop};
+use super::{Cluster, InitOptions, Inner, JoinOptions, random_hex, random_key};
 
 impl Cluster {
     /// `swarm init`: creates the CA, this node's manager certificate, a Raft group of one, the
@@ -74,7 +73,7 @@ impl Cluster {
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning.clone())?;
         let result = async {
-            let m = cluster.inner.start_raft().await?;
+            let m = cluster.inner.node.start_raft().await?;
             let mut members = BTreeMap::new();
             members.insert(node.0, BasicNode::new(opts.advertise_addr.to_string()));
             m.raft.initialize(members).await.map_err(|e| Error::Store(e.to_string()))?;
@@ -138,7 +137,7 @@ impl Cluster {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        cluster.inner.spawn_loops();
+        cluster.spawn_loops();
         Ok(cluster)
     }
 
@@ -187,12 +186,12 @@ impl Cluster {
             wg_public_key: None,
         };
         let cluster = Cluster::start_fresh(&dir, local, identity, opts.tuning)?;
-        cluster.inner.keyring.send_replace(jr.keyring);
+        cluster.inner.node.keyring.send_replace(jr.keyring);
         if jr.role == Role::Manager {
             // Becoming a voter can take a moment; the session loop retries if this fails.
-            let _ = cluster.inner.reconcile_once().await;
+            let _ = cluster.inner.session.reconcile_once().await;
         }
-        cluster.inner.spawn_loops();
+        cluster.spawn_loops();
         Ok(cluster)
     }
 
@@ -214,12 +213,12 @@ impl Cluster {
         let keyring = local.keyring.clone();
         let has_raft = dir.join(RAFT_FILE).exists();
         let cluster = Cluster::start(dir, local, identity, tuning)?;
-        cluster.inner.keyring.send_replace(keyring);
-        if has_raft && let Err(e) = cluster.inner.start_raft().await {
+        cluster.inner.node.keyring.send_replace(keyring);
+        if has_raft && let Err(e) = cluster.inner.node.start_raft().await {
             cluster.shutdown().await;
             return Err(e);
         }
-        cluster.inner.spawn_loops();
+        cluster.spawn_loops();
         Ok(Some(cluster))
     }
 
@@ -246,30 +245,14 @@ impl Cluster {
         write_file(&dir.join(CERT_FILE), &identity.cert_pem)?;
         write_file(&dir.join(CA_FILE), &identity.ca_pem)?;
         let transport = Arc::new(Transport::bind(local.listen_addr, &identity)?);
-        let (events, _) = broadcast::channel(256);
-        let (keyring, _) = watch::channel(Keyring::default());
-        let inner = Arc::new(Inner {
-            dir,
-            tuning,
-            local: Mutex::new(local),
-            identity: RwLock::new(identity),
-            transport,
-            manager: RwLock::new(None),
-            events,
-            keyring,
-            leader: LeaderBooks::default(),
-            session: SessionBook::default(),
-            node_handler: RwLock::new(HandlerSlot::default()),
-            tasks: Mutex::new(Vec::new()),
-            refusals: crate::authz::Refusals::default(),
-            mirror: Default::default(),
-        });
-        inner.save_local()?;
-        let server = tokio::spawn(serve(inner.clone()));
-        if let Ok(mut t) = inner.tasks.lock() {
-            t.push(server);
-        }
-        Ok(Cluster { inner })
+        let node = Arc::new(Node::new(dir, local, identity, transport, tuning));
+        let leader = Arc::new(Leader::new(node.clone()));
+        let router = Arc::new(Router::new(node.clone(), leader.clone()));
+        let session = Arc::new(Session::new(node.clone(), router.clone()));
+        node.save_local()?;
+        let server = tokio::spawn(router.clone().serve());
+        let inner = Inner { node, leader, router, session, tasks: Mutex::new(vec![server]) };
+        Ok(Cluster { inner: Arc::new(inner) })
     }
 
     /// Stops serving, Raft and the loops; the state stays on disk for [`Cluster::open`].
@@ -282,68 +265,25 @@ impl Cluster {
         for t in tasks {
             let _ = t.await;
         }
-        self.inner.stop_raft().await;
-        self.inner.transport.close().await;
+        self.inner.node.stop_raft().await;
+        self.inner.node.transport.close().await;
     }
 
     /// `swarm leave [--force]`. A manager is refused without `force` when it is the last one or
     /// its leaving would lose quorum. The swarm state is removed from the data dir.
     pub async fn leave(&self, force: bool) -> Result<(), Error> {
-        // Hold the session off: it would otherwise renew this node's certificate for its new
-        // role while the leave is in flight.
-        let session = self.inner.session.round.lock().await;
-        let r = self.inner.request(Request::Leave).await;
-        match r {
-            Err(e) if !force && self.inner.manager().is_some() => return Err(e),
-            _ => {}
-        }
-        drop(session);
+        self.inner.session.leave(force).await?;
         self.shutdown().await;
-        std::fs::remove_dir_all(&self.inner.dir)
-            .map_err(io_err(format!("removing {}", self.inner.dir.display())))
-    }
-}
-
-impl Inner {
-    pub(super) fn save_local(&self) -> Result<(), Error> {
-        let l = self.local();
-        let text = serde_json::to_string_pretty(&l).map_err(|e| Error::Store(e.to_string()))?;
-        write_file(&self.dir.join(NODE_FILE), &text)
+        let dir = &self.inner.node.dir;
+        std::fs::remove_dir_all(dir).map_err(io_err(format!("removing {}", dir.display())))
     }
 
-    pub(super) async fn start_raft(self: &Arc<Self>) -> Result<Arc<ManagerParts>, Error> {
-        if let Some(m) = self.manager() {
-            return Ok(m);
-        }
-        let path = self.dir.join(RAFT_FILE);
-        let parts = ManagerParts::open(
-            &path,
-            self.me(),
-            &self.tuning,
-            self.transport.clone(),
-            self.events.clone(),
-            self.keyring.clone(),
-        )
-        .await?;
-        let parts = Arc::new(parts);
-        if let Ok(mut m) = self.manager.write() {
-            *m = Some(parts.clone());
-        }
-        Ok(parts)
-    }
-
-    pub(super) async fn stop_raft(&self) {
-        let parts = self.manager.write().ok().and_then(|mut m| m.take());
-        if let Some(p) = parts {
-            p.shutdown().await;
-        }
-    }
-
-    pub(super) fn spawn_loops(self: &Arc<Self>) {
-        let session = tokio::spawn(session_loop(self.clone()));
-        let liveness = tokio::spawn(liveness_loop(self.clone()));
-        let probes = tokio::spawn(probe_loop(self.clone()));
-        if let Ok(mut t) = self.tasks.lock() {
+    fn spawn_loops(&self) {
+        let inner = &self.inner;
+        let session = tokio::spawn(inner.session.clone().run());
+        let liveness = tokio::spawn(inner.leader.clone().liveness_loop());
+        let probes = tokio::spawn(probe_loop(inner.node.clone()));
+        if let Ok(mut t) = inner.tasks.lock() {
             t.push(session);
             t.push(liveness);
             t.push(probes);

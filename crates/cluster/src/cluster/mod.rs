@@ -1,53 +1,49 @@
 //! The [`Cluster`] handle: init, join, restart, leave, the node API, liveness input and gossip
 //! key rotation, over the transport, the identity and (on managers) Raft.
 //!
-//! This file holds the shared types (the handle, its inner state, a manager's Raft parts, the
-//! persisted local state) and small helpers; the rest is in rooms:
-//! - [`lifecycle`]: init, join, reopen, shutdown, leave; starting and stopping Raft;
-//! - [`handle`]: what the agent asks of the handle (node API, store, watch, task reports);
-//! - [`rpc`]: serving and authorizing calls, routing them, sending this node's own requests;
-//! - [`leader`]: the leader's handlers and its writes through Raft;
-//! - [`sessions`]: the session, pre-vote and liveness loops.
+//! The handle holds a set of owned parts; each owns its state and borrows what all share, the
+//! [`Node`] (identity, local state, transport, the agent's channels, the manager's Raft parts):
+//! - [`Leader`] (`leader`): the books a leader keeps and its handlers, with its certificate
+//!   side [`Security`](security::Security) (`security`);
+//! - [`Router`] (`rpc`): serving, the checks on who asks what, dispatching, routing to the
+//!   leader, and this node's own requests;
+//! - [`Session`] (`sessions`): the session with the leader and the mirror of the store (the
+//!   managers' pre-vote probe loop lives beside it);
+//! - [`ManagerParts`](manager::ManagerParts) (`manager`): Raft, the state machine and the
+//!   pre-vote book while this node is a manager.
+//!
+//! `lifecycle` builds them (init, join, reopen, shutdown, leave) and runs their loops; `handle`
+//! is what the agent asks of the handle, through them. Rooms import one way, down this list:
+//! `lifecycle`, `sessions`, `rpc`, `leader`, `security`, `node`, `manager`, then `errors` and
+//! `files`; `handle` imports only `errors`.
 
-mod books;
 mod errors;
 mod files;
 mod handle;
 mod leader;
 mod lifecycle;
 mod manager;
+mod node;
 mod rpc;
+mod security;
 mod sessions;
 
-use self::books::{LeaderBooks, SessionBook};
-use self::manager::ManagerParts;
+use self::leader::Leader;
+use self::node::Node;
+use self::rpc::Router;
+use self::sessions::Session;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::Tuning;
-use crate::model::{ClusterEvent, Keyring, NodeId, Role};
-use crate::pki::NodeIdentity;
-use crate::transport::Transport;
+use crate::model::{NodeId, Role};
 use crate::wire::NodeRequest;
-
-// Certificate settings, CA rotation and request authorization (see `ca`, `authz`).
-mod security;
-
-const SWARM_DIR: &str = "swarm";
-const NODE_FILE: &str = "node.json";
-const KEY_FILE: &str = "node-key.pem";
-const CERT_FILE: &str = "node-cert.pem";
-const CA_FILE: &str = "ca.pem";
-const RAFT_FILE: &str = "raft.redb";
-const HEARTBEAT_FAILURE: &str = "heartbeat failure";
-const NO_LEADER: &str = "The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online.";
 
 /// `swarm init` options.
 #[derive(Debug, Clone)]
@@ -193,24 +189,6 @@ pub struct RaftStatus {
     pub purged: Option<u64>,
 }
 
-/// The node's persisted local state (`<data_dir>/swarm/node.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LocalState {
-    node: NodeId,
-    hostname: String,
-    listen_addr: SocketAddr,
-    advertise_addr: SocketAddr,
-    data_addr: IpAddr,
-    engine_version: String,
-    data_path_port: u16,
-    managers: Vec<SocketAddr>,
-    keyring: Keyring,
-    /// The data path's WireGuard public key, sent with every heartbeat so the leader's node
-    /// record (which peers believe) follows it.
-    #[serde(default)]
-    wg_public_key: Option<[u8; 32]>,
-}
-
 /// Answers [`NodeRequest`]s for the agent (e.g. a task's logs from its runtime).
 pub type NodeHandler = Arc<
     dyn Fn(
@@ -221,34 +199,15 @@ pub type NodeHandler = Arc<
         + Sync,
 >;
 
-#[derive(Clone, Default)]
-struct HandlerSlot(Option<NodeHandler>);
-
-impl std::fmt::Debug for HandlerSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "NodeHandler" } else { "NoNodeHandler" })
-    }
-}
-
+/// The handle's parts; every loop holds the part it runs (see the module docs).
 #[derive(Debug)]
 struct Inner {
-    node_handler: RwLock<HandlerSlot>,
-    dir: PathBuf,
-    tuning: Tuning,
-    local: Mutex<LocalState>,
-    identity: RwLock<NodeIdentity>,
-    transport: Arc<Transport>,
-    manager: RwLock<Option<Arc<ManagerParts>>>,
-    events: broadcast::Sender<ClusterEvent>,
-    keyring: watch::Sender<Keyring>,
-    /// What this node keeps for when it leads (`leader`).
-    leader: LeaderBooks,
-    /// What this node's session with the leader keeps (`sessions`).
-    session: SessionBook,
+    node: Arc<Node>,
+    leader: Arc<Leader>,
+    router: Arc<Router>,
+    session: Arc<Session>,
+    /// The server and the loops, aborted at shutdown.
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    refusals: crate::authz::Refusals,
-    /// This node's copy of the store, as the leader's deltas build it.
-    mirror: tokio::sync::Mutex<crate::watch::Mirror>,
 }
 
 /// A handle on this node's membership in a swarm. Cheap to clone.
@@ -267,33 +226,6 @@ fn random_key() -> [u8; 32] {
 fn random_hex(n: usize) -> String {
     let k = random_key();
     k.iter().take(n).map(|b| format!("{b:02x}")).collect()
-}
-
-impl Inner {
-    fn local(&self) -> LocalState {
-        match self.local.lock() {
-            Ok(l) => l.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    fn me(&self) -> NodeId {
-        self.local().node
-    }
-
-    fn cert_role(&self) -> Role {
-        self.identity.read().map(|i| i.info.role).unwrap_or(Role::Worker)
-    }
-
-    fn manager(&self) -> Option<Arc<ManagerParts>> {
-        self.manager.read().ok().and_then(|m| m.clone())
-    }
-
-    /// Whether this node runs Raft as a voter.
-    fn is_voter(&self) -> bool {
-        let me = self.me().0;
-        self.manager().is_some_and(|m| m.voters().contains(&me))
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,11 +1,13 @@
-//! The RPC edge: serving QUIC streams, who the caller is (its certificate, checked against the
-//! store), dispatching a request to this node, to Raft or to the leader, sending this node's
-//! own requests (riding out leader elections), and the mapping of errors to and from the wire.
+//! The RPC edge, [`Router`]: serving QUIC streams, who the caller is (its certificate, checked
+//! against the store), the checks on Raft messages, direct requests and connections whose CA is
+//! no longer trusted (see `authz`), dispatching a request to this node, to Raft or to the
+//! leader, and sending this node's own requests (riding out leader elections).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::model::Role;
+use crate::authz::{RefusalCounts, Refusals};
+use crate::model::{NodeId, Role};
 use crate::wire::{
     Caller, ErrorKind, FrameError, MAX_ANON_FRAME, MAX_FRAME, ManageRequest, NodeRequest,
     RaftRequest, Request, Response, RpcError, decode_frame, encode_frame,
@@ -13,92 +15,113 @@ use crate::wire::{
 use crate::{Error, NOT_MANAGER};
 
 use super::errors::{from_rpc, rpc_err, to_rpc};
-use super::security;
-use super::{Inner, NO_LEADER};
+use super::leader::Leader;
+use super::manager::ManagerParts;
+use super::node::Node;
+use super::{NodeHandler, lock, security};
 
-pub(super) async fn serve(inner: Arc<Inner>) {
-    let Some(endpoint) = inner.transport.endpoint() else { return };
-    while let Some(incoming) = endpoint.accept().await {
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "control handshake failed");
-                    return;
-                }
-            };
-            let caller = caller_of(&conn);
-            let peer_ca = peer_cert(&conn)
-                .and_then(|c| inner.identity.read().ok().and_then(|i| security::peer_ca(&i, &c)));
-            while let Ok((mut send, recv)) = conn.accept_bi().await {
-                if let Some(refused) = inner.check_peer_ca(caller, peer_ca) {
-                    let _ = send.write_all(&encode_frame(&refused)).await;
-                    let _ = send.finish();
-                    let _ = send.stopped().await;
-                    conn.close(0u32.into(), b"certificate from a CA no longer trusted");
-                    return;
-                }
-                let inner = inner.clone();
-                tokio::spawn(async move { handle_stream(inner, caller, send, recv).await });
-            }
-        });
+const NO_LEADER: &str = "The swarm does not have a leader. It's possible that too few managers are online. Make sure more than half of the managers are online.";
+
+#[derive(Clone, Default)]
+struct HandlerSlot(Option<NodeHandler>);
+
+impl std::fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "NodeHandler" } else { "NoNodeHandler" })
     }
 }
 
-fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
-    let chain =
-        conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    chain.first().cloned()
+/// Where every request meets this node: its own (the node API, the session) and its peers'.
+/// It owns who may ask what: the refusal counters, the managers its last session named (who
+/// may ask it directly) and what answers direct requests; a request for the leader goes to
+/// [`Leader`] while this node leads, and is forwarded to the leader otherwise.
+#[derive(Debug)]
+pub(super) struct Router {
+    node: Arc<Node>,
+    leader: Arc<Leader>,
+    refusals: Refusals,
+    /// The store's managers as the last session round said (empty before the first one).
+    managers: Mutex<Vec<NodeId>>,
+    handler: RwLock<HandlerSlot>,
 }
 
-pub(super) fn caller_of(conn: &quinn::Connection) -> Caller {
-    let Some(any) = conn.peer_identity() else { return Caller::Anonymous };
-    let Ok(chain) = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>() else {
-        return Caller::Anonymous;
-    };
-    match chain.first().map(|c| crate::pki::cert_info(c)) {
-        Some(Ok(info)) => Caller::Member { node: info.node, role: info.role },
-        // A certificate from our CA that is not a node certificate gets no rights.
-        _ => Caller::Anonymous,
+impl Router {
+    pub(super) fn new(node: Arc<Node>, leader: Arc<Leader>) -> Router {
+        Router {
+            node,
+            leader,
+            refusals: Refusals::default(),
+            managers: Mutex::default(),
+            handler: RwLock::default(),
+        }
     }
-}
 
-pub(super) async fn handle_stream(
-    inner: Arc<Inner>,
-    caller: Caller,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let limit = if caller == Caller::Anonymous { MAX_ANON_FRAME } else { MAX_FRAME };
-    let resp = match recv.read_to_end(limit + 4).await {
-        Ok(buf) => match decode_frame::<Request>(&buf, limit) {
-            Ok(req) => inner.dispatch(caller, req).await,
-            Err(e) => rpc_err(ErrorKind::BadRequest, e.to_string()),
-        },
-        Err(quinn::ReadToEndError::TooLong) => rpc_err(
-            ErrorKind::BadRequest,
-            FrameError::TooLarge { len: limit + 5, limit }.to_string(),
-        ),
-        Err(_) => return,
-    };
-    let _ = send.write_all(&encode_frame(&resp)).await;
-    let _ = send.finish();
-    let _ = send.stopped().await;
-}
+    /// Serves the control plane's QUIC endpoint until it closes.
+    pub(super) async fn serve(self: Arc<Self>) {
+        let Some(endpoint) = self.node.transport.endpoint() else { return };
+        while let Some(incoming) = endpoint.accept().await {
+            let router = self.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "control handshake failed");
+                        return;
+                    }
+                };
+                let caller = caller_of(&conn);
+                let peer_ca = peer_cert(&conn).and_then(|c| {
+                    router.node.identity.read().ok().and_then(|i| security::peer_ca(&i, &c))
+                });
+                while let Ok((mut send, recv)) = conn.accept_bi().await {
+                    if let Some(refused) = router.check_peer_ca(caller, peer_ca) {
+                        let _ = send.write_all(&encode_frame(&refused)).await;
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                        conn.close(0u32.into(), b"certificate from a CA no longer trusted");
+                        return;
+                    }
+                    let router = router.clone();
+                    tokio::spawn(async move { router.handle_stream(caller, send, recv).await });
+                }
+            });
+        }
+    }
 
-impl Inner {
-    pub(super) fn timeout_for(&self, req: &Request) -> Duration {
+    async fn handle_stream(
+        &self,
+        caller: Caller,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let limit = if caller == Caller::Anonymous { MAX_ANON_FRAME } else { MAX_FRAME };
+        let resp = match recv.read_to_end(limit + 4).await {
+            Ok(buf) => match decode_frame::<Request>(&buf, limit) {
+                Ok(req) => self.dispatch(caller, req).await,
+                Err(e) => rpc_err(ErrorKind::BadRequest, e.to_string()),
+            },
+            Err(quinn::ReadToEndError::TooLong) => rpc_err(
+                ErrorKind::BadRequest,
+                FrameError::TooLarge { len: limit + 5, limit }.to_string(),
+            ),
+            Err(_) => return,
+        };
+        let _ = send.write_all(&encode_frame(&resp)).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+
+    fn timeout_for(&self, req: &Request) -> Duration {
         match req {
             Request::Manage(ManageRequest::RotateGossipKey)
             | Request::Manage(ManageRequest::Ca { rotate: true }) => {
-                self.tuning.rpc_timeout * 2 + self.tuning.heartbeat * 24
+                self.node.tuning.rpc_timeout * 2 + self.node.tuning.heartbeat * 24
             }
             Request::Manage(ManageRequest::JoinRaft)
             | Request::Manage(ManageRequest::Demote(_))
-            | Request::Leave => self.tuning.rpc_timeout * 5,
+            | Request::Leave => self.node.tuning.rpc_timeout * 5,
             Request::Forwarded { request, .. } => self.timeout_for(request),
-            _ => self.tuning.rpc_timeout,
+            _ => self.node.tuning.rpc_timeout,
         }
     }
 
@@ -109,8 +132,8 @@ impl Inner {
     /// request is tried again for up to [`Tuning::failover_window`]. Requests are reads or
     /// writes that set state, so sending one again after a dying leader took it is harmless (at
     /// worst a repeated `node rm` says the node is gone).
-    pub(super) async fn request(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
-        let deadline = Instant::now() + self.tuning.failover_window();
+    pub(super) async fn request(&self, req: Request) -> Result<Response, Error> {
+        let deadline = Instant::now() + self.node.tuning.failover_window();
         loop {
             let r = match self.call_leader(req.clone()).await {
                 Ok(Response::Error(e)) => Err(from_rpc(e)),
@@ -119,18 +142,19 @@ impl Inner {
             match r {
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
                     tracing::debug!(error = %e, "no leader; trying again");
-                    tokio::time::sleep(self.tuning.raft_heartbeat).await;
+                    tokio::time::sleep(self.node.tuning.raft_heartbeat).await;
                 }
                 r => return r,
             }
         }
     }
 
-    pub(super) async fn call_leader(self: &Arc<Self>, req: Request) -> Result<Response, Error> {
+    /// A request to the leader, once: through this manager, or else to the known managers.
+    pub(super) async fn call_leader(&self, req: Request) -> Result<Response, Error> {
         // A node just demoted still runs Raft until its session notices, but its worker
         // certificate may no longer forward: it asks the managers as the worker it is.
-        if self.manager().is_some() && self.cert_role() == Role::Manager {
-            let caller = Caller::Member { node: self.me(), role: self.cert_role() };
+        if self.node.manager().is_some() && self.node.cert_role() == Role::Manager {
+            let caller = Caller::Member { node: self.node.me(), role: self.node.cert_role() };
             let r = self.dispatch(caller, req.clone()).await;
             // A manager that lost track of the leader (e.g. just demoted) asks the others; a
             // voter learns of the next leader itself (and `request` tries again), where asking
@@ -138,24 +162,24 @@ impl Inner {
             // And a manager demoted in the store but not told yet may no longer forward: the
             // leader refuses it, and the others relay for it as for a worker.
             match &r {
-                Response::Error(RpcError { kind: ErrorKind::NoLeader, .. }) if !self.is_voter() => {
-                }
+                Response::Error(RpcError { kind: ErrorKind::NoLeader, .. })
+                    if !self.node.is_voter() => {}
                 Response::Error(RpcError { kind: ErrorKind::PermissionDenied, .. }) => {}
                 _ => return Ok(r),
             }
         }
-        let managers = self.local().managers;
-        let own = self.local().advertise_addr;
+        let managers = self.node.local().managers;
+        let own = self.node.local().advertise_addr;
         let mut last = Error::NoLeader("no manager is known to this node".into());
-        let managers = self.transport.suspects_last(managers);
+        let managers = self.node.transport.suspects_last(managers);
         for addr in managers.into_iter().filter(|a| *a != own) {
-            match self.transport.call(addr, &req, self.timeout_for(&req)).await {
+            match self.node.transport.call(addr, &req, self.timeout_for(&req)).await {
                 // A manager still starting Raft (or just demoted) says it is not a manager; with a
                 // manager certificate that is about the peer, not us: ask the next one.
                 Ok(Response::Error(e))
                     if e.kind == ErrorKind::NoLeader
                         || (e.kind == ErrorKind::NotManager
-                            && self.cert_role() == Role::Manager) =>
+                            && self.node.cert_role() == Role::Manager) =>
                 {
                     last = from_rpc(e)
                 }
@@ -166,7 +190,7 @@ impl Inner {
         Err(last)
     }
 
-    pub(super) async fn dispatch(self: &Arc<Self>, caller: Caller, req: Request) -> Response {
+    async fn dispatch(&self, caller: Caller, req: Request) -> Response {
         match (caller, req) {
             (Caller::Anonymous, Request::Join(j)) => self.route(caller, Request::Join(j)).await,
             (Caller::Anonymous, _) => rpc_err(
@@ -180,7 +204,7 @@ impl Inner {
                         format!("a {role} certificate cannot take part in Raft"),
                     );
                 }
-                if let Some(m) = self.manager()
+                if let Some(m) = self.node.manager()
                     && let Some(refused) = self.check_raft(&m, node, &r)
                 {
                     return refused;
@@ -194,7 +218,7 @@ impl Inner {
                 if matches!(*request, Request::Forwarded { .. } | Request::Raft(_)) {
                     return rpc_err(ErrorKind::BadRequest, "nested forwarding");
                 }
-                match self.manager() {
+                match self.node.manager() {
                     Some(m) if m.leads() => {
                         // The origin is the forwarder's word: only a current manager's counts.
                         match m.authorize(caller) {
@@ -207,7 +231,7 @@ impl Inner {
                             }
                             Err(e) => return to_rpc(e),
                         }
-                        self.handle_leader(&m, origin, *request).await
+                        self.leader.handle(&m, origin, *request).await
                     }
                     _ => rpc_err(
                         ErrorKind::NoLeader,
@@ -215,10 +239,12 @@ impl Inner {
                     ),
                 }
             }
-            (Caller::Member { role: Role::Manager, .. }, Request::Probe) => match self.manager() {
-                Some(m) => Response::Probe { leader_alive: m.leader_alive() },
-                None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
-            },
+            (Caller::Member { role: Role::Manager, .. }, Request::Probe) => {
+                match self.node.manager() {
+                    Some(m) => Response::Probe { leader_alive: m.leader_alive() },
+                    None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
+                }
+            }
             (Caller::Member { .. }, Request::Probe) => {
                 rpc_err(ErrorKind::PermissionDenied, "only managers probe managers")
             }
@@ -243,8 +269,8 @@ impl Inner {
         }
     }
 
-    pub(super) async fn route(self: &Arc<Self>, caller: Caller, req: Request) -> Response {
-        let Some(m) = self.manager() else {
+    async fn route(&self, caller: Caller, req: Request) -> Response {
+        let Some(m) = self.node.manager() else {
             // Only a peer gets here (a node's own requests go straight to the managers when it
             // runs no Raft): the caller should ask another manager.
             return rpc_err(
@@ -253,7 +279,7 @@ impl Inner {
             );
         };
         match m.leader() {
-            Some((l, _)) if l == self.me().0 => self.handle_leader(&m, caller, req).await,
+            Some((l, _)) if l == self.node.me().0 => self.leader.handle(&m, caller, req).await,
             Some((leader, Some(addr))) => {
                 let timeout = self.timeout_for(&req);
                 let fwd = Request::Forwarded { origin: caller, request: Box::new(req) };
@@ -271,7 +297,7 @@ impl Inner {
                     }
                 };
                 tokio::select! {
-                    r = self.transport.call(addr, &fwd, timeout) => match r {
+                    r = self.node.transport.call(addr, &fwd, timeout) => match r {
                         Ok(r) => r,
                         Err(e) => {
                             rpc_err(ErrorKind::NoLeader, format!("cannot reach the leader: {e}"))
@@ -288,26 +314,109 @@ impl Inner {
     }
 
     pub(super) async fn node_request(&self, r: NodeRequest) -> Result<Response, Error> {
-        let handler = self.node_handler.read().unwrap_or_else(|e| e.into_inner()).0.clone();
+        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).0.clone();
         let Some(h) = handler else {
             return Err(Error::BadRequest("this node answers no node requests".into()));
         };
         h(r).await.map(Response::Value).map_err(Error::BadRequest)
     }
 
-    pub(super) async fn handle_raft(&self, r: RaftRequest) -> Response {
-        match self.manager() {
+    async fn handle_raft(&self, r: RaftRequest) -> Response {
+        match self.node.manager() {
             Some(m) => Response::Raft(m.handle_raft(r).await),
             None => rpc_err(ErrorKind::NotManager, NOT_MANAGER),
         }
     }
 
-    // Boxed to break the async recursion through `call_leader` → `dispatch`.
-    pub(super) fn call_leader_plain(
-        self: &Arc<Self>,
-        req: Request,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + '_>>
-    {
-        Box::pin(self.call_leader(req))
+    /// Raft messages only from Raft's own membership (see `authz`).
+    fn check_raft(&self, m: &ManagerParts, caller: NodeId, r: &RaftRequest) -> Option<Response> {
+        let what = match r {
+            RaftRequest::Append(_) => "AppendEntries",
+            RaftRequest::Vote(_) => "Vote",
+            RaftRequest::Snapshot(_) => "InstallSnapshot",
+        };
+        let effective = m.raft.metrics().borrow().membership_config.membership().clone();
+        let applied = m.sm.applied_membership();
+        let e = crate::authz::check_raft_sender(caller, what, &effective, &applied).err()?;
+        self.refusals.raft();
+        tracing::warn!(node = %caller, "{e}");
+        Some(rpc_err(ErrorKind::PermissionDenied, e))
+    }
+
+    /// Direct requests only from the store's managers: this manager's store, or on a worker the
+    /// list its last session brought (before the first one, the certificate's role stands).
+    fn check_node_request(&self, caller: NodeId, r: &NodeRequest) -> Option<Response> {
+        let manager = match self.node.manager() {
+            Some(m) => {
+                m.sm.with_state(|s| s.nodes.get(&caller).map(|n| n.role)) == Some(Role::Manager)
+            }
+            None => {
+                let ids = lock(&self.managers);
+                ids.is_empty() || ids.contains(&caller)
+            }
+        };
+        if manager {
+            return None;
+        }
+        self.refusals.node_request();
+        tracing::warn!(node = %caller, request = ?r, "a direct request from a node that is not a manager");
+        Some(rpc_err(
+            ErrorKind::PermissionDenied,
+            format!(
+                "node {caller} is not a manager of this swarm; only managers ask nodes directly"
+            ),
+        ))
+    }
+
+    /// A request over a connection whose client certificate a CA this node no longer trusts
+    /// signed (opened before a CA rotation finished) is refused: `Some` answer.
+    fn check_peer_ca(&self, caller: Caller, peer_ca: Option<[u8; 32]>) -> Option<Response> {
+        let Caller::Member { node, .. } = caller else { return None };
+        let trusted = self.node.identity.read().map(|i| i.trusted_digests()).unwrap_or_default();
+        if peer_ca.is_some_and(|d| trusted.contains(&d)) {
+            return None;
+        }
+        self.refusals.untrusted_ca();
+        Some(rpc_err(
+            ErrorKind::PermissionDenied,
+            format!(
+                "node {node}'s certificate is from a CA this swarm no longer trusts; join the swarm again"
+            ),
+        ))
+    }
+
+    /// Registers what answers [`NodeRequest`]s from managers on this node.
+    pub(super) fn set_handler(&self, handler: Option<NodeHandler>) {
+        *self.handler.write().unwrap_or_else(|e| e.into_inner()) = HandlerSlot(handler);
+    }
+
+    /// The store's managers as a session round named them: who may ask this node directly.
+    pub(super) fn set_managers(&self, ids: &[NodeId]) {
+        if !ids.is_empty() {
+            *lock(&self.managers) = ids.to_vec();
+        }
+    }
+
+    /// Requests this node refused since it started (see `authz`).
+    pub(super) fn refusals(&self) -> RefusalCounts {
+        self.refusals.counts()
+    }
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let chain =
+        conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
+fn caller_of(conn: &quinn::Connection) -> Caller {
+    let Some(any) = conn.peer_identity() else { return Caller::Anonymous };
+    let Ok(chain) = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>() else {
+        return Caller::Anonymous;
+    };
+    match chain.first().map(|c| crate::pki::cert_info(c)) {
+        Some(Ok(info)) => Caller::Member { node: info.node, role: info.role },
+        // A certificate from our CA that is not a node certificate gets no rights.
+        _ => Caller::Anonymous,
     }
 }
