@@ -42,8 +42,8 @@ pub(crate) struct LocalView {
     pub errors: BTreeMap<String, String>,
     /// Tasks whose published TCP ports accepted connections.
     pub ready: BTreeSet<String>,
-    /// Adopted tasks whose VIP rules stay as the earlier run left them until gossip caught up,
-    /// and until when at most.
+    /// Adopted tasks whose VIP rules and reply steering stay as the earlier run left them until
+    /// gossip caught up, and until when at most.
     pub held_vips: BTreeSet<String>,
     pub held_until: Option<Instant>,
     /// The ingress sandbox's address, once it is attached.
@@ -98,7 +98,8 @@ pub(crate) struct DesiredDataPlane {
     pub vips: BTreeMap<String, VipRules>,
     /// Whether adopted tasks' VIP rules are still held (gossip has not caught up yet).
     pub hold_vips: bool,
-    /// Per local task on the ingress network, the sandboxes its mesh replies go back through.
+    /// Per local task on the ingress network, the sandboxes its mesh replies go back through
+    /// (adopted tasks are left out while their VIP rules are held).
     pub returns: BTreeMap<String, Vec<Ipv4Addr>>,
     /// What this pass applies, for the nodes waiting on their tasks' changes (`confirm`).
     pub confirm: Option<Confirm>,
@@ -170,9 +171,14 @@ pub(crate) fn project(i: &Inputs<'_>) -> DesiredDataPlane {
     let (kernel, seen_up) = kernel(i, eps, &ingress_id);
     let (vips, hold_vips) = vips(i, eps, &attached);
     let sandboxes = sandboxes(eps, &ingress_id);
+    // An adopted task's reply steering waits for gossip like its VIP rules: written from a
+    // gossip view that lacks a sandbox, it would strand the replies of the connections that
+    // came through that sandbox.
     let returns = attached
         .iter()
-        .filter(|(_, nets)| nets.contains(&ingress_id))
+        .filter(|(id, nets)| {
+            nets.contains(&ingress_id) && !(hold_vips && i.local.held_vips.contains(*id))
+        })
         .map(|(id, _)| (id.clone(), sandboxes.clone()))
         .collect();
     let confirm = (!ingress_id.is_empty()).then(|| {

@@ -457,3 +457,29 @@ fn an_adopted_task_s_vips_wait_for_gossip_to_catch_up_or_the_deadline() {
     let d = swarm.project(0);
     assert!(!d.hold_vips && d.vips[&mine][0].1.len() == 2, "{:?}", d.vips);
 }
+
+#[test]
+fn an_adopted_task_s_reply_steering_waits_for_gossip_too() {
+    let mut swarm = Swarm::new(2);
+    swarm.create_service(ServiceCreate {
+        name: "web".into(),
+        argv: vec!["serve".into()],
+        replicas: Some(2),
+        publish: vec!["8100:8100".parse().unwrap()],
+        ..ServiceCreate::default()
+    });
+    swarm.settle();
+    let mine = swarm.running("web")[&0].iter().next().unwrap().clone();
+    assert_eq!(swarm.project(0).returns[&mine].len(), 2, "both nodes' sandboxes");
+    // Node 1's agent restarted: gossip has not brought node 2's sandbox yet. Steering written
+    // now would lose the replies of connections that came through node 2.
+    swarm.nodes[0].local.held_vips = BTreeSet::from([mine.clone()]);
+    swarm.nodes[0].local.held_until = Some(swarm.now + Duration::from_secs(10));
+    let others = std::mem::take(&mut swarm.nodes[1].published);
+    let d = swarm.project(0);
+    assert!(d.hold_vips && !d.returns.contains_key(&mine), "{:?}", d.returns);
+
+    swarm.nodes[1].published = others;
+    let d = swarm.project(0);
+    assert!(!d.hold_vips && d.returns[&mine].len() == 2, "{:?}", d.returns);
+}
