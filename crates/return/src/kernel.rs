@@ -30,6 +30,9 @@
 //! the same on every node and in the proxy ([`crate::maglev_map`]), so a client lands on the
 //! same task through any node and through either path.
 //!
+//! The node's table also keeps the overlay's own VXLAN datagrams out of conntrack
+//! (`untracked_overlay`); BENCH.md measures what each part of the route costs.
+//!
 //! Everything is netlink (rtnetlink and `shoal-nft`) and `/proc/sys`, no `ip` or `nft` binary.
 
 use std::net::Ipv4Addr;
