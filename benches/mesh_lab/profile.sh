@@ -12,7 +12,7 @@
 # (through the link into the sandbox, then the overlay; no DNAT).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-shoal=${1:-$here/../../target/release/shoal}
+shoal=$(realpath "${1:-$here/../../target/release/shoal}")
 lab=kp$(($$ % 100000))
 net=198.18.$((200 + $$ % 50))
 dur=${DUR:-10}
