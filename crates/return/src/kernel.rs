@@ -560,6 +560,39 @@ mod tests {
         }
     }
 
+    /// With the node's table in place, conntrack tracks the namespace's UDP but not datagrams
+    /// to the data port, in either hook (root).
+    #[test]
+    fn the_overlay_datagrams_stay_out_of_conntrack() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        if !require_root("the_overlay_datagrams_stay_out_of_conntrack") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let node = c.netns(&unique_prefix("kt")).expect("netns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let h = node.netlink().expect("netlink");
+            let lo = shoal_netns::link_index(&h, "lo").await.expect("lo");
+            h.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.expect("up");
+        });
+        let data_port = 4790;
+        apply_ports(Some(&node), data_port, &[port(8100, Pick::Random, &["10.0.0.5"])])
+            .expect("ports");
+        let flows = node
+            .run(|| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                for to in [data_port, data_port + 1] {
+                    s.send_to(b"x", ("127.0.0.1", to))?;
+                }
+                shoal_nft::conntrack::flows().map_err(std::io::Error::other)
+            })
+            .expect("enter")
+            .expect("send and dump");
+        let ports: Vec<u16> = flows.iter().filter(|f| f.udp).map(|f| f.original.1.port()).collect();
+        assert_eq!(ports, [data_port + 1], "{flows:?}");
+    }
+
     /// The kernel takes both tables and the link, and applying again changes nothing (root).
     #[test]
     fn the_kernel_takes_the_link_and_both_tables() {
