@@ -173,6 +173,9 @@ pub enum Expr {
     DnatIpv4Port,
     /// Reject the packet.
     Reject(Reject),
+    /// Leave the packet out of connection tracking (in a chain that runs before conntrack's
+    /// own hooks: priority below -200, prerouting or output).
+    Notrack,
 }
 
 impl Expr {
@@ -196,6 +199,7 @@ impl Expr {
             Expr::PortImmediate(_) => "immediate",
             Expr::DnatIpv4 | Expr::DnatIpv4Port => "nat",
             Expr::Reject(_) => "reject",
+            Expr::Notrack => "notrack",
         }
     }
 
@@ -273,7 +277,7 @@ impl Expr {
                 }
                 w.u32(4, set.id);
             }
-            Expr::Counter => {}
+            Expr::Counter | Expr::Notrack => {}
             Expr::CounterRef(name) => {
                 // NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME.
                 w.u32(1, crate::OBJECT_COUNTER);

@@ -30,6 +30,9 @@
 //! the same on every node and in the proxy ([`crate::maglev_map`]), so a client lands on the
 //! same task through any node and through either path.
 //!
+//! The node's table also keeps the overlay's own VXLAN datagrams out of conntrack
+//! (`untracked_overlay`); BENCH.md measures what each part of the route costs.
+//!
 //! Everything is netlink (rtnetlink and `shoal-nft`) and `/proc/sys`, no `ip` or `nft` binary.
 
 use std::net::Ipv4Addr;
@@ -117,10 +120,11 @@ pub fn counter_name(udp: bool, published: u16) -> String {
 }
 
 /// The transaction that rewrites the node's `ip shoal-mesh` table: one DNAT rule per port that
-/// has backends, each counting the flows it forwards in the port's named counter. The table
+/// has backends, each counting the flows it forwards in the port's named counter, and the
+/// overlay's VXLAN on `data_port` kept out of conntrack ([`untracked_overlay`]). The table
 /// and the counters stay (so the counts survive), the rules are replaced. The same ports give
 /// the same batch, in any order.
-pub fn node_batch(ports: &[KernelPort]) -> Batch {
+pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
     let (f, t) = (Family::Ip, TABLE);
     let mut ports: Vec<KernelPort> = ports
         .iter()
@@ -136,6 +140,7 @@ pub fn node_batch(ports: &[KernelPort]) -> Batch {
     ports.dedup_by_key(|p| (p.udp, p.published));
     let mut b = Batch::new();
     b.add_table(f, t);
+    untracked_overlay(&mut b, data_port);
     let hook = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
     b.add_chain(f, t, "prerouting", Some(hook));
     b.flush_chain(f, t, "prerouting");
@@ -181,6 +186,30 @@ pub fn node_batch(ports: &[KernelPort]) -> Batch {
         b.add_rule(f, t, "prerouting", &rule);
     }
     b
+}
+
+/// The node's table turns connection tracking on for the whole namespace (its `ct state`
+/// matches), and every overlay packet crosses the node's namespace as VXLAN over UDP: each
+/// request and reply would be looked up in conntrack, and pass the NAT hooks, once leaving one
+/// node and once arriving at the other. Nothing uses those entries: the DNAT-ed flow is
+/// tracked by its inner packets, the cleartext guard of encrypted networks is a stateless
+/// `input` rule, and WireGuard's own UDP port stays tracked. Both directions of a tunnel send
+/// to `data_port` (the source port is a hash of the inner flow), so one match per hook
+/// covers them, in chains that run before conntrack's (priority -300, nft's `raw`).
+fn untracked_overlay(b: &mut Batch, data_port: u16) {
+    let (f, t) = (Family::Ip, TABLE);
+    let rule = [
+        Expr::Meta(MetaKey::L4Proto),
+        Expr::Cmp { op: CmpOp::Eq, data: vec![17] },
+        Expr::Payload { base: PayloadBase::Transport, offset: 2, len: 2 },
+        Expr::Cmp { op: CmpOp::Eq, data: data_port.to_be_bytes().to_vec() },
+        Expr::Notrack,
+    ];
+    for (chain, hook) in [("raw-prerouting", Hook::Prerouting), ("raw-output", Hook::Output)] {
+        b.add_chain(f, t, chain, Some(BaseChain { kind: ChainType::Filter, hook, priority: -300 }));
+        b.flush_chain(f, t, chain);
+        b.add_rule(f, t, chain, &rule);
+    }
 }
 
 /// The set of clients (address and port) whose connection a backend refused: their next SYN
@@ -411,9 +440,14 @@ pub async fn apply_link(
 }
 
 /// Replaces the node's DNAT rules with `ports` (one transaction: on an error the old rules
-/// stays). `node` is the node's namespace, `None` for the calling process's.
-pub fn apply_ports(node: Option<&NetNs>, ports: &[KernelPort]) -> Result<(), Error> {
-    let b = node_batch(ports);
+/// stays). `node` is the node's namespace, `None` for the calling process's; `data_port` is the
+/// swarm's VXLAN port, which the table keeps out of conntrack.
+pub fn apply_ports(
+    node: Option<&NetNs>,
+    data_port: u16,
+    ports: &[KernelPort],
+) -> Result<(), Error> {
+    let b = node_batch(data_port, ports);
     run_in(node, || b.commit())?.map_err(|source| Error::Nft { ns: nsname(node), source })
 }
 
@@ -461,15 +495,21 @@ mod tests {
 
     #[test]
     fn node_batch_is_sorted_and_skips_ports_without_backends() {
-        let a = node_batch(&[
-            port(8101, Pick::ClientHash, &["10.0.0.7", "10.0.0.5", "10.0.0.7"]),
-            port(8100, Pick::Random, &["10.0.0.9"]),
-            port(8102, Pick::RoundRobin, &[]),
-        ]);
-        let b = node_batch(&[
-            port(8100, Pick::Random, &["10.0.0.9"]),
-            port(8101, Pick::ClientHash, &["10.0.0.5", "10.0.0.7"]),
-        ]);
+        let a = node_batch(
+            4789,
+            &[
+                port(8101, Pick::ClientHash, &["10.0.0.7", "10.0.0.5", "10.0.0.7"]),
+                port(8100, Pick::Random, &["10.0.0.9"]),
+                port(8102, Pick::RoundRobin, &[]),
+            ],
+        );
+        let b = node_batch(
+            4789,
+            &[
+                port(8100, Pick::Random, &["10.0.0.9"]),
+                port(8101, Pick::ClientHash, &["10.0.0.5", "10.0.0.7"]),
+            ],
+        );
         assert_eq!(a, b);
         let commands = a.commands().join("\n");
         for want in [
@@ -487,13 +527,22 @@ mod tests {
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");
         }
-        assert_eq!(commands.matches("add rule").count(), 4, "{commands}");
+        assert!(
+            commands.contains(
+                "add chain raw-prerouting (filter hook prerouting)\nflush chain raw-prerouting\n\
+                 add rule to chain raw-prerouting (meta cmp payload cmp notrack)\n\
+                 add chain raw-output (filter hook output)\nflush chain raw-output\n\
+                 add rule to chain raw-output (meta cmp payload cmp notrack)\n"
+            ),
+            "{commands}"
+        );
+        assert_eq!(commands.matches("add rule").count(), 6, "{commands}");
     }
 
     #[test]
     fn the_picks_are_numgen_and_hash() {
-        let random = node_batch(&[port(1, Pick::Random, &["10.0.0.1", "10.0.0.2"])]);
-        let rotate = node_batch(&[port(1, Pick::RoundRobin, &["10.0.0.1", "10.0.0.2"])]);
+        let random = node_batch(4789, &[port(1, Pick::Random, &["10.0.0.1", "10.0.0.2"])]);
+        let rotate = node_batch(4789, &[port(1, Pick::RoundRobin, &["10.0.0.1", "10.0.0.2"])]);
         assert!(random.commands().join(" ").contains("fib cmp numgen lookup"));
         assert!(rotate.commands().join(" ").contains("fib cmp numgen lookup"));
         assert_ne!(random, rotate, "random and rotation are different numgen types");
@@ -509,6 +558,39 @@ mod tests {
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");
         }
+    }
+
+    /// With the node's table in place, conntrack tracks the namespace's UDP but not datagrams
+    /// to the data port, in either hook (root).
+    #[test]
+    fn the_overlay_datagrams_stay_out_of_conntrack() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        if !require_root("the_overlay_datagrams_stay_out_of_conntrack") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let node = c.netns(&unique_prefix("kt")).expect("netns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let h = node.netlink().expect("netlink");
+            let lo = shoal_netns::link_index(&h, "lo").await.expect("lo");
+            h.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.expect("up");
+        });
+        let data_port = 4790;
+        apply_ports(Some(&node), data_port, &[port(8100, Pick::Random, &["10.0.0.5"])])
+            .expect("ports");
+        let flows = node
+            .run(|| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                for to in [data_port, data_port + 1] {
+                    s.send_to(b"x", ("127.0.0.1", to))?;
+                }
+                shoal_nft::conntrack::flows().map_err(std::io::Error::other)
+            })
+            .expect("enter")
+            .expect("send and dump");
+        let ports: Vec<u16> = flows.iter().filter(|f| f.udp).map(|f| f.original.1.port()).collect();
+        assert_eq!(ports, [data_port + 1], "{flows:?}");
     }
 
     /// The kernel takes both tables and the link, and applying again changes nothing (root).
@@ -532,11 +614,12 @@ mod tests {
             port(8102, Pick::ClientHash, &["10.0.0.5", "10.0.0.7"]),
             KernelPort { udp: true, ..port(8103, Pick::Random, &["10.0.0.5"]) },
         ];
-        apply_ports(Some(&node), &ports).expect("ports");
-        apply_ports(Some(&node), &ports).expect("ports again");
+        apply_ports(Some(&node), 4789, &ports).expect("ports");
+        apply_ports(Some(&node), 4789, &ports).expect("ports again");
         let rules = node.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
         let chains: Vec<&str> = rules.iter().map(|r| r.chain.as_str()).collect();
-        assert_eq!(chains, ["prerouting"; 5].into_iter().chain(["forward"]).collect::<Vec<_>>());
+        let want = ["raw-prerouting", "raw-output"].into_iter().chain(["prerouting"; 5]);
+        assert_eq!(chains, want.chain(["forward"]).collect::<Vec<_>>());
         // The real nft, where installed, reads the table as meant.
         let listed = std::process::Command::new("ip")
             .args(["netns", "exec", node.name(), "nft", "list", "table", "ip", TABLE])
@@ -549,6 +632,8 @@ mod tests {
                     "tcp flags == 0x14 tcp sequence 0 add @refused { ip daddr . tcp dport }",
                     "counter name \"tcp-8100\" dnat to numgen random mod 2 map",
                     "flags dynamic,timeout",
+                    "type filter hook prerouting priority raw; policy accept;\n\t\tudp dport 4789 notrack",
+                    "type filter hook output priority raw; policy accept;\n\t\tudp dport 4789 notrack",
                 ] {
                     assert!(text.contains(want), "{want:?} not in\n{text}");
                 }

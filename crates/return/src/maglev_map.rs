@@ -207,7 +207,7 @@ mod tests {
             backends: backends.clone(),
         };
         let started = Instant::now();
-        apply_ports(Some(&node), std::slice::from_ref(&port)).expect("ports");
+        apply_ports(Some(&node), 4789, std::slice::from_ref(&port)).expect("ports");
         let took = started.elapsed();
         eprintln!("maglev: a table of {} slots written in {took:?}", table_size(3));
         // Generous: the machine may be busy, and a rewrite happens only when backends change.

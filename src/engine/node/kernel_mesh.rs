@@ -173,10 +173,11 @@ pub(super) async fn sync(inner: &Arc<Inner>, want: Option<&KernelMesh>) {
     };
     tracing::debug!(ports = ?want.ports, left = ?gone, "rewriting the kernel path's maps");
     let ports = want.ports.clone();
+    let data_port = inner.cluster.info().data_path_port;
     let backends: Vec<conntrack::Left> = gone.iter().map(|(l, _)| *l).collect();
     // The new maps first, then the purge: a flow that starts in between already picks anew.
     let applied = tokio::task::spawn_blocking(move || {
-        km::apply_ports(None, &ports)?;
+        km::apply_ports(None, data_port, &ports)?;
         Ok::<_, shoal_return::Error>(conntrack::purge(None, &backends))
     })
     .await;
