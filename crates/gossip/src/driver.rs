@@ -52,8 +52,9 @@ const MAX_UNREAD_SYNCS_PER_ADDR: usize = 4;
 const REJOIN_EVERY: Duration = Duration::from_secs(5);
 /// Longest time between two snapshot refreshes (for the metrics in it).
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
-/// Shortest time between two snapshot rebuilds caused by events (a burst of events costs one
-/// rebuild, not one per event; the event stream itself is never delayed).
+/// Shortest time between two snapshot rebuilds caused by entry events (a burst of them costs
+/// one rebuild, not one per event; the event stream itself is never delayed). A membership
+/// event is published with its snapshot at once.
 const SNAPSHOT_MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Why a driver operation failed.
@@ -453,16 +454,17 @@ impl Driver {
                 }
             }
         }
-        let mut changed = false;
-        while let Some(e) = self.core.poll_event() {
-            changed = true;
-            let _ = self.events.send(e);
-        }
-        if changed {
-            self.dirty = true;
-        }
-        if self.dirty && self.published.elapsed() >= SNAPSHOT_MIN_GAP {
+        let events: Vec<Event> = std::iter::from_fn(|| self.core.poll_event()).collect();
+        self.dirty |= !events.is_empty();
+        // A member's change is rare and acted on when told (the mesh's kernel path drops a
+        // suspect's backends): the snapshot that shows it is out before the event, not up to
+        // SNAPSHOT_MIN_GAP after it.
+        let membership = events.iter().any(|e| !matches!(e, Event::Entry { .. }));
+        if self.dirty && (membership || self.published.elapsed() >= SNAPSHOT_MIN_GAP) {
             self.publish();
+        }
+        for e in events {
+            let _ = self.events.send(e);
         }
     }
 

@@ -1,9 +1,11 @@
 //! What the driver publishes after every change, read by the agent and by the Prometheus
 //! collector without blocking the driver.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 
-use crate::core::MemberView;
+use crate::core::{MemberState, MemberView};
 use crate::metrics::Metrics;
 use crate::types::{EntryKey, Identity, NodeId};
 
@@ -25,6 +27,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The members suspected now: alive to gossip (their entries are visible) but failing
+    /// their probes, down soon unless they refute.
+    pub fn suspected(&self) -> BTreeSet<NodeId> {
+        self.members.iter().filter(|m| m.state == MemberState::Suspect).map(|m| m.id.node).collect()
+    }
+
     /// Visible entries of one table in one network: (key, owner, value).
     pub fn table(&self, table: &str, network: &str) -> Vec<(String, NodeId, Bytes)> {
         self.entries

@@ -386,3 +386,95 @@ fn tombstones_are_reaped_everywhere_after_the_configured_time() {
         );
     }
 }
+
+/// When each survivor first saw `subject` suspected and declared down, after `since`.
+fn suspected_then_down(
+    sim: &Sim,
+    subject: NodeId,
+    since: Duration,
+) -> Vec<(usize, Option<Duration>, Option<Duration>)> {
+    let first = |i: usize, down: bool| {
+        sim.events().iter().find_map(|(at, j, e)| {
+            let v = match e {
+                Event::MemberSuspected(v) if !down => v,
+                Event::MemberDown(v) if down => v,
+                _ => return None,
+            };
+            (*j == i && v.id.node == subject && *at >= since).then(|| *at - since)
+        })
+    };
+    (0..sim.len())
+        .filter(|&i| sim.running(i))
+        .map(|i| (i, first(i, false), first(i, true)))
+        .collect()
+}
+
+#[test]
+fn a_crashed_member_is_suspected_everywhere_before_it_is_declared_down() {
+    // The lab's figures (CoreConfig::lan) at the lab's size, over a few seeds: consumers that
+    // act on a suspicion (the mesh's kernel path) learn of a crash this long before the death.
+    let (mut all_suspect, mut all_down) = (Vec::new(), Vec::new());
+    for seed in 20..26 {
+        let mut sim = joined(10, seed);
+        sim.record_events();
+        sim.run_for(Duration::from_secs(3));
+        sim.crash(9);
+        let crashed = sim.elapsed();
+        sim.run_for(Duration::from_secs(15));
+        let seen = suspected_then_down(&sim, NodeId(10), crashed);
+        for (i, suspected, down) in &seen {
+            let (Some(s), Some(d)) = (suspected, down) else {
+                panic!("seed {seed}: node {i} saw suspected {suspected:?}, down {down:?}");
+            };
+            assert!(s < d, "seed {seed}: node {i} suspected at {s:?}, down at {d:?}");
+        }
+        all_suspect.push(seen.iter().filter_map(|s| s.1).max().expect("survivors"));
+        all_down.push(seen.iter().filter_map(|s| s.2).max().expect("survivors"));
+    }
+    println!(
+        "10 nodes, crash: every survivor suspects after {all_suspect:?}, down after {all_down:?}"
+    );
+    // A death is seen by all in about a probe period and two probe timeouts (CoreConfig::lan);
+    // the suspicion comes before it.
+    assert!(all_suspect.iter().all(|d| *d < Duration::from_secs(3)), "{all_suspect:?}");
+}
+
+#[test]
+fn a_refuted_suspicion_is_told_and_no_death_follows() {
+    // A fixed suspicion timeout (4 s) and no checks: a member cut off for 3 s is suspected
+    // and, once it hears of it, refutes.
+    let mut sim = Sim::new(8, CoreConfig::lan_fixed_suspicion());
+    for _ in 0..5 {
+        sim.add_node();
+    }
+    for i in 1..5 {
+        sim.join(i, 0);
+    }
+    let formed = sim.run_until_pred(Duration::from_millis(100), Duration::from_secs(30), |s| {
+        alive_everywhere(s, 5)
+    });
+    assert!(formed.is_some(), "5 nodes did not converge");
+    sim.record_events();
+    let cut = sim.elapsed();
+    sim.partition(|i| u8::from(i == 4));
+    sim.run_for(Duration::from_secs(3));
+    sim.heal();
+    sim.run_for(Duration::from_secs(6));
+    // Node 4 is NodeId(5).
+    let of_4 = |i: usize| {
+        sim.events()
+            .iter()
+            .filter(move |(at, j, _)| *j == i && *at >= cut)
+            .filter_map(|(_, _, e)| match e {
+                Event::MemberSuspected(v) if v.id.node == NodeId(5) => Some("suspected"),
+                Event::MemberRefuted(v) if v.id.node == NodeId(5) => Some("refuted"),
+                Event::MemberDown(v) if v.id.node == NodeId(5) => Some("down"),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    for i in 0..4 {
+        assert_eq!(of_4(i), ["suspected", "refuted"], "node {i}");
+    }
+    assert!(alive_everywhere(&sim, 5), "node 4 is not alive everywhere after refuting");
+}

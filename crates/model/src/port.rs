@@ -161,8 +161,8 @@ impl PublishedPort {
     }
 
     /// The path the routing mesh forwards this port on: the one `mesh=` names, else the proxy.
-    /// The kernel path stays opt-in while a node that dies silently still costs it requests
-    /// until gossip takes the node's backends out (ARCHITECTURE.md, "The kernel path").
+    /// The kernel path stays opt-in while a backend in its map that does not answer still costs
+    /// a request the proxy would retry elsewhere (ARCHITECTURE.md, "The kernel path").
     pub fn path(&self) -> MeshPath {
         self.mesh.unwrap_or(MeshPath::Proxy)
     }

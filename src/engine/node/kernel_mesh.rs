@@ -5,7 +5,8 @@
 //! backend).
 //!
 //! A backend is in a port's map while gossip says its task serves (running, healthy, not
-//! withdrawn) and the userspace mesh's checks have not ruled it out; the table is rewritten
+//! withdrawn), its node is not suspected (unless the port's every backend is) and the userspace
+//! mesh's checks have not ruled it out; the table is rewritten
 //! whenever that set changes, and established flows stay where they are. The flows of a
 //! backend that left and that would otherwise keep going to it (UDP, and TCP short of
 //! established) are deleted from conntrack (`shoal_return::conntrack`).
@@ -14,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use shoal_gossip::NodeId;
 use shoal_ingress::HealthState;
 use shoal_return::conntrack;
 use shoal_return::kernel::{self as km, KernelPort, Pick};
@@ -82,13 +84,17 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
 /// checks have seen up: a later `Down` is a failed check, while a task not checked yet (a new
 /// one, or after an agent restart) is trusted on gossip's word. A task stays in `seen_up` while
 /// the store has it (`stored`), so a partition does not erase it and a node coming back is
-/// checked again before it gets traffic. Also returns the service of each port's flow counter.
+/// checked again before it gets traffic. The tasks of a node gossip suspects (`suspected`) are
+/// left out while others remain: a node that died silently answers no SYN, and the kernel,
+/// unlike the proxy, does not try another backend, so its flows must not start there in the
+/// second before gossip declares it down. Also returns the service of each port's flow counter.
 pub(super) fn ports(
     services: &BTreeMap<String, Arc<Service>>,
     stored: &BTreeMap<String, Arc<TaskRecord>>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
     health: &BTreeMap<String, BTreeMap<String, HealthState>>,
+    suspected: &BTreeSet<NodeId>,
     seen_up: &mut BTreeSet<String>,
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
@@ -96,6 +102,7 @@ pub(super) fn ports(
     for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
         let health = health.get(&svc.name);
         let mut backends = Vec::new();
+        let mut on_suspects = Vec::new();
         for (_, e) in eps.iter().filter(|(net, e)| {
             net == ingress_id && e.service == svc.id && !e.task.is_empty() && e.serving
         }) {
@@ -108,9 +115,19 @@ pub(super) fn ports(
                 Some(HealthState::NotReady | HealthState::Ejected | HealthState::Draining) => false,
                 None => true,
             };
-            if usable {
+            if !usable {
+                continue;
+            }
+            if suspected.contains(&NodeId::from_name(&e.node)) {
+                on_suspects.push(e.ip);
+            } else {
                 backends.push(e.ip);
             }
+        }
+        // A port whose every backend is on suspected nodes keeps them: a suspicion may be
+        // false, and with no backend the port would refuse every flow.
+        if backends.is_empty() {
+            backends = on_suspects;
         }
         for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
             let udp = p.protocol == Protocol::Udp;

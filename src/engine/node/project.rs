@@ -515,8 +515,9 @@ fn kernel(
         return (None, seen_up);
     }
     let health = &i.local.mesh_health;
+    let suspected = i.gossip.suspected();
     let (ports, owners) =
-        kernel_mesh::ports(i.services, i.tasks, eps, ingress_id, health, &mut seen_up);
+        kernel_mesh::ports(i.services, i.tasks, eps, ingress_id, health, &suspected, &mut seen_up);
     let subnet = (subnet.network(), subnet.prefix_len());
     (Some(KernelMesh { subnet, ports, owners }), seen_up)
 }

@@ -89,6 +89,7 @@ impl Core {
                 probe_debt: Duration::ZERO,
                 next_spread: now,
                 spread_due: false,
+                suspected: Vec::new(),
                 cfg,
             },
         };
@@ -515,7 +516,7 @@ impl Core {
             let rt = std::mem::take(&mut self.swim.rt);
             let news = self.lifeguard.has_news();
             if rt.send.is_empty() && rt.timers.is_empty() && rt.notes.is_empty() && !news {
-                return;
+                return self.swim.note_suspicions();
             }
             self.absorb(now, rt);
             self.with_lifeguard(now, |lg, cx| lg.process_suspicions(cx, now));

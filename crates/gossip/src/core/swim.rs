@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use foca::{Foca, OwnedNotification, PostcardCodec, Timer};
+use foca::{Foca, OwnedNotification, PostcardCodec, State as SwimState, Timer};
 use rand::rngs::SmallRng;
 
 use super::handler::Handler;
 use super::lifeguard::Order;
 use super::shared::{State, lock};
-use super::vocab::Transmit;
+use super::vocab::{Event, MemberState, Transmit};
 use crate::config::CoreConfig;
 use crate::keyring::Keyring;
 use crate::metrics::DropReason;
@@ -78,6 +78,8 @@ pub(super) struct Swim {
     pub(super) next_spread: Instant,
     /// A [`Tick::Spread`] is scheduled: writes until then go with it.
     pub(super) spread_due: bool,
+    /// The members foca held suspect when [`Swim::note_suspicions`] last looked, sorted.
+    pub(super) suspected: Vec<Identity>,
 }
 
 impl Swim {
@@ -159,6 +161,39 @@ impl Swim {
             && let Err(e) = self.foca.gossip(&mut self.rt)
         {
             tracing::debug!(error = %e, "spreading our own changes");
+        }
+    }
+
+    /// Tells consumers who became suspect and who refuted since the last look. A suspect that
+    /// went down or was replaced by a new identity needs no word here: `MemberDown` or
+    /// `MemberUp` says it. Cheap when nobody is suspect: one pass over foca's members.
+    pub(super) fn note_suspicions(&mut self) {
+        let mut now: Vec<Identity> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == SwimState::Suspect)
+            .map(|m| m.id().clone())
+            .collect();
+        if now.is_empty() && self.suspected.is_empty() {
+            return;
+        }
+        now.sort();
+        if now == self.suspected {
+            return;
+        }
+        let before = std::mem::replace(&mut self.suspected, now);
+        let mut st = lock(&self.state);
+        for m in self.foca.iter_membership_state() {
+            let (was, is) = (before.binary_search(m.id()).is_ok(), m.state());
+            let event = match is {
+                SwimState::Suspect if !was => Event::MemberSuspected,
+                SwimState::Alive if was => Event::MemberRefuted,
+                _ => continue,
+            };
+            let state =
+                if is == SwimState::Suspect { MemberState::Suspect } else { MemberState::Alive };
+            let view = st.member_view(m.id(), state, m.incarnation());
+            st.events.push_back(event(view));
         }
     }
 

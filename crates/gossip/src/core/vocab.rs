@@ -99,6 +99,11 @@ pub enum Event {
     MemberUp(MemberView),
     /// A member was declared down or left.
     MemberDown(MemberView),
+    /// A live member failed its probes and is suspected: it is declared down unless it refutes
+    /// in time. Its entries stay visible meanwhile.
+    MemberSuspected(MemberView),
+    /// A suspected member refuted the suspicion and is alive again.
+    MemberRefuted(MemberView),
     /// A live member's metadata or networks changed.
     MemberUpdated(MemberView),
     /// A visible entry changed.

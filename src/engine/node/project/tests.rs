@@ -46,6 +46,8 @@ struct Node {
 struct Swarm {
     state: ClusterState,
     nodes: Vec<Node>,
+    /// Nodes (by index) gossip holds suspect.
+    suspected: BTreeSet<usize>,
     now_ms: u64,
     /// One instant for every projection: nothing in the tutorial waits on the clock.
     now: Instant,
@@ -76,7 +78,7 @@ impl Swarm {
         let nodes = (1..=nodes)
             .map(|i| Node { id: simulated::node_id(i).to_string(), ..Node::default() })
             .collect();
-        Swarm { state, nodes, now_ms: 1_000, now: Instant::now() }
+        Swarm { state, nodes, suspected: BTreeSet::new(), now_ms: 1_000, now: Instant::now() }
     }
 
     fn write(&mut self, cmd: Command) {
@@ -87,7 +89,7 @@ impl Swarm {
     fn gossip(&self) -> Snapshot {
         let mut members = Vec::new();
         let mut entries = Vec::new();
-        for n in &self.nodes {
+        for (i, n) in self.nodes.iter().enumerate() {
             let rec = self.state.nodes.values().find(|r| r.id.to_string() == n.id).unwrap();
             let gossip_id = shoal_gossip::NodeId::from_name(&n.id);
             members.push(MemberView {
@@ -97,7 +99,11 @@ impl Swarm {
                     generation: 1,
                     bump: 0,
                 },
-                state: MemberState::Alive,
+                state: if self.suspected.contains(&i) {
+                    MemberState::Suspect
+                } else {
+                    MemberState::Alive
+                },
                 incarnation: 0,
                 meta: Some(NodeMeta {
                     id: n.id.clone(),
@@ -482,4 +488,49 @@ fn an_adopted_task_s_reply_steering_waits_for_gossip_too() {
     swarm.nodes[1].published = others;
     let d = swarm.project(0);
     assert!(!d.hold_vips && d.returns[&mine].len() == 2, "{:?}", d.returns);
+}
+
+#[test]
+fn the_kernel_path_leaves_out_a_suspected_node_s_tasks_unless_they_are_all_there_are() {
+    let mut swarm = Swarm::new(3);
+    swarm.create_service(ServiceCreate {
+        name: "web".into(),
+        argv: vec!["serve".into()],
+        replicas: Some(3),
+        publish: vec!["published=8100,target=80,mesh=kernel".parse().unwrap()],
+        ..ServiceCreate::default()
+    });
+    swarm.settle();
+    let running = swarm.running("web");
+    let ingress = swarm.network("ingress").id.clone();
+    let addr = |swarm: &Swarm, node: usize| -> Vec<Ipv4Addr> {
+        let tasks = records::tasks(&swarm.state);
+        running[&node].iter().map(|t| tasks[t].addresses[&ingress]).collect()
+    };
+    let kernel_backends = |d: &DesiredDataPlane| -> BTreeSet<Ipv4Addr> {
+        let ports = &d.kernel.as_ref().expect("the kernel path").ports;
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        ports[0].backends.iter().copied().collect()
+    };
+    let everyone: BTreeSet<Ipv4Addr> = (0..3).flat_map(|n| addr(&swarm, n)).collect();
+    assert_eq!(everyone.len(), 3);
+    assert_eq!(kernel_backends(&swarm.project(0)), everyone);
+
+    // Node 3 is suspected: node 1's kernel path sends no new flow to its task, the proxy
+    // (which retries elsewhere when a connect times out) keeps it.
+    swarm.suspected.insert(2);
+    let d = swarm.project(0);
+    let without: BTreeSet<Ipv4Addr> = (0..2).flat_map(|n| addr(&swarm, n)).collect();
+    assert_eq!(kernel_backends(&d), without);
+    assert_eq!(backends(&d, "web").len(), 3, "the proxy keeps every backend");
+    assert!(backends(&d, "web").iter().all(|(_, healthy, _)| *healthy));
+
+    // Every node with a task suspected: a port without backends would refuse every flow, so
+    // the suspects' tasks stay.
+    swarm.suspected.extend([0, 1]);
+    assert_eq!(kernel_backends(&swarm.project(0)), everyone);
+
+    // Refuted: the task is back.
+    swarm.suspected.clear();
+    assert_eq!(kernel_backends(&swarm.project(1)), everyone);
 }
