@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::books::{LeaderBooks, SessionBook};
 use crate::model::{
-    ClusterInfo, Command, GossipKey, Keyring, NetworkRecord, NodeId, NodeRecord, NodeStatus, Role,
+    ClusterInfo, Command, GossipKey, Keyring, NetworkSpec, NodeId, NodeRecord, NodeStatus, Role,
     now_ms,
 };
 use crate::pki::{ClusterCa, NodeIdentity, PinFailure, new_key_and_csr};
@@ -83,9 +83,6 @@ impl Cluster {
                 .current_leader(node.0, "init")
                 .await
                 .map_err(|e| Error::Store(format!("waiting to become leader: {e}")))?;
-            let subnet = ipnet::IpNet::new(pool.network(), opts.subnet_size)
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-            let gateway = subnet.hosts().next().unwrap_or(subnet.network());
             let now = now_ms();
             let info = ClusterInfo {
                 id: random_hex(12),
@@ -118,13 +115,12 @@ impl Cluster {
                 created_ms: now,
                 updated_ms: now,
             };
-            let ingress = NetworkRecord {
+            // The store cuts its subnet from the pool and gives it the first VNI, as for any
+            // network.
+            let ingress = NetworkSpec {
                 id: random_hex(12),
                 name: "ingress".into(),
-                driver: "overlay".into(),
-                subnet,
-                gateway,
-                vni: 4096,
+                subnet: None,
                 ingress: true,
                 attachable: false,
                 encrypted: false,
