@@ -18,6 +18,7 @@ use shoal_scheduler::TaskState;
 
 pub mod alloc;
 mod apply;
+mod held;
 pub mod schema;
 pub mod security;
 #[cfg(test)]
@@ -332,7 +333,8 @@ pub struct ClusterInfo {
 /// The whole replicated state.
 ///
 /// Every table is typed; `raft` applies each batch to it in place (a refused command changes
-/// nothing, so no copy is needed to roll back). Records sit behind [`Arc`], so a copy of the
+/// nothing, so no copy is needed to roll back). The tables change through `apply` only, which
+/// keeps an index of the addresses they hold beside them. Records sit behind [`Arc`], so a copy of the
 /// state (a read of the store, a node's resync) shares them and costs a pointer per record;
 /// apply changes a shared record through [`Arc::make_mut`], which copies that one record only.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -355,6 +357,10 @@ pub struct ClusterState {
     /// [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] say.
     #[serde(default)]
     pub ipam: BTreeMap<String, HeldAddress>,
+    /// Which addresses `tasks` and `ipam` name, per network, kept by apply (see `held`): the
+    /// tables change through [`ClusterState::apply`] only, or the index goes stale.
+    #[serde(skip)]
+    held: held::AddressIndex,
 }
 
 /// An address held in the `ipam` table.

@@ -8,7 +8,8 @@
 //! desired running, or by an entry of the `ipam` table. Among the free ones, those that no
 //! remembered task (the history `service ps` shows) had are handed out first, so a task's address
 //! is not given to its successor while the old one's connections may still be draining, unless
-//! the subnet has nothing else.
+//! the subnet has nothing else. The lowest such address is found in the index of held addresses
+//! apply keeps (`held`), not by reading every task.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use shoal_scheduler::{DesiredState, Ipam, IpamError};
 
-use super::{ClusterState, HeldAddress, NetworkRecord, NetworkSpec, Refusal, TaskRecord};
+use super::held::Home;
+use super::{ClusterState, NetworkRecord, NetworkSpec, Refusal, TaskRecord};
 
 /// The VNI of the first network (the ingress network `swarm init` makes).
 pub const FIRST_VNI: u32 = 4096;
@@ -36,19 +38,17 @@ impl From<IpamError> for Refusal {
     }
 }
 
-/// The network an `ipam` key's address is on: `vip/<service>/<network>`, or the ingress network
-/// for `sbox/<node>` (as [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] write them).
+/// The network an `ipam` key's address is on (see [`Home`]).
 fn held_network<'a>(state: &'a ClusterState, key: &'a str) -> Option<&'a str> {
-    match key.split('/').collect::<Vec<_>>()[..] {
-        ["vip", _, net] => Some(net),
-        ["sbox", _] => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
-        _ => None,
+    match Home::of(key)? {
+        Home::Network(net) => Some(net),
+        Home::Ingress => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
     }
 }
 
-/// An allocator over the cluster's pool holding `state`'s networks (those `wanted`) with no
-/// address taken.
-fn subnets(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> Result<Ipam, IpamError> {
+/// An allocator over the cluster's pool holding `state`'s networks: what a new network's subnet
+/// is cut from.
+fn subnets(state: &ClusterState) -> Result<Ipam, IpamError> {
     let (pool, mask) = state
         .cluster
         .as_ref()
@@ -58,7 +58,7 @@ fn subnets(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> Result<Ipam, 
         })
         .unwrap_or((ipnet::Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("a /8"), 24));
     let mut ipam = Ipam::new(pool, mask)?;
-    for n in state.networks.values().filter(|n| wanted(&n.id)) {
+    for n in state.networks.values() {
         if let IpNet::V4(s) = n.subnet {
             ipam.add_network(&n.id, Some(s))?;
         }
@@ -76,62 +76,6 @@ fn next_vni(state: &ClusterState) -> Result<u32, Refusal> {
         _ => (FIRST_VNI..=LAST_VNI)
             .find(|v| !used.contains(v))
             .ok_or_else(|| Refusal::Exhausted("no free VNI left".into())),
-    }
-}
-
-/// `state`'s networks (those in `only`, when given) with their held addresses; with `history`,
-/// also those of every remembered task.
-fn view(
-    state: &ClusterState,
-    only: Option<&BTreeSet<&str>>,
-    history: bool,
-) -> Result<Ipam, IpamError> {
-    let wanted = |net: &str| only.is_none_or(|o| o.contains(net));
-    let mut ipam = subnets(state, wanted)?;
-    // An address the store holds twice, or outside its subnet (one a replaced ingress network
-    // gave), cannot be held again; it is left out rather than refusing every later allocation.
-    for t in state.tasks.values().filter(|t| history || t.holds_addresses()) {
-        for (net, ip) in t.addresses.iter().filter(|(net, _)| wanted(net)) {
-            let _ = ipam.allocate_exact(net, *ip, &t.task.id);
-        }
-    }
-    for (key, held) in &state.ipam {
-        if let Some(net) = held_network(state, key).filter(|n| wanted(n)) {
-            let _ = ipam.allocate_exact(net, held.ip, key);
-        }
-    }
-    Ok(ipam)
-}
-
-/// Hands out addresses nothing in the store holds, preferring ones no remembered task had.
-#[derive(Debug)]
-struct Allocator {
-    strict: Ipam,
-    fresh: Ipam,
-}
-
-impl Allocator {
-    /// Both views of `state`, over the networks in `only`.
-    fn of(state: &ClusterState, only: &BTreeSet<&str>) -> Result<Allocator, IpamError> {
-        Ok(Allocator {
-            strict: view(state, Some(only), false)?,
-            fresh: view(state, Some(only), true)?,
-        })
-    }
-
-    /// An address on `net` for `owner`.
-    fn allocate(&mut self, net: &str, owner: &str) -> Result<Ipv4Addr, IpamError> {
-        match self.fresh.allocate(net, owner) {
-            Ok(ip) => {
-                self.strict.allocate_exact(net, ip, owner)?;
-                Ok(ip)
-            }
-            Err(_) => {
-                let ip = self.strict.allocate(net, owner)?;
-                let _ = self.fresh.allocate_exact(net, ip, owner);
-                Ok(ip)
-            }
-        }
     }
 }
 
@@ -153,10 +97,8 @@ impl ClusterState {
             // There is no pool of IPv6 subnets: one asked for is taken as it is, if it
             // overlaps no other network's (checked below).
             Some(IpNet::V6(s)) => IpNet::V6(s),
-            Some(IpNet::V4(s)) => {
-                IpNet::V4(subnets(self, |_| true)?.add_network(&spec.id, Some(s))?)
-            }
-            None => IpNet::V4(subnets(self, |_| true)?.add_network(&spec.id, None)?),
+            Some(IpNet::V4(s)) => IpNet::V4(subnets(self)?.add_network(&spec.id, Some(s))?),
+            None => IpNet::V4(subnets(self)?.add_network(&spec.id, None)?),
         };
         let n = NetworkRecord {
             id: spec.id.clone(),
@@ -178,20 +120,16 @@ impl ClusterState {
 
     /// Gives a task that is to run an address on each of its networks it has none on. The
     /// addresses it has are kept: they are the ones this store gave it before.
-    pub(super) fn address_task(&self, t: &mut TaskRecord) -> Result<(), Refusal> {
+    pub(super) fn address_task(&mut self, t: &mut TaskRecord) -> Result<(), Refusal> {
         if t.addressed() || t.task.desired != DesiredState::Running {
             return Ok(());
         }
-        let missing: BTreeSet<&str> = t
-            .networks
-            .iter()
-            .filter(|n| !t.addresses.contains_key(*n))
-            .map(String::as_str)
-            .collect();
-        let mut alloc = Allocator::of(self, &missing)?;
+        let missing: BTreeSet<String> =
+            t.networks.iter().filter(|n| !t.addresses.contains_key(*n)).cloned().collect();
         let mut given = Vec::new();
-        for net in &missing {
-            given.push((net.to_string(), alloc.allocate(net, &t.task.id)?));
+        for net in missing {
+            let ip = self.free_on(&net)?;
+            given.push((net, ip));
         }
         t.addresses.extend(given);
         Ok(())
@@ -213,9 +151,19 @@ impl ClusterState {
         if self.ipam.get(key).is_some_and(|h| subnet.contains(&IpAddr::V4(h.ip))) {
             return Ok(());
         }
-        let ip = Allocator::of(self, &BTreeSet::from([network]))?.allocate(network, key)?;
-        self.ipam.insert(key.to_owned(), HeldAddress { ip });
+        let ip = self.free_on(network)?;
+        self.hold_address(key, ip);
         Ok(())
+    }
+
+    /// A free address on network `net` (see [`ClusterState::free_address`]).
+    fn free_on(&mut self, net: &str) -> Result<Ipv4Addr, Refusal> {
+        let Some(IpNet::V4(subnet)) = self.networks.get(net).map(|n| n.subnet) else {
+            return Err(IpamError::NoNetwork(net.to_owned()).into());
+        };
+        self.free_address(net, subnet).ok_or_else(|| {
+            IpamError::SubnetExhausted { network: net.to_owned(), subnet: subnet.trunc() }.into()
+        })
     }
 }
 

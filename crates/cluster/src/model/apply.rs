@@ -288,27 +288,25 @@ impl ClusterState {
             Command::PutTask(t) => {
                 let mut t = (**t).clone();
                 self.address_task(&mut t)?;
-                self.tasks.insert(t.task.id.clone(), Arc::new(t));
+                self.put_task(t);
             }
             Command::RemoveTask(id) => {
-                self.tasks.remove(id).ok_or_else(|| format!("task {id} not found"))?;
+                self.remove_task(id).ok_or_else(|| format!("task {id} not found"))?;
             }
-            Command::PutAddress { key, ip } => {
-                self.ipam.insert(key.clone(), HeldAddress { ip: *ip });
-            }
+            Command::PutAddress { key, ip } => self.hold_address(key, *ip),
             Command::AllocateAddress { key, network } => self.allocate_address(key, network)?,
             Command::RemoveAddress(key) => {
-                self.ipam.remove(key).ok_or_else(|| format!("address {key} not found"))?;
+                self.release_address(key).ok_or_else(|| format!("address {key} not found"))?;
             }
             Command::ReportTask { owner, key, report } => {
                 report.check()?;
-                let t = self.tasks.get_mut(key).ok_or_else(|| format!("task {key} not found"))?;
+                let t = self.tasks.get(key).ok_or_else(|| format!("task {key} not found"))?;
                 if !assigned_to(t, *owner) {
                     return Err(Refusal::Invalid(format!(
                         "task {key} is not assigned to node {owner}"
                     )));
                 }
-                report.apply_to(Arc::make_mut(t));
+                self.change_task(key, |t| report.apply_to(t));
             }
             Command::PutStandalone { owner, key, value } => {
                 if let Some(old) = self.tasks.get(key) {
@@ -335,10 +333,10 @@ impl ClusterState {
                                 .collect()
                         });
                         self.address_task(&mut t)?;
-                        self.tasks.insert(key.clone(), Arc::new(t));
+                        self.put_task(t);
                     }
                     None => {
-                        self.tasks.remove(key);
+                        self.remove_task(key);
                     }
                 }
             }
