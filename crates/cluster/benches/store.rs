@@ -2,7 +2,7 @@
 //! tasks (criterion): what one applied single-task batch costs (time, and, printed once, the
 //! bytes the process writes for it), the same for a task the store gives an address, and what a
 //! copy of the whole store costs (what `Cluster::store`, the State request and a node's resync
-//! start from).
+//! start from); and the address pick alone, applied in memory.
 //! `cargo bench -p shoal-cluster --bench store`.
 
 use std::hint::black_box;
@@ -33,10 +33,11 @@ fn task(n: usize) -> TaskRecord {
     simulated::task(n / per_service, n % per_service + 1, node_id(n % NODES + 1), NETWORKS)
 }
 
-/// Task `n` written again without its address, as the leader writes a task to start: the store
-/// picks one (the old record's is held until this one replaces it).
+/// One of the first 200 tasks written again without its address, as the leader writes a task to
+/// start: the store picks one (the old record's is held until this one replaces it). Few enough
+/// that the picks stay inside the networks' /24s however many rounds run.
 fn restart(n: usize) -> Command {
-    let mut t = task(n);
+    let mut t = task(n % 200);
     t.addresses.clear();
     Command::PutTask(Box::new(t))
 }
@@ -105,6 +106,16 @@ fn store(c: &mut Criterion) {
         b.iter(|| one(&mut sm, restart))
     });
     g.bench_function("copy of the whole store", |b| b.iter(|| black_box(sm.state())));
+    // The pick alone: the same writes applied to a copy of the state, without redb.
+    let mut state = sm.state();
+    let restarts: Vec<Command> = (0..200).map(restart).collect();
+    let mut k = 0;
+    g.bench_function("apply one task that gets an address (in memory)", |b| {
+        b.iter(|| {
+            k = (k + 7) % restarts.len();
+            state.apply(&restarts[k], 1).expect("apply")
+        })
+    });
     g.finish();
 }
 
