@@ -1,6 +1,8 @@
-//! Creates that race: 24 `network create` and `service create` calls at once, spread over three
-//! managers, leave no two networks with one subnet or VNI, no two services with one name or one
-//! published port, and the scheduler keeps working afterwards. Then `shoal run` races: six runs
+//! Creates that race: 26 `network create` and `service create` calls at once, spread over three
+//! managers, leave no two networks with one subnet or VNI (the store picks them as it applies
+//! each create, so every create lands at its first try, and of two that ask for one subnet one
+//! lands), no two services with one name or one published port, and the scheduler keeps working
+//! afterwards. Then `shoal run` races: six runs
 //! of one name on three nodes make one container, and twelve of different names twelve
 //! containers with twelve addresses. The store decides; the API only proposes.
 
@@ -54,9 +56,15 @@ fn racing_creates_leave_no_duplicate() {
         (ls.matches("Reachable").count() + ls.matches("Leader").count() == 3).then_some(())
     });
 
-    let calls: Vec<Vec<String>> = (0..24)
+    let calls: Vec<Vec<String>> = (0..26)
         .map(|i| {
-            if i < 10 {
+            if i >= 24 {
+                // Two networks that ask for one subnet.
+                let name = format!("asked{i}");
+                ["network", "create", "-d", "overlay", "--subnet", "10.0.250.0/24", &name]
+                    .map(String::from)
+                    .to_vec()
+            } else if i < 10 {
                 ["network", "create", "-d", "overlay", "--attachable", &format!("race{i}")]
                     .map(String::from)
                     .to_vec()
@@ -79,18 +87,24 @@ fn racing_creates_leave_no_duplicate() {
         .collect();
     let outcomes = race(&lab, &calls);
 
-    // Every network create lands, each with its own subnet and VNI.
-    for (call, ok, err) in outcomes.iter().filter(|(c, ..)| c.starts_with("network")) {
+    // Every network create that asks for no subnet lands; of the two that ask for one, one
+    // lands and the other is told it overlaps.
+    for (call, ok, err) in outcomes.iter().filter(|(c, ..)| c.contains("race")) {
         assert!(ok, "{call}: {err}");
     }
-    let names: Vec<String> = (0..10).map(|i| format!("race{i}")).collect();
-    let mut argv = vec!["network", "inspect"];
-    argv.extend(names.iter().map(String::as_str));
+    let asked: Vec<_> = outcomes.iter().filter(|(c, ..)| c.contains("--subnet")).collect();
+    assert_eq!(asked.iter().filter(|(_, ok, _)| *ok).count(), 1, "{asked:?}");
+    assert!(asked.iter().any(|(_, ok, err)| !ok && err.contains("overlaps")), "{asked:?}");
+    // Each network, the ingress network and the one that asked included, has its own subnet
+    // and VNI.
+    let ids = lab.on("node2", &["network", "ls", "-q"]);
+    let argv: Vec<&str> = ["network", "inspect"].into_iter().chain(ids.lines()).collect();
     let views: Vec<serde_json::Value> = serde_json::from_str(&lab.on("node2", &argv)).unwrap();
     let subnets: BTreeSet<String> =
         views.iter().map(|v| v["network"]["subnet"].as_str().unwrap().to_owned()).collect();
     let vnis: BTreeSet<u64> = views.iter().map(|v| v["network"]["vni"].as_u64().unwrap()).collect();
-    assert_eq!((subnets.len(), vnis.len()), (10, 10), "{subnets:?} {vnis:?}");
+    assert_eq!((views.len(), subnets.len(), vnis.len()), (12, 12, 12), "{subnets:?} {vnis:?}");
+    assert!(subnets.contains("10.0.250.0/24"), "{subnets:?}");
 
     // Of the service creates, exactly one per name and one per published port lands; the
     // others are told why.

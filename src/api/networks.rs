@@ -1,5 +1,5 @@
 //! `/networks`: the verbs of `shoal network`. A network is created, shown and removed here;
-//! its id, subnet and VNI are decided against the store, which refuses a race's loser.
+//! its subnet and VNI are picked by the store as it applies the create.
 
 // Handlers return a ready error `Response` from their checks; see swarm.rs.
 #![allow(clippy::result_large_err)]
@@ -13,14 +13,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use shoal_cluster::model::{ClusterState, Command, NetworkRecord, alloc};
+use shoal_cluster::model::{ClusterState, Command, NetworkRecord, NetworkSpec};
 use shoal_model::NetworkCreate;
 use shoal_scheduler::TaskState;
 
 use super::lookup::{find_network, model_error, store, write};
-use super::swarm::{bad_request, cluster, cluster_error};
+use super::swarm::cluster;
 use super::{ApiState, error};
-use crate::engine::leader::{self, new_id};
+use crate::engine::leader::new_id;
 use crate::engine::records;
 
 pub(super) fn routes() -> Router<Arc<ApiState>> {
@@ -48,10 +48,6 @@ pub struct NetworkView {
     pub local: Option<serde_json::Value>,
 }
 
-/// How often `network create` reads the store again after losing a race for a subnet or VNI
-/// (each round of a race has one winner, so this covers that many creates at once).
-const MAX_CREATE_ATTEMPTS: u32 = 32;
-
 async fn network_create(
     State(st): State<Arc<ApiState>>,
     axum::Json(req): axum::Json<NetworkCreate>,
@@ -59,42 +55,21 @@ async fn network_create(
     let run = async {
         let c = cluster(&st)?;
         req.validate().map_err(model_error)?;
-        // The store decides: a name taken (or a second ingress network) is a conflict; a
-        // subnet or VNI another create took after we read is refused, and the next attempt
-        // reads again and picks past it.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let state = store(&c).await?;
-            let mut ipam = alloc::ipam(&state).map_err(|e| bad_request(e.to_string()))?;
-            let id = new_id();
-            let subnet =
-                ipam.add_network(&id, req.subnet).map_err(|e| bad_request(e.to_string()))?;
-            let rec = NetworkRecord {
-                id: id.clone(),
-                name: req.name.clone(),
-                driver: shoal_model::network::OVERLAY.into(),
-                subnet: ipnet::IpNet::V4(subnet),
-                gateway: leader::gateway_of(subnet),
-                vni: leader::next_vni(&state),
-                ingress: req.ingress,
-                attachable: req.attachable,
-                encrypted: req.encrypted,
-                labels: req.labels.clone(),
-            };
-            match c.write(Command::PutNetwork(rec)).await {
-                Ok(()) => {
-                    let body = axum::Json(serde_json::json!({ "id": id }));
-                    return Ok((StatusCode::CREATED, body).into_response());
-                }
-                Err(shoal_cluster::Error::Refused(_)) if attempts < MAX_CREATE_ATTEMPTS => {
-                    // Spread the losers of a race so they do not collide again at once.
-                    let ms = 5 + rand::random::<u64>() % 45;
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                }
-                Err(e) => return Err(cluster_error(e)),
-            }
-        }
+        // The store decides: a name taken (or a second ingress network) is a conflict, an
+        // asked-for subnet that overlaps another is refused, and the subnet (when none is asked
+        // for) and the VNI are picked as the command is applied, so creates that race all land.
+        let id = new_id();
+        let spec = NetworkSpec {
+            id: id.clone(),
+            name: req.name.clone(),
+            subnet: req.subnet.map(ipnet::IpNet::V4),
+            ingress: req.ingress,
+            attachable: req.attachable,
+            encrypted: req.encrypted,
+            labels: req.labels.clone(),
+        };
+        write(&c, Command::CreateNetwork(spec)).await?;
+        Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "id": id }))).into_response())
     };
     run.await.unwrap_or_else(|r| r)
 }

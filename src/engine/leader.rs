@@ -7,7 +7,7 @@
 //! that ended, a VIP of a service that is gone, the sandbox of a node that left.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -225,16 +225,6 @@ pub(crate) fn plan_writes(
     }
 
     Ok((writes, plan.wake_at))
-}
-
-/// The next free VXLAN id (Swarm's start at 4096, the ingress network's).
-pub fn next_vni(state: &ClusterState) -> u32 {
-    state.networks.values().map(|n| n.vni).max().map_or(4097, |v| v + 1)
-}
-
-/// The gateway (first host) of a subnet.
-pub fn gateway_of(subnet: ipnet::Ipv4Net) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(u32::from(subnet.network()) + 1))
 }
 
 #[cfg(test)]

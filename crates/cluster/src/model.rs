@@ -18,6 +18,7 @@ use shoal_scheduler::TaskState;
 
 pub mod alloc;
 mod apply;
+mod held;
 pub mod schema;
 pub mod security;
 #[cfg(test)]
@@ -223,6 +224,50 @@ pub struct NetworkRecord {
     pub labels: BTreeMap<String, String>,
 }
 
+impl NetworkRecord {
+    /// The create that asks for this network, its subnet included.
+    pub fn spec(&self) -> NetworkSpec {
+        NetworkSpec {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            subnet: Some(self.subnet),
+            ingress: self.ingress,
+            attachable: self.attachable,
+            encrypted: self.encrypted,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// What a network create asks of the store (`network create`, and `swarm init` for the ingress
+/// network): [`ClusterState::apply`] gives it the subnet, when none is asked for, the next free
+/// VNI and the gateway (see `alloc`), so creates that race cannot pick the same ones.
+///
+/// An `Init` written before the store picked these carries a whole [`NetworkRecord`]; read as a
+/// spec, its other fields are left out and its subnet is the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Network id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The subnet asked for; the store cuts one from the cluster's pool when `None`.
+    #[serde(default)]
+    pub subnet: Option<ipnet::IpNet>,
+    /// The routing-mesh network.
+    #[serde(default)]
+    pub ingress: bool,
+    /// Standalone tasks may attach.
+    #[serde(default)]
+    pub attachable: bool,
+    /// Encrypted between nodes.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
 /// One gossip encryption key (AES-256-GCM).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GossipKey {
@@ -288,7 +333,8 @@ pub struct ClusterInfo {
 /// The whole replicated state.
 ///
 /// Every table is typed; `raft` applies each batch to it in place (a refused command changes
-/// nothing, so no copy is needed to roll back). Records sit behind [`Arc`], so a copy of the
+/// nothing, so no copy is needed to roll back). The tables change through `apply` only, which
+/// keeps an index of the addresses they hold beside them. Records sit behind [`Arc`], so a copy of the
 /// state (a read of the store, a node's resync) shares them and costs a pointer per record;
 /// apply changes a shared record through [`Arc::make_mut`], which copies that one record only.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -311,6 +357,10 @@ pub struct ClusterState {
     /// [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] say.
     #[serde(default)]
     pub ipam: BTreeMap<String, HeldAddress>,
+    /// Which addresses `tasks` and `ipam` name, per network, kept by apply (see `held`): the
+    /// tables change through [`ClusterState::apply`] only, or the index goes stale.
+    #[serde(skip)]
+    held: held::AddressIndex,
 }
 
 /// An address held in the `ipam` table.
@@ -333,8 +383,8 @@ pub enum Command {
         node: NodeRecord,
         /// Initial gossip keyring.
         keyring: Keyring,
-        /// The `ingress` network.
-        ingress: NetworkRecord,
+        /// The `ingress` network, created as [`Command::CreateNetwork`] creates one.
+        ingress: NetworkSpec,
     },
     /// A node joined (or rejoined with a new certificate).
     AddNode(NodeRecord),
@@ -394,8 +444,12 @@ pub enum Command {
     SetPrimaryGossipKey(u32),
     /// Step 3: retire an old key.
     RetireGossipKey(u32),
-    /// Create or replace a network.
+    /// Create or replace a network as given (what `network create` wrote before the store
+    /// picked subnets and VNIs; logs that hold it still apply).
     PutNetwork(NetworkRecord),
+    /// Create a network with the subnet and VNI the store picks; applied again (a write retried
+    /// after its answer was lost), it leaves the network it created.
+    CreateNetwork(NetworkSpec),
     /// Remove a network.
     RemoveNetwork(String),
     /// Create or replace a service; its name and published ports must be its own.

@@ -77,8 +77,12 @@ pub fn bootstrap(nodes: usize, networks: usize) -> Vec<Command> {
         security: Default::default(),
     };
     let keyring = Keyring { keys: vec![GossipKey { id: 1, key: [9; 32] }], primary: 1, version: 1 };
-    let mut out =
-        vec![Command::Init { info, node: node(1, Role::Manager), keyring, ingress: network(0) }];
+    let mut out = vec![Command::Init {
+        info,
+        node: node(1, Role::Manager),
+        keyring,
+        ingress: network(0).spec(),
+    }];
     out.extend((2..=nodes).map(|i| Command::AddNode(node(i, Role::Worker))));
     out.extend((1..networks).map(|i| Command::PutNetwork(network(i))));
     out

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use crate::model::{ClusterInfo, ClusterState, Command, NodeId, Role, Service, TaskRecord};
+use crate::model::{
+    ClusterInfo, ClusterState, Command, NetworkRecord, NetworkSpec, NodeId, Role, Service,
+    TaskRecord,
+};
 
 /// One entry of the store: the unit a change names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -63,7 +66,8 @@ impl Slot {
             Command::AddGossipKey(_)
             | Command::SetPrimaryGossipKey(_)
             | Command::RetireGossipKey(_) => vec![Slot::Keyring],
-            Command::PutNetwork(n) => vec![Slot::Network(n.id.clone())],
+            Command::PutNetwork(NetworkRecord { id, .. })
+            | Command::CreateNetwork(NetworkSpec { id, .. }) => vec![Slot::Network(id.clone())],
             Command::RemoveNetwork(id) => vec![Slot::Network(id.clone())],
             Command::PutService(s) => vec![Slot::Service(s.id.clone())],
             Command::RemoveService(id) => vec![Slot::Service(id.clone())],

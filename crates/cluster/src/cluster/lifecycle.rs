@@ -10,7 +10,7 @@ use openraft::BasicNode;
 use tokio::task::JoinHandle;
 
 use crate::model::{
-    ClusterInfo, Command, GossipKey, Keyring, NetworkRecord, NodeId, NodeRecord, NodeStatus, Role,
+    ClusterInfo, Command, GossipKey, Keyring, NetworkSpec, NodeId, NodeRecord, NodeStatus, Role,
     now_ms,
 };
 use crate::pki::{ClusterCa, NodeIdentity, PinFailure, new_key_and_csr};
@@ -82,9 +82,6 @@ impl Cluster {
                 .current_leader(node.0, "init")
                 .await
                 .map_err(|e| Error::Store(format!("waiting to become leader: {e}")))?;
-            let subnet = ipnet::IpNet::new(pool.network(), opts.subnet_size)
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-            let gateway = subnet.hosts().next().unwrap_or(subnet.network());
             let now = now_ms();
             let info = ClusterInfo {
                 id: random_hex(12),
@@ -117,13 +114,12 @@ impl Cluster {
                 created_ms: now,
                 updated_ms: now,
             };
-            let ingress = NetworkRecord {
+            // The store cuts its subnet from the pool and gives it the first VNI, as for any
+            // network.
+            let ingress = NetworkSpec {
                 id: random_hex(12),
                 name: "ingress".into(),
-                driver: "overlay".into(),
-                subnet,
-                gateway,
-                vni: 4096,
+                subnet: None,
                 ingress: true,
                 attachable: false,
                 encrypted: false,

@@ -1,21 +1,31 @@
-//! Addresses are picked inside the state machine: a task's address on each of its networks, a
-//! service's VIP and a node's ingress sandbox address are chosen by [`ClusterState::apply`] from
-//! the state it applies to. Every replica picks the same address from the same log, and two
-//! commands of one batch (or of two leaders' overlapping passes) never get the same one: the
-//! second sees what the first took.
+//! Addresses are picked inside the state machine: a network's subnet and VNI, a task's address
+//! on each of its networks, a service's VIP and a node's ingress sandbox address are chosen by
+//! [`ClusterState::apply`] from the state it applies to. Every replica picks the same from the
+//! same log, and two commands of one batch (or of two leaders' overlapping passes) never get
+//! the same one: the second sees what the first took.
 //!
 //! An address is held while the store holds it: by a task that has not ended or is still
 //! desired running, or by an entry of the `ipam` table. Among the free ones, those that no
 //! remembered task (the history `service ps` shows) had are handed out first, so a task's address
 //! is not given to its successor while the old one's connections may still be draining, unless
-//! the subnet has nothing else.
+//! the subnet has nothing else. The lowest such address is found in the index of held addresses
+//! apply keeps (`held`), not by reading every task.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
+use ipnet::IpNet;
 use shoal_scheduler::{DesiredState, Ipam, IpamError};
 
-use super::{ClusterState, HeldAddress, Refusal, TaskRecord};
+use super::held::Home;
+use super::{ClusterState, NetworkRecord, NetworkSpec, Refusal, TaskRecord};
+
+/// The VNI of the first network (the ingress network `swarm init` makes).
+pub const FIRST_VNI: u32 = 4096;
+
+/// The largest VNI a VXLAN header carries (24 bits).
+const LAST_VNI: u32 = (1 << 24) - 1;
 
 impl From<IpamError> for Refusal {
     fn from(e: IpamError) -> Refusal {
@@ -28,108 +38,98 @@ impl From<IpamError> for Refusal {
     }
 }
 
-/// The network an `ipam` key's address is on: `vip/<service>/<network>`, or the ingress network
-/// for `sbox/<node>` (as [`shoal_model::vip_key`] and [`shoal_model::sandbox_key`] write them).
+/// The network an `ipam` key's address is on (see [`Home`]).
 fn held_network<'a>(state: &'a ClusterState, key: &'a str) -> Option<&'a str> {
-    match key.split('/').collect::<Vec<_>>()[..] {
-        ["vip", _, net] => Some(net),
-        ["sbox", _] => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
-        _ => None,
+    match Home::of(key)? {
+        Home::Network(net) => Some(net),
+        Home::Ingress => state.networks.values().find(|n| n.ingress).map(|n| n.id.as_str()),
     }
 }
 
-/// The allocator over every network as `state` holds it: what `network create` picks a
-/// subnet from.
-pub fn ipam(state: &ClusterState) -> Result<Ipam, IpamError> {
-    view(state, None, false)
-}
-
-/// `state`'s networks (those in `only`, when given) with their held addresses; with `history`,
-/// also those of every remembered task.
-fn view(
-    state: &ClusterState,
-    only: Option<&BTreeSet<&str>>,
-    history: bool,
-) -> Result<Ipam, IpamError> {
+/// An allocator over the cluster's pool holding `state`'s networks: what a new network's subnet
+/// is cut from.
+fn subnets(state: &ClusterState) -> Result<Ipam, IpamError> {
     let (pool, mask) = state
         .cluster
         .as_ref()
         .and_then(|c| match c.default_addr_pool.first() {
-            Some(ipnet::IpNet::V4(p)) => Some((*p, c.subnet_size)),
+            Some(IpNet::V4(p)) => Some((*p, c.subnet_size)),
             _ => None,
         })
         .unwrap_or((ipnet::Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("a /8"), 24));
     let mut ipam = Ipam::new(pool, mask)?;
-    let wanted = |net: &str| only.is_none_or(|o| o.contains(net));
-    for n in state.networks.values().filter(|n| wanted(&n.id)) {
-        if let ipnet::IpNet::V4(s) = n.subnet {
+    for n in state.networks.values() {
+        if let IpNet::V4(s) = n.subnet {
             ipam.add_network(&n.id, Some(s))?;
-        }
-    }
-    // An address the store holds twice, or outside its subnet (one a replaced ingress network
-    // gave), cannot be held again; it is left out rather than refusing every later allocation.
-    for t in state.tasks.values().filter(|t| history || t.holds_addresses()) {
-        for (net, ip) in t.addresses.iter().filter(|(net, _)| wanted(net)) {
-            let _ = ipam.allocate_exact(net, *ip, &t.task.id);
-        }
-    }
-    for (key, held) in &state.ipam {
-        if let Some(net) = held_network(state, key).filter(|n| wanted(n)) {
-            let _ = ipam.allocate_exact(net, held.ip, key);
         }
     }
     Ok(ipam)
 }
 
-/// Hands out addresses nothing in the store holds, preferring ones no remembered task had.
-#[derive(Debug)]
-struct Allocator {
-    strict: Ipam,
-    fresh: Ipam,
-}
-
-impl Allocator {
-    /// Both views of `state`, over the networks in `only`.
-    fn of(state: &ClusterState, only: &BTreeSet<&str>) -> Result<Allocator, IpamError> {
-        Ok(Allocator {
-            strict: view(state, Some(only), false)?,
-            fresh: view(state, Some(only), true)?,
-        })
-    }
-
-    /// An address on `net` for `owner`.
-    fn allocate(&mut self, net: &str, owner: &str) -> Result<Ipv4Addr, IpamError> {
-        match self.fresh.allocate(net, owner) {
-            Ok(ip) => {
-                self.strict.allocate_exact(net, ip, owner)?;
-                Ok(ip)
-            }
-            Err(_) => {
-                let ip = self.strict.allocate(net, owner)?;
-                let _ = self.fresh.allocate_exact(net, ip, owner);
-                Ok(ip)
-            }
-        }
+/// The VNI a new network gets: past the highest in use, so the VNI of a network just removed,
+/// whose devices nodes may still be taking down, is not handed out again at once; from the
+/// bottom again once the top is reached.
+fn next_vni(state: &ClusterState) -> Result<u32, Refusal> {
+    let used: BTreeSet<u32> = state.networks.values().map(|n| n.vni).collect();
+    match used.last().map_or(FIRST_VNI, |v| v + 1) {
+        v if (FIRST_VNI..=LAST_VNI).contains(&v) => Ok(v),
+        _ => (FIRST_VNI..=LAST_VNI)
+            .find(|v| !used.contains(v))
+            .ok_or_else(|| Refusal::Exhausted("no free VNI left".into())),
     }
 }
 
 impl ClusterState {
+    /// Creates the network `spec` asks for, with a subnet from the pool unless it names one
+    /// (which must overlap no other network's) and the next VNI.
+    pub(super) fn create_network(&mut self, spec: &NetworkSpec) -> Result<(), Refusal> {
+        if let Some(n) = self.networks.get(&spec.id) {
+            if n.name == spec.name {
+                return Ok(());
+            }
+            return Err(Refusal::Invalid(format!(
+                "network id {} is already network {}'s",
+                spec.id, n.name
+            )));
+        }
+        self.check_network_name(&spec.id, &spec.name, spec.ingress)?;
+        let subnet = match spec.subnet {
+            // There is no pool of IPv6 subnets: one asked for is taken as it is, if it
+            // overlaps no other network's (checked below).
+            Some(IpNet::V6(s)) => IpNet::V6(s),
+            Some(IpNet::V4(s)) => IpNet::V4(subnets(self)?.add_network(&spec.id, Some(s))?),
+            None => IpNet::V4(subnets(self)?.add_network(&spec.id, None)?),
+        };
+        let n = NetworkRecord {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            driver: shoal_model::network::OVERLAY.into(),
+            subnet,
+            // The subnet's first host, which the IPAM never hands out.
+            gateway: subnet.hosts().next().unwrap_or(subnet.network()),
+            vni: next_vni(self)?,
+            ingress: spec.ingress,
+            attachable: spec.attachable,
+            encrypted: spec.encrypted,
+            labels: spec.labels.clone(),
+        };
+        self.check_network_unique(&n)?;
+        self.networks.insert(n.id.clone(), Arc::new(n));
+        Ok(())
+    }
+
     /// Gives a task that is to run an address on each of its networks it has none on. The
     /// addresses it has are kept: they are the ones this store gave it before.
-    pub(super) fn address_task(&self, t: &mut TaskRecord) -> Result<(), Refusal> {
+    pub(super) fn address_task(&mut self, t: &mut TaskRecord) -> Result<(), Refusal> {
         if t.addressed() || t.task.desired != DesiredState::Running {
             return Ok(());
         }
-        let missing: BTreeSet<&str> = t
-            .networks
-            .iter()
-            .filter(|n| !t.addresses.contains_key(*n))
-            .map(String::as_str)
-            .collect();
-        let mut alloc = Allocator::of(self, &missing)?;
+        let missing: BTreeSet<String> =
+            t.networks.iter().filter(|n| !t.addresses.contains_key(*n)).cloned().collect();
         let mut given = Vec::new();
-        for net in &missing {
-            given.push((net.to_string(), alloc.allocate(net, &t.task.id)?));
+        for net in missing {
+            let ip = self.free_on(&net)?;
+            given.push((net, ip));
         }
         t.addresses.extend(given);
         Ok(())
@@ -151,9 +151,19 @@ impl ClusterState {
         if self.ipam.get(key).is_some_and(|h| subnet.contains(&IpAddr::V4(h.ip))) {
             return Ok(());
         }
-        let ip = Allocator::of(self, &BTreeSet::from([network]))?.allocate(network, key)?;
-        self.ipam.insert(key.to_owned(), HeldAddress { ip });
+        let ip = self.free_on(network)?;
+        self.hold_address(key, ip);
         Ok(())
+    }
+
+    /// A free address on network `net` (see [`ClusterState::free_address`]).
+    fn free_on(&mut self, net: &str) -> Result<Ipv4Addr, Refusal> {
+        let Some(IpNet::V4(subnet)) = self.networks.get(net).map(|n| n.subnet) else {
+            return Err(IpamError::NoNetwork(net.to_owned()).into());
+        };
+        self.free_address(net, subnet).ok_or_else(|| {
+            IpamError::SubnetExhausted { network: net.to_owned(), subnet: subnet.trunc() }.into()
+        })
     }
 }
 
@@ -162,7 +172,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::super::tests::{init_state, task};
-    use super::super::{Command, NetworkRecord, NodeId};
+    use super::super::{Command, NodeId};
     use super::*;
 
     /// An attachable network `a` on 10.0.1.0/`prefix` beside the ingress network `ing`.
@@ -229,6 +239,119 @@ mod tests {
             }
         }
         log
+    }
+
+    /// A create of network `name` (its id too), with `subnet` asked for when given.
+    fn create(name: &str, subnet: Option<&str>) -> Command {
+        Command::CreateNetwork(NetworkSpec {
+            id: name.into(),
+            name: name.into(),
+            subnet: subnet.map(|s| s.parse().expect("net")),
+            ingress: false,
+            attachable: true,
+            encrypted: false,
+            labels: BTreeMap::new(),
+        })
+    }
+
+    /// Each network's (subnet, gateway, VNI), by id.
+    fn picks(s: &ClusterState) -> BTreeMap<String, (String, String, u32)> {
+        let pick = |n: &NetworkRecord| (n.subnet.to_string(), n.gateway.to_string(), n.vni);
+        s.networks.iter().map(|(id, n)| (id.clone(), pick(n))).collect()
+    }
+
+    #[test]
+    fn creates_of_one_batch_get_their_own_subnets_and_vnis() {
+        let mut s = init_state();
+        let log = [create("a", None), create("b", None), create("c", Some("10.0.9.0/24"))];
+        for c in log.iter().chain([&create("d", None)]) {
+            s.apply(c, 1).expect("created");
+        }
+        let want = |net: &str, gw: &str, vni| (net.to_owned(), gw.to_owned(), vni);
+        assert_eq!(
+            picks(&s).into_values().collect::<Vec<_>>(),
+            [
+                want("10.0.1.0/24", "10.0.1.1", 4097),
+                want("10.0.2.0/24", "10.0.2.1", 4098),
+                want("10.0.9.0/24", "10.0.9.1", 4099),
+                want("10.0.3.0/24", "10.0.3.1", 4100),
+                want("10.0.0.0/24", "10.0.0.1", FIRST_VNI),
+            ]
+        );
+        // The same create applied again leaves the network it made.
+        let before = s.clone();
+        s.apply(&log[0], 2).expect("again");
+        assert_eq!(s, before);
+        // A taken name is a conflict; an asked-for subnet that overlaps, or is too small, is
+        // refused; neither changes anything.
+        let mut named_a = create("a", None);
+        if let Command::CreateNetwork(spec) = &mut named_a {
+            spec.id = "a2".into();
+        }
+        assert!(matches!(s.apply(&named_a, 3), Err(Refusal::Conflict(_))));
+        for (asked, why) in [("10.0.0.0/16", "overlaps"), ("10.0.2.128/25", "overlaps")] {
+            let e = s.apply(&create("e", Some(asked)), 3).unwrap_err();
+            assert!(matches!(&e, Refusal::Invalid(m) if m.contains(why)), "{asked}: {e}");
+        }
+        assert!(s.apply(&create("e", Some("10.1.0.0/30")), 3).is_err());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn replicas_fed_one_log_pick_the_same_networks() {
+        let mut log: Vec<Command> = (0..6).map(|i| create(&format!("n{i}"), None)).collect();
+        // A removed network's subnet is cut again; its VNI is not handed out at once.
+        log.push(Command::RemoveNetwork("n2".into()));
+        log.extend([create("n6", None), create("n7", Some("10.0.200.0/24")), create("n8", None)]);
+        let (mut one, mut two) = (init_state(), init_state());
+        for (i, c) in log.iter().enumerate() {
+            one.apply(c, 10 + i as u64).expect("one");
+            two.apply(c, 77_000 + i as u64).expect("two");
+        }
+        assert_eq!(picks(&one), picks(&two));
+        assert_eq!(picks(&one)["n6"], ("10.0.3.0/24".into(), "10.0.3.1".into(), 4103));
+    }
+
+    #[test]
+    fn an_exhausted_pool_or_vni_range_is_a_clean_refusal() {
+        let mut s = init_state();
+        // A /22 holds four /24s; the ingress network has the first.
+        s.cluster.as_mut().expect("info").default_addr_pool =
+            vec!["10.0.0.0/22".parse().expect("pool")];
+        for n in ["a", "b", "c"] {
+            s.apply(&create(n, None), 1).expect("fits");
+        }
+        let before = s.clone();
+        let e = s.apply(&create("d", None), 2).unwrap_err();
+        assert!(matches!(&e, Refusal::Exhausted(m) if m.contains("no free subnet")), "{e}");
+        assert_eq!(s, before);
+        // Past the highest VNI a VXLAN header carries, the lowest free one is given.
+        s.apply(&Command::RemoveNetwork("c".into()), 3).expect("rm");
+        let mut top = NetworkRecord::clone(&s.networks["b"]);
+        (top.id, top.name, top.vni) = ("top".into(), "top".into(), LAST_VNI);
+        top.subnet = "10.9.0.0/24".parse().expect("net");
+        s.apply(&Command::PutNetwork(top), 4).expect("top");
+        s.apply(&create("d", None), 5).expect("d");
+        assert_eq!(s.networks["d"].vni, 4099);
+    }
+
+    #[test]
+    fn an_init_an_older_agent_wrote_still_applies() {
+        // Its ingress network is a whole record; what the store picks agrees with it.
+        let s = init_state();
+        let mut old = serde_json::to_value(Command::Init {
+            info: s.cluster.clone().expect("info"),
+            node: (*s.nodes[&NodeId(1)]).clone(),
+            keyring: s.keyring.clone(),
+            ingress: s.networks["ing"].spec(),
+        })
+        .expect("json");
+        old["Init"]["ingress"] = serde_json::to_value(&*s.networks["ing"]).expect("record");
+        assert_eq!(old["Init"]["ingress"]["vni"], FIRST_VNI);
+        let old: Command = serde_json::from_value(old).expect("an old Init parses");
+        let mut replayed = ClusterState::default();
+        replayed.apply(&old, 0).expect("applies");
+        assert_eq!(replayed, s);
     }
 
     #[test]

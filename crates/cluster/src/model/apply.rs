@@ -77,21 +77,33 @@ impl ClusterState {
         Ok(())
     }
 
-    /// Decided here, not by the writer: two creates that read the same store and picked the same
-    /// name, subnet or VNI must not both land. A taken name is a conflict; a taken subnet or VNI
-    /// is a pick the writer may make again from a newer store.
-    fn check_network_unique(&self, n: &NetworkRecord) -> Result<(), Refusal> {
-        let others = || self.networks.values().filter(|x| x.id != n.id);
-        if others().any(|x| x.name == n.name) {
-            return Err(Refusal::Conflict(format!("network with name {} already exists", n.name)));
+    /// A network's name is its own, and there is one ingress network: two creates that each
+    /// checked first cannot both land.
+    pub(super) fn check_network_name(
+        &self,
+        id: &str,
+        name: &str,
+        ingress: bool,
+    ) -> Result<(), Refusal> {
+        let others = || self.networks.values().filter(|x| x.id != id);
+        if others().any(|x| x.name == name) {
+            return Err(Refusal::Conflict(format!("network with name {name} already exists")));
         }
-        if let Some(x) = others().find(|x| x.ingress && n.ingress) {
+        if let Some(x) = others().find(|x| x.ingress && ingress) {
             return Err(Refusal::Conflict(format!(
                 "ingress network ({}, {}) is already present",
                 x.name, x.id
             )));
         }
-        for x in others() {
+        Ok(())
+    }
+
+    /// A network's name, subnet and VNI are its own (see [`Self::check_network_name`]). A
+    /// network the store made passes by construction; one written whole (`PutNetwork`) is
+    /// checked here.
+    pub(super) fn check_network_unique(&self, n: &NetworkRecord) -> Result<(), Refusal> {
+        self.check_network_name(&n.id, &n.name, n.ingress)?;
+        for x in self.networks.values().filter(|x| x.id != n.id) {
             if x.vni == n.vni {
                 return Err(Refusal::Invalid(format!(
                     "VNI {} is already used by network {}",
@@ -145,10 +157,13 @@ impl ClusterState {
                 if self.cluster.is_some() {
                     return Err("the cluster is already initialised".into());
                 }
-                self.cluster = Some(info.clone());
-                self.nodes.insert(node.id, Arc::new(node.clone()));
-                self.keyring = keyring.clone();
-                self.networks.insert(ingress.id.clone(), Arc::new(ingress.clone()));
+                // Built aside: the ingress network's subnet is cut from the pool `info` names,
+                // and a refusal must leave the store uninitialised.
+                let mut next = ClusterState { cluster: Some(info.clone()), ..Default::default() };
+                next.nodes.insert(node.id, Arc::new(node.clone()));
+                next.keyring = keyring.clone();
+                next.create_network(ingress)?;
+                *self = next;
                 ev.push(ClusterEvent::NodeAdded { id: node.id, hostname: node.hostname.clone() });
                 ev.push(ClusterEvent::Keyring { version: keyring.version });
             }
@@ -257,6 +272,7 @@ impl ClusterState {
                 self.check_network_unique(n)?;
                 self.networks.insert(n.id.clone(), Arc::new(n.clone()));
             }
+            Command::CreateNetwork(spec) => self.create_network(spec)?,
             Command::RemoveNetwork(id) => {
                 if self.networks.remove(id).is_none() {
                     return Err(Refusal::Invalid(format!("network {id} not found")));
@@ -272,27 +288,25 @@ impl ClusterState {
             Command::PutTask(t) => {
                 let mut t = (**t).clone();
                 self.address_task(&mut t)?;
-                self.tasks.insert(t.task.id.clone(), Arc::new(t));
+                self.put_task(t);
             }
             Command::RemoveTask(id) => {
-                self.tasks.remove(id).ok_or_else(|| format!("task {id} not found"))?;
+                self.remove_task(id).ok_or_else(|| format!("task {id} not found"))?;
             }
-            Command::PutAddress { key, ip } => {
-                self.ipam.insert(key.clone(), HeldAddress { ip: *ip });
-            }
+            Command::PutAddress { key, ip } => self.hold_address(key, *ip),
             Command::AllocateAddress { key, network } => self.allocate_address(key, network)?,
             Command::RemoveAddress(key) => {
-                self.ipam.remove(key).ok_or_else(|| format!("address {key} not found"))?;
+                self.release_address(key).ok_or_else(|| format!("address {key} not found"))?;
             }
             Command::ReportTask { owner, key, report } => {
                 report.check()?;
-                let t = self.tasks.get_mut(key).ok_or_else(|| format!("task {key} not found"))?;
+                let t = self.tasks.get(key).ok_or_else(|| format!("task {key} not found"))?;
                 if !assigned_to(t, *owner) {
                     return Err(Refusal::Invalid(format!(
                         "task {key} is not assigned to node {owner}"
                     )));
                 }
-                report.apply_to(Arc::make_mut(t));
+                self.change_task(key, |t| report.apply_to(t));
             }
             Command::PutStandalone { owner, key, value } => {
                 if let Some(old) = self.tasks.get(key) {
@@ -319,10 +333,10 @@ impl ClusterState {
                                 .collect()
                         });
                         self.address_task(&mut t)?;
-                        self.tasks.insert(key.clone(), Arc::new(t));
+                        self.put_task(t);
                     }
                     None => {
-                        self.tasks.remove(key);
+                        self.remove_task(key);
                     }
                 }
             }

@@ -72,12 +72,20 @@ pub fn upgrade(mut v: serde_json::Value) -> Result<ClusterState, String> {
 /// Reads a Raft log entry written by this or an older agent. Entries from before typed tables
 /// carry `PutEntry`, `DeleteEntry` and `ReportTask { fields }`; they are rewritten to the typed
 /// commands they meant, so a log not yet compacted into a snapshot replays after an upgrade.
+///
+/// An entry that does not read is refused, never skipped: most likely a newer agent wrote a
+/// command this one does not know, and applying the log without it would give another state.
 pub fn decode_entry<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
     let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
     if let Some(cmd) = v.pointer_mut("/payload/Normal") {
         upgrade_command(cmd);
     }
-    serde_json::from_value(v)
+    serde_json::from_value(v).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "a Raft log entry this agent cannot read, likely written by a newer agent (run a \
+             newer agent): {e}"
+        ))
+    })
 }
 
 /// One schema-1 command as its schema-2 form; any other command is left as it is.
@@ -131,6 +139,20 @@ mod tests {
         let read: Entry<crate::raft::TypeConfig> = decode_entry(&bytes).expect("upgraded");
         assert_eq!(read.log_id, entry.log_id);
         assert_eq!(format!("{:?}", read.payload), format!("{:?}", entry.payload));
+    }
+
+    #[test]
+    fn a_log_entry_of_a_newer_agent_is_refused_with_its_reason() {
+        let entry: Entry<crate::raft::TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), 7),
+            payload: EntryPayload::Normal(Command::RemoveTask("t".into())),
+        };
+        let mut json = serde_json::to_value(&entry).expect("json");
+        *json.pointer_mut("/payload/Normal").expect("normal") =
+            serde_json::json!({ "SplitNetwork": { "id": "n" } });
+        let bytes = serde_json::to_vec(&json).expect("bytes");
+        let e = decode_entry::<Entry<crate::raft::TypeConfig>>(&bytes).unwrap_err().to_string();
+        assert!(e.contains("newer agent") && e.contains("SplitNetwork"), "{e}");
     }
 
     #[test]

@@ -34,13 +34,11 @@ pub(super) fn init_state() -> ClusterState {
         created_ms: 0,
         security: Default::default(),
     };
-    let ingress = NetworkRecord {
+    // The store gives it 10.0.0.0/24 and VNI 4096, the pool's first.
+    let ingress = NetworkSpec {
         id: "ing".into(),
         name: "ingress".into(),
-        driver: "overlay".into(),
-        subnet: "10.0.0.0/24".parse().expect("net"),
-        gateway: "10.0.0.1".parse().expect("ip"),
-        vni: 4096,
+        subnet: None,
         ingress: true,
         attachable: false,
         encrypted: false,
@@ -136,7 +134,7 @@ fn refused_commands_change_nothing() {
                 info: before.cluster.clone().expect("info"),
                 node: node(3, "x", Role::Manager),
                 keyring: Keyring::default(),
-                ingress: (*before.networks["ing"]).clone()
+                ingress: before.networks["ing"].spec()
             },
             0
         )

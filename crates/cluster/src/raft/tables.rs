@@ -188,11 +188,9 @@ pub(super) fn load(db: &Database) -> Result<(Bookkeeping, ClusterState), SErr> {
         }
     }
     let book = get(K_APPLIED)?.map(|v| parse("applied state", &v)).transpose()?.unwrap_or_default();
-    let mut state = ClusterState {
-        cluster: get(K_CLUSTER)?.map(|v| parse("cluster settings", &v)).transpose()?.flatten(),
-        keyring: get(K_KEYRING)?.map(|v| parse("keyring", &v)).transpose()?.unwrap_or_default(),
-        ..Default::default()
-    };
+    let mut state = ClusterState::default();
+    state.cluster = get(K_CLUSTER)?.map(|v| parse("cluster settings", &v)).transpose()?.flatten();
+    state.keyring = get(K_KEYRING)?.map(|v| parse("keyring", &v)).transpose()?.unwrap_or_default();
     fn rows<K: Ord, T: for<'de> Deserialize<'de>>(
         txn: &redb::ReadTransaction,
         table: Def,
