@@ -302,12 +302,15 @@ impl NodeEngine {
         out.push(tokio::spawn(async move {
             let mut rt_events = inner.runtime.subscribe();
             let mut g_events = inner.gossip.subscribe();
+            // The kernel path's maps follow the mesh's checks (`kernel_mesh::ports`).
+            let mut health = inner.mesh.health_changes();
             let mut last_pass = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = inner.kick.notified() => {}
                     _ = rt_events.recv() => {}
                     _ = g_events.recv() => {}
+                    Ok(()) = health.changed() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 // A change after a quiet spell is applied at once; a burst of changes is taken
@@ -543,5 +546,6 @@ fn local_inputs(inner: &Inner, services: &BTreeMap<String, Arc<Service>>) -> pro
         sandbox_ip: l.sandbox.get().map(|(_, ip)| *ip),
         mesh_health,
         seen_up: l.seen_up.clone(),
+        kernel_written: l.kernel.written(),
     }
 }

@@ -69,6 +69,7 @@ pub(crate) async fn control(
                 .filter_map(|(id, _, _, h)| backends.get(id).map(|b| (b.clone(), h)))
                 .collect();
             svc.view.store(Arc::new(view));
+            ctx.health_changes.send_modify(|n| *n = n.wrapping_add(1));
         }
         if shutting_down && backends.is_empty() {
             return;

@@ -130,6 +130,7 @@ impl Mesh {
                 forward: cfg.forward,
                 attempts: cfg.connect_attempts.max(1),
                 client_addr: ArcSwap::from_pointee(ClientAddr::default()),
+                health_changes: tokio::sync::watch::Sender::new(0),
             }),
             seed: AtomicU64::new(cfg.seed),
             state: Mutex::new(State { services: HashMap::new(), listeners: HashMap::new() }),
@@ -341,6 +342,12 @@ impl Mesh {
         let mut out: Vec<ServiceMetrics> = services.iter().map(|s| s.metrics()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Ticks whenever a backend's health changes in any service (a check passed or failed, an
+    /// ejection, a drain): a caller that mirrors the health elsewhere reads it again then.
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ctx.health_changes.subscribe()
     }
 
     /// Metrics of one service.

@@ -129,6 +129,8 @@ pub(crate) struct Ctx {
     pub(crate) forward: ForwardMode,
     pub(crate) attempts: u32,
     pub(crate) client_addr: ArcSwap<ClientAddr>,
+    /// Counts changes of any backend's health, for whoever follows them ([`Mesh::health_changes`](crate::Mesh::health_changes)).
+    pub(crate) health_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Ctx {

@@ -40,6 +40,13 @@ pub(super) struct State {
     purged: BTreeMap<String, u64>,
 }
 
+impl State {
+    /// The ports as this node last wrote them (`None` before this agent's first write).
+    pub(super) fn written(&self) -> Option<Vec<KernelPort>> {
+        self.ports.get().cloned()
+    }
+}
+
 /// The backends that left each port's map between `old` and `new` (a port that is gone loses
 /// all of them), with the service that owned the port (`owners`, as of `old`).
 fn left(
@@ -80,14 +87,19 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
 }
 
 /// The kernel-path ports of every service, with the backends new flows may go to. `health`
-/// is the userspace mesh's view of each kernel-path service's tasks; `seen_up` the tasks its
-/// checks have seen up: a later `Down` is a failed check, while a task not checked yet (a new
-/// one, or after an agent restart) is trusted on gossip's word. A task stays in `seen_up` while
-/// the store has it (`stored`), so a partition does not erase it and a node coming back is
-/// checked again before it gets traffic. The tasks of a node gossip suspects (`suspected`) are
-/// left out while others remain: a node that died silently answers no SYN, and the kernel,
-/// unlike the proxy, does not try another backend, so its flows must not start there in the
-/// second before gossip declares it down. Also returns the service of each port's flow counter.
+/// is the userspace mesh's view of each kernel-path service's tasks, from its checks in this
+/// node's ingress sandbox; `seen_up` the tasks those checks have seen up. A task enters a
+/// port's map only once this node's checks have seen it up: the kernel, unlike the proxy, does
+/// not try another backend, so a flow must not start towards a task this node cannot reach yet
+/// (its forwarding entries or its listener not in place). `prior` is the ports as last written:
+/// a task already in its port's map stays while it has not failed a check, and before this
+/// agent's first write (`None`, after a restart) the map is taken as the last run left it, every
+/// serving task on gossip's word, until the checks catch up. A later `Down` of a task seen up
+/// is a failed check. A task stays in `seen_up` while the store has it (`stored`), so a
+/// partition does not erase it and a node coming back is checked again before it gets traffic.
+/// The tasks of a node gossip suspects (`suspected`) are left out while others remain: a node
+/// that died silently answers no SYN, so its flows must not start there in the second before
+/// gossip declares it down. Also returns the service of each port's flow counter.
 pub(super) fn ports(
     services: &BTreeMap<String, Arc<Service>>,
     stored: &BTreeMap<String, Arc<TaskRecord>>,
@@ -95,12 +107,24 @@ pub(super) fn ports(
     ingress_id: &str,
     health: &BTreeMap<String, BTreeMap<String, HealthState>>,
     suspected: &BTreeSet<NodeId>,
+    prior: Option<&[KernelPort]>,
     seen_up: &mut BTreeSet<String>,
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut owners = BTreeMap::new();
     for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
         let health = health.get(&svc.name);
+        // The addresses the service's ports had in their maps as last written.
+        let held: Option<BTreeSet<Ipv4Addr>> = prior.map(|prior| {
+            let own = |k: &&KernelPort| {
+                svc.ports.iter().any(|p| {
+                    on_kernel_path(p)
+                        && (p.protocol == Protocol::Udp, p.published) == (k.udp, k.published)
+                })
+            };
+            prior.iter().filter(own).flat_map(|k| k.backends.iter().copied()).collect()
+        });
+        let held = |ip: &Ipv4Addr| held.as_ref().is_none_or(|h| h.contains(ip));
         let mut backends = Vec::new();
         let mut on_suspects = Vec::new();
         for (_, e) in eps.iter().filter(|(net, e)| {
@@ -111,9 +135,10 @@ pub(super) fn ports(
                     seen_up.insert(e.task.clone());
                     true
                 }
-                Some(HealthState::Down) => !seen_up.contains(&e.task),
+                // Not checked yet: only where it already was.
+                Some(HealthState::Down) => !seen_up.contains(&e.task) && held(&e.ip),
+                None => held(&e.ip),
                 Some(HealthState::NotReady | HealthState::Ejected | HealthState::Draining) => false,
-                None => true,
             };
             if !usable {
                 continue;

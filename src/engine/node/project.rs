@@ -52,6 +52,8 @@ pub(crate) struct LocalView {
     pub mesh_health: BTreeMap<String, BTreeMap<String, HealthState>>,
     /// Tasks the userspace mesh's checks have seen up (`kernel_mesh`).
     pub seen_up: BTreeSet<String>,
+    /// The kernel path's ports as last written (`None` before this agent's first write).
+    pub kernel_written: Option<Vec<KernelPort>>,
 }
 
 /// Everything one projection reads.
@@ -516,15 +518,24 @@ fn kernel(
     }
     let health = &i.local.mesh_health;
     let suspected = i.gossip.suspected();
-    let (ports, owners) =
-        kernel_mesh::ports(i.services, i.tasks, eps, ingress_id, health, &suspected, &mut seen_up);
+    let prior = i.local.kernel_written.as_deref();
+    let (ports, owners) = kernel_mesh::ports(
+        i.services,
+        i.tasks,
+        eps,
+        ingress_id,
+        health,
+        &suspected,
+        prior,
+        &mut seen_up,
+    );
     let subnet = (subnet.network(), subnet.prefix_len());
     (Some(KernelMesh { subnet, ports, owners }), seen_up)
 }
 
 /// Every node's ingress sandbox address, from the ingress endpoint table (sandboxes are the
 /// entries without a task), sorted.
-fn sandboxes(eps: &[(String, EndpointRecord)], ingress_id: &str) -> Vec<Ipv4Addr> {
+pub(crate) fn sandboxes(eps: &[(String, EndpointRecord)], ingress_id: &str) -> Vec<Ipv4Addr> {
     let mut v: Vec<Ipv4Addr> = eps
         .iter()
         .filter(|(net, e)| net == ingress_id && e.task.is_empty())

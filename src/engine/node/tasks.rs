@@ -168,6 +168,13 @@ async fn start_task(
                 .await
                 .context("installing service VIPs")?;
         }
+        // Its replies to the mesh's clients find their way back from the first connection: a
+        // node's kernel path may send it a flow as soon as it serves.
+        if let Some(ingress) = records::ingress(&state).filter(|n| attached.contains(&n.id)) {
+            let sandboxes = project::sandboxes(&eps, &ingress.id);
+            shoal_return::apply_task(&ns, &sandboxes).await.context("steering mesh replies")?;
+            lock(&inner.local).returns.set(id.clone(), sandboxes);
+        }
     }
     let prepared = t0.elapsed();
     let waited = match announced {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use shoal_cluster::model::{Availability, ClusterState, Command, NetworkRecord};
 use shoal_cluster::simulated;
 use shoal_gossip::{EntryKey, Identity, MemberState, MemberView, NodeMeta, Snapshot};
+use shoal_ingress::{self as ing, HealthState};
 use shoal_model::{Error, MountSpec, ServiceCreate, ServiceUpdate};
 use shoal_runtime as rt;
 use shoal_scheduler::{DesiredState, TaskState};
@@ -154,6 +155,16 @@ impl Swarm {
         let n = &mut self.nodes[i];
         n.local.sandbox_ip = d.sandbox;
         n.local.seen_up = d.seen_up.clone();
+        n.local.kernel_written = d.kernel.as_ref().map(|k| k.ports.clone());
+        // The mesh's checks reach every serving backend at once.
+        n.local.mesh_health = d
+            .mesh
+            .iter()
+            .map(|(name, (_, backends))| {
+                let serving = backends.iter().filter(|b| b.state == ing::TaskState::Healthy);
+                (name.clone(), serving.map(|b| (b.id.clone(), HealthState::Up)).collect())
+            })
+            .collect();
         for id in &d.tasks.start {
             n.statuses.insert(id.clone(), status(id, rt::TaskState::Running));
             n.local.attached.insert(id.clone(), tasks[id].addresses.keys().cloned().collect());
@@ -533,4 +544,74 @@ fn the_kernel_path_leaves_out_a_suspected_node_s_tasks_unless_they_are_all_there
     // Refuted: the task is back.
     swarm.suspected.clear();
     assert_eq!(kernel_backends(&swarm.project(1)), everyone);
+}
+
+#[test]
+fn a_task_enters_the_kernel_map_once_this_node_s_checks_see_it_up() {
+    let mut swarm = Swarm::new(3);
+    swarm.create_service(ServiceCreate {
+        name: "web".into(),
+        argv: vec!["serve".into()],
+        replicas: Some(3),
+        publish: vec!["published=8100,target=80,mesh=kernel".parse().unwrap()],
+        ..ServiceCreate::default()
+    });
+    swarm.settle();
+    // Node 1 writes its maps once more with what its checks saw in the last pass.
+    let d = swarm.project(0);
+    swarm.apply(0, &d);
+    let tasks = records::tasks(&swarm.state);
+    let ingress = swarm.network("ingress").id.clone();
+    let on_node3 = swarm.running("web").remove(&2).expect("a task on node 3");
+    let task = on_node3.into_iter().next().unwrap();
+    let addr = tasks[&task].addresses[&ingress];
+    let in_map = |swarm: &Swarm| -> bool {
+        let d = swarm.project(0);
+        d.kernel.as_ref().expect("the kernel path").ports[0].backends.contains(&addr)
+    };
+    assert!(in_map(&swarm), "every checked task is in node 1's map");
+
+    // Node 1's checks have not reached the task yet (node 3 just started it): it waits, while
+    // its node already gossips it as serving.
+    let local = &mut swarm.nodes[0].local;
+    local.mesh_health.get_mut("web").unwrap().remove(&task);
+    local.seen_up.remove(&task);
+    let written = local.kernel_written.clone().unwrap();
+    let without: Vec<_> = written
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            p.backends.retain(|b| *b != addr);
+            p
+        })
+        .collect();
+    swarm.nodes[0].local.kernel_written = Some(without);
+    assert!(!in_map(&swarm), "an unchecked new task is not in the map");
+    swarm.nodes[0]
+        .local
+        .mesh_health
+        .get_mut("web")
+        .unwrap()
+        .insert(task.clone(), HealthState::Down);
+    assert!(!in_map(&swarm), "a task whose first check has not passed is not in the map");
+    swarm.nodes[0].local.mesh_health.get_mut("web").unwrap().insert(task.clone(), HealthState::Up);
+    assert!(in_map(&swarm), "the check passed");
+
+    // An agent that just started takes the map as its last run left it: gossip's serving tasks,
+    // until its checks catch up; one already written stays while it is unchecked.
+    swarm.nodes[0].local.mesh_health.get_mut("web").unwrap().remove(&task);
+    swarm.nodes[0].local.kernel_written = None;
+    assert!(in_map(&swarm), "after a restart, gossip's word");
+    swarm.nodes[0].local.kernel_written = Some(written);
+    assert!(in_map(&swarm), "already in the map, not failed");
+
+    // A check that fails after one passed takes it out.
+    swarm.nodes[0].local.seen_up.insert(task.clone());
+    swarm.nodes[0]
+        .local
+        .mesh_health
+        .get_mut("web")
+        .unwrap()
+        .insert(task.clone(), HealthState::Down);
+    assert!(!in_map(&swarm), "a failed check takes it out");
 }
