@@ -3,9 +3,9 @@
 //! the same lab, HAProxy and nginx stream in node1's namespace forward to plain nginx processes
 //! in node2's and node3's namespaces, and wrk also reaches one of those directly (no proxy).
 //!
-//! shoal runs twice in the same lab: the service publishes 8100 on the userspace proxy path
-//! (`mesh=proxy`) and 8400 on the kernel path (`mesh=kernel`, nftables DNAT in node1), to the
-//! same two tasks.
+//! shoal runs twice in the same lab: the service publishes 8100 on the default path, the kernel's
+//! (nftables DNAT in node1), and 8400 on the userspace proxy path (`mesh=proxy`), to the same
+//! two tasks.
 //!
 //! The mesh's path is the longer one: its backends are tasks behind the VXLAN overlay, while the
 //! peers reach nginx on the underlay. The headline figure is the CPU the whole machine spends per
@@ -23,8 +23,8 @@ use super::{Args, Lab, Spec, section_of};
 
 /// The systems measured, in the order of the first round: name, label in the report.
 const SYSTEMS: [(&str, &str); 5] = [
-    ("shoal", "shoal proxy path"),
-    ("shoal-kernel", "shoal kernel path"),
+    ("shoal", "shoal kernel path"),
+    ("shoal-proxy", "shoal proxy path"),
     ("haproxy", "HAProxy"),
     ("nginx", "nginx stream"),
     ("direct", "direct (no proxy)"),
@@ -182,9 +182,9 @@ pub fn mesh_lab(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
             "--constraint",
             "node.hostname!=node1",
             "--publish",
-            "published=8100,target=8080,mesh=proxy",
+            "published=8100,target=8080",
             "--publish",
-            "published=8400,target=8080,mesh=kernel",
+            "published=8400,target=8080,mesh=proxy",
             "--",
             "sh",
             "-c",
@@ -231,7 +231,7 @@ pub fn mesh_lab(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
     }
     let url = |system: &str| match system {
         "shoal" => format!("http://{n1}:8100/1k"),
-        "shoal-kernel" => format!("http://{n1}:8400/1k"),
+        "shoal-proxy" => format!("http://{n1}:8400/1k"),
         "haproxy" => format!("http://{n1}:8200/1k"),
         "nginx" => format!("http://{n1}:8300/1k"),
         _ => format!("http://{n2}:18080/1k"),
@@ -284,14 +284,14 @@ pub fn mesh_lab(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
         ("1 KiB HTTP p99 latency", "ms", true, |r| r.p99_ms),
     ];
     let mut rows = Vec::new();
-    // The proxy path's rows keep their names; the kernel path's say so, and it is also set
-    // against the proxy path.
-    for (subject, path) in [("shoal", None), ("shoal-kernel", Some("kernel path"))] {
+    // The default path's rows (the kernel's) keep their names and are also set against the
+    // proxy path; the proxy path's say so.
+    for (subject, path) in [("shoal", None), ("shoal-proxy", Some("proxy path"))] {
         for (metric, unit, lower, get) in metrics {
             let shoal = of(subject, get);
             let metric = path.map_or(metric.to_owned(), |p| format!("{metric}, {p}"));
             for (system, label) in SYSTEMS.iter().filter(|(s, _)| *s != subject) {
-                if path.is_none() && *system == "shoal-kernel" {
+                if path.is_some() && *system == "shoal" {
                     continue;
                 }
                 let peer = of(system, get);
@@ -325,7 +325,7 @@ pub fn mesh_lab(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
         format!(
             "{rounds} recorded round(s) of {secs} s per system after a 1 s warm-up each, the order rotating per round"
         ),
-        "shoal: node1's routing mesh (proxy path on 8100, kernel path on 8400) to nginx tasks on node2 and node3 across the overlay; \
+        "shoal: node1's routing mesh (the default kernel path on 8100, the proxy path on 8400) to nginx tasks on node2 and node3 across the overlay; \
          HAProxy (its default threads) and nginx stream (worker_processes auto) in node1's \
          namespace to nginx on node2's and node3's underlay addresses; direct: wrk to node2's nginx"
             .to_owned(),

@@ -169,7 +169,7 @@ pub(super) fn service_view(state: &ClusterState, svc: &Service) -> ServiceView {
             .iter()
             .map(|p| {
                 let port = format!("{}/{}", p.published, p.protocol.as_str());
-                (port, p.path().as_str().to_owned())
+                (port, p.path(&svc.mesh).as_str().to_owned())
             })
             .collect(),
         service: svc.clone(),

@@ -160,11 +160,16 @@ impl PublishedPort {
         self.mode == PortMode::Ingress
     }
 
-    /// The path the routing mesh forwards this port on: the one `mesh=` names, else the proxy.
-    /// The kernel path stays opt-in while a backend in its map that does not answer still costs
-    /// a request the proxy would retry elsewhere (ARCHITECTURE.md, "The kernel path").
-    pub fn path(&self) -> MeshPath {
-        self.mesh.unwrap_or(MeshPath::Proxy)
+    /// The path the routing mesh forwards this port on, for a service with mesh `policy`: the
+    /// one `mesh=` names, else the kernel where it does all the port asks
+    /// ([`PublishedPort::kernel_can`]) as the proxy would, else the proxy. Every balancing
+    /// method qualifies: the kernel path's Maglev map is the proxy's own table.
+    pub fn path(&self, policy: &MeshPolicy) -> MeshPath {
+        match self.mesh {
+            Some(path) => path,
+            None if self.kernel_can(policy) => MeshPath::Kernel,
+            None => MeshPath::Proxy,
+        }
     }
 
     /// Whether the kernel path can do everything this port and a service's `policy` ask: no
@@ -304,12 +309,19 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_path_is_taken_when_named_and_only_where_it_can_do_everything_asked() {
+    fn the_kernel_path_is_the_default_where_it_can_do_everything_asked() {
         let default = MeshPolicy::default();
         let port = |s: &str| parse(s).unwrap();
-        assert_eq!(port("8100:80").path(), MeshPath::Proxy);
-        assert_eq!(port("published=8100,target=80,mesh=kernel").path(), MeshPath::Kernel);
-        assert_eq!(port("published=8100,target=80,mesh=proxy").path(), MeshPath::Proxy);
+        let path = |s: &str, policy: &MeshPolicy| port(s).path(policy);
+        assert_eq!(path("8100:80", &default), MeshPath::Kernel);
+        assert_eq!(path("8100:80/udp", &default), MeshPath::Kernel);
+        assert_eq!(path("published=8100,target=80,mesh=proxy", &default), MeshPath::Proxy);
+        // What only the proxy does keeps a plain port on the proxy.
+        let capped = MeshPolicy { max_connections: 2, ..MeshPolicy::default() };
+        assert_eq!(path("8100:80", &capped), MeshPath::Proxy);
+        assert_eq!(path("published=8100,target=80,mode=host", &default), MeshPath::Proxy);
+        let pp = "published=8100,target=80,proxy-protocol=v2";
+        assert_eq!(path(pp, &default), MeshPath::Proxy);
         assert!(port("8100:80").kernel_can(&default));
         assert!(port("8100:80/udp").kernel_can(&default));
         assert!(!port("published=8100,target=80,proxy-protocol=v2").kernel_can(&default));

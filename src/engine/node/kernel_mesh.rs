@@ -1,4 +1,4 @@
-//! The routing mesh's kernel path (`--publish …,mesh=kernel`; see
+//! The routing mesh's kernel path (the default for an ingress port, `mesh=kernel`; see
 //! `shoal_return::kernel` and ARCHITECTURE.md): the node DNATs new flows to a task's ingress
 //! address, and the userspace mesh keeps its listener on the same port for what the kernel path
 //! leaves to it (clients on the node itself, refused clients' retries, and ports without a
@@ -71,10 +71,10 @@ fn left(
     out
 }
 
-/// Whether a published port is forwarded by the kernel (the model decides:
+/// Whether a published port of `svc` is forwarded by the kernel (the model decides:
 /// [`PublishedPort::path`]).
-fn on_kernel_path(p: &PublishedPort) -> bool {
-    p.path() == MeshPath::Kernel
+fn on_kernel_path(svc: &Service, p: &PublishedPort) -> bool {
+    p.path(&svc.mesh) == MeshPath::Kernel
 }
 
 fn pick(algorithm: LbAlgorithm) -> Pick {
@@ -112,13 +112,13 @@ pub(super) fn ports(
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut owners = BTreeMap::new();
-    for svc in services.values().filter(|s| s.ports.iter().any(on_kernel_path)) {
+    for svc in services.values().filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p))) {
         let health = health.get(&svc.name);
         // The addresses the service's ports had in their maps as last written.
         let held: Option<BTreeSet<Ipv4Addr>> = prior.map(|prior| {
             let own = |k: &&KernelPort| {
                 svc.ports.iter().any(|p| {
-                    on_kernel_path(p)
+                    on_kernel_path(svc, p)
                         && (p.protocol == Protocol::Udp, p.published) == (k.udp, k.published)
                 })
             };
@@ -154,7 +154,7 @@ pub(super) fn ports(
         if backends.is_empty() {
             backends = on_suspects;
         }
-        for p in svc.ports.iter().filter(|p| on_kernel_path(p)) {
+        for p in svc.ports.iter().filter(|p| on_kernel_path(svc, p)) {
             let udp = p.protocol == Protocol::Udp;
             owners.insert(km::counter_name(udp, p.published), svc.name.clone());
             out.push(KernelPort {
@@ -182,7 +182,7 @@ pub(super) fn mesh_health(
 ) -> BTreeMap<String, BTreeMap<String, HealthState>> {
     services
         .values()
-        .filter(|s| s.ports.iter().any(on_kernel_path))
+        .filter(|s| s.ports.iter().any(|p| on_kernel_path(s, p)))
         .filter_map(|s| {
             let m = inner.mesh.service_metrics(&s.name)?;
             Some((s.name.clone(), m.backends.into_iter().map(|b| (b.id, b.health)).collect()))
