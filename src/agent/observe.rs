@@ -462,7 +462,8 @@ impl Collector for EngineCollector {
             &mut e,
             "mesh_backend_health",
             "1 for the backend's one health state: up, not_ready (its task is not running or its \
-             health command fails), down (the mesh check fails), ejected or draining",
+             health command fails), unchecked (the mesh check has not run yet), down (the mesh \
+             check fails), ejected or draining",
             mesh.iter().flat_map(|s| {
                 s.backends.iter().map(move |b| {
                     let mut l = backend(s, b);

@@ -114,9 +114,8 @@ struct Local {
     returns: LastAppliedMap<String, Vec<Ipv4Addr>>,
     /// The mesh's services with their backends.
     mesh: LastAppliedMap<String, (ing::ServiceSpec, Vec<ing::BackendSpec>)>,
-    /// The mesh's kernel path (`kernel_mesh`), and the tasks its checks have seen up.
+    /// The mesh's kernel path (`kernel_mesh`).
     kernel: kernel_mesh::State,
-    seen_up: BTreeSet<String>,
     /// What service DNS, the overlay's forwarding tables, the ingress sandbox and gossip's
     /// networks last took.
     dns: LastApplied<dns::ClusterRecords>,
@@ -506,7 +505,6 @@ async fn pass(inner: &Arc<Inner>) -> anyhow::Result<()> {
         now: std::time::Instant::now(),
         now_ms: now_ms(),
     });
-    lock(&inner.local).seen_up = desired.seen_up.clone();
 
     tasks::apply(inner, &state, services, tasks, &desired.tasks).await;
     let failed = desired.reports.iter().filter(|r| r.failed).count() as u64;
@@ -545,7 +543,6 @@ fn local_inputs(inner: &Inner, services: &BTreeMap<String, Arc<Service>>) -> pro
         held_until: l.held_until,
         sandbox_ip: l.sandbox.get().map(|(_, ip)| *ip),
         mesh_health,
-        seen_up: l.seen_up.clone(),
         kernel_written: l.kernel.written(),
     }
 }

@@ -33,7 +33,10 @@ pub enum HealthState {
     Up,
     /// Task not running or not healthy per the tables.
     NotReady,
-    /// Active check has not passed (yet, or `fall` times in a row).
+    /// Its first active check has not run yet (a new backend, or one back from draining or
+    /// not ready): not eligible, and not known to be down either.
+    Unchecked,
+    /// Active check has failed (before it ever passed, or `fall` times in a row).
     Down,
     /// Ejected after connect failures until the backoff ends.
     Ejected,
@@ -47,6 +50,7 @@ impl HealthState {
         match self {
             HealthState::Up => "up",
             HealthState::NotReady => "not_ready",
+            HealthState::Unchecked => "unchecked",
             HealthState::Down => "down",
             HealthState::Ejected => "ejected",
             HealthState::Draining => "draining",
@@ -182,6 +186,8 @@ impl HealthCore {
             HealthState::Draining
         } else if e.task != TaskState::Healthy {
             HealthState::NotReady
+        } else if !e.checked_up && !e.ever_checked {
+            HealthState::Unchecked
         } else if !e.checked_up {
             HealthState::Down
         } else if e.ejected_until.is_some() {
@@ -469,7 +475,11 @@ mod tests {
         assert_eq!(core.state("a"), Some(HealthState::Ejected), "ejected at once");
         let t1 = t0 + Duration::from_secs(1);
         core.handle_timeout(t1);
-        assert_eq!(core.state("a"), Some(HealthState::Down), "the backoff alone is not enough");
+        assert_eq!(
+            core.state("a"),
+            Some(HealthState::Unchecked),
+            "the backoff alone is not enough"
+        );
         assert_eq!(run_checks(&mut core, t1, |_| false), 1, "checked as soon as the backoff ends");
         assert!(!core.eligible("a"));
         // Having failed one, it needs `rise` passes in a row, like any down backend.
@@ -491,7 +501,11 @@ mod tests {
         core.remove(t0, "a");
         let t1 = t0 + Duration::from_secs(3);
         core.upsert(t1, &b("a"));
-        assert_eq!(core.state("a"), Some(HealthState::Down), "not trusted on the tables' word");
+        assert_eq!(
+            core.state("a"),
+            Some(HealthState::Unchecked),
+            "not trusted on the tables' word"
+        );
         assert_eq!(run_checks(&mut core, t1, |_| true), 1);
         assert!(core.eligible("a"));
         // A task that restarts in place: not ready, then healthy again.
@@ -500,7 +514,7 @@ mod tests {
         core.upsert(t1, &s);
         s.state = TaskState::Healthy;
         core.upsert(t1, &s);
-        assert_eq!(core.state("a"), Some(HealthState::Down));
+        assert_eq!(core.state("a"), Some(HealthState::Unchecked));
         run_checks(&mut core, t1 + Duration::from_secs(2), |_| true);
         assert!(core.eligible("a"));
     }

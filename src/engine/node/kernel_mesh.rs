@@ -23,7 +23,7 @@ use shoal_return::kernel::{self as km, KernelPort, Pick};
 use super::applied::LastApplied;
 use super::project::KernelMesh;
 use super::{Inner, client_addr, lock};
-use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service, TaskRecord};
+use shoal_model::{LbAlgorithm, MeshPath, Protocol, PublishedPort, Service};
 
 use crate::engine::records::EndpointRecord;
 
@@ -88,27 +88,24 @@ fn pick(algorithm: LbAlgorithm) -> Pick {
 
 /// The kernel-path ports of every service, with the backends new flows may go to. `health`
 /// is the userspace mesh's view of each kernel-path service's tasks, from its checks in this
-/// node's ingress sandbox; `seen_up` the tasks those checks have seen up. A task enters a
-/// port's map only once this node's checks have seen it up: the kernel, unlike the proxy, does
-/// not try another backend, so a flow must not start towards a task this node cannot reach yet
-/// (its forwarding entries or its listener not in place). `prior` is the ports as last written:
-/// a task already in its port's map stays while it has not failed a check, and before this
-/// agent's first write (`None`, after a restart) the map is taken as the last run left it, every
-/// serving task on gossip's word, until the checks catch up. A later `Down` of a task seen up
-/// is a failed check. A task stays in `seen_up` while the store has it (`stored`), so a
-/// partition does not erase it and a node coming back is checked again before it gets traffic.
-/// The tasks of a node gossip suspects (`suspected`) are left out while others remain: a node
-/// that died silently answers no SYN, so its flows must not start there in the second before
-/// gossip declares it down. Also returns the service of each port's flow counter.
+/// node's ingress sandbox. A task enters a port's map only once those checks have seen it up:
+/// the kernel, unlike the proxy, does not try another backend, so a flow must not start towards
+/// a task this node cannot reach yet (its forwarding entries or its listener not in place).
+/// `prior` is the ports as last written: a task already in its port's map stays until a check
+/// fails, and before this agent's first write (`None`, after a restart) the map is taken as the
+/// last run left it, every serving task on gossip's word, until the checks catch up. A task
+/// that leaves the mesh (a partition, a drain) and comes back is checked again before it gets
+/// traffic, as it is no longer in the map. The tasks of a node gossip suspects (`suspected`)
+/// are left out while others remain: a node that died silently answers no SYN, so its flows
+/// must not start there in the second before gossip declares it down. Also returns the service
+/// of each port's flow counter.
 pub(super) fn ports(
     services: &BTreeMap<String, Arc<Service>>,
-    stored: &BTreeMap<String, Arc<TaskRecord>>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
     health: &BTreeMap<String, BTreeMap<String, HealthState>>,
     suspected: &BTreeSet<NodeId>,
     prior: Option<&[KernelPort]>,
-    seen_up: &mut BTreeSet<String>,
 ) -> (Vec<KernelPort>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut owners = BTreeMap::new();
@@ -131,14 +128,15 @@ pub(super) fn ports(
             net == ingress_id && e.service == svc.id && !e.task.is_empty() && e.serving
         }) {
             let usable = match health.and_then(|h| h.get(&e.task)) {
-                Some(HealthState::Up) => {
-                    seen_up.insert(e.task.clone());
-                    true
-                }
+                Some(HealthState::Up) => true,
                 // Not checked yet: only where it already was.
-                Some(HealthState::Down) => !seen_up.contains(&e.task) && held(&e.ip),
-                None => held(&e.ip),
-                Some(HealthState::NotReady | HealthState::Ejected | HealthState::Draining) => false,
+                Some(HealthState::Unchecked) | None => held(&e.ip),
+                Some(
+                    HealthState::Down
+                    | HealthState::NotReady
+                    | HealthState::Ejected
+                    | HealthState::Draining,
+                ) => false,
             };
             if !usable {
                 continue;
@@ -166,8 +164,6 @@ pub(super) fn ports(
             });
         }
     }
-    // Forget tasks the store no longer has, so the set stays as small as the cluster.
-    seen_up.retain(|t| stored.contains_key(t));
     for p in &mut out {
         p.backends.sort_unstable();
         p.backends.dedup();

@@ -50,8 +50,6 @@ pub(crate) struct LocalView {
     pub sandbox_ip: Option<Ipv4Addr>,
     /// Per kernel-path service name, the userspace mesh's health of each task.
     pub mesh_health: BTreeMap<String, BTreeMap<String, HealthState>>,
-    /// Tasks the userspace mesh's checks have seen up (`kernel_mesh`).
-    pub seen_up: BTreeSet<String>,
     /// The kernel path's ports as last written (`None` before this agent's first write).
     pub kernel_written: Option<Vec<KernelPort>>,
 }
@@ -107,8 +105,6 @@ pub(crate) struct DesiredDataPlane {
     pub confirm: Option<Confirm>,
     /// Gossip claims the store contradicts.
     pub dropped: BTreeSet<trust::Dropped>,
-    /// The kernel path's record of tasks seen up, for the next pass.
-    pub seen_up: BTreeSet<String>,
 }
 
 /// The mesh's kernel path: the ingress subnet the sandbox link routes, and the ports.
@@ -170,7 +166,7 @@ pub(crate) fn project(i: &Inputs<'_>) -> DesiredDataPlane {
     let eps = &verified.endpoints;
     let ingress_id = records::ingress(i.state).map(|n| n.id.clone()).unwrap_or_default();
     let overlay = overlay(eps, verified.peers);
-    let (kernel, seen_up) = kernel(i, eps, &ingress_id);
+    let kernel = kernel(i, eps, &ingress_id);
     let (vips, hold_vips) = vips(i, eps, &attached);
     let sandboxes = sandboxes(eps, &ingress_id);
     // An adopted task's reply steering waits for gossip like its VIP rules: written from a
@@ -206,7 +202,6 @@ pub(crate) fn project(i: &Inputs<'_>) -> DesiredDataPlane {
         returns,
         confirm,
         dropped: verified.dropped,
-        seen_up,
     }
 }
 
@@ -502,35 +497,23 @@ fn mesh(
     want
 }
 
-/// The kernel path, once there is an IPv4 ingress network and the sandbox is on it; with the
-/// record of tasks seen up for the next pass.
+/// The kernel path, once there is an IPv4 ingress network and the sandbox is on it.
 fn kernel(
     i: &Inputs<'_>,
     eps: &[(String, EndpointRecord)],
     ingress_id: &str,
-) -> (Option<KernelMesh>, BTreeSet<String>) {
-    let mut seen_up = i.local.seen_up.clone();
+) -> Option<KernelMesh> {
     let Some(ipnet::IpNet::V4(subnet)) = records::ingress(i.state).map(|n| n.subnet) else {
-        return (None, seen_up);
+        return None;
     };
-    if i.local.sandbox_ip.is_none() {
-        return (None, seen_up);
-    }
+    i.local.sandbox_ip?;
     let health = &i.local.mesh_health;
     let suspected = i.gossip.suspected();
     let prior = i.local.kernel_written.as_deref();
-    let (ports, owners) = kernel_mesh::ports(
-        i.services,
-        i.tasks,
-        eps,
-        ingress_id,
-        health,
-        &suspected,
-        prior,
-        &mut seen_up,
-    );
+    let (ports, owners) =
+        kernel_mesh::ports(i.services, eps, ingress_id, health, &suspected, prior);
     let subnet = (subnet.network(), subnet.prefix_len());
-    (Some(KernelMesh { subnet, ports, owners }), seen_up)
+    Some(KernelMesh { subnet, ports, owners })
 }
 
 /// Every node's ingress sandbox address, from the ingress endpoint table (sandboxes are the

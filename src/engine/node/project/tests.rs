@@ -154,7 +154,6 @@ impl Swarm {
         let tasks = records::tasks(&self.state);
         let n = &mut self.nodes[i];
         n.local.sandbox_ip = d.sandbox;
-        n.local.seen_up = d.seen_up.clone();
         n.local.kernel_written = d.kernel.as_ref().map(|k| k.ports.clone());
         // The mesh's checks reach every serving backend at once.
         n.local.mesh_health = d
@@ -573,45 +572,35 @@ fn a_task_enters_the_kernel_map_once_this_node_s_checks_see_it_up() {
 
     // Node 1's checks have not reached the task yet (node 3 just started it): it waits, while
     // its node already gossips it as serving.
-    let local = &mut swarm.nodes[0].local;
-    local.mesh_health.get_mut("web").unwrap().remove(&task);
-    local.seen_up.remove(&task);
-    let written = local.kernel_written.clone().unwrap();
-    let without: Vec<_> = written
-        .iter()
-        .map(|p| {
-            let mut p = p.clone();
-            p.backends.retain(|b| *b != addr);
-            p
-        })
-        .collect();
+    let set_health = |swarm: &mut Swarm, h: Option<HealthState>| {
+        let web = swarm.nodes[0].local.mesh_health.get_mut("web").unwrap();
+        match h {
+            Some(h) => web.insert(task.clone(), h),
+            None => web.remove(&task),
+        };
+    };
+    let written = swarm.nodes[0].local.kernel_written.clone().unwrap();
+    let mut without = written.clone();
+    for p in &mut without {
+        p.backends.retain(|b| *b != addr);
+    }
     swarm.nodes[0].local.kernel_written = Some(without);
-    assert!(!in_map(&swarm), "an unchecked new task is not in the map");
-    swarm.nodes[0]
-        .local
-        .mesh_health
-        .get_mut("web")
-        .unwrap()
-        .insert(task.clone(), HealthState::Down);
-    assert!(!in_map(&swarm), "a task whose first check has not passed is not in the map");
-    swarm.nodes[0].local.mesh_health.get_mut("web").unwrap().insert(task.clone(), HealthState::Up);
+    set_health(&mut swarm, None);
+    assert!(!in_map(&swarm), "a new task the mesh has not taken yet is not in the map");
+    set_health(&mut swarm, Some(HealthState::Unchecked));
+    assert!(!in_map(&swarm), "a new task whose first check has not run is not in the map");
+    set_health(&mut swarm, Some(HealthState::Down));
+    assert!(!in_map(&swarm), "a new task whose first check failed is not in the map");
+    set_health(&mut swarm, Some(HealthState::Up));
     assert!(in_map(&swarm), "the check passed");
 
     // An agent that just started takes the map as its last run left it: gossip's serving tasks,
-    // until its checks catch up; one already written stays while it is unchecked.
-    swarm.nodes[0].local.mesh_health.get_mut("web").unwrap().remove(&task);
+    // until its checks catch up; one already written stays until a check fails.
+    set_health(&mut swarm, Some(HealthState::Unchecked));
     swarm.nodes[0].local.kernel_written = None;
     assert!(in_map(&swarm), "after a restart, gossip's word");
     swarm.nodes[0].local.kernel_written = Some(written);
-    assert!(in_map(&swarm), "already in the map, not failed");
-
-    // A check that fails after one passed takes it out.
-    swarm.nodes[0].local.seen_up.insert(task.clone());
-    swarm.nodes[0]
-        .local
-        .mesh_health
-        .get_mut("web")
-        .unwrap()
-        .insert(task.clone(), HealthState::Down);
+    assert!(in_map(&swarm), "already in the map, not checked yet");
+    set_health(&mut swarm, Some(HealthState::Down));
     assert!(!in_map(&swarm), "a failed check takes it out");
 }
