@@ -29,7 +29,14 @@
 //! The sockmap experiment (`benches/mesh/sockmap.rs`): a second shoal mesh forwarding with
 //! `ForwardMode::Sockmap` runs as system `sockmap` in the same rounds; its rows compare it
 //! with `shoal` (splice). Without clang and libbpf-dev it is left out with a note.
+//!
+//! The kernel path (`benches/mesh/kernel.rs`): shoal's nftables DNAT (`shoal_return::kernel`)
+//! in the proxy namespace runs as system `kernel` in the same rounds, on an address of its own;
+//! its rows ("…, shoal kernel path") compare it with HAProxy, nginx stream and the shoal proxy.
+//! It has no process, so only the whole-machine CPU counts its work.
 
+#[path = "mesh/kernel.rs"]
+mod kernel_path;
 #[path = "mesh/sockmap.rs"]
 mod sockmap_exp;
 #[path = "../../../benches/common/mod.rs"]
@@ -85,8 +92,9 @@ fn cpu_of_all(pids: &[u32]) -> f64 {
 
 /// Reads a proxy's CPU seconds so far.
 type CpuFn = Box<dyn Fn() -> f64>;
-/// A system under test: name, (bulk port, HTTP port) on the proxy (None: direct), CPU reader.
-type System = (&'static str, Option<(u16, u16)>, CpuFn);
+/// A system under test: name, (address, bulk port, HTTP port) on the proxy (None: direct),
+/// CPU reader.
+type System<'a> = (&'static str, Option<(&'a str, u16, u16)>, CpuFn);
 
 struct Setup {
     prefix: String,
@@ -193,7 +201,7 @@ fn setup() -> Result<Setup, String> {
     Ok(Setup { prefix, net, _guard: guard, tmp, proxy_ns: proxy_ns.ok_or("no proxy ns")?, pin })
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Figures {
     gbit: f64,
     cpu_per_gb: f64,
@@ -208,6 +216,21 @@ struct Figures {
     cps: f64,
     /// Idle percent of CPU 0 (load generator, backend) and CPU 1 (proxy) in the req/s test.
     idle_rps: [f64; 2],
+}
+
+impl Figures {
+    const NAN: Figures = Figures {
+        gbit: f64::NAN,
+        cpu_per_gb: f64::NAN,
+        rps: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        us_per_req: f64::NAN,
+        machine_us_per_req: f64::NAN,
+        segs_per_req: f64::NAN,
+        cps: f64::NAN,
+        idle_rps: [f64::NAN; 2],
+    };
 }
 
 fn iperf(s: &Setup, host: &str, port: u16, dur: u64, cpu_pids: &dyn Fn() -> f64) -> (f64, f64) {
@@ -619,22 +642,36 @@ fn main() {
         eprintln!("sockmap experiment not run: {e}");
     }
     let sockmap_ok = sockmap_meshes.is_ok();
+    let kernel = match beip {
+        // The backend reaches the proxy namespace across the overlay when there is one.
+        IpAddr::V4(b) => kernel_path::start(&s, b, if overlay { "10.213.0.2" } else { &px }),
+        IpAddr::V6(_) => Err("the kernel path is IPv4 only".to_owned()),
+    };
+    if let Err(e) = &kernel {
+        eprintln!("kernel path not run: {e}");
+    }
+    let kernel_ok = kernel.is_ok();
+    let kernel_host = kernel.as_ref().map_or(String::new(), |k| k.host.clone());
     std::thread::sleep(Duration::from_millis(1500));
     let ha_pid: u32 = std::fs::read_to_string(s.tmp.join("ha.pid"))
         .ok()
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or(0);
     let proxy_ns = s.proxy_ns.clone();
-    let systems: Vec<System> = vec![
+    let (kb, kh) = kernel_path::PORTS;
+    let (sb, sht) = sockmap_exp::PORTS;
+    let systems: Vec<System<'_>> = vec![
         ("direct", None, Box::new(|| 0.0)),
-        ("shoal", Some((45201, 48080)), Box::new(cpu_self)),
-        ("sockmap", Some(sockmap_exp::PORTS), Box::new(cpu_self)),
-        ("haproxy", Some((15201, 18080)), Box::new(move || cpu_of(ha_pid))),
-        ("nginx", Some((25201, 28080)), {
+        ("shoal", Some((px.as_str(), 45201, 48080)), Box::new(cpu_self)),
+        ("sockmap", Some((px.as_str(), sb, sht)), Box::new(cpu_self)),
+        // No process: the proxy CPU figures are NaN, not 0.
+        ("kernel", Some((kernel_host.as_str(), kb, kh)), Box::new(|| f64::NAN)),
+        ("haproxy", Some((px.as_str(), 15201, 18080)), Box::new(move || cpu_of(ha_pid))),
+        ("nginx", Some((px.as_str(), 25201, 28080)), {
             let ns = proxy_ns.clone();
             Box::new(move || cpu_of_all(&pids_named(&ns, "nginx")))
         }),
-        ("socat", Some((35201, 38080)), {
+        ("socat", Some((px.as_str(), 35201, 38080)), {
             let ns = proxy_ns.clone();
             Box::new(move || cpu_of_all(&pids_named(&ns, "socat")))
         }),
@@ -644,10 +681,11 @@ fn main() {
         "nginx" => nginx_ok,
         "socat" => socat_ok,
         "sockmap" => sockmap_ok,
+        "kernel" => kernel_ok,
         _ => true,
     };
     let pinning = if s.pin {
-        "wrk/iperf3 and the backend (iperf3 -s, nginx) on CPU 0, every proxy (shoal's runtime thread, HAProxy, nginx, socat) alone on CPU 1"
+        "wrk/iperf3 and the backend (iperf3 -s, nginx) on CPU 0, every proxy (shoal's runtime thread, HAProxy, nginx, socat) alone on CPU 1; the shoal kernel path's softirq is not pinned"
     } else {
         "none"
     };
@@ -708,12 +746,43 @@ fn main() {
         "machine CPU/req",
         "conn/s",
     ];
+    // The experiment's and the kernel path's ratios, without shoal/haproxy's goals; the
+    // kernel path's proxy CPU ratios are NaN (it has no process).
+    const SIDE_RATIOS: [(&str, &str, &str); 4] = [
+        ("sockmap", "shoal", "sockmap/shoal (splice)"),
+        ("kernel", "haproxy", "kernel path/haproxy"),
+        ("kernel", "nginx", "kernel path/nginx stream"),
+        ("kernel", "shoal", "kernel path/shoal (splice)"),
+    ];
+    let side_ratios = |res: &BTreeMap<&str, Figures>, suffix: &str| {
+        for (a, b, label) in SIDE_RATIOS {
+            if let (Some(a), Some(b)) = (res.get(a), res.get(b)) {
+                let parts: Vec<String> = RATIO_NAMES
+                    .iter()
+                    .zip(ratios(a, b))
+                    .map(|(n, x)| format!("{} {x:.2}x", n.split(" (").next().unwrap_or(n)))
+                    .collect();
+                println!("{label}{suffix}: {}", parts.join("  "));
+            }
+        }
+    };
     // One pass over every system and test, `dur` 1 s, not recorded: connections, caches,
     // the backend's and the proxies' first allocations.
-    let measure = |ports: &Option<(u16, u16)>, cpu: &CpuFn, dur: u64| -> Figures {
+    let measure = |name: &str, ports: &Option<(&str, u16, u16)>, cpu: &CpuFn, dur: u64| {
         let (host, bp, hp) = match ports {
             None => (be_under.as_str(), 5201, 8080),
-            Some((b, h)) => (px.as_str(), *b, *h),
+            Some((a, b, h)) => (*a, *b, *h),
+        };
+        // The kernel path's table is there only while it is measured (kernel_path's docs).
+        let _armed = match (name, &kernel) {
+            ("kernel", Ok(k)) => match k.arm() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("  kernel path: {e}");
+                    return Figures::NAN;
+                }
+            },
+            _ => None,
         };
         let want = |t: &str| tests.as_ref().is_none_or(|v| v.iter().any(|x| x == t));
         let nan = (f64::NAN, f64::NAN);
@@ -723,6 +792,8 @@ fn main() {
         let w = if want("rps") { wrk(&s, &url, dur, false, cpu.as_ref()) } else { Wrk::NAN };
         let c = if want("cps") { wrk(&s, &url, dur, true, cpu.as_ref()) } else { Wrk::NAN };
         let direct = ports.is_none();
+        // The kernel path forwards without sockets of its own in the proxy namespace.
+        let no_sockets = direct || name == "kernel";
         Figures {
             gbit,
             cpu_per_gb: if direct { f64::NAN } else { cpu_per_gb },
@@ -731,7 +802,7 @@ fn main() {
             p99_ms: w.p99,
             us_per_req: if direct { f64::NAN } else { w.us_per_req },
             machine_us_per_req: w.machine_us_per_req,
-            segs_per_req: if direct { f64::NAN } else { w.segs },
+            segs_per_req: if no_sockets { f64::NAN } else { w.segs },
             cps: c.rps,
             idle_rps: w.idle,
         }
@@ -742,7 +813,7 @@ fn main() {
         println!("warm-up pass {} (1 s per test, not recorded)", w + 1);
         for (name, ports, cpu) in &systems {
             if selected(name) {
-                let _ = measure(ports, cpu, 1);
+                let _ = measure(name, ports, cpu, 1);
             }
         }
     }
@@ -759,7 +830,7 @@ fn main() {
             if !selected(name) {
                 continue;
             }
-            let f = measure(ports, cpu, dur);
+            let f = measure(name, ports, cpu, dur);
             row(name, &f);
             res.insert(*name, f);
         }
@@ -770,14 +841,7 @@ fn main() {
             println!("shoal/haproxy: {}", parts.join("  "));
             per_round.push(r);
         }
-        if let (Some(sm), Some(sh)) = (res.get("sockmap"), res.get("shoal")) {
-            let parts: Vec<String> = RATIO_NAMES
-                .iter()
-                .zip(ratios(sm, sh))
-                .map(|(n, x)| format!("{} {x:.2}x", n.split(" (").next().unwrap_or(n)))
-                .collect();
-            println!("sockmap/shoal (splice): {}", parts.join("  "));
-        }
+        side_ratios(&res, "");
         all.push(res);
     }
     if all.len() > 1 {
@@ -806,14 +870,7 @@ fn main() {
             row(name, &f);
             meds.insert(*name, f);
         }
-        if let (Some(sm), Some(sh)) = (meds.get("sockmap"), meds.get("shoal")) {
-            let parts: Vec<String> = RATIO_NAMES
-                .iter()
-                .zip(ratios(sm, sh))
-                .map(|(n, x)| format!("{} {x:.2}x", n.split(" (").next().unwrap_or(n)))
-                .collect();
-            println!("sockmap/shoal (splice), ratio of the medians: {}", parts.join("  "));
-        }
+        side_ratios(&meds, ", ratio of the medians");
         if let (Some(sh), Some(ha)) = (meds.get("shoal"), meds.get("haproxy")) {
             let r = ratios(sh, ha);
             println!(
@@ -859,6 +916,9 @@ fn main() {
             );
         }
     }
+    if let Ok(k) = &kernel {
+        println!("shoal kernel path: its rules forwarded {} flows", k.flows());
+    }
     if opts.out_given {
         let placement = if overlay {
             "backend on another node: the proxy reaches it across kernel VXLAN"
@@ -879,6 +939,7 @@ fn main() {
             "one thread each: shoal {rt_name} (forward {mode:?}), HAProxy nbthread {threads} with splice-auto, nginx stream {threads} worker(s), socat fork"
         ));
         cond.notes.push(sockmap_exp::note(&sockmap_meshes));
+        cond.notes.extend(kernel_path::notes(&kernel));
         if !nginx_ok && tools.nginx {
             cond.notes.push("nginx is installed but its stream module would not load".into());
         }
@@ -940,6 +1001,25 @@ fn main() {
                 let splice = Some(shoal.as_slice());
                 rows.push(suite::Row::new(metric, unit, lower, &sm, "shoal splice", splice, how));
             }
+            // The kernel path in the shoal column, where a figure counts its work: it has no
+            // process, so not in the per-process rows (its notes say so).
+            if kernel_ok && !metric.starts_with("proxy CPU") {
+                let metric = format!("{metric}, shoal kernel path");
+                let k = samples("kernel", get);
+                for (peer, label) in [
+                    ("haproxy", "HAProxy"),
+                    ("nginx", "nginx stream"),
+                    ("shoal", "shoal proxy (splice)"),
+                ] {
+                    let theirs = samples(peer, get);
+                    let peer_samples = runs(peer).then_some(theirs.as_slice());
+                    rows.push(suite::Row::new(&metric, unit, lower, &k, label, peer_samples, how));
+                }
+            }
+        }
+        if let Err(e) = &kernel {
+            let metric = "whole-machine CPU per 1 KiB request, shoal kernel path";
+            rows.push(suite::Row::failed(metric, "CPU µs/req", "HAProxy", e.as_str()));
         }
         let report = suite::Report::new("mesh", opts.quick, rounds as usize, cond, rows);
         report.print();
@@ -973,5 +1053,6 @@ fn main() {
     if let Some(rt) = multi_rt {
         rt.shutdown_timeout(Duration::from_secs(1));
     }
+    drop(kernel);
     drop(s);
 }
