@@ -575,8 +575,10 @@ mod tests {
         let udp = KernelPort { udp: true, ..port(8100, Pick::Random, &["10.0.0.1"]) };
         let commands = node_batch(4789, &[udp]).commands().join("\n");
         assert!(
-            commands.contains("add rule to chain prerouting \
-                 (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)"),
+            commands.contains(
+                "add rule to chain prerouting \
+                 (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)"
+            ),
             "{commands}"
         );
     }
@@ -633,6 +635,115 @@ mod tests {
             .expect("send and dump");
         let ports: Vec<u16> = flows.iter().filter(|f| f.udp).map(|f| f.original.1.port()).collect();
         assert_eq!(ports, [data_port + 1], "{flows:?}");
+    }
+
+    /// A client connects to a round-robin port whose first backend drops every SYN (after the
+    /// node's conntrack has confirmed the flow) and whose second answers. The first SYN's flow
+    /// goes to the silent backend with at most a second left in conntrack, so the client's
+    /// retransmitted SYN, a second later, is a new flow that the rule sends to the other
+    /// backend: the connect succeeds well within 3 s, and the port's counter saw two flows.
+    /// Without the policy the flow would stay 120 s and every retransmission would follow it
+    /// (root).
+    #[test]
+    fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        use shoal_nft::conntrack::{self, TcpState};
+        use std::net::SocketAddrV4;
+        use std::time::Instant;
+        if !require_root("a_silent_backends_syn_is_picked_again_when_the_client_retransmits") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let node = c.netns(&unique_prefix("qn")).expect("netns");
+        let client = c.netns(&unique_prefix("qc")).expect("netns");
+        let backends = c.netns(&unique_prefix("qb")).expect("netns");
+        let (silent, answering) = (ip("198.18.1.2"), ip("198.18.1.3"));
+        let ip_in = |ns: &NetNs, args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(["-n", ns.name()]).args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip -n {} {args:?}", ns.name());
+        };
+        ip_in(
+            &node,
+            &["link", "add", "n0", "type", "veth", "peer", "name", "c0", "netns", client.name()],
+        );
+        ip_in(
+            &node,
+            &["link", "add", "n1", "type", "veth", "peer", "name", "b0", "netns", backends.name()],
+        );
+        ip_in(&node, &["addr", "add", "198.18.0.2/30", "dev", "n0"]);
+        ip_in(&node, &["addr", "add", "198.18.1.1/24", "dev", "n1"]);
+        ip_in(&client, &["addr", "add", "198.18.0.1/30", "dev", "c0"]);
+        ip_in(&backends, &["addr", "add", "198.18.1.2/24", "dev", "b0"]);
+        ip_in(&backends, &["addr", "add", "198.18.1.3/24", "dev", "b0"]);
+        for (ns, link) in [(&node, "n0"), (&node, "n1"), (&client, "c0"), (&backends, "b0")] {
+            ip_in(ns, &["link", "set", link, "up"]);
+        }
+        ip_in(&backends, &["route", "add", "default", "via", "198.18.1.1"]);
+        sysctl(Some(&node), "ip_forward", "1").expect("forwarding");
+        // The silent backend: its SYNs arrive and are dropped, unanswered.
+        let (f, t) = (Family::Ip, "silent");
+        let mut b = Batch::new();
+        b.add_table(f, t);
+        let input = BaseChain { kind: ChainType::Filter, hook: Hook::Input, priority: 0 };
+        b.add_chain(f, t, "input", Some(input));
+        b.add_rule(
+            f,
+            t,
+            "input",
+            &[
+                Expr::Payload { base: PayloadBase::Network, offset: 16, len: 4 },
+                Expr::Cmp { op: CmpOp::Eq, data: silent.octets().to_vec() },
+                Expr::Verdict(Verdict::Drop),
+            ],
+        );
+        backends.run(|| b.commit()).expect("enter").expect("drop rule");
+        let _listener = backends
+            .run(|| std::net::TcpListener::bind((answering, 8000)))
+            .expect("enter")
+            .expect("listen");
+        let p = KernelPort { target: 8000, ..port(8100, Pick::RoundRobin, &[]) };
+        let p = KernelPort { backends: vec![answering, silent], ..p };
+        apply_ports(Some(&node), 4789, &[p]).expect("ports");
+
+        let front = SocketAddrV4::new(ip("198.18.0.2"), 8100);
+        let sock = client.run(tokio::net::TcpSocket::new_v4).expect("enter").expect("socket");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let (first, connected, took) = rt.block_on(async {
+            let started = Instant::now();
+            let connect = tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(3), sock.connect(front.into())).await
+            });
+            // The first SYN's flow, watched from its start (it lives about a second).
+            let mut first = None;
+            while first.is_none() && !connect.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let flows = node.run(conntrack::flows).expect("enter").expect("conntrack");
+                first = flows.into_iter().find(|f| !f.udp && f.original.1 == front);
+            }
+            let connected = connect.await.expect("join");
+            (first, connected, started.elapsed())
+        });
+        let first = first.expect("the first SYN's flow was never seen in the node's conntrack");
+        assert_eq!(
+            *first.reply.0.ip(),
+            silent,
+            "round robin starts at the first backend: {first:?}"
+        );
+        assert_eq!(first.tcp_state, Some(TcpState::SynSent), "{first:?}");
+        assert!(first.timeout.is_some_and(|s| s <= SYN_SENT_SECONDS), "{first:?}");
+        let stream = connected
+            .unwrap_or_else(|_| {
+                panic!("no connection after {took:?}: the SYN stayed on the silent backend")
+            })
+            .expect("connect");
+        assert_eq!(stream.peer_addr().expect("peer"), front.into());
+        let tracked = node.run(conntrack::flows).expect("enter").expect("conntrack");
+        let now: Vec<_> = tracked.iter().filter(|f| !f.udp && f.original.1 == front).collect();
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(now[0].original.0, first.original.0, "the same client socket");
+        assert_eq!(*now[0].reply.0.ip(), answering, "{now:?}");
+        assert_eq!(now[0].tcp_state, Some(TcpState::Established), "{now:?}");
+        assert_eq!(flows(Some(&node)).expect("counters"), [(counter_name(false, 8100), 2)]);
     }
 
     /// The kernel takes both tables and the link, and applying again changes nothing (root).
