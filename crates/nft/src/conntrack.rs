@@ -25,6 +25,7 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
+const CTA_TIMEOUT: u16 = 7;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
@@ -84,6 +85,9 @@ pub struct Flow {
     pub dst_nat: bool,
     /// A TCP flow's state; `None` for UDP.
     pub tcp_state: Option<TcpState>,
+    /// Whole seconds until conntrack forgets the flow unless a packet comes (0: under a second),
+    /// as the dump gave it; `None` if it gave none.
+    pub timeout: Option<u32>,
     /// The flow's id and zone, as the kernel gave them (a delete request names them too).
     id: Option<u32>,
     zone: Option<Vec<u8>>,
@@ -136,13 +140,14 @@ impl Flow {
             reply: (r_src, r_dst),
             dst_nat: status & IPS_DST_NAT != 0,
             tcp_state,
+            timeout: wire::attr(attrs, CTA_TIMEOUT).and_then(be32),
             id: wire::attr(attrs, CTA_ID).and_then(be32),
             zone: wire::attr(attrs, CTA_ZONE).map(<[u8]>::to_vec),
         })
     }
 
-    /// A flow with these tuples, as a dump would give it without an id or zone (for filters
-    /// and their tests; deleting it deletes whatever flow has its original tuple).
+    /// A flow with these tuples, as a dump would give it without a timeout, id or zone (for
+    /// filters and their tests; deleting it deletes whatever flow has its original tuple).
     pub fn new(
         udp: bool,
         original: (SocketAddrV4, SocketAddrV4),
@@ -150,7 +155,7 @@ impl Flow {
         dst_nat: bool,
         tcp_state: Option<TcpState>,
     ) -> Flow {
-        Flow { udp, original, reply, dst_nat, tcp_state, id: None, zone: None }
+        Flow { udp, original, reply, dst_nat, tcp_state, timeout: None, id: None, zone: None }
     }
 
     /// Appends the request that deletes this flow.
@@ -222,7 +227,8 @@ mod tests {
     use super::*;
 
     /// A conntrack dump message's payload as the kernel writes it: nfgenmsg, then the flow of
-    /// 10.1.0.9:40000 → 192.168.5.2:8100, DNAT-ed to 10.0.0.5:8000, TCP in SYN_SENT, id 7.
+    /// 10.1.0.9:40000 → 192.168.5.2:8100, DNAT-ed to 10.0.0.5:8000, TCP in SYN_SENT, 118 s
+    /// left, id 7.
     fn dumped_syn_sent() -> Vec<u8> {
         let mut w = Writer::default();
         w.begin_msg(GET, 0, 1, AF_INET, 0);
@@ -247,6 +253,7 @@ mod tests {
         w.attr(CTA_PROTOINFO_TCP_STATE, &[1]);
         w.end_nest();
         w.end_nest();
+        w.u32(CTA_TIMEOUT, 118);
         w.u32(CTA_ID, 7);
         w.end_msg();
         w.bytes()[wire::NLMSG_HDRLEN..].to_vec()
@@ -261,6 +268,7 @@ mod tests {
         assert_eq!(f.reply, (sa("10.0.0.5:8000"), sa("10.1.0.9:40000")));
         assert!(f.dst_nat);
         assert_eq!(f.tcp_state, Some(TcpState::SynSent));
+        assert_eq!(f.timeout, Some(118));
         assert_eq!(f.id, Some(7));
     }
 

@@ -119,6 +119,12 @@ pub enum Expr {
     /// Count the packets and bytes that reach it in the table's named counter (made with
     /// [`crate::Batch::add_counter`]), which outlives the rule.
     CounterRef(String),
+    /// Attach the table's conntrack timeout policy of this name (made with
+    /// [`crate::Batch::add_tcp_timeout`]) to the packet's flow, if the flow is of the policy's
+    /// protocol and not yet confirmed: in a chain that runs before conntrack confirms a new flow
+    /// (any prerouting, input, forward or output chain, not after a flow's first packet). Its
+    /// current timeout becomes the policy's for the flow's state.
+    CtTimeoutRef(String),
     /// Load `len` (at most 4) bytes at byte `offset` from `base` into the 32-bit word after
     /// register 1's first: the second field of a concatenated key, after an [`Expr::Payload`]
     /// of 4 bytes.
@@ -191,7 +197,7 @@ impl Expr {
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
             Expr::Counter => "counter",
-            Expr::CounterRef(_) => "objref",
+            Expr::CounterRef(_) | Expr::CtTimeoutRef(_) => "objref",
             Expr::Immediate(_) | Expr::Verdict(_) => "immediate",
             Expr::NumgenRandom { .. } | Expr::NumgenInc { .. } => "numgen",
             Expr::Jhash { .. } => "hash",
@@ -281,6 +287,10 @@ impl Expr {
             Expr::CounterRef(name) => {
                 // NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME.
                 w.u32(1, crate::OBJECT_COUNTER);
+                w.str(2, name);
+            }
+            Expr::CtTimeoutRef(name) => {
+                w.u32(1, crate::OBJECT_CT_TIMEOUT);
                 w.str(2, name);
             }
             Expr::Immediate(data) => {

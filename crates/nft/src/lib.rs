@@ -5,12 +5,13 @@
 //!
 //! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
 //!   and mark, setting the conntrack and packet marks, bitwise, compare, set and map lookups,
-//!   adding to a set from the packet path, counters (anonymous and named), immediate values
-//!   and verdicts, random numbers, DNAT, reject) as typed values.
+//!   adding to a set from the packet path, counters (anonymous and named), attaching a
+//!   conntrack timeout policy, immediate values and verdicts, random numbers, DNAT, reject) as
+//!   typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
 //!   with a hook) and flushing them, named and anonymous sets and maps, sets that rules fill
-//!   with expiring elements, their elements, named counters, rules. Nothing touches the kernel
-//!   until [`Batch::commit`].
+//!   with expiring elements, their elements, named counters, conntrack timeout policies, rules.
+//!   Nothing touches the kernel until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
 //!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named
@@ -60,6 +61,8 @@ const MSG_NEWOBJ: u16 = 18;
 const MSG_GETOBJ: u16 = 19;
 /// `NFT_OBJECT_COUNTER`: the type of a named counter.
 pub(crate) const OBJECT_COUNTER: u32 = 1;
+/// `NFT_OBJECT_CT_TIMEOUT`: the type of a conntrack timeout policy.
+pub(crate) const OBJECT_CT_TIMEOUT: u32 = 7;
 
 /// A set element list is closed and a new message begun past this many bytes, well under the
 /// 64 KiB an attribute can hold.
@@ -177,6 +180,34 @@ pub struct Elem {
     pub data: Option<ElemData>,
 }
 
+/// A TCP state of conntrack whose timeout a policy sets ([`Batch::add_tcp_timeout`]), as nft's
+/// `policy = { syn_sent: 1 }` names them; the discriminant is its `CTA_TIMEOUT_TCP_*` number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpTimeoutState {
+    /// A SYN went out, no answer yet (`syn_sent`).
+    SynSent = 1,
+    /// The SYN was answered, the handshake's last ACK not seen yet (`syn_recv`).
+    SynRecv = 2,
+    /// The handshake completed (`established`).
+    Established = 3,
+    /// `fin_wait`.
+    FinWait = 4,
+    /// `close_wait`.
+    CloseWait = 5,
+    /// `last_ack`.
+    LastAck = 6,
+    /// `time_wait`.
+    TimeWait = 7,
+    /// `close`.
+    Close = 8,
+    /// A simultaneous open (`syn_sent2`).
+    SynSent2 = 9,
+    /// Too many retransmissions (`retrans`).
+    Retrans = 10,
+    /// Data sent and not acknowledged (`unack`).
+    Unack = 11,
+}
+
 /// One nftables transaction, built in memory. See the crate docs. Two batches are equal when
 /// they would send the same bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -282,6 +313,38 @@ impl Batch {
         self.w.str(2, name);
         self.w.u32(3, OBJECT_COUNTER);
         self.w.begin_nest(4);
+        self.w.end_nest();
+        self.w.end_msg();
+    }
+
+    /// Adds a conntrack timeout policy for IPv4 TCP flows ([`Expr::CtTimeoutRef`] attaches it to
+    /// a new flow), as nft's `ct timeout NAME { protocol tcp; l3proto ip; policy = { ... } }`:
+    /// each state of `policy` gets its timeout in seconds, every other state the namespace's
+    /// default (`net.netfilter.nf_conntrack_tcp_timeout_*`) as it is when the kernel makes the
+    /// policy. One that exists is left as it is (the kernel cannot update a policy, and rules
+    /// may refer to it), so a different policy needs a different name.
+    pub fn add_tcp_timeout(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: &str,
+        policy: &[(TcpTimeoutState, u32)],
+    ) {
+        self.begin(MSG_NEWOBJ, F_CREATE, family, format!("add ct timeout {name}"));
+        // NFTA_OBJ_TABLE, _NAME, _TYPE, _DATA.
+        self.w.str(1, table);
+        self.w.str(2, name);
+        self.w.u32(3, OBJECT_CT_TIMEOUT);
+        self.w.begin_nest(4);
+        // NFTA_CT_TIMEOUT_L3PROTO (a big-endian u16: NFPROTO_IPV4), _L4PROTO (a u8: IPPROTO_TCP),
+        // _DATA holding CTA_TIMEOUT_TCP_* (big-endian u32s, in seconds).
+        self.w.attr(1, &u16::from(Family::Ip.proto()).to_be_bytes());
+        self.w.attr(2, &[6]);
+        self.w.begin_nest(3);
+        for (state, seconds) in policy {
+            self.w.u32(*state as u16, *seconds);
+        }
+        self.w.end_nest();
         self.w.end_nest();
         self.w.end_msg();
     }
@@ -449,3 +512,52 @@ impl Batch {
 pub(crate) const GETRULE: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETRULE;
 /// The message type of an object dump request.
 pub(crate) const GETOBJ: u16 = (SUBSYS_NFTABLES << 8) | MSG_GETOBJ;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attributes of the batch's only command (after the begin message and `nfgenmsg`).
+    fn only_command(b: Batch) -> (u16, Vec<u8>) {
+        let (bytes, what) = b.finish();
+        assert_eq!(what.len(), 1, "{what:?}");
+        let m = wire::messages(&bytes).nth(1).expect("the command");
+        (m.ty, m.payload[4..].to_vec())
+    }
+
+    /// What nft 1.0.6 sends for `add ct timeout ip t syn1 { protocol tcp; l3proto ip; policy =
+    /// { syn_sent: 1 }; }`, less the other states nft fills in from its own defaults.
+    #[test]
+    fn a_tcp_timeout_policy_is_written_as_nft_writes_it() {
+        let mut b = Batch::new();
+        b.add_tcp_timeout(Family::Ip, "t", "syn1", &[(TcpTimeoutState::SynSent, 1)]);
+        let (ty, attrs) = only_command(b);
+        assert_eq!(ty, (SUBSYS_NFTABLES << 8) | MSG_NEWOBJ);
+        assert_eq!(wire::attr(&attrs, 1).map(wire::string).as_deref(), Some("t"));
+        assert_eq!(wire::attr(&attrs, 2).map(wire::string).as_deref(), Some("syn1"));
+        assert_eq!(wire::attr(&attrs, 3), Some(&[0, 0, 0, 7][..]));
+        let data = wire::attr(&attrs, 4).expect("NFTA_OBJ_DATA");
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            6, 0, 1, 0, 0, 2, 0, 0, // L3PROTO: NFPROTO_IPV4, a big-endian u16, padded
+            5, 0, 2, 0, 6, 0, 0, 0, // L4PROTO: IPPROTO_TCP, a u8, padded
+            12, 0, 3, 0x80, // DATA, nested
+            8, 0, 1, 0, 0, 0, 0, 1, // CTA_TIMEOUT_TCP_SYN_SENT: 1 s
+        ];
+        assert_eq!(data, want);
+    }
+
+    #[test]
+    fn a_timeout_reference_is_an_objref_of_the_timeout_type() {
+        let mut b = Batch::new();
+        b.add_rule(Family::Ip, "t", "c", &[Expr::CtTimeoutRef("syn1".into())]);
+        let (_, attrs) = only_command(b);
+        let exprs = wire::attr(&attrs, 4).expect("NFTA_RULE_EXPRESSIONS");
+        let e = wire::attr(exprs, expr::LIST_ELEM).expect("one expression");
+        assert_eq!(wire::attr(e, 1).map(wire::string).as_deref(), Some("objref"));
+        let data = wire::attr(e, 2).expect("NFTA_EXPR_DATA");
+        // NFTA_OBJREF_IMM_TYPE = NFT_OBJECT_CT_TIMEOUT, NFTA_OBJREF_IMM_NAME.
+        assert_eq!(wire::attr(data, 1), Some(&[0, 0, 0, 7][..]));
+        assert_eq!(wire::attr(data, 2).map(wire::string).as_deref(), Some("syn1"));
+    }
+}

@@ -8,7 +8,7 @@ use shoal_netns::NetNs;
 use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
 use shoal_nft::{
     BaseChain, Batch, ChainType, CmpOp, Elem, ElemData, Error, Expr, Family, Hook, MetaKey,
-    PayloadBase, Reject, SetData, SetKey, Verdict, counters, rules,
+    PayloadBase, Reject, SetData, SetKey, TcpTimeoutState, Verdict, counters, rules,
 };
 
 /// `nft list table ...` in the namespace, or `None` when nft is not installed.
@@ -286,4 +286,59 @@ fn a_named_counter_outlives_the_rules_that_count_into_it() {
         assert!(text.contains("counter name \"udp-9\""), "{text}");
         assert!(text.contains("counter udp-9"), "{text}");
     }
+}
+
+/// A timeout policy is made, read back by nft as written, attached by name, and left as it is
+/// by a second add; a rule naming a policy that does not exist is refused.
+#[test]
+fn a_timeout_policy_is_attached_by_name_and_outlives_a_second_add() {
+    if !require_root("a_timeout_policy_is_attached_by_name_and_outlives_a_second_add") {
+        return;
+    }
+    let mut c = Cleanup::new();
+    let ns = c.netns(&unique_prefix("nt")).expect("netns");
+    let (f, t) = (Family::Ip, "shoal-test");
+    let commit = |b: Batch| ns.run(|| b.commit()).expect("enter namespace");
+    let rule = |policy: &str| {
+        vec![
+            Expr::Meta(MetaKey::L4Proto),
+            Expr::Cmp { op: CmpOp::Eq, data: vec![6] },
+            Expr::Payload { base: PayloadBase::Transport, offset: 2, len: 2 },
+            Expr::Cmp { op: CmpOp::Eq, data: 8100u16.to_be_bytes().to_vec() },
+            Expr::CtTimeoutRef(policy.to_owned()),
+        ]
+    };
+    for (fresh_table, seconds) in [(true, 1), (false, 5)] {
+        let mut b = Batch::new();
+        if fresh_table {
+            fresh(&mut b, f, t);
+        } else {
+            b.add_table(f, t);
+        }
+        b.add_tcp_timeout(f, t, "syn1", &[(TcpTimeoutState::SynSent, seconds)]);
+        let pre = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
+        b.add_chain(f, t, "prerouting", Some(pre));
+        b.flush_chain(f, t, "prerouting");
+        b.add_rule(f, t, "prerouting", &rule("syn1"));
+        commit(b).expect("commit");
+    }
+    let dumped = ns.run(|| rules(f, t)).expect("netns").expect("dump");
+    assert_eq!(dumped.len(), 1, "{dumped:?}");
+    assert_eq!(dumped[0].exprs.last().map(|e| e.name.as_str()), Some("objref"));
+    if let Some(text) = nft_list(&ns, "ip", t) {
+        eprintln!("{text}");
+        for want in [
+            "ct timeout syn1 {\n\t\tprotocol tcp\n\t\tl3proto ip\n\t\tpolicy = { syn_sent : 1 }\n",
+            "tcp dport 8100 ct timeout set \"syn1\"",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    let mut b = Batch::new();
+    b.add_table(f, t);
+    b.add_rule(f, t, "prerouting", &rule("no-such-policy"));
+    let err = commit(b).expect_err("a policy that does not exist");
+    assert!(matches!(err, Error::Rejected { .. }), "{err}");
+    assert_eq!(ns.run(|| rules(f, t)).expect("netns").expect("dump"), dumped);
 }

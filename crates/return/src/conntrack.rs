@@ -5,10 +5,11 @@
 //! That is right for an established TCP connection (a draining backend finishes it), but wrong
 //! for two kinds of flow:
 //!
-//! - a TCP flow whose handshake never completed (its backend's node was cut off or killed): it
-//!   stays in `SYN_SENT` for two minutes, and a client that gives up and connects again from
-//!   the same address and port sends a SYN that conntrack takes for a retransmission of the
-//!   old one, and sends to the backend that left;
+//! - a TCP flow whose handshake never completed (its backend's node was cut off or killed):
+//!   the node's timeout policy lets one in `SYN_SENT` go a second after its SYN
+//!   ([`crate::kernel::SYN_TIMEOUT`]), but one in `SYN_RECV` stays a minute, and until it goes
+//!   a client that connects again from the same address and port sends a SYN that conntrack
+//!   takes for a retransmission of the old one, and sends to the backend that left;
 //! - a UDP flow: it has no close, so a client that keeps sending never reaches another backend.
 //!
 //! So when backends leave a port's map, the node deletes those of their flows over ctnetlink

@@ -30,6 +30,20 @@
 //! the same on every node and in the proxy ([`crate::maglev_map`]), so a client lands on the
 //! same task through any node and through either path.
 //!
+//! A backend that has gone silent (its node's link was cut, or its node was killed and the
+//! swarm has not noticed yet) still gets new flows until the agent takes it out of the map, and
+//! conntrack would keep such a flow in `SYN_SENT` for two minutes: every SYN the client sends
+//! again matches it and goes to the same dead backend, where the proxy would have timed out its
+//! connect and tried another. So each TCP port's rule attaches the table's timeout policy
+//! [`SYN_TIMEOUT`] to the flow (before conntrack confirms it, as a nat prerouting chain runs):
+//! one second in `SYN_SENT`, every other state the kernel's default. A SYN no backend answered
+//! leaves conntrack before the client sends it again (Linux's first retransmission comes after
+//! its initial retransmission timeout of one second, the next ones 3 s and 7 s after the
+//! first), so the retransmitted SYN is a new flow, and the nat chain picks again (and by then
+//! the agent may have taken the dead backend out). A backend that answers a SYN later than a
+//! second loses only that SYN: the client's next one goes wherever the rule sends it. The purge
+//! of a departed backend's flows ([`crate::conntrack`]) still clears the rest.
+//!
 //! The node's table also keeps the overlay's own VXLAN datagrams out of conntrack
 //! (`untracked_overlay`); BENCH.md measures what each part of the route costs.
 //!
@@ -46,7 +60,7 @@ use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, Rou
 use shoal_netns::NetNs;
 use shoal_nft::{
     BaseChain, Batch, ChainType, CmpOp, Elem, ElemData, Expr, Family, Hook, MetaKey, PayloadBase,
-    SetData, SetKey, Verdict,
+    SetData, SetKey, TcpTimeoutState, Verdict,
 };
 
 use crate::Error;
@@ -95,6 +109,15 @@ pub struct KernelPort {
     pub backends: Vec<Ipv4Addr>,
 }
 
+/// The node's conntrack timeout policy for the TCP flows its rules DNAT: [`SYN_SENT_SECONDS`]
+/// in `SYN_SENT`, the kernel's defaults in every other state (module docs). The kernel keeps a
+/// policy that exists as it is, so the name says the value: another value needs another name.
+pub const SYN_TIMEOUT: &str = "tcp-syn-sent-1s";
+/// How long a DNAT-ed SYN no backend has answered stays in conntrack: up to Linux's initial SYN
+/// retransmission timeout (1 s), so the client's first retransmission is a new flow. Less is
+/// not possible: policies count whole seconds, and 0 would forget the flow before its answer.
+pub const SYN_SENT_SECONDS: u32 = 1;
+
 /// The most backends one port's map holds.
 pub const MAX_BACKENDS: usize = 4096;
 
@@ -120,10 +143,10 @@ pub fn counter_name(udp: bool, published: u16) -> String {
 }
 
 /// The transaction that rewrites the node's `ip shoal-mesh` table: one DNAT rule per port that
-/// has backends, each counting the flows it forwards in the port's named counter, and the
-/// overlay's VXLAN on `data_port` kept out of conntrack ([`untracked_overlay`]). The table
-/// and the counters stay (so the counts survive), the rules are replaced. The same ports give
-/// the same batch, in any order.
+/// has backends, each counting the flows it forwards in the port's named counter and, for TCP,
+/// giving them the [`SYN_TIMEOUT`] policy, and the overlay's VXLAN on `data_port` kept out of
+/// conntrack ([`untracked_overlay`]). The table, the counters and the policy stay (so the
+/// counts survive), the rules are replaced. The same ports give the same batch, in any order.
 pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
     let (f, t) = (Family::Ip, TABLE);
     let mut ports: Vec<KernelPort> = ports
@@ -140,6 +163,7 @@ pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
     ports.dedup_by_key(|p| (p.udp, p.published));
     let mut b = Batch::new();
     b.add_table(f, t);
+    b.add_tcp_timeout(f, t, SYN_TIMEOUT, &[(TcpTimeoutState::SynSent, SYN_SENT_SECONDS)]);
     untracked_overlay(&mut b, data_port);
     let hook = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
     b.add_chain(f, t, "prerouting", Some(hook));
@@ -180,6 +204,11 @@ pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
                 b.add_elements(f, t, &map, &elems);
                 rule.push(Expr::Lookup { set: map });
             }
+        }
+        if !p.udp {
+            // The flow is new and unconfirmed here, so the policy still takes: its SYN leaves
+            // conntrack after a second if no backend answers (module docs).
+            rule.push(Expr::CtTimeoutRef(SYN_TIMEOUT.to_owned()));
         }
         // A nat chain sees only a flow's first packet: the counter counts flows.
         rule.extend([Expr::CounterRef(counter), Expr::PortImmediate(p.target), Expr::DnatIpv4Port]);
@@ -520,10 +549,11 @@ mod tests {
              add rule to chain forward \
              (meta cmp meta cmp payload cmp payload cmp payload payload dynset counter immediate)\n",
             "add counter tcp-8100\nadd rule to chain prerouting \
-             (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)\n",
+             (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref objref immediate nat)\n",
             "add counter tcp-8101\nadd set __map%d\nadd elements to set __map%d\n",
             "add elements to set __map%d\nadd rule to chain prerouting \
-             (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup objref immediate nat)",
+             (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup objref objref \
+             immediate nat)",
         ] {
             assert!(commands.contains(want), "{want:?} not in\n{commands}");
         }
@@ -537,6 +567,20 @@ mod tests {
             "{commands}"
         );
         assert_eq!(commands.matches("add rule").count(), 6, "{commands}");
+        assert!(commands.starts_with("add table ip shoal-mesh\nadd ct timeout tcp-syn-sent-1s\n"));
+    }
+
+    #[test]
+    fn only_tcp_flows_get_the_syn_timeout() {
+        let udp = KernelPort { udp: true, ..port(8100, Pick::Random, &["10.0.0.1"]) };
+        let commands = node_batch(4789, &[udp]).commands().join("\n");
+        assert!(
+            commands.contains(
+                "add rule to chain prerouting \
+                 (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref immediate nat)"
+            ),
+            "{commands}"
+        );
     }
 
     #[test]
@@ -593,6 +637,115 @@ mod tests {
         assert_eq!(ports, [data_port + 1], "{flows:?}");
     }
 
+    /// A client connects to a round-robin port whose first backend drops every SYN (after the
+    /// node's conntrack has confirmed the flow) and whose second answers. The first SYN's flow
+    /// goes to the silent backend with at most a second left in conntrack, so the client's
+    /// retransmitted SYN, a second later, is a new flow that the rule sends to the other
+    /// backend: the connect succeeds well within 3 s, and the port's counter saw two flows.
+    /// Without the policy the flow would stay 120 s and every retransmission would follow it
+    /// (root).
+    #[test]
+    fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
+        use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
+        use shoal_nft::conntrack::{self, TcpState};
+        use std::net::SocketAddrV4;
+        use std::time::Instant;
+        if !require_root("a_silent_backends_syn_is_picked_again_when_the_client_retransmits") {
+            return;
+        }
+        let mut c = Cleanup::new();
+        let node = c.netns(&unique_prefix("qn")).expect("netns");
+        let client = c.netns(&unique_prefix("qc")).expect("netns");
+        let backends = c.netns(&unique_prefix("qb")).expect("netns");
+        let (silent, answering) = (ip("198.18.1.2"), ip("198.18.1.3"));
+        let ip_in = |ns: &NetNs, args: &[&str]| {
+            let ok = std::process::Command::new("ip").args(["-n", ns.name()]).args(args).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip -n {} {args:?}", ns.name());
+        };
+        ip_in(
+            &node,
+            &["link", "add", "n0", "type", "veth", "peer", "name", "c0", "netns", client.name()],
+        );
+        ip_in(
+            &node,
+            &["link", "add", "n1", "type", "veth", "peer", "name", "b0", "netns", backends.name()],
+        );
+        ip_in(&node, &["addr", "add", "198.18.0.2/30", "dev", "n0"]);
+        ip_in(&node, &["addr", "add", "198.18.1.1/24", "dev", "n1"]);
+        ip_in(&client, &["addr", "add", "198.18.0.1/30", "dev", "c0"]);
+        ip_in(&backends, &["addr", "add", "198.18.1.2/24", "dev", "b0"]);
+        ip_in(&backends, &["addr", "add", "198.18.1.3/24", "dev", "b0"]);
+        for (ns, link) in [(&node, "n0"), (&node, "n1"), (&client, "c0"), (&backends, "b0")] {
+            ip_in(ns, &["link", "set", link, "up"]);
+        }
+        ip_in(&backends, &["route", "add", "default", "via", "198.18.1.1"]);
+        sysctl(Some(&node), "ip_forward", "1").expect("forwarding");
+        // The silent backend: its SYNs arrive and are dropped, unanswered.
+        let (f, t) = (Family::Ip, "silent");
+        let mut b = Batch::new();
+        b.add_table(f, t);
+        let input = BaseChain { kind: ChainType::Filter, hook: Hook::Input, priority: 0 };
+        b.add_chain(f, t, "input", Some(input));
+        b.add_rule(
+            f,
+            t,
+            "input",
+            &[
+                Expr::Payload { base: PayloadBase::Network, offset: 16, len: 4 },
+                Expr::Cmp { op: CmpOp::Eq, data: silent.octets().to_vec() },
+                Expr::Verdict(Verdict::Drop),
+            ],
+        );
+        backends.run(|| b.commit()).expect("enter").expect("drop rule");
+        let _listener = backends
+            .run(|| std::net::TcpListener::bind((answering, 8000)))
+            .expect("enter")
+            .expect("listen");
+        let p = KernelPort { target: 8000, ..port(8100, Pick::RoundRobin, &[]) };
+        let p = KernelPort { backends: vec![answering, silent], ..p };
+        apply_ports(Some(&node), 4789, &[p]).expect("ports");
+
+        let front = SocketAddrV4::new(ip("198.18.0.2"), 8100);
+        let sock = client.run(tokio::net::TcpSocket::new_v4).expect("enter").expect("socket");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let (first, connected, took) = rt.block_on(async {
+            let started = Instant::now();
+            let connect = tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(3), sock.connect(front.into())).await
+            });
+            // The first SYN's flow, watched from its start (it lives about a second).
+            let mut first = None;
+            while first.is_none() && !connect.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let flows = node.run(conntrack::flows).expect("enter").expect("conntrack");
+                first = flows.into_iter().find(|f| !f.udp && f.original.1 == front);
+            }
+            let connected = connect.await.expect("join");
+            (first, connected, started.elapsed())
+        });
+        let first = first.expect("the first SYN's flow was never seen in the node's conntrack");
+        assert_eq!(
+            *first.reply.0.ip(),
+            silent,
+            "round robin starts at the first backend: {first:?}"
+        );
+        assert_eq!(first.tcp_state, Some(TcpState::SynSent), "{first:?}");
+        assert!(first.timeout.is_some_and(|s| s <= SYN_SENT_SECONDS), "{first:?}");
+        let stream = connected
+            .unwrap_or_else(|_| {
+                panic!("no connection after {took:?}: the SYN stayed on the silent backend")
+            })
+            .expect("connect");
+        assert_eq!(stream.peer_addr().expect("peer"), front.into());
+        let tracked = node.run(conntrack::flows).expect("enter").expect("conntrack");
+        let now: Vec<_> = tracked.iter().filter(|f| !f.udp && f.original.1 == front).collect();
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(now[0].original.0, first.original.0, "the same client socket");
+        assert_eq!(*now[0].reply.0.ip(), answering, "{now:?}");
+        assert_eq!(now[0].tcp_state, Some(TcpState::Established), "{now:?}");
+        assert_eq!(flows(Some(&node)).expect("counters"), [(counter_name(false, 8100), 2)]);
+    }
+
     /// The kernel takes both tables and the link, and applying again changes nothing (root).
     #[test]
     fn the_kernel_takes_the_link_and_both_tables() {
@@ -630,7 +783,11 @@ mod tests {
                 for want in [
                     "ct state new ip saddr . tcp sport @refused accept",
                     "tcp flags == 0x14 tcp sequence 0 add @refused { ip daddr . tcp dport }",
-                    "counter name \"tcp-8100\" dnat to numgen random mod 2 map",
+                    "ct timeout tcp-syn-sent-1s {\n\t\tprotocol tcp\n\t\tl3proto ip\n\t\t\
+                     policy = { syn_sent : 1 }\n\t}",
+                    "ct timeout set \"tcp-syn-sent-1s\" counter name \"tcp-8100\" \
+                     dnat to numgen random mod 2 map",
+                    "counter name \"udp-8103\" dnat to 10.0.0.5:8000",
                     "flags dynamic,timeout",
                     "type filter hook prerouting priority raw; policy accept;\n\t\tudp dport 4789 notrack",
                     "type filter hook output priority raw; policy accept;\n\t\tudp dport 4789 notrack",
