@@ -250,6 +250,21 @@ fn backends(d: &DesiredDataPlane, service: &str) -> Vec<(String, bool, bool)> {
         .collect()
 }
 
+/// A settled swarm of `nodes` nodes running the service "web" (`replicas` tasks) that
+/// publishes `publish`.
+fn web_swarm(nodes: usize, replicas: u64, publish: &str) -> Swarm {
+    let mut swarm = Swarm::new(nodes);
+    swarm.create_service(ServiceCreate {
+        name: "web".into(),
+        argv: vec!["serve".into()],
+        replicas: Some(replicas),
+        publish: vec![publish.parse().unwrap()],
+        ..ServiceCreate::default()
+    });
+    swarm.settle();
+    swarm
+}
+
 #[test]
 fn the_same_inputs_give_the_same_plane() {
     let mut swarm = Swarm::new(3);
@@ -410,15 +425,7 @@ fn a_simulated_three_node_swarm_runs_the_tutorial() {
 
 #[test]
 fn a_stopping_task_keeps_its_forwarding_but_leaves_the_mesh() {
-    let mut swarm = Swarm::new(2);
-    swarm.create_service(ServiceCreate {
-        name: "web".into(),
-        argv: vec!["serve".into()],
-        replicas: Some(2),
-        publish: vec!["8100:8100".parse().unwrap()],
-        ..ServiceCreate::default()
-    });
-    swarm.settle();
+    let mut swarm = web_swarm(2, 2, "8100:8100");
     // Node 1 withdraws its task: its endpoint stays in gossip, not serving.
     let mine = swarm.running("web")[&0].iter().next().unwrap().clone();
     for e in swarm.nodes[0].published.values_mut().filter(|e| e.task == mine) {
@@ -476,15 +483,7 @@ fn an_adopted_task_s_vips_wait_for_gossip_to_catch_up_or_the_deadline() {
 
 #[test]
 fn an_adopted_task_s_reply_steering_waits_for_gossip_too() {
-    let mut swarm = Swarm::new(2);
-    swarm.create_service(ServiceCreate {
-        name: "web".into(),
-        argv: vec!["serve".into()],
-        replicas: Some(2),
-        publish: vec!["8100:8100".parse().unwrap()],
-        ..ServiceCreate::default()
-    });
-    swarm.settle();
+    let mut swarm = web_swarm(2, 2, "8100:8100");
     let mine = swarm.running("web")[&0].iter().next().unwrap().clone();
     assert_eq!(swarm.project(0).returns[&mine].len(), 2, "both nodes' sandboxes");
     // Node 1's agent restarted: gossip has not brought node 2's sandbox yet. Steering written
@@ -502,15 +501,7 @@ fn an_adopted_task_s_reply_steering_waits_for_gossip_too() {
 
 #[test]
 fn the_kernel_path_leaves_out_a_suspected_node_s_tasks_unless_they_are_all_there_are() {
-    let mut swarm = Swarm::new(3);
-    swarm.create_service(ServiceCreate {
-        name: "web".into(),
-        argv: vec!["serve".into()],
-        replicas: Some(3),
-        publish: vec!["published=8100,target=80,mesh=kernel".parse().unwrap()],
-        ..ServiceCreate::default()
-    });
-    swarm.settle();
+    let mut swarm = web_swarm(3, 3, "published=8100,target=80,mesh=kernel");
     let running = swarm.running("web");
     let ingress = swarm.network("ingress").id.clone();
     let addr = |swarm: &Swarm, node: usize| -> Vec<Ipv4Addr> {
@@ -547,15 +538,7 @@ fn the_kernel_path_leaves_out_a_suspected_node_s_tasks_unless_they_are_all_there
 
 #[test]
 fn a_task_enters_the_kernel_map_once_this_node_s_checks_see_it_up() {
-    let mut swarm = Swarm::new(3);
-    swarm.create_service(ServiceCreate {
-        name: "web".into(),
-        argv: vec!["serve".into()],
-        replicas: Some(3),
-        publish: vec!["published=8100,target=80,mesh=kernel".parse().unwrap()],
-        ..ServiceCreate::default()
-    });
-    swarm.settle();
+    let mut swarm = web_swarm(3, 3, "published=8100,target=80,mesh=kernel");
     // Node 1 writes its maps once more with what its checks saw in the last pass.
     let d = swarm.project(0);
     swarm.apply(0, &d);
