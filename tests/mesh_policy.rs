@@ -221,11 +221,14 @@ fn the_mesh_policy_changes_in_place_and_its_limits_refuse() {
     assert!(echoes(&mut long, "first"));
     let mut second = connect();
     assert!(echoes(&mut second, "second"));
-    let mut third = connect();
-    assert!(!echoes(&mut third, "third"), "a third connection got past the limit of 2");
+    // The proxy accepts and resets the third, so on a busy machine the reset can reach the
+    // client before its connect call returns: a failed connect is the same refusal.
+    let third = std::net::TcpStream::connect_timeout(&front, Duration::from_secs(5));
+    let got_past = third.map(|mut s| echoes(&mut s, "third")).unwrap_or(false);
+    assert!(!got_past, "a third connection got past the limit of 2");
     let refused = "shoal_mesh_connections_refused_total{service=\"keep\"} 1";
     assert!(lab.metrics("node1").contains(refused), "{}", lab.metrics("node1"));
-    drop((second, third));
+    drop(second);
 
     // A bad update changes nothing.
     let out =
