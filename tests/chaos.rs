@@ -310,9 +310,9 @@ fn node_killed_whole(path: Path) {
         in_flight.len(),
         killed - killing,
     );
-    // The proxy retries a failed connect on another backend, and the kernel path hands a
-    // refused client's next SYN to the proxy, so no request sent after the kill fails, even
-    // before gossip declares node3 dead.
+    // The proxy retries a failed connect on another backend, and the kernel path hands the
+    // proxy a client's next SYN when its first went unanswered, so no request sent after the
+    // kill fails, even before gossip declares node3 dead.
     assert!(sent > 100, "the load barely ran: {sent} requests");
     carried_by(&lab, "node1", path, samples.len());
     assert!(lost_in_flight <= CLIENTS, "{lost_in_flight} requests lost at the kill");

@@ -136,9 +136,16 @@ pub enum Expr {
         /// Byte length.
         len: u32,
     },
-    /// Add the key in register 1 to a set made with [`crate::Batch::add_dynamic_set`] (or
-    /// refresh its timeout), from the packet path.
+    /// Add the key in register 1 to a set made with [`crate::Batch::add_dynamic_set`], from the
+    /// packet path (an element already there keeps its timeout). When the set is full the rule
+    /// stops here.
     AddToSet {
+        /// The set.
+        set: crate::SetRef,
+    },
+    /// Delete the key in register 1 from a set made with [`crate::Batch::add_dynamic_set`], from
+    /// the packet path (a key that is not there is no error).
+    DeleteFromSet {
         /// The set.
         set: crate::SetRef,
     },
@@ -189,7 +196,7 @@ impl Expr {
     pub fn name(&self) -> &'static str {
         match self {
             Expr::Payload { .. } | Expr::PayloadNext { .. } => "payload",
-            Expr::AddToSet { .. } => "dynset",
+            Expr::AddToSet { .. } | Expr::DeleteFromSet { .. } => "dynset",
             Expr::Meta(_) => "meta",
             Expr::CtState | Expr::CtMark | Expr::SetCtMark => "ct",
             Expr::SetMetaMark => "meta",
@@ -220,11 +227,12 @@ impl Expr {
             Expr::PayloadNext { base, offset, len } => {
                 payload(w, REG32_01, *base, *offset, *len);
             }
-            Expr::AddToSet { set } => {
-                // NFTA_DYNSET_SET_NAME, _SET_ID, _OP = NFT_DYNSET_OP_ADD, _SREG_KEY.
+            Expr::AddToSet { set } | Expr::DeleteFromSet { set } => {
+                // NFTA_DYNSET_SET_NAME, _SET_ID, _OP (NFT_DYNSET_OP_ADD 0, _DELETE 2), _SREG_KEY.
+                let op = if matches!(self, Expr::AddToSet { .. }) { 0 } else { 2 };
                 w.str(1, &set.name);
                 w.u32(2, set.id);
-                w.u32(3, 0);
+                w.u32(3, op);
                 w.u32(4, REG_1);
             }
             Expr::Meta(key) => {

@@ -5,12 +5,12 @@
 //!
 //! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
 //!   and mark, setting the conntrack and packet marks, bitwise, compare, set and map lookups,
-//!   adding to a set from the packet path, counters (anonymous and named), attaching a
+//!   adding to and deleting from a set on the packet path, counters (anonymous and named), attaching a
 //!   conntrack timeout policy, immediate values and verdicts, random numbers, DNAT, reject) as
 //!   typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
 //!   with a hook) and flushing them, named and anonymous sets and maps, sets that rules fill
-//!   with expiring elements, their elements, named counters, conntrack timeout policies, rules.
+//!   with expiring elements (of a bounded number), their elements, named counters, conntrack timeout policies, rules.
 //!   Nothing touches the kernel until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
@@ -363,7 +363,8 @@ impl Batch {
     }
 
     /// Adds a named set that rules fill from the packet path ([`Expr::AddToSet`]), each element
-    /// expiring `timeout` after it was added; one that exists keeps its elements.
+    /// expiring `timeout` after it was added, and holding at most `size` elements; one that
+    /// exists keeps its elements.
     pub fn add_dynamic_set(
         &mut self,
         family: Family,
@@ -371,8 +372,9 @@ impl Batch {
         name: &str,
         key: SetKey,
         timeout: std::time::Duration,
+        size: u32,
     ) -> SetRef {
-        self.set(family, table, Some(name), key, None, Some(timeout))
+        self.set(family, table, Some(name), key, None, Some((timeout, size)))
     }
 
     fn set(
@@ -382,7 +384,7 @@ impl Batch {
         name: Option<&str>,
         key: SetKey,
         data: Option<SetData>,
-        timeout: Option<std::time::Duration>,
+        dynamic: Option<(std::time::Duration, u32)>,
     ) -> SetRef {
         let id = self.next_set_id;
         self.next_set_id += 1;
@@ -393,7 +395,7 @@ impl Batch {
         if data.is_some() {
             flags |= 0x8;
         }
-        if timeout.is_some() {
+        if dynamic.is_some() {
             flags |= 0x10 | 0x20;
         }
         // Key and data types are what `nft list` prints them as (ipv4_addr 7, integer 4).
@@ -418,8 +420,14 @@ impl Batch {
             }
             None => {}
         }
+        if let Some((_, size)) = dynamic {
+            // NFTA_SET_DESC { NFTA_SET_DESC_SIZE }.
+            self.w.begin_nest(9);
+            self.w.u32(1, size);
+            self.w.end_nest();
+        }
         self.w.u32(10, id);
-        if let Some(t) = timeout {
+        if let Some((t, _)) = dynamic {
             // NFTA_SET_TIMEOUT, in milliseconds.
             let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
             self.w.attr(11, &ms.to_be_bytes());

@@ -31,18 +31,20 @@
 //! same task through any node and through either path.
 //!
 //! A backend that has gone silent (its node's link was cut, or its node was killed and the
-//! swarm has not noticed yet) still gets new flows until the agent takes it out of the map, and
-//! conntrack would keep such a flow in `SYN_SENT` for two minutes: every SYN the client sends
-//! again matches it and goes to the same dead backend, where the proxy would have timed out its
-//! connect and tried another. So each TCP port's rule attaches the table's timeout policy
+//! swarm has not noticed yet) or that refuses (its task has just died) still gets new flows
+//! until the agent takes it out of the map, and DNAT cannot retry a SYN elsewhere as the
+//! proxy's connect does. So a client whose SYN a backend has not answered is remembered
+//! ([`UNANSWERED_SET`]), and the SYN the client's own TCP sends again a second later goes to the
+//! proxy's listener on the same port, which retries on another backend. For that SYN to be a
+//! new flow, the old one must be gone from conntrack, which would keep an unanswered flow in
+//! `SYN_SENT` for two minutes: so each TCP port's rule attaches the table's timeout policy
 //! [`SYN_TIMEOUT`] to the flow (before conntrack confirms it, as a nat prerouting chain runs):
 //! one second in `SYN_SENT`, every other state the kernel's default. A SYN no backend answered
 //! leaves conntrack before the client sends it again (Linux's first retransmission comes after
 //! its initial retransmission timeout of one second, the next ones 3 s and 7 s after the
-//! first), so the retransmitted SYN is a new flow, and the nat chain picks again (and by then
-//! the agent may have taken the dead backend out). A backend that answers a SYN later than a
-//! second loses only that SYN: the client's next one goes wherever the rule sends it. The purge
-//! of a departed backend's flows ([`crate::conntrack`]) still clears the rest.
+//! first); a reset closes the flow at once. A backend that answers a SYN later than a second
+//! loses only that SYN. The purge of a departed backend's flows ([`crate::conntrack`]) still
+//! clears the rest.
 //!
 //! The node's table also keeps the overlay's own VXLAN datagrams out of conntrack
 //! (`untracked_overlay`); BENCH.md measures what each part of the route costs.
@@ -144,7 +146,8 @@ pub fn counter_name(udp: bool, published: u16) -> String {
 
 /// The transaction that rewrites the node's `ip shoal-mesh` table: one DNAT rule per port that
 /// has backends, each counting the flows it forwards in the port's named counter and, for TCP,
-/// giving them the [`SYN_TIMEOUT`] policy, and the overlay's VXLAN on `data_port` kept out of
+/// giving them the [`SYN_TIMEOUT`] policy and remembering the client until its backend answers
+/// ([`UNANSWERED_SET`]), and the overlay's VXLAN on `data_port` kept out of
 /// conntrack ([`untracked_overlay`]). The table, the counters and the policy stay (so the
 /// counts survive), the rules are replaced. The same ports give the same batch, in any order.
 pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
@@ -168,7 +171,7 @@ pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
     let hook = BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 };
     b.add_chain(f, t, "prerouting", Some(hook));
     b.flush_chain(f, t, "prerouting");
-    refused_to_the_proxy(&mut b);
+    let unanswered = unanswered_to_the_proxy(&mut b);
     for p in ports.iter().filter(|p| !p.backends.is_empty()) {
         let counter = counter_name(p.udp, p.published);
         b.add_counter(f, t, &counter);
@@ -182,6 +185,12 @@ pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
             Expr::FibDaddrType,
             Expr::Cmp { op: CmpOp::Eq, data: 2u32.to_ne_bytes().to_vec() },
         ]);
+        if !p.udp {
+            // The client is unanswered until its backend's SYN-ACK comes back; if the set is
+            // full the rule stops here and the flow goes to the proxy.
+            rule.extend(client_key(false));
+            rule.push(Expr::AddToSet { set: unanswered.clone() });
+        }
         if let [one] = p.backends.as_slice() {
             rule.push(Expr::Immediate(one.octets().to_vec()));
         } else {
@@ -241,54 +250,84 @@ fn untracked_overlay(b: &mut Batch, data_port: u16) {
     }
 }
 
-/// The set of clients (address and port) whose connection a backend refused: their next SYN
+/// The set of clients (address and port) whose SYN a backend has not answered: their next SYN
 /// goes to the proxy, which retries on another backend.
-pub const REFUSED_SET: &str = "refused";
-/// How long a refused client's address and port go to the proxy: past the client's SYN
+pub const UNANSWERED_SET: &str = "unanswered";
+/// How long an unanswered client's address and port go to the proxy: past the client's SYN
 /// retransmissions (1 s, then 3 s, 7 s after the first).
-const REFUSED_FOR: Duration = Duration::from_secs(10);
+const UNANSWERED_FOR: Duration = Duration::from_secs(10);
+/// The most clients the set holds: far above what is unanswered at once in a healthy cluster
+/// (an answered client leaves the set within a round trip), and a bound on what a flood of
+/// SYNs from forged sources can make the node remember.
+pub const UNANSWERED_MAX: u32 = 65_536;
 
-/// A backend that refuses a kernel-path connection (no listener: its task has just died, or its
-/// node was killed whole and no one has noticed yet) answers the SYN with a reset, which the
-/// kernel cannot retry elsewhere as the proxy does. So the reset is dropped on its way back
-/// through the node, and the client's address and port are remembered: the client's own TCP
-/// sends the SYN again a second later, conntrack starts a new flow (the old one was closed by
-/// the reset), and the nat chain lets that flow through to the proxy's listener on the same
-/// port, which retries on another backend. A reset answering a SYN is the one with sequence
-/// number 0 and RST and ACK set (RFC 9293 3.10.7.1).
-fn refused_to_the_proxy(b: &mut Batch) {
+/// The client's address and port into registers 1 and 2, the key of [`UNANSWERED_SET`]: the
+/// source of a packet from the client, the destination of one to it.
+fn client_key(to_client: bool) -> [Expr; 2] {
+    let (addr, port) = if to_client { (16, 2) } else { (12, 0) };
+    [
+        Expr::Payload { base: PayloadBase::Network, offset: addr, len: 4 },
+        Expr::PayloadNext { base: PayloadBase::Transport, offset: port, len: 2 },
+    ]
+}
+
+/// DNAT cannot retry a SYN elsewhere as the proxy's connect does, and a backend may not answer:
+/// it is silent (its node's link was cut, or its node died and gossip has not suspected it
+/// yet), or it refuses (no listener: its task has just died, or its node was killed whole and
+/// its kernel answers for it). So every TCP port's rule adds the client's address and port to
+/// [`UNANSWERED_SET`] as it DNATs the SYN, the backend's SYN-ACK deletes them on its way back
+/// through the node, and a reset that answers the SYN (RST and ACK, sequence 0, RFC 9293
+/// 3.10.7.1) coming back over the link is dropped, leaving them in. The client's own TCP sends the SYN again a
+/// second later; the old flow is gone from conntrack by then (the reset closed it, or the
+/// [`SYN_TIMEOUT`] policy let it expire), so that SYN starts a new flow, and the first rule of
+/// the nat chain lets a new flow from a client in the set through untranslated, to the proxy's
+/// listener on the same port, which retries on another backend. Returns the set.
+fn unanswered_to_the_proxy(b: &mut Batch) -> shoal_nft::SetRef {
     let (f, t) = (Family::Ip, TABLE);
-    let refused = b.add_dynamic_set(f, t, REFUSED_SET, SetKey::Ipv4AddrPort, REFUSED_FOR);
+    let unanswered = b.add_dynamic_set(
+        f,
+        t,
+        UNANSWERED_SET,
+        SetKey::Ipv4AddrPort,
+        UNANSWERED_FOR,
+        UNANSWERED_MAX,
+    );
     let tcp = [Expr::Meta(MetaKey::L4Proto), Expr::Cmp { op: CmpOp::Eq, data: vec![6] }];
     let mut rule: Vec<Expr> = conntrack_new().into();
     rule.extend(tcp.clone());
-    rule.extend([
-        Expr::Payload { base: PayloadBase::Network, offset: 12, len: 4 },
-        Expr::PayloadNext { base: PayloadBase::Transport, offset: 0, len: 2 },
-        Expr::Lookup { set: refused.clone() },
-        Expr::Verdict(Verdict::Accept),
-    ]);
+    rule.extend(client_key(false));
+    rule.extend([Expr::Lookup { set: unanswered.clone() }, Expr::Verdict(Verdict::Accept)]);
     b.add_rule(f, t, "prerouting", &rule);
     let hook = BaseChain { kind: ChainType::Filter, hook: Hook::Forward, priority: 0 };
     b.add_chain(f, t, "forward", Some(hook));
     b.flush_chain(f, t, "forward");
-    let mut rule =
+    // A SYN-ACK, whatever its ECN bits: SYN, ACK, RST and FIN, masked, are SYN and ACK. Any the
+    // node forwards, not only those back over the link: deleting a client that is not in the
+    // set costs a lookup, and a backend's reply may come back another way (the benchmark's
+    // kernel path has no link).
+    let mut answered = tcp.to_vec();
+    answered.extend([
+        Expr::Payload { base: PayloadBase::Transport, offset: 13, len: 1 },
+        Expr::Bitwise { mask: vec![0x17], xor: vec![0] },
+        Expr::Cmp { op: CmpOp::Eq, data: vec![0x12] },
+    ]);
+    answered.extend(client_key(true));
+    answered.push(Expr::DeleteFromSet { set: unanswered.clone() });
+    b.add_rule(f, t, "forward", &answered);
+    let mut refused =
         vec![Expr::Meta(MetaKey::IifName), Expr::Cmp { op: CmpOp::Eq, data: ifname(NODE_LINK) }];
-    rule.extend(tcp);
-    rule.extend([
+    refused.extend(tcp);
+    refused.extend([
         // TCP flags RST|ACK exactly, sequence number 0.
         Expr::Payload { base: PayloadBase::Transport, offset: 13, len: 1 },
         Expr::Cmp { op: CmpOp::Eq, data: vec![0x14] },
         Expr::Payload { base: PayloadBase::Transport, offset: 4, len: 4 },
         Expr::Cmp { op: CmpOp::Eq, data: vec![0; 4] },
-        // The reply goes to the client's address and port.
-        Expr::Payload { base: PayloadBase::Network, offset: 16, len: 4 },
-        Expr::PayloadNext { base: PayloadBase::Transport, offset: 2, len: 2 },
-        Expr::AddToSet { set: refused },
         Expr::Counter,
         Expr::Verdict(Verdict::Drop),
     ]);
-    b.add_rule(f, t, "forward", &rule);
+    b.add_rule(f, t, "forward", &refused);
+    unanswered
 }
 
 /// The sandbox's `ip shoal-mesh` table: a flow that comes in on [`SANDBOX_LINK`] is marked, and

@@ -9,7 +9,7 @@
 //! names (the backends' ingress addresses, which both paths know), and the proxy computes the
 //! same slot for a client ([`MaglevTable::lookup_client`]: the kernel's `jhash`, scaled as nft
 //! scales it). So every node sends a client to the same task, and a client that falls back to
-//! the proxy (a refused connection, a connection made on the node itself) keeps it too.
+//! the proxy (an unanswered SYN's retry, a connection made on the node itself) keeps it too.
 //!
 //! The map has one element per slot and is written whole with the node's rules, in the same
 //! transaction; only a flow's first packet is looked up, so established flows keep their task

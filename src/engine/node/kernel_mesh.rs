@@ -1,7 +1,7 @@
 //! The routing mesh's kernel path (the default for an ingress port, `mesh=kernel`; see
 //! `shoal_return::kernel` and ARCHITECTURE.md): the node DNATs new flows to a task's ingress
 //! address, and the userspace mesh keeps its listener on the same port for what the kernel path
-//! leaves to it (clients on the node itself, refused clients' retries, and ports without a
+//! leaves to it (clients on the node itself, unanswered clients' retries, and ports without a
 //! backend).
 //!
 //! A backend is in a port's map while gossip says its task serves (running, healthy, not

@@ -35,17 +35,19 @@ fn node_batch_is_sorted_and_skips_ports_without_backends() {
     let commands = a.commands().join("\n");
     for want in [
         "add chain prerouting (nat hook prerouting)\nflush chain prerouting\n\
-         add set refused\nadd rule to chain prerouting \
+         add set unanswered\nadd rule to chain prerouting \
          (ct bitwise cmp meta cmp payload payload lookup immediate)\n\
          add chain forward (filter hook forward)\nflush chain forward\n\
+         add rule to chain forward (meta cmp payload bitwise cmp payload payload dynset)\n\
          add rule to chain forward \
-         (meta cmp meta cmp payload cmp payload cmp payload payload dynset counter immediate)\n",
+         (meta cmp meta cmp payload cmp payload cmp counter immediate)\n",
         "add counter tcp-8100\nadd rule to chain prerouting \
-         (ct bitwise cmp meta cmp payload cmp fib cmp immediate objref objref immediate nat)\n",
+         (ct bitwise cmp meta cmp payload cmp fib cmp payload payload dynset immediate objref \
+         objref immediate nat)\n",
         "add counter tcp-8101\nadd set __map%d\nadd elements to set __map%d\n",
         "add elements to set __map%d\nadd rule to chain prerouting \
-         (ct bitwise cmp meta cmp payload cmp fib cmp payload hash lookup objref objref \
-         immediate nat)",
+         (ct bitwise cmp meta cmp payload cmp fib cmp payload payload dynset payload hash lookup \
+         objref objref immediate nat)",
     ] {
         assert!(commands.contains(want), "{want:?} not in\n{commands}");
     }
@@ -58,7 +60,7 @@ fn node_batch_is_sorted_and_skips_ports_without_backends() {
         ),
         "{commands}"
     );
-    assert_eq!(commands.matches("add rule").count(), 6, "{commands}");
+    assert_eq!(commands.matches("add rule").count(), 7, "{commands}");
     assert!(commands.starts_with("add table ip shoal-mesh\nadd ct timeout tcp-syn-sent-1s\n"));
 }
 
@@ -79,8 +81,8 @@ fn only_tcp_flows_get_the_syn_timeout() {
 fn the_picks_are_numgen_and_hash() {
     let random = node_batch(4789, &[port(1, Pick::Random, &["10.0.0.1", "10.0.0.2"])]);
     let rotate = node_batch(4789, &[port(1, Pick::RoundRobin, &["10.0.0.1", "10.0.0.2"])]);
-    assert!(random.commands().join(" ").contains("fib cmp numgen lookup"));
-    assert!(rotate.commands().join(" ").contains("fib cmp numgen lookup"));
+    assert!(random.commands().join(" ").contains("dynset numgen lookup"));
+    assert!(rotate.commands().join(" ").contains("dynset numgen lookup"));
     assert_ne!(random, rotate, "random and rotation are different numgen types");
 }
 
@@ -129,19 +131,21 @@ fn the_overlay_datagrams_stay_out_of_conntrack() {
 }
 
 /// A client connects to a round-robin port whose first backend drops every SYN (after the
-/// node's conntrack has confirmed the flow) and whose second answers. The first SYN's flow
-/// goes to the silent backend with at most a second left in conntrack, so the client's
-/// retransmitted SYN, a second later, is a new flow that the rule sends to the other
-/// backend: the connect succeeds well within 3 s, and the port's counter saw two flows.
-/// Without the policy the flow would stay 120 s and every retransmission would follow it
-/// (root).
+/// node's conntrack has confirmed the flow). The first SYN's flow goes to the silent backend
+/// with at most a second left in conntrack, and the client stays in the unanswered set; so its
+/// retransmitted SYN, a second later, is a new flow that the nat chain lets through
+/// untranslated to the proxy's listener on the node: the connect succeeds well within 3 s,
+/// the proxy sees the client's own address and port, and the port's counter saw one flow.
+/// Without the policy the flow would stay 120 s and every retransmission would follow it.
+/// Then a client that a backend answered is out of the set: connecting again from the same
+/// address and port goes to the backend again, not to the proxy (root).
 #[test]
-fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
+fn a_silent_backends_client_goes_to_the_proxy_when_it_retransmits() {
     use shoal_netns::testing::{Cleanup, require_root, unique_prefix};
     use shoal_nft::conntrack::{self, TcpState};
-    use std::net::SocketAddrV4;
+    use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
     use std::time::Instant;
-    if !require_root("a_silent_backends_syn_is_picked_again_when_the_client_retransmits") {
+    if !require_root("a_silent_backends_client_goes_to_the_proxy_when_it_retransmits") {
         return;
     }
     let mut c = Cleanup::new();
@@ -157,16 +161,18 @@ fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
         &node,
         &["link", "add", "n0", "type", "veth", "peer", "name", "c0", "netns", client.name()],
     );
+    // The backends sit behind the node's end of the sandbox link, where the ingress sandbox
+    // is.
     ip_in(
         &node,
-        &["link", "add", "n1", "type", "veth", "peer", "name", "b0", "netns", backends.name()],
+        &["link", "add", NODE_LINK, "type", "veth", "peer", "name", "b0", "netns", backends.name()],
     );
     ip_in(&node, &["addr", "add", "198.18.0.2/30", "dev", "n0"]);
-    ip_in(&node, &["addr", "add", "198.18.1.1/24", "dev", "n1"]);
+    ip_in(&node, &["addr", "add", "198.18.1.1/24", "dev", NODE_LINK]);
     ip_in(&client, &["addr", "add", "198.18.0.1/30", "dev", "c0"]);
     ip_in(&backends, &["addr", "add", "198.18.1.2/24", "dev", "b0"]);
     ip_in(&backends, &["addr", "add", "198.18.1.3/24", "dev", "b0"]);
-    for (ns, link) in [(&node, "n0"), (&node, "n1"), (&client, "c0"), (&backends, "b0")] {
+    for (ns, link) in [(&node, "n0"), (&node, NODE_LINK), (&client, "c0"), (&backends, "b0")] {
         ip_in(ns, &["link", "set", link, "up"]);
     }
     ip_in(&backends, &["route", "add", "default", "via", "198.18.1.1"]);
@@ -188,13 +194,20 @@ fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
         ],
     );
     backends.run(|| b.commit()).expect("enter").expect("drop rule");
-    let _listener = backends
-        .run(|| std::net::TcpListener::bind((answering, 8000)))
-        .expect("enter")
-        .expect("listen");
-    let p = KernelPort { target: 8000, ..port(8100, Pick::RoundRobin, &[]) };
-    let p = KernelPort { backends: vec![answering, silent], ..p };
-    apply_ports(Some(&node), 4789, &[p]).expect("ports");
+    let backend =
+        backends.run(|| TcpListener::bind((answering, 8000))).expect("enter").expect("listen");
+    backend.set_nonblocking(true).expect("nonblocking");
+    // The proxy's listeners, which the agent keeps on every published port of the node.
+    let proxy = |port: u16| {
+        let l = node.run(|| TcpListener::bind(("0.0.0.0", port))).expect("enter").expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    };
+    let (proxy_rr, proxy_one) = (proxy(8100), proxy(8101));
+    let rr = KernelPort { target: 8000, ..port(8100, Pick::RoundRobin, &[]) };
+    let rr = KernelPort { backends: vec![answering, silent], ..rr };
+    let one = KernelPort { published: 8101, backends: vec![answering], ..rr.clone() };
+    apply_ports(Some(&node), 4789, &[rr, one]).expect("ports");
 
     let front = SocketAddrV4::new(ip("198.18.0.2"), 8100);
     let sock = client.run(tokio::net::TcpSocket::new_v4).expect("enter").expect("socket");
@@ -223,14 +236,48 @@ fn a_silent_backends_syn_is_picked_again_when_the_client_retransmits() {
             panic!("no connection after {took:?}: the SYN stayed on the silent backend")
         })
         .expect("connect");
-    assert_eq!(stream.peer_addr().expect("peer"), front.into());
+    let client_end = stream.local_addr().expect("local");
+    assert_eq!(SocketAddr::from(first.original.0), client_end, "the same client socket");
+    let (_taken, seen) = proxy_rr.accept().expect("the proxy took the retransmitted SYN");
+    assert_eq!(seen, client_end, "the proxy sees the client's own address and port");
     let tracked = node.run(conntrack::flows).expect("enter").expect("conntrack");
     let now: Vec<_> = tracked.iter().filter(|f| !f.udp && f.original.1 == front).collect();
     assert_eq!(now.len(), 1, "{now:?}");
-    assert_eq!(now[0].original.0, first.original.0, "the same client socket");
-    assert_eq!(*now[0].reply.0.ip(), answering, "{now:?}");
+    assert_eq!(now[0].reply.0, front, "untranslated: {now:?}");
     assert_eq!(now[0].tcp_state, Some(TcpState::Established), "{now:?}");
-    assert_eq!(flows(Some(&node)).expect("counters"), [(counter_name(false, 8100), 2)]);
+
+    // Answered, twice from one address and port: the first connection ends in a reset, so
+    // neither end waits in TIME_WAIT and the second starts a new flow at once.
+    let from = SocketAddrV4::new(ip("198.18.0.1"), 40_000);
+    let to = SocketAddrV4::new(ip("198.18.0.2"), 8101);
+    for _ in 0..2 {
+        let s = client
+            .run(|| -> std::io::Result<TcpStream> {
+                use socket2::{Domain, Socket, Type};
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                s.set_reuse_address(true)?;
+                s.bind(&from.into())?;
+                s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+                Ok(s.into())
+            })
+            .expect("enter")
+            .expect("connect to the single backend");
+        let taken = (0..300).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            backend.accept().ok()
+        });
+        let (_, seen) = taken.expect("the backend took the connection");
+        assert_eq!(seen, from.into());
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
+    }
+    let proxied = proxy_one.accept().map(|(_, from)| from);
+    assert!(
+        proxied.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "an answered client went to the proxy: {proxied:?}"
+    );
+    let mut counted = flows(Some(&node)).expect("counters");
+    counted.sort();
+    assert_eq!(counted, [(counter_name(false, 8100), 1), (counter_name(false, 8101), 2)]);
 }
 
 /// The kernel takes both tables and the link, and applying again changes nothing (root).
@@ -258,7 +305,7 @@ fn the_kernel_takes_the_link_and_both_tables() {
     let rules = node.run(|| shoal_nft::rules(Family::Ip, TABLE)).expect("enter").expect("dump");
     let chains: Vec<&str> = rules.iter().map(|r| r.chain.as_str()).collect();
     let want = ["raw-prerouting", "raw-output"].into_iter().chain(["prerouting"; 5]);
-    assert_eq!(chains, want.chain(["forward"]).collect::<Vec<_>>());
+    assert_eq!(chains, want.chain(["forward"; 2]).collect::<Vec<_>>());
     // The real nft, where installed, reads the table as meant.
     let listed = std::process::Command::new("ip")
         .args(["netns", "exec", node.name(), "nft", "list", "table", "ip", TABLE])
@@ -267,8 +314,11 @@ fn the_kernel_takes_the_link_and_both_tables() {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
             for want in [
-                "ct state new ip saddr . tcp sport @refused accept",
-                "tcp flags == 0x14 tcp sequence 0 add @refused { ip daddr . tcp dport }",
+                "ct state new ip saddr . tcp sport @unanswered accept",
+                "add @unanswered { ip saddr . tcp sport } ct timeout set",
+                "delete @unanswered { ip daddr . tcp dport }",
+                "tcp flags == 0x14 tcp sequence 0 counter packets 0 bytes 0 drop",
+                "size 65536",
                 "ct timeout tcp-syn-sent-1s {\n\t\tprotocol tcp\n\t\tl3proto ip\n\t\t\
                  policy = { syn_sent : 1 }\n\t}",
                 "ct timeout set \"tcp-syn-sent-1s\" counter name \"tcp-8100\" \
