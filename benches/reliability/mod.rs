@@ -4,7 +4,9 @@
 //!
 //! Per round, in order: node3's underlay link is cut for 20 s and healed;
 //! then the leader, node1, is killed whole (`kill -9` of its agent and every process in its
-//! namespaces). Figures: requests sent and failed in each scenario and after the heal, the time
+//! namespaces). Figures: requests sent in each scenario, those sent after the event that failed,
+//! those in flight at the event (their bytes on the cut link or in a killed task) that were
+//! lost, and failures after the heal; the time
 //! until the survivors mark the node Down (detection), until its tasks run elsewhere
 //! (convergence), and until a new Raft leader is there (failover). The tests in
 //! `tests/chaos.rs` assert the goals; this section records the figures.
@@ -34,17 +36,26 @@ fn get(target: SocketAddr) -> bool {
     s.read_to_end(&mut body).is_ok() && body.get(8..12) == Some(b" 200".as_slice())
 }
 
-/// Clients sending to `target` until stopped; the outcomes with their send times.
-fn load<T>(target: SocketAddr, clients: usize, f: impl FnOnce() -> T) -> (T, Vec<(Instant, bool)>) {
+/// One request: when it was sent, when it ended, and whether a whole HTTP 200 came back.
+#[derive(Clone, Copy)]
+struct Sample {
+    start: Instant,
+    end: Instant,
+    ok: bool,
+}
+
+/// Clients sending to `target` until stopped; the outcomes.
+fn load<T>(target: SocketAddr, clients: usize, f: impl FnOnce() -> T) -> (T, Vec<Sample>) {
     let stop = AtomicBool::new(false);
     let samples = Mutex::new(Vec::new());
     let out = std::thread::scope(|s| {
         for _ in 0..clients {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
-                    let at = Instant::now();
+                    let start = Instant::now();
                     let ok = get(target);
-                    samples.lock().unwrap_or_else(|p| p.into_inner()).push((at, ok));
+                    let sample = Sample { start, end: Instant::now(), ok };
+                    samples.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
                     std::thread::sleep(Duration::from_millis(if ok { 10 } else { 50 }));
                 }
             });
@@ -56,10 +67,17 @@ fn load<T>(target: SocketAddr, clients: usize, f: impl FnOnce() -> T) -> (T, Vec
     (out, samples.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn count(samples: &[(Instant, bool)], since: Instant) -> (f64, f64) {
-    let after = samples.iter().filter(|s| s.0 >= since);
-    let (sent, failed) = after.fold((0, 0), |(n, f), s| (n + 1, f + usize::from(!s.1)));
+/// Requests sent from `since` on, and how many of them failed.
+fn count(samples: &[Sample], since: Instant) -> (f64, f64) {
+    let after = samples.iter().filter(|s| s.start >= since);
+    let (sent, failed) = after.fold((0, 0), |(n, f), s| (n + 1, f + usize::from(!s.ok)));
     (sent as f64, failed as f64)
+}
+
+/// Requests in flight at `at` (sent before, ended after) that failed: no path can save them,
+/// as their bytes were on the cut link or in a killed task.
+fn lost_in_flight(samples: &[Sample], at: Instant) -> f64 {
+    samples.iter().filter(|s| s.start < at && s.end > at && !s.ok).count() as f64
 }
 
 fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -131,10 +149,10 @@ fn set_link(lab: &Lab, node: usize, up: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One round's figures: link cut (sent, failed, failed from the heal on, Down after, tasks
-/// elsewhere after) and leader kill (sent, failed, new leader after, Down after, tasks elsewhere
-/// after).
-type Round = ([f64; 5], [f64; 5]);
+/// One round's figures: link cut (sent, failed after the cut, lost in flight at it, failed from
+/// the heal on, Down after, tasks elsewhere after) and leader kill (sent, failed after the kill,
+/// lost in flight at it, new leader after, Down after, tasks elsewhere after).
+type Round = ([f64; 6], [f64; 6]);
 
 fn round() -> anyhow::Result<Round> {
     let lab = Lab::up("r", &[])?;
@@ -178,6 +196,7 @@ fn round() -> anyhow::Result<Round> {
         std::thread::sleep(Duration::from_secs(1));
         let t = Instant::now();
         set_link(&lab, 3, false)?;
+        let cut = Instant::now();
         let (mut down, mut moved) = (None, None);
         while t.elapsed() < cut_for {
             down = down.or_else(|| node_is(&lab, "node1", "node3", "Down").then(|| t.elapsed()));
@@ -190,16 +209,24 @@ fn round() -> anyhow::Result<Round> {
         set_link(&lab, 3, true)?;
         let healed = Instant::now();
         std::thread::sleep(Duration::from_secs(5));
-        Ok((down, moved, healed))
+        Ok((cut, down, moved, healed))
     });
-    let (down, moved, healed) = r?;
-    let (sent, failed) = count(&samples, samples.first().map_or(healed, |s| s.0));
+    let (cut, down, moved, healed) = r?;
+    let (sent, _) = count(&samples, samples.first().map_or(healed, |s| s.start));
+    let (_, failed) = count(&samples, cut);
+    let lost = lost_in_flight(&samples, cut);
     let (_, at_heal) = count(&samples, healed);
     let secs = |what: &str, d: Option<Duration>| {
         d.map(|d| d.as_secs_f64()).with_context(|| format!("{what} was never seen"))
     };
-    let cut =
-        [sent, failed, at_heal, secs("node3 Down", down)?, secs("node3's task moved", moved)?];
+    let cut = [
+        sent,
+        failed,
+        lost,
+        at_heal,
+        secs("node3 Down", down)?,
+        secs("node3's task moved", moved)?,
+    ];
     wait("node3 Ready again", Duration::from_secs(30), || {
         node_is(&lab, "node1", "node3", "Ready")
     })?;
@@ -209,6 +236,7 @@ fn round() -> anyhow::Result<Round> {
         std::thread::sleep(Duration::from_secs(1));
         let t = Instant::now();
         kill_whole(&lab, "node1");
+        let killed = Instant::now();
         let (mut failover, mut down, mut moved) = (None, None, None);
         while t.elapsed() < Duration::from_secs(30) && moved.is_none() {
             failover = failover.or_else(|| {
@@ -222,22 +250,36 @@ fn round() -> anyhow::Result<Round> {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_secs(2));
-        Ok((failover, down, moved))
+        Ok((killed, failover, down, moved))
     });
-    let (failover, down, moved) = r?;
-    let (sent, failed) = count(&samples, samples.first().map_or_else(Instant::now, |s| s.0));
+    let (killed, failover, down, moved) = r?;
+    let (sent, _) = count(&samples, samples.first().map_or(killed, |s| s.start));
+    let (_, failed) = count(&samples, killed);
     let kill = [
         sent,
         failed,
+        lost_in_flight(&samples, killed),
         secs("a new leader", failover)?,
         secs("node1 Down", down)?,
         secs("node1's task moved", moved)?,
     ];
     println!(
-        "[reliability] link cut: {} sent, {} failed, {} failed from the heal on, Down after {:.2} s, \
-         tasks moved after {:.2} s; leader kill: {} sent, {} failed, new leader after {:.2} s, \
-         Down after {:.2} s, tasks moved after {:.2} s",
-        cut[0], cut[1], cut[2], cut[3], cut[4], kill[0], kill[1], kill[2], kill[3], kill[4]
+        "[reliability] link cut: {} sent, {} sent after it failed, {} in flight lost, {} failed \
+         from the heal on, Down after {:.2} s, tasks moved after {:.2} s; leader kill: {} sent, \
+         {} sent after it failed, {} in flight lost, new leader after {:.2} s, Down after {:.2} s, \
+         tasks moved after {:.2} s",
+        cut[0],
+        cut[1],
+        cut[2],
+        cut[3],
+        cut[4],
+        cut[5],
+        kill[0],
+        kill[1],
+        kill[2],
+        kill[3],
+        kill[4],
+        kill[5]
     );
     Ok((cut, kill))
 }
@@ -262,31 +304,38 @@ pub fn reliability(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
             format!("{how} of node1"),
         ),
         Row::no_peer(
-            format!("link cut {cut_s} s + heal: requests failed"),
+            format!("link cut {cut_s} s + heal: requests sent after the cut that failed"),
             "requests",
             true,
             &col(|r| r.0[1]),
             format!("{how} of node1"),
         ),
         Row::no_peer(
-            "link heal: requests failed from the heal on (5 s)",
+            "link cut: requests in flight at the cut, lost",
             "requests",
             true,
             &col(|r| r.0[2]),
+            format!("{how} of node1; sent before the cut, ended after it (bytes on the cut link)"),
+        ),
+        Row::no_peer(
+            "link heal: requests failed from the heal on (5 s)",
+            "requests",
+            true,
+            &col(|r| r.0[3]),
             format!("{how} of node1"),
         ),
         Row::no_peer(
             "link cut: node Down after (detection)",
             "s",
             true,
-            &col(|r| r.0[3]),
+            &col(|r| r.0[4]),
             "first `node ls` on node1 showing node3 Down, polled every 100 ms",
         ),
         Row::no_peer(
             "link cut: its task running elsewhere after (convergence)",
             "s",
             true,
-            &col(|r| r.0[4]),
+            &col(|r| r.0[5]),
             "first `service ps` on node1 with 3 running tasks off node3",
         ),
         Row::no_peer(
@@ -297,31 +346,40 @@ pub fn reliability(spec: &Spec, args: &Args) -> anyhow::Result<Section> {
             format!("{how} of node2"),
         ),
         Row::no_peer(
-            "leader kill -9: requests failed",
+            "leader kill -9: requests sent after the kill that failed",
             "requests",
             true,
             &col(|r| r.1[1]),
             format!("{how} of node2"),
         ),
         Row::no_peer(
+            "leader kill -9: requests in flight at the kill, lost",
+            "requests",
+            true,
+            &col(|r| r.1[2]),
+            format!(
+                "{how} of node2; sent before the kill, ended after it (taken by a killed task)"
+            ),
+        ),
+        Row::no_peer(
             "leader kill -9: new leader after (failover)",
             "s",
             true,
-            &col(|r| r.1[2]),
+            &col(|r| r.1[3]),
             "raft_is_leader of node2/node3 from /metrics, polled every 50 ms; lab timings",
         ),
         Row::no_peer(
             "leader kill -9: node Down after (detection)",
             "s",
             true,
-            &col(|r| r.1[3]),
+            &col(|r| r.1[4]),
             "first `node ls` on node2 showing node1 Down",
         ),
         Row::no_peer(
             "leader kill -9: its task running elsewhere after (convergence)",
             "s",
             true,
-            &col(|r| r.1[4]),
+            &col(|r| r.1[5]),
             "first `service ps` on node2 with 3 running tasks off node1",
         ),
     ];
