@@ -1,7 +1,9 @@
 //! Addresses for overlay networks: a /24 (by default) per network from the cluster's pool, and
-//! within a network one address per task and one VIP per service. The allocator is plain data,
-//! rebuilt from the replicated store by its state machine each time it picks an address, so
-//! every replica picks the same one and none is handed out twice.
+//! within a network the lowest free address. The allocator is plain data. The cluster's state
+//! machine rebuilds one from the store to cut a new network's subnet (`shoal-cluster`'s
+//! `model::alloc`); it picks task addresses and VIPs from its own index of held addresses,
+//! whose picks its tests check against this allocator's (the pick every replica of an older
+//! agent made from the same log).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
