@@ -5,13 +5,13 @@
 //!
 //! - [`Expr`] and friends: the expressions of a rule (payload and meta loads, conntrack state
 //!   and mark, setting the conntrack and packet marks, bitwise, compare, set and map lookups,
-//!   adding to and deleting from a set on the packet path, counters (anonymous and named), attaching a
-//!   conntrack timeout policy, immediate values and verdicts, random numbers, DNAT, reject) as
-//!   typed values.
+//!   adding to and deleting from a set on the packet path, counters (anonymous and named),
+//!   attaching a conntrack timeout policy, immediate values and verdicts, random numbers, DNAT,
+//!   reject) as typed values.
 //! - [`Batch`]: one transaction, built in memory: new and deleted tables, chains (base chains
 //!   with a hook) and flushing them, named and anonymous sets and maps, sets that rules fill
-//!   with expiring elements (of a bounded number), their elements, named counters, conntrack timeout policies, rules.
-//!   Nothing touches the kernel until [`Batch::commit`].
+//!   with expiring elements (a bounded number of them), their elements, named counters,
+//!   conntrack timeout policies, rules. Nothing touches the kernel until [`Batch::commit`].
 //! - [`Batch::commit`] sends the batch as one `send` on a netfilter netlink socket of the calling
 //!   thread's network namespace. The kernel applies all of it or, if any part fails, none of it.
 //!   [`rules`] dumps a table's rules back, with their counters; [`counters`] reads its named

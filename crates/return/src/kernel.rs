@@ -24,11 +24,11 @@
 //!
 //! The backends are the healthy, non-draining tasks, sorted; the agent replaces the node's
 //! rules in one transaction whenever they change, and each port's rule counts the flows it
-//! forwards in a named counter that stays with the table ([`flows`]). Only a flow's first packet passes a nat
-//! chain, so established flows stay on their task (a draining one too) and new ones use the new
-//! map. Client affinity (`maglev`) looks the client's address up in the service's Maglev table,
-//! the same on every node and in the proxy ([`crate::maglev_map`]), so a client lands on the
-//! same task through any node and through either path.
+//! forwards in a named counter that stays with the table ([`flows`]). Only a flow's first
+//! packet passes a nat chain, so established flows stay on their task (a draining one too) and
+//! new ones use the new map. Client affinity (`maglev`) looks the client's address up in the
+//! service's Maglev table, the same on every node and in the proxy ([`crate::maglev_map`]), so
+//! a client lands on the same task through any node and through either path.
 //!
 //! A backend that has gone silent (its node's link was cut, or its node was killed and the
 //! swarm has not noticed yet) or that refuses (its task has just died) still gets new flows
@@ -148,7 +148,7 @@ pub fn counter_name(udp: bool, published: u16) -> String {
 /// has backends, each counting the flows it forwards in the port's named counter and, for TCP,
 /// giving them the [`SYN_TIMEOUT`] policy and remembering the client until its backend answers
 /// ([`UNANSWERED_SET`]), and the overlay's VXLAN on `data_port` kept out of
-/// conntrack ([`untracked_overlay`]). The table, the counters and the policy stay (so the
+/// conntrack (`untracked_overlay`). The table, the counters and the policy stay (so the
 /// counts survive), the rules are replaced. The same ports give the same batch, in any order.
 pub fn node_batch(data_port: u16, ports: &[KernelPort]) -> Batch {
     let (f, t) = (Family::Ip, TABLE);
@@ -277,11 +277,11 @@ fn client_key(to_client: bool) -> [Expr; 2] {
 /// its kernel answers for it). So every TCP port's rule adds the client's address and port to
 /// [`UNANSWERED_SET`] as it DNATs the SYN, the backend's SYN-ACK deletes them on its way back
 /// through the node, and a reset that answers the SYN (RST and ACK, sequence 0, RFC 9293
-/// 3.10.7.1) coming back over the link is dropped, leaving them in. The client's own TCP sends the SYN again a
-/// second later; the old flow is gone from conntrack by then (the reset closed it, or the
-/// [`SYN_TIMEOUT`] policy let it expire), so that SYN starts a new flow, and the first rule of
-/// the nat chain lets a new flow from a client in the set through untranslated, to the proxy's
-/// listener on the same port, which retries on another backend. Returns the set.
+/// 3.10.7.1) coming back over the link is dropped, leaving them in. The client's own TCP sends
+/// the SYN again a second later; the old flow is gone from conntrack by then (the reset closed
+/// it, or the [`SYN_TIMEOUT`] policy let it expire), so that SYN starts a new flow, and the
+/// first rule of the nat chain lets a new flow from a client in the set through untranslated,
+/// to the proxy's listener on the same port, which retries on another backend. Returns the set.
 fn unanswered_to_the_proxy(b: &mut Batch) -> shoal_nft::SetRef {
     let (f, t) = (Family::Ip, TABLE);
     let unanswered = b.add_dynamic_set(
