@@ -11,7 +11,7 @@
 //!    opened before).
 //!
 //! The leader drives the steps (`Cluster::rotate_ca`) and learns where each node is from its
-//! heartbeats ([`CaBook`]); the steps themselves are store commands ([`CaStep`]), so a new
+//! heartbeats ([`CaBook`]); the steps themselves are store commands ([`CaStep`](crate::model::security::CaStep)), so a new
 //! leader picks a rotation up where the old one left it.
 
 use std::collections::BTreeMap;

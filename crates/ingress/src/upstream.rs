@@ -192,7 +192,7 @@ impl Upstream {
         self.connect_tcp_from(addr, None, timeout).await
     }
 
-    /// Like [`Upstream::connect_tcp`], from the address `from` when given (see [`bind_as`]).
+    /// Like [`Upstream::connect_tcp`], from the address `from` when given (see `bind_as`).
     pub async fn connect_tcp_from(
         &self,
         addr: SocketAddr,
@@ -215,7 +215,7 @@ impl Upstream {
         self.connect_udp_from(addr, None)
     }
 
-    /// Like [`Upstream::connect_udp`], from the address `from` when given (see [`bind_as`]).
+    /// Like [`Upstream::connect_udp`], from the address `from` when given (see `bind_as`).
     pub fn connect_udp_from(
         &self,
         addr: SocketAddr,

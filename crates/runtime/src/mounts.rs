@@ -1,5 +1,5 @@
 //! What a task sees besides the host's files: [`Mount`]s, host paths bind-mounted into its mount
-//! namespace at start, and [`Binds`], the same list made ready for the forked child.
+//! namespace at start, and `Binds`, the same list made ready for the forked child.
 //!
 //! A task has no root file system of its own: it sees the host's, so a mount's target is a host
 //! path. The target is made (an empty directory, or an empty file for a file source) before the

@@ -4,21 +4,21 @@
 //! The shim is the agent's own binary re-executed as `<binary> task-shim <task dir>`
 //! ([`ARG`]; the agent re-executes `/proc/self/exe`, which stays valid when the file on disk is
 //! replaced by an upgrade). It is a fresh, single-threaded process, so the namespace setup of
-//! [`crate::process::task_command`] runs in its forked child exactly as it did in the agent's.
+//! `crate::process::task_command` runs in its forked child exactly as it did in the agent's.
 //!
 //! # The task directory (the whole protocol between agent and shim)
 //!
 //! Everything lives in `<state_dir>/tasks/<id>/` (mode 0700, files 0600):
 //!
-//! - `launch.json` ([`Launch`]), written by the agent before it starts the shim: the spec,
+//! - `launch.json` (`Launch`), written by the agent before it starts the shim: the spec,
 //!   the resolved program, the namespace name and the files to bind-mount;
-//! - `running.json` ([`Running`]), written by the shim once the task runs: its own pid and start
+//! - `running.json` (`Running`), written by the shim once the task runs: its own pid and start
 //!   time (so a reused pid is never taken for it) and the task's pid, which leads the task's
 //!   process group (stop signals go there, whoever sends them);
-//! - `log.json` and `log.1.json`: the task's stdout and stderr, one JSON [`FileLine`] per line;
+//! - `log.json` and `log.1.json`: the task's stdout and stderr, one JSON `FileLine` per line;
 //!   when `log.json` passes the spec's `log_cap` it is renamed to `log.1.json` (replacing the
 //!   older one) and a new one begun, so the disk holds at most about two caps;
-//! - `exit.json` ([`Exited`]), written (atomically) when the task has ended, everything left in
+//! - `exit.json` (`Exited`), written (atomically) when the task has ended, everything left in
 //!   its namespace is killed and its output is on disk; then the shim exits.
 //!
 //! The shim tells the agent that started it the task's pid (or why it could not start) in one

@@ -42,7 +42,7 @@ use crate::types::{EntryKey, Identity, NodeId, NodeMeta, Version};
 use crate::wire::Kind;
 
 /// The gossip state machine of one node: foca and what it shares with its handler, plus
-/// this node's Lifeguard, which keeps its own state and timers and acts through [`Order`]s.
+/// this node's Lifeguard, which keeps its own state and timers and acts through `Order`s.
 pub struct Core {
     swim: Swim,
     lifeguard: Lifeguard,

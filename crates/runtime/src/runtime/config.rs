@@ -15,7 +15,7 @@ pub struct RuntimeConfig {
     pub prefix: String,
     /// Directory for per-task files (`<state_dir>/tasks/<id>/`: the launch record, the
     /// shim's records, logs, `resolv.conf` and `hosts`). A runtime started on the same
-    /// directory adopts the tasks found there ([`Runtime::adopt`]).
+    /// directory adopts the tasks found there ([`Runtime::adopt`](crate::Runtime::adopt)).
     pub state_dir: PathBuf,
     /// The program each task's supervisor runs as: it must call [`crate::shim::main`] when its
     /// first argument is [`crate::shim::ARG`]. The agent gives `/proc/self/exe`.

@@ -4,7 +4,7 @@
 //! - **tx thread**: reads what the kernel routed into the TUN (the outer IPv4/UDP/VXLAN packets
 //!   of encrypted networks, addressed to a peer's tunnel address). With the TUN's send-side
 //!   offloads (Linux 6.17+: `TUN_F_TSO4` + `TUN_F_UDP_TUNNEL_GSO`) one read returns a whole
-//!   VXLAN-over-TCP GSO packet of up to 64 KB, which [`gro`] cuts into MTU-sized packets
+//!   VXLAN-over-TCP GSO packet of up to 64 KB, which `gro` cuts into MTU-sized packets
 //!   (checksums included) since boringtun takes one IP packet at a time. Each packet is
 //!   encrypted with that peer's `Tunn` into a fixed batch buffer, and the batch goes out with
 //!   one `sendmmsg`, runs of equal-sized datagrams to one peer as a single UDP GSO message.
